@@ -1,0 +1,36 @@
+"""The one error hierarchy of segflow.
+
+Every error derives from :class:`SegflowError` and also from the builtin that
+matches it, so callers may catch either (``except ValueError`` keeps working).
+Messages say what to do next.
+"""
+
+from __future__ import annotations
+
+
+class SegflowError(Exception):
+    """Base class of every error segflow raises on purpose."""
+
+
+class ConfigError(SegflowError, ValueError):
+    """A run option or spec is invalid."""
+
+
+class ImageReadError(SegflowError, OSError):
+    """An image or mask file cannot be decoded."""
+
+
+class CheckpointError(SegflowError, ValueError):
+    """A checkpoint is missing, malformed or does not fit its architecture."""
+
+
+class StoreError(SegflowError, ValueError):
+    """A collection store or run directory is missing or inconsistent."""
+
+
+class NotFound(SegflowError, FileNotFoundError):
+    """A path or image id that was asked for does not exist."""
+
+
+class PlanError(SegflowError, ValueError):
+    """A work-unit plan is inconsistent with the arrays it writes."""
