@@ -1,0 +1,137 @@
+"""The ``segflow`` command line: each subcommand starts one Prefect flow and prints its summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Sequence
+
+from pydantic import ValidationError
+
+
+def _prefect_env() -> None:
+    # Offline by design: no telemetry, and a flow without PREFECT_API_URL starts a local server.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def _add_execution(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("execution")
+    g.add_argument("--dask-address", help="tcp://host:port of an existing Dask scheduler (default: a new local cluster)")
+    g.add_argument("--workers", type=int, help="local cluster worker processes (default: one per GPU, else 1)")
+    g.add_argument("--threads-per-worker", type=int, help="torch threads per worker (default: cores / workers)")
+
+
+def _add_segment(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="segflow checkpoint (.safetensors)")
+    p.add_argument("--out", required=True, help="run directory (created; re-running into it resumes)")
+    p.add_argument("--batch-size", type=int, help="images per forward pass (default 8)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: CUDA when present")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="autocast dtype on CUDA (default bf16)")
+    _add_execution(p)
+
+
+def _add_ingest(p: argparse.ArgumentParser, *, store_required: bool) -> None:
+    p.add_argument("--images", required=True, help="directory of images or a quoted glob pattern")
+    p.add_argument("--masks", help="directory of ground-truth masks named like the images")
+    p.add_argument("--mask-kind", choices=["class", "instance"], help="mask values are class ids (default) or object ids")
+    p.add_argument("--store", required=store_required, help="Zarr collection store to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segflow", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="more log output")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", help="decode images (and masks) into a chunked Zarr store with a manifest")
+    _add_ingest(p, store_required=True)
+    _add_execution(p)
+
+    p = sub.add_parser("segment", help="segment a store, write masks.zarr and the Dice Parquet dataset")
+    p.add_argument("--store", required=True, help="Zarr collection store made by 'segflow ingest'")
+    _add_segment(p)
+
+    p = sub.add_parser("run", help="ingest + segment + evaluate in one flow run")
+    _add_ingest(p, store_required=False)
+    _add_segment(p)
+
+    p = sub.add_parser("demo", help="synthetic collection -> train a small UNet -> full pipeline -> summary")
+    p.add_argument("--out", default="demo-out", help="output directory (default demo-out)")
+    p.add_argument("--images", type=int, help="number of synthetic images (default 360)")
+    p.add_argument("--seed", type=int, default=0)
+    _add_execution(p)
+    return parser
+
+
+def _given(**kwargs: Any) -> dict[str, Any]:
+    """Only the options the user gave: None keeps the spec's default."""
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _execution(args: argparse.Namespace):
+    from segcore.config import ExecutionSpec
+
+    return ExecutionSpec(**_given(dask_address=args.dask_address, n_workers=args.workers,
+                                  threads_per_worker=args.threads_per_worker))
+
+
+def _segment_spec(args: argparse.Namespace, store: str):
+    from segcore.config import SegmentSpec
+
+    return SegmentSpec(store=store, checkpoint=args.checkpoint, out=args.out, execution=_execution(args),
+                       **_given(batch_size=args.batch_size, device=args.device, precision=args.precision))
+
+
+def _ingest_spec(args: argparse.Namespace, store: str):
+    from segcore.config import IngestSpec
+
+    return IngestSpec(images=args.images, store=store, overwrite=args.overwrite,
+                      **_given(masks=args.masks, mask_kind=args.mask_kind))
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    from segcore.summary import render_markdown
+
+    print(render_markdown(summary, title=f"segflow run {summary.get('run_id', '')}".strip()))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _prefect_env()
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    if not args.verbose:
+        for name in ("distributed", "prefect_dask"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    from flows.pipeline import ingest_flow, run_flow, segment_flow, with_runner
+    from segcore.config import RunSpec
+    from segcore.errors import SegflowError
+
+    try:
+        if args.command == "ingest":
+            result = with_runner(ingest_flow, _execution(args))(_ingest_spec(args, args.store))
+            print(json.dumps(result, indent=2))
+        elif args.command == "segment":
+            print_summary(with_runner(segment_flow, _execution(args))(_segment_spec(args, args.store)))
+        elif args.command == "run":
+            store = args.store or os.path.join(args.out, "store.zarr")
+            spec = RunSpec(ingest=_ingest_spec(args, store), segment=_segment_spec(args, store))
+            print_summary(with_runner(run_flow, _execution(args))(spec))
+        elif args.command == "demo":
+            from flows.demo import DemoSpec, demo_flow
+
+            spec = DemoSpec(out=args.out, seed=args.seed, execution=_execution(args), **_given(n_images=args.images))
+            result = with_runner(demo_flow, spec.execution)(spec)
+            print_summary(result)
+            print(f"demo outputs are in {os.path.abspath(args.out)}")
+    except (SegflowError, ValidationError) as exc:
+        print(f"segflow {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

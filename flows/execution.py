@@ -1,0 +1,48 @@
+"""Which Dask cluster a flow's tasks run on, from an ExecutionSpec."""
+
+from __future__ import annotations
+
+import os
+
+from prefect_dask import DaskTaskRunner
+
+from segcore.config import ExecutionSpec
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        return 0
+
+
+def local_workers(spec: ExecutionSpec) -> int:
+    """Workers of the local cluster: as asked, else one per GPU, else 1 (torch uses every core)."""
+    return spec.n_workers or max(1, _gpu_count())
+
+
+def torch_threads(spec: ExecutionSpec) -> int | None:
+    """Torch threads per worker: as asked; for a local cluster, the cores shared evenly; for an
+    existing cluster, None (the worker's own default - set OMP_NUM_THREADS on its command line)."""
+    if spec.threads_per_worker:
+        return spec.threads_per_worker
+    if spec.dask_address:
+        return None
+    return max(1, (os.cpu_count() or 1) // local_workers(spec))
+
+
+def task_runner(spec: ExecutionSpec) -> DaskTaskRunner:
+    """A DaskTaskRunner on ``spec.dask_address``, or on a new LocalCluster of worker processes."""
+    if spec.dask_address:
+        return DaskTaskRunner(address=spec.dask_address)
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={
+            "n_workers": local_workers(spec),
+            "threads_per_worker": 1,  # one unit at a time per worker; torch parallelises inside
+            "processes": True,
+            "dashboard_address": None,
+        },
+    )

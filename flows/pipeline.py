@@ -1,0 +1,158 @@
+"""The pipeline flows: ingest, segment (+ evaluate), and run (= both in one flow run).
+
+Each flow takes one frozen spec. The steps ``ingest_steps`` and ``segment_steps`` compose tasks
+and are shared: ``run_flow`` calls both inside one flow run, on one Dask cluster.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.futures import as_completed
+
+from flows.execution import task_runner, torch_threads
+from segcore import checkpoint as ckpt
+from segcore.config import ExecutionSpec, IngestSpec, RunSpec, SegmentSpec
+from segcore.errors import CheckpointError, SegflowError, StoreError
+from segcore.plan import check_alignment, plan_units
+from segcore.rundir import finished_units, mask_chunks, prepare_run, write_summary
+from segcore.results import open_run
+from segcore.store import (chunk_rows, create_store, open_store, pair_sources, plan_groups, read_manifest,
+                           spec_json, write_manifest)
+from segcore.summary import render_markdown, summarise_dice
+from tasks.ingest import probe_files, write_chunk
+from tasks.segment import segment_unit_task
+
+
+def _artifact_key(text: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return "".join(ch if ch.isalnum() else "-" for ch in text.lower()).strip("-")[:100] or "segflow"
+
+
+def ingest_steps(spec: IngestSpec) -> dict[str, Any]:
+    """Pair, probe (in batches), plan groups, create the store, decode chunks, write the manifest."""
+    log = get_run_logger()
+    t0 = time.perf_counter()
+    rows = pair_sources(spec.images, spec.masks)
+    log.info("ingest: %d files found in %s", len(rows), spec.images)
+    batches = [rows[i:i + spec.probe_batch] for i in range(0, len(rows), spec.probe_batch)]
+    probe_futures = [probe_files.submit(b, label=f"files {i * spec.probe_batch}-{i * spec.probe_batch + len(b) - 1}")
+                     for i, b in enumerate(batches)]
+    probed = [r for f in probe_futures for r in f.result()]
+    groups, planned = plan_groups(probed, chunk_pixels=spec.chunk_pixels, max_chunk_images=spec.max_chunk_images)
+    if not groups:
+        raise StoreError(f"none of the {len(rows)} files in {spec.images!r} could be read; first error: "
+                         f"{next((r['error'] for r in probed if r['error']), 'no files')}")
+    with_gt = spec.masks is not None
+    create_store(spec.store, groups, with_gt=with_gt, mask_kind=spec.mask_kind, spec=spec_json(spec),
+                 overwrite=spec.overwrite)
+    chunks = chunk_rows(planned, groups)
+    futures = [write_chunk.submit(spec.store, c, label=f"{c[0]['group']} images {c[0]['index']}-{c[-1]['index']}")
+               for c in chunks]
+    written: list[dict[str, Any]] = []
+    for n, fut in enumerate(as_completed(futures), start=1):
+        written.extend(fut.result())
+        if n % max(1, len(futures) // 10) == 0 or n == len(futures):
+            log.info("ingest: %d/%d chunks written", n, len(futures))
+    errors = [r for r in planned if r["group"] is None]
+    write_manifest(spec.store, sorted(written, key=lambda r: (r["group"], r["index"])) + errors)
+    n_ok = sum(1 for r in written if r["status"] == "ok")
+    n_err = len(rows) - n_ok
+    log.info("ingest: %d images in %d group(s), %d chunk(s); %d error row(s); %.1f s -> %s",
+             n_ok, len(groups), len(chunks), n_err, time.perf_counter() - t0, spec.store)
+    return {"store": spec.store, "files": len(rows), "images": n_ok, "errors": n_err, "groups": len(groups),
+            "chunks": len(chunks)}
+
+
+def preflight(spec: SegmentSpec) -> tuple[ckpt.ModelMeta, str, Any]:
+    """Fail fast, before fan-out: checkpoint readable and fitting its architecture, store compatible."""
+    meta = ckpt.read_meta(spec.checkpoint)
+    ckpt.load_checkpoint(spec.checkpoint)  # weights fit the architecture? raises CheckpointError if not
+    sha = ckpt.file_sha256(spec.checkpoint)
+    store = open_store(spec.store)
+    for g in store.groups:
+        if g.channels != meta.in_channels:
+            raise CheckpointError(
+                f"store group {g.name} has {g.channels}-channel images but the checkpoint expects "
+                f"{meta.in_channels} channel(s); use a checkpoint trained on such images"
+            )
+    if store.has_gt and store.mask_kind == "instance" and meta.num_classes != 2:
+        raise CheckpointError(
+            f"the store's ground truth is instance labels (foreground vs background) but the checkpoint has "
+            f"{meta.num_classes} classes; ingest class masks with --mask-kind class"
+        )
+    return meta, sha, store
+
+
+def segment_steps(spec: SegmentSpec) -> dict[str, Any]:
+    """Plan units, check alignment, segment unfinished units in parallel, summarise, publish."""
+    log = get_run_logger()
+    t0 = time.perf_counter()
+    meta, sha, store = preflight(spec)
+    info = prepare_run(spec.out, store_path=spec.store, checkpoint=spec.checkpoint, checkpoint_sha256=sha,
+                       meta=meta, groups=store.groups, spec=spec_json(spec))
+    run_id = info["run_id"]
+    units = plan_units(store)
+    chunks, counts = mask_chunks(spec.out)
+    check_alignment(units, chunks=chunks, counts=counts)
+    done = finished_units(spec.out)
+    todo = [u for u in units if u.name not in done]
+    n_images = sum(u.n_images for u in todo)
+    log.info("segment: run %s, %d unit(s), %d already done, %d to do (%d images)", run_id, len(units),
+             len(units) - len(todo), len(todo), n_images)
+    threads = torch_threads(spec.execution)
+    futures = [segment_unit_task.submit(spec, u, run_id=run_id, checkpoint_sha256=sha, mask_kind=store.mask_kind,
+                                        num_threads=threads) for u in todo]
+    failed: list[str] = []
+    images_done = 0
+    t_fan = time.perf_counter()
+    for n, fut in enumerate(as_completed(futures), start=1):
+        try:
+            rec = fut.result()
+            images_done += rec["n_images"]
+        except Exception as exc:  # one unit failing loses nothing else; reported below
+            failed.append(f"{exc}")
+        elapsed = time.perf_counter() - t_fan
+        log.info("segment: %d/%d units, %d images, %.1f images/s", n, len(futures), images_done,
+                 images_done / max(elapsed, 1e-9))
+    run = open_run(spec.out)
+    summary = summarise_dice(run.dice_table(), manifest=read_manifest(spec.store))
+    summary.update(run_id=run_id, model=meta.arch, checkpoint_sha256=sha, units=len(units),
+                   units_skipped=len(units) - len(todo), units_failed=len(failed), seconds=round(time.perf_counter() - t0, 2),
+                   outputs={"run directory": spec.out, "masks": f"{spec.out}/masks.zarr",
+                            "dice table": f"{spec.out}/dice", "summary": f"{spec.out}/summary.md"})
+    markdown = render_markdown(summary, title=f"segflow run {run_id}")
+    write_summary(spec.out, summary, markdown)
+    create_markdown_artifact(markdown=markdown, key=_artifact_key(f"dice-summary-{run_id}"),
+                             description=f"Dice summary of run {run_id}")
+    if failed:
+        raise SegflowError(f"{len(failed)} unit(s) failed (the others are saved; run the same command again to "
+                           f"retry only those): " + "; ".join(failed[:5]))
+    return summary
+
+
+@flow(name="segflow-ingest")
+def ingest_flow(spec: IngestSpec) -> dict[str, Any]:
+    """Decode a collection of images (and masks) into a chunked Zarr store with a manifest."""
+    return ingest_steps(spec)
+
+
+@flow(name="segflow-segment")
+def segment_flow(spec: SegmentSpec) -> dict[str, Any]:
+    """Segment every work unit of a store, write masks and per-image Dice, publish a summary."""
+    return segment_steps(spec)
+
+
+@flow(name="segflow-run")
+def run_flow(spec: RunSpec) -> dict[str, Any]:
+    """Ingest + segment + evaluate in one flow run."""
+    ingest_steps(spec.ingest)
+    return segment_steps(spec.segment)
+
+
+def with_runner(f, execution: ExecutionSpec):
+    """``f`` with a Dask task runner for ``execution`` (a new LocalCluster or an existing scheduler)."""
+    return f.with_options(task_runner=task_runner(execution))

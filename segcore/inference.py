@@ -1,0 +1,166 @@
+"""Batched inference and on-the-fly evaluation of one work unit.
+
+:func:`segment_unit` is the per-unit function every worker runs (and that anyone can run by hand
+on one unit): read the unit's image chunk, predict in batches, write the mask chunk, compute
+Dice against the ground-truth chunk while the mask is still in memory, write one Parquet part,
+mark the unit done. The model is loaded once per process (:func:`load_model_cached`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+import zarr
+
+from segcore.checkpoint import ModelMeta, load_checkpoint
+from segcore.errors import ConfigError
+from segcore.metrics import confusion_counts, dice_from_counts
+from segcore.normalise import normalise_batch
+from segcore.plan import WorkUnit
+from segcore.rundir import dice_dir, mark_unit_done, masks_path
+from segcore.store import read_manifest
+from segcore.tables import dice_table, write_part
+
+log = logging.getLogger(__name__)
+
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_model_lock = threading.Lock()
+
+
+def resolve_device(device: str, *, worker_index: int | None = None) -> str:
+    """``auto`` -> ``cuda:<i>`` when CUDA is present (``i`` = worker index modulo GPUs), else ``cpu``."""
+    if device == "cpu":
+        return "cpu"
+    if device not in ("auto", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if not torch.cuda.is_available():
+        if device == "auto":
+            return "cpu"
+        raise ConfigError(f"device {device!r} asked for, but torch sees no CUDA device; use --device cpu or auto")
+    if device.startswith("cuda:"):
+        return device
+    return f"cuda:{(worker_index or 0) % torch.cuda.device_count()}"
+
+
+@lru_cache(maxsize=4)
+def _cached(checkpoint: str, sha256: str, device: str) -> tuple[torch.nn.Module, ModelMeta]:
+    log.info("loading %s on %s", checkpoint, device)
+    return load_checkpoint(checkpoint, device=device)
+
+
+def load_model_cached(checkpoint: str, *, sha256: str, device: str) -> tuple[torch.nn.Module, ModelMeta]:
+    """The model of ``checkpoint`` on ``device``, loaded once per process (keyed by content hash)."""
+    with _model_lock:
+        return _cached(str(checkpoint), sha256, device)
+
+
+def predict_labels(model: torch.nn.Module, images: np.ndarray, *, meta: ModelMeta, device: str,
+                   precision: str = "bf16") -> np.ndarray:
+    """Predict ``(B, H, W)`` class labels (uint8, or uint16 beyond 255 classes) for ``(B, H, W, C)`` raw images.
+
+    Runs under ``torch.inference_mode()``; on CUDA with pinned-memory, non-blocking copies and
+    autocast to ``precision`` (bf16/fp16; fp32 disables autocast). CPU runs in fp32.
+    """
+    x = normalise_batch(images, meta.normalisation)
+    on_cuda = device.startswith("cuda")
+    out_dtype = np.uint8 if meta.num_classes <= 256 else np.uint16
+    with torch.inference_mode():
+        if on_cuda:
+            x = x.pin_memory().to(device, non_blocking=True)
+        amp = (torch.autocast("cuda", dtype=_AUTOCAST[precision]) if on_cuda and precision in _AUTOCAST
+               else contextlib.nullcontext())
+        with amp:
+            logits = model(x)
+        labels = logits.argmax(dim=1)
+        return labels.to("cpu").numpy().astype(out_dtype, copy=False)
+
+
+def _gt_to_classes(gt: np.ndarray, *, mask_kind: str, num_classes: int) -> np.ndarray:
+    if mask_kind == "instance":
+        return (gt > 0).astype(np.int64)
+    return gt.astype(np.int64, copy=False)
+
+
+def segment_unit(*, store_path: str, run_dir: str, run_id: str, unit: WorkUnit, checkpoint: str,
+                 checkpoint_sha256: str, mask_kind: str, batch_size: int = 8, device: str = "cpu",
+                 precision: str = "bf16", num_threads: int | None = None) -> dict[str, Any]:
+    """Segment and evaluate one work unit; returns a small record (counts and timings, no arrays).
+
+    Writes ``masks.zarr/<group>[start:stop]`` (exactly one chunk), ``dice/run_id=<id>/<unit>.parquet``
+    (one row per image with ground truth and class; error rows for images that could not be
+    evaluated) and finally the unit's done marker.
+    """
+    t0 = time.perf_counter()
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    model, meta = load_model_cached(checkpoint, sha256=checkpoint_sha256, device=device)
+    root = zarr.open_group(store_path, mode="r")
+    images = root[f"images/{unit.group}"][unit.start:unit.stop]
+    t_read = time.perf_counter()
+
+    preds = np.empty(images.shape[:3], dtype=np.uint8 if meta.num_classes <= 256 else np.uint16)
+    for s in range(0, len(images), batch_size):
+        preds[s:s + batch_size] = predict_labels(model, images[s:s + batch_size], meta=meta, device=device,
+                                                 precision=precision)
+    t_pred = time.perf_counter()
+    zarr.open_group(masks_path(run_dir), mode="r+")[unit.group][unit.start:unit.stop] = preds
+
+    manifest = read_manifest(store_path)
+    rows = manifest.filter(pc.and_(pc.equal(manifest["group"], unit.group),
+                                   pc.and_(pc.greater_equal(manifest["index"], unit.start),
+                                           pc.less(manifest["index"], unit.stop)))).sort_by("index").to_pylist()
+    if [r["index"] for r in rows] != list(range(unit.start, unit.stop)):
+        raise ConfigError(f"{unit.label}: the store manifest does not list every image of the unit; re-ingest")
+
+    evaluated, errors = [], []
+    for r in rows:
+        if r["status"] != "ok":
+            errors.append((r["image_id"], r["error"] or "image could not be decoded"))
+        elif r["mask_status"] == "ok":
+            evaluated.append(r["index"] - unit.start)
+        elif r["mask_status"] == "error":
+            errors.append((r["image_id"], f"ground truth unusable: {r['mask_error']}"))
+    c = meta.num_classes
+    tp = fp = fn = np.zeros((0, c), dtype=np.int64)
+    ids: list[str] = []
+    if evaluated:
+        gt = root[f"gt/{unit.group}"][unit.start:unit.stop][evaluated]
+        gt = _gt_to_classes(gt, mask_kind=mask_kind, num_classes=c)
+        bad = [i for i, g in enumerate(gt) if int(g.max(initial=0)) >= c]
+        for i in bad:
+            errors.append((rows[evaluated[i]]["image_id"],
+                           f"ground truth has label {int(gt[i].max())} but the model has {c} classes "
+                           f"({', '.join(meta.class_names)}); check --mask-kind or the checkpoint"))
+        keep = [i for i in range(len(evaluated)) if i not in set(bad)]
+        ids = [rows[evaluated[i]]["image_id"] for i in keep]
+        tp, fp, fn = confusion_counts(preds[[evaluated[i] for i in keep]], gt[keep], c)
+    dice, empty = dice_from_counts(tp, fp, fn)
+    table = dice_table(image_ids=ids, class_names=meta.class_names, tp=tp, fp=fp, fn=fn, dice=dice,
+                       empty_gt=empty, model=meta.arch, checkpoint_sha256=checkpoint_sha256, unit=unit.name,
+                       errors=errors)
+    write_part(table, dice_dir(run_dir, run_id), f"{unit.name}.parquet")
+    t_end = time.perf_counter()
+    record = {
+        "unit": unit.name,
+        "group": unit.group,
+        "start": unit.start,
+        "stop": unit.stop,
+        "n_images": unit.n_images,
+        "n_evaluated": len(ids),
+        "n_errors": len(errors),
+        "dice_rows": table.num_rows,
+        "device": device,
+        "read_s": round(t_read - t0, 4),
+        "predict_s": round(t_pred - t_read, 4),
+        "total_s": round(t_end - t0, 4),
+    }
+    mark_unit_done(run_dir, record)
+    return record

@@ -1,0 +1,91 @@
+"""Read a finished run back: masks, ground truth and Dice rows by image id.
+
+>>> run = open_run("runs/demo")            # doctest: +SKIP
+>>> run.mask("img-00310")                   # (H, W) uint8 predicted classes
+>>> run.ground_truth("img-00310")           # (H, W) uint32 labels, or None
+>>> run.dice("img-00310")                   # list of row dicts, one per class
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import zarr
+
+from segcore.errors import NotFound
+from segcore.rundir import dice_dir, masks_path, read_run_info
+from segcore.store import open_store, read_manifest
+from segcore.tables import read_dice
+
+
+class RunReader:
+    """Read-only view of a run directory and the store it segmented."""
+
+    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+        self.path = Path(run_dir)
+        self.info = read_run_info(self.path)
+        self.run_id: str = self.info["run_id"]
+        self.store = open_store(self.info["store"])
+        self._masks = zarr.open_group(masks_path(self.path), mode="r")
+        self._images = zarr.open_group(self.store.path, mode="r")
+
+    @cached_property
+    def manifest(self) -> pa.Table:
+        return read_manifest(self.store.path)
+
+    @cached_property
+    def _slots(self) -> dict[str, tuple[str, int, dict[str, Any]]]:
+        return {r["image_id"]: (r["group"], r["index"], r) for r in self.manifest.to_pylist() if r["group"] is not None}
+
+    @property
+    def image_ids(self) -> list[str]:
+        """Ids of every image that has a slot in the store (and so a predicted mask)."""
+        return sorted(self._slots)
+
+    def _slot(self, image_id: str) -> tuple[str, int, dict[str, Any]]:
+        try:
+            return self._slots[image_id]
+        except KeyError:
+            raise NotFound(f"image id {image_id!r} is not in run {self.run_id}") from None
+
+    def image(self, image_id: str) -> np.ndarray:
+        """``(H, W, C)`` raw image as ingested."""
+        g, i, _ = self._slot(image_id)
+        return self._images[f"images/{g}"][i]
+
+    def mask(self, image_id: str) -> np.ndarray:
+        """``(H, W)`` predicted class labels."""
+        g, i, _ = self._slot(image_id)
+        return self._masks[g][i]
+
+    def ground_truth(self, image_id: str) -> np.ndarray | None:
+        """``(H, W)`` uint32 ground-truth labels, or None when the image has no usable mask."""
+        g, i, row = self._slot(image_id)
+        if not self.store.has_gt or row["mask_status"] != "ok":
+            return None
+        return self._images[f"gt/{g}"][i]
+
+    def dice_table(self) -> pa.Table:
+        """The whole Dice table of this run (``run_id`` included)."""
+        return read_dice(dice_dir(self.path))
+
+    @cached_property
+    def _dice(self) -> pa.Table:
+        return self.dice_table()
+
+    def dice(self, image_id: str) -> list[dict[str, Any]]:
+        """Dice rows of one image (one per class), sorted by class id; empty if it had no GT."""
+        self._slot(image_id)
+        t = self._dice.filter(pc.equal(self._dice["image_id"], image_id)).sort_by("class_id")
+        return t.to_pylist()
+
+
+def open_run(run_dir: str | os.PathLike[str]) -> RunReader:
+    """Open a run directory written by ``segflow segment`` / ``segflow run``."""
+    return RunReader(run_dir)

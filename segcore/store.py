@@ -1,0 +1,322 @@
+"""The Zarr collection store: images decoded once into chunked arrays, plus a Parquet manifest.
+
+Layout of ``STORE.zarr`` (Zarr v3)::
+
+    zarr.json                 group attributes {"segflow": {format, mask_kind, groups, spec}}
+    images/g000               (N, H, W, C) native dtype, chunks (k, H, W, C)
+    gt/g000                   (N, H, W) uint32 ground-truth labels, chunks (k, H, W)  [if masks]
+    manifest.parquet          one row per source file (see MANIFEST_SCHEMA)
+
+Images of the same (height, width, channels, dtype) form a *group*; one chunk of ``k`` images
+is one work unit of the later inference, so chunk boundaries are unit boundaries. Ground truth
+uses the identical chunking. Images that cannot be read are manifest rows with
+``status="error"`` and no slot; a mask that is missing or does not fit its image leaves the image
+ingested without ground truth (``mask_status`` says why).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from segcore.errors import NotFound, SegflowError, StoreError
+from segcore.imageio import image_id_for, list_images, probe_image, read_image, read_mask
+
+log = logging.getLogger(__name__)
+
+STORE_FORMAT = 1
+MANIFEST_NAME = "manifest.parquet"
+GT_DTYPE = "uint32"
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("source_path", pa.string()),
+        ("sha256", pa.string()),
+        ("height", pa.int64()),
+        ("width", pa.int64()),
+        ("channels", pa.int64()),
+        ("dtype", pa.string()),
+        ("group", pa.string()),
+        ("index", pa.int64()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("mask_path", pa.string()),
+        ("mask_status", pa.string()),
+        ("mask_error", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    """One array group: ``count`` images of one shape/dtype, ``chunk_images`` per chunk."""
+
+    name: str
+    height: int
+    width: int
+    channels: int
+    dtype: str
+    count: int
+    chunk_images: int
+
+    @property
+    def n_chunks(self) -> int:
+        return math.ceil(self.count / self.chunk_images)
+
+    def chunk_range(self, chunk_index: int) -> tuple[int, int]:
+        """``[start, stop)`` image indices of chunk ``chunk_index``."""
+        start = chunk_index * self.chunk_images
+        return start, min(start + self.chunk_images, self.count)
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """What an opened store holds."""
+
+    path: str
+    groups: tuple[GroupInfo, ...]
+    mask_kind: str
+    has_gt: bool
+    spec: dict[str, Any]
+
+    def group(self, name: str) -> GroupInfo:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise NotFound(f"store {self.path!r} has no group {name!r}; groups: {[g.name for g in self.groups]}")
+
+
+def _sha256(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _row(**fields: Any) -> dict[str, Any]:
+    row = {name: None for name in MANIFEST_SCHEMA.names}
+    row.update(fields)
+    return row
+
+
+def pair_sources(images: str, masks: str | None = None) -> list[dict[str, Any]]:
+    """List image files and pair each with the mask of the same id; returns partial manifest rows.
+
+    ``images`` is a directory or a glob; ``masks`` a directory whose files are named like the
+    images (any supported suffix). Raises :class:`NotFound` when nothing matches.
+    """
+    paths = list_images(images)
+    root = Path(images) if Path(images).is_dir() else None
+    mask_index: dict[str, Path] = {}
+    if masks is not None:
+        if not Path(masks).is_dir():
+            raise NotFound(f"mask directory {masks!r} does not exist")
+        for mp in list_images(masks):
+            mask_index.setdefault(image_id_for(mp, Path(masks)), mp)
+    rows, seen = [], set()
+    for p in paths:
+        image_id = image_id_for(p, root)
+        mask = mask_index.get(image_id)
+        if image_id in seen:
+            rows.append(_row(image_id=image_id, source_path=str(p), status="error",
+                             error=f"duplicate image id {image_id!r}: another file has the same name; rename one",
+                             mask_status="missing"))
+            continue
+        seen.add(image_id)
+        rows.append(_row(image_id=image_id, source_path=str(p), status="pending",
+                         mask_path=str(mask) if mask else None,
+                         mask_status="pending" if mask else "missing"))
+    return rows
+
+
+def probe_sources(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Read headers (not pixels) and hash contents; returns new rows with shape/dtype and status."""
+    out = []
+    for src in rows:
+        row = dict(src)
+        if row["status"] == "error":
+            out.append(row)
+            continue
+        try:
+            info = probe_image(row["source_path"])
+            row.update(sha256=_sha256(row["source_path"]), height=info.height, width=info.width,
+                       channels=info.channels, dtype=info.dtype, status="ok")
+        except (SegflowError, OSError, ValueError) as exc:
+            row.update(status="error", error=f"{type(exc).__name__}: {exc}", mask_status="missing" if row["mask_path"] is None else "skipped")
+            out.append(row)
+            continue
+        if row["mask_path"] is not None:
+            try:
+                minfo = probe_image(row["mask_path"])
+                if (minfo.height, minfo.width) != (info.height, info.width):
+                    raise StoreError(
+                        f"mask shape {minfo.height}x{minfo.width} differs from image shape {info.height}x{info.width}"
+                    )
+                row["mask_status"] = "ok"
+            except (SegflowError, OSError, ValueError) as exc:
+                row.update(mask_status="error", mask_error=f"{type(exc).__name__}: {exc}")
+        out.append(row)
+    return out
+
+
+def plan_groups(rows: Sequence[dict[str, Any]], *, chunk_pixels: int, max_chunk_images: int) -> tuple[list[GroupInfo], list[dict[str, Any]]]:
+    """Group readable images by (height, width, channels, dtype) and assign ``group``/``index``.
+
+    Chunks hold ``clamp(chunk_pixels // (H*W), 1, max_chunk_images)`` images. Returns the groups
+    and new rows (inputs are not modified), ordered by group then index, errors last.
+    """
+    keyed: dict[tuple, list[dict[str, Any]]] = {}
+    errors = []
+    for r in rows:
+        if r["status"] == "ok":
+            keyed.setdefault((r["height"], r["width"], r["channels"], r["dtype"]), []).append(r)
+        else:
+            errors.append(dict(r, group=None, index=-1))
+    groups, out = [], []
+    for gi, key in enumerate(sorted(keyed)):
+        h, w, c, dt = key
+        members = sorted(keyed[key], key=lambda r: r["image_id"])
+        k = int(max(1, min(max_chunk_images, chunk_pixels // (h * w))))
+        g = GroupInfo(name=f"g{gi:03d}", height=h, width=w, channels=c, dtype=dt, count=len(members), chunk_images=k)
+        groups.append(g)
+        out.extend(dict(r, group=g.name, index=i) for i, r in enumerate(members))
+    return groups, out + errors
+
+
+def create_store(path: str, groups: Sequence[GroupInfo], *, with_gt: bool, mask_kind: str,
+                 spec: dict[str, Any], overwrite: bool = False) -> None:
+    """Create the store's arrays (empty) and attributes. Refuses to replace a store unless ``overwrite``."""
+    p = Path(path)
+    if p.exists():
+        if not overwrite:
+            raise StoreError(f"store {path!r} already exists; choose a new path or pass --overwrite to replace it")
+        shutil.rmtree(p)
+    root = zarr.open_group(str(p), mode="w")
+    root.attrs["segflow"] = {
+        "format": STORE_FORMAT,
+        "mask_kind": mask_kind,
+        "has_gt": bool(with_gt),
+        "groups": [asdict(g) for g in groups],
+        "spec": spec,
+    }
+    for g in groups:
+        root.create_array(f"images/{g.name}", shape=(g.count, g.height, g.width, g.channels),
+                          chunks=(g.chunk_images, g.height, g.width, g.channels), dtype=g.dtype, fill_value=0,
+                          dimension_names=("image", "y", "x", "c"))
+        if with_gt:
+            root.create_array(f"gt/{g.name}", shape=(g.count, g.height, g.width),
+                              chunks=(g.chunk_images, g.height, g.width), dtype=GT_DTYPE, fill_value=0,
+                              dimension_names=("image", "y", "x"))
+
+
+def open_store(path: str) -> StoreInfo:
+    """Open a store made by :func:`create_store`; raises NotFound/StoreError with what to do."""
+    if not Path(path).exists():
+        raise NotFound(f"store {path!r} does not exist; create it with 'segflow ingest'")
+    try:
+        root = zarr.open_group(str(path), mode="r")
+        attrs = dict(root.attrs)["segflow"]
+    except (KeyError, ValueError, OSError, zarr.errors.BaseZarrError) as exc:
+        raise StoreError(f"{path!r} is not a segflow store (made by 'segflow ingest'): {exc}") from exc
+    if attrs.get("format", 0) > STORE_FORMAT:
+        raise StoreError(f"store {path!r} has format {attrs['format']}; this segflow reads up to {STORE_FORMAT}")
+    groups = tuple(GroupInfo(**g) for g in attrs["groups"])
+    return StoreInfo(path=str(path), groups=groups, mask_kind=attrs["mask_kind"], has_gt=attrs["has_gt"],
+                     spec=attrs.get("spec", {}))
+
+
+def write_store_chunk(store_path: str, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Decode the images (and masks) of one chunk and write it; returns the rows with final status.
+
+    ``rows`` are the manifest rows of exactly one chunk of one group, in index order. A file that
+    fails to decode becomes an error row and its slot stays zero; the rest is written.
+    """
+    if not rows:
+        return []
+    info = open_store(store_path)
+    g = info.group(rows[0]["group"])
+    start = rows[0]["index"]
+    stop = rows[-1]["index"] + 1
+    if start % g.chunk_images or stop != min(start + g.chunk_images, g.count) or len(rows) != stop - start:
+        raise StoreError(f"rows {start}..{stop} of {g.name} are not exactly one chunk of {g.chunk_images} images")
+    images = np.zeros((stop - start, g.height, g.width, g.channels), dtype=g.dtype)
+    gts = np.zeros((stop - start, g.height, g.width), dtype=GT_DTYPE) if info.has_gt else None
+    out = []
+    for i, src in enumerate(rows):
+        row = dict(src)
+        try:
+            img = read_image(row["source_path"])
+            if img.shape != images.shape[1:] or str(img.dtype) != g.dtype:
+                raise StoreError(f"decoded shape {img.shape} {img.dtype} differs from its header {images.shape[1:]} {g.dtype}")
+            images[i] = img
+        except (SegflowError, OSError, ValueError) as exc:
+            row.update(status="error", error=f"{type(exc).__name__}: {exc}")
+        if gts is not None and row["mask_status"] == "ok" and row["status"] == "ok":
+            try:
+                m = read_mask(row["mask_path"])
+                if m.shape != gts.shape[1:]:
+                    raise StoreError(f"mask shape {m.shape} differs from image shape {gts.shape[1:]}")
+                gts[i] = m
+            except (SegflowError, OSError, ValueError) as exc:
+                row.update(mask_status="error", mask_error=f"{type(exc).__name__}: {exc}")
+        out.append(row)
+    root = zarr.open_group(str(store_path), mode="r+")
+    root[f"images/{g.name}"][start:stop] = images
+    if gts is not None:
+        root[f"gt/{g.name}"][start:stop] = gts
+    return out
+
+
+def write_manifest(store_path: str, rows: Iterable[dict[str, Any]]) -> Path:
+    """Write the manifest Parquet atomically (write, then rename)."""
+    table = pa.Table.from_pylist([_row(**{k: r.get(k) for k in MANIFEST_SCHEMA.names}) for r in rows],
+                                 schema=MANIFEST_SCHEMA)
+    dest = Path(store_path) / MANIFEST_NAME
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, dest)
+    return dest
+
+
+def read_manifest(store_path: str) -> pa.Table:
+    """The store's manifest table (see MANIFEST_SCHEMA)."""
+    path = Path(store_path) / MANIFEST_NAME
+    if not path.exists():
+        raise StoreError(f"store {store_path!r} has no manifest; its ingest did not finish - run 'segflow ingest' again")
+    return pq.read_table(path)
+
+
+def chunk_rows(rows: Sequence[dict[str, Any]], groups: Sequence[GroupInfo]) -> list[list[dict[str, Any]]]:
+    """Split planned rows into per-chunk lists (the ingest work units), in group/index order."""
+    by_group: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("group") is not None:
+            by_group.setdefault(r["group"], []).append(r)
+    chunks = []
+    for g in groups:
+        members = sorted(by_group.get(g.name, []), key=lambda r: r["index"])
+        for c in range(g.n_chunks):
+            s, e = g.chunk_range(c)
+            chunks.append(members[s:e])
+    return chunks
+
+
+def spec_json(spec: Any) -> dict[str, Any]:
+    """A JSON-able dict of a pydantic spec (or a dict), for attributes and metadata."""
+    if hasattr(spec, "model_dump"):
+        return json.loads(spec.model_dump_json())
+    return json.loads(json.dumps(spec))

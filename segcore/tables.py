@@ -1,0 +1,111 @@
+"""Parquet tables that segflow writes, and how they are written (atomically, one part per unit).
+
+The Dice dataset is Hive-partitioned by ``run_id``: ``RUN_DIR/dice/run_id=<id>/unit-00042.parquet``.
+Following the Hive convention, the partition column lives in the directory name, not inside the
+files; pyarrow.dataset, pandas and DuckDB (``hive_partitioning=true``) add it back as a column.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+DICE_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("class_id", pa.int32()),
+        ("class_name", pa.string()),
+        ("dice", pa.float64()),
+        ("tp", pa.int64()),
+        ("fp", pa.int64()),
+        ("fn", pa.int64()),
+        ("gt_pixels", pa.int64()),
+        ("pred_pixels", pa.int64()),
+        ("empty_gt", pa.bool_()),
+        ("model", pa.string()),
+        ("checkpoint_sha256", pa.string()),
+        ("unit", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+
+#: Documented columns of the Dice dataset as read back (partition column included).
+DICE_COLUMNS = ("run_id",) + tuple(DICE_SCHEMA.names)
+
+
+def dice_table(*, image_ids: Sequence[str], class_names: Sequence[str], tp: np.ndarray, fp: np.ndarray,
+               fn: np.ndarray, dice: np.ndarray, empty_gt: np.ndarray, model: str, checkpoint_sha256: str,
+               unit: str, errors: Sequence[tuple[str, str]] = ()) -> pa.Table:
+    """Rows ``(image, class)`` for evaluated images plus ``status="error"`` rows.
+
+    ``tp/fp/fn/dice/empty_gt`` are ``(len(image_ids), len(class_names))``; ``errors`` is a list of
+    ``(image_id, message)`` for images of the unit that could not be evaluated (one row per class,
+    with null Dice and counts).
+    """
+    n, c = len(image_ids), len(class_names)
+    ids = np.repeat(np.asarray(image_ids, dtype=object), c)
+    cls = np.tile(np.arange(c, dtype=np.int32), n)
+    cols: dict[str, Any] = {
+        "image_id": ids.tolist(),
+        "class_id": cls,
+        "class_name": [class_names[i] for i in cls],
+        "dice": np.asarray(dice, dtype=np.float64).reshape(-1),
+        "tp": np.asarray(tp, dtype=np.int64).reshape(-1),
+        "fp": np.asarray(fp, dtype=np.int64).reshape(-1),
+        "fn": np.asarray(fn, dtype=np.int64).reshape(-1),
+        "gt_pixels": (np.asarray(tp) + np.asarray(fn)).astype(np.int64).reshape(-1),
+        "pred_pixels": (np.asarray(tp) + np.asarray(fp)).astype(np.int64).reshape(-1),
+        "empty_gt": np.asarray(empty_gt, dtype=bool).reshape(-1),
+        "model": [model] * (n * c),
+        "checkpoint_sha256": [checkpoint_sha256] * (n * c),
+        "unit": [unit] * (n * c),
+        "status": ["ok"] * (n * c),
+        "error": [None] * (n * c),
+    }
+    ok = pa.table(cols, schema=DICE_SCHEMA)
+    if not errors:
+        return ok
+    err_rows = [
+        {"image_id": image_id, "class_id": k, "class_name": class_names[k], "model": model,
+         "checkpoint_sha256": checkpoint_sha256, "unit": unit, "status": "error", "error": message}
+        for image_id, message in errors
+        for k in range(c)
+    ]
+    return pa.concat_tables([ok, pa.Table.from_pylist(err_rows, schema=DICE_SCHEMA)])
+
+
+def write_part(table: pa.Table, directory: str | os.PathLike[str], name: str) -> Path:
+    """Write ``table`` to ``directory/name`` atomically: a uniquely named temporary file, then rename.
+
+    A reader listing the directory sees either no file or the whole file, never a half-written one
+    (temporary names start with '.', which Parquet dataset readers skip).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    dest = directory / name
+    tmp = directory / f".{name}.{uuid.uuid4().hex}.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, dest)
+    return dest
+
+
+def read_dice(path: str | os.PathLike[str], *, filter: Any = None) -> pa.Table:
+    """Read a Dice dataset directory (``RUN_DIR/dice``), ``run_id`` included as a string column.
+
+    Returns an empty table with the documented columns when no part exists yet.
+    """
+    path = Path(path)
+    full_schema = DICE_SCHEMA.insert(0, pa.field("run_id", pa.string()))
+    if not path.exists() or not any(path.rglob("*.parquet")):
+        return full_schema.empty_table()
+    partitioning = pads.partitioning(pa.schema([("run_id", pa.string())]), flavor="hive")
+    ds = pads.dataset(str(path), format="parquet", partitioning=partitioning)
+    return ds.to_table(filter=filter).select(list(full_schema.names))

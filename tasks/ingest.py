@@ -1,0 +1,24 @@
+"""Thin Prefect tasks of the ingest: each calls one segcore function on one batch or chunk."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from segcore import store
+
+
+@task(name="probe-files", task_run_name="probe-files [{label}]", cache_policy=NO_CACHE, retries=1,
+      retry_delay_seconds=2)
+def probe_files(rows: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
+    """Read headers and hash the files of one batch (rows from ``segcore.store.pair_sources``)."""
+    return store.probe_sources(rows)
+
+
+@task(name="write-chunk", task_run_name="write-chunk [{label}]", cache_policy=NO_CACHE, retries=1,
+      retry_delay_seconds=2)
+def write_chunk(store_path: str, rows: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
+    """Decode one chunk's images and masks into the store; returns the rows with final status."""
+    return store.write_store_chunk(store_path, rows)
