@@ -1,0 +1,52 @@
+"""A small real collection for flow tests: PNG images and masks, with the kinds of damage users have."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from segcore.checkpoint import ModelMeta, save_checkpoint
+from segcore.imageio import write_png
+from segcore.models import create_model
+from segcore.normalise import Normalisation
+
+N_SMALL, N_LARGE = 40, 12
+
+
+@pytest.fixture(autouse=True)
+def _harness(prefect_harness):
+    yield
+
+
+@pytest.fixture(scope="session")
+def collection(tmp_path_factory) -> dict:
+    """``images/`` (40 of 48x48 + 12 of 64x80 8-bit gray PNGs, one corrupt file, one with a wrong-size mask),
+    ``masks/`` (class maps 0..2; every 7th image has no mask) and a 3-class UNet checkpoint."""
+    root = tmp_path_factory.mktemp("collection")
+    rng = np.random.default_rng(1)
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    for i in range(N_SMALL + N_LARGE):
+        h, w = (48, 48) if i < N_SMALL else (64, 80)
+        mask = np.zeros((h, w), np.uint8)
+        for _ in range(3):
+            y, x, r = rng.integers(0, h), rng.integers(0, w), rng.integers(4, 12)
+            yy, xx = np.ogrid[:h, :w]
+            mask[(yy - y) ** 2 + (xx - x) ** 2 < r * r] = rng.integers(1, 3)
+        img = (mask * 90 + rng.integers(0, 40, (h, w))).astype(np.uint8)
+        write_png(root / "images" / f"img-{i:03d}.png", img)
+        if i % 7:
+            write_png(root / "masks" / f"img-{i:03d}.png", mask)
+    (root / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    write_png(root / "images" / "wrongmask.png", np.zeros((48, 48), np.uint8))
+    write_png(root / "masks" / "wrongmask.png", np.zeros((30, 30), np.uint8))
+    torch.manual_seed(0)
+    model = create_model("unet", in_channels=1, num_classes=3, base=4, depth=2)
+    meta = ModelMeta(arch="unet", arch_kwargs={"base": 4, "depth": 2}, class_names=("background", "a", "b"),
+                     in_channels=1, normalisation=Normalisation(mode="range", scale=255.0))
+    ckpt = save_checkpoint(root / "model.safetensors", model, meta)
+    return {"root": root, "images": str(root / "images"), "masks": str(root / "masks"), "checkpoint": str(ckpt),
+            "n_ok": N_SMALL + N_LARGE + 1}
