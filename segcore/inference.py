@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from functools import lru_cache
@@ -158,6 +159,7 @@ def segment_unit(*, store_path: str, run_dir: str, run_id: str, unit: WorkUnit, 
         "n_errors": len(errors),
         "dice_rows": table.num_rows,
         "device": device,
+        "pid": os.getpid(),
         "read_s": round(t_read - t0, 4),
         "predict_s": round(t_pred - t_read, 4),
         "total_s": round(t_end - t0, 4),

@@ -1,0 +1,94 @@
+"""The --dask-address path on a real cluster: `dask scheduler` + two `dask worker` processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flows.pipeline import ingest_flow, segment_flow, with_runner
+from segcore.config import ExecutionSpec, IngestSpec, SegmentSpec
+from segcore.results import open_run
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def dask_cluster(tmp_path):
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    logs = [open(tmp_path / f"{n}.log", "w") for n in ("scheduler", "worker0", "worker1")]
+    procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--no-dashboard"], stdout=logs[0], stderr=subprocess.STDOUT, env=env, cwd=tmp_path)]
+    for i in (1, 2):
+        procs.append(subprocess.Popen([str(BIN / "dask"), "worker", address, "--nthreads", "1", "--nworkers", "1",
+                                       "--no-dashboard", "--name", f"ext-{i}", "--local-directory", str(tmp_path)],
+                                      stdout=logs[i], stderr=subprocess.STDOUT, env=env, cwd=tmp_path))
+    from distributed import Client
+
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with Client(address, timeout=5) as client:
+                    client.wait_for_workers(2, timeout=60)
+                    n = len(client.scheduler_info()["workers"])
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        assert n == 2
+        yield address
+    finally:
+        for p in procs[::-1]:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for f in logs:
+            f.close()
+
+
+def test_existing_cluster_gives_the_same_outputs_as_the_default_path(collection, tmp_path, dask_cluster):
+    outputs = {}
+    store = str(tmp_path / "store.zarr")
+    local = ExecutionSpec(n_workers=2, threads_per_worker=1)
+    with_runner(ingest_flow, local)(IngestSpec(images=collection["images"], masks=collection["masks"], store=store,
+                                               max_chunk_images=8))
+    for name, execution in (("local", local),
+                            ("external", ExecutionSpec(dask_address=dask_cluster, threads_per_worker=1))):
+        spec = SegmentSpec(store=store, checkpoint=collection["checkpoint"], out=str(tmp_path / name),
+                           batch_size=4, execution=execution)
+        summary = with_runner(segment_flow, execution)(spec)
+        assert summary["units_failed"] == 0
+        outputs[name] = open_run(spec.out)
+    a, b = outputs["local"], outputs["external"]
+    assert a.image_ids == b.image_ids and len(a.image_ids) > 0
+    for image_id in a.image_ids:
+        np.testing.assert_array_equal(a.mask(image_id), b.mask(image_id))
+    cols = [c for c in a.dice_table().column_names if c != "run_id"]
+    ta = a.dice_table().select(cols).sort_by([("image_id", "ascending"), ("class_id", "ascending")])
+    tb = b.dice_table().select(cols).sort_by([("image_id", "ascending"), ("class_id", "ascending")])
+    assert ta.equals(tb)
+    # Every unit ran on the external workers (not in this process), spread over both of them.
+    records = [json.loads(p.read_text()) for p in (tmp_path / "external" / "units").glob("*.json")]
+    assert len(records) == len(list((tmp_path / "local" / "units").glob("*.json"))) >= 4
+    pids = {r["pid"] for r in records}
+    assert os.getpid() not in pids and len(pids) == 2
