@@ -59,6 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ingest(p, store_required=False)
     _add_segment(p)
 
+    p = sub.add_parser("train", help="train a UNet on a store's labelled images and write a checkpoint")
+    p.add_argument("--store", required=True, help="Zarr collection store with ground truth")
+    p.add_argument("--model", default="unet", choices=["unet"], help="architecture (default unet)")
+    p.add_argument("--out", required=True, help="checkpoint to write (.safetensors)")
+    p.add_argument("--epochs", type=int, help="passes over the training split (default 10)")
+    p.add_argument("--val-fraction", type=float, help="fraction held out for validation (default 0.15)")
+    p.add_argument("--class-names", help="comma-separated class names, background first")
+    p.add_argument("--base", type=int, help="UNet width of the first stage (default 16)")
+    p.add_argument("--depth", type=int, help="UNet pooling stages (default 3)")
+    p.add_argument("--seed", type=int, help="seed of split, initialisation and augmentation (default 0)")
+    _add_execution(p)
+
     p = sub.add_parser("demo", help="synthetic collection -> train a small UNet -> full pipeline -> summary")
     p.add_argument("--out", default="demo-out", help="output directory (default demo-out)")
     p.add_argument("--images", type=int, help="number of synthetic images (default 360)")
@@ -103,10 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _prefect_env()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
-    if not args.verbose:
+    from flows.pipeline import ingest_flow, run_flow, segment_flow, with_runner
+    if not args.verbose:  # after the imports: distributed sets its loggers' levels when imported
         for name in ("distributed", "prefect_dask"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    from flows.pipeline import ingest_flow, run_flow, segment_flow, with_runner
     from segcore.config import RunSpec
     from segcore.errors import SegflowError
 
@@ -120,6 +132,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             store = args.store or os.path.join(args.out, "store.zarr")
             spec = RunSpec(ingest=_ingest_spec(args, store), segment=_segment_spec(args, store))
             print_summary(with_runner(run_flow, _execution(args))(spec))
+        elif args.command == "train":
+            from flows.train import train_flow
+            from segcore.config import TrainSpec
+
+            names = tuple(n.strip() for n in args.class_names.split(",")) if args.class_names else None
+            spec = TrainSpec(store=args.store, out=args.out, model=args.model, execution=_execution(args),
+                             **_given(epochs=args.epochs, val_fraction=args.val_fraction, class_names=names,
+                                      base=args.base, depth=args.depth, seed=args.seed))
+            result = with_runner(train_flow, spec.execution)(spec)
+            print(f"checkpoint: {result['checkpoint']} (sha256 {result['sha256']})")
+            print(f"best mean foreground validation Dice: {result['val_dice_mean_fg']:.4f}")
         elif args.command == "demo":
             from flows.demo import DemoSpec, demo_flow
 

@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from segcore.normalise import Normalisation
+
 
 class _Spec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -62,3 +64,24 @@ class RunSpec(_Spec):
         if self.ingest.store != self.segment.store:
             raise ValueError(f"ingest.store ({self.ingest.store}) and segment.store ({self.segment.store}) differ")
         return self
+
+
+class TrainSpec(_Spec):
+    """Train a semantic UNet on the labelled images of a store; the best epoch is saved."""
+
+    store: str = Field(description="Zarr collection store with ground truth (class masks).")
+    out: str = Field(description="Checkpoint file to write (.safetensors).")
+    model: Literal["unet"] = Field("unet", description="Registered architecture to train.")
+    class_names: tuple[str, ...] | None = Field(
+        None, description="Class names, background first (default: background, class_1, ... from the labels)."
+    )
+    base: int = Field(16, gt=0, description="UNet width of the first stage.")
+    depth: int = Field(3, gt=0, description="UNet pooling stages.")
+    epochs: int = Field(10, gt=0)
+    batch_size: int = Field(16, gt=0)
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW, one-cycle schedule).")
+    val_fraction: float = Field(0.15, gt=0, lt=1, description="Fraction held out for validation each epoch.")
+    seed: int = 0
+    time_budget_s: float | None = Field(None, gt=0, description="Stop after the epoch that passes this budget.")
+    normalisation: Normalisation = Normalisation()
+    execution: ExecutionSpec = ExecutionSpec()

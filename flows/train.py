@@ -1,0 +1,31 @@
+"""Training flow: one task trains on a worker and writes the best checkpoint with its provenance."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.execution import torch_threads
+from segcore.config import TrainSpec
+from segcore.store import open_store
+from tasks.train import train_model
+
+
+def train_steps(spec: TrainSpec) -> dict[str, Any]:
+    """Check the store (fail fast), train, log where the checkpoint is."""
+    log = get_run_logger()
+    open_store(spec.store)
+    command = " ".join(shlex.quote(a) for a in ["segflow", *sys.argv[1:]]) if sys.argv else "segflow train"
+    result = train_model.submit(spec, num_threads=torch_threads(spec.execution), command=command).result()
+    log.info("train: checkpoint %s (sha256 %s…), best mean foreground val Dice %.4f", result["checkpoint"],
+             result["sha256"][:12], result["val_dice_mean_fg"])
+    return result
+
+
+@flow(name="segflow-train")
+def train_flow(spec: TrainSpec) -> dict[str, Any]:
+    """Train a model on a store's labelled images."""
+    return train_steps(spec)
