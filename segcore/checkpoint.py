@@ -72,8 +72,12 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: ModelM
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={_META_KEY: meta.model_dump_json()})
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata={_META_KEY: meta.model_dump_json()})
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -108,8 +112,11 @@ def read_meta(path: str | os.PathLike[str]) -> ModelMeta:
 def build_model(meta: ModelMeta) -> nn.Module:
     """Build the (untrained) architecture described by ``meta``."""
     kwargs = dict(meta.arch_kwargs)
-    kwargs.setdefault("in_channels", meta.in_channels)
-    kwargs.setdefault("num_classes", meta.num_classes)
+    for key, value in (("in_channels", meta.in_channels), ("num_classes", meta.num_classes)):
+        if kwargs.get(key, value) != value:
+            raise CheckpointError(f"checkpoint metadata is inconsistent: arch_kwargs {key}={kwargs[key]} but "
+                                  f"the record says {value}")
+        kwargs[key] = value
     try:
         return create_model(meta.arch, **kwargs)
     except (ConfigError, ValueError) as exc:

@@ -59,6 +59,9 @@ def normalise_batch(images: np.ndarray, norm: Normalisation) -> torch.Tensor:
     else:
         x = x / norm.scale
     if norm.mean is not None:
+        if len(norm.mean) != x.shape[1]:
+            raise ValueError(f"normalisation has {len(norm.mean)} mean/std values but the images have "
+                             f"{x.shape[1]} channel(s)")
         mean = torch.tensor(norm.mean, dtype=torch.float32)[None, :, None, None]
         std = torch.tensor(norm.std, dtype=torch.float32)[None, :, None, None]
         x = (x - mean) / std

@@ -62,8 +62,10 @@ def check_alignment(units: Sequence[WorkUnit], *, chunks: Mapping[str, int], cou
     for u in units:
         if u.group not in chunks:
             raise PlanError(f"{u.label}: the output has no array for group {u.group!r}")
+        if u.group not in counts:
+            raise PlanError(f"{u.label}: no image count for group {u.group!r}")
         k, n = chunks[u.group], counts[u.group]
-        if u.start % k or u.stop != min(u.start + k, n):
+        if u.stop <= u.start or u.start % k or u.stop != min(u.start + k, n):
             raise PlanError(
                 f"{u.label} is not aligned to output chunks of {k} images (count {n}); two workers could write "
                 "the same chunk. Re-create the run directory for this store."

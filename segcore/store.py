@@ -201,9 +201,10 @@ def create_store(path: str, groups: Sequence[GroupInfo], *, with_gt: bool, mask_
                  spec: dict[str, Any], overwrite: bool = False) -> None:
     """Create the store's arrays (empty) and attributes. Refuses to replace a store unless ``overwrite``."""
     p = Path(path)
-    if p.exists():
+    if p.exists() and not (p.is_dir() and not any(p.iterdir())):
         if not overwrite:
             raise StoreError(f"store {path!r} already exists; choose a new path or pass --overwrite to replace it")
+        open_store(path)  # only ever delete a segflow store, never another directory
         shutil.rmtree(p)
     root = zarr.open_group(str(p), mode="w")
     root.attrs["segflow"] = {
@@ -264,7 +265,8 @@ def write_store_chunk(store_path: str, rows: Sequence[dict[str, Any]]) -> list[d
                 raise StoreError(f"decoded shape {img.shape} {img.dtype} differs from its header {images.shape[1:]} {g.dtype}")
             images[i] = img
         except (SegflowError, OSError, ValueError) as exc:
-            row.update(status="error", error=f"{type(exc).__name__}: {exc}")
+            row.update(status="error", error=f"{type(exc).__name__}: {exc}",
+                       mask_status="skipped" if row["mask_path"] is not None else "missing")
         if gts is not None and row["mask_status"] == "ok" and row["status"] == "ok":
             try:
                 m = read_mask(row["mask_path"])
@@ -287,8 +289,12 @@ def write_manifest(store_path: str, rows: Iterable[dict[str, Any]]) -> Path:
                                  schema=MANIFEST_SCHEMA)
     dest = Path(store_path) / MANIFEST_NAME
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, dest)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return dest
 
 

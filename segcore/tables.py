@@ -92,8 +92,12 @@ def write_part(table: pa.Table, directory: str | os.PathLike[str], name: str) ->
     directory.mkdir(parents=True, exist_ok=True)
     dest = directory / name
     tmp = directory / f".{name}.{uuid.uuid4().hex}.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, dest)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return dest
 
 

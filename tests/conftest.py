@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+
+# Keep Hypothesis' example database out of the working tree.
+from hypothesis import configuration  # noqa: E402
+
+configuration.set_hypothesis_home_dir(tempfile.mkdtemp(prefix="segflow-hypothesis-"))
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +25,4 @@ def prefect_harness(tmp_path_factory):
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+

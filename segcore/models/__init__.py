@@ -38,7 +38,7 @@ def create_model(arch: str, **kwargs: Any) -> nn.Module:
         raise ConfigError(f"unknown model {arch!r}; valid names: {', '.join(sorted(MODELS))}") from None
     try:
         return builder(**kwargs)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"bad arguments for model {arch!r}: {exc}") from exc
 
 

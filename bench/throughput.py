@@ -1,0 +1,128 @@
+"""Throughput of `segflow segment` relative to a bare `model(batch)` loop, in one process run.
+
+Both sides use the same checkpoint and the same ingested Zarr store:
+
+- bare:     for every chunk: read it from Zarr, normalise, ``model(x)`` in batches (inference mode);
+- pipeline: ``segflow segment`` end to end (Prefect flow, Dask LocalCluster of worker processes,
+            model load per worker, mask writes, Dice against ground truth, Parquet parts, summary).
+
+Prints images/s of each and the ratio pipeline/bare. Not a test: figures go to bench/RESULTS.md.
+
+    .venv/bin/python bench/throughput.py --images 2000 --size 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from flows.cli import main as segflow  # noqa: E402
+from segcore.checkpoint import ModelMeta, load_checkpoint, save_checkpoint  # noqa: E402
+from segcore.imageio import write_png  # noqa: E402
+from segcore.models import create_model  # noqa: E402
+from segcore.normalise import normalise_batch  # noqa: E402
+from segcore.plan import plan_units  # noqa: E402
+from segcore.store import open_store  # noqa: E402
+from segcore.synthetic import CLASS_NAMES, make_sample  # noqa: E402
+from segcore.training import DEMO_ARCH_KWARGS, DEMO_NORMALISATION  # noqa: E402
+
+
+def make_collection(root: Path, n: int, size: int) -> None:
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    streams = np.random.SeedSequence(7).spawn(n)
+    for i, s in enumerate(streams):
+        img, mask = make_sample(np.random.default_rng(s), size=size)
+        write_png(root / "images" / f"img-{i:05d}.png", img)
+        write_png(root / "masks" / f"img-{i:05d}.png", mask)
+
+
+def bare_loop(store_path: str, checkpoint: str, batch_size: int) -> tuple[int, float]:
+    model, meta = load_checkpoint(checkpoint)
+    store = open_store(store_path)
+    root = zarr.open_group(store_path, mode="r")
+    n = 0
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for unit in plan_units(store):
+            images = root[f"images/{unit.group}"][unit.start:unit.stop]
+            for s in range(0, len(images), batch_size):
+                model(normalise_batch(images[s:s + batch_size], meta.normalisation))
+            n += len(images)
+    return n, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=None, help="local cluster workers for the pipeline")
+    ap.add_argument("--checkpoint", help="checkpoint to use (default: a demo-sized UNet, untrained)")
+    ap.add_argument("--workdir", default=str(ROOT / "bench" / "out"))
+    args = ap.parse_args()
+
+    work = Path(args.workdir)
+    coll = work / f"collection-{args.images}-{args.size}"
+    store = work / f"store-{args.images}-{args.size}.zarr"
+    if not (coll / "images").exists() or len(list((coll / "images").glob("*.png"))) != args.images:
+        shutil.rmtree(coll, ignore_errors=True)
+        t = time.perf_counter()
+        make_collection(coll, args.images, args.size)
+        print(f"generated {args.images} images of {args.size}x{args.size} in {time.perf_counter() - t:.1f} s")
+    if not store.exists():
+        t = time.perf_counter()
+        rc = segflow(["ingest", "--images", str(coll / "images"), "--masks", str(coll / "masks"), "--store", str(store)])
+        assert rc == 0, "ingest failed"
+        print(f"ingest: {time.perf_counter() - t:.1f} s ({args.images / (time.perf_counter() - t):.1f} images/s)")
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        checkpoint = str(work / "bench-unet.safetensors")
+        torch.manual_seed(0)
+        model = create_model("unet", in_channels=1, num_classes=len(CLASS_NAMES), **DEMO_ARCH_KWARGS)
+        save_checkpoint(checkpoint, model, ModelMeta(arch="unet", arch_kwargs=dict(DEMO_ARCH_KWARGS),
+                                                     class_names=CLASS_NAMES, in_channels=1,
+                                                     normalisation=DEMO_NORMALISATION))
+
+    n, bare_s = bare_loop(str(store), checkpoint, args.batch_size)
+    bare_ips = n / bare_s
+    print(f"bare model(x) loop: {n} images in {bare_s:.1f} s = {bare_ips:.2f} images/s "
+          f"(torch threads {torch.get_num_threads()})")
+
+    run_dir = work / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = ["segment", "--store", str(store), "--checkpoint", checkpoint, "--out", str(run_dir),
+           "--batch-size", str(args.batch_size)]
+    if args.workers:
+        cmd += ["--workers", str(args.workers)]
+    t = time.perf_counter()
+    rc = segflow(cmd)
+    pipe_s = time.perf_counter() - t
+    assert rc == 0, "segment failed"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    units = [json.loads(p.read_text()) for p in (run_dir / "units").glob("*.json")]
+    assert sum(u["n_images"] for u in units) == n
+    pipe_ips = n / pipe_s
+    print(f"segflow segment (end to end): {n} images in {pipe_s:.1f} s = {pipe_ips:.2f} images/s "
+          f"({summary['units']} units)")
+    print(f"  inside units: predict {sum(u['predict_s'] for u in units):.1f} s, "
+          f"unit total {sum(u['total_s'] for u in units):.1f} s")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
+    print(f"RATIO pipeline/bare = {pipe_ips / bare_ips:.3f}")
+
+
+if __name__ == "__main__":
+    main()
