@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="synthetic collection -> train a small UNet -> full pipeline -> summary")
     p.add_argument("--out", default="demo-out", help="output directory (default demo-out)")
     p.add_argument("--images", type=int, help="number of synthetic images (default 360)")
+    p.add_argument("--size", type=int, help="image side length in pixels (default 128)")
+    p.add_argument("--epochs", type=int, help="training epochs (default 10)")
     p.add_argument("--seed", type=int, default=0)
     _add_execution(p)
     return parser
@@ -146,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "demo":
             from flows.demo import DemoSpec, demo_flow
 
-            spec = DemoSpec(out=args.out, seed=args.seed, execution=_execution(args), **_given(n_images=args.images))
+            spec = DemoSpec(out=args.out, seed=args.seed, execution=_execution(args), **_given(n_images=args.images, size=args.size, epochs=args.epochs))
             result = with_runner(demo_flow, spec.execution)(spec)
             print_summary(result)
             print(f"demo outputs are in {os.path.abspath(args.out)}")

@@ -14,6 +14,7 @@ from flows.pipeline import ingest_steps, segment_steps
 from flows.train import train_steps
 from segcore import synthetic, training
 from segcore.config import ExecutionSpec, IngestSpec, SegmentSpec, TrainSpec
+from segcore.errors import ConfigError
 
 
 class DemoSpec(BaseModel):
@@ -48,10 +49,8 @@ def demo_flow(spec: DemoSpec) -> dict[str, Any]:
     """Generate, train, segment the held-out images, and return the run summary."""
     log = get_run_logger()
     out = Path(spec.out)
-    if out.exists():
+    if out.exists() and any(out.iterdir()):
         if not (out / "collection").exists():
-            from segcore.errors import ConfigError
-
             raise ConfigError(f"{spec.out!r} exists and is not a segflow demo directory; choose another --out")
         shutil.rmtree(out)
     ids = synthetic.generate_collection(out / "collection", n_images=spec.n_images, size=spec.size, seed=spec.seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import dask
 from prefect_dask import DaskTaskRunner
 
 from segcore.config import ExecutionSpec
@@ -34,9 +35,15 @@ def torch_threads(spec: ExecutionSpec) -> int | None:
 
 
 def task_runner(spec: ExecutionSpec) -> DaskTaskRunner:
-    """A DaskTaskRunner on ``spec.dask_address``, or on a new LocalCluster of worker processes."""
+    """A DaskTaskRunner on ``spec.dask_address``, or on a new LocalCluster of worker processes.
+
+    Local workers are spawned without Dask's default ``MALLOC_TRIM_THRESHOLD_=65536``: setting it
+    disables glibc's dynamic mmap threshold, so every large tensor allocation becomes an mmap and
+    page faults cost torch about 20 % of its CPU throughput (measured, see bench/RESULTS.md).
+    """
     if spec.dask_address:
         return DaskTaskRunner(address=spec.dask_address)
+    dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster",
         cluster_kwargs={

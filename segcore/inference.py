@@ -100,6 +100,7 @@ def segment_unit(*, store_path: str, run_dir: str, run_id: str, unit: WorkUnit, 
     evaluated) and finally the unit's done marker.
     """
     t0 = time.perf_counter()
+    started = time.time()
     if num_threads:
         torch.set_num_threads(num_threads)
     model, meta = load_model_cached(checkpoint, sha256=checkpoint_sha256, device=device)
@@ -163,6 +164,8 @@ def segment_unit(*, store_path: str, run_dir: str, run_id: str, unit: WorkUnit, 
         "read_s": round(t_read - t0, 4),
         "predict_s": round(t_pred - t_read, 4),
         "total_s": round(t_end - t0, 4),
+        "started": started,
+        "finished": time.time(),
     }
     mark_unit_done(run_dir, record)
     return record

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -240,11 +241,12 @@ def open_store(path: str) -> StoreInfo:
                      spec=attrs.get("spec", {}))
 
 
-def write_store_chunk(store_path: str, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def write_store_chunk(store_path: str, rows: Sequence[dict[str, Any]], *, threads: int | None = None) -> list[dict[str, Any]]:
     """Decode the images (and masks) of one chunk and write it; returns the rows with final status.
 
     ``rows`` are the manifest rows of exactly one chunk of one group, in index order. A file that
-    fails to decode becomes an error row and its slot stays zero; the rest is written.
+    fails to decode becomes an error row and its slot stays zero; the rest is written. Files are
+    decoded by ``threads`` threads (default: all cores; the decoders release the GIL).
     """
     if not rows:
         return []
@@ -256,8 +258,8 @@ def write_store_chunk(store_path: str, rows: Sequence[dict[str, Any]]) -> list[d
         raise StoreError(f"rows {start}..{stop} of {g.name} are not exactly one chunk of {g.chunk_images} images")
     images = np.zeros((stop - start, g.height, g.width, g.channels), dtype=g.dtype)
     gts = np.zeros((stop - start, g.height, g.width), dtype=GT_DTYPE) if info.has_gt else None
-    out = []
-    for i, src in enumerate(rows):
+
+    def decode(i: int, src: dict[str, Any]) -> dict[str, Any]:
         row = dict(src)
         try:
             img = read_image(row["source_path"])
@@ -275,7 +277,10 @@ def write_store_chunk(store_path: str, rows: Sequence[dict[str, Any]]) -> list[d
                 gts[i] = m
             except (SegflowError, OSError, ValueError) as exc:
                 row.update(mask_status="error", mask_error=f"{type(exc).__name__}: {exc}")
-        out.append(row)
+        return row
+
+    with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
+        out = list(pool.map(decode, range(len(rows)), rows))
     root = zarr.open_group(str(store_path), mode="r+")
     root[f"images/{g.name}"][start:stop] = images
     if gts is not None:

@@ -1,0 +1,172 @@
+"""A synthetic, exactly labelled image collection for demos and end-to-end tests.
+
+Each sample is an ``(H, W)`` uint8 grey image and its ``(H, W)`` uint8 class map
+(0 = background, then :data:`CLASS_NAMES` order). The two foreground classes are told apart
+by shape and texture, not by brightness: both have a mean near 155 grey levels.
+
+- ``disc``: a filled, near-circular ellipse with a smooth dome profile (brightest at its centre);
+- ``square``: a rotated, near-square rectangle filled with stripes and grain.
+
+The background is textured: low-frequency blobs, a linear gradient and fine grain, and the
+whole image carries Gaussian noise. Every image shows each foreground class on at least 1 % of
+its pixels; its first object crosses the image border and its second one (of the other class)
+overlaps the first. Objects are drawn one after another and a later one hides an earlier one,
+in the image and in the class map alike, so the class map is exactly what was drawn.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+from segcore.errors import ConfigError
+from segcore.imageio import write_png
+
+log = logging.getLogger(__name__)
+
+#: Class names; index = label value in the class maps.
+CLASS_NAMES: tuple[str, ...] = ("background", "disc", "square")
+
+_DISC, _SQUARE = 1, 2
+_MIN_SIZE = 32
+# Every foreground class covers at least this fraction of an image (re-drawn otherwise, up to
+# _MAX_ATTEMPTS times), so that no class is reduced to a sliver hidden under others.
+_MIN_VISIBLE_FRACTION = 0.01
+_MAX_ATTEMPTS = 20
+
+
+def _check_size(size: int) -> int:
+    if int(size) != size or size < _MIN_SIZE:
+        raise ConfigError(f"size must be an integer >= {_MIN_SIZE} pixels, got {size!r}; use e.g. size=128")
+    return int(size)
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """``(size, size)`` float64 background: blobs + gradient + grain, around 55 grey levels."""
+    blobs = gaussian_filter(rng.normal(size=(size, size)), sigma=size / 10, mode="wrap")
+    blobs /= max(float(blobs.std()), 1e-9)
+    grain = gaussian_filter(rng.normal(size=(size, size)), sigma=1.2)
+    grain /= max(float(grain.std()), 1e-9)
+    yy, xx = np.mgrid[0:size, 0:size] / (size - 1) - 0.5
+    angle = rng.uniform(0, 2 * np.pi)
+    gradient = rng.uniform(-25, 25) * (xx * np.cos(angle) + yy * np.sin(angle))
+    return 55.0 + rng.uniform(8, 14) * blobs + gradient + rng.uniform(3, 6) * grain
+
+
+def _local_coords(shape: tuple[int, int], cy: float, cx: float, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates rotated by ``theta`` about ``(cy, cx)``: ``(u, v)`` float64 maps."""
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float64)
+    dy, dx = yy - cy, xx - cx
+    c, s = np.cos(theta), np.sin(theta)
+    return dx * c + dy * s, -dx * s + dy * c
+
+
+def _draw_disc(img: np.ndarray, labels: np.ndarray, rng: np.random.Generator, obj: dict) -> None:
+    u, v = _local_coords(img.shape, obj["cy"], obj["cx"], obj["theta"])
+    d2 = (u / obj["a"]) ** 2 + (v / obj["b"]) ** 2
+    inside = d2 <= 1.0
+    dome = np.sqrt(np.clip(1.0 - d2[inside], 0.0, 1.0))
+    img[inside] = rng.uniform(0.92, 1.08) * (110.0 + 70.0 * dome)
+    labels[inside] = _DISC
+
+
+def _draw_square(img: np.ndarray, labels: np.ndarray, rng: np.random.Generator, obj: dict) -> None:
+    u, v = _local_coords(img.shape, obj["cy"], obj["cx"], obj["theta"])
+    inside = (np.abs(u) <= obj["a"]) & (np.abs(v) <= obj["b"])
+    phi = rng.uniform(0, np.pi)
+    period = rng.uniform(4.0, 7.0)
+    wave = np.sin(2 * np.pi * (u[inside] * np.cos(phi) + v[inside] * np.sin(phi)) / period + rng.uniform(0, 2 * np.pi))
+    img[inside] = 158.0 + rng.uniform(40, 50) * wave + rng.normal(0.0, 12.0, size=wave.shape)
+    labels[inside] = _SQUARE
+
+
+def _plan_objects(rng: np.random.Generator, size: int) -> list[dict]:
+    """Objects to draw, in drawing order: class, centre, half-sizes ``a >= b`` (pixels), angle."""
+    n = int(rng.integers(5, 10) * (size / 128) ** 2) + 2
+    classes = [_DISC, _SQUARE] if rng.random() < 0.5 else [_SQUARE, _DISC]
+    classes += [int(c) for c in rng.integers(_DISC, _SQUARE + 1, size=n - 2)]
+    objects: list[dict] = []
+    for i, cls in enumerate(classes):
+        a = rng.uniform(0.05, 0.10) * size
+        b = a * rng.uniform(0.75, 1.0)
+        obj = {"cls": cls, "a": a, "b": b, "theta": rng.uniform(0, np.pi)}
+        if i == 0:
+            # On the border line: its inscribed disc (radius b) crosses the border.
+            along = rng.uniform(0.2, 0.8) * (size - 1)
+            edge = float(rng.choice([0.0, size - 1.0])) + rng.uniform(-0.3, 0.3) * b
+            obj["cy"], obj["cx"] = (along, edge) if rng.random() < 0.5 else (edge, along)
+        elif i == 1 or rng.random() < 0.3:
+            # Closer than the sum of the inscribed radii: the two objects overlap.
+            other = objects[0] if i == 1 else objects[int(rng.integers(0, i))]
+            dist = (other["b"] + b) * rng.uniform(0.7, 0.95)
+            ang = rng.uniform(0, 2 * np.pi)
+            obj["cy"], obj["cx"] = other["cy"] + dist * np.sin(ang), other["cx"] + dist * np.cos(ang)
+        else:
+            obj["cy"], obj["cx"] = rng.uniform(-0.05, 1.05, size=2) * (size - 1)
+        objects.append(obj)
+    return objects
+
+
+def make_sample(rng: np.random.Generator, *, size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic image and its exact class map.
+
+    Args:
+        rng: the random source (the sample is a pure function of its state).
+        size: side length in pixels (>= 32).
+
+    Returns:
+        ``(image, classes)``: ``(size, size)`` uint8 grey levels and ``(size, size)`` uint8
+        labels in ``[0, len(CLASS_NAMES))``.
+    """
+    size = _check_size(size)
+    background = _background(rng, size)
+    min_pixels = _MIN_VISIBLE_FRACTION * size * size
+    for _ in range(_MAX_ATTEMPTS):
+        img = background.copy()
+        labels = np.zeros((size, size), dtype=np.uint8)
+        for obj in _plan_objects(rng, size):
+            draw = _draw_disc if obj["cls"] == _DISC else _draw_square
+            draw(img, labels, rng, obj)
+        visible = np.bincount(labels.ravel(), minlength=len(CLASS_NAMES))[1:]
+        if visible.min() >= min_pixels:
+            break
+    img += rng.normal(0.0, rng.uniform(5.0, 9.0), size=img.shape)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8), labels
+
+
+def generate_collection(
+    out_dir: str | os.PathLike[str], *, n_images: int = 360, size: int = 128, seed: int = 0
+) -> list[str]:
+    """Write a synthetic collection: ``out_dir/images/<id>.png`` and ``out_dir/masks/<id>.png``.
+
+    Images are ``(size, size)`` 8-bit grey PNGs; masks are ``(size, size)`` 8-bit PNGs of class
+    labels (see :data:`CLASS_NAMES`). An image and its mask share a file name, the image id
+    (``img-00000``, ``img-00001``, ...). The files are a pure function of ``seed``, ``size`` and
+    ``n_images`` (image ``i`` does not depend on ``n_images``).
+
+    Returns:
+        The image ids, in order.
+    """
+    if int(n_images) != n_images or n_images < 1:
+        raise ConfigError(f"n_images must be a positive integer, got {n_images!r}")
+    size = _check_size(size)
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    streams = np.random.SeedSequence(seed).spawn(int(n_images))
+    ids = []
+    for i, stream in enumerate(streams):
+        image, classes = make_sample(np.random.default_rng(stream), size=size)
+        image_id = f"img-{i:05d}"
+        write_png(out / "images" / f"{image_id}.png", image)
+        write_png(out / "masks" / f"{image_id}.png", classes)
+        ids.append(image_id)
+    log.info("wrote %d synthetic %dx%d images and masks under %s", len(ids), size, size, out)
+    return ids
+
+
+__all__ = ["CLASS_NAMES", "generate_collection", "make_sample"]
