@@ -117,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _prefect_env()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    from flows.execution import share_prefect_api
     from flows.pipeline import ingest_flow, run_flow, segment_flow, with_runner
     if not args.verbose:  # after the imports: distributed sets its loggers' levels when imported
         for name in ("distributed", "prefect_dask"):
@@ -124,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from segcore.config import RunSpec
     from segcore.errors import SegflowError
 
+    share_prefect_api()
     try:
         if args.command == "ingest":
             result = with_runner(ingest_flow, _execution(args))(_ingest_spec(args, args.store))

@@ -53,3 +53,24 @@ def task_runner(spec: ExecutionSpec) -> DaskTaskRunner:
             "dashboard_address": None,
         },
     )
+
+
+def share_prefect_api() -> None:
+    """Make worker processes report to the same Prefect API as this process.
+
+    With no ``PREFECT_API_URL`` configured, Prefect starts a temporary local server inside the
+    process that runs the flow; Dask worker processes would not know it and would each start a
+    server of their own (seconds of start-up and CPU each, and their task runs would not show
+    in the flow's server). So start that temporary server here, once, and export its URL in the
+    environment that local workers inherit. A configured ``PREFECT_API_URL`` is left alone.
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        server = SubprocessASGIServer()  # the same instance Prefect's client uses for ephemeral mode
+        server.start()
+        url = server.api_url
+    os.environ["PREFECT_API_URL"] = url

@@ -23,6 +23,11 @@ def prefect_harness(tmp_path_factory):
     os.environ["PREFECT_HOME"] = str(home)
     from prefect.testing.utilities import prefect_test_harness
 
+    from prefect.settings import PREFECT_API_URL
+
     with prefect_test_harness(server_startup_timeout=120):
+        # Dask worker processes inherit the environment, not Prefect's settings context.
+        os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()
         yield
+        del os.environ["PREFECT_API_URL"]
 
