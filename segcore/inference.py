@@ -24,7 +24,7 @@ import zarr
 from segcore.checkpoint import ModelMeta, load_checkpoint
 from segcore.errors import ConfigError
 from segcore.metrics import confusion_counts, dice_from_counts
-from segcore.normalise import normalise_batch
+from segcore.normalise import Normalisation, normalise_batch
 from segcore.plan import WorkUnit
 from segcore.rundir import dice_dir, mark_unit_done, masks_path
 from segcore.store import read_manifest
@@ -63,25 +63,32 @@ def load_model_cached(checkpoint: str, *, sha256: str, device: str) -> tuple[tor
         return _cached(str(checkpoint), sha256, device)
 
 
-def predict_labels(model: torch.nn.Module, images: np.ndarray, *, meta: ModelMeta, device: str,
-                   precision: str = "bf16") -> np.ndarray:
-    """Predict ``(B, H, W)`` class labels (uint8, or uint16 beyond 255 classes) for ``(B, H, W, C)`` raw images.
+def predict_labels(model: torch.nn.Module, images: np.ndarray, *, normalisation: Normalisation,
+                   device: str = "cpu", precision: str = "bf16", batch_size: int | None = None) -> np.ndarray:
+    """Predict ``(N, H, W)`` class labels for ``(N, H, W, C)`` raw images (argmax of the logits).
 
-    Runs under ``torch.inference_mode()``; on CUDA with pinned-memory, non-blocking copies and
-    autocast to ``precision`` (bf16/fp16; fp32 disables autocast). CPU runs in fp32.
+    Labels are uint8, or uint16 for models with more than 256 classes. Runs ``batch_size``
+    images per forward pass (default: all at once) under ``torch.inference_mode()``; on CUDA with
+    pinned-memory, non-blocking copies and autocast to ``precision`` (bf16/fp16; fp32 disables
+    autocast). CPU runs in fp32. The model's train/eval mode is the caller's choice.
     """
-    x = normalise_batch(images, meta.normalisation)
     on_cuda = device.startswith("cuda")
-    out_dtype = np.uint8 if meta.num_classes <= 256 else np.uint16
+    step = batch_size or max(1, len(images))
+    out: np.ndarray | None = None
     with torch.inference_mode():
-        if on_cuda:
-            x = x.pin_memory().to(device, non_blocking=True)
-        amp = (torch.autocast("cuda", dtype=_AUTOCAST[precision]) if on_cuda and precision in _AUTOCAST
-               else contextlib.nullcontext())
-        with amp:
-            logits = model(x)
-        labels = logits.argmax(dim=1)
-        return labels.to("cpu").numpy().astype(out_dtype, copy=False)
+        for s in range(0, len(images), step):
+            x = normalise_batch(images[s:s + step], normalisation)
+            if on_cuda:
+                x = x.pin_memory().to(device, non_blocking=True)
+            amp = (torch.autocast("cuda", dtype=_AUTOCAST[precision]) if on_cuda and precision in _AUTOCAST
+                   else contextlib.nullcontext())
+            with amp:
+                logits = model(x)
+            if out is None:
+                dtype = np.uint8 if logits.shape[1] <= 256 else np.uint16
+                out = np.empty(images.shape[:3], dtype=dtype)
+            out[s:s + step] = logits.argmax(dim=1).to("cpu").numpy()
+    return out if out is not None else np.empty(images.shape[:3], dtype=np.uint8)
 
 
 def _gt_to_classes(gt: np.ndarray, *, mask_kind: str, num_classes: int) -> np.ndarray:
@@ -108,10 +115,8 @@ def segment_unit(*, store_path: str, run_dir: str, run_id: str, unit: WorkUnit, 
     images = root[f"images/{unit.group}"][unit.start:unit.stop]
     t_read = time.perf_counter()
 
-    preds = np.empty(images.shape[:3], dtype=np.uint8 if meta.num_classes <= 256 else np.uint16)
-    for s in range(0, len(images), batch_size):
-        preds[s:s + batch_size] = predict_labels(model, images[s:s + batch_size], meta=meta, device=device,
-                                                 precision=precision)
+    preds = predict_labels(model, images, normalisation=meta.normalisation, device=device, precision=precision,
+                           batch_size=batch_size)
     t_pred = time.perf_counter()
     zarr.open_group(masks_path(run_dir), mode="r+")[unit.group][unit.start:unit.stop] = preds
 

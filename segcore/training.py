@@ -30,6 +30,7 @@ from torch import nn
 
 from segcore.checkpoint import ModelMeta
 from segcore.errors import ConfigError
+from segcore.inference import predict_labels
 from segcore.metrics import dice_per_class
 from segcore.models import create_model
 from segcore.normalise import Normalisation, normalise_batch
@@ -148,29 +149,6 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return ce + (1.0 - soft_dice.mean())
 
 
-def predict_classes(
-    model: nn.Module, images: np.ndarray, *, normalisation: Normalisation, batch_size: int = 32
-) -> np.ndarray:
-    """``(N, H, W)`` class labels (argmax of the logits) of ``(N, H, W, C)`` raw images.
-
-    Whole images in batches of ``batch_size``, no tiling: for in-memory validation and
-    evaluation. The model is put in eval mode and run under ``torch.inference_mode()``.
-    Labels are uint8, or uint16 for models with more than 256 classes.
-    """
-    images = _as_nhwc(images)
-    model.eval()
-    device = next(model.parameters()).device
-    parts, num_classes = [], 0
-    with torch.inference_mode():
-        for start in range(0, images.shape[0], batch_size):
-            logits = model(normalise_batch(images[start : start + batch_size], normalisation).to(device))
-            num_classes = logits.shape[1]
-            parts.append(logits.argmax(dim=1).cpu().numpy())
-    if not parts:
-        return np.empty(images.shape[:3], dtype=np.uint8)
-    return np.concatenate(parts).astype(np.uint8 if num_classes <= 256 else np.uint16)
-
-
 def train_semantic(
     images: np.ndarray,
     masks: np.ndarray,
@@ -253,7 +231,9 @@ def train_semantic(
             optimiser.step()
             schedule.step()
             losses.append(float(loss.detach()))
-        pred = predict_classes(model, x_val, normalisation=normalisation, batch_size=max(batch_size, 32))
+        model.eval()
+        pred = predict_labels(model, x_val, normalisation=normalisation, device=str(next(model.parameters()).device),
+                              batch_size=max(batch_size, 32))
         per_class = dice_per_class(pred, y_val, num_classes).mean(axis=0)
         val_dice = {name: float(d) for name, d in zip(class_names, per_class)}
         mean_fg = float(per_class[1:].mean())
@@ -325,7 +305,6 @@ __all__ = [
     "DEMO_N_IMAGES",
     "DEMO_N_TRAIN",
     "DEMO_TIME_BUDGET_S",
-    "predict_classes",
     "segmentation_loss",
     "train_semantic",
 ]

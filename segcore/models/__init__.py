@@ -11,6 +11,7 @@ from typing import Any, Callable
 from torch import nn
 
 from segcore.errors import ConfigError
+from segcore.models.maskrcnn import InstanceSegmenter, build_maskrcnn, build_maskrcnn_r18
 from segcore.models.unet import UNet
 
 
@@ -22,11 +23,15 @@ def build_unet(*, in_channels: int = 1, num_classes: int = 2, base: int = 16, de
 #: name -> keyword-only builder returning an ``nn.Module``.
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "unet": build_unet,
+    "maskrcnn": build_maskrcnn,
+    "maskrcnn_r18": build_maskrcnn_r18,
 }
 
 #: name -> kind of output ("semantic" label maps or "instance" label maps + records).
 MODEL_KINDS: dict[str, str] = {
     "unet": "semantic",
+    "maskrcnn": "instance",
+    "maskrcnn_r18": "instance",
 }
 
 
@@ -42,4 +47,4 @@ def create_model(arch: str, **kwargs: Any) -> nn.Module:
         raise ConfigError(f"bad arguments for model {arch!r}: {exc}") from exc
 
 
-__all__ = ["MODELS", "MODEL_KINDS", "UNet", "create_model"]
+__all__ = ["MODELS", "MODEL_KINDS", "InstanceSegmenter", "UNet", "create_model"]

@@ -64,7 +64,7 @@ def test_resolve_device_on_a_cpu_machine():
 
 def test_predict_labels_is_argmax_of_the_model():
     images = np.array([[[0], [200]], [[129], [127]]], dtype=np.uint8)[None]  # (1, 2, 2, 1)
-    labels = predict_labels(Threshold(), images, meta=META, device="cpu")
+    labels = predict_labels(Threshold(), images, normalisation=META.normalisation, device="cpu")
     assert labels.dtype == np.uint8
     np.testing.assert_array_equal(labels, [[[0, 1], [1, 0]]])
 
@@ -88,7 +88,7 @@ def test_units_run_by_hand_write_masks_dice_and_markers(small_store):
     table = reader.dice_table()
     assert table.num_rows == 12 and set(table["status"].to_pylist()) == {"ok"}
     for image_id in reader.image_ids:
-        pred = predict_labels(model, reader.image(image_id)[None], meta=META, device="cpu")[0]
+        pred = predict_labels(model, reader.image(image_id)[None], normalisation=META.normalisation, device="cpu")[0]
         np.testing.assert_array_equal(reader.mask(image_id), pred)
     assert reader.ground_truth("i2") is None and reader.dice("i2") == []
 
