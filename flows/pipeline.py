@@ -17,6 +17,7 @@ from flows.execution import task_runner, torch_threads
 from segcore import checkpoint as ckpt
 from segcore.config import ExecutionSpec, IngestSpec, RunSpec, SegmentSpec
 from segcore.errors import CheckpointError, SegflowError, StoreError
+from segcore.fileio import file_sha256
 from segcore.plan import check_alignment, plan_units
 from segcore.rundir import finished_units, mask_chunks, prepare_run, write_summary
 from segcore.results import open_run
@@ -71,7 +72,7 @@ def preflight(spec: SegmentSpec) -> tuple[ckpt.ModelMeta, str, Any]:
     """Fail fast, before fan-out: checkpoint readable and fitting its architecture, store compatible."""
     meta = ckpt.read_meta(spec.checkpoint)
     ckpt.load_checkpoint(spec.checkpoint)  # weights fit the architecture? raises CheckpointError if not
-    sha = ckpt.file_sha256(spec.checkpoint)
+    sha = file_sha256(spec.checkpoint)
     store = open_store(spec.store)
     for g in store.groups:
         if g.channels != meta.in_channels:

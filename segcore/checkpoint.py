@@ -7,7 +7,6 @@ cannot run code. Format changes are keyed by ``ModelMeta.format_version``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from segcore.errors import CheckpointError, ConfigError, NotFound
+from segcore.fileio import atomic_path
 from segcore.models import MODEL_KINDS, create_model
 from segcore.normalise import Normalisation
 
@@ -57,27 +57,12 @@ class ModelMeta(BaseModel):
         return MODEL_KINDS.get(self.arch, "semantic")
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: ModelMeta) -> Path:
     """Write ``model``'s weights and ``meta`` to ``path`` atomically (write, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={_META_KEY: meta.model_dump_json()})
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -26,6 +26,7 @@ import zarr
 
 from segcore.checkpoint import ModelMeta
 from segcore.errors import NotFound, StoreError
+from segcore.fileio import atomic_path
 from segcore.store import GroupInfo
 
 RUN_FORMAT = 1
@@ -41,10 +42,8 @@ def dice_dir(run_dir: str | os.PathLike[str], run_id: str | None = None) -> Path
 
 
 def _atomic_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
 
 
 def read_run_info(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -120,6 +119,5 @@ def finished_units(run_dir: str) -> dict[str, dict[str, Any]]:
 
 def write_summary(run_dir: str, summary: dict[str, Any], markdown: str) -> None:
     _atomic_json(Path(run_dir) / "summary.json", summary)
-    tmp = Path(run_dir) / f".summary.md.{uuid.uuid4().hex}.tmp"
-    tmp.write_text(markdown)
-    os.replace(tmp, Path(run_dir) / "summary.md")
+    with atomic_path(Path(run_dir) / "summary.md") as tmp:
+        tmp.write_text(markdown)

@@ -16,7 +16,6 @@ ingested without ground truth (``mask_status`` says why).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -33,6 +32,7 @@ import pyarrow.parquet as pq
 import zarr
 
 from segcore.errors import NotFound, SegflowError, StoreError
+from segcore.fileio import atomic_path, file_sha256
 from segcore.imageio import image_id_for, list_images, probe_image, read_image, read_mask
 
 log = logging.getLogger(__name__)
@@ -100,14 +100,6 @@ class StoreInfo:
         raise NotFound(f"store {self.path!r} has no group {name!r}; groups: {[g.name for g in self.groups]}")
 
 
-def _sha256(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _row(**fields: Any) -> dict[str, Any]:
     row = {name: None for name in MANIFEST_SCHEMA.names}
     row.update(fields)
@@ -154,7 +146,7 @@ def probe_sources(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         try:
             info = probe_image(row["source_path"])
-            row.update(sha256=_sha256(row["source_path"]), height=info.height, width=info.width,
+            row.update(sha256=file_sha256(row["source_path"]), height=info.height, width=info.width,
                        channels=info.channels, dtype=info.dtype, status="ok")
         except (SegflowError, OSError, ValueError) as exc:
             row.update(status="error", error=f"{type(exc).__name__}: {exc}", mask_status="missing" if row["mask_path"] is None else "skipped")
@@ -293,13 +285,8 @@ def write_manifest(store_path: str, rows: Iterable[dict[str, Any]]) -> Path:
     table = pa.Table.from_pylist([_row(**{k: r.get(k) for k in MANIFEST_SCHEMA.names}) for r in rows],
                                  schema=MANIFEST_SCHEMA)
     dest = Path(store_path) / MANIFEST_NAME
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(dest) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return dest
 
 

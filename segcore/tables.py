@@ -8,7 +8,6 @@ files; pyarrow.dataset, pandas and DuckDB (``hive_partitioning=true``) add it ba
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,6 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+
+from segcore.fileio import atomic_path
 
 DICE_SCHEMA = pa.schema(
     [
@@ -88,16 +89,9 @@ def write_part(table: pa.Table, directory: str | os.PathLike[str], name: str) ->
     A reader listing the directory sees either no file or the whole file, never a half-written one
     (temporary names start with '.', which Parquet dataset readers skip).
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    dest = directory / name
-    tmp = directory / f".{name}.{uuid.uuid4().hex}.tmp"
-    try:
+    dest = Path(directory) / name
+    with atomic_path(dest) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return dest
 
 

@@ -9,7 +9,8 @@ import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from segcore.checkpoint import file_sha256, save_checkpoint
+from segcore.checkpoint import save_checkpoint
+from segcore.fileio import file_sha256
 from segcore.config import TrainSpec
 from segcore.store import read_labelled
 from segcore.training import train_semantic

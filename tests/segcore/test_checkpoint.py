@@ -19,11 +19,11 @@ from segcore.checkpoint import (
     FORMAT_VERSION,
     ModelMeta,
     build_model,
-    file_sha256,
     load_checkpoint,
     read_meta,
     save_checkpoint,
 )
+from segcore.fileio import file_sha256
 from segcore.errors import CheckpointError, NotFound, SegflowError
 from segcore.models import create_model
 from segcore.normalise import Normalisation

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from segcore.checkpoint import ModelMeta, file_sha256, save_checkpoint
+from segcore.checkpoint import ModelMeta, save_checkpoint
+from segcore.fileio import file_sha256
 from segcore.errors import ConfigError, StoreError
 from segcore.imageio import write_png
 from segcore.inference import load_model_cached, predict_labels, resolve_device, segment_unit
