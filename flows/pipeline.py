@@ -23,7 +23,7 @@ from segcore.rundir import finished_units, mask_chunks, prepare_run, write_summa
 from segcore.results import open_run
 from segcore.store import (chunk_rows, create_store, open_store, pair_sources, plan_groups, read_manifest,
                            spec_json, write_manifest)
-from segcore.summary import render_markdown, summarise_dice
+from segcore.summary import render_markdown, summarise_dice, summarise_instances
 from tasks.ingest import probe_files, write_chunk
 from tasks.segment import segment_unit_task
 
@@ -121,6 +121,8 @@ def segment_steps(spec: SegmentSpec) -> dict[str, Any]:
                  images_done / max(elapsed, 1e-9))
     run = open_run(spec.out)
     summary = summarise_dice(run.dice_table(), manifest=read_manifest(spec.store))
+    if meta.kind == "instance":
+        summary["instance"] = summarise_instances(run.instance_metrics_table(), run.instance_table())
     summary.update(run_id=run_id, model=meta.arch, checkpoint_sha256=sha, units=len(units),
                    units_skipped=len(units) - len(todo), units_failed=len(failed), seconds=round(time.perf_counter() - t0, 2),
                    outputs={"run directory": spec.out, "masks": f"{spec.out}/masks.zarr",

@@ -23,12 +23,14 @@ import zarr
 
 from segcore.checkpoint import ModelMeta, load_checkpoint
 from segcore.errors import ConfigError
+from segcore.instance_metrics import instance_scores
+from segcore.instances import InstancePrediction, predict_instances
 from segcore.metrics import confusion_counts, dice_from_counts
 from segcore.normalise import Normalisation, normalise_batch
 from segcore.plan import WorkUnit
-from segcore.rundir import dice_dir, mark_unit_done, masks_path
+from segcore.rundir import dice_dir, instances_path, mark_unit_done, masks_path, table_dir
 from segcore.store import read_manifest
-from segcore.tables import dice_table, write_part
+from segcore.tables import dice_table, instance_metrics_table, instance_table, write_part
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +93,36 @@ def predict_labels(model: torch.nn.Module, images: np.ndarray, *, normalisation:
     return out if out is not None else np.empty(images.shape[:3], dtype=np.uint8)
 
 
-def _gt_to_classes(gt: np.ndarray, *, mask_kind: str, num_classes: int) -> np.ndarray:
+def _gt_to_classes(gt: np.ndarray, *, mask_kind: str) -> np.ndarray:
+    """Ground truth as class labels: instance ids become foreground (1), class maps stay."""
     if mask_kind == "instance":
         return (gt > 0).astype(np.int64)
     return gt.astype(np.int64, copy=False)
+
+
+def predict_instance_batches(model: torch.nn.Module, images: np.ndarray, *, normalisation: Normalisation,
+                             device: str = "cpu", batch_size: int | None = None) -> list[InstancePrediction]:
+    """Run an instance model over ``(N, H, W, C)`` raw images; one :class:`InstancePrediction` per image.
+
+    Instance models run in fp32 (detection post-processing is not autocast-safe); masks are
+    pasted one box at a time, so memory does not grow with the number of detections.
+    """
+    step = batch_size or max(1, len(images))
+    out: list[InstancePrediction] = []
+    for s in range(0, len(images), step):
+        x = normalise_batch(images[s:s + step], normalisation).to(device)
+        out.extend(predict_instances(model, x))
+    return out
+
+
+def _unit_rows(store_path: str, unit: WorkUnit) -> list[dict[str, Any]]:
+    manifest = read_manifest(store_path)
+    rows = manifest.filter(pc.and_(pc.equal(manifest["group"], unit.group),
+                                   pc.and_(pc.greater_equal(manifest["index"], unit.start),
+                                           pc.less(manifest["index"], unit.stop)))).sort_by("index").to_pylist()
+    if [r["index"] for r in rows] != list(range(unit.start, unit.stop)):
+        raise ConfigError(f"{unit.label}: the store manifest does not list every image of the unit; re-ingest")
+    return rows
 
 
 def segment_unit(*, store_path: str, run_dir: str, run_id: str, unit: WorkUnit, checkpoint: str,
@@ -102,9 +130,13 @@ def segment_unit(*, store_path: str, run_dir: str, run_id: str, unit: WorkUnit, 
                  precision: str = "bf16", num_threads: int | None = None) -> dict[str, Any]:
     """Segment and evaluate one work unit; returns a small record (counts and timings, no arrays).
 
-    Writes ``masks.zarr/<group>[start:stop]`` (exactly one chunk), ``dice/run_id=<id>/<unit>.parquet``
-    (one row per image with ground truth and class; error rows for images that could not be
-    evaluated) and finally the unit's done marker.
+    Writes ``masks.zarr/<group>[start:stop]`` (exactly one chunk of class labels) and
+    ``dice/run_id=<id>/<unit>.parquet`` (one row per image with ground truth and class; error rows
+    for images that could not be evaluated). Instance models also write
+    ``instances.zarr/<group>[start:stop]`` (uint32 instance ids), ``instances/run_id=<id>/<unit>.parquet``
+    (one row per predicted instance) and, when the ground truth is instance labels,
+    ``instance_metrics/run_id=<id>/<unit>.parquet`` (one row per evaluated image). The unit's done
+    marker is written last.
     """
     t0 = time.perf_counter()
     started = time.time()
@@ -115,18 +147,18 @@ def segment_unit(*, store_path: str, run_dir: str, run_id: str, unit: WorkUnit, 
     images = root[f"images/{unit.group}"][unit.start:unit.stop]
     t_read = time.perf_counter()
 
-    preds = predict_labels(model, images, normalisation=meta.normalisation, device=device, precision=precision,
-                           batch_size=batch_size)
+    instance_preds: list[InstancePrediction] | None = None
+    if meta.kind == "instance":
+        instance_preds = predict_instance_batches(model, images, normalisation=meta.normalisation, device=device,
+                                                  batch_size=batch_size)
+        preds = np.stack([p.classes for p in instance_preds]) if instance_preds else np.zeros(images.shape[:3], np.uint8)
+    else:
+        preds = predict_labels(model, images, normalisation=meta.normalisation, device=device, precision=precision,
+                               batch_size=batch_size)
     t_pred = time.perf_counter()
     zarr.open_group(masks_path(run_dir), mode="r+")[unit.group][unit.start:unit.stop] = preds
 
-    manifest = read_manifest(store_path)
-    rows = manifest.filter(pc.and_(pc.equal(manifest["group"], unit.group),
-                                   pc.and_(pc.greater_equal(manifest["index"], unit.start),
-                                           pc.less(manifest["index"], unit.stop)))).sort_by("index").to_pylist()
-    if [r["index"] for r in rows] != list(range(unit.start, unit.stop)):
-        raise ConfigError(f"{unit.label}: the store manifest does not list every image of the unit; re-ingest")
-
+    rows = _unit_rows(store_path, unit)
     evaluated, errors = [], []
     for r in rows:
         if r["status"] != "ok":
@@ -138,15 +170,16 @@ def segment_unit(*, store_path: str, run_dir: str, run_id: str, unit: WorkUnit, 
     c = meta.num_classes
     tp = fp = fn = np.zeros((0, c), dtype=np.int64)
     ids: list[str] = []
+    keep: list[int] = []
+    gt_raw = root[f"gt/{unit.group}"][unit.start:unit.stop][evaluated] if evaluated else None
     if evaluated:
-        gt = root[f"gt/{unit.group}"][unit.start:unit.stop][evaluated]
-        gt = _gt_to_classes(gt, mask_kind=mask_kind, num_classes=c)
-        bad = [i for i, g in enumerate(gt) if int(g.max(initial=0)) >= c]
-        for i in bad:
+        gt = _gt_to_classes(gt_raw, mask_kind=mask_kind)
+        bad = {i for i, g in enumerate(gt) if int(g.max(initial=0)) >= c}
+        for i in sorted(bad):
             errors.append((rows[evaluated[i]]["image_id"],
                            f"ground truth has label {int(gt[i].max())} but the model has {c} classes "
                            f"({', '.join(meta.class_names)}); check --mask-kind or the checkpoint"))
-        keep = [i for i in range(len(evaluated)) if i not in set(bad)]
+        keep = [i for i in range(len(evaluated)) if i not in bad]
         ids = [rows[evaluated[i]]["image_id"] for i in keep]
         tp, fp, fn = confusion_counts(preds[[evaluated[i] for i in keep]], gt[keep], c)
     dice, empty = dice_from_counts(tp, fp, fn)
@@ -154,6 +187,24 @@ def segment_unit(*, store_path: str, run_dir: str, run_id: str, unit: WorkUnit, 
                        empty_gt=empty, model=meta.arch, checkpoint_sha256=checkpoint_sha256, unit=unit.name,
                        errors=errors)
     write_part(table, dice_dir(run_dir, run_id), f"{unit.name}.parquet")
+    record_extra: dict[str, Any] = {}
+    if instance_preds is not None:
+        common = {"model": meta.arch, "checkpoint_sha256": checkpoint_sha256, "unit": unit.name}
+        zarr.open_group(instances_path(run_dir), mode="r+")[unit.group][unit.start:unit.stop] = (
+            np.stack([p.labels for p in instance_preds]))
+        write_part(instance_table([(r["image_id"], p.records) for r, p in zip(rows, instance_preds)
+                                   if r["status"] == "ok"], class_names=meta.class_names, **common),
+                   table_dir(run_dir, "instances", run_id), f"{unit.name}.parquet")
+        record_extra["instances"] = sum(len(p.records) for p, r in zip(instance_preds, rows) if r["status"] == "ok")
+        if mask_kind == "instance" and keep:
+            scores = []
+            for i in keep:
+                pred = instance_preds[evaluated[i]]
+                scores.append((rows[evaluated[i]]["image_id"],
+                               instance_scores(pred.labels, gt_raw[i],
+                                               scores={rec["instance_id"]: rec["score"] for rec in pred.records})))
+            write_part(instance_metrics_table(scores, **common), table_dir(run_dir, "instance_metrics", run_id),
+                       f"{unit.name}.parquet")
     t_end = time.perf_counter()
     record = {
         "unit": unit.name,
@@ -164,6 +215,7 @@ def segment_unit(*, store_path: str, run_dir: str, run_id: str, unit: WorkUnit, 
         "n_evaluated": len(ids),
         "n_errors": len(errors),
         "dice_rows": table.num_rows,
+        **record_extra,
         "device": device,
         "pid": os.getpid(),
         "read_s": round(t_read - t0, 4),

@@ -60,7 +60,8 @@ def _as_tensor(value: Any, *, dtype: torch.dtype) -> Tensor:
     return t.detach().to(device="cpu", dtype=dtype)
 
 
-def _paste_window(mask: Tensor, box: Tensor, height: int, width: int) -> tuple[tuple[int, int, int, int], Tensor] | None:
+def _paste_window(mask: Tensor, box: Tensor, height: int, width: int
+                  ) -> tuple[tuple[int, int, int, int], Tensor] | None:
     """Paste one padded ROI mask ``(M+2, M+2)`` at its expanded int64 box, only over the box's
     window in the image. Returns ``((y0, y1, x0, x1), (y1-y0, x1-x0) float32)`` or ``None`` when
     the box lies outside the image. Equals ``paste_mask_in_image(mask, box, height, width)[y0:y1, x0:x1]``

@@ -19,9 +19,9 @@ import pyarrow.compute as pc
 import zarr
 
 from segcore.errors import NotFound
-from segcore.rundir import dice_dir, masks_path, read_run_info
+from segcore.rundir import dice_dir, instances_path, masks_path, read_run_info, table_dir
 from segcore.store import open_store, read_manifest
-from segcore.tables import read_dice
+from segcore.tables import INSTANCE_METRICS_SCHEMA, INSTANCE_SCHEMA, read_dice, read_table
 
 
 class RunReader:
@@ -70,6 +70,21 @@ class RunReader:
         if not self.store.has_gt or row["mask_status"] != "ok":
             return None
         return self._images[f"gt/{g}"][i]
+
+    def instances(self, image_id: str) -> np.ndarray:
+        """``(H, W)`` uint32 predicted instance ids (instance models only)."""
+        g, i, _ = self._slot(image_id)
+        if not Path(instances_path(self.path)).exists():
+            raise NotFound(f"run {self.run_id} was made by a semantic model and has no instance labels")
+        return zarr.open_group(instances_path(self.path), mode="r")[g][i]
+
+    def instance_table(self) -> pa.Table:
+        """One row per predicted instance (empty for semantic models)."""
+        return read_table(table_dir(self.path, "instances"), INSTANCE_SCHEMA)
+
+    def instance_metrics_table(self) -> pa.Table:
+        """One row per image evaluated against instance ground truth (empty otherwise)."""
+        return read_table(table_dir(self.path, "instance_metrics"), INSTANCE_METRICS_SCHEMA)
 
     def dice_table(self) -> pa.Table:
         """The whole Dice table of this run (``run_id`` included)."""

@@ -4,7 +4,10 @@ Layout of ``RUN_DIR``::
 
     run.json                          run_id, created, store, checkpoint + sha256, model meta, spec
     masks.zarr/<group>                (N, H, W) uint8 predicted class labels, chunks = work units
+    instances.zarr/<group>            (N, H, W) uint32 instance ids (instance models only), same chunks
     dice/run_id=<run_id>/<unit>.parquet   Dice rows of one unit (Hive-partitioned dataset)
+    instances/run_id=<run_id>/<unit>.parquet         predicted instances (instance models only)
+    instance_metrics/run_id=<run_id>/<unit>.parquet  per-image instance metrics (instance ground truth)
     units/<unit>.json                 done marker of a unit (its record), written last
     summary.json, summary.md          run summary
 
@@ -36,9 +39,18 @@ def masks_path(run_dir: str | os.PathLike[str]) -> str:
     return str(Path(run_dir) / "masks.zarr")
 
 
-def dice_dir(run_dir: str | os.PathLike[str], run_id: str | None = None) -> Path:
-    base = Path(run_dir) / "dice"
+def instances_path(run_dir: str | os.PathLike[str]) -> str:
+    return str(Path(run_dir) / "instances.zarr")
+
+
+def table_dir(run_dir: str | os.PathLike[str], table: str, run_id: str | None = None) -> Path:
+    """Directory of a Hive-partitioned table (``dice``, ``instances``, ``instance_metrics``)."""
+    base = Path(run_dir) / table
     return base if run_id is None else base / f"run_id={run_id}"
+
+
+def dice_dir(run_dir: str | os.PathLike[str], run_id: str | None = None) -> Path:
+    return table_dir(run_dir, "dice", run_id)
 
 
 def _atomic_json(path: Path, payload: dict[str, Any]) -> None:
@@ -91,6 +103,13 @@ def prepare_run(run_dir: str, *, store_path: str, checkpoint: str, checkpoint_sh
     for g in groups:
         masks.create_array(g.name, shape=(g.count, g.height, g.width), chunks=(g.chunk_images, g.height, g.width),
                            dtype=dtype, fill_value=0, dimension_names=("image", "y", "x"))
+    if meta.kind == "instance":
+        instances = zarr.open_group(instances_path(root), mode="w")
+        instances.attrs["segflow"] = dict(masks.attrs["segflow"])
+        for g in groups:
+            instances.create_array(g.name, shape=(g.count, g.height, g.width),
+                                   chunks=(g.chunk_images, g.height, g.width), dtype="uint32", fill_value=0,
+                                   dimension_names=("image", "y", "x"))
     _atomic_json(info_path, info)  # written last: its presence means the directory is complete
     return info
 

@@ -61,6 +61,21 @@ def summarise_dice(dice: pa.Table, *, manifest: pa.Table | None = None, worst: i
     return summary
 
 
+def summarise_instances(metrics: pa.Table, instances: pa.Table) -> dict[str, Any]:
+    """Instance-level summary: predicted instances, and means of per-image F1, AP, PQ when evaluated."""
+    out: dict[str, Any] = {"instances_predicted": instances.num_rows}
+    if metrics.num_rows:
+        for key in ("f1", "precision", "recall", "ap", "ap50", "panoptic_quality", "mean_matched_iou"):
+            values = np.asarray([v for v in metrics.column(key).to_pylist() if v is not None], dtype=float)
+            values = values[~np.isnan(values)]
+            out[f"mean_{key}"] = float(values.mean()) if values.size else None
+        for key in ("tp", "fp", "fn"):
+            out[f"total_{key}"] = int(np.sum(metrics.column(key).to_numpy()))
+        tp, fp, fn = out["total_tp"], out["total_fp"], out["total_fn"]
+        out["pooled_f1"] = 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else 1.0
+    return out
+
+
 def _fmt(x: float | None) -> str:
     return "–" if x is None else f"{x:.4f}"
 
@@ -84,6 +99,16 @@ def render_markdown(summary: dict[str, Any], *, title: str = "segflow run") -> s
     for c in summary["per_class"]:
         lines.append(f"| {c['class_id']} {c['class_name']} | {c['images_with_class']} | {_fmt(c['mean_dice'])} "
                      f"| {_fmt(c['median_dice'])} |")
+    inst = summary.get("instance")
+    if inst:
+        lines += ["", f"Instances predicted: {inst['instances_predicted']}"]
+        if "mean_f1" in inst:
+            lines += [
+                f"Instance metrics at IoU 0.5 (mean over images): F1 {_fmt(inst['mean_f1'])}, precision "
+                f"{_fmt(inst['mean_precision'])}, recall {_fmt(inst['mean_recall'])}, PQ "
+                f"{_fmt(inst['mean_panoptic_quality'])}; AP@[.5:.95] {_fmt(inst['mean_ap'])}; pooled F1 "
+                f"{_fmt(inst['pooled_f1'])} (TP {inst['total_tp']}, FP {inst['total_fp']}, FN {inst['total_fn']})",
+            ]
     lines += ["", "Worst images (mean foreground Dice):", "", "| image | Dice |", "| --- | ---: |"]
     lines += [f"| {w['image_id']} | {_fmt(w['mean_foreground_dice'])} |" for w in summary["worst_images"]]
     bad = summary.get("unreadable_files", [])

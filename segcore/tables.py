@@ -95,15 +95,66 @@ def write_part(table: pa.Table, directory: str | os.PathLike[str], name: str) ->
     return dest
 
 
-def read_dice(path: str | os.PathLike[str], *, filter: Any = None) -> pa.Table:
-    """Read a Dice dataset directory (``RUN_DIR/dice``), ``run_id`` included as a string column.
+INSTANCE_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("instance_id", pa.int64()),
+        ("class_id", pa.int32()),
+        ("class_name", pa.string()),
+        ("score", pa.float64()),
+        ("bbox", pa.list_(pa.int64(), 4)),
+        ("area", pa.int64()),
+        ("model", pa.string()),
+        ("checkpoint_sha256", pa.string()),
+        ("unit", pa.string()),
+    ]
+)
 
-    Returns an empty table with the documented columns when no part exists yet.
+_METRIC_FIELDS = ("n_pred", "n_gt", "tp", "fp", "fn", "precision", "recall", "f1", "mean_matched_iou",
+                  "panoptic_quality", "segmentation_quality", "recognition_quality", "ap", "ap50", "ap75")
+INSTANCE_METRICS_SCHEMA = pa.schema(
+    [("image_id", pa.string())]
+    + [(f, pa.int64() if f in ("n_pred", "n_gt", "tp", "fp", "fn") else pa.float64()) for f in _METRIC_FIELDS]
+    + [("model", pa.string()), ("checkpoint_sha256", pa.string()), ("unit", pa.string())]
+)
+
+
+def instance_table(images: Sequence[tuple[str, Sequence[dict[str, Any]]]], *, class_names: Sequence[str],
+                   model: str, checkpoint_sha256: str, unit: str) -> pa.Table:
+    """One row per predicted instance; ``images`` is ``[(image_id, records), ...]`` with the
+    records of :class:`segcore.instances.InstancePrediction` (bbox ``(x0, y0, x1, y1)``, exclusive ends)."""
+    rows = [
+        {"image_id": image_id, "instance_id": r["instance_id"], "class_id": r["class_id"],
+         "class_name": class_names[r["class_id"]], "score": float(r["score"]), "bbox": [int(v) for v in r["bbox"]],
+         "area": int(r["area"]), "model": model, "checkpoint_sha256": checkpoint_sha256, "unit": unit}
+        for image_id, records in images
+        for r in records
+    ]
+    return pa.Table.from_pylist(rows, schema=INSTANCE_SCHEMA)
+
+
+def instance_metrics_table(images: Sequence[tuple[str, dict[str, Any]]], *, model: str, checkpoint_sha256: str,
+                           unit: str) -> pa.Table:
+    """One row per evaluated image from :func:`segcore.instance_metrics.instance_scores` results."""
+    rows = [{"image_id": image_id, **{f: scores[f] for f in _METRIC_FIELDS}, "model": model,
+             "checkpoint_sha256": checkpoint_sha256, "unit": unit} for image_id, scores in images]
+    return pa.Table.from_pylist(rows, schema=INSTANCE_METRICS_SCHEMA)
+
+
+def read_table(path: str | os.PathLike[str], schema: pa.Schema, *, filter: Any = None) -> pa.Table:
+    """Read a Hive-partitioned table directory, ``run_id`` included as a string column.
+
+    Returns an empty table with ``run_id`` + ``schema`` when no part exists yet.
     """
     path = Path(path)
-    full_schema = DICE_SCHEMA.insert(0, pa.field("run_id", pa.string()))
+    full_schema = schema.insert(0, pa.field("run_id", pa.string()))
     if not path.exists() or not any(path.rglob("*.parquet")):
         return full_schema.empty_table()
     partitioning = pads.partitioning(pa.schema([("run_id", pa.string())]), flavor="hive")
     ds = pads.dataset(str(path), format="parquet", partitioning=partitioning)
     return ds.to_table(filter=filter).select(list(full_schema.names))
+
+
+def read_dice(path: str | os.PathLike[str], *, filter: Any = None) -> pa.Table:
+    """Read a Dice dataset directory (``RUN_DIR/dice``); see :func:`read_table`."""
+    return read_table(path, DICE_SCHEMA, filter=filter)

@@ -85,10 +85,13 @@ def test_bad_inputs_are_config_errors(kwargs: dict) -> None:
 
 
 def _random_case(seed: int, k: int, h: int, w: int) -> dict:
+    """Boxes inside the image, as torchvision's ROI heads clip them (pasting still reaches past the border)."""
     rng = np.random.default_rng(seed)
-    x0 = rng.uniform(-6, w, k)
-    y0 = rng.uniform(-6, h, k)
-    boxes = np.stack([x0, y0, x0 + rng.uniform(0.5, w, k), y0 + rng.uniform(0.5, h, k)], axis=1)
+    x0 = rng.uniform(0, w - 0.5, k)
+    y0 = rng.uniform(0, h - 0.5, k)
+    x1 = np.minimum(x0 + rng.uniform(0.5, w + 0.5, k), w)
+    y1 = np.minimum(y0 + rng.uniform(0.5, h + 0.5, k), h)
+    boxes = np.stack([x0, y0, x1, y1], axis=1)
     return {"boxes": torch.tensor(boxes, dtype=torch.float32),
             "scores": torch.tensor(rng.permutation(k) / max(k, 1) + 0.01, dtype=torch.float32),
             "labels": torch.tensor(rng.integers(1, 4, k), dtype=torch.int64),
