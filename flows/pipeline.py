@@ -21,8 +21,8 @@ from segcore.fileio import file_sha256
 from segcore.plan import check_alignment, plan_units
 from segcore.rundir import finished_units, mask_chunks, prepare_run, write_summary
 from segcore.results import open_run
-from segcore.store import (chunk_rows, create_store, open_store, pair_sources, plan_groups, read_manifest,
-                           spec_json, write_manifest)
+from segcore.store import (chunk_rows, create_store, existing_store_matches, open_store, pair_sources, plan_groups,
+                           read_manifest, spec_json, write_manifest)
 from segcore.summary import render_markdown, summarise_dice, summarise_instances
 from tasks.ingest import probe_files, write_chunk
 from tasks.segment import segment_unit_task
@@ -39,6 +39,14 @@ def ingest_steps(spec: IngestSpec) -> dict[str, Any]:
     t0 = time.perf_counter()
     rows = pair_sources(spec.images, spec.masks)
     log.info("ingest: %d files found in %s", len(rows), spec.images)
+    if not spec.overwrite and existing_store_matches(spec.store, spec=spec_json(spec),
+                                                     source_paths=[r["source_path"] for r in rows]):
+        manifest = read_manifest(spec.store)
+        n_ok = sum(1 for s in manifest.column("status").to_pylist() if s == "ok")
+        log.info("ingest: %s already holds these %d files with the same options; reusing it (pass --overwrite "
+                 "to decode them again)", spec.store, len(rows))
+        return {"store": spec.store, "files": len(rows), "images": n_ok, "errors": len(rows) - n_ok,
+                "groups": len(open_store(spec.store).groups), "chunks": None, "reused": True}
     batches = [rows[i:i + spec.probe_batch] for i in range(0, len(rows), spec.probe_batch)]
     probe_futures = [probe_files.submit(b, label=f"files {i * spec.probe_batch}-{i * spec.probe_batch + len(b) - 1}")
                      for i, b in enumerate(batches)]

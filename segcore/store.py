@@ -190,6 +190,26 @@ def plan_groups(rows: Sequence[dict[str, Any]], *, chunk_pixels: int, max_chunk_
     return groups, out + errors
 
 
+def existing_store_matches(path: str, *, spec: dict[str, Any], source_paths: Sequence[str]) -> bool:
+    """True when ``path`` is a finished store ingested with the same ``spec`` from exactly ``source_paths``.
+
+    Raises :class:`StoreError` when ``path`` exists but holds something else (another ingest, an
+    unfinished one, or not a store), so that nothing is overwritten by accident.
+    """
+    p = Path(path)
+    if not p.exists() or (p.is_dir() and not any(p.iterdir())):
+        return False
+    info = open_store(path)
+    ignore = {"overwrite"}
+    same_spec = {k: v for k, v in info.spec.items() if k not in ignore} == {
+        k: v for k, v in spec.items() if k not in ignore}
+    if same_spec and (p / MANIFEST_NAME).exists():
+        if sorted(read_manifest(path).column("source_path").to_pylist()) == sorted(map(str, source_paths)):
+            return True
+    raise StoreError(f"store {path!r} already exists with other contents or options; choose a new path or pass "
+                     "--overwrite to replace it")
+
+
 def create_store(path: str, groups: Sequence[GroupInfo], *, with_gt: bool, mask_kind: str,
                  spec: dict[str, Any], overwrite: bool = False) -> None:
     """Create the store's arrays (empty) and attributes. Refuses to replace a store unless ``overwrite``."""

@@ -188,6 +188,12 @@ _MIN_INSTANCE_PIXELS = 12
 _TOUCH_FRACTION = 0.45  # share of the objects placed against an earlier one
 
 
+def _free_centre(rng: np.random.Generator, size: int) -> tuple[float, float]:
+    """A centre anywhere in the image or a little past its border: ``(cy, cx)`` pixels."""
+    cy, cx = rng.uniform(-0.03, 1.03, size=2) * (size - 1)
+    return float(cy), float(cx)
+
+
 def _plan_nuclei(rng: np.random.Generator, size: int) -> list[dict]:
     """Nuclei to draw, in drawing order: centre, semi-axes ``a >= b`` (pixels), angle, brightness."""
     low, high = _NUCLEI_PER_128
@@ -207,9 +213,11 @@ def _plan_nuclei(rng: np.random.Generator, size: int) -> list[dict]:
             other = objects[int(rng.integers(0, i))]
             dist = (other["b"] + b) * rng.uniform(0.8, 0.95)
             ang = rng.uniform(0, 2 * np.pi)
-            obj["cy"], obj["cx"] = other["cy"] + dist * np.sin(ang), other["cx"] + dist * np.cos(ang)
+            cy, cx = other["cy"] + dist * np.sin(ang), other["cx"] + dist * np.cos(ang)
+            inside = 0.0 <= cy <= size - 1.0 and 0.0 <= cx <= size - 1.0
+            obj["cy"], obj["cx"] = (cy, cx) if inside else _free_centre(rng, size)
         else:
-            obj["cy"], obj["cx"] = rng.uniform(-0.03, 1.03, size=2) * (size - 1)
+            obj["cy"], obj["cx"] = _free_centre(rng, size)
         objects.append(obj)
     return objects
 

@@ -149,3 +149,18 @@ def test_wrong_checkpoint_fails_before_fan_out(finished, tmp_path):
     with pytest.raises(CheckpointError, match="channel"):
         with_runner(segment_flow, ONE_WORKER)(bad)
     assert not (tmp_path / "never").exists()
+
+
+def test_the_same_run_twice_reuses_the_store_and_resumes(finished):
+    spec, first = finished
+    again = with_runner(run_flow, ONE_WORKER)(spec)
+    assert again["units_skipped"] == again["units"] and again["run_id"] == first["run_id"]
+    table = open_run(spec.segment.out).dice_table().to_pandas()
+    assert not table.duplicated(["image_id", "class_id"]).any()
+
+
+def test_an_existing_store_of_other_sources_is_refused_before_any_work(finished, collection, tmp_path):
+    spec, _ = finished
+    other = spec.ingest.model_copy(update={"masks": None})
+    with pytest.raises(StoreError, match="already exists"):
+        with_runner(ingest_flow, ONE_WORKER)(other)
