@@ -61,21 +61,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a UNet on a store's labelled images and write a checkpoint")
     p.add_argument("--store", required=True, help="Zarr collection store with ground truth")
-    p.add_argument("--model", default="unet", choices=["unet"], help="architecture (default unet)")
+    p.add_argument("--model", default="unet", help="registered architecture: unet (default), maskrcnn, maskrcnn_r18")
     p.add_argument("--out", required=True, help="checkpoint to write (.safetensors)")
     p.add_argument("--epochs", type=int, help="passes over the training split (default 10)")
     p.add_argument("--val-fraction", type=float, help="fraction held out for validation (default 0.15)")
     p.add_argument("--class-names", help="comma-separated class names, background first")
     p.add_argument("--base", type=int, help="UNet width of the first stage (default 16)")
     p.add_argument("--depth", type=int, help="UNet pooling stages (default 3)")
+    p.add_argument("--batch-size", type=int, help="samples per step (default 16 UNet, 4 Mask R-CNN)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 3e-3 UNet, 1e-3 Mask R-CNN)")
+    p.add_argument("--crop-size", type=int, help="instance models: train on random square crops of this size")
+    p.add_argument("--normalisation", choices=["percentile", "range"],
+                   help="percentile (default; 1st-99.8th per image) or range (divide by 255)")
+    p.add_argument("--time-budget", type=float, help="stop after the epoch that passes this many seconds")
     p.add_argument("--seed", type=int, help="seed of split, initialisation and augmentation (default 0)")
     _add_execution(p)
 
     p = sub.add_parser("demo", help="synthetic collection -> train a small UNet -> full pipeline -> summary")
     p.add_argument("--out", default="demo-out", help="output directory (default demo-out)")
-    p.add_argument("--images", type=int, help="number of synthetic images (default 360)")
+    p.add_argument("--model", choices=["unet", "maskrcnn"], default="unet",
+                   help="unet: semantic demo (default); maskrcnn: instance demo with touching nuclei-like objects")
+    p.add_argument("--images", type=int, help="number of synthetic images (default 360 unet, 240 maskrcnn)")
     p.add_argument("--size", type=int, help="image side length in pixels (default 128)")
-    p.add_argument("--epochs", type=int, help="training epochs (default 10)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the model's demo setting)")
     p.add_argument("--seed", type=int, default=0)
     _add_execution(p)
     return parser
@@ -140,17 +148,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             from flows.train import train_flow
             from segcore.config import TrainSpec
 
+            from segcore.normalise import Normalisation
+
             names = tuple(n.strip() for n in args.class_names.split(",")) if args.class_names else None
+            arch = _given(base=args.base, depth=args.depth) or None
+            norm = Normalisation(mode=args.normalisation) if args.normalisation else None
             spec = TrainSpec(store=args.store, out=args.out, model=args.model, execution=_execution(args),
                              **_given(epochs=args.epochs, val_fraction=args.val_fraction, class_names=names,
-                                      base=args.base, depth=args.depth, seed=args.seed))
+                                      arch_kwargs=arch, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
+                                      crop_size=args.crop_size, normalisation=norm, time_budget_s=args.time_budget))
             result = with_runner(train_flow, spec.execution)(spec)
             print(f"checkpoint: {result['checkpoint']} (sha256 {result['sha256']})")
-            print(f"best mean foreground validation Dice: {result['val_dice_mean_fg']:.4f}")
+            metric = "F1 at IoU 0.5" if result["kind"] == "instance" else "mean foreground Dice"
+            score = result["best_val_score"]
+            print(f"best validation {metric}: {'n/a' if score is None else f'{score:.4f}'}")
         elif args.command == "demo":
             from flows.demo import DemoSpec, demo_flow
 
-            spec = DemoSpec(out=args.out, seed=args.seed, execution=_execution(args), **_given(n_images=args.images, size=args.size, epochs=args.epochs))
+            spec = DemoSpec(out=args.out, model=args.model, seed=args.seed, execution=_execution(args),
+                            **_given(n_images=args.images, size=args.size, epochs=args.epochs))
             result = with_runner(demo_flow, spec.execution)(spec)
             print_summary(result)
             print(f"demo outputs are in {os.path.abspath(args.out)}")

@@ -5,30 +5,57 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.pipeline import ingest_steps, segment_steps
 from flows.train import train_steps
-from segcore import synthetic, training
+from segcore import synthetic, training, training_instance
 from segcore.config import ExecutionSpec, IngestSpec, SegmentSpec, TrainSpec
 from segcore.errors import ConfigError
 
 
 class DemoSpec(BaseModel):
-    """Options of the demo; defaults are what ``make demo`` runs."""
+    """Options of the demo; options left as None take the chosen model's demo defaults."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     out: str = Field("demo-out", description="Output directory (replaced if it holds an earlier demo).")
-    n_images: int = Field(training.DEMO_N_IMAGES, ge=20, description="Synthetic images in all.")
-    train_fraction: float = Field(training.DEMO_N_TRAIN / training.DEMO_N_IMAGES, gt=0, lt=1)
-    size: int = Field(training.DEMO_IMAGE_SIZE, ge=32, description="Image side length in pixels.")
-    epochs: int = Field(training.DEMO_EPOCHS, gt=0)
+    model: Literal["unet", "maskrcnn"] = Field(
+        "unet", description="unet: semantic demo; maskrcnn: instance demo (Mask R-CNN, ResNet-18 FPN).")
+    n_images: int | None = Field(None, ge=20, description="Synthetic images in all.")
+    size: int | None = Field(None, ge=32, description="Image side length in pixels.")
+    epochs: int | None = Field(None, gt=0)
     seed: int = 0
     execution: ExecutionSpec = ExecutionSpec()
+
+
+def _demo_setup(spec: DemoSpec, train_store: str, checkpoint: str) -> dict[str, Any]:
+    """The generator, sizes, mask kind and training spec of the chosen demo."""
+    if spec.model == "unet":
+        n, n_train, size = training.DEMO_N_IMAGES, training.DEMO_N_TRAIN, training.DEMO_IMAGE_SIZE
+        train = dict(class_names=tuple(synthetic.CLASS_NAMES), arch_kwargs=dict(training.DEMO_ARCH_KWARGS),
+                     epochs=training.DEMO_EPOCHS, batch_size=training.DEMO_BATCH_SIZE, lr=training.DEMO_LR,
+                     time_budget_s=training.DEMO_TIME_BUDGET_S, normalisation=training.DEMO_NORMALISATION)
+        generate, mask_kind = synthetic.generate_collection, "class"
+    else:
+        ti = training_instance
+        n, n_train, size = ti.DEMO_INSTANCE_N_IMAGES, ti.DEMO_INSTANCE_N_TRAIN, ti.DEMO_INSTANCE_IMAGE_SIZE
+        train = dict(model=ti.DEMO_INSTANCE_ARCH, class_names=tuple(synthetic.INSTANCE_CLASS_NAMES),
+                     arch_kwargs=dict(ti.DEMO_INSTANCE_ARCH_KWARGS), epochs=ti.DEMO_INSTANCE_EPOCHS,
+                     batch_size=ti.DEMO_INSTANCE_BATCH_SIZE, lr=ti.DEMO_INSTANCE_LR,
+                     time_budget_s=ti.DEMO_INSTANCE_TIME_BUDGET_S, normalisation=ti.DEMO_INSTANCE_NORMALISATION)
+        generate, mask_kind = synthetic.generate_instance_collection, "instance"
+    n_images = spec.n_images or n
+    if spec.epochs:
+        train["epochs"] = spec.epochs
+    return {
+        "generate": generate, "mask_kind": mask_kind, "n_images": n_images, "size": spec.size or size,
+        "n_train": max(1, round(n_images * n_train / n)),
+        "train": TrainSpec(store=train_store, out=checkpoint, seed=spec.seed, execution=spec.execution, **train),
+    }
 
 
 def _split_collection(root: Path, ids: list[str], n_train: int) -> tuple[Path, Path]:
@@ -53,23 +80,17 @@ def demo_flow(spec: DemoSpec) -> dict[str, Any]:
         if not (out / "collection").exists():
             raise ConfigError(f"{spec.out!r} exists and is not a segflow demo directory; choose another --out")
         shutil.rmtree(out)
-    ids = synthetic.generate_collection(out / "collection", n_images=spec.n_images, size=spec.size, seed=spec.seed)
-    n_train = max(1, int(round(spec.n_images * spec.train_fraction)))
-    train_dir, heldout_dir = _split_collection(out / "collection", ids, n_train)
-    log.info("demo: %d synthetic images (%d to train on, %d held out) in %s", len(ids), n_train,
-             len(ids) - n_train, out / "collection")
-
-    train_store = str(out / "train.zarr")
-    ingest_steps(IngestSpec(images=str(train_dir / "images"), masks=str(train_dir / "masks"), store=train_store))
-    checkpoint = str(out / "unet-demo.safetensors")
-    train_steps(TrainSpec(
-        store=train_store, out=checkpoint, class_names=tuple(synthetic.CLASS_NAMES),
-        base=training.DEMO_ARCH_KWARGS["base"], depth=training.DEMO_ARCH_KWARGS["depth"], epochs=spec.epochs,
-        batch_size=training.DEMO_BATCH_SIZE, lr=training.DEMO_LR, seed=spec.seed,
-        time_budget_s=training.DEMO_TIME_BUDGET_S, normalisation=training.DEMO_NORMALISATION,
-        execution=spec.execution,
-    ))
+    setup = _demo_setup(spec, str(out / "train.zarr"), str(out / f"{spec.model}-demo.safetensors"))
+    ids = setup["generate"](out / "collection", n_images=setup["n_images"], size=setup["size"], seed=spec.seed)
+    train_dir, heldout_dir = _split_collection(out / "collection", ids, setup["n_train"])
+    log.info("demo (%s): %d synthetic images (%d to train on, %d held out) in %s", spec.model, len(ids),
+             setup["n_train"], len(ids) - setup["n_train"], out / "collection")
+    train = setup["train"]
+    ingest_steps(IngestSpec(images=str(train_dir / "images"), masks=str(train_dir / "masks"), store=train.store,
+                            mask_kind=setup["mask_kind"]))
+    train_steps(train)
     store = str(out / "heldout.zarr")
-    ingest_steps(IngestSpec(images=str(heldout_dir / "images"), masks=str(heldout_dir / "masks"), store=store))
-    return segment_steps(SegmentSpec(store=store, checkpoint=checkpoint, out=str(out / "run"),
+    ingest_steps(IngestSpec(images=str(heldout_dir / "images"), masks=str(heldout_dir / "masks"), store=store,
+                            mask_kind=setup["mask_kind"]))
+    return segment_steps(SegmentSpec(store=store, checkpoint=train.out, out=str(out / "run"),
                                      execution=spec.execution))

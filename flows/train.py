@@ -20,8 +20,9 @@ def train_steps(spec: TrainSpec) -> dict[str, Any]:
     open_store(spec.store)
     command = " ".join(shlex.quote(a) for a in ["segflow", *sys.argv[1:]]) if sys.argv else "segflow train"
     result = train_model.submit(spec, num_threads=torch_threads(spec.execution), command=command).result()
-    log.info("train: checkpoint %s (sha256 %s…), best mean foreground val Dice %.4f", result["checkpoint"],
-             result["sha256"][:12], result["val_dice_mean_fg"])
+    metric = "F1 at IoU 0.5" if result["kind"] == "instance" else "mean foreground Dice"
+    log.info("train: checkpoint %s (sha256 %s…), best validation %s %s", result["checkpoint"],
+             result["sha256"][:12], metric, "n/a" if result["best_val_score"] is None else f"{result['best_val_score']:.4f}")
     return result
 
 

@@ -5,7 +5,7 @@ as ``None`` keeps the default. The resolved spec is saved with the outputs.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -67,21 +67,51 @@ class RunSpec(_Spec):
 
 
 class TrainSpec(_Spec):
-    """Train a semantic UNet on the labelled images of a store; the best epoch is saved."""
+    """Train a registered model on the labelled images of a store; the best epoch is saved.
 
-    store: str = Field(description="Zarr collection store with ground truth (class masks).")
+    Semantic models (``unet``) learn from class masks; instance models (``maskrcnn``,
+    ``maskrcnn_r18``) from instance labels (ingest with ``mask_kind="instance"``). Options left
+    as ``None`` take the model kind's defaults (see :func:`train_defaults`).
+    """
+
+    store: str = Field(description="Zarr collection store with ground truth.")
     out: str = Field(description="Checkpoint file to write (.safetensors).")
-    model: Literal["unet"] = Field("unet", description="Registered architecture to train.")
+    model: str = Field("unet", description="Registered architecture: unet, maskrcnn or maskrcnn_r18.")
     class_names: tuple[str, ...] | None = Field(
-        None, description="Class names, background first (default: background, class_1, ... from the labels)."
+        None, description="Class names, background first (default: background + one name per label value, "
+                          "or background, object for instance models)."
     )
-    base: int = Field(16, gt=0, description="UNet width of the first stage.")
-    depth: int = Field(3, gt=0, description="UNet pooling stages.")
+    arch_kwargs: dict[str, Any] | None = Field(
+        None, description="Builder options, e.g. {'base': 16, 'depth': 3} for the UNet.")
     epochs: int = Field(10, gt=0)
-    batch_size: int = Field(16, gt=0)
-    lr: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW, one-cycle schedule).")
+    batch_size: int | None = Field(None, gt=0, description="Default 16 (UNet) or 4 (instance models).")
+    lr: float | None = Field(None, gt=0, description="Peak learning rate (AdamW, one-cycle schedule).")
     val_fraction: float = Field(0.15, gt=0, lt=1, description="Fraction held out for validation each epoch.")
+    crop_size: int | None = Field(None, gt=0, description="Instance models: train on random square crops.")
     seed: int = 0
     time_budget_s: float | None = Field(None, gt=0, description="Stop after the epoch that passes this budget.")
     normalisation: Normalisation = Normalisation()
     execution: ExecutionSpec = ExecutionSpec()
+
+    @model_validator(mode="after")
+    def _known_model(self) -> "TrainSpec":
+        from segcore.models import MODELS
+
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; valid names: {', '.join(sorted(MODELS))}")
+        if self.crop_size is not None and self.kind != "instance":
+            raise ValueError("crop_size applies to instance models only")
+        return self
+
+    @property
+    def kind(self) -> str:
+        from segcore.models import MODEL_KINDS
+
+        return MODEL_KINDS[self.model]
+
+
+def train_defaults(kind: str) -> dict[str, Any]:
+    """Defaults of TrainSpec options left as None, by model kind."""
+    if kind == "instance":
+        return {"arch_kwargs": {}, "batch_size": 4, "lr": 1e-3}
+    return {"arch_kwargs": {"base": 16, "depth": 3}, "batch_size": 16, "lr": 3e-3}

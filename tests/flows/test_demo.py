@@ -22,6 +22,17 @@ def test_small_demo_runs_end_to_end(tmp_path, capsys):
     assert {c["class_name"] for c in summary["per_class"]} == {"background", "disc", "square"}
 
 
+def test_small_instance_demo_runs_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    rc = main(["demo", "--model", "maskrcnn", "--out", str(out), "--images", "24", "--epochs", "1", "--size", "64"])
+    assert rc == 0
+    summary = json.loads((out / "run" / "summary.json").read_text())
+    assert (out / "maskrcnn-demo.safetensors").is_file()
+    assert summary["model"] == "maskrcnn_r18" and "instance" in summary
+    assert summary["images_evaluated"] == 24 - round(24 * 180 / 240)
+    assert (out / "run" / "instances.zarr").exists()
+
+
 def test_demo_refuses_to_replace_a_foreign_directory(tmp_path, capsys):
     (tmp_path / "keep.txt").write_text("mine")
     assert main(["demo", "--out", str(tmp_path)]) == 2
@@ -35,3 +46,11 @@ def test_full_demo_reaches_the_dice_bar(tmp_path):
     assert main(["demo", "--out", str(out)]) == 0
     summary = json.loads((out / "run" / "summary.json").read_text())
     assert summary["mean_foreground_dice"] >= 0.90
+
+
+@pytest.mark.slow
+def test_full_instance_demo_reaches_the_f1_bar(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", "maskrcnn", "--out", str(out)]) == 0
+    summary = json.loads((out / "run" / "summary.json").read_text())
+    assert summary["instance"]["pooled_f1"] >= 0.85
