@@ -30,7 +30,8 @@ def _add_segment(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory (created; re-running into it resumes)")
     p.add_argument("--batch-size", type=int, help="images per forward pass (default 8)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: CUDA when present")
-    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="autocast dtype on CUDA (default bf16)")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
+                   help="autocast dtype of semantic models on CUDA (default bf16; instance models run fp32)")
     _add_execution(p)
 
 
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ingest(p, store_required=False)
     _add_segment(p)
 
-    p = sub.add_parser("train", help="train a UNet on a store's labelled images and write a checkpoint")
+    p = sub.add_parser("train", help="train a UNet or Mask R-CNN on a store's labelled images, write a checkpoint")
     p.add_argument("--store", required=True, help="Zarr collection store with ground truth")
     p.add_argument("--model", default="unet", help="registered architecture: unet (default), maskrcnn, maskrcnn_r18")
     p.add_argument("--out", required=True, help="checkpoint to write (.safetensors)")
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed of split, initialisation and augmentation (default 0)")
     _add_execution(p)
 
-    p = sub.add_parser("demo", help="synthetic collection -> train a small UNet -> full pipeline -> summary")
+    p = sub.add_parser("demo", help="synthetic collection -> train a small model -> full pipeline -> summary")
     p.add_argument("--out", default="demo-out", help="output directory (default demo-out)")
     p.add_argument("--model", choices=["unet", "maskrcnn"], default="unet",
                    help="unet: semantic demo (default); maskrcnn: instance demo with touching nuclei-like objects")

@@ -164,3 +164,19 @@ def test_an_existing_store_of_other_sources_is_refused_before_any_work(finished,
     other = spec.ingest.model_copy(update={"masks": None})
     with pytest.raises(StoreError, match="already exists"):
         with_runner(ingest_flow, ONE_WORKER)(other)
+
+
+def test_the_flow_publishes_the_summary_as_a_markdown_artifact(finished):
+    spec, summary = finished
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    key = f"dice-summary-{summary['run_id']}".lower()
+    response = httpx.post(f"{PREFECT_API_URL.value()}/artifacts/filter",
+                          json={"artifacts": {"key": {"any_": [key]}}, "limit": 5})
+    response.raise_for_status()
+    artifacts = response.json()
+    assert len(artifacts) == 1 and artifacts[0]["type"] == "markdown", f"no markdown artifact {key}"
+    text = artifacts[0]["data"]
+    assert "mean foreground Dice" in text and summary["run_id"] in text
+    assert (Path(spec.segment.out) / "summary.md").read_text() == text
