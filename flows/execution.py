@@ -50,7 +50,7 @@ def task_runner(spec: ExecutionSpec) -> DaskTaskRunner:
             "n_workers": local_workers(spec),
             "threads_per_worker": 1,  # one unit at a time per worker; torch parallelises inside
             "processes": True,
-            "dashboard_address": None,
+            "dashboard_address": ":0",  # any free port: several clusters may run on one host
         },
     )
 

@@ -166,7 +166,7 @@ def augment_instance_sample(image: torch.Tensor, labels: torch.Tensor, rng: np.r
 
 
 def evaluate_instances(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, normalisation: Normalisation,
-                       batch_size: int = 4) -> dict[str, float | int]:
+                       batch_size: int = 4, score_threshold: float | None = None) -> dict[str, float | int]:
     """Segment ``images`` with an instance model and score them against ``labels``.
 
     Args:
@@ -175,6 +175,8 @@ def evaluate_instances(model: nn.Module, images: np.ndarray, labels: np.ndarray,
         labels: ``(N, H, W)`` integer ground-truth instance ids (0 = background).
         normalisation: as the model was trained with.
         batch_size: images per forward pass.
+        score_threshold: keep detections scoring above this; ``None`` = the model's own floor
+            (what :func:`~segcore.instances.predict_instances` uses by default).
 
     Returns pooled figures over the ``N`` images: ``n_images``, ``tp``, ``fp``, ``fn`` (objects,
     IoU >= 0.5), ``precision``, ``recall``, ``f1`` and ``pq`` (panoptic quality) from the summed
@@ -189,7 +191,7 @@ def evaluate_instances(model: nn.Module, images: np.ndarray, labels: np.ndarray,
     aps = []
     for start in range(0, images.shape[0], batch_size):
         x = normalise_batch(images[start:start + batch_size], normalisation)
-        for pred, gt in zip(predict_instances(model, x), labels[start:start + batch_size]):
+        for pred, gt in zip(predict_instances(model, x, score_threshold=score_threshold), labels[start:start + batch_size]):
             scores = {r["instance_id"]: r["score"] for r in pred.records}
             s = instance_scores(pred.labels, gt, scores=scores)
             tp, fp, fn = tp + int(s["tp"]), fp + int(s["fp"]), fn + int(s["fn"])

@@ -5,9 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
+from scipy.ndimage import distance_transform_edt
 
 from segcore.errors import ConfigError
-from segcore.synthetic import CLASS_NAMES, generate_collection, make_sample
+from segcore.imageio import read_mask
+from segcore.synthetic import (
+    CLASS_NAMES,
+    INSTANCE_CLASS_NAMES,
+    generate_collection,
+    generate_instance_collection,
+    make_instance_sample,
+    make_sample,
+)
 
 
 def _samples(n: int, *, size: int = 64, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -108,3 +117,104 @@ def test_generate_collection_is_deterministic_and_prefix_stable(tmp_path):
 def test_generate_collection_rejects_bad_arguments(tmp_path, kwargs):
     with pytest.raises(ConfigError):
         generate_collection(tmp_path / "bad", **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# instance samples
+
+
+def _instance_samples(n: int, *, size: int = 128, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [make_instance_sample(rng, size=size) for _ in range(n)]
+
+
+def _touching_pairs(labels: np.ndarray) -> set[tuple[int, int]]:
+    """Pairs of different object ids that are 4-neighbours somewhere."""
+    pairs = set()
+    for a, b in ((labels[:, :-1], labels[:, 1:]), (labels[:-1], labels[1:])):
+        both = (a > 0) & (b > 0) & (a != b)
+        pairs |= {(min(x, y), max(x, y)) for x, y in zip(a[both].tolist(), b[both].tolist())}
+    return pairs
+
+
+def test_instance_class_names_are_background_and_nucleus():
+    assert INSTANCE_CLASS_NAMES == ("background", "nucleus")
+
+
+@pytest.mark.parametrize("size", [32, 64, 128])
+def test_instance_sample_shapes_dtypes_and_consecutive_ids(size):
+    for image, labels in _instance_samples(5, size=size, seed=size):
+        assert image.shape == labels.shape == (size, size)
+        assert image.dtype == np.uint8 and labels.dtype == np.uint16
+        k = int(labels.max())
+        assert k >= 1
+        np.testing.assert_array_equal(np.unique(labels), np.arange(k + 1))  # 0 and 1..K, no gaps
+
+
+def test_instance_sample_holds_5_to_20_objects_at_128_px_and_none_is_a_sliver():
+    counts = []
+    for _, labels in _instance_samples(30):
+        areas = np.bincount(labels.ravel())[1:]
+        assert areas.min() >= 12
+        counts.append(areas.size)
+    assert min(counts) >= 2 and max(counts) <= 20
+    assert np.median(counts) >= 8
+
+
+def test_instance_sample_is_a_function_of_the_generator_state():
+    a = make_instance_sample(np.random.default_rng(4), size=64)
+    b = make_instance_sample(np.random.default_rng(4), size=64)
+    c = make_instance_sample(np.random.default_rng(5), size=64)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert not np.array_equal(a[1], c[1])
+
+
+def test_instance_samples_have_touching_objects_and_objects_cut_by_the_border():
+    samples = _instance_samples(20)
+    touching = [len(_touching_pairs(labels)) for _, labels in samples]
+    assert sum(t > 0 for t in touching) >= 15
+    assert sum(touching) >= 40  # several per image on average
+    for _, labels in samples:
+        rim = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+        assert (rim > 0).any()
+
+
+def test_instance_labels_match_the_drawn_image():
+    for image, labels in _instance_samples(10):
+        fg, bg = image[labels > 0].astype(float), image[labels == 0].astype(float)
+        assert np.median(fg) > np.percentile(bg, 95)
+        for obj in range(1, int(labels.max()) + 1):
+            assert image[labels == obj].mean() > np.median(bg) + 40
+
+
+def test_instances_are_brighter_at_their_core_than_at_their_rim():
+    """The dome profile: what tells touching nuclei apart in the image, as in real data."""
+    differences = []
+    for image, labels in _instance_samples(10):
+        for obj in range(1, int(labels.max()) + 1):
+            depth = distance_transform_edt(labels == obj)
+            core, rim = depth >= 4, depth == 1
+            if core.any():
+                differences.append(image[core].mean() - image[rim].mean())
+    assert len(differences) >= 50
+    assert np.mean(differences) > 15
+
+
+def test_generate_instance_collection_writes_16_bit_instance_masks(tmp_path):
+    ids = generate_instance_collection(tmp_path / "coll", n_images=3, size=48, seed=2)
+    assert ids == [f"img-{i:05d}" for i in range(3)]
+    rng_streams = np.random.SeedSequence(2).spawn(3)
+    for image_id, stream in zip(ids, rng_streams):
+        image = np.asarray(Image.open(tmp_path / "coll" / "images" / f"{image_id}.png"))
+        mask = read_mask(tmp_path / "coll" / "masks" / f"{image_id}.png")
+        expected_image, expected_labels = make_instance_sample(np.random.default_rng(stream), size=48)
+        np.testing.assert_array_equal(image, expected_image)
+        np.testing.assert_array_equal(mask, expected_labels)
+        assert mask.dtype == np.uint16
+
+
+@pytest.mark.parametrize("kwargs", [{"size": 16}, {"n_images": 0}, {"n_images": 2.5}])
+def test_generate_instance_collection_rejects_bad_arguments(tmp_path, kwargs):
+    with pytest.raises(ConfigError):
+        generate_instance_collection(tmp_path / "bad", **kwargs)
