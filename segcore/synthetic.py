@@ -185,13 +185,19 @@ _NUCLEUS_AXES = (5.0, 11.0)
 # An object left with fewer visible pixels than this (hidden by later ones or cut by the
 # border) is dropped before the image is drawn, so no label is a sliver.
 _MIN_INSTANCE_PIXELS = 12
-_TOUCH_FRACTION = 0.45  # share of the objects placed against an earlier one
+_TOUCH_FRACTION = 0.3  # share of the objects placed against an earlier one
 
 
 def _free_centre(rng: np.random.Generator, size: int) -> tuple[float, float]:
     """A centre anywhere in the image or a little past its border: ``(cy, cx)`` pixels."""
     cy, cx = rng.uniform(-0.03, 1.03, size=2) * (size - 1)
     return float(cy), float(cx)
+
+
+def _ellipse_radius(obj: dict, angle: float) -> float:
+    """Distance (pixels) from an ellipse's centre to its rim in direction ``angle`` (radians)."""
+    phi = angle - obj["theta"]
+    return float(obj["a"] * obj["b"] / np.hypot(obj["b"] * np.cos(phi), obj["a"] * np.sin(phi)))
 
 
 def _plan_nuclei(rng: np.random.Generator, size: int) -> list[dict]:
@@ -202,7 +208,7 @@ def _plan_nuclei(rng: np.random.Generator, size: int) -> list[dict]:
     for i in range(n):
         a = rng.uniform(*_NUCLEUS_AXES)
         b = a * rng.uniform(0.6, 1.0)
-        obj = {"a": a, "b": b, "theta": rng.uniform(0, np.pi), "level": rng.uniform(130.0, 215.0)}
+        obj = {"a": a, "b": b, "theta": rng.uniform(0, np.pi), "level": rng.uniform(145.0, 220.0)}
         if i == 0:
             # Centre within a third of its short semi-axis of the border line: cut by the border.
             along = rng.uniform(0.15, 0.85) * (size - 1)
@@ -211,8 +217,9 @@ def _plan_nuclei(rng: np.random.Generator, size: int) -> list[dict]:
         elif i == 1 or rng.random() < _TOUCH_FRACTION:
             # Against an earlier object, overlapping it by a little: the two share a border.
             other = objects[int(rng.integers(0, i))]
-            dist = (other["b"] + b) * rng.uniform(0.8, 0.95)
             ang = rng.uniform(0, 2 * np.pi)
+            reach = _ellipse_radius(other, ang) + _ellipse_radius(obj, ang)
+            dist = reach * rng.uniform(0.85, 0.97)
             cy, cx = other["cy"] + dist * np.sin(ang), other["cx"] + dist * np.cos(ang)
             inside = 0.0 <= cy <= size - 1.0 and 0.0 <= cx <= size - 1.0
             obj["cy"], obj["cx"] = (cy, cx) if inside else _free_centre(rng, size)

@@ -165,6 +165,46 @@ def augment_instance_sample(image: torch.Tensor, labels: torch.Tensor, rng: np.r
     return image.contiguous(), labels.contiguous()
 
 
+def pooled_instance_scores(pred_labels: Sequence[np.ndarray], gt_labels: Sequence[np.ndarray], *,
+                           scores: Sequence[Mapping[int, float]] | None = None) -> dict[str, float | int]:
+    """Instance figures of several images, pooled.
+
+    Args:
+        pred_labels: per image, ``(H, W)`` integer predicted instance ids (0 = background).
+        gt_labels: per image, ``(H, W)`` integer ground-truth instance ids, same shapes.
+        scores: per image, predicted id -> confidence (for AP); ``None`` = all 1.0.
+
+    Returns ``n_images``, ``tp``, ``fp``, ``fn`` (objects, IoU >= 0.5), ``precision``, ``recall``,
+    ``f1`` and ``pq`` (panoptic quality) from the summed counts (1.0 when there is nothing to
+    count), ``ap`` (COCO AP 0.50:0.95, mean over the images with ground-truth objects; NaN if
+    none) and ``dice_fg`` (Dice of foreground vs background over all pixels; 1.0 when both are
+    empty). See :mod:`segcore.instance_metrics` for the per-image definitions.
+    """
+    if len(pred_labels) != len(gt_labels) or (scores is not None and len(scores) != len(gt_labels)):
+        raise ConfigError(f"got {len(pred_labels)} predictions and {len(gt_labels)} ground-truth images"
+                          + ("" if scores is None else f" and {len(scores)} score maps") + "; give one of each per image")
+    tp = fp = fn = inter = total = 0
+    iou_sum, aps = 0.0, []
+    for i, (pred, gt) in enumerate(zip(pred_labels, gt_labels)):
+        s = instance_scores(pred, gt, scores=None if scores is None else scores[i])
+        tp, fp, fn = tp + int(s["tp"]), fp + int(s["fp"]), fn + int(s["fn"])
+        iou_sum += float(s["mean_matched_iou"]) * int(s["tp"]) if s["tp"] else 0.0
+        if not s["empty_gt"]:
+            aps.append(float(s["ap"]))
+        p, g = np.asarray(pred) > 0, np.asarray(gt) > 0
+        inter, total = inter + int((p & g).sum()), total + int(p.sum()) + int(g.sum())
+    denom = tp + 0.5 * (fp + fn)
+    return {
+        "n_images": len(gt_labels), "tp": tp, "fp": fp, "fn": fn,
+        "precision": tp / (tp + fp) if tp + fp else 1.0,
+        "recall": tp / (tp + fn) if tp + fn else 1.0,
+        "f1": tp / denom if denom else 1.0,
+        "pq": iou_sum / denom if denom else 1.0,
+        "ap": float(np.mean(aps)) if aps else float("nan"),
+        "dice_fg": 2.0 * inter / total if total else 1.0,
+    }
+
+
 def evaluate_instances(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, normalisation: Normalisation,
                        batch_size: int = 4, score_threshold: float | None = None) -> dict[str, float | int]:
     """Segment ``images`` with an instance model and score them against ``labels``.
@@ -178,38 +218,16 @@ def evaluate_instances(model: nn.Module, images: np.ndarray, labels: np.ndarray,
         score_threshold: keep detections scoring above this; ``None`` = the model's own floor
             (what :func:`~segcore.instances.predict_instances` uses by default).
 
-    Returns pooled figures over the ``N`` images: ``n_images``, ``tp``, ``fp``, ``fn`` (objects,
-    IoU >= 0.5), ``precision``, ``recall``, ``f1`` and ``pq`` (panoptic quality) from the summed
-    counts, ``ap`` (COCO AP 0.50:0.95, mean over images with ground-truth objects; NaN if none)
-    and ``dice_fg`` (Dice of foreground vs background over all pixels; 1.0 when both are empty).
+    Returns the figures of :func:`pooled_instance_scores` over the ``N`` images.
     """
     images = _as_nhwc(images)
-    labels = np.asarray(labels)
     model.eval()
-    tp = fp = fn = 0
-    iou_sum, inter, total = 0.0, 0, 0
-    aps = []
+    preds = []
     for start in range(0, images.shape[0], batch_size):
         x = normalise_batch(images[start:start + batch_size], normalisation)
-        for pred, gt in zip(predict_instances(model, x, score_threshold=score_threshold), labels[start:start + batch_size]):
-            scores = {r["instance_id"]: r["score"] for r in pred.records}
-            s = instance_scores(pred.labels, gt, scores=scores)
-            tp, fp, fn = tp + int(s["tp"]), fp + int(s["fp"]), fn + int(s["fn"])
-            iou_sum += float(s["mean_matched_iou"]) * int(s["tp"]) if s["tp"] else 0.0
-            if not s["empty_gt"]:
-                aps.append(float(s["ap"]))
-            p, g = pred.labels > 0, gt > 0
-            inter, total = inter + int((p & g).sum()), total + int(p.sum()) + int(g.sum())
-    denom = tp + 0.5 * (fp + fn)
-    return {
-        "n_images": int(images.shape[0]), "tp": tp, "fp": fp, "fn": fn,
-        "precision": tp / (tp + fp) if tp + fp else 1.0,
-        "recall": tp / (tp + fn) if tp + fn else 1.0,
-        "f1": tp / denom if denom else 1.0,
-        "pq": iou_sum / denom if denom else 1.0,
-        "ap": float(np.mean(aps)) if aps else float("nan"),
-        "dice_fg": 2.0 * inter / total if total else 1.0,
-    }
+        preds.extend(predict_instances(model, x, score_threshold=score_threshold))
+    return pooled_instance_scores([p.labels for p in preds], list(np.asarray(labels)),
+                                  scores=[{r["instance_id"]: r["score"] for r in p.records} for p in preds])
 
 
 def _set_training_sampling(model: nn.Module, *, proposals_per_image: int | None,
@@ -411,5 +429,6 @@ __all__ = [
     "GRAD_CLIP_NORM",
     "augment_instance_sample",
     "evaluate_instances",
+    "pooled_instance_scores",
     "train_instance",
 ]
