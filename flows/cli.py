@@ -32,6 +32,17 @@ def _add_segment(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: CUDA when present")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
                    help="autocast dtype of semantic models on CUDA (default bf16; instance models run fp32)")
+    g = p.add_argument_group("large images (tiled groups of the store)")
+    g.add_argument("--tile-size", type=int,
+                   help="model tile in px: semantic models default 512 (rounded up to the UNet's divisor), "
+                        "instance models default 256 (the detector core); 0 disables tiling and segments large "
+                        "images whole")
+    g.add_argument("--overlap", type=int,
+                   help="px shared by neighbouring semantic tiles (default tile/4); instance models: halo around "
+                        "each detector core (default 64, must exceed the largest object)")
+    g.add_argument("--blend", choices=["gaussian", "linear"], help="weights of overlapping tiles (default gaussian)")
+    g.add_argument("--tta", action="store_true", default=None,
+                   help="semantic models: average the logits over flips (4x compute)")
     _add_execution(p)
 
 
@@ -41,6 +52,9 @@ def _add_ingest(p: argparse.ArgumentParser, *, store_required: bool) -> None:
     p.add_argument("--mask-kind", choices=["class", "instance"], help="mask values are class ids (default) or object ids")
     p.add_argument("--store", required=store_required, help="Zarr collection store to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument("--tile-chunk", type=int,
+                   help="images of more than 4.2 Mpx are stored (and segmented) in square blocks of this side "
+                        "(default 1024; 0 keeps them whole)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,10 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="unet", help="registered architecture: unet (default), maskrcnn, maskrcnn_r18")
     p.add_argument("--out", required=True, help="checkpoint to write (.safetensors)")
     p.add_argument("--epochs", type=int, help="passes over the training split (default 10)")
-    p.add_argument("--val-fraction", type=float, help="fraction held out for validation (default 0.15)")
+    p.add_argument("--val-fraction", type=float, help="fraction held out for validation (default 0.15; instance models: 0 = none, keep the last epoch)")
     p.add_argument("--class-names", help="comma-separated class names, background first")
     p.add_argument("--base", type=int, help="UNet width of the first stage (default 16)")
     p.add_argument("--depth", type=int, help="UNet pooling stages (default 3)")
+    p.add_argument("--score-threshold", type=float,
+                   help="instance models: detections scoring at or below this are dropped, in validation and in "
+                        "every later use of the checkpoint (default 0.7)")
     p.add_argument("--batch-size", type=int, help="samples per step (default 16 UNet, 4 Mask R-CNN)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 3e-3 UNet, 1e-3 Mask R-CNN)")
     p.add_argument("--crop-size", type=int, help="instance models: train on random square crops of this size")
@@ -106,14 +123,15 @@ def _segment_spec(args: argparse.Namespace, store: str):
     from segcore.config import SegmentSpec
 
     return SegmentSpec(store=store, checkpoint=args.checkpoint, out=args.out, execution=_execution(args),
-                       **_given(batch_size=args.batch_size, device=args.device, precision=args.precision))
+                       **_given(batch_size=args.batch_size, device=args.device, precision=args.precision,
+                                tile_size=args.tile_size, overlap=args.overlap, blend=args.blend, tta=args.tta))
 
 
 def _ingest_spec(args: argparse.Namespace, store: str):
     from segcore.config import IngestSpec
 
     return IngestSpec(images=args.images, store=store, overwrite=args.overwrite,
-                      **_given(masks=args.masks, mask_kind=args.mask_kind))
+                      **_given(masks=args.masks, mask_kind=args.mask_kind, tile_chunk=args.tile_chunk))
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -152,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from segcore.normalise import Normalisation
 
             names = tuple(n.strip() for n in args.class_names.split(",")) if args.class_names else None
-            arch = _given(base=args.base, depth=args.depth) or None
+            arch = _given(base=args.base, depth=args.depth, score_threshold=args.score_threshold) or None
             norm = Normalisation(mode=args.normalisation) if args.normalisation else None
             spec = TrainSpec(store=args.store, out=args.out, model=args.model, execution=_execution(args),
                              **_given(epochs=args.epochs, val_fraction=args.val_fraction, class_names=names,

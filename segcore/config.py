@@ -27,6 +27,9 @@ class IngestSpec(_Spec):
     )
     chunk_pixels: int = Field(4_194_304, gt=0, description="Target pixels per chunk (= per inference work unit).")
     max_chunk_images: int = Field(64, gt=0, description="At most this many images per chunk.")
+    tile_chunk: int = Field(
+        1024, ge=0, description="Images larger than chunk_pixels are stored in square chunks of this side, each "
+                                "one work unit of tiled inference; 0 keeps whole images per chunk.")
     probe_batch: int = Field(256, gt=0, description="Files probed per ingest task.")
     overwrite: bool = Field(False, description="Replace an existing store at the same path.")
 
@@ -50,6 +53,17 @@ class SegmentSpec(_Spec):
     batch_size: int = Field(8, gt=0, description="Images per forward pass.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA when present.")
     precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Autocast dtype on CUDA (CPU runs fp32).")
+    tile_size: int | None = Field(
+        None, ge=0, description="Large images: model tile in pixels (semantic models: default 512, rounded up to "
+                                "the UNet's divisor; instance models: detector core, default 256); 0 disables "
+                                "tiling (large images are segmented whole).")
+    overlap: int | None = Field(
+        None, ge=0, description="Large images: pixels shared by neighbouring semantic tiles (default tile/4), or, "
+                                "for instance models, the halo around each detector core (default 64; must exceed "
+                                "the largest object).")
+    blend: Literal["gaussian", "linear"] = Field(
+        "gaussian", description="How overlapping semantic tiles are weighted: gaussian (sigma = tile/8) or linear ramps.")
+    tta: bool = Field(False, description="Semantic models on large images: average logits over flips (4x compute).")
     execution: ExecutionSpec = ExecutionSpec()
 
 
@@ -82,11 +96,14 @@ class TrainSpec(_Spec):
                           "or background, object for instance models)."
     )
     arch_kwargs: dict[str, Any] | None = Field(
-        None, description="Builder options, e.g. {'base': 16, 'depth': 3} for the UNet.")
+        None, description="Builder options, merged over the kind's defaults, e.g. {'base': 32} for the UNet "
+                          "or {'score_threshold': 0.5} for Mask R-CNN.")
     epochs: int = Field(10, gt=0)
     batch_size: int | None = Field(None, gt=0, description="Default 16 (UNet) or 4 (instance models).")
     lr: float | None = Field(None, gt=0, description="Peak learning rate (AdamW, one-cycle schedule).")
-    val_fraction: float = Field(0.15, gt=0, lt=1, description="Fraction held out for validation each epoch.")
+    val_fraction: float = Field(
+        0.15, ge=0, lt=1, description="Fraction held out for validation each epoch; instance models also take 0 "
+                                      "(train on everything, keep the last epoch).")
     crop_size: int | None = Field(None, gt=0, description="Instance models: train on random square crops.")
     seed: int = 0
     time_budget_s: float | None = Field(None, gt=0, description="Stop after the epoch that passes this budget.")
@@ -99,8 +116,17 @@ class TrainSpec(_Spec):
 
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; valid names: {', '.join(sorted(MODELS))}")
+        import inspect
+
+        accepted = set(inspect.signature(MODELS[self.model]).parameters) - {"in_channels", "num_classes"}
+        unknown = sorted(set(self.arch_kwargs or {}) - accepted)
+        if unknown:
+            raise ValueError(f"model {self.model!r} takes no option(s) {unknown}; it accepts {sorted(accepted)}")
         if self.crop_size is not None and self.kind != "instance":
             raise ValueError("crop_size applies to instance models only")
+        if self.val_fraction == 0 and self.kind != "instance":
+            raise ValueError("val_fraction 0 (no validation) applies to instance models only; "
+                             "the UNet keeps its best epoch by validation Dice")
         return self
 
     @property
@@ -113,5 +139,5 @@ class TrainSpec(_Spec):
 def train_defaults(kind: str) -> dict[str, Any]:
     """Defaults of TrainSpec options left as None, by model kind."""
     if kind == "instance":
-        return {"arch_kwargs": {}, "batch_size": 4, "lr": 1e-3}
+        return {"arch_kwargs": {"score_threshold": 0.7}, "batch_size": 4, "lr": 1e-3}
     return {"arch_kwargs": {"base": 16, "depth": 3}, "batch_size": 16, "lr": 3e-3}

@@ -65,6 +65,19 @@ def load_model_cached(checkpoint: str, *, sha256: str, device: str) -> tuple[tor
         return _cached(str(checkpoint), sha256, device)
 
 
+def model_logits(model: torch.nn.Module, x: torch.Tensor, *, device: str = "cpu", precision: str = "bf16"
+                 ) -> torch.Tensor:
+    """``model(x)`` for a normalised CPU batch: on CUDA with a pinned, non-blocking copy and autocast
+    to ``precision`` (bf16/fp16; fp32 disables autocast); on the CPU in fp32. Call it under
+    ``torch.inference_mode()``; the logits stay on ``device``."""
+    if not device.startswith("cuda"):
+        return model(x)
+    x = x.pin_memory().to(device, non_blocking=True)
+    amp = torch.autocast("cuda", dtype=_AUTOCAST[precision]) if precision in _AUTOCAST else contextlib.nullcontext()
+    with amp:
+        return model(x)
+
+
 def predict_labels(model: torch.nn.Module, images: np.ndarray, *, normalisation: Normalisation,
                    device: str = "cpu", precision: str = "bf16", batch_size: int | None = None) -> np.ndarray:
     """Predict ``(N, H, W)`` class labels for ``(N, H, W, C)`` raw images (argmax of the logits).
@@ -74,18 +87,12 @@ def predict_labels(model: torch.nn.Module, images: np.ndarray, *, normalisation:
     pinned-memory, non-blocking copies and autocast to ``precision`` (bf16/fp16; fp32 disables
     autocast). CPU runs in fp32. The model's train/eval mode is the caller's choice.
     """
-    on_cuda = device.startswith("cuda")
     step = batch_size or max(1, len(images))
     out: np.ndarray | None = None
     with torch.inference_mode():
         for s in range(0, len(images), step):
-            x = normalise_batch(images[s:s + step], normalisation)
-            if on_cuda:
-                x = x.pin_memory().to(device, non_blocking=True)
-            amp = (torch.autocast("cuda", dtype=_AUTOCAST[precision]) if on_cuda and precision in _AUTOCAST
-                   else contextlib.nullcontext())
-            with amp:
-                logits = model(x)
+            logits = model_logits(model, normalise_batch(images[s:s + step], normalisation), device=device,
+                                  precision=precision)
             if out is None:
                 dtype = np.uint8 if logits.shape[1] <= 256 else np.uint16
                 out = np.empty(images.shape[:3], dtype=dtype)

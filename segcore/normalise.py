@@ -44,15 +44,32 @@ class Normalisation(BaseModel):
         return self
 
 
-def normalise_batch(images: np.ndarray, norm: Normalisation) -> torch.Tensor:
-    """Normalise ``(N, H, W, C)`` raw images into a float32 ``(N, C, H, W)`` tensor."""
+def percentile_stats(pixels: np.ndarray, norm: Normalisation) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The ``(low, high)`` percentile values per channel of ``(..., C)`` pixels (e.g. a sample
+    of a large image), to pass as ``stats`` to :func:`normalise_batch`."""
+    flat = np.asarray(pixels).reshape(-1, pixels.shape[-1]).astype(np.float32)
+    lo, hi = np.percentile(flat, [norm.low, norm.high], axis=0)
+    return tuple(float(v) for v in lo), tuple(float(v) for v in hi)
+
+
+def normalise_batch(images: np.ndarray, norm: Normalisation, *,
+                    stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> torch.Tensor:
+    """Normalise ``(N, H, W, C)`` raw images into a float32 ``(N, C, H, W)`` tensor.
+
+    ``stats`` (percentile mode): per-channel ``(low, high)`` values to use for every image
+    instead of each image's own percentiles, e.g. those of the whole large image a tile comes
+    from (:func:`percentile_stats`).
+    """
     if images.ndim != 4:
         raise ValueError(f"expected (N, H, W, C) images, got shape {images.shape}")
     x = torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32).permute(0, 3, 1, 2)
     if norm.mode == "percentile":
         n, c = x.shape[:2]
-        flat = x.reshape(n, c, -1).numpy()
-        lo, hi = np.percentile(flat, [norm.low, norm.high], axis=2)  # each (N, C)
+        if stats is None:
+            lo, hi = np.percentile(x.reshape(n, c, -1).numpy(), [norm.low, norm.high], axis=2)  # each (N, C)
+        else:
+            lo = np.broadcast_to(np.asarray(stats[0], dtype=np.float64), (n, c))
+            hi = np.broadcast_to(np.asarray(stats[1], dtype=np.float64), (n, c))
         lo_t = torch.from_numpy(lo.astype(np.float32))[:, :, None, None]
         span = torch.from_numpy(np.maximum(hi - lo, 1e-6).astype(np.float32))[:, :, None, None]
         x = (x - lo_t) / span

@@ -101,26 +101,25 @@ def prepare_run(run_dir: str, *, store_path: str, checkpoint: str, checkpoint_sh
                               "checkpoint_sha256": checkpoint_sha256, "spec": spec}
     dtype = "uint8" if meta.num_classes <= 256 else "uint16"
     for g in groups:
-        masks.create_array(g.name, shape=(g.count, g.height, g.width), chunks=(g.chunk_images, g.height, g.width),
+        masks.create_array(g.name, shape=(g.count, g.height, g.width), chunks=g.chunk_shape,
                            dtype=dtype, fill_value=0, dimension_names=("image", "y", "x"))
     if meta.kind == "instance":
         instances = zarr.open_group(instances_path(root), mode="w")
         instances.attrs["segflow"] = dict(masks.attrs["segflow"])
         for g in groups:
-            instances.create_array(g.name, shape=(g.count, g.height, g.width),
-                                   chunks=(g.chunk_images, g.height, g.width), dtype="uint32", fill_value=0,
-                                   dimension_names=("image", "y", "x"))
+            instances.create_array(g.name, shape=(g.count, g.height, g.width), chunks=g.chunk_shape,
+                                   dtype="uint32", fill_value=0, dimension_names=("image", "y", "x"))
     _atomic_json(info_path, info)  # written last: its presence means the directory is complete
     return info
 
 
-def mask_chunks(run_dir: str) -> tuple[dict[str, int], dict[str, int]]:
-    """``(images per chunk, image count)`` of every mask array, by group name."""
+def mask_chunks(run_dir: str) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """``(chunk shape, array shape)`` of every mask array, by group name (both ``(images, h, w)``)."""
     root = zarr.open_group(masks_path(run_dir), mode="r")
     chunks, counts = {}, {}
     for name, arr in root.arrays():
-        chunks[name] = arr.chunks[0]
-        counts[name] = arr.shape[0]
+        chunks[name] = tuple(arr.chunks)
+        counts[name] = tuple(arr.shape)
     return chunks, counts
 
 

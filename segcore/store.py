@@ -9,7 +9,10 @@ Layout of ``STORE.zarr`` (Zarr v3)::
 
 Images of the same (height, width, channels, dtype) form a *group*; one chunk of ``k`` images
 is one work unit of the later inference, so chunk boundaries are unit boundaries. Ground truth
-uses the identical chunking. Images that cannot be read are manifest rows with
+uses the identical chunking. *Large* images (more than ``chunk_pixels`` pixels and a side longer
+than ``tile_chunk``) form *tiled* groups instead: chunks ``(1, tile, tile, C)``, one image split
+into square blocks of ``tile`` pixels, and each block is one work unit (see
+:mod:`segcore.tiling`). Images that cannot be read are manifest rows with
 ``status="error"`` and no slot; a mask that is missing or does not fit its image leaves the image
 ingested without ground truth (``mask_status`` says why).
 """
@@ -72,10 +75,20 @@ class GroupInfo:
     dtype: str
     count: int
     chunk_images: int
+    #: Side of the square spatial chunks of a tiled group (0: chunks hold whole images).
+    tile: int = 0
 
     @property
     def n_chunks(self) -> int:
+        """Chunks along the image axis (a tiled group: one per image)."""
         return math.ceil(self.count / self.chunk_images)
+
+    @property
+    def chunk_shape(self) -> tuple[int, int, int]:
+        """``(images, height, width)`` of one chunk of the group's arrays."""
+        if self.tile:
+            return 1, min(self.tile, self.height), min(self.tile, self.width)
+        return self.chunk_images, self.height, self.width
 
     def chunk_range(self, chunk_index: int) -> tuple[int, int]:
         """``[start, stop)`` image indices of chunk ``chunk_index``."""
@@ -166,11 +179,15 @@ def probe_sources(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def plan_groups(rows: Sequence[dict[str, Any]], *, chunk_pixels: int, max_chunk_images: int) -> tuple[list[GroupInfo], list[dict[str, Any]]]:
+def plan_groups(rows: Sequence[dict[str, Any]], *, chunk_pixels: int, max_chunk_images: int,
+                tile_chunk: int = 0) -> tuple[list[GroupInfo], list[dict[str, Any]]]:
     """Group readable images by (height, width, channels, dtype) and assign ``group``/``index``.
 
-    Chunks hold ``clamp(chunk_pixels // (H*W), 1, max_chunk_images)`` images. Returns the groups
-    and new rows (inputs are not modified), ordered by group then index, errors last.
+    Chunks hold ``clamp(chunk_pixels // (H*W), 1, max_chunk_images)`` images. With
+    ``tile_chunk > 0``, images of more than ``chunk_pixels`` pixels with a side longer than
+    ``tile_chunk`` are chunked spatially instead, in ``tile_chunk`` squares (a tiled group).
+    Returns the groups and new rows (inputs are not modified), ordered by group then index,
+    errors last.
     """
     keyed: dict[tuple, list[dict[str, Any]]] = {}
     errors = []
@@ -184,7 +201,9 @@ def plan_groups(rows: Sequence[dict[str, Any]], *, chunk_pixels: int, max_chunk_
         h, w, c, dt = key
         members = sorted(keyed[key], key=lambda r: r["image_id"])
         k = int(max(1, min(max_chunk_images, chunk_pixels // (h * w))))
-        g = GroupInfo(name=f"g{gi:03d}", height=h, width=w, channels=c, dtype=dt, count=len(members), chunk_images=k)
+        tile = tile_chunk if tile_chunk > 0 and h * w > chunk_pixels and max(h, w) > tile_chunk else 0
+        g = GroupInfo(name=f"g{gi:03d}", height=h, width=w, channels=c, dtype=dt, count=len(members),
+                      chunk_images=1 if tile else k, tile=tile)
         groups.append(g)
         out.extend(dict(r, group=g.name, index=i) for i, r in enumerate(members))
     return groups, out + errors
@@ -229,12 +248,11 @@ def create_store(path: str, groups: Sequence[GroupInfo], *, with_gt: bool, mask_
     }
     for g in groups:
         root.create_array(f"images/{g.name}", shape=(g.count, g.height, g.width, g.channels),
-                          chunks=(g.chunk_images, g.height, g.width, g.channels), dtype=g.dtype, fill_value=0,
+                          chunks=g.chunk_shape + (g.channels,), dtype=g.dtype, fill_value=0,
                           dimension_names=("image", "y", "x", "c"))
         if with_gt:
-            root.create_array(f"gt/{g.name}", shape=(g.count, g.height, g.width),
-                              chunks=(g.chunk_images, g.height, g.width), dtype=GT_DTYPE, fill_value=0,
-                              dimension_names=("image", "y", "x"))
+            root.create_array(f"gt/{g.name}", shape=(g.count, g.height, g.width), chunks=g.chunk_shape,
+                              dtype=GT_DTYPE, fill_value=0, dimension_names=("image", "y", "x"))
 
 
 def open_store(path: str) -> StoreInfo:

@@ -60,7 +60,7 @@ DEMO_INSTANCE_BATCH_SIZE = 4
 DEMO_INSTANCE_LR = 1e-3
 DEMO_INSTANCE_NORMALISATION = Normalisation(mode="range", scale=255.0)
 #: Training stops after the epoch that passes this many seconds.
-DEMO_INSTANCE_TIME_BUDGET_S = 180.0
+DEMO_INSTANCE_TIME_BUDGET_S = 480.0
 
 #: Default training-only sampling: RPN proposals kept per image, box-head samples per image.
 DEFAULT_PROPOSALS_PER_IMAGE = 500
@@ -329,7 +329,7 @@ def train_instance(
         model = create_model(arch, in_channels=in_channels, num_classes=len(class_names), **arch_kwargs)
         sampling = _set_training_sampling(model, proposals_per_image=proposals_per_image,
                                           rois_per_image=rois_per_image)
-        optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+        optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4, fused=True)
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=epochs * steps_per_epoch,
                                                        pct_start=0.15)
         history: list[dict] = []

@@ -25,8 +25,8 @@ def train_model(spec: TrainSpec, *, num_threads: int | None, command: str) -> di
     if num_threads:
         torch.set_num_threads(num_threads)
     opts = train_defaults(spec.kind)
-    opts.update({k: v for k, v in (("arch_kwargs", spec.arch_kwargs), ("batch_size", spec.batch_size),
-                                   ("lr", spec.lr)) if v is not None})
+    opts.update({k: v for k, v in (("batch_size", spec.batch_size), ("lr", spec.lr)) if v is not None})
+    opts["arch_kwargs"] = {**opts["arch_kwargs"], **(spec.arch_kwargs or {})}
     mask_kind = open_store(spec.store).mask_kind
     images, labels, ids = read_labelled(spec.store)
 

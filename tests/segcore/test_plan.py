@@ -22,8 +22,9 @@ def _store(*groups: GroupInfo) -> StoreInfo:
     return StoreInfo(path="unused.zarr", groups=tuple(groups), mask_kind="class", has_gt=False, spec={})
 
 
-def _layout(store: StoreInfo) -> tuple[dict[str, int], dict[str, int]]:
-    return {g.name: g.chunk_images for g in store.groups}, {g.name: g.count for g in store.groups}
+def _layout(store: StoreInfo) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    return ({g.name: g.chunk_shape for g in store.groups},
+            {g.name: (g.count, g.height, g.width) for g in store.groups})
 
 
 STORE = _store(_group("g000", 5, 2), _group("g001", 3, 3, h=8, w=8))
@@ -130,4 +131,4 @@ def test_empty_unit_is_refused() -> None:
 def test_output_with_other_chunking_is_refused() -> None:
     units = plan_units(STORE)
     with pytest.raises(PlanError, match="chunks of 3 images"):
-        check_alignment(units, chunks={"g000": 3, "g001": 3}, counts=COUNTS)
+        check_alignment(units, chunks={"g000": (3, 4, 6), "g001": (3, 8, 8)}, counts=COUNTS)

@@ -1,0 +1,149 @@
+"""Large images through the same Prefect + Dask path: ingest into spatial chunks, blended semantic
+tiles, stitched instances, mixed image sizes in one collection, resume, and tiling switched off."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from flows.pipeline import run_flow, segment_flow, with_runner
+from segcore.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
+from segcore.config import ExecutionSpec, IngestSpec, RunSpec, SegmentSpec
+from segcore.imageio import write_png
+from segcore.inference import predict_labels
+from segcore.models import create_model
+from segcore.normalise import Normalisation, normalise_batch
+from segcore.results import open_run
+from segcore.store import open_store
+from segcore.synthetic import make_large_sample
+from segcore.tables import read_table
+from segcore.tiled import SEAM_SCHEMA
+from segcore.tiling import Window, blend_block, lattice
+
+EXECUTION = ExecutionSpec(n_workers=1, threads_per_worker=2)
+LARGE = (300, 420)
+
+
+def _collection(root: Path, kind: str) -> dict:
+    """One large image (300 x 420) and three small ones (48 x 48), with masks."""
+    rng = np.random.default_rng(3)
+    image, labels = make_large_sample(rng, height=LARGE[0], width=LARGE[1], kind=kind, per_128=3.0)
+    write_png(root / "images" / "big.png", image)
+    write_png(root / "masks" / "big.png", labels.astype(np.uint16))
+    for i in range(3):
+        small, small_labels = make_large_sample(rng, height=48, width=48, kind=kind, per_128=8.0)
+        write_png(root / "images" / f"small-{i}.png", small)
+        write_png(root / "masks" / f"small-{i}.png", small_labels.astype(np.uint16))
+    return {"images": str(root / "images"), "masks": str(root / "masks"), "big": image, "labels": labels}
+
+
+def _ingest(root: Path, data: dict, kind: str) -> IngestSpec:
+    return IngestSpec(images=data["images"], masks=data["masks"], store=str(root / "store.zarr"),
+                      mask_kind="class" if kind == "semantic" else "instance", chunk_pixels=20_000, tile_chunk=128)
+
+
+@pytest.fixture(scope="module")
+def semantic(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("tiled")
+    data = _collection(root, "semantic")
+    torch.manual_seed(0)
+    model = create_model("unet", in_channels=1, num_classes=3, base=4, depth=2)
+    meta = ModelMeta(arch="unet", arch_kwargs={"base": 4, "depth": 2}, class_names=("background", "disc", "square"),
+                     in_channels=1, normalisation=Normalisation(mode="range", scale=255.0))
+    ckpt = str(save_checkpoint(root / "unet.safetensors", model, meta))
+    spec = RunSpec(ingest=_ingest(root, data, "semantic"),
+                   segment=SegmentSpec(store=str(root / "store.zarr"), checkpoint=ckpt, out=str(root / "run"),
+                                       tile_size=64, overlap=16, execution=EXECUTION))
+    summary = with_runner(run_flow, EXECUTION)(spec)
+    return {"root": root, "data": data, "ckpt": ckpt, "spec": spec, "summary": summary}
+
+
+def test_large_image_is_stored_in_blocks_and_small_ones_batched(semantic) -> None:
+    store = open_store(str(semantic["root"] / "store.zarr"))
+    tiled = [g for g in store.groups if g.tile]
+    small = [g for g in store.groups if not g.tile]
+    assert [(g.height, g.width, g.count, g.tile) for g in tiled] == [(*LARGE, 1, 128)]
+    assert [(g.height, g.width, g.count) for g in small] == [(48, 48, 3)]
+    arr = zarr.open_group(str(semantic["root"] / "store.zarr"), mode="r")[f"images/{tiled[0].name}"]
+    assert arr.chunks == (1, 128, 128, 1)
+    masks = zarr.open_group(str(semantic["root"] / "run" / "masks.zarr"), mode="r")[tiled[0].name]
+    assert masks.chunks == (1, 128, 128)  # output chunks = work units
+    assert semantic["summary"]["units"] == 3 * 4 + 1
+
+
+def test_blocks_equal_one_whole_image_sliding_window(semantic) -> None:
+    """The pipeline's blocks give the labels of one whole-image Gaussian sliding window."""
+    model, meta = load_checkpoint(semantic["ckpt"])
+    image = semantic["data"]["big"][..., None]
+    h, w = LARGE
+    with torch.inference_mode():
+        logits = blend_block(model, image, (0, 0), Window(0, h, 0, w), lattice(h, w, 64, 16),
+                             to_input=lambda b: normalise_batch(b, meta.normalisation), overlap=16)
+    expected = logits.argmax(axis=0)
+    got = open_run(str(semantic["root"] / "run")).mask("big")
+    assert got.shape == LARGE
+    assert (got == expected).mean() > 0.9999
+
+
+def test_dice_rows_of_the_large_image_match_its_mask(semantic) -> None:
+    run = open_run(str(semantic["root"] / "run"))
+    dice = run.dice_table().to_pandas()
+    assert sorted(dice.image_id.unique()) == ["big", "small-0", "small-1", "small-2"]
+    assert not dice.duplicated(["image_id", "class_id"]).any()
+    big = dice[dice.image_id == "big"].sort_values("class_id")
+    pred, gt = run.mask("big"), semantic["data"]["labels"]
+    for _, r in big.iterrows():
+        p, g = pred == r.class_id, gt == r.class_id
+        assert (r.tp, r.fp, r.fn) == ((p & g).sum(), (p & ~g).sum(), (~p & g).sum())
+
+
+def test_rerun_skips_every_block_and_tiling_off_segments_whole(semantic) -> None:
+    spec = semantic["spec"].segment
+    again = with_runner(segment_flow, EXECUTION)(spec)
+    assert again["units_skipped"] == again["units"]
+    whole_spec = spec.model_copy(update={"out": str(semantic["root"] / "whole"), "tile_size": 0})
+    summary = with_runner(segment_flow, EXECUTION)(whole_spec)
+    assert summary["units"] == 2
+    model, meta = load_checkpoint(semantic["ckpt"])
+    expected = predict_labels(model, semantic["data"]["big"][None, ..., None], normalisation=meta.normalisation)[0]
+    np.testing.assert_array_equal(open_run(whole_spec.out).mask("big"), expected)
+
+
+def test_instance_model_stitches_blocks(tmp_path: Path) -> None:
+    data = _collection(tmp_path, "instance")
+    torch.manual_seed(0)
+    arch = {"score_threshold": 0.0}
+    model = create_model("maskrcnn_r18", in_channels=1, num_classes=2, **arch)
+    ckpt = save_checkpoint(tmp_path / "mrcnn.safetensors", model,
+                           ModelMeta(arch="maskrcnn_r18", arch_kwargs=arch, class_names=("background", "nucleus"),
+                                     in_channels=1, normalisation=Normalisation(mode="percentile")))
+    out = str(tmp_path / "run")
+    spec = RunSpec(ingest=_ingest(tmp_path, data, "instance"),
+                   segment=SegmentSpec(store=str(tmp_path / "store.zarr"), checkpoint=str(ckpt), out=out,
+                                       tile_size=64, overlap=24, execution=EXECUTION))
+    summary = with_runner(run_flow, EXECUTION)(spec)
+    run = open_run(out)
+    inst = run.instance_table().to_pandas()
+    assert summary["instance"]["instances_predicted"] == len(inst)
+    labels = run.instances("big")
+    rows = inst[inst.image_id == "big"]
+    assert len(rows) > 0 and not rows.instance_id.duplicated().any()
+    assert sorted(rows.instance_id) == sorted(set(np.unique(labels).tolist()) - {0})
+    for _, r in rows.iterrows():
+        x0, y0, x1, y1 = r.bbox
+        own = labels == r.instance_id
+        assert own.sum() == r.area and own[y0:y1, x0:x1].sum() == r.area
+    np.testing.assert_array_equal(run.mask("big"), (labels > 0).astype(np.uint8))
+    seams = read_table(Path(out) / "seams", SEAM_SCHEMA).to_pandas()
+    assert list(seams.image_id) == ["big"] and seams.blocks.iloc[0] == 12
+    assert seams.objects.iloc[0] == len(rows)
+    metrics = run.instance_metrics_table().to_pandas()
+    assert sorted(metrics.image_id) == ["big", "small-0", "small-1", "small-2"]
+    # resuming after a lost block redoes that block's detection and every paste of its image
+    (Path(out) / "blocks" / "unit-00005.npz").unlink()
+    with_runner(segment_flow, EXECUTION)(spec.segment)
+    np.testing.assert_array_equal(open_run(out).instances("big"), labels)
