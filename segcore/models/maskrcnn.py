@@ -145,7 +145,8 @@ class InstanceSegmenter(nn.Module):
 
 
 def _check_common(*, in_channels: int, num_classes: int, min_size: int | None, max_size: int | None,
-                  box_detections_per_img: int, score_threshold: float, mask_threshold: float) -> None:
+                  box_detections_per_img: int, score_threshold: float, mask_threshold: float,
+                  proposals_per_img: int = 1000) -> None:
     if in_channels not in (1, 3):
         raise ConfigError(f"Mask R-CNN needs in_channels 1 or 3, got {in_channels}")
     if not 2 <= num_classes <= _MAX_CLASSES:
@@ -157,6 +158,8 @@ def _check_common(*, in_channels: int, num_classes: int, min_size: int | None, m
         raise ConfigError(f"need 0 < min_size <= max_size, got min_size={min_size}, max_size={max_size}")
     if box_detections_per_img < 1:
         raise ConfigError(f"box_detections_per_img must be >= 1, got {box_detections_per_img}")
+    if proposals_per_img < 1:
+        raise ConfigError(f"proposals_per_img must be >= 1, got {proposals_per_img}")
     for name, value in (("score_threshold", score_threshold), ("mask_threshold", mask_threshold)):
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"{name} is a probability in [0, 1), got {value}")
@@ -182,18 +185,21 @@ def _wrap(detector: MaskRCNN, *, in_channels: int, num_classes: int, min_size: i
 def build_maskrcnn(*, in_channels: int = 1, num_classes: int = 2, min_size: int | None = None,
                    max_size: int | None = None, box_detections_per_img: int = 100,
                    anchor_sizes: Sequence[int] | None = None, score_threshold: float = 0.05,
-                   mask_threshold: float = 0.5) -> InstanceSegmenter:
+                   mask_threshold: float = 0.5, proposals_per_img: int = 1000) -> InstanceSegmenter:
     """Mask R-CNN with a ResNet-50 FPN backbone (torchvision's ``maskrcnn_resnet50_fpn``), untrained.
 
     ``num_classes`` includes the background. ``anchor_sizes`` (px, one per FPN level) defaults
     to torchvision's ``(32, 64, 128, 256, 512)``. ``score_threshold`` is the floor on detection
     scores (kept: ``score > score_threshold``); ``mask_threshold`` is the default probability
-    above which a mask pixel is foreground. See the module docstring for resizing.
+    above which a mask pixel is foreground. ``box_detections_per_img`` caps the detections and
+    ``proposals_per_img`` the region proposals (before and after their NMS) per image at
+    inference; neither changes the weights, so a checkpoint can be rebuilt with larger caps for
+    images holding more objects. See the module docstring for resizing.
     """
     _check_common(in_channels=in_channels, num_classes=num_classes, min_size=min_size, max_size=max_size,
                   box_detections_per_img=box_detections_per_img, score_threshold=score_threshold,
-                  mask_threshold=mask_threshold)
-    extra: dict[str, Any] = {}
+                  mask_threshold=mask_threshold, proposals_per_img=proposals_per_img)
+    extra: dict[str, Any] = {"rpn_pre_nms_top_n_test": proposals_per_img, "rpn_post_nms_top_n_test": proposals_per_img}
     if anchor_sizes is not None:
         extra["rpn_anchor_generator"] = _anchor_generator(anchor_sizes)
     detector = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes,
@@ -206,7 +212,7 @@ def build_maskrcnn(*, in_channels: int = 1, num_classes: int = 2, min_size: int 
 def build_maskrcnn_r18(*, in_channels: int = 1, num_classes: int = 2, min_size: int | None = None,
                        max_size: int | None = None, box_detections_per_img: int = 100,
                        anchor_sizes: Sequence[int] = SMALL_OBJECT_ANCHORS, score_threshold: float = 0.05,
-                       mask_threshold: float = 0.5) -> InstanceSegmenter:
+                       mask_threshold: float = 0.5, proposals_per_img: int = 1000) -> InstanceSegmenter:
     """Mask R-CNN with a ResNet-18 FPN backbone (all layers trainable), untrained; lighter on CPUs.
 
     Same arguments as :func:`build_maskrcnn`; ``anchor_sizes`` defaults to
@@ -214,11 +220,12 @@ def build_maskrcnn_r18(*, in_channels: int = 1, num_classes: int = 2, min_size: 
     """
     _check_common(in_channels=in_channels, num_classes=num_classes, min_size=min_size, max_size=max_size,
                   box_detections_per_img=box_detections_per_img, score_threshold=score_threshold,
-                  mask_threshold=mask_threshold)
+                  mask_threshold=mask_threshold, proposals_per_img=proposals_per_img)
     backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, norm_layer=nn.BatchNorm2d,
                                    trainable_layers=5)
     detector = MaskRCNN(backbone, num_classes=num_classes, rpn_anchor_generator=_anchor_generator(anchor_sizes),
-                        box_detections_per_img=box_detections_per_img, box_score_thresh=score_threshold)
+                        box_detections_per_img=box_detections_per_img, box_score_thresh=score_threshold,
+                        rpn_pre_nms_top_n_test=proposals_per_img, rpn_post_nms_top_n_test=proposals_per_img)
     return _wrap(detector, in_channels=in_channels, num_classes=num_classes, min_size=min_size,
                  max_size=max_size, mask_threshold=mask_threshold)
 
