@@ -38,8 +38,6 @@ from segcore.checkpoint import load_checkpoint, read_meta, save_checkpoint  # no
 from segcore.instance_metrics import instance_iou, match_instances  # noqa: E402
 from segcore.results import open_run  # noqa: E402
 from segcore.synthetic import make_large_sample  # noqa: E402
-from segcore.tables import read_table  # noqa: E402
-from segcore.tiled import SEAM_SCHEMA  # noqa: E402
 
 
 def segflow(*args: str) -> dict:
@@ -205,7 +203,7 @@ def cmd_instance(args: argparse.Namespace, work: Path) -> dict:
         inside = counts[sel] >= 0.5 * p_area[p_of[sel]]  # predicted objects lying mostly in the object
         split += int(pieces.sum() >= 2)
         duplicated += int(inside.sum() >= 2)
-    seam_table = read_table(work / "tiled" / "seams", SEAM_SCHEMA).to_pylist()
+    seam_table = rt.seam_table().to_pylist()
     seam_row = {k: v for k, v in seam_table[0].items() if k not in ("checkpoint_sha256", "run_id")}
     return {"size": args.size, "gt_objects": n_gt, "gt_objects_crossing_detector_seams": _objects_crossing(labels, 256),
             "gt_objects_crossing_block_seams": _objects_crossing(labels, 1024), "found_by_whole": len(found_set),

@@ -188,7 +188,7 @@ def segment_steps(spec: SegmentSpec) -> dict[str, Any]:
     todo = [u for u in whole if u.name not in done]
     n_images = sum(u.n_images for u in todo)
     log.info("segment: run %s, %d unit(s), %d already done, %d to do (%d images)%s", run_id, len(units),
-             len(units) - len(todo) - sum(u.name not in done for u in blocks), len(todo), n_images,
+             sum(u.name in done for u in units), len(todo) + sum(u.name not in done for u in blocks), n_images,
              f"; {len({(u.group, u.start) for u in blocks})} large image(s) in {len(blocks)} blocks, tiles "
              f"{tiling.tile or 'per block'} px, overlap {tiling.overlap} px" if blocks else "")
     threads = torch_threads(spec.execution)

@@ -21,7 +21,7 @@ import zarr
 from segcore.errors import NotFound
 from segcore.rundir import dice_dir, instances_path, masks_path, read_run_info, table_dir
 from segcore.store import open_store, read_manifest
-from segcore.tables import INSTANCE_METRICS_SCHEMA, INSTANCE_SCHEMA, read_dice, read_table
+from segcore.tables import INSTANCE_METRICS_SCHEMA, INSTANCE_SCHEMA, SEAM_SCHEMA, read_dice, read_table
 
 
 class RunReader:
@@ -85,6 +85,10 @@ class RunReader:
     def instance_metrics_table(self) -> pa.Table:
         """One row per image evaluated against instance ground truth (empty otherwise)."""
         return read_table(table_dir(self.path, "instance_metrics"), INSTANCE_METRICS_SCHEMA)
+
+    def seam_table(self) -> pa.Table:
+        """One row per tiled image of an instance model (see ``SEAM_SCHEMA``); empty otherwise."""
+        return read_table(table_dir(self.path, "seams"), SEAM_SCHEMA)
 
     def dice_table(self) -> pa.Table:
         """The whole Dice table of this run (``run_id`` included)."""

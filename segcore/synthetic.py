@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
@@ -162,17 +163,22 @@ def generate_collection(
         raise ConfigError(f"n_images must be a positive integer, got {n_images!r}")
     size = _check_size(size)
     out = Path(out_dir)
+    return _write_collection(out, make_sample, n_images=n_images, size=size, seed=seed, what="")
+
+
+def _write_collection(out: Path, make: Any, *, n_images: int, size: int, seed: int, what: str) -> list[str]:
+    """Write ``images/img-NNNNN.png`` and ``masks/img-NNNNN.png`` from ``make(rng, size=size)``,
+    one independent random stream per image; returns the ids."""
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
-    streams = np.random.SeedSequence(seed).spawn(int(n_images))
     ids = []
-    for i, stream in enumerate(streams):
-        image, classes = make_sample(np.random.default_rng(stream), size=size)
+    for i, stream in enumerate(np.random.SeedSequence(seed).spawn(int(n_images))):
+        image, labels = make(np.random.default_rng(stream), size=size)
         image_id = f"img-{i:05d}"
         write_png(out / "images" / f"{image_id}.png", image)
-        write_png(out / "masks" / f"{image_id}.png", classes)
+        write_png(out / "masks" / f"{image_id}.png", labels)
         ids.append(image_id)
-    log.info("wrote %d synthetic %dx%d images and masks under %s", len(ids), size, size, out)
+    log.info("wrote %d synthetic %dx%d %simages and masks under %s", len(ids), size, size, what, out)
     return ids
 
 
@@ -298,17 +304,7 @@ def generate_instance_collection(
         raise ConfigError(f"n_images must be a positive integer, got {n_images!r}")
     size = _check_size(size)
     out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
-    ids = []
-    for i, stream in enumerate(np.random.SeedSequence(seed).spawn(int(n_images))):
-        image, labels = make_instance_sample(np.random.default_rng(stream), size=size)
-        image_id = f"img-{i:05d}"
-        write_png(out / "images" / f"{image_id}.png", image)
-        write_png(out / "masks" / f"{image_id}.png", labels)
-        ids.append(image_id)
-    log.info("wrote %d synthetic %dx%d instance images and masks under %s", len(ids), size, size, out)
-    return ids
+    return _write_collection(out, make_instance_sample, n_images=n_images, size=size, seed=seed, what="instance ")
 
 
 def _large_background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:

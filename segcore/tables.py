@@ -42,6 +42,22 @@ DICE_SCHEMA = pa.schema(
 DICE_COLUMNS = ("run_id",) + tuple(DICE_SCHEMA.names)
 
 
+#: One row per tiled (large) image of an instance model: how its blocks were stitched.
+SEAM_SCHEMA = pa.schema([
+    ("image_id", pa.string()),
+    ("blocks", pa.int32()),
+    ("tile_size", pa.int32()),
+    ("overlap", pa.int32()),
+    ("objects", pa.int64()),
+    ("objects_on_seams", pa.int64()),
+    ("duplicates_dropped", pa.int64()),
+    ("cut_risk", pa.int64()),
+    ("windows_at_cap", pa.int64()),
+    ("model", pa.string()),
+    ("checkpoint_sha256", pa.string()),
+])
+
+
 def dice_table(*, image_ids: Sequence[str], class_names: Sequence[str], tp: np.ndarray, fp: np.ndarray,
                fn: np.ndarray, dice: np.ndarray, empty_gt: np.ndarray, model: str, checkpoint_sha256: str,
                unit: str, errors: Sequence[tuple[str, str]] = ()) -> pa.Table:

@@ -40,7 +40,7 @@ from segcore.metrics import confusion_counts, dice_from_counts
 from segcore.normalise import normalise_batch, percentile_stats
 from segcore.plan import WorkUnit
 from segcore.rundir import dice_dir, instances_path, mark_unit_done, masks_path, table_dir
-from segcore.tables import dice_table, instance_metrics_table, instance_table, write_part
+from segcore.tables import SEAM_SCHEMA, dice_table, instance_metrics_table, instance_table, write_part
 from segcore.tiling import (BLENDS, BlockObjects, Window, blend_block, chunk_windows, flip_tta, keep_core_objects,
                             objects_on_seams, paste_objects, read_window, tiles_for)
 
@@ -54,19 +54,6 @@ DEFAULT_TILE = 512
 DEFAULT_INSTANCE_TILE = 256
 DEFAULT_INSTANCE_OVERLAP = 64
 
-SEAM_SCHEMA = pa.schema([
-    ("image_id", pa.string()),
-    ("blocks", pa.int32()),
-    ("tile_size", pa.int32()),
-    ("overlap", pa.int32()),
-    ("objects", pa.int64()),
-    ("objects_on_seams", pa.int64()),
-    ("duplicates_dropped", pa.int64()),
-    ("cut_risk", pa.int64()),
-    ("windows_at_cap", pa.int64()),
-    ("model", pa.string()),
-    ("checkpoint_sha256", pa.string()),
-])
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,14 @@ def _as_nhwc(images: np.ndarray) -> np.ndarray:
     return images
 
 
+def seeded_split(n: int, n_val: int, seed: int) -> tuple[np.random.Generator, np.ndarray, np.ndarray]:
+    """``(rng, train_idx, val_idx)``: ``n_val`` of ``n`` images held out by a generator seeded with
+    ``seed`` (indices sorted); the generator goes on to drive the augmentation."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    return rng, np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
 def _check_inputs(
     images: np.ndarray,
     masks: np.ndarray,
@@ -198,9 +206,7 @@ def train_semantic(
     num_classes, in_channels = len(class_names), images.shape[-1]
     t0 = time.perf_counter()
 
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(images.shape[0])
-    val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+    rng, train_idx, val_idx = seeded_split(images.shape[0], n_val, seed)
     x_train = normalise_batch(images[train_idx], normalisation)
     y_train = torch.from_numpy(masks[train_idx].astype(np.int64))
     x_val, y_val = images[val_idx], masks[val_idx]

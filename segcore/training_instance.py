@@ -44,6 +44,7 @@ from segcore.instance_metrics import instance_scores
 from segcore.instances import predict_instances, targets_from_instance_labels
 from segcore.models import MODEL_KINDS, create_model
 from segcore.normalise import Normalisation, normalise_batch
+from segcore.training import _RESERVED_ARCH_KEYS, _as_nhwc, seeded_split
 
 log = logging.getLogger(__name__)
 
@@ -67,18 +68,6 @@ DEFAULT_PROPOSALS_PER_IMAGE = 500
 DEFAULT_ROIS_PER_IMAGE = 64
 #: Gradients are clipped to this global L2 norm.
 GRAD_CLIP_NORM = 10.0
-
-_RESERVED_ARCH_KEYS = ("in_channels", "num_classes")
-
-
-def _as_nhwc(images: np.ndarray) -> np.ndarray:
-    images = np.asarray(images)
-    if images.ndim == 3:
-        return images[..., None]
-    if images.ndim != 4:
-        raise ConfigError(f"images must be (N, H, W, C) or (N, H, W), got shape {images.shape}")
-    return images
-
 
 def _positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
     if value is None and allow_none:
@@ -313,9 +302,7 @@ def train_instance(
     in_channels = images.shape[-1]
     t0 = time.perf_counter()
 
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(images.shape[0])
-    val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+    rng, train_idx, val_idx = seeded_split(images.shape[0], n_val, seed)
     x_train = normalise_batch(images[train_idx], normalisation)
     y_train = torch.from_numpy(labels[train_idx].astype(np.int64))
     classes_train = [None if instance_classes is None else dict(instance_classes[i]) for i in train_idx]

@@ -20,8 +20,6 @@ from segcore.normalise import Normalisation, normalise_batch
 from segcore.results import open_run
 from segcore.store import open_store
 from segcore.synthetic import make_large_sample
-from segcore.tables import read_table
-from segcore.tiled import SEAM_SCHEMA
 from segcore.tiling import Window, blend_block, lattice
 
 EXECUTION = ExecutionSpec(n_workers=1, threads_per_worker=2)
@@ -138,7 +136,7 @@ def test_instance_model_stitches_blocks(tmp_path: Path) -> None:
         own = labels == r.instance_id
         assert own.sum() == r.area and own[y0:y1, x0:x1].sum() == r.area
     np.testing.assert_array_equal(run.mask("big"), (labels > 0).astype(np.uint8))
-    seams = read_table(Path(out) / "seams", SEAM_SCHEMA).to_pandas()
+    seams = run.seam_table().to_pandas()
     assert list(seams.image_id) == ["big"] and seams.blocks.iloc[0] == 12
     assert seams.objects.iloc[0] == len(rows)
     metrics = run.instance_metrics_table().to_pandas()
