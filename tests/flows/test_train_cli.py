@@ -1,0 +1,50 @@
+"""`segflow train` end to end on tiny stores: options merge over the model's defaults, instance
+training without a validation split, and options a model does not take are refused up front."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+from segcore.checkpoint import read_meta
+from segcore.synthetic import generate_collection, generate_instance_collection
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("train")
+    generate_collection(root / "sem", n_images=6, size=32, seed=0)
+    generate_instance_collection(root / "inst", n_images=3, size=64, seed=0)
+    for name, kind in (("sem", "class"), ("inst", "instance")):
+        assert main(["ingest", "--images", str(root / name / "images"), "--masks", str(root / name / "masks"),
+                     "--mask-kind", kind, "--store", str(root / f"{name}.zarr")]) == 0
+    return {"root": root, "sem": str(root / "sem.zarr"), "inst": str(root / "inst.zarr")}
+
+
+def test_unet_options_merge_over_the_defaults(stores) -> None:
+    out = Path(stores["root"]) / "unet.safetensors"
+    assert main(["train", "--store", stores["sem"], "--model", "unet", "--out", str(out), "--epochs", "1",
+                 "--base", "4", "--batch-size", "4"]) == 0
+    meta = read_meta(out)
+    assert meta.arch_kwargs == {"base": 4, "depth": 3}
+    assert meta.provenance["command"].startswith("segflow") and meta.provenance["n_val"] == 1
+
+
+def test_instance_model_trains_on_everything_with_the_default_score_floor(stores) -> None:
+    out = Path(stores["root"]) / "mrcnn.safetensors"
+    assert main(["train", "--store", stores["inst"], "--model", "maskrcnn_r18", "--out", str(out), "--epochs", "1",
+                 "--val-fraction", "0", "--crop-size", "48", "--class-names", "background,nucleus"]) == 0
+    meta = read_meta(out)
+    assert meta.arch_kwargs == {"score_threshold": 0.7}
+    assert meta.provenance["n_val"] == 0 and meta.class_names == ("background", "nucleus")
+
+
+def test_options_a_model_does_not_take_are_refused(stores, capsys) -> None:
+    out = Path(stores["root"]) / "bad.safetensors"
+    assert main(["train", "--store", stores["sem"], "--model", "unet", "--out", str(out),
+                 "--score-threshold", "0.5"]) == 2
+    assert "takes no option" in capsys.readouterr().err
+    assert main(["train", "--store", stores["sem"], "--model", "unet", "--out", str(out), "--val-fraction", "0"]) == 2
+    assert not out.exists()
