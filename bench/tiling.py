@@ -157,15 +157,34 @@ def cmd_memory(args: argparse.Namespace, work: Path) -> dict:
     return {"rows": rows}
 
 
-def _objects_crossing(labels: np.ndarray, step: int) -> int:
+def _crossing_ids(labels: np.ndarray, step: int) -> set[int]:
     """Ground-truth objects whose pixels lie on both sides of a line at a multiple of ``step``."""
     from scipy.ndimage import find_objects
 
-    n = 0
-    for sl in find_objects(labels):
-        if sl is not None and any(s.start // step != (s.stop - 1) // step for s in sl):
-            n += 1
-    return n
+    return {i + 1 for i, sl in enumerate(find_objects(labels.astype(np.int32)))
+            if sl is not None and any(s.start // step != (s.stop - 1) // step for s in sl)}
+
+
+def _objects_crossing(labels: np.ndarray, step: int) -> int:
+    return len(_crossing_ids(labels, step))
+
+
+def _matched(pred: np.ndarray, labels: np.ndarray) -> set[int]:
+    """Ground-truth objects matched one-to-one at IoU >= 0.5."""
+    iou, _, gt_ids = instance_iou(pred, labels)
+    return {int(g) for g in gt_ids[match_instances(iou, threshold=0.5)[1]]}
+
+
+def _in_pieces(pred: np.ndarray, labels: np.ndarray) -> set[int]:
+    """Ground-truth objects covered by two or more predicted objects, each lying mostly (>= 50 % of its
+    pixels) inside the object and covering >= 10 % of it: an object split, or detected twice."""
+    m = int(pred.max()) + 1
+    sel = (labels > 0) & (pred > 0)
+    codes, counts = np.unique(labels[sel].astype(np.int64) * m + pred[sel].astype(np.int64), return_counts=True)
+    g, p = codes // m, codes % m
+    g_area, p_area = np.bincount(labels.ravel().astype(np.int64)), np.bincount(pred.ravel().astype(np.int64))
+    piece = (counts >= 0.5 * p_area[p]) & (counts >= 0.1 * g_area[g])
+    return {int(v) for v, n in zip(*np.unique(g[piece], return_counts=True)) if n >= 2}
 
 
 def cmd_instance(args: argparse.Namespace, work: Path) -> dict:
@@ -188,26 +207,19 @@ def cmd_instance(args: argparse.Namespace, work: Path) -> dict:
     mt = rt.instance_metrics_table().to_pylist()[0]
     mw = rw.instance_metrics_table().to_pylist()[0]
     # Ground-truth objects the whole-image pass finds (IoU >= 0.5): does tiling split or duplicate them?
-    iou, _, gt_ids = instance_iou(pw, labels)
-    found = sorted(int(g) for g in gt_ids[match_instances(iou, threshold=0.5)[1]])
-    gt_area = np.bincount(labels.ravel())
-    pair = labels.astype(np.uint64) * np.uint64(int(pt.max()) + 1) + pt.astype(np.uint64)
-    codes, counts = np.unique(pair[(labels > 0) & (pt > 0)], return_counts=True)
-    g_of, p_of = (codes // np.uint64(int(pt.max()) + 1)).astype(np.int64), (codes % np.uint64(int(pt.max()) + 1)).astype(np.int64)
-    p_area = np.bincount(pt.ravel())
-    found_set = set(found)
-    split = duplicated = 0
-    for g in found:
-        sel = g_of == g
-        pieces = counts[sel] >= 0.1 * gt_area[g]  # predicted objects holding >= 10 % of the object
-        inside = counts[sel] >= 0.5 * p_area[p_of[sel]]  # predicted objects lying mostly in the object
-        split += int(pieces.sum() >= 2)
-        duplicated += int(inside.sum() >= 2)
+    found, found_tiled = _matched(pw, labels), _matched(pt, labels)
+    lost = found - found_tiled
+    in_pieces_t, in_pieces_w = _in_pieces(pt, labels), _in_pieces(pw, labels)
+    by_tiling = (in_pieces_t - in_pieces_w) & found
+    crossing = _crossing_ids(labels, args.tile)
     seam_table = rt.seam_table().to_pylist()
     seam_row = {k: v for k, v in seam_table[0].items() if k not in ("checkpoint_sha256", "run_id")}
-    return {"size": args.size, "gt_objects": n_gt, "gt_objects_crossing_detector_seams": _objects_crossing(labels, 256),
-            "gt_objects_crossing_block_seams": _objects_crossing(labels, 1024), "found_by_whole": len(found_set),
-            "split_by_tiling": split, "duplicated_by_tiling": duplicated,
+    return {"size": args.size, "gt_objects": n_gt, "gt_objects_crossing_detector_seams": len(crossing),
+            "gt_objects_crossing_block_seams": _objects_crossing(labels, 1024), "found_by_whole": len(found),
+            "in_pieces_tiled": len(in_pieces_t), "in_pieces_whole": len(in_pieces_w),
+            "split_or_duplicated_by_tiling": len(by_tiling),
+            "split_or_duplicated_by_tiling_on_seams": len(by_tiling & crossing),
+            "found_by_whole_missed_by_tiled": len(lost), "of_which_on_seams": len(lost & crossing),
             "f1_tiled": mt["f1"], "f1_whole": mw["f1"], "delta_f1": mt["f1"] - mw["f1"],
             "ap_tiled": mt["ap"], "ap_whole": mw["ap"], "seams": seam_row, "tiled": tiled, "whole": whole,
             "model": read_meta(ckpt).arch}
@@ -219,6 +231,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192, 16384])
     ap.add_argument("--per-128", type=float, default=3.0, help="instance mode: objects per 128 x 128 px")
+    ap.add_argument("--tile", type=int, default=256, help="instance mode: the detector core of the run (for seam counts)")
     ap.add_argument("--checkpoint", help="use this checkpoint instead of training the demo model")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=str(ROOT / "bench" / "out" / "tiling"))

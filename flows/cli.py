@@ -28,7 +28,8 @@ def _add_execution(p: argparse.ArgumentParser) -> None:
 def _add_segment(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="segflow checkpoint (.safetensors)")
     p.add_argument("--out", required=True, help="run directory (created; re-running into it resumes)")
-    p.add_argument("--batch-size", type=int, help="images per forward pass (default 8)")
+    p.add_argument("--batch-size", type=int,
+                   help="images per forward pass (default 8; tiles of large images: at most 1 Mpx per pass)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: CUDA when present")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
                    help="autocast dtype of semantic models on CUDA (default bf16; instance models run fp32)")

@@ -50,7 +50,8 @@ class SegmentSpec(_Spec):
     store: str = Field(description="Zarr collection store made by 'segflow ingest'.")
     checkpoint: str = Field(description="segflow checkpoint (.safetensors) to segment with.")
     out: str = Field(description="Run directory: masks.zarr, dice/ Parquet dataset, summary.")
-    batch_size: int = Field(8, gt=0, description="Images per forward pass.")
+    batch_size: int = Field(8, gt=0, description="Images per forward pass (tiles of large images: at most 1 Mpx "
+                                                  "per pass).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA when present.")
     precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Autocast dtype on CUDA (CPU runs fp32).")
     tile_size: int | None = Field(
@@ -62,7 +63,8 @@ class SegmentSpec(_Spec):
                                 "for instance models, the halo around each detector core (default 64; must exceed "
                                 "the largest object).")
     blend: Literal["gaussian", "linear"] = Field(
-        "gaussian", description="How overlapping semantic tiles are weighted: gaussian (sigma = tile/8) or linear ramps.")
+        "gaussian",
+        description="How overlapping semantic tiles are weighted: gaussian (sigma = tile/8) or linear ramps.")
     tta: bool = Field(False, description="Semantic models on large images: average logits over flips (4x compute).")
     execution: ExecutionSpec = ExecutionSpec()
 

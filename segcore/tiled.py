@@ -42,12 +42,14 @@ from segcore.plan import WorkUnit
 from segcore.rundir import dice_dir, instances_path, mark_unit_done, masks_path, table_dir
 from segcore.tables import SEAM_SCHEMA, dice_table, instance_metrics_table, instance_table, write_part
 from segcore.tiling import (BLENDS, BlockObjects, Window, blend_block, chunk_windows, flip_tta, keep_core_objects,
-                            objects_on_seams, paste_objects, read_window, tiles_for)
+                            paste_objects, read_window, tiles_for)
 
 #: Instance metrics of a tiled image are computed when its label image has at most this many pixels.
 MAX_METRIC_PIXELS = 1 << 26
 #: Pixels sampled (at most) per large image to find its normalisation percentiles.
 STATS_SAMPLES = 1 << 22
+#: Semantic tiles per forward pass: at most ``batch_size`` and at most this many pixels (bounds memory).
+TILE_BATCH_PIXELS = 1 << 20
 #: Default model tile of semantic models, and default overlaps.
 DEFAULT_TILE = 512
 #: Instance models: detector core side and halo.
@@ -164,7 +166,8 @@ def segment_block(*, store_path: str, run_dir: str, unit: WorkUnit, checkpoint: 
     with torch.inference_mode():
         logits = blend_block(flip_tta(forward) if tiling.tta else forward, raw, (rw.y0, rw.x0), core, tiles,
                              to_input=lambda b: normalise_batch(b, meta.normalisation, stats=stats),
-                             blend=tiling.blend, overlap=tiling.overlap, batch_size=batch_size)
+                             blend=tiling.blend, overlap=tiling.overlap,
+                             batch_size=max(1, min(batch_size, TILE_BATCH_PIXELS // tiling.tile**2)))
     pred = logits.argmax(axis=0).astype(np.uint8 if meta.num_classes <= 256 else np.uint16)
     zarr.open_group(masks_path(run_dir), mode="r+")[unit.group][unit.start, core.y0:core.y1, core.x0:core.x1] = pred
     row = _unit_rows(store_path, unit)[0]
@@ -186,7 +189,8 @@ def save_block(run_dir: str, unit: WorkUnit, block: BlockObjects) -> Path:
     bits = np.packbits(np.concatenate([m.ravel() for m in block.masks])) if block.masks else np.zeros(0, np.uint8)
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, boxes=block.boxes, classes=block.classes, scores=block.scores, cut_risk=block.cut_risk,
-                 sizes=sizes, bits=bits, dropped=np.int64(block.duplicates_dropped), capped=np.int64(block.capped))
+                 sizes=sizes, bits=bits, dropped=np.int64(block.duplicates_dropped), capped=np.int64(block.capped),
+                 on_seams=np.int64(block.on_seams))
     return path
 
 
@@ -200,7 +204,8 @@ def load_block(run_dir: str, unit_name: str) -> BlockObjects:
             masks.append(flat[offset:offset + n].reshape(int(y1 - y0), int(x1 - x0)))
             offset += int(n)
         return BlockObjects(boxes=boxes, masks=masks, classes=z["classes"], scores=z["scores"],
-                            cut_risk=z["cut_risk"], duplicates_dropped=int(z["dropped"]), capped=int(z["capped"]))
+                            cut_risk=z["cut_risk"], duplicates_dropped=int(z["dropped"]), capped=int(z["capped"]),
+                            on_seams=int(z["on_seams"]))
 
 
 def detect_block(*, store_path: str, run_dir: str, unit: WorkUnit, checkpoint: str, checkpoint_sha256: str,
@@ -237,7 +242,8 @@ def detect_block(*, store_path: str, run_dir: str, unit: WorkUnit, checkpoint: s
         boxes=np.concatenate([p.boxes for p in parts]), masks=[m for p in parts for m in p.masks],
         classes=np.concatenate([p.classes for p in parts]), scores=np.concatenate([p.scores for p in parts]),
         cut_risk=np.concatenate([p.cut_risk for p in parts]),
-        duplicates_dropped=sum(p.duplicates_dropped for p in parts), capped=capped)
+        duplicates_dropped=sum(p.duplicates_dropped for p in parts), capped=capped,
+        on_seams=sum(p.on_seams for p in parts))
     save_block(run_dir, unit, objects)
     return {"unit": unit.name, "objects": len(objects), "windows": len(parts), "capped": capped,
             "seconds": round(time.perf_counter() - t0, 4)}
@@ -292,7 +298,7 @@ def paste_block(*, store_path: str, run_dir: str, unit: WorkUnit, sources: Seque
     own = blocks[unit.name]
     row = _unit_rows(store_path, unit)[0]
     record = _record(unit, t0, started, device, objects=owned, detected=len(own),
-                     on_seams=objects_on_seams(own, core), duplicates_dropped=own.duplicates_dropped,
+                     on_seams=own.on_seams, duplicates_dropped=own.duplicates_dropped,
                      cut_risk=int(own.cut_risk.sum()), capped=own.capped,
                      counts=_counts_vs_gt(store_path, unit, classes, mask_kind=mask_kind,
                                           num_classes=meta.num_classes, row=row))
@@ -362,8 +368,7 @@ def finish_image(*, store_path: str, run_dir: str, run_id: str, group: str, inde
              "area": area} for oid, (area, y0, x0, y1, x1) in sorted(objects.items())]
     write_part(instance_table([(row["image_id"], inst)], class_names=meta.class_names, **common),
                table_dir(run_dir, "instances", run_id), f"{part}.parquet")
-    seam = {"image_id": row["image_id"], "blocks": len(records), "tile_size": max(
-        (r["window"][1] - r["window"][0] for r in records), default=0), "overlap": tiling.overlap,
+    seam = {"image_id": row["image_id"], "blocks": len(records), "tile_size": tiling.tile, "overlap": tiling.overlap,
         "objects": len(inst), "objects_on_seams": sum(r["on_seams"] for r in records),
         "duplicates_dropped": sum(r["duplicates_dropped"] for r in records),
         "cut_risk": sum(r["cut_risk"] for r in records), "windows_at_cap": sum(r["capped"] for r in records),

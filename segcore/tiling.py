@@ -206,6 +206,7 @@ class BlockObjects:
     cut_risk: np.ndarray  # (K,) bool: touches the window edge inside the image
     duplicates_dropped: int  # detections of this window whose centre lay in another core
     capped: int = 0  # detector windows whose detections reached the model's cap
+    on_seams: int = 0  # kept objects reaching beyond the core that kept them (they cross a seam)
 
     def __len__(self) -> int:
         return len(self.masks)
@@ -241,9 +242,11 @@ def keep_core_objects(labels: np.ndarray, records: Sequence[dict], window: Windo
                    or (gy1 == window.y1 and window.y1 < height) or (gx1 == window.x1 and window.x1 < width))
         classes.append(int(r["class_id"]))
         scores.append(float(r["score"]))
-    return BlockObjects(boxes=np.asarray(boxes, dtype=np.int64).reshape(-1, 4), masks=masks,
-                        classes=np.asarray(classes, dtype=np.int64), scores=np.asarray(scores, dtype=np.float32),
-                        cut_risk=np.asarray(cut, dtype=bool), duplicates_dropped=dropped)
+    block = BlockObjects(boxes=np.asarray(boxes, dtype=np.int64).reshape(-1, 4), masks=masks,
+                         classes=np.asarray(classes, dtype=np.int64), scores=np.asarray(scores, dtype=np.float32),
+                         cut_risk=np.asarray(cut, dtype=bool), duplicates_dropped=dropped)
+    block.on_seams = objects_on_seams(block, core)
+    return block
 
 
 def paste_objects(core: Window, objects: Iterable[tuple[int, BlockObjects]]) -> tuple[np.ndarray, np.ndarray]:
