@@ -9,6 +9,7 @@ no two workers ever write the same chunk.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -108,9 +109,9 @@ def check_alignment(units: Sequence[WorkUnit], *, chunks: Mapping[str, Sequence[
     for (group, index), seen in blocks.items():
         _, ch, cw = chunks[group]
         _, height, width = counts[group]
-        if len(seen) != len(chunk_windows(height, width, ch)) or ch != cw:
-            raise PlanError(f"group {group!r} image {index}: {len(seen)} unit(s) cover its "
-                            f"{len(chunk_windows(height, width, ch))} blocks")
+        expected = math.ceil(height / ch) * math.ceil(width / cw)
+        if len(seen) != expected:
+            raise PlanError(f"group {group!r} image {index}: {len(seen)} unit(s) cover its {expected} blocks")
     counts = {g: c[0] for g, c in counts.items()}
     for group, n in counts.items():
         spans = sorted(covered.get(group, []))

@@ -132,3 +132,41 @@ def test_output_with_other_chunking_is_refused() -> None:
     units = plan_units(STORE)
     with pytest.raises(PlanError, match="chunks of 3 images"):
         check_alignment(units, chunks={"g000": (3, 4, 6), "g001": (3, 8, 8)}, counts=COUNTS)
+
+
+def _tiled(name: str, count: int, h: int, w: int, tile: int) -> GroupInfo:
+    return GroupInfo(name=name, height=h, width=w, channels=1, dtype="uint8", count=count, chunk_images=1, tile=tile)
+
+
+@settings(max_examples=50, deadline=None)
+@given(h=st.integers(1, 300), w=st.integers(1, 300), tile=st.integers(16, 128), count=st.integers(1, 3))
+def test_tiled_groups_give_one_unit_per_block(h, w, tile, count) -> None:
+    store = _store(_group("g000", 5, 2), _tiled("g001", count, h, w, tile))
+    units = plan_units(store)
+    chunks, counts = _layout(store)
+    check_alignment(units, chunks=chunks, counts=counts)  # also for non-square chunks at the edges
+    blocks = [u for u in units if u.window is not None]
+    assert len(blocks) == count * -(-h // tile) * -(-w // tile)
+    assert len({(u.start, u.window) for u in blocks}) == len(blocks)
+    with pytest.raises(PlanError):
+        check_alignment(units[:-1], chunks=chunks, counts=counts)  # a block without a unit
+    whole = plan_units(store, tiled=False)
+    assert all(u.window is None for u in whole)
+    if h > tile or w > tile:  # output chunked in blocks: whole-image units would straddle them
+        with pytest.raises(PlanError, match="whole images"):
+            check_alignment(whole, chunks=chunks, counts=counts)
+    else:  # one block is the whole image
+        check_alignment(whole, chunks=chunks, counts=counts)
+
+
+def test_overlapping_blocks_are_refused() -> None:
+    store = _store(_tiled("g000", 1, 200, 200, 64))
+    units = plan_units(store)
+    chunks, counts = _layout(store)
+    dup = WorkUnit(unit_id=99, group="g000", start=0, stop=1, window=units[0].window)
+    with pytest.raises(PlanError, match="same block"):
+        check_alignment(units + [dup], chunks=chunks, counts=counts)
+    shifted = units[:-1] + [WorkUnit(unit_id=99, group="g000", start=0, stop=1,
+                                     window=type(units[0].window)(5, 69, 0, 64))]
+    with pytest.raises(PlanError, match="not aligned"):
+        check_alignment(shifted, chunks=chunks, counts=counts)
