@@ -4,10 +4,13 @@ Layout of ``RUN_DIR``::
 
     run.json                          run_id, created, store, checkpoint + sha256, model meta, spec
     masks.zarr/<group>                (N, H, W) uint8 predicted class labels, chunks = work units
+                                      (tiled groups: (1, tile, tile) blocks)
     instances.zarr/<group>            (N, H, W) uint32 instance ids (instance models only), same chunks
     dice/run_id=<run_id>/<unit>.parquet   Dice rows of one unit (Hive-partitioned dataset)
     instances/run_id=<run_id>/<unit>.parquet         predicted instances (instance models only)
     instance_metrics/run_id=<run_id>/<unit>.parquet  per-image instance metrics (instance ground truth)
+    seams/run_id=<run_id>/<group>-<index>.parquet    stitching record of a tiled image (instance models)
+    blocks/<unit>.npz                 objects kept by one block of a tiled image (instance models)
     units/<unit>.json                 done marker of a unit (its record), written last
     summary.json, summary.md          run summary
 

@@ -1,6 +1,7 @@
 """Parquet tables that segflow writes, and how they are written (atomically, one part per unit).
 
-The Dice dataset is Hive-partitioned by ``run_id``: ``RUN_DIR/dice/run_id=<id>/unit-00042.parquet``.
+The Dice dataset is Hive-partitioned by ``run_id``: ``RUN_DIR/dice/run_id=<id>/unit-00042.parquet``
+(a tiled large image, whose blocks are units, gets one part of its own: ``g001-000000.parquet``).
 Following the Hive convention, the partition column lives in the directory name, not inside the
 files; pyarrow.dataset, pandas and DuckDB (``hive_partitioning=true``) add it back as a column.
 """
