@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="unet", help="registered architecture: unet (default), maskrcnn, maskrcnn_r18")
     p.add_argument("--out", required=True, help="checkpoint to write (.safetensors)")
     p.add_argument("--epochs", type=int, help="passes over the training split (default 10)")
-    p.add_argument("--val-fraction", type=float, help="fraction held out for validation (default 0.15; instance models: 0 = none, keep the last epoch)")
+    p.add_argument("--val-fraction", type=float,
+                   help="fraction held out for validation (default 0.15; instance models: 0 = none, keep the "
+                        "last epoch)")
     p.add_argument("--class-names", help="comma-separated class names, background first")
     p.add_argument("--base", type=int, help="UNet width of the first stage (default 16)")
     p.add_argument("--depth", type=int, help="UNet pooling stages (default 3)")

@@ -127,8 +127,10 @@ def _tiled_steps(spec: SegmentSpec, units: list, done: dict[str, dict], *, meta:
     shapes = {g.name: (g.height, g.width) for g in store.groups}
     failed: list[str] = []
     stats: dict[tuple[str, int], Any] = {}
-    if meta.normalisation.mode == "percentile":
-        futs = {key: image_stats_task.submit(spec.store, key[0], key[1], meta) for key in images}
+    if meta.normalisation.mode == "percentile":  # only images whose blocks still run the model
+        pending = {(u.group, u.start) for u in units
+                   if not (tiled.block_detected(spec.out, u) if meta.kind == "instance" else u.name in done)}
+        futs = {key: image_stats_task.submit(spec.store, key[0], key[1], meta) for key in sorted(pending)}
         stats = {key: f.result() for key, f in futs.items()}
     common = dict(checkpoint_sha256=sha, num_threads=threads)
     firsts: dict[str, int] = {}

@@ -5,6 +5,7 @@ as ``None`` keeps the default. The resolved spec is saved with the outputs.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -118,8 +119,6 @@ class TrainSpec(_Spec):
 
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; valid names: {', '.join(sorted(MODELS))}")
-        import inspect
-
         accepted = set(inspect.signature(MODELS[self.model]).parameters) - {"in_channels", "num_classes"}
         unknown = sorted(set(self.arch_kwargs or {}) - accepted)
         if unknown:

@@ -4,8 +4,9 @@ Per block (one work unit, one chunk of the output arrays; see :mod:`segcore.tili
 
 - semantic models, :func:`segment_block`: blended tile logits over the block, argmax, write the
   mask chunk, count TP/FP/FN against the ground-truth chunk;
-- instance models, two passes: :func:`detect_block` runs the detector on the block plus its halo
-  and saves the objects whose centre lies in the block (``RUN_DIR/blocks/<unit>.npz``); when
+- instance models, two passes: :func:`detect_block` runs the detector on each detector core of
+  the block plus its halo and saves the objects whose box centre lies in that core
+  (``RUN_DIR/blocks/<unit>.npz``); when
   every block of the image is detected, :func:`paste_block` fills the block's chunk of the
   instance and class arrays from the saved objects of every block that can reach into it, with
   ids unique across the image, and counts against the ground truth.

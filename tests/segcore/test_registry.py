@@ -52,4 +52,4 @@ def test_registered_model_contract(arch, tmp_path):
                 inside[y0:y1, x0:x1] = True
                 assert not ((p.labels == r["instance_id"]) & ~inside).any()
                 assert r["area"] == int((p.labels == r["instance_id"]).sum()) > 0
-                assert 1 <= r["class_id"] < 3
+                assert r["class_id"] in (1, 2)

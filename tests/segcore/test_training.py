@@ -31,6 +31,9 @@ TINY = {"base": 4, "depth": 2}
 NORM = Normalisation(mode="range", scale=255.0)
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 def _data(n: int, *, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     pairs = [make_sample(rng, size=size) for _ in range(n)]
@@ -48,15 +51,6 @@ def _train(images, masks, **overrides):
     }
     kwargs.update(overrides)
     return train_semantic(images, masks, **kwargs)
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread(request):
-    """Tiny models run fastest on one thread (and do not stall on a busy machine); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2 if request.node.get_closest_marker("slow") else 1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,9 @@ TINY_ARCH = {"box_detections_per_img": 5}
 TINY_SAMPLING = {"proposals_per_image": 32, "rois_per_image": 8}
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 def _data(n: int, *, size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     pairs = [make_instance_sample(rng, size=size) for _ in range(n)]
@@ -58,15 +61,6 @@ def _train(images, labels, **overrides):
     }
     kwargs.update(overrides)
     return train_instance(images, labels, **kwargs)
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread(request):
-    """One thread outside the slow test (and the same count for runs compared bit for bit)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2 if request.node.get_closest_marker("slow") else 1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
