@@ -1,0 +1,103 @@
+"""Paths or fsspec URLs: one small API for every writer and reader of outputs.
+
+A *location* is a local path (``runs/demo``), a ``file://`` URL or any fsspec URL
+(``s3://bucket/lake``, ``memory://x``). Credentials and endpoints come from the usual places
+of the filesystem's library (for S3: ``AWS_*`` environment variables such as
+``AWS_ENDPOINT_URL``, ``~/.aws``), or from fsspec's configuration (``FSSPEC_S3_*`` variables);
+segflow passes no secrets around.
+
+Writes are all-or-nothing for readers: on a local filesystem a file is written under a hidden
+temporary name (starting with '.') and renamed; on object stores one PUT creates the object whole.
+Dataset readers (pyarrow, DuckDB, pandas) skip hidden names, so they never see a partial file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+def url_to_fs(location: str | os.PathLike[str]) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``(filesystem, path inside it)`` of a location."""
+    return fsspec.core.url_to_fs(os.fspath(location))
+
+
+def is_local(location: str | os.PathLike[str]) -> bool:
+    return isinstance(url_to_fs(location)[0], LocalFileSystem)
+
+
+def join(location: str | os.PathLike[str], *parts: str) -> str:
+    """``location/part/...`` keeping the URL scheme (``s3://b/x`` + ``y`` -> ``s3://b/x/y``)."""
+    base = os.fspath(location).rstrip("/")
+    return "/".join([base, *(p.strip("/") for p in parts if p)])
+
+
+def exists(location: str | os.PathLike[str]) -> bool:
+    fs, path = url_to_fs(location)
+    return fs.exists(path)
+
+
+def write_bytes(location: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` so that a reader sees the old file or the new one, never a partial one."""
+    fs, path = url_to_fs(location)
+    if isinstance(fs, LocalFileSystem):
+        parent, name = os.path.split(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    else:
+        fs.pipe_file(path, data)
+
+
+def read_bytes(location: str | os.PathLike[str]) -> bytes:
+    fs, path = url_to_fs(location)
+    return fs.cat_file(path)
+
+
+def write_json(location: str | os.PathLike[str], payload: Any) -> None:
+    write_bytes(location, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
+
+
+def read_json(location: str | os.PathLike[str]) -> Any:
+    return json.loads(read_bytes(location))
+
+
+def list_files(location: str | os.PathLike[str], *, suffix: str = "", recursive: bool = True) -> list[str]:
+    """Sorted full locations (same scheme as ``location``) of the visible files below it.
+
+    Names starting with '.' or '_' (temporary and bookkeeping files) are left out; a missing
+    location lists nothing.
+    """
+    fs, path = url_to_fs(location)
+    if not fs.exists(path):
+        return []
+    found = fs.find(path) if recursive else [p for p in fs.ls(path, detail=False) if fs.isfile(p)]
+    base = os.fspath(location).rstrip("/")
+    root = path.rstrip("/")
+    out = []
+    for p in found:
+        rel = p[len(root):].lstrip("/") if p.startswith(root) else p
+        if any(part.startswith((".", "_")) for part in rel.split("/")) or not rel.endswith(suffix):
+            continue
+        out.append(join(base, rel))
+    return sorted(out)
+
+
+def to_buffer(write: Any) -> bytes:
+    """Bytes written by ``write(file_object)``, e.g. ``to_buffer(lambda f: pq.write_table(t, f))``."""
+    buf = io.BytesIO()
+    write(buf)
+    return buf.getvalue()
