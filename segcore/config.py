@@ -33,6 +33,15 @@ class IngestSpec(_Spec):
                                 "one work unit of tiled inference; 0 keeps whole images per chunk.")
     probe_batch: int = Field(256, gt=0, description="Files probed per ingest task.")
     overwrite: bool = Field(False, description="Replace an existing store at the same path.")
+    incremental: bool = Field(
+        False, description="Treat 'images' as a landing zone: append to the store only files whose content "
+                           "(sha256) it has not seen; a file whose content changed supersedes its old version.")
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> "IngestSpec":
+        if self.incremental and self.overwrite:
+            raise ValueError("incremental (append new files) and overwrite (replace the store) exclude each other")
+        return self
 
 
 class ExecutionSpec(_Spec):
@@ -67,6 +76,9 @@ class SegmentSpec(_Spec):
         "gaussian",
         description="How overlapping semantic tiles are weighted: gaussian (sigma = tile/8) or linear ramps.")
     tta: bool = Field(False, description="Semantic models on large images: average logits over flips (4x compute).")
+    lake: str | None = Field(
+        None, description="Data-lake location (path or fsspec URL such as s3://bucket/segflow): the Dice, instance "
+                          "and manifest tables of every run are appended there, Hive-partitioned by run_date and model.")
     execution: ExecutionSpec = ExecutionSpec()
 
 
