@@ -9,6 +9,9 @@ segflow passes no secrets around.
 Writes are all-or-nothing for readers: on a local filesystem a file is written under a hidden
 temporary name (starting with '.') and renamed; on object stores one PUT creates the object whole.
 Dataset readers (pyarrow, DuckDB, pandas) skip hidden names, so they never see a partial file.
+
+Other processes (Dask workers) write into the same locations, so listings and existence checks
+never trust a filesystem's cached directory listings: they drop them first.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import io
 import json
 import os
 import uuid
-from typing import Any
+from typing import Any, Sequence
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -38,8 +41,15 @@ def join(location: str | os.PathLike[str], *parts: str) -> str:
     return "/".join([base, *(p.strip("/") for p in parts if p)])
 
 
-def exists(location: str | os.PathLike[str]) -> bool:
+def _fresh(location: str | os.PathLike[str]) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``url_to_fs`` with the cached listings of the location (and its parents) dropped."""
     fs, path = url_to_fs(location)
+    fs.invalidate_cache(path)
+    return fs, path
+
+
+def exists(location: str | os.PathLike[str]) -> bool:
+    fs, path = _fresh(location)
     return fs.exists(path)
 
 
@@ -81,7 +91,7 @@ def list_files(location: str | os.PathLike[str], *, suffix: str = "", recursive:
     Names starting with '.' or '_' (temporary and bookkeeping files) are left out; a missing
     location lists nothing.
     """
-    fs, path = url_to_fs(location)
+    fs, path = _fresh(location)
     if not fs.exists(path):
         return []
     found = fs.find(path) if recursive else [p for p in fs.ls(path, detail=False) if fs.isfile(p)]
@@ -101,3 +111,14 @@ def to_buffer(write: Any) -> bytes:
     buf = io.BytesIO()
     write(buf)
     return buf.getvalue()
+
+
+def read_many(locations: Sequence[str]) -> list[bytes]:
+    """Bytes of several files of one filesystem, in order; fetched concurrently where the filesystem can
+    (one round trip each on object stores, not one after another)."""
+    if not locations:
+        return []
+    fs = url_to_fs(locations[0])[0]
+    paths = [url_to_fs(loc)[1] for loc in locations]
+    got = fs.cat(paths)
+    return [got[p] for p in paths]

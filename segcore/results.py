@@ -4,13 +4,14 @@
 >>> run.mask("img-00310")                   # (H, W) uint8 predicted classes
 >>> run.ground_truth("img-00310")           # (H, W) uint32 labels, or None
 >>> run.dice("img-00310")                   # list of row dicts, one per class
+
+The run directory may be a local path or an fsspec URL (``open_run("s3://bucket/runs/demo")``).
 """
 
 from __future__ import annotations
 
 import os
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import zarr
 
+from segcore import fsio
 from segcore.errors import NotFound
 from segcore.rundir import dice_dir, instances_path, masks_path, read_run_info, table_dir
 from segcore.store import open_store, read_manifest
@@ -25,10 +27,10 @@ from segcore.tables import INSTANCE_METRICS_SCHEMA, INSTANCE_SCHEMA, SEAM_SCHEMA
 
 
 class RunReader:
-    """Read-only view of a run directory and the store it segmented."""
+    """Read-only view of a run directory (path or URL) and the store it segmented."""
 
     def __init__(self, run_dir: str | os.PathLike[str]) -> None:
-        self.path = Path(run_dir)
+        self.path = os.fspath(run_dir)
         self.info = read_run_info(self.path)
         self.run_id: str = self.info["run_id"]
         self.store = open_store(self.info["store"])
@@ -74,7 +76,7 @@ class RunReader:
     def instances(self, image_id: str) -> np.ndarray:
         """``(H, W)`` uint32 predicted instance ids (instance models only)."""
         g, i, _ = self._slot(image_id)
-        if not Path(instances_path(self.path)).exists():
+        if not fsio.exists(fsio.join(instances_path(self.path), "zarr.json")):
             raise NotFound(f"run {self.run_id} was made by a semantic model and has no instance labels")
         return zarr.open_group(instances_path(self.path), mode="r")[g][i]
 

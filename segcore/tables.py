@@ -4,12 +4,12 @@ The Dice dataset is Hive-partitioned by ``run_id``: ``RUN_DIR/dice/run_id=<id>/u
 (a tiled large image, whose blocks are units, gets one part of its own: ``g001-000000.parquet``).
 Following the Hive convention, the partition column lives in the directory name, not inside the
 files; pyarrow.dataset, pandas and DuckDB (``hive_partitioning=true``) add it back as a column.
+Table locations are local paths or fsspec URLs (``s3://bucket/run/dice``), see :mod:`segcore.fsio`.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from segcore.fileio import atomic_path
+from segcore import fsio
 
 DICE_SCHEMA = pa.schema(
     [
@@ -100,15 +100,15 @@ def dice_table(*, image_ids: Sequence[str], class_names: Sequence[str], tp: np.n
     return pa.concat_tables([ok, pa.Table.from_pylist(err_rows, schema=DICE_SCHEMA)])
 
 
-def write_part(table: pa.Table, directory: str | os.PathLike[str], name: str) -> Path:
-    """Write ``table`` to ``directory/name`` atomically: a uniquely named temporary file, then rename.
+def write_part(table: pa.Table, directory: str | os.PathLike[str], name: str) -> str:
+    """Write ``table`` to ``directory/name`` (a path or URL) atomically; returns its location.
 
     A reader listing the directory sees either no file or the whole file, never a half-written one
-    (temporary names start with '.', which Parquet dataset readers skip).
+    (locally: a temporary name starting with '.', which Parquet dataset readers skip, then a rename;
+    on object stores: one PUT of the whole part).
     """
-    dest = Path(directory) / name
-    with atomic_path(dest) as tmp:
-        pq.write_table(table, tmp)
+    dest = fsio.join(directory, name)
+    fsio.write_bytes(dest, fsio.to_buffer(lambda f: pq.write_table(table, f)))
     return dest
 
 
@@ -159,16 +159,18 @@ def instance_metrics_table(images: Sequence[tuple[str, dict[str, Any]]], *, mode
 
 
 def read_table(path: str | os.PathLike[str], schema: pa.Schema, *, filter: Any = None) -> pa.Table:
-    """Read a Hive-partitioned table directory, ``run_id`` included as a string column.
+    """Read a Hive-partitioned table directory (a path or URL), ``run_id`` included as a string column.
 
-    Returns an empty table with ``run_id`` + ``schema`` when no part exists yet.
+    Returns an empty table with ``run_id`` + ``schema`` when no part exists yet. Hidden parts
+    (names starting with '.' or '_') are skipped.
     """
-    path = Path(path)
     full_schema = schema.insert(0, pa.field("run_id", pa.string()))
-    if not path.exists() or not any(path.rglob("*.parquet")):
+    if not fsio.list_files(path, suffix=".parquet"):
         return full_schema.empty_table()
+    fs, inner = fsio.url_to_fs(path)
     partitioning = pads.partitioning(pa.schema([("run_id", pa.string())]), flavor="hive")
-    ds = pads.dataset(str(path), format="parquet", partitioning=partitioning)
+    ds = pads.dataset(inner, format="parquet", partitioning=partitioning,
+                      filesystem=None if fsio.is_local(path) else fs)
     return ds.to_table(filter=filter).select(list(full_schema.names))
 
 

@@ -19,11 +19,11 @@ batch, never by the image.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -31,9 +31,9 @@ import pyarrow as pa
 import torch
 import zarr
 
+from segcore import fsio
 from segcore.checkpoint import ModelMeta
 from segcore.errors import ConfigError
-from segcore.fileio import atomic_path
 from segcore.inference import _gt_to_classes, _unit_rows, load_model_cached, model_logits
 from segcore.instance_metrics import instance_scores
 from segcore.instances import predict_instances
@@ -179,25 +179,26 @@ def segment_block(*, store_path: str, run_dir: str, unit: WorkUnit, checkpoint: 
     return record
 
 
-def _blocks_dir(run_dir: str) -> Path:
-    return Path(run_dir) / "blocks"
+def _block_location(run_dir: str, unit_name: str) -> str:
+    return fsio.join(run_dir, "blocks", f"{unit_name}.npz")
 
 
-def save_block(run_dir: str, unit: WorkUnit, block: BlockObjects) -> Path:
-    """Write a block's objects to ``RUN_DIR/blocks/<unit>.npz`` (atomically; masks bit-packed)."""
-    path = _blocks_dir(run_dir) / f"{unit.name}.npz"
+def save_block(run_dir: str, unit: WorkUnit, block: BlockObjects) -> str:
+    """Write a block's objects to ``RUN_DIR/blocks/<unit>.npz`` (atomically; masks bit-packed); returns
+    its location."""
+    path = _block_location(run_dir, unit.name)
     sizes = np.asarray([m.size for m in block.masks], dtype=np.int64)
     bits = np.packbits(np.concatenate([m.ravel() for m in block.masks])) if block.masks else np.zeros(0, np.uint8)
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, boxes=block.boxes, classes=block.classes, scores=block.scores, cut_risk=block.cut_risk,
-                 sizes=sizes, bits=bits, dropped=np.int64(block.duplicates_dropped), capped=np.int64(block.capped),
-                 on_seams=np.int64(block.on_seams))
+    fsio.write_bytes(path, fsio.to_buffer(lambda fh: np.savez(
+        fh, boxes=block.boxes, classes=block.classes, scores=block.scores, cut_risk=block.cut_risk, sizes=sizes,
+        bits=bits, dropped=np.int64(block.duplicates_dropped), capped=np.int64(block.capped),
+        on_seams=np.int64(block.on_seams))))
     return path
 
 
 def load_block(run_dir: str, unit_name: str) -> BlockObjects:
     """The objects :func:`save_block` wrote for ``unit_name``."""
-    with np.load(_blocks_dir(run_dir) / f"{unit_name}.npz") as z:
+    with np.load(io.BytesIO(fsio.read_bytes(_block_location(run_dir, unit_name)))) as z:
         boxes, sizes = z["boxes"], z["sizes"]
         flat = np.unpackbits(z["bits"], count=int(sizes.sum())).astype(bool)
         masks, offset = [], 0
@@ -251,12 +252,12 @@ def detect_block(*, store_path: str, run_dir: str, unit: WorkUnit, checkpoint: s
 
 
 def block_detected(run_dir: str, unit: WorkUnit) -> bool:
-    return (_blocks_dir(run_dir) / f"{unit.name}.npz").exists()
+    return fsio.exists(_block_location(run_dir, unit.name))
 
 
 def block_size(run_dir: str, unit: WorkUnit) -> int:
     """How many objects :func:`detect_block` kept for ``unit``."""
-    with np.load(_blocks_dir(run_dir) / f"{unit.name}.npz") as z:
+    with np.load(io.BytesIO(fsio.read_bytes(_block_location(run_dir, unit.name)))) as z:
         return int(z["sizes"].shape[0])
 
 

@@ -78,7 +78,7 @@ def test_only_error_rows() -> None:
 def test_write_part_is_complete_and_leaves_no_temporary(tmp_path: Path) -> None:
     d = tmp_path / "dice" / "run_id=r1"
     dest = write_part(_table(), d, "unit-00000.parquet")
-    assert dest == d / "unit-00000.parquet"
+    assert Path(dest) == d / "unit-00000.parquet"
     assert [p.name for p in d.iterdir()] == ["unit-00000.parquet"]
     assert pq.read_table(dest).equals(_table())
 
