@@ -1,0 +1,98 @@
+"""segcore.fsio on a local path, a file:// URL, memory:// and s3:// (a local moto server)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from segcore import fsio
+
+KINDS = ["local", "file", "memory", "s3"]
+
+
+@pytest.fixture(params=KINDS)
+def base(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty location of each kind."""
+    if request.param == "local":
+        return str(tmp_path / "out")
+    if request.param == "file":
+        return f"file://{tmp_path}/out"
+    if request.param == "memory":
+        return f"memory://segflow-test-{uuid.uuid4().hex}/out"
+    return request.getfixturevalue("s3_server").bucket() + "/out"
+
+
+def _names(locations: list[str], base: str) -> list[str]:
+    return [loc[len(base) + 1:] for loc in locations]
+
+
+@pytest.mark.parametrize(("location", "parts", "expected"), [
+    ("s3://b/x", ("y",), "s3://b/x/y"),
+    ("s3://b/x/", ("/y/", "z.json"), "s3://b/x/y/z.json"),
+    ("runs/r1", ("dice", "run_id=7"), "runs/r1/dice/run_id=7"),
+    ("memory://m", ("", "a"), "memory://m/a"),
+    (Path("/tmp/r"), ("units",), "/tmp/r/units"),
+])
+def test_join_keeps_the_scheme(location: str | Path, parts: tuple[str, ...], expected: str) -> None:
+    assert fsio.join(location, *parts) == expected
+
+
+def test_is_local() -> None:
+    assert fsio.is_local("runs/r1") and fsio.is_local("file:///tmp/x") and fsio.is_local(Path("/tmp"))
+    assert not fsio.is_local("memory://x") and not fsio.is_local("s3://bucket/x")
+
+
+def test_write_read_and_replace(base: str) -> None:
+    loc = fsio.join(base, "a", "b.bin")
+    assert not fsio.exists(loc)
+    fsio.write_bytes(loc, b"first")
+    assert fsio.exists(loc) and fsio.read_bytes(loc) == b"first"
+    fsio.write_bytes(loc, b"second")
+    assert fsio.read_bytes(loc) == b"second"
+    assert _names(fsio.list_files(base), base) == ["a/b.bin"]
+    fsio.write_json(fsio.join(base, "r.json"), {"b": 1, "a": [1, 2]})
+    assert fsio.read_json(fsio.join(base, "r.json")) == {"a": [1, 2], "b": 1}
+
+
+def test_failed_local_write_keeps_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+    loc = str(tmp_path / "part.parquet")
+    fsio.write_bytes(loc, b"whole")
+    with pytest.raises(TypeError):
+        fsio.write_bytes(loc, "not bytes")  # type: ignore[arg-type]  # fails after the temporary is opened
+    assert fsio.read_bytes(loc) == b"whole"
+    assert os.listdir(tmp_path) == ["part.parquet"]
+
+
+def test_list_files_skips_hidden_names_and_filters(base: str) -> None:
+    for name in ("u/unit-1.json", "u/unit-0.json", "u/.unit-2.json.abc.tmp", "u/_SUCCESS", "u/sub/x.json",
+                 ".hidden/y.json", "_meta/z.json", "top.md"):
+        fsio.write_bytes(fsio.join(base, name), b"{}")
+    assert _names(fsio.list_files(base), base) == ["top.md", "u/sub/x.json", "u/unit-0.json", "u/unit-1.json"]
+    assert _names(fsio.list_files(base, suffix=".json"), base) == ["u/sub/x.json", "u/unit-0.json", "u/unit-1.json"]
+    units = fsio.join(base, "u")
+    assert _names(fsio.list_files(units, recursive=False), units) == ["unit-0.json", "unit-1.json"]
+    assert fsio.list_files(fsio.join(base, "missing")) == []
+    found = fsio.list_files(units, suffix=".json", recursive=False)
+    assert fsio.read_many(found) == [b"{}", b"{}"] and fsio.read_many([]) == []
+
+
+def test_to_buffer() -> None:
+    assert fsio.to_buffer(lambda f: f.write(b"abc")) == b"abc"
+
+
+def test_listing_sees_files_written_by_another_process(s3_server) -> None:
+    """Workers write with their own S3 clients; a listing cached before must not hide their files."""
+    import s3fs
+
+    base = s3_server.bucket() + "/run"
+    fsio.write_bytes(fsio.join(base, "units", "unit-0.json"), b"{}")
+    assert len(fsio.list_files(fsio.join(base, "units"))) == 1
+    fs, _ = fsio.url_to_fs(base)
+    fs.ls(fs._strip_protocol(fsio.join(base, "units")))  # the listing is now cached in this process
+    other = s3fs.S3FileSystem(skip_instance_cache=True)  # a separate client, as in a worker process
+    other.pipe_file(fs._strip_protocol(fsio.join(base, "units", "unit-1.json")), b"{}")
+    assert fsio.exists(fsio.join(base, "units", "unit-1.json"))
+    assert _names(fsio.list_files(fsio.join(base, "units")), fsio.join(base, "units")) == ["unit-0.json", "unit-1.json"]
