@@ -1,0 +1,114 @@
+"""deployments/prefect.yaml against a real Prefect server: every deployment deploys with its
+schedule and valid parameters, and a run of the scheduled deployment started through the API is
+executed by a process worker to completion, with its artifact and outputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from segcore.config import RunSpec, TrainSpec
+from segcore.results import open_run
+from tests.deployments.conftest import BIN, ROOT, start, stop
+
+PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
+SPECS = {"flows/deployed.py:run_deployment_flow": RunSpec, "flows/deployed.py:train_deployment_flow": TrainSpec}
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+@pytest.fixture(scope="module")
+def deployed(prefect_server, tmp_path_factory) -> dict:
+    """``deployments/serve.sh deploy`` (creates the pool, runs ``prefect deploy --all``) with
+    SEGFLOW_HOME set; returns the registered deployments by name."""
+    home = tmp_path_factory.mktemp("segflow-home")
+    env = dict(prefect_server.env, SEGFLOW_HOME=str(home))
+    t0 = time.monotonic()
+    done = subprocess.run([str(ROOT / "deployments" / "serve.sh"), "deploy"], cwd=ROOT, env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"serve.sh deploy failed:\n{done.stdout[-6000:]}\n{done.stderr[-6000:]}"
+    print(f"deploy: {time.monotonic() - t0:.1f} s")
+    found = {d["name"]: d for d in prefect_server.post("/deployments/filter")}
+    return {"home": home, "deployments": found, "output": done.stdout}
+
+
+def test_every_deployment_of_prefect_yaml_is_registered_with_valid_parameters(deployed, prefect_server):
+    config = yaml.safe_load(PREFECT_YAML.read_text())
+    wanted = {d["name"]: d for d in config["deployments"]}
+    found = deployed["deployments"]
+    assert set(found) == set(wanted), deployed["output"][-4000:]
+    home = deployed["home"]
+    for name, want in wanted.items():
+        got = found[name]
+        assert got["entrypoint"] == want["entrypoint"]
+        assert got["work_pool_name"] == "segflow-process"
+        assert got["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
+        assert "{{" not in json.dumps(got["parameters"]), got["parameters"]
+        spec = SPECS[got["entrypoint"]].model_validate(got["parameters"]["spec"])  # what the flow run will get
+        for path in (spec.ingest.store, spec.segment.out) if isinstance(spec, RunSpec) else (spec.store,):
+            assert Path(path).is_relative_to(home), path
+    incremental = RunSpec.model_validate(found["incremental-hourly"]["parameters"]["spec"])
+    assert incremental.ingest.incremental and incremental.ingest.images == str(home / "landing")
+    assert incremental.segment.lake == str(home / "lake") and (home / "landing").is_dir()
+    assert RunSpec.model_validate(found["full-run"]["parameters"]["spec"]).ingest.overwrite
+    [schedule] = found["incremental-hourly"]["schedules"]
+    assert schedule["active"] and schedule["schedule"]["cron"] == "0 * * * *"
+    assert schedule["schedule"]["timezone"] == "UTC"
+    assert found["full-run"]["schedules"] == [] and found["train"]["schedules"] == []
+    assert found["incremental-hourly"]["global_concurrency_limit"]["limit"] == 1
+
+
+def _logs(server, flow_run_ids: list[str]) -> str:
+    rows = server.post("/logs/filter", {"logs": {"flow_run_id": {"any_": flow_run_ids}}, "sort": "TIMESTAMP_ASC"})
+    return "\n".join(f"{r['level']} {r['message']}" for r in rows)
+
+
+def test_a_run_of_the_scheduled_deployment_completes_on_a_process_worker(deployed, prefect_server, tiny_collection,
+                                                                         tmp_path):
+    deployment = deployed["deployments"]["incremental-hourly"]
+    store, out, lake = tmp_path / "store.zarr", tmp_path / "run", tmp_path / "lake"
+    spec = {"ingest": {"images": tiny_collection["images"], "masks": tiny_collection["masks"], "store": str(store),
+                       "incremental": True},
+            "segment": {"store": str(store), "checkpoint": tiny_collection["checkpoint"], "out": str(out),
+                        "lake": str(lake), "batch_size": 4,
+                        "execution": {"n_workers": 1, "threads_per_worker": 1}}}
+    run = prefect_server.post(f"/deployments/{deployment['id']}/create_flow_run", {"parameters": {"spec": spec}})
+    worker_log = tmp_path / "worker.log"
+    # From another directory: the deployment's pull step must take the run to the project root.
+    worker = start([str(BIN / "prefect"), "worker", "start", "--pool", "segflow-process", "--run-once", "--limit", "1",
+                    "--install-policy", "never"], env=prefect_server.env, log=worker_log, cwd=tmp_path)
+    t0 = time.monotonic()
+    try:
+        state = None
+        while time.monotonic() - t0 < 240:
+            state = prefect_server.get(f"/flow_runs/{run['id']}")["state"]["type"]
+            if state in TERMINAL:
+                break
+            if worker.poll() is not None and state == "SCHEDULED":
+                break  # the worker polled once and left without taking the run
+            time.sleep(1)
+        runs = prefect_server.post("/flow_runs/filter")
+        if state != "COMPLETED":
+            pytest.fail(f"flow run {run['id']} ended {state} after {time.monotonic() - t0:.0f} s\n"
+                        f"--- worker log:\n{worker_log.read_text()[-6000:]}\n"
+                        f"--- flow run logs:\n{_logs(prefect_server, [r['id'] for r in runs])[-8000:]}")
+    finally:
+        stop(worker)
+    print(f"flow run: {time.monotonic() - t0:.1f} s")
+    # The deployment's flow started the pipeline flow as a subflow, and that one published the summary.
+    child = next(r for r in runs if r["parent_task_run_id"] and r["state_type"] == "COMPLETED")
+    assert child["id"] != run["id"]
+    artifacts = prefect_server.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [child["id"]]}}})
+    summary = next(a for a in artifacts if (a["key"] or "").startswith("dice-summary-"))
+    assert summary["type"] == "markdown" and "Dice" in summary["data"]
+    result = open_run(str(out))
+    assert len(result.image_ids) == tiny_collection["n_images"]
+    dice = result.dice_table()
+    assert set(dice.column("image_id").to_pylist()) == set(result.image_ids)
+    assert json.loads((out / "summary.json").read_text())["images_evaluated"] == tiny_collection["n_images"]
+    assert pq.read_table(store / "manifest.parquet").num_rows == tiny_collection["n_images"]
