@@ -7,6 +7,9 @@ Layout of ``STORE.zarr`` (Zarr v3)::
     gt/g000                   (N, H, W) uint32 ground-truth labels, chunks (k, H, W)  [if masks]
     manifest.parquet          one row per source file (see MANIFEST_SCHEMA)
 
+An incremental ingest (:mod:`segcore.incremental`) appends new groups to a store and rows to its
+manifest; it never rewrites the chunks of existing groups.
+
 Images of the same (height, width, channels, dtype) form a *group*; one chunk of ``k`` images
 is one work unit of the later inference, so chunk boundaries are unit boundaries. Ground truth
 uses the identical chunking. *Large* images (more than ``chunk_pixels`` pixels and a side longer
@@ -60,6 +63,10 @@ MANIFEST_SCHEMA = pa.schema(
         ("mask_path", pa.string()),
         ("mask_status", pa.string()),
         ("mask_error", pa.string()),
+        # Incremental ingest (see segcore.incremental): 0 for the first ingest, then 1, 2, ...
+        ("batch", pa.int64()),
+        # sha256 of the newer content of the same image id, once a changed file was ingested again.
+        ("superseded_by", pa.string()),
     ]
 )
 
@@ -155,12 +162,16 @@ def probe_sources(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for src in rows:
         row = dict(src)
         if row["status"] == "error":
+            try:  # hashed all the same, so that an incremental ingest does not report it again
+                row["sha256"] = file_sha256(row["source_path"])
+            except OSError:
+                pass
             out.append(row)
             continue
         try:
+            row["sha256"] = file_sha256(row["source_path"])
             info = probe_image(row["source_path"])
-            row.update(sha256=file_sha256(row["source_path"]), height=info.height, width=info.width,
-                       channels=info.channels, dtype=info.dtype, status="ok")
+            row.update(height=info.height, width=info.width, channels=info.channels, dtype=info.dtype, status="ok")
         except (SegflowError, OSError, ValueError) as exc:
             row.update(status="error", error=f"{type(exc).__name__}: {exc}", mask_status="missing" if row["mask_path"] is None else "skipped")
             out.append(row)
@@ -180,14 +191,15 @@ def probe_sources(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def plan_groups(rows: Sequence[dict[str, Any]], *, chunk_pixels: int, max_chunk_images: int,
-                tile_chunk: int = 0) -> tuple[list[GroupInfo], list[dict[str, Any]]]:
+                tile_chunk: int = 0, first_group: int = 0) -> tuple[list[GroupInfo], list[dict[str, Any]]]:
     """Group readable images by (height, width, channels, dtype) and assign ``group``/``index``.
 
     Chunks hold ``clamp(chunk_pixels // (H*W), 1, max_chunk_images)`` images. With
     ``tile_chunk > 0``, images of more than ``chunk_pixels`` pixels with a side longer than
     ``tile_chunk`` are chunked spatially instead, in ``tile_chunk`` squares (a tiled group).
-    Returns the groups and new rows (inputs are not modified), ordered by group then index,
-    errors last.
+    Groups are named ``g000``, ``g001``, ... from ``first_group`` on (an incremental ingest
+    appends groups after the store's existing ones). Returns the groups and new rows (inputs are
+    not modified), ordered by group then index, errors last.
     """
     keyed: dict[tuple, list[dict[str, Any]]] = {}
     errors = []
@@ -202,11 +214,17 @@ def plan_groups(rows: Sequence[dict[str, Any]], *, chunk_pixels: int, max_chunk_
         members = sorted(keyed[key], key=lambda r: r["image_id"])
         k = int(max(1, min(max_chunk_images, chunk_pixels // (h * w))))
         tile = tile_chunk if tile_chunk > 0 and h * w > chunk_pixels and max(h, w) > tile_chunk else 0
-        g = GroupInfo(name=f"g{gi:03d}", height=h, width=w, channels=c, dtype=dt, count=len(members),
+        g = GroupInfo(name=f"g{first_group + gi:03d}", height=h, width=w, channels=c, dtype=dt, count=len(members),
                       chunk_images=1 if tile else k, tile=tile)
         groups.append(g)
         out.extend(dict(r, group=g.name, index=i) for i, r in enumerate(members))
     return groups, out + errors
+
+
+def store_exists(path: str) -> bool:
+    """True when ``path`` exists and is not an empty directory."""
+    p = Path(path)
+    return p.exists() and not (p.is_dir() and not any(p.iterdir()))
 
 
 def existing_store_matches(path: str, *, spec: dict[str, Any], source_paths: Sequence[str]) -> bool:
@@ -215,9 +233,9 @@ def existing_store_matches(path: str, *, spec: dict[str, Any], source_paths: Seq
     Raises :class:`StoreError` when ``path`` exists but holds something else (another ingest, an
     unfinished one, or not a store), so that nothing is overwritten by accident.
     """
-    p = Path(path)
-    if not p.exists() or (p.is_dir() and not any(p.iterdir())):
+    if not store_exists(path):
         return False
+    p = Path(path)
     info = open_store(path)
     ignore = {"overwrite"}
     same_spec = {k: v for k, v in info.spec.items() if k not in ignore} == {
@@ -246,6 +264,10 @@ def create_store(path: str, groups: Sequence[GroupInfo], *, with_gt: bool, mask_
         "groups": [asdict(g) for g in groups],
         "spec": spec,
     }
+    _create_group_arrays(root, groups, with_gt=with_gt)
+
+
+def _create_group_arrays(root: zarr.Group, groups: Sequence[GroupInfo], *, with_gt: bool) -> None:
     for g in groups:
         root.create_array(f"images/{g.name}", shape=(g.count, g.height, g.width, g.channels),
                           chunks=g.chunk_shape + (g.channels,), dtype=g.dtype, fill_value=0,
@@ -253,6 +275,29 @@ def create_store(path: str, groups: Sequence[GroupInfo], *, with_gt: bool, mask_
         if with_gt:
             root.create_array(f"gt/{g.name}", shape=(g.count, g.height, g.width), chunks=g.chunk_shape,
                               dtype=GT_DTYPE, fill_value=0, dimension_names=("image", "y", "x"))
+
+
+def append_groups(path: str, groups: Sequence[GroupInfo]) -> StoreInfo:
+    """Add the (empty) arrays of new ``groups`` to an existing store; existing arrays are untouched.
+
+    The group list in the attributes is extended last, so an interrupted append leaves the store
+    as it was for every reader (the new arrays are not listed yet; appending them again replaces them).
+    """
+    info = open_store(path)
+    taken = {g.name for g in info.groups}
+    clash = sorted(taken & {g.name for g in groups})
+    if clash:
+        raise StoreError(f"store {path!r} already has group(s) {clash}; new groups must have new names")
+    root = zarr.open_group(str(path), mode="r+")
+    for g in groups:  # leftovers of an interrupted append
+        for kind in ("images", "gt"):
+            if f"{kind}/{g.name}" in root:
+                del root[f"{kind}/{g.name}"]
+    _create_group_arrays(root, groups, with_gt=info.has_gt)
+    attrs = dict(root.attrs["segflow"])
+    attrs["groups"] = [asdict(g) for g in info.groups + tuple(groups)]
+    root.attrs["segflow"] = attrs
+    return open_store(path)
 
 
 def open_store(path: str) -> StoreInfo:
@@ -333,7 +378,12 @@ def read_manifest(store_path: str) -> pa.Table:
     path = Path(store_path) / MANIFEST_NAME
     if not path.exists():
         raise StoreError(f"store {store_path!r} has no manifest; its ingest did not finish - run 'segflow ingest' again")
-    return pq.read_table(path)
+    table = pq.read_table(path)
+    for field in MANIFEST_SCHEMA:  # stores ingested before a column existed
+        if field.name not in table.column_names:
+            fill = pa.array([0] * table.num_rows if field.name == "batch" else [None] * table.num_rows, field.type)
+            table = table.append_column(field, fill)
+    return table.select(MANIFEST_SCHEMA.names)
 
 
 def chunk_rows(rows: Sequence[dict[str, Any]], groups: Sequence[GroupInfo]) -> list[list[dict[str, Any]]]:
@@ -367,7 +417,7 @@ def read_labelled(store_path: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     if not info.has_gt:
         raise StoreError(f"store {store_path!r} has no ground truth; ingest it with --masks to train on it")
     rows = [r for r in read_manifest(store_path).to_pylist()
-            if r["status"] == "ok" and r["mask_status"] == "ok"]
+            if r["status"] == "ok" and r["mask_status"] == "ok" and r["superseded_by"] is None]
     groups = sorted({r["group"] for r in rows})
     if len(groups) != 1:
         raise StoreError(f"training needs images of one shape; store {store_path!r} has labelled images in groups "
