@@ -43,11 +43,13 @@ class RunReader:
 
     @cached_property
     def _slots(self) -> dict[str, tuple[str, int, dict[str, Any]]]:
-        return {r["image_id"]: (r["group"], r["index"], r) for r in self.manifest.to_pylist() if r["group"] is not None}
+        return {r["image_id"]: (r["group"], r["index"], r) for r in self.manifest.to_pylist()
+                if r["group"] is not None and r["superseded_by"] is None}
 
     @property
     def image_ids(self) -> list[str]:
-        """Ids of every image that has a slot in the store (and so a predicted mask)."""
+        """Ids of every image that has a slot in the store (and so a predicted mask); of an image whose
+        file changed in an incremental ingest, the newest version."""
         return sorted(self._slots)
 
     def _slot(self, image_id: str) -> tuple[str, int, dict[str, Any]]:
