@@ -10,6 +10,7 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
+from flows.names import demo_run_name
 from flows.pipeline import ingest_steps, segment_steps
 from flows.train import train_steps
 from segcore import synthetic, training, training_instance
@@ -71,7 +72,7 @@ def _split_collection(root: Path, ids: list[str], n_train: int) -> tuple[Path, P
     return root / "train", root / "heldout"
 
 
-@flow(name="segflow-demo")
+@flow(name="segflow-demo", flow_run_name=demo_run_name)
 def demo_flow(spec: DemoSpec) -> dict[str, Any]:
     """Generate, train, segment the held-out images, and return the run summary."""
     log = get_run_logger()

@@ -11,10 +11,11 @@ import time
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
 from prefect.futures import as_completed
 
+from flows.artifacts import UnitProgress, publish_run_artifacts
 from flows.execution import task_runner, torch_threads
+from flows.names import ingest_run_name, run_run_name, segment_run_name
 from segcore import checkpoint as ckpt
 from segcore import tiled
 from segcore.config import ExecutionSpec, IngestSpec, RunSpec, SegmentSpec
@@ -29,11 +30,6 @@ from segcore.summary import render_markdown, summarise_dice, summarise_instances
 from tasks.ingest import probe_files, write_chunk
 from tasks.segment import (detect_block_task, finish_image_task, image_stats_task, paste_block_task,
                            segment_block_task, segment_unit_task)
-
-
-def _artifact_key(text: str) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
-    return "".join(ch if ch.isalnum() else "-" for ch in text.lower()).strip("-")[:100] or "segflow"
 
 
 def ingest_steps(spec: IngestSpec) -> dict[str, Any]:
@@ -100,8 +96,10 @@ def preflight(spec: SegmentSpec) -> tuple[ckpt.ModelMeta, str, Any]:
     return meta, sha, store
 
 
-def _gather(futures: list, what: str, log: Any, *, count_images: bool = False) -> tuple[list[dict], list[str]]:
-    """Results of ``futures`` as they complete, with progress in the log; failures are collected."""
+def _gather(futures: list, what: str, log: Any, *, count_images: bool = False,
+            progress: UnitProgress | None = None) -> tuple[list[dict], list[str]]:
+    """Results of ``futures`` as they complete, with progress in the log (and in ``progress``, one
+    unit per successful future); failures are collected."""
     results, failed = [], []
     images_done, t0 = 0, time.perf_counter()
     step = max(1, len(futures) // 20)
@@ -110,6 +108,8 @@ def _gather(futures: list, what: str, log: Any, *, count_images: bool = False) -
             rec = fut.result()
             results.append(rec)
             images_done += rec.get("n_images", 0)
+            if progress is not None:
+                progress.advance()
         except Exception as exc:  # one unit failing loses nothing else; reported by the caller
             failed.append(f"{exc}")
         if count_images:
@@ -121,7 +121,8 @@ def _gather(futures: list, what: str, log: Any, *, count_images: bool = False) -
 
 
 def _tiled_steps(spec: SegmentSpec, units: list, done: dict[str, dict], *, meta: ckpt.ModelMeta, sha: str,
-                 store: Any, run_id: str, tiling: tiled.Tiling, threads: int | None, log: Any) -> list[str]:
+                 store: Any, run_id: str, tiling: tiled.Tiling, threads: int | None, log: Any,
+                 progress: UnitProgress | None = None) -> list[str]:
     """Segment the blocks of large images (see segcore.tiled), then finish each image; returns failures."""
     images = sorted({(u.group, u.start) for u in units})
     shapes = {g.name: (g.height, g.width) for g in store.groups}
@@ -151,12 +152,12 @@ def _tiled_steps(spec: SegmentSpec, units: list, done: dict[str, dict], *, meta:
             sources = [(v.name, firsts[v.name]) for v in tiled.reaching_units(u, units, tiling.overlap, h, w)]
             futures.append(paste_block_task.submit(spec, u, sources=sources, checkpoint_sha256=sha,
                                                    mask_kind=store.mask_kind, meta=meta))
-        results, failed = _gather(futures, "blocks pasted", log)
+        results, failed = _gather(futures, "blocks pasted", log, progress=progress)
     else:
         todo = [u for u in units if u.name not in done]
         futures = [segment_block_task.submit(spec, u, tiling=tiling, stats=stats.get((u.group, u.start)),
                                              mask_kind=store.mask_kind, **common) for u in todo]
-        results, failed = _gather(futures, "blocks", log)
+        results, failed = _gather(futures, "blocks", log, progress=progress)
     if failed:
         return failed
     records = {**done, **{r["unit"]: r for r in results}}
@@ -196,10 +197,11 @@ def segment_steps(spec: SegmentSpec) -> dict[str, Any]:
     threads = torch_threads(spec.execution)
     futures = [segment_unit_task.submit(spec, u, run_id=run_id, checkpoint_sha256=sha, mask_kind=store.mask_kind,
                                         num_threads=threads) for u in todo]
-    failed = _gather(futures, "units", log, count_images=True)[1]
+    progress = UnitProgress(run_id, total=len(units), done=sum(u.name in done for u in units))
+    failed = _gather(futures, "units", log, count_images=True, progress=progress)[1]
     if blocks:
         failed += _tiled_steps(spec, blocks, done, meta=meta, sha=sha, store=store, run_id=run_id, tiling=tiling,
-                               threads=threads, log=log)
+                               threads=threads, log=log, progress=progress)
     n_skipped = len([u for u in units if u.name in done])
     run = open_run(spec.out)
     summary = summarise_dice(run.dice_table(), manifest=read_manifest(spec.store))
@@ -211,27 +213,26 @@ def segment_steps(spec: SegmentSpec) -> dict[str, Any]:
                             "dice table": f"{spec.out}/dice", "summary": f"{spec.out}/summary.md"})
     markdown = render_markdown(summary, title=f"segflow run {run_id}")
     write_summary(spec.out, summary, markdown)
-    create_markdown_artifact(markdown=markdown, key=_artifact_key(f"dice-summary-{run_id}"),
-                             description=f"Dice summary of run {run_id}")
+    publish_run_artifacts(run, summary, markdown)
     if failed:
         raise SegflowError(f"{len(failed)} unit(s) failed (the others are saved; run the same command again to "
                            f"retry only those): " + "; ".join(failed[:5]))
     return summary
 
 
-@flow(name="segflow-ingest")
+@flow(name="segflow-ingest", flow_run_name=ingest_run_name)
 def ingest_flow(spec: IngestSpec) -> dict[str, Any]:
     """Decode a collection of images (and masks) into a chunked Zarr store with a manifest."""
     return ingest_steps(spec)
 
 
-@flow(name="segflow-segment")
+@flow(name="segflow-segment", flow_run_name=segment_run_name)
 def segment_flow(spec: SegmentSpec) -> dict[str, Any]:
     """Segment every work unit of a store, write masks and per-image Dice, publish a summary."""
     return segment_steps(spec)
 
 
-@flow(name="segflow-run")
+@flow(name="segflow-run", flow_run_name=run_run_name)
 def run_flow(spec: RunSpec) -> dict[str, Any]:
     """Ingest + segment + evaluate in one flow run."""
     ingest_steps(spec.ingest)

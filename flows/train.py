@@ -9,6 +9,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.execution import torch_threads
+from flows.names import train_run_name
 from segcore.config import TrainSpec
 from segcore.store import open_store
 from tasks.train import train_model
@@ -26,7 +27,7 @@ def train_steps(spec: TrainSpec) -> dict[str, Any]:
     return result
 
 
-@flow(name="segflow-train")
+@flow(name="segflow-train", flow_run_name=train_run_name)
 def train_flow(spec: TrainSpec) -> dict[str, Any]:
     """Train a model on a store's labelled images."""
     return train_steps(spec)

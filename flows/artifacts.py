@@ -1,0 +1,131 @@
+"""The Prefect artifacts of a segment run, as operators see them in the UI.
+
+Every segment run publishes, keyed by its run id (keys: lowercase letters, digits, dashes):
+
+- ``dice-summary-<run>``: the summary (markdown, the same text as ``RUN_DIR/summary.md``);
+- ``dice-table-<run>``: per-class Dice statistics (table);
+- ``dice-histogram-<run>``: per-image Dice of each foreground class (PNG in markdown);
+- ``worst-images-<run>``: image | ground truth | prediction thumbnails of the lowest-Dice images;
+- ``segment-progress-<run>``: units finished (progress, updated while the units complete);
+- one link per output location (run directory, masks, Dice dataset, summary).
+
+Figures are drawn by :mod:`segcore.figures`; this module only publishes them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+from uuid import UUID
+
+import numpy as np
+import pyarrow.compute as pc
+from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
+                               create_table_artifact, update_progress_artifact)
+
+from segcore import figures
+
+GALLERY_IMAGES = 6
+PROGRESS_UPDATES = 20
+
+
+def artifact_key(text: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return "".join(ch if ch.isalnum() and ch.isascii() else "-" for ch in text.lower()).strip("-")[:100] or "segflow"
+
+
+def location_href(location: str) -> str:
+    """A link target for an output location: URLs (``s3://b/run``) as they are, local paths as
+    ``file://`` URIs of their absolute path."""
+    return location if "://" in location else Path(location).absolute().as_uri()
+
+
+class UnitProgress:
+    """A progress artifact counting finished units of one run, sent at most ``max_updates`` times
+    (plus the first and the last value) however many units there are."""
+
+    def __init__(self, run_id: str, *, total: int, done: int = 0, max_updates: int = PROGRESS_UPDATES) -> None:
+        self.total, self.done, self.max_updates = max(total, 0), min(done, total), max_updates
+        self.run_id = run_id
+        self._sent_step = self._step()
+        self._id: UUID = create_progress_artifact(progress=self.percent, key=artifact_key(f"segment-progress-{run_id}"),
+                                                  description=self._description())
+
+    @property
+    def percent(self) -> float:
+        return 100.0 if self.total == 0 else round(100.0 * self.done / self.total, 1)
+
+    def _step(self) -> int:
+        return self.max_updates if self.total == 0 else self.done * self.max_updates // self.total
+
+    def _description(self) -> str:
+        return f"Units finished in run {self.run_id}: {self.done} of {self.total}"
+
+    def advance(self, n: int = 1) -> None:
+        """``n`` more units finished; updates the artifact when another 1/``max_updates`` is done."""
+        self.done = min(self.total, self.done + n)
+        if self._step() > self._sent_step:
+            self._sent_step = self._step()
+            update_progress_artifact(artifact_id=self._id, progress=self.percent, description=self._description())
+
+
+def dice_table_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Rows of the Dice table artifact: one per class, Dice rounded to 4 decimals."""
+    def r4(x: float | None) -> float | None:
+        return None if x is None else round(x, 4)
+
+    return [{"class": f"{c['class_id']} {c['class_name']}", "images": c["images"],
+             "images with class": c["images_with_class"], "mean Dice": r4(c["mean_dice"]),
+             "median Dice": r4(c["median_dice"]), "mean Dice (all rows)": r4(c["mean_dice_all_rows"])}
+            for c in summary["per_class"]]
+
+
+def foreground_dice_values(run: Any) -> dict[str, list[float]]:
+    """``"<id> <name>"`` of every foreground class -> its per-image Dice where the ground truth
+    holds the class (the values the summary's means are taken over)."""
+    t = run.dice_table()
+    t = t.filter(pc.and_(pc.and_(pc.equal(t["status"], "ok"), pc.invert(t["empty_gt"])),
+                         pc.greater(t["class_id"], 0)))
+    out: dict[str, list[float]] = {}
+    for cid, name, dice in zip(t["class_id"].to_pylist(), t["class_name"].to_pylist(), t["dice"].to_pylist()):
+        out.setdefault((cid, name), []).append(dice)
+    return {f"{cid} {name}": v for (cid, name), v in sorted(out.items())}
+
+
+def _histogram_markdown(values: dict[str, list[float]], run_id: str) -> str:
+    lines = [f"# Dice per image, run {run_id}", ""]
+    if not values:
+        return "\n".join(lines + ["No image has ground truth for a foreground class, so there is no Dice to plot."]) + "\n"
+    png = figures.dice_histogram_png(values)
+    lines += [f"![Dice histogram of run {run_id}]({figures.png_data_uri(png)})", "",
+              "| class | images | mean | median | min |", "| --- | ---: | ---: | ---: | ---: |"]
+    for name, v in values.items():
+        a = np.asarray(v, dtype=float)
+        lines.append(f"| {name} | {a.size} | {a.mean():.4f} | {np.median(a):.4f} | {a.min():.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def publish_run_artifacts(run: Any, summary: Mapping[str, Any], markdown: str) -> None:
+    """Publish the summary, Dice table, histogram, worst-image gallery and output links of a run.
+
+    ``run`` is the run's :class:`segcore.results.RunReader`, ``summary`` the dict of
+    :func:`segcore.summary.summarise_dice` (with ``run_id`` and ``outputs``), ``markdown`` its rendering.
+    """
+    run_id = summary["run_id"]
+    create_markdown_artifact(markdown=markdown, key=artifact_key(f"dice-summary-{run_id}"),
+                             description=f"Dice summary of run {run_id}")
+    create_table_artifact(table=dice_table_rows(summary), key=artifact_key(f"dice-table-{run_id}"),
+                          description=f"Dice per class of run {run_id} (mean and median over images whose "
+                                      "ground truth holds the class)")
+    create_markdown_artifact(markdown=_histogram_markdown(foreground_dice_values(run), run_id),
+                             key=artifact_key(f"dice-histogram-{run_id}"),
+                             description=f"Histogram of per-image Dice of run {run_id}")
+    names = {c["class_id"]: c["class_name"] for c in summary["per_class"]}
+    gallery = figures.gallery_markdown(run, summary["worst_images"], class_names=names, n=GALLERY_IMAGES)
+    create_markdown_artifact(markdown=f"# Worst images of run {run_id}\n\n{gallery}",
+                             key=artifact_key(f"worst-images-{run_id}"),
+                             description=f"The {GALLERY_IMAGES} images of run {run_id} with the lowest mean "
+                                         "foreground Dice")
+    for name, location in summary.get("outputs", {}).items():
+        create_link_artifact(link=location_href(str(location)), link_text=f"{name}: {location}",
+                             description=f"Where the {name} of run {run_id} is: {location}")

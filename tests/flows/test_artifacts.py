@@ -1,0 +1,59 @@
+"""Artifact keys, link targets, flow run names and the throttled progress artifact (on the test server)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+from prefect import flow
+
+from flows.artifacts import UnitProgress, artifact_key, location_href
+from flows.names import segment_run_name, short_location
+from segcore.config import SegmentSpec
+
+
+def test_artifact_keys_are_lowercase_letters_digits_and_dashes():
+    assert artifact_key("dice-summary-20250101T120000-ab12cd") == "dice-summary-20250101t120000-ab12cd"
+    assert artifact_key("Run é/1_x") == "run---1-x"  # space, é and / each become a dash
+    assert artifact_key("///") == "segflow"
+    assert len(artifact_key("a" * 300)) == 100
+
+
+def test_links_point_at_urls_as_given_and_at_local_paths_as_file_uris(tmp_path):
+    assert location_href("s3://bucket/runs/r1/masks.zarr") == "s3://bucket/runs/r1/masks.zarr"
+    assert location_href(str(tmp_path / "run" / "dice")) == f"file://{tmp_path}/run/dice"
+    assert location_href("run/summary.md") == (Path.cwd() / "run" / "summary.md").as_uri()
+
+
+def test_short_locations_keep_the_informative_end():
+    assert short_location("/data/runs/r1/") == "r1"
+    assert short_location("s3://bucket/stores/heldout.zarr") == "heldout.zarr"
+    assert short_location("/data/set-a/images", parts=2) == "set-a/images"
+    assert short_location("data/**/*.tif", parts=2) == "data/**/*.tif"
+
+
+def _progress(total: int, advances: int) -> float:
+    @flow(name="progress-check", flow_run_name=segment_run_name)
+    def progress_flow(spec: SegmentSpec) -> str:
+        p = UnitProgress(f"check-{total}-{advances}", total=total, done=0)
+        for _ in range(advances):
+            p.advance()
+        return str(p._id)
+
+    spec = SegmentSpec(store="/data/a.zarr", checkpoint="/m/unet.safetensors", out="s3://b/runs/r7")
+    artifact_id = progress_flow(spec)
+    from prefect.settings import PREFECT_API_URL
+
+    artifact = httpx.get(f"{PREFECT_API_URL.value()}/artifacts/{artifact_id}", timeout=30).json()
+    runs = httpx.post(f"{PREFECT_API_URL.value()}/flow_runs/filter",
+                      json={"flow_runs": {"id": {"any_": [artifact["flow_run_id"]]}}}, timeout=30).json()
+    assert runs[0]["name"] == "segment a.zarr with unet.safetensors -> r7"
+    assert artifact["key"] == f"segment-progress-check-{total}-{advances}" and artifact["type"] == "progress"
+    return artifact["data"]
+
+
+def test_progress_reaches_100_and_is_sent_at_most_20_times():
+    assert _progress(10, 10) == 100.0
+    # 100 units: the artifact moves in steps of 5 units, so after 7 it still shows the 5th.
+    assert _progress(100, 7) == 5.0
+    assert _progress(100, 100) == 100.0
