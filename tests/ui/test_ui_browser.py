@@ -141,7 +141,7 @@ def test_the_run_and_its_artifacts_are_recorded(finished_run):
         assert any(f"({target.as_uri()})" in link for link in links), (target, links)
 
 
-def test_the_ui_shows_the_task_runs_and_the_dice_artifacts(finished_run, chromium, tmp_path):
+def test_the_ui_shows_the_task_runs_and_the_dice_artifacts(chromium, finished_run, tmp_path):
     flow_run, base = finished_run["flow_run"], finished_run["base"]
     keys = {a["key"].rsplit("-", 2)[0]: a for a in finished_run["artifacts"] if a["key"]}
     shots = _artifact_dir()
