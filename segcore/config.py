@@ -59,7 +59,8 @@ class SegmentSpec(_Spec):
 
     store: str = Field(description="Zarr collection store made by 'segflow ingest'.")
     checkpoint: str = Field(description="segflow checkpoint (.safetensors) to segment with.")
-    out: str = Field(description="Run directory: masks.zarr, dice/ Parquet dataset, summary.")
+    out: str = Field(description="Run directory, a path or fsspec URL (s3://bucket/runs/r1): masks.zarr, dice/ "
+                                  "Parquet dataset, summary.")
     batch_size: int = Field(8, gt=0, description="Images per forward pass (tiles of large images: at most 1 Mpx "
                                                   "per pass).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA when present.")
