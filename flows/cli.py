@@ -107,6 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="training epochs (default: the model's demo setting)")
     p.add_argument("--seed", type=int, default=0)
     _add_execution(p)
+
+    p = sub.add_parser(
+        "serve", help="serve the scheduled incremental run from this process: a run on --cron, and whenever one is "
+                      "started from the UI",
+        description="Register a deployment of 'segflow run' with --images as a landing zone (each run appends the "
+                    "files whose content the store has not seen, and segments only those into the same --out) and "
+                    "execute its runs in this process until stopped (Ctrl-C pauses the schedule). Set "
+                    "PREFECT_API_URL to a Prefect server to see the deployment and start runs in its UI.")
+    _add_ingest(p, store_required=False)
+    _add_segment(p)
+    p.add_argument("--cron", default="0 * * * *",
+                   help="when to run: a cron expression, in UTC (default '0 * * * *': at the top of every hour)")
+    p.add_argument("--name", default="incremental", help="deployment name (default incremental)")
+    for action in p._actions:  # a served run is always incremental, which excludes --overwrite
+        if {"--overwrite", "--incremental"} & set(action.option_strings):
+            action.help = argparse.SUPPRESS
     return parser
 
 
@@ -192,6 +208,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = with_runner(demo_flow, spec.execution)(spec)
             print_summary(result)
             print(f"demo outputs are in {os.path.abspath(args.out)}")
+        elif args.command == "serve":
+            from prefect import serve
+            from prefect.deployments.runner import RunnerDeployment
+
+            import flows.deployed
+            from segcore.config import IngestSpec
+
+            store = args.store or os.path.join(args.out, "store.zarr")
+            ingest = IngestSpec.model_validate({**_ingest_spec(args, store).model_dump(), "incremental": True})
+            spec = RunSpec(ingest=ingest, segment=_segment_spec(args, store))
+            # By entrypoint: each run imports the flows in a fresh process, as a worker does. (A served flow
+            # object is pickled into the run's process, where the pipeline flow cannot resolve its spec types.)
+            deployment = RunnerDeployment.from_entrypoint(
+                f"{flows.deployed.__file__}:run_deployment_flow", name=args.name, cron=args.cron,
+                parameters={"spec": spec.model_dump(mode="json")}, tags=["segflow", "incremental"],
+                description=f"Incremental segflow run of the landing zone {args.images} into {args.out}")
+            serve(deployment, limit=1)
     except (SegflowError, ValidationError) as exc:
         print(f"segflow {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -7,8 +7,8 @@ which only the running flow knows. So each entry flow takes the same spec and st
 as a subflow on the cluster its spec names, as ``segflow run`` and ``segflow train`` do.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Prefect builds each flow's parameter model from the
+# annotations, and a flow loaded by module path (``segflow serve``) cannot resolve them as strings.
 from typing import Any
 
 from prefect import flow

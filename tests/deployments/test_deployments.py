@@ -68,6 +68,39 @@ def _logs(server, flow_run_ids: list[str]) -> str:
     return "\n".join(f"{r['level']} {r['message']}" for r in rows)
 
 
+def _wait_until_completed(server, flow_run_id: str, runner, runner_log: Path, *, timeout: float = 240) -> list[dict]:
+    """Wait for the flow run to end; fail with the runner's log and the runs' logs unless it COMPLETED.
+    Returns every flow run of the server."""
+    t0, state = time.monotonic(), None
+    while time.monotonic() - t0 < timeout:
+        state = server.get(f"/flow_runs/{flow_run_id}")["state"]["type"]
+        if state in TERMINAL or (runner.poll() is not None and state == "SCHEDULED"):
+            break  # ended, or the runner left without taking it
+        time.sleep(1)
+    runs = server.post("/flow_runs/filter")
+    if state != "COMPLETED":
+        pytest.fail(f"flow run {flow_run_id} is {state} after {time.monotonic() - t0:.0f} s (runner exit code "
+                    f"{runner.poll()})\n--- runner log:\n{runner_log.read_text()[-6000:]}\n"
+                    f"--- flow run logs:\n{_logs(server, [r['id'] for r in runs])[-8000:]}")
+    print(f"flow run {flow_run_id}: {time.monotonic() - t0:.1f} s")
+    return runs
+
+
+def _check_outputs(server, runs: list[dict], parent_id: str, out: Path, store: Path, n_images: int) -> None:
+    """The deployment's flow started the pipeline flow as a subflow, which published the summary artifact
+    and wrote the run directory."""
+    child = next(r for r in runs if r["parent_task_run_id"] and r["state_type"] == "COMPLETED"
+                 and r["id"] != parent_id and r["start_time"] >= server.get(f"/flow_runs/{parent_id}")["start_time"])
+    artifacts = server.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [child["id"]]}}})
+    summary = next(a for a in artifacts if (a["key"] or "").startswith("dice-summary-"))
+    assert summary["type"] == "markdown" and "Dice" in summary["data"]
+    result = open_run(str(out))
+    assert len(result.image_ids) == n_images
+    assert set(result.dice_table().column("image_id").to_pylist()) == set(result.image_ids)
+    assert json.loads((out / "summary.json").read_text())["images_evaluated"] == n_images
+    assert pq.read_table(store / "manifest.parquet").num_rows == n_images
+
+
 def test_a_run_of_the_scheduled_deployment_completes_on_a_process_worker(deployed, prefect_server, tiny_collection,
                                                                          tmp_path):
     deployment = deployed["deployments"]["incremental-hourly"]
@@ -82,33 +115,37 @@ def test_a_run_of_the_scheduled_deployment_completes_on_a_process_worker(deploye
     # From another directory: the deployment's pull step must take the run to the project root.
     worker = start([str(BIN / "prefect"), "worker", "start", "--pool", "segflow-process", "--run-once", "--limit", "1",
                     "--install-policy", "never"], env=prefect_server.env, log=worker_log, cwd=tmp_path)
-    t0 = time.monotonic()
     try:
-        state = None
-        while time.monotonic() - t0 < 240:
-            state = prefect_server.get(f"/flow_runs/{run['id']}")["state"]["type"]
-            if state in TERMINAL:
-                break
-            if worker.poll() is not None and state == "SCHEDULED":
-                break  # the worker polled once and left without taking the run
-            time.sleep(1)
-        runs = prefect_server.post("/flow_runs/filter")
-        if state != "COMPLETED":
-            pytest.fail(f"flow run {run['id']} ended {state} after {time.monotonic() - t0:.0f} s\n"
-                        f"--- worker log:\n{worker_log.read_text()[-6000:]}\n"
-                        f"--- flow run logs:\n{_logs(prefect_server, [r['id'] for r in runs])[-8000:]}")
+        runs = _wait_until_completed(prefect_server, run["id"], worker, worker_log)
     finally:
         stop(worker)
-    print(f"flow run: {time.monotonic() - t0:.1f} s")
-    # The deployment's flow started the pipeline flow as a subflow, and that one published the summary.
-    child = next(r for r in runs if r["parent_task_run_id"] and r["state_type"] == "COMPLETED")
-    assert child["id"] != run["id"]
-    artifacts = prefect_server.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [child["id"]]}}})
-    summary = next(a for a in artifacts if (a["key"] or "").startswith("dice-summary-"))
-    assert summary["type"] == "markdown" and "Dice" in summary["data"]
-    result = open_run(str(out))
-    assert len(result.image_ids) == tiny_collection["n_images"]
-    dice = result.dice_table()
-    assert set(dice.column("image_id").to_pylist()) == set(result.image_ids)
-    assert json.loads((out / "summary.json").read_text())["images_evaluated"] == tiny_collection["n_images"]
-    assert pq.read_table(store / "manifest.parquet").num_rows == tiny_collection["n_images"]
+    _check_outputs(prefect_server, runs, run["id"], out, store, tiny_collection["n_images"])
+
+
+def test_segflow_serve_registers_the_incremental_run_and_executes_it(prefect_server, tiny_collection, tmp_path):
+    out, lake = tmp_path / "served", tmp_path / "lake"
+    args = [str(BIN / "segflow"), "serve", "--images", tiny_collection["images"], "--masks", tiny_collection["masks"],
+            "--checkpoint", tiny_collection["checkpoint"], "--out", str(out), "--lake", str(lake), "--batch-size", "4",
+            "--workers", "1", "--threads-per-worker", "1", "--cron", "30 2 * * *", "--name", "served"]
+    refused = subprocess.run([*args, "--overwrite"], cwd=tmp_path, env=prefect_server.env, capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode == 2 and "exclude each other" in refused.stderr, refused.stderr
+    log = tmp_path / "serve.log"
+    serve = start(args, env=prefect_server.env, log=log, cwd=tmp_path)
+    try:
+        deadline, found = time.monotonic() + 120, []
+        while not found and serve.poll() is None and time.monotonic() < deadline:
+            found = prefect_server.post("/deployments/filter", {"deployments": {"name": {"any_": ["served"]}}})
+            time.sleep(1)
+        assert found, f"segflow serve registered no deployment:\n{log.read_text()[-6000:]}"
+        [deployment] = found
+        assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["30 2 * * *"]
+        spec = RunSpec.model_validate(deployment["parameters"]["spec"])
+        assert spec.ingest.incremental and spec.segment.lake == str(lake)
+        assert spec.ingest.store == spec.segment.store == str(out / "store.zarr")
+        assert spec.segment.execution.n_workers == 1
+        run = prefect_server.post(f"/deployments/{deployment['id']}/create_flow_run", {})  # the served defaults
+        runs = _wait_until_completed(prefect_server, run["id"], serve, log)
+    finally:
+        stop(serve)
+    _check_outputs(prefect_server, runs, run["id"], out, out / "store.zarr", tiny_collection["n_images"])
