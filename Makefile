@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.segflow-installed
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: demo test test-all bench install browser clean
+.PHONY: demo test test-all bench install browser serve clean
 
 install: $(STAMP)
 
@@ -42,6 +42,11 @@ browser:
 
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py
+
+# A Prefect server on 127.0.0.1:4200, the process work pool, every deployment of
+# deployments/prefect.yaml and a worker (see README, "Deployments and schedules").
+serve: $(STAMP)
+	deployments/serve.sh
 
 clean:
 	rm -rf $(VENV) demo-out bench/out .pytest_cache test-artifacts
