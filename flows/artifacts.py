@@ -19,6 +19,7 @@ from typing import Any, Mapping
 from uuid import UUID
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
                                create_table_artifact, update_progress_artifact)
@@ -80,10 +81,9 @@ def dice_table_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
             for c in summary["per_class"]]
 
 
-def foreground_dice_values(run: Any) -> dict[str, list[float]]:
-    """``"<id> <name>"`` of every foreground class -> its per-image Dice where the ground truth
-    holds the class (the values the summary's means are taken over)."""
-    t = run.dice_table()
+def foreground_dice_values(t: pa.Table) -> dict[str, list[float]]:
+    """``"<id> <name>"`` of every foreground class -> its per-image Dice in Dice table ``t`` where the
+    ground truth holds the class (the values the summary's means are taken over)."""
     t = t.filter(pc.and_(pc.and_(pc.equal(t["status"], "ok"), pc.invert(t["empty_gt"])),
                          pc.greater(t["class_id"], 0)))
     out: dict[str, list[float]] = {}
@@ -105,11 +105,12 @@ def _histogram_markdown(values: dict[str, list[float]], run_id: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def publish_run_artifacts(run: Any, summary: Mapping[str, Any], markdown: str) -> None:
+def publish_run_artifacts(run: Any, summary: Mapping[str, Any], markdown: str, *, dice: pa.Table) -> None:
     """Publish the summary, Dice table, histogram, worst-image gallery and output links of a run.
 
     ``run`` is the run's :class:`segcore.results.RunReader`, ``summary`` the dict of
-    :func:`segcore.summary.summarise_dice` (with ``run_id`` and ``outputs``), ``markdown`` its rendering.
+    :func:`segcore.summary.summarise_dice` (with ``run_id`` and ``outputs``), ``markdown`` its
+    rendering, ``dice`` the Dice rows it summarises (current image versions only).
     """
     run_id = summary["run_id"]
     create_markdown_artifact(markdown=markdown, key=artifact_key(f"dice-summary-{run_id}"),
@@ -117,7 +118,7 @@ def publish_run_artifacts(run: Any, summary: Mapping[str, Any], markdown: str) -
     create_table_artifact(table=dice_table_rows(summary), key=artifact_key(f"dice-table-{run_id}"),
                           description=f"Dice per class of run {run_id} (mean and median over images whose "
                                       "ground truth holds the class)")
-    create_markdown_artifact(markdown=_histogram_markdown(foreground_dice_values(run), run_id),
+    create_markdown_artifact(markdown=_histogram_markdown(foreground_dice_values(dice), run_id),
                              key=artifact_key(f"dice-histogram-{run_id}"),
                              description=f"Histogram of per-image Dice of run {run_id}")
     names = {c["class_id"]: c["class_name"] for c in summary["per_class"]}

@@ -44,6 +44,8 @@ def _add_segment(p: argparse.ArgumentParser) -> None:
     g.add_argument("--blend", choices=["gaussian", "linear"], help="weights of overlapping tiles (default gaussian)")
     g.add_argument("--tta", action="store_true", default=None,
                    help="semantic models: average the logits over flips (4x compute)")
+    p.add_argument("--lake", help="data-lake location (path or fsspec URL, e.g. s3://bucket/segflow): append the Dice, "
+                                  "instance and manifest tables there, Hive-partitioned by run_date and model")
     _add_execution(p)
 
 
@@ -53,6 +55,9 @@ def _add_ingest(p: argparse.ArgumentParser, *, store_required: bool) -> None:
     p.add_argument("--mask-kind", choices=["class", "instance"], help="mask values are class ids (default) or object ids")
     p.add_argument("--store", required=store_required, help="Zarr collection store to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument("--incremental", action="store_true",
+                   help="--images is a landing zone: append to the store only files whose content it has not seen "
+                        "(a changed file supersedes its old version); 'run' then segments only the new images")
     p.add_argument("--tile-chunk", type=int,
                    help="images of more than 4.2 Mpx are stored (and segmented) in square blocks of this side "
                         "(default 1024; 0 keeps them whole)")
@@ -74,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="ingest + segment + evaluate in one flow run")
     _add_ingest(p, store_required=False)
     _add_segment(p)
+
+    p = sub.add_parser("report", help="per-model, per-class Dice over time from a data lake (DuckDB over Parquet)")
+    p.add_argument("--lake", required=True, help="data-lake location written by 'segment/run --lake'")
+    p.add_argument("--plots", help="directory to write one PNG per model (dice-over-time-<model>.png)")
+    p.add_argument("--json", action="store_true", help="print the tables as JSON instead of text")
 
     p = sub.add_parser("train", help="train a UNet or Mask R-CNN on a store's labelled images, write a checkpoint")
     p.add_argument("--store", required=True, help="Zarr collection store with ground truth")
@@ -143,13 +153,14 @@ def _segment_spec(args: argparse.Namespace, store: str):
 
     return SegmentSpec(store=store, checkpoint=args.checkpoint, out=args.out, execution=_execution(args),
                        **_given(batch_size=args.batch_size, device=args.device, precision=args.precision,
-                                tile_size=args.tile_size, overlap=args.overlap, blend=args.blend, tta=args.tta))
+                                tile_size=args.tile_size, overlap=args.overlap, blend=args.blend, tta=args.tta,
+                                lake=args.lake))
 
 
 def _ingest_spec(args: argparse.Namespace, store: str):
     from segcore.config import IngestSpec
 
-    return IngestSpec(images=args.images, store=store, overwrite=args.overwrite,
+    return IngestSpec(images=args.images, store=store, overwrite=args.overwrite, incremental=args.incremental,
                       **_given(masks=args.masks, mask_kind=args.mask_kind, tile_chunk=args.tile_chunk))
 
 
@@ -159,8 +170,28 @@ def print_summary(summary: dict[str, Any]) -> None:
     print(render_markdown(summary, title=f"segflow run {summary.get('run_id', '')}".strip()))
 
 
+def _report(args: argparse.Namespace) -> int:
+    from segcore.errors import SegflowError
+    from segcore.report import dice_report, plot_over_time, render_text
+
+    try:
+        report = dice_report(args.lake)
+    except (SegflowError, OSError) as exc:
+        print(f"segflow report: error: cannot read the lake {args.lake!r}: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({k: t.to_pylist() for k, t in report.items()}, indent=2, default=str))
+    else:
+        print(render_text(report), end="")
+    for path in plot_over_time(report, args.plots) if args.plots else []:
+        print(f"plot: {path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "report":  # reads the lake only: no Prefect
+        return _report(args)
     _prefect_env()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     from flows.execution import share_prefect_api
@@ -181,7 +212,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "run":
             store = args.store or os.path.join(args.out, "store.zarr")
             spec = RunSpec(ingest=_ingest_spec(args, store), segment=_segment_spec(args, store))
-            print_summary(with_runner(run_flow, _execution(args))(spec))
+            result = with_runner(run_flow, _execution(args))(spec)
+            if result["segmented"]:
+                print_summary(result)
+            else:
+                print(f"nothing new in {args.images}: all {result['ingest']['files']} file(s) are already in "
+                      f"{store} and segmented in {args.out}")
         elif args.command == "train":
             from flows.train import train_flow
             from segcore.config import TrainSpec

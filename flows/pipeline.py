@@ -10,6 +10,7 @@ import dataclasses
 import time
 from typing import Any
 
+import pyarrow.compute as pc
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 
@@ -19,45 +20,31 @@ from flows.names import ingest_run_name, run_run_name, segment_run_name
 from segcore import checkpoint as ckpt
 from segcore import tiled
 from segcore.config import ExecutionSpec, IngestSpec, RunSpec, SegmentSpec
-from segcore.errors import CheckpointError, SegflowError, StoreError
+from segcore.errors import CheckpointError, NotFound, SegflowError, StoreError
 from segcore.fileio import file_sha256
 from segcore.plan import check_alignment, plan_units
-from segcore.rundir import finished_units, mask_chunks, prepare_run, write_summary
+from segcore.rundir import finished_units, mask_chunks, prepare_run, read_run_info, write_summary
 from segcore.results import open_run
-from segcore.store import (chunk_rows, create_store, existing_store_matches, open_store, pair_sources, plan_groups,
-                           read_manifest, spec_json, write_manifest)
+from segcore.incremental import current_rows, next_batch, select_new, supersede
+from segcore.store import (append_groups, chunk_rows, create_store, existing_store_matches, open_store, pair_sources,
+                           plan_groups, read_manifest, spec_json, store_exists, write_manifest)
 from segcore.summary import render_markdown, summarise_dice, summarise_instances
 from tasks.ingest import probe_files, write_chunk
+from tasks.lake import publish_lake_task
 from tasks.segment import (detect_block_task, finish_image_task, image_stats_task, paste_block_task,
                            segment_block_task, segment_unit_task)
 
 
-def ingest_steps(spec: IngestSpec) -> dict[str, Any]:
-    """Pair, probe (in batches), plan groups, create the store, decode chunks, write the manifest."""
-    log = get_run_logger()
-    t0 = time.perf_counter()
-    rows = pair_sources(spec.images, spec.masks)
-    log.info("ingest: %d files found in %s", len(rows), spec.images)
-    if not spec.overwrite and existing_store_matches(spec.store, spec=spec_json(spec),
-                                                     source_paths=[r["source_path"] for r in rows]):
-        manifest = read_manifest(spec.store)
-        n_ok = sum(1 for s in manifest.column("status").to_pylist() if s == "ok")
-        log.info("ingest: %s already holds these %d files with the same options; reusing it (pass --overwrite "
-                 "to decode them again)", spec.store, len(rows))
-        return {"store": spec.store, "files": len(rows), "images": n_ok, "errors": len(rows) - n_ok,
-                "groups": len(open_store(spec.store).groups), "chunks": None, "reused": True}
+def _probe(spec: IngestSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Read headers and hash contents, ``probe_batch`` files per task."""
     batches = [rows[i:i + spec.probe_batch] for i in range(0, len(rows), spec.probe_batch)]
-    probe_futures = [probe_files.submit(b, label=f"files {i * spec.probe_batch}-{i * spec.probe_batch + len(b) - 1}")
-                     for i, b in enumerate(batches)]
-    probed = [r for f in probe_futures for r in f.result()]
-    groups, planned = plan_groups(probed, chunk_pixels=spec.chunk_pixels, max_chunk_images=spec.max_chunk_images,
-                                  tile_chunk=spec.tile_chunk)
-    if not groups:
-        raise StoreError(f"none of the {len(rows)} files in {spec.images!r} could be read; first error: "
-                         f"{next((r['error'] for r in probed if r['error']), 'no files')}")
-    with_gt = spec.masks is not None
-    create_store(spec.store, groups, with_gt=with_gt, mask_kind=spec.mask_kind, spec=spec_json(spec),
-                 overwrite=spec.overwrite)
+    futures = [probe_files.submit(b, label=f"files {i * spec.probe_batch}-{i * spec.probe_batch + len(b) - 1}")
+               for i, b in enumerate(batches)]
+    return [r for f in futures for r in f.result()]
+
+
+def _write_chunks(spec: IngestSpec, planned: list[dict[str, Any]], groups: list, log: Any) -> list[dict[str, Any]]:
+    """Decode and write every chunk of ``groups``; returns the written rows with their final status."""
     chunks = chunk_rows(planned, groups)
     futures = [write_chunk.submit(spec.store, c, label=f"{c[0]['group']} images {c[0]['index']}-{c[-1]['index']}")
                for c in chunks]
@@ -66,14 +53,82 @@ def ingest_steps(spec: IngestSpec) -> dict[str, Any]:
         written.extend(fut.result())
         if n % max(1, len(futures) // 10) == 0 or n == len(futures):
             log.info("ingest: %d/%d chunks written", n, len(futures))
+    return sorted(written, key=lambda r: (r["group"], r["index"]))
+
+
+def _ingest_new(spec: IngestSpec, rows: list[dict[str, Any]], log: Any, t0: float) -> dict[str, Any]:
+    """Incremental ingest: append the landing-zone files whose content the store has not seen."""
+    manifest = read_manifest(spec.store)
+    store = open_store(spec.store)
+    if (spec.masks is not None) != store.has_gt or (store.has_gt and spec.mask_kind != store.mask_kind):
+        raise StoreError(f"store {spec.store!r} was ingested {'with ' + store.mask_kind if store.has_gt else 'without'}"
+                         f" masks; an incremental ingest into it must give the same (masks={spec.masks!r}, "
+                         f"mask_kind={spec.mask_kind!r})")
+    new = select_new(_probe(spec, rows), manifest)
+    result = {"store": spec.store, "files": len(rows), "new_files": len(new), "images": 0, "errors": 0,
+              "groups": len(store.groups), "chunks": 0, "superseded": 0}
+    if not new:
+        log.info("ingest: nothing new in %s: all %d file(s) are already in %s (%.1f s)", spec.images, len(rows),
+                 spec.store, time.perf_counter() - t0)
+        return result
+    batch = next_batch(manifest)
+    groups, planned = plan_groups([dict(r, batch=batch) for r in new], chunk_pixels=spec.chunk_pixels,
+                                  max_chunk_images=spec.max_chunk_images, tile_chunk=spec.tile_chunk,
+                                  first_group=len(store.groups))
+    if groups:
+        append_groups(spec.store, groups)
+    written = _write_chunks(spec, planned, groups, log)
     errors = [r for r in planned if r["group"] is None]
-    write_manifest(spec.store, sorted(written, key=lambda r: (r["group"], r["index"])) + errors)
+    old = supersede(manifest, written)
+    write_manifest(spec.store, old + written + errors)
+    n_ok = sum(1 for r in written if r["status"] == "ok")
+    n_sup = manifest.column("superseded_by").null_count - sum(1 for r in old if r["superseded_by"] is None)
+    result.update(images=n_ok, errors=len(new) - n_ok, groups=len(store.groups) + len(groups),
+                  chunks=sum(g.n_chunks for g in groups), superseded=n_sup, batch=batch)
+    log.info("ingest: batch %d: %d new file(s) of %d in %s: %d image(s) in %d new group(s), %d error row(s), "
+             "%d older version(s) superseded; %.1f s", batch, len(new), len(rows), spec.images, n_ok, len(groups),
+             len(new) - n_ok, n_sup, time.perf_counter() - t0)
+    return result
+
+
+def ingest_steps(spec: IngestSpec) -> dict[str, Any]:
+    """Pair, probe (in batches), plan groups, create the store, decode chunks, write the manifest.
+
+    With ``spec.incremental`` and an existing store, only files with new content are appended
+    (see :mod:`segcore.incremental`); the result's ``new_files`` says how many.
+    """
+    log = get_run_logger()
+    t0 = time.perf_counter()
+    rows = pair_sources(spec.images, spec.masks)
+    log.info("ingest: %d files found in %s", len(rows), spec.images)
+    if spec.incremental and store_exists(spec.store):
+        return _ingest_new(spec, rows, log, t0)
+    if not spec.overwrite and existing_store_matches(spec.store, spec=spec_json(spec),
+                                                     source_paths=[r["source_path"] for r in rows]):
+        manifest = read_manifest(spec.store)
+        n_ok = sum(1 for s in manifest.column("status").to_pylist() if s == "ok")
+        log.info("ingest: %s already holds these %d files with the same options; reusing it (pass --overwrite "
+                 "to decode them again)", spec.store, len(rows))
+        return {"store": spec.store, "files": len(rows), "new_files": 0, "images": n_ok, "errors": len(rows) - n_ok,
+                "groups": len(open_store(spec.store).groups), "chunks": None, "reused": True}
+    probed = [dict(r, batch=0) for r in _probe(spec, rows)]
+    groups, planned = plan_groups(probed, chunk_pixels=spec.chunk_pixels, max_chunk_images=spec.max_chunk_images,
+                                  tile_chunk=spec.tile_chunk)
+    if not groups:
+        raise StoreError(f"none of the {len(rows)} files in {spec.images!r} could be read; first error: "
+                         f"{next((r['error'] for r in probed if r['error']), 'no files')}")
+    with_gt = spec.masks is not None
+    create_store(spec.store, groups, with_gt=with_gt, mask_kind=spec.mask_kind, spec=spec_json(spec),
+                 overwrite=spec.overwrite)
+    written = _write_chunks(spec, planned, groups, log)
+    errors = [r for r in planned if r["group"] is None]
+    write_manifest(spec.store, written + errors)
     n_ok = sum(1 for r in written if r["status"] == "ok")
     n_err = len(rows) - n_ok
     log.info("ingest: %d images in %d group(s), %d chunk(s); %d error row(s); %.1f s -> %s",
-             n_ok, len(groups), len(chunks), n_err, time.perf_counter() - t0, spec.store)
-    return {"store": spec.store, "files": len(rows), "images": n_ok, "errors": n_err, "groups": len(groups),
-            "chunks": len(chunks)}
+             n_ok, len(groups), sum(g.n_chunks for g in groups), n_err, time.perf_counter() - t0, spec.store)
+    return {"store": spec.store, "files": len(rows), "new_files": len(rows), "images": n_ok, "errors": n_err,
+            "groups": len(groups), "chunks": sum(g.n_chunks for g in groups)}
 
 
 def preflight(spec: SegmentSpec) -> tuple[ckpt.ModelMeta, str, Any]:
@@ -204,16 +259,25 @@ def segment_steps(spec: SegmentSpec) -> dict[str, Any]:
                                threads=threads, log=log, progress=progress)
     n_skipped = len([u for u in units if u.name in done])
     run = open_run(spec.out)
-    summary = summarise_dice(run.dice_table(), manifest=read_manifest(spec.store))
+    manifest = read_manifest(spec.store)
+    unit_groups = {u.name: u.group for u in units}
+    current = manifest.filter(pc.is_null(manifest.column("superseded_by")))  # changed files: newest version only
+    dice = current_rows(run.dice_table(), manifest, unit_groups)
+    summary = summarise_dice(dice, manifest=current)
     if meta.kind == "instance":
-        summary["instance"] = summarise_instances(run.instance_metrics_table(), run.instance_table())
+        summary["instance"] = summarise_instances(current_rows(run.instance_metrics_table(), manifest, unit_groups),
+                                                  current_rows(run.instance_table(), manifest, unit_groups))
+    if spec.lake:
+        published = publish_lake_task.submit(spec.lake, run_dir=spec.out, store=spec.store).result()
+        log.info("segment: appended %s to the lake %s", published or "nothing new", spec.lake)
     summary.update(run_id=run_id, model=meta.arch, checkpoint_sha256=sha, units=len(units),
                    units_skipped=n_skipped, units_failed=len(failed), seconds=round(time.perf_counter() - t0, 2),
                    outputs={"run directory": spec.out, "masks": f"{spec.out}/masks.zarr",
-                            "dice table": f"{spec.out}/dice", "summary": f"{spec.out}/summary.md"})
+                            "dice table": f"{spec.out}/dice", "summary": f"{spec.out}/summary.md",
+                            **({"data lake": spec.lake} if spec.lake else {})})
     markdown = render_markdown(summary, title=f"segflow run {run_id}")
     write_summary(spec.out, summary, markdown)
-    publish_run_artifacts(run, summary, markdown)
+    publish_run_artifacts(run, summary, markdown, dice=dice)
     if failed:
         raise SegflowError(f"{len(failed)} unit(s) failed (the others are saved; run the same command again to "
                            f"retry only those): " + "; ".join(failed[:5]))
@@ -234,9 +298,31 @@ def segment_flow(spec: SegmentSpec) -> dict[str, Any]:
 
 @flow(name="segflow-run", flow_run_name=run_run_name)
 def run_flow(spec: RunSpec) -> dict[str, Any]:
-    """Ingest + segment + evaluate in one flow run."""
-    ingest_steps(spec.ingest)
-    return segment_steps(spec.segment)
+    """Ingest + segment + evaluate in one flow run.
+
+    An incremental run (``spec.ingest.incremental``) that finds nothing new in the landing zone,
+    while every work unit of the store is done, ends after the ingest: no model is loaded.
+    """
+    ingested = ingest_steps(spec.ingest)
+    if spec.ingest.incremental and ingested["new_files"] == 0 and units_pending(spec.segment) == 0:
+        log = get_run_logger()
+        log.info("run: nothing new in %s and all %s image(s) of %s are segmented; no inference this time",
+                 spec.ingest.images, ingested["files"], spec.ingest.store)
+        if spec.segment.lake:  # parts a failed earlier publication left behind
+            publish_lake_task.submit(spec.segment.lake, run_dir=spec.segment.out, store=spec.segment.store).result()
+        return {"ingest": ingested, "segmented": False, "units_done": 0}
+    summary = segment_steps(spec.segment)
+    return {**summary, "ingest": ingested, "segmented": True}
+
+
+def units_pending(spec: SegmentSpec) -> int | None:
+    """Work units of ``spec.store`` without a done marker in ``spec.out`` (None: no run there yet)."""
+    try:
+        read_run_info(spec.out)
+    except NotFound:
+        return None
+    done = finished_units(spec.out)
+    return sum(u.name not in done for u in plan_units(open_store(spec.store), tiled=spec.tile_size != 0))
 
 
 def with_runner(f, execution: ExecutionSpec):

@@ -1,0 +1,145 @@
+"""Scheduled incremental runs: a landing zone, content hashes, appended stores and an append-only lake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from flows.pipeline import run_flow, with_runner
+from segcore.config import ExecutionSpec, IngestSpec, RunSpec, SegmentSpec
+from segcore.errors import StoreError
+from segcore.imageio import write_png
+from segcore.lake import lake_columns, read_lake
+from segcore.report import dice_report
+from segcore.results import open_run
+from segcore.rundir import finished_units
+from segcore.store import open_store, read_manifest
+
+ONE_WORKER = ExecutionSpec(n_workers=1, threads_per_worker=1)
+CLASSES = 3
+
+
+def _drop(landing: Path, masks: Path, first: int, count: int, *, seed: int, shape=(48, 48)) -> None:
+    """Write ``count`` new images (and masks) named img-<first>... into the landing zone."""
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    for i in range(first, first + count):
+        mask = np.zeros((h, w), np.uint8)
+        yy, xx = np.ogrid[:h, :w]
+        for _ in range(2):
+            y, x, r = rng.integers(0, h), rng.integers(0, w), rng.integers(4, 10)
+            mask[(yy - y) ** 2 + (xx - x) ** 2 < r * r] = rng.integers(1, CLASSES)
+        write_png(landing / f"img-{i:04d}.png", (mask * 90 + rng.integers(0, 40, (h, w))).astype(np.uint8))
+        write_png(masks / f"img-{i:04d}.png", mask)
+
+
+def _spec(root: Path, checkpoint: str) -> RunSpec:
+    store = str(root / "store.zarr")
+    return RunSpec(
+        ingest=IngestSpec(images=str(root / "landing"), masks=str(root / "masks"), store=store, incremental=True,
+                          max_chunk_images=16),
+        segment=SegmentSpec(store=store, checkpoint=checkpoint, out=str(root / "run"), lake=str(root / "lake"),
+                            batch_size=8, execution=ONE_WORKER))
+
+
+def _lake_files(root: Path) -> list[Path]:
+    return sorted((root / "lake").rglob("*.parquet"))
+
+
+@pytest.fixture(scope="module")
+def scheduled(collection, tmp_path_factory):
+    """A first run on 20 images, then three scheduled runs with 0, 50 and 0 new images in between."""
+    root = tmp_path_factory.mktemp("incremental")
+    (root / "landing").mkdir()
+    (root / "masks").mkdir()
+    spec = _spec(root, collection["checkpoint"])
+    flow = with_runner(run_flow, ONE_WORKER)
+    _drop(root / "landing", root / "masks", 0, 20, seed=1)
+    results, files, units = [], [], []
+    for new in (None, 0, 50, 0):
+        if new:
+            _drop(root / "landing", root / "masks", 20, new, seed=2, shape=(40, 56))
+        results.append(flow(spec))
+        files.append(_lake_files(root))
+        units.append(dict(finished_units(spec.segment.out)))
+    return root, spec, results, files, units
+
+
+def test_three_scheduled_runs_give_exactly_the_expected_rows(scheduled):
+    root, spec, results, files, units = scheduled
+    first, empty1, fifty, empty2 = results
+    assert [r["ingest"]["new_files"] for r in results] == [20, 0, 50, 0]
+    assert [r["segmented"] for r in results] == [True, False, True, False]
+    dice = read_lake(spec.segment.lake, "dice").to_pandas()
+    assert len(dice) == 70 * CLASSES
+    assert not dice.duplicated(["image_id", "class_id"]).any()
+    assert sorted(dice.image_id.unique()) == [f"img-{i:04d}" for i in range(70)]
+    assert (dice.status == "ok").all() and (dice.ingest_batch.isin([0, 1])).all()
+    assert dice.groupby("ingest_batch").image_id.nunique().to_dict() == {0: 20, 1: 50}
+    manifest = read_lake(spec.segment.lake, "manifest").to_pandas()
+    assert len(manifest) == 70 and not manifest.sha256.duplicated().any()
+    run_dice = open_run(spec.segment.out).dice_table().to_pandas()
+    assert len(run_dice) == 70 * CLASSES
+
+
+def test_runs_without_new_images_do_no_inference_and_write_nothing(scheduled):
+    root, spec, results, files, units = scheduled
+    assert files[1] == files[0] and files[3] == files[2]
+    assert units[1] == units[0] and units[3] == units[2]
+    assert len(files[2]) > len(files[1])
+    assert results[1]["units_done"] == 0 and results[3]["units_done"] == 0
+    assert len(open_store(spec.ingest.store).groups) == 2  # the first batch and one appended group
+
+
+def test_lake_is_hive_partitioned_with_schema_metadata_and_duckdb_reads_it(scheduled):
+    root, spec, *_ = scheduled
+    lake = Path(spec.segment.lake)
+    parts = [p.relative_to(lake / "dice").parts for p in (lake / "dice").rglob("*.parquet")]
+    assert parts and all(len(p) == 3 and p[0].startswith("run_date=20") and p[1] == "model=unet" for p in parts)
+    assert not any("model" in pq.read_schema(lake / "dice" / Path(*p)).names for p in parts)  # Hive: in the path only
+    query = f"from read_parquet('{lake}/dice/**/*.parquet', hive_partitioning = true)"
+    columns = [r[0] for r in duckdb.sql(f"describe select * {query}").fetchall()]
+    assert sorted(columns) == sorted(lake_columns("dice"))
+    per_model = duckdb.sql(f"select model, count(*), count(distinct image_id) {query} group by model").fetchall()
+    assert per_model == [("unet", 70 * CLASSES, 70)]
+    meta = pq.read_schema(next((lake / "dice").rglob("*.parquet"))).metadata
+    assert b"segflow" in meta and b'"checkpoint_sha256"' in meta[b"segflow"] and b'"run_spec"' in meta[b"segflow"]
+
+
+def test_a_changed_file_supersedes_its_old_rows(collection, tmp_path):
+    (tmp_path / "landing").mkdir()
+    (tmp_path / "masks").mkdir()
+    _drop(tmp_path / "landing", tmp_path / "masks", 0, 6, seed=3)
+    spec = _spec(tmp_path, collection["checkpoint"])
+    flow = with_runner(run_flow, ONE_WORKER)
+    flow(spec)
+    from segcore.imageio import read_image
+
+    image = tmp_path / "landing" / "img-0003.png"
+    write_png(image, 255 - read_image(image)[..., 0])
+    result = flow(spec)
+    assert result["ingest"]["new_files"] == 1 and result["ingest"]["superseded"] == 1
+    manifest = read_manifest(spec.ingest.store).to_pandas()
+    versions = manifest[manifest.image_id == "img-0003"]
+    assert len(versions) == 2 and versions.superseded_by.notna().sum() == 1
+    dice = read_lake(spec.segment.lake, "dice").to_pandas()
+    assert len(dice) == 7 * CLASSES  # append-only: the old rows stay, marked by their batch
+    assert sorted(dice[dice.image_id == "img-0003"].ingest_batch.unique()) == [0, 1]
+    assert result["images_evaluated"] == 6  # the run summary counts the newest version only
+    assert open_run(spec.segment.out).image_ids == [f"img-{i:04d}" for i in range(6)]
+    newest = dice[~((dice.image_id == "img-0003") & (dice.ingest_batch == 0)) & ~dice.empty_gt]
+    current = dice_report(spec.segment.lake)["current"].to_pandas().set_index("class_name")
+    for name, rows in newest.groupby("class_name"):
+        assert current.loc[name, "images"] == len(rows)
+        assert current.loc[name, "mean_dice"] == pytest.approx(rows.dice.mean())
+
+
+def test_incremental_into_a_store_with_other_masks_is_refused(scheduled, collection, tmp_path):
+    root, spec, *_ = scheduled
+    bad = spec.model_copy(update={"ingest": spec.ingest.model_copy(update={"masks": None})})
+    with pytest.raises(StoreError, match="masks"):
+        with_runner(run_flow, ONE_WORKER)(bad)
