@@ -6,11 +6,22 @@ as ``None`` keeps the default. The resolved spec is saved with the outputs.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from segcore.normalise import Normalisation
+
+
+def _local_store(path: str) -> str:
+    if "://" in path:
+        raise ValueError(f"the collection store must be a local or shared-file-system path, not {path!r} (with "
+                         "'segflow run --out URL', pass --store PATH); run directories and lakes may be fsspec URLs")
+    return path
+
+
+#: Path of a collection store (local or on a shared file system; not an object-store URL).
+StorePath = Annotated[str, AfterValidator(_local_store)]
 
 
 class _Spec(BaseModel):
@@ -21,7 +32,7 @@ class IngestSpec(_Spec):
     """Decode a collection of image files (and optional ground-truth masks) into a Zarr store."""
 
     images: str = Field(description="Directory of images, or a glob pattern (quote it in a shell).")
-    store: str = Field(description="Path of the Zarr collection store to create, e.g. collection.zarr.")
+    store: StorePath = Field(description="Path of the Zarr collection store to create, e.g. collection.zarr.")
     masks: str | None = Field(None, description="Directory of ground-truth masks; a mask pairs with the image of the same id.")
     mask_kind: Literal["class", "instance"] = Field(
         "class", description="'class': mask values are class ids; 'instance': values are object ids (0 = background)."
@@ -57,7 +68,7 @@ class ExecutionSpec(_Spec):
 class SegmentSpec(_Spec):
     """Segment every work unit of a store with one checkpoint and evaluate Dice where GT exists."""
 
-    store: str = Field(description="Zarr collection store made by 'segflow ingest'.")
+    store: StorePath = Field(description="Zarr collection store made by 'segflow ingest'.")
     checkpoint: str = Field(description="segflow checkpoint (.safetensors) to segment with.")
     out: str = Field(description="Run directory, a path or fsspec URL (s3://bucket/runs/r1): masks.zarr, dice/ "
                                   "Parquet dataset, summary.")
@@ -104,7 +115,7 @@ class TrainSpec(_Spec):
     as ``None`` take the model kind's defaults (see :func:`train_defaults`).
     """
 
-    store: str = Field(description="Zarr collection store with ground truth.")
+    store: StorePath = Field(description="Zarr collection store with ground truth.")
     out: str = Field(description="Checkpoint file to write (.safetensors).")
     model: str = Field("unet", description="Registered architecture: unet, maskrcnn or maskrcnn_r18.")
     class_names: tuple[str, ...] | None = Field(
