@@ -26,6 +26,7 @@ from segcore.plan import check_alignment, plan_units
 from segcore.rundir import finished_units, mask_chunks, prepare_run, read_run_info, write_summary
 from segcore.results import open_run
 from segcore.incremental import current_rows, next_batch, select_new, supersede
+from segcore.landing import drop_staged, is_remote, remove_staging, staging_dir, unstage_rows
 from segcore.store import (append_groups, chunk_rows, create_store, existing_store_matches, open_store, pair_sources,
                            plan_groups, read_manifest, spec_json, store_exists, write_manifest)
 from segcore.summary import render_markdown, summarise_dice, summarise_instances
@@ -36,10 +37,11 @@ from tasks.segment import (detect_block_task, finish_image_task, image_stats_tas
 
 
 def _probe(spec: IngestSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Read headers and hash contents, ``probe_batch`` files per task."""
+    """Read headers and hash contents, ``probe_batch`` files per task (files behind URLs are staged)."""
+    staging = str(staging_dir(spec.store)) if any(is_remote(r["source_path"]) for r in rows) else None
     batches = [rows[i:i + spec.probe_batch] for i in range(0, len(rows), spec.probe_batch)]
-    futures = [probe_files.submit(b, label=f"files {i * spec.probe_batch}-{i * spec.probe_batch + len(b) - 1}")
-               for i, b in enumerate(batches)]
+    futures = [probe_files.submit(b, label=f"files {i * spec.probe_batch}-{i * spec.probe_batch + len(b) - 1}",
+                                  staging=staging) for i, b in enumerate(batches)]
     return [r for f in futures for r in f.result()]
 
 
@@ -64,7 +66,10 @@ def _ingest_new(spec: IngestSpec, rows: list[dict[str, Any]], log: Any, t0: floa
         raise StoreError(f"store {spec.store!r} was ingested {'with ' + store.mask_kind if store.has_gt else 'without'}"
                          f" masks; an incremental ingest into it must give the same (masks={spec.masks!r}, "
                          f"mask_kind={spec.mask_kind!r})")
-    new = select_new(_probe(spec, rows), manifest)
+    probed = _probe(spec, rows)
+    new = select_new(probed, manifest)
+    kept = {id(r) for r in new}
+    drop_staged([r for r in probed if id(r) not in kept])
     result = {"store": spec.store, "files": len(rows), "new_files": len(new), "images": 0, "errors": 0,
               "groups": len(store.groups), "chunks": 0, "superseded": 0}
     if not new:
@@ -80,7 +85,7 @@ def _ingest_new(spec: IngestSpec, rows: list[dict[str, Any]], log: Any, t0: floa
     written = _write_chunks(spec, planned, groups, log)
     errors = [r for r in planned if r["group"] is None]
     old = supersede(manifest, written)
-    write_manifest(spec.store, old + written + errors)
+    write_manifest(spec.store, old + unstage_rows(written + errors))
     n_ok = sum(1 for r in written if r["status"] == "ok")
     n_sup = manifest.column("superseded_by").null_count - sum(1 for r in old if r["superseded_by"] is None)
     result.update(images=n_ok, errors=len(new) - n_ok, groups=len(store.groups) + len(groups),
@@ -97,6 +102,13 @@ def ingest_steps(spec: IngestSpec) -> dict[str, Any]:
     With ``spec.incremental`` and an existing store, only files with new content are appended
     (see :mod:`segcore.incremental`); the result's ``new_files`` says how many.
     """
+    try:
+        return _ingest(spec)
+    finally:
+        remove_staging(spec.store)
+
+
+def _ingest(spec: IngestSpec) -> dict[str, Any]:
     log = get_run_logger()
     t0 = time.perf_counter()
     rows = pair_sources(spec.images, spec.masks)
@@ -122,7 +134,7 @@ def ingest_steps(spec: IngestSpec) -> dict[str, Any]:
                  overwrite=spec.overwrite)
     written = _write_chunks(spec, planned, groups, log)
     errors = [r for r in planned if r["group"] is None]
-    write_manifest(spec.store, written + errors)
+    write_manifest(spec.store, unstage_rows(written + errors))
     n_ok = sum(1 for r in written if r["status"] == "ok")
     n_err = len(rows) - n_ok
     log.info("ingest: %d images in %d group(s), %d chunk(s); %d error row(s); %.1f s -> %s",

@@ -31,9 +31,11 @@ class _Spec(BaseModel):
 class IngestSpec(_Spec):
     """Decode a collection of image files (and optional ground-truth masks) into a Zarr store."""
 
-    images: str = Field(description="Directory of images, or a glob pattern (quote it in a shell).")
+    images: str = Field(description="Directory of images, a glob pattern (quote it in a shell), or the fsspec URL of "
+                                    "a directory (s3://bucket/landing; its files are staged locally to be decoded).")
     store: StorePath = Field(description="Path of the Zarr collection store to create, e.g. collection.zarr.")
-    masks: str | None = Field(None, description="Directory of ground-truth masks; a mask pairs with the image of the same id.")
+    masks: str | None = Field(None, description="Directory (or directory URL) of ground-truth masks; a mask pairs with "
+                                                "the image of the same id.")
     mask_kind: Literal["class", "instance"] = Field(
         "class", description="'class': mask values are class ids; 'instance': values are object ids (0 = background)."
     )

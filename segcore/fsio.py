@@ -42,9 +42,15 @@ def join(location: str | os.PathLike[str], *parts: str) -> str:
 
 
 def _fresh(location: str | os.PathLike[str]) -> tuple[fsspec.AbstractFileSystem, str]:
-    """``url_to_fs`` with the cached listings of the location (and its parents) dropped."""
+    """``url_to_fs`` with the cached listings of the location, its parents and everything below it
+    dropped (a stale listing of a sub-directory would hide files that other processes added there)."""
     fs, path = url_to_fs(location)
     fs.invalidate_cache(path)
+    cache = getattr(fs, "dircache", None)
+    if cache:
+        below = path.rstrip("/") + "/"
+        for key in [k for k in list(cache) if k.startswith(below)]:
+            cache.pop(key, None)
     return fs, path
 
 

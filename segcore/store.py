@@ -40,6 +40,7 @@ import zarr
 from segcore.errors import NotFound, SegflowError, StoreError
 from segcore.fileio import atomic_path, file_sha256
 from segcore.imageio import image_id_for, list_images, probe_image, read_image, read_mask
+from segcore.landing import is_remote, list_remote_images
 
 log = logging.getLogger(__name__)
 
@@ -130,19 +131,25 @@ def pair_sources(images: str, masks: str | None = None) -> list[dict[str, Any]]:
     """List image files and pair each with the mask of the same id; returns partial manifest rows.
 
     ``images`` is a directory or a glob; ``masks`` a directory whose files are named like the
-    images (any supported suffix). Raises :class:`NotFound` when nothing matches.
+    images (any supported suffix). Either may be an fsspec URL of a directory (see
+    :mod:`segcore.landing`). Raises :class:`NotFound` when nothing matches.
     """
-    paths = list_images(images)
-    root = Path(images) if Path(images).is_dir() else None
-    mask_index: dict[str, Path] = {}
-    if masks is not None:
+    if is_remote(images):
+        listed = list_remote_images(images)
+    else:
+        root = Path(images) if Path(images).is_dir() else None
+        listed = [(str(p), image_id_for(p, root)) for p in list_images(images)]
+    mask_index: dict[str, str] = {}
+    if masks is not None and is_remote(masks):
+        for url, mask_id in list_remote_images(masks):
+            mask_index.setdefault(mask_id, url)
+    elif masks is not None:
         if not Path(masks).is_dir():
             raise NotFound(f"mask directory {masks!r} does not exist")
         for mp in list_images(masks):
-            mask_index.setdefault(image_id_for(mp, Path(masks)), mp)
+            mask_index.setdefault(image_id_for(mp, Path(masks)), str(mp))
     rows, seen = [], set()
-    for p in paths:
-        image_id = image_id_for(p, root)
+    for p, image_id in listed:
         mask = mask_index.get(image_id)
         if image_id in seen:
             rows.append(_row(image_id=image_id, source_path=str(p), status="error",

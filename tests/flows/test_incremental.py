@@ -143,3 +143,38 @@ def test_incremental_into_a_store_with_other_masks_is_refused(scheduled, collect
     bad = spec.model_copy(update={"ingest": spec.ingest.model_copy(update={"masks": None})})
     with pytest.raises(StoreError, match="masks"):
         with_runner(run_flow, ONE_WORKER)(bad)
+
+
+def test_a_landing_zone_on_s3_is_staged_and_recorded_by_url(collection, tmp_path, s3_server):
+    import s3fs
+
+    local = tmp_path / "drop"
+    (local / "landing").mkdir(parents=True)
+    (local / "masks").mkdir()
+    bucket = s3_server.bucket()
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+
+    def upload(first: int, count: int, seed: int) -> None:
+        _drop(local / "landing", local / "masks", first, count, seed=seed)
+        for sub in ("landing", "masks"):
+            for f in sorted((local / sub).glob("*.png")):
+                fs.put_file(str(f), f"{bucket[5:]}/{sub}/{f.name}")
+
+    store = str(tmp_path / "store.zarr")
+    spec = RunSpec(
+        ingest=IngestSpec(images=f"{bucket}/landing", masks=f"{bucket}/masks", store=store, incremental=True),
+        segment=SegmentSpec(store=store, checkpoint=collection["checkpoint"], out=f"{bucket}/run",
+                            lake=f"{bucket}/lake", execution=ONE_WORKER))
+    flow = with_runner(run_flow, ONE_WORKER)
+    upload(0, 5, seed=4)
+    results = [flow(spec)]
+    upload(5, 3, seed=5)
+    results += [flow(spec), flow(spec)]
+    assert [r["ingest"]["new_files"] for r in results] == [5, 3, 0]
+    assert [r["segmented"] for r in results] == [True, True, False]
+    manifest = read_manifest(store).to_pandas()
+    assert sorted(manifest.source_path) == [f"{bucket}/landing/img-{i:04d}.png" for i in range(8)]
+    assert manifest.mask_path.str.startswith(f"{bucket}/masks/").all() and (manifest.mask_status == "ok").all()
+    assert not Path(f"{store}.staging").exists()
+    dice = read_lake(f"{bucket}/lake", "dice").to_pandas()
+    assert len(dice) == 8 * CLASSES and not dice.duplicated(["image_id", "class_id"]).any()

@@ -96,3 +96,22 @@ def test_listing_sees_files_written_by_another_process(s3_server) -> None:
     other.pipe_file(fs._strip_protocol(fsio.join(base, "units", "unit-1.json")), b"{}")
     assert fsio.exists(fsio.join(base, "units", "unit-1.json"))
     assert _names(fsio.list_files(fsio.join(base, "units")), fsio.join(base, "units")) == ["unit-0.json", "unit-1.json"]
+
+
+def test_listing_a_parent_refreshes_stale_sub_directories(s3_server) -> None:
+    """A cached listing of a sub-directory must not hide a part another process added there, even when
+    the reader lists (and pyarrow opens) through the parent, as a Hive dataset reader does."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import s3fs
+
+    from segcore.tables import read_table
+
+    base = s3_server.bucket() + "/table"
+    schema = pa.schema([("x", pa.int64())])
+    part = fsio.to_buffer(lambda f: pq.write_table(pa.table({"x": [1]}, schema=schema), f))
+    fsio.write_bytes(fsio.join(base, "run_id=a", "p0.parquet"), part)
+    assert read_table(base, schema).num_rows == 1  # caches the listing of run_id=a in this process
+    other = s3fs.S3FileSystem(skip_instance_cache=True)
+    other.pipe_file(fsio.url_to_fs(fsio.join(base, "run_id=a", "p1.parquet"))[1], part)
+    assert read_table(base, schema).num_rows == 2
