@@ -66,17 +66,17 @@ class PrefectServer:
         return response.json()
 
 
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    """``prefect server start`` on 127.0.0.1 with a temporary home; the scheduler service is off,
-    so no run of an hourly schedule can start during the test: the test starts its runs itself."""
+def _serve(tmp_path_factory, *, scheduler: bool):
     home = tmp_path_factory.mktemp("prefect-server")
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(home / "prefect"), PREFECT_API_URL=url, PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               DO_NOT_TRACK="1", CI="true", PREFECT_CLI_PROMPT="false", PWD=str(ROOT),
-               PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false")
+               DO_NOT_TRACK="1", CI="true", PREFECT_CLI_PROMPT="false", PWD=str(ROOT))
+    if scheduler:
+        env.update(PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="1")
+    else:
+        env.update(PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false")
     log = home / "server.log"
     proc = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                  env=env, log=log, cwd=home)
@@ -96,6 +96,19 @@ def prefect_server(tmp_path_factory):
     finally:
         server.api.close()
         stop(proc)
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """``prefect server start`` on 127.0.0.1 with a temporary home; the scheduler service is off,
+    so no run of an hourly schedule can start during the test: the test starts its runs itself."""
+    yield from _serve(tmp_path_factory, scheduler=False)
+
+
+@pytest.fixture(scope="module")
+def scheduling_server(tmp_path_factory):
+    """Like ``prefect_server`` but with the scheduler service on (every second); no worker ever runs there."""
+    yield from _serve(tmp_path_factory, scheduler=True)
 
 
 @pytest.fixture(scope="module")

@@ -22,19 +22,41 @@ SPECS = {"flows/deployed.py:run_deployment_flow": RunSpec, "flows/deployed.py:tr
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
-@pytest.fixture(scope="module")
-def deployed(prefect_server, tmp_path_factory) -> dict:
+def _deploy(server, tmp_path_factory) -> dict:
     """``deployments/serve.sh deploy`` (creates the pool, runs ``prefect deploy --all``) with
     SEGFLOW_HOME set; returns the registered deployments by name."""
     home = tmp_path_factory.mktemp("segflow-home")
-    env = dict(prefect_server.env, SEGFLOW_HOME=str(home))
+    env = dict(server.env, SEGFLOW_HOME=str(home))
     t0 = time.monotonic()
     done = subprocess.run([str(ROOT / "deployments" / "serve.sh"), "deploy"], cwd=ROOT, env=env,
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"serve.sh deploy failed:\n{done.stdout[-6000:]}\n{done.stderr[-6000:]}"
     print(f"deploy: {time.monotonic() - t0:.1f} s")
-    found = {d["name"]: d for d in prefect_server.post("/deployments/filter")}
+    found = {d["name"]: d for d in server.post("/deployments/filter")}
     return {"home": home, "deployments": found, "output": done.stdout}
+
+
+@pytest.fixture(scope="module")
+def deployed(prefect_server, tmp_path_factory) -> dict:
+    return _deploy(prefect_server, tmp_path_factory)
+
+
+def test_the_server_schedules_runs_of_the_cron_deployment(scheduling_server, tmp_path_factory):
+    """The scheduler service of a server with the pinned set creates the hourly runs ahead of time
+    (with SQLAlchemy 2.1, Prefect 3.8.8's scheduler fails on every loop and schedules nothing)."""
+    found = _deploy(scheduling_server, tmp_path_factory)["deployments"]
+    hourly, full = found["incremental-hourly"]["id"], found["full-run"]["id"]
+    deadline = time.monotonic() + 60
+    while True:
+        runs = scheduling_server.post("/flow_runs/filter", {"deployments": {"id": {"any_": [hourly, full]}}})
+        if runs or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert runs, f"no scheduled run after 60 s; server log:\n{scheduling_server.log.read_text()[-4000:]}"
+    assert {r["deployment_id"] for r in runs} == {hourly}
+    assert all(r["state_type"] == "SCHEDULED" for r in runs)
+    starts = sorted(r["expected_start_time"] for r in runs)
+    assert all(s[14:19] == "00:00" for s in starts), starts  # on the hour, UTC
 
 
 def test_every_deployment_of_prefect_yaml_is_registered_with_valid_parameters(deployed, prefect_server):
