@@ -17,19 +17,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-# Foreground class colours (RGB, class 1 first); class 0 (background) is never coloured.
-CLASS_COLOURS: tuple[tuple[int, int, int], ...] = (
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
-)
-COLOUR_NAMES = ("red", "green", "yellow", "blue", "orange", "purple", "cyan", "magenta", "lime", "pink")
+from segcore.colours import class_colour, colour_name
+
 # Images above this many pixels are read whole by the run reader, so the gallery leaves them out.
 GALLERY_MAX_PIXELS = 16 * 2**20
-
-
-def class_colour(class_id: int) -> tuple[int, int, int]:
-    """RGB colour of foreground class ``class_id`` (>= 1); the palette repeats after 10 classes."""
-    return CLASS_COLOURS[(class_id - 1) % len(CLASS_COLOURS)]
 
 
 def display_rgb(image: np.ndarray) -> np.ndarray:
@@ -137,7 +128,7 @@ def png_data_uri(png: bytes) -> str:
 
 def colour_legend(class_names: Mapping[int, str]) -> str:
     """One line naming the overlay colour of every foreground class, e.g. ``1 disc: red``."""
-    return "; ".join(f"{k} {name}: {COLOUR_NAMES[(k - 1) % len(COLOUR_NAMES)]}"
+    return "; ".join(f"{k} {name}: {colour_name(k)}"
                      for k, name in sorted(class_names.items()) if k != 0)
 
 

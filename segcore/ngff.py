@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from segcore.colours import class_colour
+
 NGFF_VERSION = "0.5"
 
 #: Axes of every mask array, in array order (``dimension_names`` of the arrays).
@@ -33,17 +35,12 @@ AXES: tuple[dict[str, str], ...] = (
     {"name": "x", "type": "space"},
 )
 
-#: RGBA colours of class ids 1, 2, ... (cycled); class 0 (background) is transparent.
-PALETTE: tuple[tuple[int, int, int, int], ...] = (
-    (230, 25, 75, 255), (60, 180, 75, 255), (255, 225, 25, 255), (0, 130, 200, 255), (245, 130, 48, 255),
-    (145, 30, 180, 255), (70, 240, 240, 255), (240, 50, 230, 255), (210, 245, 60, 255), (250, 190, 212, 255),
-)
-
 
 def class_colors(num_classes: int) -> list[dict[str, Any]]:
-    """``image-label.colors`` for class ids ``0..num_classes-1`` (0 transparent)."""
+    """``image-label.colors`` for class ids ``0..num_classes-1``: 0 transparent, the others opaque
+    :func:`segcore.colours.class_colour` (the colours of the run's figures)."""
     colors = [{"label-value": 0, "rgba": [0, 0, 0, 0]}]
-    colors += [{"label-value": k, "rgba": list(PALETTE[(k - 1) % len(PALETTE)])} for k in range(1, num_classes)]
+    colors += [{"label-value": k, "rgba": [*class_colour(k), 255]} for k in range(1, num_classes)]
     return colors
 
 

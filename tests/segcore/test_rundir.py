@@ -12,6 +12,7 @@ import zarr
 from segcore import fsio
 from segcore.checkpoint import ModelMeta
 from segcore.errors import NotFound, StoreError
+from segcore.figures import overlay_rgb
 from segcore.ngff import label_image_attrs
 from segcore.normalise import Normalisation
 from segcore.rundir import (finished_units, instances_path, mark_unit_done, masks_path, prepare_run, read_run_info,
@@ -129,3 +130,11 @@ def test_many_classes_cycle_the_palette_and_urls_have_no_source() -> None:
     colors = attrs["image-label"]["colors"]
     assert len(colors) == 25 and colors[1]["rgba"] == colors[11]["rgba"] != colors[2]["rgba"]
     assert "source" not in attrs["image-label"]
+
+
+def test_viewers_show_each_class_in_the_colour_of_the_run_figures() -> None:
+    labels = np.arange(4, dtype=np.uint8)[None]  # (1, 4): one pixel of each class 0..3
+    overlay = overlay_rgb(np.zeros((1, 4), np.uint8), labels, alpha=1.0)
+    colors = label_image_attrs(["g000"], class_names=["bg", "a", "b", "c"])["image-label"]["colors"]
+    assert [c["rgba"] for c in colors[1:]] == [[*map(int, overlay[0, k]), 255] for k in (1, 2, 3)]
+    assert len({tuple(c["rgba"]) for c in colors[1:]}) == 3
