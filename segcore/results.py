@@ -21,6 +21,7 @@ import zarr
 
 from segcore import fsio
 from segcore.errors import NotFound
+from segcore.plan import plan_units
 from segcore.rundir import dice_dir, instances_path, masks_path, read_run_info, table_dir
 from segcore.store import open_store, read_manifest
 from segcore.tables import INSTANCE_METRICS_SCHEMA, INSTANCE_SCHEMA, SEAM_SCHEMA, read_dice, read_table
@@ -102,11 +103,31 @@ class RunReader:
     def _dice(self) -> pa.Table:
         return self.dice_table()
 
+    @cached_property
+    def _unit_groups(self) -> dict[str, str]:
+        """Unit name (``unit-00042``) -> store group, as the run planned its units."""
+        tiled = (self.info.get("spec") or {}).get("tile_size") != 0  # as the run planned (SegmentSpec)
+        return {u.name: u.group for u in plan_units(self.store, tiled=tiled)}
+
+    def _group_of(self, unit: str) -> str:
+        """Store group of a table row's ``unit``: a planned unit, or a tiled image's part ``g001-000003``."""
+        return self._unit_groups.get(unit) or unit.rsplit("-", 1)[0]
+
+    def _current_rows(self, table: pa.Table, image_id: str) -> pa.Table:
+        """Rows of ``table`` (``image_id`` and ``unit`` columns) of the current version of ``image_id``.
+
+        An image whose file changed in an incremental ingest has rows of every version, each
+        written by the units of its own store group; only the current slot's group is kept.
+        """
+        group = self._slot(image_id)[0]
+        rows = table.filter(pc.equal(table["image_id"], image_id))
+        keep = [self._group_of(u) == group for u in rows["unit"].to_pylist()]
+        return rows.filter(pa.array(keep, pa.bool_()))
+
     def dice(self, image_id: str) -> list[dict[str, Any]]:
-        """Dice rows of one image (one per class), sorted by class id; empty if it had no GT."""
-        self._slot(image_id)
-        t = self._dice.filter(pc.equal(self._dice["image_id"], image_id)).sort_by("class_id")
-        return t.to_pylist()
+        """Dice rows of one image (one per class; of a changed file, its current version), sorted by
+        class id; empty if it had no GT."""
+        return self._current_rows(self._dice, image_id).sort_by("class_id").to_pylist()
 
 
 def open_run(run_dir: str | os.PathLike[str]) -> RunReader:
