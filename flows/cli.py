@@ -49,15 +49,24 @@ def _add_segment(p: argparse.ArgumentParser) -> None:
     _add_execution(p)
 
 
-def _add_ingest(p: argparse.ArgumentParser, *, store_required: bool) -> None:
+def _add_ingest(p: argparse.ArgumentParser, *, store_required: bool, landing_only: bool = False) -> None:
+    """Ingest options. ``landing_only`` (serve): --images is always a landing zone ingested incrementally,
+    so there is no --overwrite or --incremental to give; the parsed arguments carry incremental=True and
+    overwrite=False."""
     p.add_argument("--images", required=True, help="directory of images or a quoted glob pattern")
     p.add_argument("--masks", help="directory of ground-truth masks named like the images")
     p.add_argument("--mask-kind", choices=["class", "instance"], help="mask values are class ids (default) or object ids")
-    p.add_argument("--store", required=store_required, help="Zarr collection store to create")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
-    p.add_argument("--incremental", action="store_true",
-                   help="--images is a landing zone: append to the store only files whose content it has not seen "
-                        "(a changed file supersedes its old version); 'run' then segments only the new images")
+    store_help = "Zarr collection store to create or append to" if landing_only else "Zarr collection store to create"
+    p.add_argument("--store", required=store_required,
+                   help=store_help if store_required else f"{store_help} (default: store.zarr in --out)")
+    if landing_only:
+        p.set_defaults(overwrite=False, incremental=True)
+    else:
+        p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+        p.add_argument("--incremental", action="store_true",
+                       help="--images is a landing zone: append to the store only files whose content it has not "
+                            "seen (a changed file supersedes its old version); 'run' then segments only the new "
+                            "images")
     p.add_argument("--tile-chunk", type=int,
                    help="images of more than 4.2 Mpx are stored (and segmented) in square blocks of this side "
                         "(default 1024; 0 keeps them whole)")
@@ -125,14 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "files whose content the store has not seen, and segments only those into the same --out) and "
                     "execute its runs in this process until stopped (Ctrl-C pauses the schedule). Set "
                     "PREFECT_API_URL to a Prefect server to see the deployment and start runs in its UI.")
-    _add_ingest(p, store_required=False)
+    _add_ingest(p, store_required=False, landing_only=True)
     _add_segment(p)
     p.add_argument("--cron", default="0 * * * *",
                    help="when to run: a cron expression, in UTC (default '0 * * * *': at the top of every hour)")
     p.add_argument("--name", default="incremental", help="deployment name (default incremental)")
-    for action in p._actions:  # a served run is always incremental, which excludes --overwrite
-        if {"--overwrite", "--incremental"} & set(action.option_strings):
-            action.help = argparse.SUPPRESS
     return parser
 
 
@@ -249,11 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from prefect.deployments.runner import RunnerDeployment
 
             import flows.deployed
-            from segcore.config import IngestSpec
 
             store = args.store or os.path.join(args.out, "store.zarr")
-            ingest = IngestSpec.model_validate({**_ingest_spec(args, store).model_dump(), "incremental": True})
-            spec = RunSpec(ingest=ingest, segment=_segment_spec(args, store))
+            spec = RunSpec(ingest=_ingest_spec(args, store), segment=_segment_spec(args, store))  # incremental
             # By entrypoint: each run imports the flows in a fresh process, as a worker does. (A served flow
             # object is pickled into the run's process, where the pipeline flow cannot resolve its spec types.)
             deployment = RunnerDeployment.from_entrypoint(
