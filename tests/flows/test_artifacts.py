@@ -7,6 +7,7 @@ from pathlib import Path
 import httpx
 from prefect import flow
 
+from flows import artifacts
 from flows.artifacts import UnitProgress, artifact_key, location_href
 from flows.names import segment_run_name, short_location
 from segcore.config import SegmentSpec
@@ -52,8 +53,24 @@ def _progress(total: int, advances: int) -> float:
     return artifact["data"]
 
 
-def test_progress_reaches_100_and_is_sent_at_most_20_times():
-    assert _progress(10, 10) == 100.0
+def test_progress_reaches_100_and_is_sent_at_most_20_times(monkeypatch):
+    sent: list[float] = []
+    update = artifacts.update_progress_artifact
+
+    def counting_update(**kwargs):
+        sent.append(kwargs["progress"])
+        return update(**kwargs)
+
+    monkeypatch.setattr(artifacts, "update_progress_artifact", counting_update)
+    for total in (100, 1000):
+        sent.clear()
+        assert _progress(total, total) == 100.0
+        assert 0 < len(sent) <= 20 and sent[-1] == 100.0, sent
+        assert all(a < b for a, b in zip(sent, sent[1:])), sent
+    sent.clear()
+    assert _progress(10, 10) == 100.0  # fewer units than updates: one update per unit
+    assert sent == [10.0 * k for k in range(1, 11)]
+    sent.clear()
     # 100 units: the artifact moves in steps of 5 units, so after 7 it still shows the 5th.
     assert _progress(100, 7) == 5.0
-    assert _progress(100, 100) == 100.0
+    assert sent == [5.0]
