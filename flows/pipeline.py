@@ -12,135 +12,27 @@ from typing import Any
 
 import pyarrow.compute as pc
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 from prefect.futures import as_completed
 
 from flows.artifacts import UnitProgress, publish_run_artifacts
 from flows.execution import task_runner, torch_threads
+from flows.ingest import ingest_steps
 from flows.names import ingest_run_name, run_run_name, segment_run_name
 from segcore import checkpoint as ckpt
-from segcore import tiled
+from segcore import fsio, tiled
 from segcore.config import ExecutionSpec, IngestSpec, RunSpec, SegmentSpec
-from segcore.errors import CheckpointError, NotFound, SegflowError, StoreError
+from segcore.errors import CheckpointError, NotFound, SegflowError
 from segcore.fileio import file_sha256
+from segcore.incremental import current_rows
 from segcore.plan import check_alignment, plan_units
 from segcore.rundir import finished_units, mask_chunks, prepare_run, read_run_info, write_summary
 from segcore.results import open_run
-from segcore.incremental import current_rows, next_batch, select_new, supersede
-from segcore.landing import drop_staged, is_remote, remove_staging, staging_dir, unstage_rows
-from segcore.store import (append_groups, chunk_rows, create_store, existing_store_matches, open_store, pair_sources,
-                           plan_groups, read_manifest, spec_json, store_exists, write_manifest)
+from segcore.store import open_store, read_manifest, spec_json, store_exists
 from segcore.summary import render_markdown, summarise_dice, summarise_instances
-from tasks.ingest import probe_files, write_chunk
 from tasks.lake import publish_lake_task
 from tasks.segment import (detect_block_task, finish_image_task, image_stats_task, paste_block_task,
                            segment_block_task, segment_unit_task)
-
-
-def _probe(spec: IngestSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Read headers and hash contents, ``probe_batch`` files per task (files behind URLs are staged)."""
-    staging = str(staging_dir(spec.store)) if any(is_remote(r["source_path"]) for r in rows) else None
-    batches = [rows[i:i + spec.probe_batch] for i in range(0, len(rows), spec.probe_batch)]
-    futures = [probe_files.submit(b, label=f"files {i * spec.probe_batch}-{i * spec.probe_batch + len(b) - 1}",
-                                  staging=staging) for i, b in enumerate(batches)]
-    return [r for f in futures for r in f.result()]
-
-
-def _write_chunks(spec: IngestSpec, planned: list[dict[str, Any]], groups: list, log: Any) -> list[dict[str, Any]]:
-    """Decode and write every chunk of ``groups``; returns the written rows with their final status."""
-    chunks = chunk_rows(planned, groups)
-    futures = [write_chunk.submit(spec.store, c, label=f"{c[0]['group']} images {c[0]['index']}-{c[-1]['index']}")
-               for c in chunks]
-    written: list[dict[str, Any]] = []
-    for n, fut in enumerate(as_completed(futures), start=1):
-        written.extend(fut.result())
-        if n % max(1, len(futures) // 10) == 0 or n == len(futures):
-            log.info("ingest: %d/%d chunks written", n, len(futures))
-    return sorted(written, key=lambda r: (r["group"], r["index"]))
-
-
-def _ingest_new(spec: IngestSpec, rows: list[dict[str, Any]], log: Any, t0: float) -> dict[str, Any]:
-    """Incremental ingest: append the landing-zone files whose content the store has not seen."""
-    manifest = read_manifest(spec.store)
-    store = open_store(spec.store)
-    if (spec.masks is not None) != store.has_gt or (store.has_gt and spec.mask_kind != store.mask_kind):
-        raise StoreError(f"store {spec.store!r} was ingested {'with ' + store.mask_kind if store.has_gt else 'without'}"
-                         f" masks; an incremental ingest into it must give the same (masks={spec.masks!r}, "
-                         f"mask_kind={spec.mask_kind!r})")
-    probed = _probe(spec, rows)
-    new = select_new(probed, manifest)
-    kept = {id(r) for r in new}
-    drop_staged([r for r in probed if id(r) not in kept])
-    result = {"store": spec.store, "files": len(rows), "new_files": len(new), "images": 0, "errors": 0,
-              "groups": len(store.groups), "chunks": 0, "superseded": 0}
-    if not new:
-        log.info("ingest: nothing new in %s: all %d file(s) are already in %s (%.1f s)", spec.images, len(rows),
-                 spec.store, time.perf_counter() - t0)
-        return result
-    batch = next_batch(manifest)
-    groups, planned = plan_groups([dict(r, batch=batch) for r in new], chunk_pixels=spec.chunk_pixels,
-                                  max_chunk_images=spec.max_chunk_images, tile_chunk=spec.tile_chunk,
-                                  first_group=len(store.groups))
-    if groups:
-        append_groups(spec.store, groups)
-    written = _write_chunks(spec, planned, groups, log)
-    errors = [r for r in planned if r["group"] is None]
-    old = supersede(manifest, written)
-    write_manifest(spec.store, old + unstage_rows(written + errors))
-    n_ok = sum(1 for r in written if r["status"] == "ok")
-    n_sup = manifest.column("superseded_by").null_count - sum(1 for r in old if r["superseded_by"] is None)
-    result.update(images=n_ok, errors=len(new) - n_ok, groups=len(store.groups) + len(groups),
-                  chunks=sum(g.n_chunks for g in groups), superseded=n_sup, batch=batch)
-    log.info("ingest: batch %d: %d new file(s) of %d in %s: %d image(s) in %d new group(s), %d error row(s), "
-             "%d older version(s) superseded; %.1f s", batch, len(new), len(rows), spec.images, n_ok, len(groups),
-             len(new) - n_ok, n_sup, time.perf_counter() - t0)
-    return result
-
-
-def ingest_steps(spec: IngestSpec) -> dict[str, Any]:
-    """Pair, probe (in batches), plan groups, create the store, decode chunks, write the manifest.
-
-    With ``spec.incremental`` and an existing store, only files with new content are appended
-    (see :mod:`segcore.incremental`); the result's ``new_files`` says how many.
-    """
-    try:
-        return _ingest(spec)
-    finally:
-        remove_staging(spec.store)
-
-
-def _ingest(spec: IngestSpec) -> dict[str, Any]:
-    log = get_run_logger()
-    t0 = time.perf_counter()
-    rows = pair_sources(spec.images, spec.masks)
-    log.info("ingest: %d files found in %s", len(rows), spec.images)
-    if spec.incremental and store_exists(spec.store):
-        return _ingest_new(spec, rows, log, t0)
-    if not spec.overwrite and existing_store_matches(spec.store, spec=spec_json(spec),
-                                                     source_paths=[r["source_path"] for r in rows]):
-        manifest = read_manifest(spec.store)
-        n_ok = sum(1 for s in manifest.column("status").to_pylist() if s == "ok")
-        log.info("ingest: %s already holds these %d files with the same options; reusing it (pass --overwrite "
-                 "to decode them again)", spec.store, len(rows))
-        return {"store": spec.store, "files": len(rows), "new_files": 0, "images": n_ok, "errors": len(rows) - n_ok,
-                "groups": len(open_store(spec.store).groups), "chunks": None, "reused": True}
-    probed = [dict(r, batch=0) for r in _probe(spec, rows)]
-    groups, planned = plan_groups(probed, chunk_pixels=spec.chunk_pixels, max_chunk_images=spec.max_chunk_images,
-                                  tile_chunk=spec.tile_chunk)
-    if not groups:
-        raise StoreError(f"none of the {len(rows)} files in {spec.images!r} could be read; first error: "
-                         f"{next((r['error'] for r in probed if r['error']), 'no files')}")
-    with_gt = spec.masks is not None
-    create_store(spec.store, groups, with_gt=with_gt, mask_kind=spec.mask_kind, spec=spec_json(spec),
-                 overwrite=spec.overwrite)
-    written = _write_chunks(spec, planned, groups, log)
-    errors = [r for r in planned if r["group"] is None]
-    write_manifest(spec.store, unstage_rows(written + errors))
-    n_ok = sum(1 for r in written if r["status"] == "ok")
-    n_err = len(rows) - n_ok
-    log.info("ingest: %d images in %d group(s), %d chunk(s); %d error row(s); %.1f s -> %s",
-             n_ok, len(groups), sum(g.n_chunks for g in groups), n_err, time.perf_counter() - t0, spec.store)
-    return {"store": spec.store, "files": len(rows), "new_files": len(rows), "images": n_ok, "errors": n_err,
-            "groups": len(groups), "chunks": sum(g.n_chunks for g in groups)}
 
 
 def preflight(spec: SegmentSpec) -> tuple[ckpt.ModelMeta, str, Any]:
@@ -229,7 +121,10 @@ def _tiled_steps(spec: SegmentSpec, units: list, done: dict[str, dict], *, meta:
         return failed
     records = {**done, **{r["unit"]: r for r in results}}
     finish = []
+    rerun = {(u.group, u.start) for u in todo}  # images with a block segmented or pasted now
     for group, index in images:
+        if (group, index) not in rerun and tiled.image_finished(spec.out, run_id, group, index):
+            continue  # finished by an earlier run: not evaluated (nor published) twice
         mine = [u for u in units if (u.group, u.start) == (group, index)]
         finish.append(finish_image_task.submit(
             spec, group, index, run_id=run_id, records=[records[u.name] for u in mine], meta=meta,
@@ -246,7 +141,8 @@ def segment_steps(spec: SegmentSpec) -> dict[str, Any]:
     tiling = None if spec.tile_size == 0 else tiled.resolve_tiling(meta, tile_size=spec.tile_size,
                                                                    overlap=spec.overlap, blend=spec.blend, tta=spec.tta)
     groups = store.groups if tiling else [dataclasses.replace(g, tile=0) for g in store.groups]
-    info = prepare_run(spec.out, store_path=spec.store, checkpoint=spec.checkpoint, checkpoint_sha256=sha,
+    info = prepare_run(spec.out, store_path=spec.store, store_id=store.store_id, checkpoint=spec.checkpoint,
+                       checkpoint_sha256=sha,
                        meta=meta, groups=groups, spec=spec_json(spec))
     run_id = info["run_id"]
     units = plan_units(store, tiled=tiling is not None)
@@ -279,9 +175,6 @@ def segment_steps(spec: SegmentSpec) -> dict[str, Any]:
     if meta.kind == "instance":
         summary["instance"] = summarise_instances(current_rows(run.instance_metrics_table(), manifest, unit_groups),
                                                   current_rows(run.instance_table(), manifest, unit_groups))
-    if spec.lake:
-        published = publish_lake_task.submit(spec.lake, run_dir=spec.out, store=spec.store).result()
-        log.info("segment: appended %s to the lake %s", published or "nothing new", spec.lake)
     summary.update(run_id=run_id, model=meta.arch, checkpoint_sha256=sha, units=len(units),
                    units_skipped=n_skipped, units_failed=len(failed), seconds=round(time.perf_counter() - t0, 2),
                    outputs={"run directory": spec.out, "masks": f"{spec.out}/masks.zarr",
@@ -290,6 +183,9 @@ def segment_steps(spec: SegmentSpec) -> dict[str, Any]:
     markdown = render_markdown(summary, title=f"segflow run {run_id}")
     write_summary(spec.out, summary, markdown)
     publish_run_artifacts(run, summary, markdown, dice=dice)
+    if spec.lake:  # after the summary: a lake that cannot be written loses nothing else
+        published = publish_lake_task.submit(spec.lake, run_dir=spec.out, unit_groups=unit_groups).result()
+        log.info("segment: appended %s to the lake %s", published or "nothing new", spec.lake)
     if failed:
         raise SegflowError(f"{len(failed)} unit(s) failed (the others are saved; run the same command again to "
                            f"retry only those): " + "; ".join(failed[:5]))
@@ -312,19 +208,34 @@ def segment_flow(spec: SegmentSpec) -> dict[str, Any]:
 def run_flow(spec: RunSpec) -> dict[str, Any]:
     """Ingest + segment + evaluate in one flow run.
 
-    An incremental run (``spec.ingest.incremental``) that finds nothing new in the landing zone,
-    while every work unit of the store is done, ends after the ingest: no model is loaded.
+    An incremental run (``spec.ingest.incremental``) segments into one run directory per
+    checkpoint below ``spec.segment.out`` (see :func:`incremental_run_dir`), so a retrained
+    checkpoint starts a run of its own. When it finds nothing new in the landing zone and every
+    work unit is done, it ends after the ingest: no model is loaded, nothing is segmented.
     """
     ingested = ingest_steps(spec.ingest)
-    if spec.ingest.incremental and ingested["new_files"] == 0 and units_pending(spec.segment) == 0:
-        log = get_run_logger()
-        log.info("run: nothing new in %s and all %s image(s) of %s are segmented; no inference this time",
-                 spec.ingest.images, ingested["files"], spec.ingest.store)
-        if spec.segment.lake:  # parts a failed earlier publication left behind
-            publish_lake_task.submit(spec.segment.lake, run_dir=spec.segment.out, store=spec.segment.store).result()
-        return {"ingest": ingested, "segmented": False, "units_done": 0}
-    summary = segment_steps(spec.segment)
-    return {**summary, "ingest": ingested, "segmented": True}
+    segment = spec.segment
+    if spec.ingest.incremental:
+        segment = segment.model_copy(update={"out": incremental_run_dir(segment.out, segment.checkpoint)})
+        if ingested["new_files"] == 0 and (not store_exists(segment.store) or units_pending(segment) == 0):
+            get_run_logger().info("run: nothing new in %s and every image of %s is segmented in %s; no inference "
+                                  "this time", spec.ingest.images, segment.store, segment.out)
+            if segment.lake and store_exists(segment.store):  # parts that a failed publication left behind
+                units = plan_units(open_store(segment.store), tiled=segment.tile_size != 0)
+                publish_lake_task.submit(segment.lake, run_dir=segment.out,
+                                         unit_groups={u.name: u.group for u in units}).result()
+            return {"ingest": ingested, "segmented": False, "run_dir": segment.out, "flow_run_id": str(flow_run.id)}
+    summary = segment_steps(segment)
+    return {**summary, "ingest": ingested, "segmented": True, "run_dir": segment.out, "flow_run_id": str(flow_run.id)}
+
+
+def incremental_run_dir(out: str, checkpoint: str) -> str:
+    """``out/checkpoint-<first 12 hex of its sha256>``: the run directory of incremental runs with ``checkpoint``."""
+    try:
+        sha = file_sha256(checkpoint)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {checkpoint!r}: {exc}") from exc
+    return fsio.join(out, f"checkpoint-{sha[:12]}")
 
 
 def units_pending(spec: SegmentSpec) -> int | None:

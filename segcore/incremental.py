@@ -3,8 +3,9 @@
 A scheduled run lists the landing zone, hashes every file (sha256 of its bytes) and compares the
 hashes with the store's manifest:
 
-- a file whose content the store has already seen (under any name, readable or not) is skipped:
-  nothing is decoded, segmented or evaluated twice;
+- a file whose content is the current version of its image id, or (for a new id) the content of
+  any image of the store (a renamed copy), is skipped: nothing is decoded, segmented or
+  evaluated twice;
 - a file with new content is ingested as a new *batch* (new groups appended to the store, rows
   appended to the manifest with ``batch`` = previous maximum + 1);
 - when the new content has the id of an image the store already holds (the file changed in
@@ -13,14 +14,21 @@ hashes with the store's manifest:
   ``segflow report`` use the current version only, and lake readers can do the same by taking,
   per ``image_id``, the rows of the highest ``ingest_batch``.
 
-Files that disappear from the landing zone are kept in the store.
+Files that disappear from the landing zone are kept in the store. Identity is the image's
+content: a corrected mask next to unchanged image bytes is not picked up (re-ingest the
+collection, or change the image file, to use it).
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any, Sequence
 
 import pyarrow as pa
+import zarr
+
+from segcore.errors import StoreError
+from segcore.store import GroupInfo, StoreInfo, create_group_arrays, open_store
 
 
 def next_batch(manifest: pa.Table) -> int:
@@ -30,19 +38,30 @@ def next_batch(manifest: pa.Table) -> int:
 
 
 def select_new(probed: Sequence[dict[str, Any]], manifest: pa.Table) -> list[dict[str, Any]]:
-    """Rows of ``probed`` (landing-zone rows with ``sha256``) whose content the store has not seen.
+    """Rows of ``probed`` (landing-zone rows with ``sha256``) that the store does not hold yet.
 
-    A file that could not be hashed (unreadable) is kept, so it is reported; among files with the
-    same new content only the first (by image id) is kept.
+    A file is new when its image id is known and its content differs from that id's current
+    (latest) version, including a file changed back to an older content; or when its id is
+    unknown and no image of the store has its content (a renamed copy is not new). A file that
+    could not be hashed (unreadable) is kept, so it is reported; among files with the same new
+    content only the first (by image id) is kept.
     """
     seen = {s for s in manifest.column("sha256").to_pylist() if s is not None}
-    out = []
+    current: dict[str, tuple[int, str | None]] = {}
+    for image_id, sha, batch in zip(manifest.column("image_id").to_pylist(), manifest.column("sha256").to_pylist(),
+                                    manifest.column("batch").to_pylist()):
+        if image_id not in current or (batch or 0) >= current[image_id][0]:
+            current[image_id] = (batch or 0, sha)
+    out, taken = [], set()
     for row in sorted(probed, key=lambda r: (r["image_id"], r["source_path"])):
         sha = row.get("sha256")
-        if sha is not None and sha in seen:
-            continue
         if sha is not None:
-            seen.add(sha)
+            known = current.get(row["image_id"])
+            if (known[1] == sha) if known is not None else (sha in seen):
+                continue
+            if sha in taken:
+                continue
+            taken.add(sha)
         out.append(row)
     return out
 
@@ -74,3 +93,45 @@ def current_rows(table: pa.Table, manifest: pa.Table, unit_groups: dict[str, str
     keep = [(unit_groups.get(u, u.split("-")[0]), i) not in old
             for u, i in zip(table.column("unit").to_pylist(), table.column("image_id").to_pylist())]
     return table.filter(pa.array(keep, pa.bool_()))
+
+
+def drop_unlisted_groups(path: str, manifest: pa.Table) -> StoreInfo:
+    """Remove groups that no manifest row references: the leftovers of an incremental ingest that
+    was interrupted after appending groups and before writing the manifest. Returns the store."""
+    info = open_store(path)
+    used = {g for g in manifest.column("group").to_pylist() if g is not None}
+    orphans = [g for g in info.groups if g.name not in used]
+    if not orphans:
+        return info
+    root = zarr.open_group(str(path), mode="r+")
+    attrs = dict(root.attrs["segflow"])
+    attrs["groups"] = [asdict(g) for g in info.groups if g.name in used]
+    root.attrs["segflow"] = attrs
+    for g in orphans:
+        for kind in ("images", "gt"):
+            if f"{kind}/{g.name}" in root:
+                del root[f"{kind}/{g.name}"]
+    return open_store(path)
+
+
+def append_groups(path: str, groups: Sequence[GroupInfo]) -> StoreInfo:
+    """Add the (empty) arrays of new ``groups`` to an existing store; existing arrays are untouched.
+
+    The groups are listed in the store's attributes at once, but their images count only once the
+    manifest references them: :func:`drop_unlisted_groups` removes the groups of an append that
+    was interrupted before its manifest was written.
+    """
+    info = open_store(path)
+    clash = sorted({g.name for g in info.groups} & {g.name for g in groups})
+    if clash:
+        raise StoreError(f"store {path!r} already has group(s) {clash}; new groups must have new names")
+    root = zarr.open_group(str(path), mode="r+")
+    for g in groups:  # arrays left by an interrupted append that were never listed
+        for kind in ("images", "gt"):
+            if f"{kind}/{g.name}" in root:
+                del root[f"{kind}/{g.name}"]
+    create_group_arrays(root, groups, with_gt=info.has_gt)
+    attrs = dict(root.attrs["segflow"])
+    attrs["groups"] = [asdict(g) for g in info.groups + tuple(groups)]
+    root.attrs["segflow"] = attrs
+    return open_store(path)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 from typing import Any, Sequence
 
 import pyarrow as pa
@@ -33,7 +34,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from segcore import __version__, fsio
-from segcore.store import MANIFEST_SCHEMA
+from segcore.rundir import read_run_info
+from segcore.store import MANIFEST_SCHEMA, read_manifest
 from segcore.tables import DICE_SCHEMA, INSTANCE_METRICS_SCHEMA, INSTANCE_SCHEMA
 
 LAKE_FORMAT = 1
@@ -94,16 +96,21 @@ def _ledger_path(run_dir: str) -> str:
     return fsio.join(run_dir, "lake.json")
 
 
+def _lake_key(lake: str) -> str:
+    """One spelling per lake (``lake``, ``./lake/`` and ``/abs/lake`` are the same lake)."""
+    return os.path.abspath(lake) if fsio.is_local(lake) and "://" not in lake else lake.rstrip("/")
+
+
 def _read_ledger(run_dir: str, lake: str) -> dict[str, Any]:
     path = _ledger_path(run_dir)
     ledgers = fsio.read_json(path) if fsio.exists(path) else {}
-    return ledgers.get(lake, {"parts": {}})
+    return ledgers.get(_lake_key(lake), {"parts": {}})
 
 
 def _save_ledger(run_dir: str, lake: str, ledger: dict[str, Any]) -> None:
     path = _ledger_path(run_dir)
     ledgers = fsio.read_json(path) if fsio.exists(path) else {}
-    ledgers[lake] = ledger
+    ledgers[_lake_key(lake)] = ledger
     fsio.write_json(path, ledgers)
 
 
@@ -167,3 +174,10 @@ def read_lake(lake: str, table: str = "dice", *, filter: Any = None) -> pa.Table
     ds = pads.dataset(path, filesystem=None if fsio.is_local(location) else fs, format="parquet", schema=schema,
                       partitioning=pads.partitioning(PARTITIONS, flavor="hive"))
     return ds.to_table(filter=filter).select(schema.names)
+
+
+def publish_run(lake: str, *, run_dir: str, unit_groups: dict[str, str]) -> dict[str, int]:
+    """:func:`publish` for a run directory: its ``run.json`` and the manifest of the store it segmented."""
+    info = read_run_info(run_dir)
+    return publish(lake, run_dir=run_dir, run_info=info, manifest=read_manifest(info["store"]),
+                   unit_groups=unit_groups)

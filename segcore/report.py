@@ -28,12 +28,12 @@ _CURRENT = """
 with latest as (
     select *, row_number() over (partition by model, image_id, class_id
                                  order by ingest_batch desc nulls last, published_at desc) as k
-    from dice where status = 'ok'
+    from dice
 )
 select model, class_name, count(distinct image_id) filter (where not empty_gt) as images,
        avg(dice) filter (where not empty_gt) as mean_dice,
        median(dice) filter (where not empty_gt) as median_dice
-from latest where k = 1 group by model, class_name order by model, class_name
+from latest where k = 1 and status = 'ok' group by model, class_name order by model, class_name
 """
 
 

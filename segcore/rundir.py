@@ -122,13 +122,14 @@ def _label_arrays(run_dir: str, groups: Sequence[GroupInfo], *, meta: ModelMeta,
 
 
 def prepare_run(run_dir: str, *, store_path: str, checkpoint: str, checkpoint_sha256: str, meta: ModelMeta,
-                groups: Sequence[GroupInfo], spec: dict[str, Any]) -> dict[str, Any]:
+                groups: Sequence[GroupInfo], spec: dict[str, Any], store_id: str | None = None) -> dict[str, Any]:
     """Create (or reopen for resuming) a run directory and its mask arrays; returns run info.
 
     ``run_dir`` is a local path or an fsspec URL. Reopening creates the arrays of store groups
     that the run directory lacks (groups appended to the store since), leaving the others as
     they are. Raises :class:`StoreError` when ``run_dir`` holds a run of another store or
-    checkpoint, or is not empty and holds no run.
+    checkpoint, of an earlier version of the store (created anew since: ``store_id`` differs),
+    or is not empty and holds no run.
     """
     info_path = fsio.join(run_dir, "run.json")
     store_abs = absolute_location(store_path)
@@ -140,6 +141,11 @@ def prepare_run(run_dir: str, *, store_path: str, checkpoint: str, checkpoint_sh
                 f"{run_dir!r} holds run {info.get('run_id')} of store {info.get('store')} with checkpoint "
                 f"sha256 {str(info.get('checkpoint_sha256'))[:12]}; use a new --out directory for this store/checkpoint"
             )
+        if store_id and info.get("store_id") and info["store_id"] != store_id:
+            raise StoreError(
+                f"{run_dir!r} holds run {info.get('run_id')} of an earlier version of store {store_abs} (it was "
+                "created anew since, e.g. with --overwrite); its masks and Dice rows would be stale. Use a new --out "
+                "directory")
         _label_arrays(run_dir, groups, meta=meta, segflow_attrs={}, source=source, create=False)
         return info
     if _foreign_entries(run_dir, store_abs):
@@ -150,6 +156,7 @@ def prepare_run(run_dir: str, *, store_path: str, checkpoint: str, checkpoint_sh
         "run_id": f"{now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}",
         "created": now.isoformat(),
         "store": store_abs,
+        "store_id": store_id,
         "checkpoint": str(Path(checkpoint).resolve()),
         "checkpoint_sha256": checkpoint_sha256,
         "model": json.loads(meta.model_dump_json()),

@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import shutil
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -113,6 +114,8 @@ class StoreInfo:
     mask_kind: str
     has_gt: bool
     spec: dict[str, Any]
+    #: Changes whenever the store is created anew (None: created before ids existed).
+    store_id: str | None = None
 
     def group(self, name: str) -> GroupInfo:
         for g in self.groups:
@@ -234,6 +237,11 @@ def store_exists(path: str) -> bool:
     return p.exists() and not (p.is_dir() and not any(p.iterdir()))
 
 
+def has_manifest(path: str) -> bool:
+    """True when the store's ingest finished (its manifest was written last)."""
+    return (Path(path) / MANIFEST_NAME).exists()
+
+
 def existing_store_matches(path: str, *, spec: dict[str, Any], source_paths: Sequence[str]) -> bool:
     """True when ``path`` is a finished store ingested with the same ``spec`` from exactly ``source_paths``.
 
@@ -244,9 +252,8 @@ def existing_store_matches(path: str, *, spec: dict[str, Any], source_paths: Seq
         return False
     p = Path(path)
     info = open_store(path)
-    ignore = {"overwrite"}
-    same_spec = {k: v for k, v in info.spec.items() if k not in ignore} == {
-        k: v for k, v in spec.items() if k not in ignore}
+    ignore = {"overwrite", "incremental"}  # how to ingest, not what the store holds
+    same_spec = all(spec.get(k) == v for k, v in info.spec.items() if k not in ignore)  # keys newer than the store: defaults
     if same_spec and (p / MANIFEST_NAME).exists():
         if sorted(read_manifest(path).column("source_path").to_pylist()) == sorted(map(str, source_paths)):
             return True
@@ -266,15 +273,16 @@ def create_store(path: str, groups: Sequence[GroupInfo], *, with_gt: bool, mask_
     root = zarr.open_group(str(p), mode="w")
     root.attrs["segflow"] = {
         "format": STORE_FORMAT,
+        "store_id": uuid.uuid4().hex,  # a new id each time the store is (re)created
         "mask_kind": mask_kind,
         "has_gt": bool(with_gt),
         "groups": [asdict(g) for g in groups],
         "spec": spec,
     }
-    _create_group_arrays(root, groups, with_gt=with_gt)
+    create_group_arrays(root, groups, with_gt=with_gt)
 
 
-def _create_group_arrays(root: zarr.Group, groups: Sequence[GroupInfo], *, with_gt: bool) -> None:
+def create_group_arrays(root: zarr.Group, groups: Sequence[GroupInfo], *, with_gt: bool) -> None:
     for g in groups:
         root.create_array(f"images/{g.name}", shape=(g.count, g.height, g.width, g.channels),
                           chunks=g.chunk_shape + (g.channels,), dtype=g.dtype, fill_value=0,
@@ -282,29 +290,6 @@ def _create_group_arrays(root: zarr.Group, groups: Sequence[GroupInfo], *, with_
         if with_gt:
             root.create_array(f"gt/{g.name}", shape=(g.count, g.height, g.width), chunks=g.chunk_shape,
                               dtype=GT_DTYPE, fill_value=0, dimension_names=("image", "y", "x"))
-
-
-def append_groups(path: str, groups: Sequence[GroupInfo]) -> StoreInfo:
-    """Add the (empty) arrays of new ``groups`` to an existing store; existing arrays are untouched.
-
-    The group list in the attributes is extended last, so an interrupted append leaves the store
-    as it was for every reader (the new arrays are not listed yet; appending them again replaces them).
-    """
-    info = open_store(path)
-    taken = {g.name for g in info.groups}
-    clash = sorted(taken & {g.name for g in groups})
-    if clash:
-        raise StoreError(f"store {path!r} already has group(s) {clash}; new groups must have new names")
-    root = zarr.open_group(str(path), mode="r+")
-    for g in groups:  # leftovers of an interrupted append
-        for kind in ("images", "gt"):
-            if f"{kind}/{g.name}" in root:
-                del root[f"{kind}/{g.name}"]
-    _create_group_arrays(root, groups, with_gt=info.has_gt)
-    attrs = dict(root.attrs["segflow"])
-    attrs["groups"] = [asdict(g) for g in info.groups + tuple(groups)]
-    root.attrs["segflow"] = attrs
-    return open_store(path)
 
 
 def open_store(path: str) -> StoreInfo:
@@ -320,7 +305,7 @@ def open_store(path: str) -> StoreInfo:
         raise StoreError(f"store {path!r} has format {attrs['format']}; this segflow reads up to {STORE_FORMAT}")
     groups = tuple(GroupInfo(**g) for g in attrs["groups"])
     return StoreInfo(path=str(path), groups=groups, mask_kind=attrs["mask_kind"], has_gt=attrs["has_gt"],
-                     spec=attrs.get("spec", {}))
+                     spec=attrs.get("spec", {}), store_id=attrs.get("store_id"))
 
 
 def write_store_chunk(store_path: str, rows: Sequence[dict[str, Any]], *, threads: int | None = None) -> list[dict[str, Any]]:

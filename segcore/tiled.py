@@ -251,6 +251,16 @@ def detect_block(*, store_path: str, run_dir: str, unit: WorkUnit, checkpoint: s
             "seconds": round(time.perf_counter() - t0, 4)}
 
 
+def image_part(group: str, index: int) -> str:
+    """Name of the table parts of one tiled image (its Dice rows, instances, seams)."""
+    return f"{group}-{index:06d}"
+
+
+def image_finished(run_dir: str, run_id: str, group: str, index: int) -> bool:
+    """True when :func:`finish_image` wrote the Dice part of image ``index`` of ``group``."""
+    return fsio.exists(fsio.join(dice_dir(run_dir, run_id), f"{image_part(group, index)}.parquet"))
+
+
 def block_detected(run_dir: str, unit: WorkUnit) -> bool:
     return fsio.exists(_block_location(run_dir, unit.name))
 
@@ -330,7 +340,7 @@ def finish_image(*, store_path: str, run_dir: str, run_id: str, group: str, inde
     ``(unit name, first id)`` of every block of the image. Returns a small record.
     """
     records = list(records)
-    part = f"{group}-{index:06d}"
+    part = image_part(group, index)
     rows = _unit_rows(store_path, WorkUnit(unit_id=0, group=group, start=index, stop=index + 1))
     row = rows[0]
     common = {"model": meta.arch, "checkpoint_sha256": checkpoint_sha256, "unit": part}

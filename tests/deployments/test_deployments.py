@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from flows.pipeline import incremental_run_dir
 from segcore.config import RunSpec, TrainSpec
 from segcore.results import open_run
 from tests.deployments.conftest import BIN, ROOT, start, stop
@@ -108,9 +109,11 @@ def _wait_until_completed(server, flow_run_id: str, runner, runner_log: Path, *,
     return runs
 
 
-def _check_outputs(server, runs: list[dict], parent_id: str, out: Path, store: Path, n_images: int) -> None:
+def _check_outputs(server, runs: list[dict], parent_id: str, out: Path, store: Path, n_images: int,
+                   checkpoint: str) -> None:
     """The deployment's flow started the pipeline flow as a subflow, which published the summary artifact
-    and wrote the run directory."""
+    and wrote the run directory (incremental runs: one per checkpoint below ``out``)."""
+    out = Path(incremental_run_dir(str(out), checkpoint))
     child = next(r for r in runs if r["parent_task_run_id"] and r["state_type"] == "COMPLETED"
                  and r["id"] != parent_id and r["start_time"] >= server.get(f"/flow_runs/{parent_id}")["start_time"])
     artifacts = server.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [child["id"]]}}})
@@ -141,7 +144,8 @@ def test_a_run_of_the_scheduled_deployment_completes_on_a_process_worker(deploye
         runs = _wait_until_completed(prefect_server, run["id"], worker, worker_log)
     finally:
         stop(worker)
-    _check_outputs(prefect_server, runs, run["id"], out, store, tiny_collection["n_images"])
+    _check_outputs(prefect_server, runs, run["id"], out, store, tiny_collection["n_images"],
+                   tiny_collection["checkpoint"])
 
 
 def test_segflow_serve_registers_the_incremental_run_and_executes_it(prefect_server, tiny_collection, tmp_path):
@@ -171,4 +175,5 @@ def test_segflow_serve_registers_the_incremental_run_and_executes_it(prefect_ser
         runs = _wait_until_completed(prefect_server, run["id"], serve, log)
     finally:
         stop(serve)
-    _check_outputs(prefect_server, runs, run["id"], out, out / "store.zarr", tiny_collection["n_images"])
+    _check_outputs(prefect_server, runs, run["id"], out, out / "store.zarr", tiny_collection["n_images"],
+                   tiny_collection["checkpoint"])

@@ -9,7 +9,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from flows.pipeline import run_flow, with_runner
+import httpx
+
+from flows.pipeline import incremental_run_dir, run_flow, with_runner
 from segcore.config import ExecutionSpec, IngestSpec, RunSpec, SegmentSpec
 from segcore.errors import StoreError
 from segcore.imageio import write_png
@@ -65,7 +67,7 @@ def scheduled(collection, tmp_path_factory):
             _drop(root / "landing", root / "masks", 20, new, seed=2, shape=(40, 56))
         results.append(flow(spec))
         files.append(_lake_files(root))
-        units.append(dict(finished_units(spec.segment.out)))
+        units.append(dict(finished_units(results[-1]["run_dir"])))
     return root, spec, results, files, units
 
 
@@ -82,8 +84,16 @@ def test_three_scheduled_runs_give_exactly_the_expected_rows(scheduled):
     assert dice.groupby("ingest_batch").image_id.nunique().to_dict() == {0: 20, 1: 50}
     manifest = read_lake(spec.segment.lake, "manifest").to_pandas()
     assert len(manifest) == 70 and not manifest.sha256.duplicated().any()
-    run_dice = open_run(spec.segment.out).dice_table().to_pandas()
+    run_dice = open_run(results[-1]["run_dir"]).dice_table().to_pandas()
     assert len(run_dice) == 70 * CLASSES
+
+
+def _task_names(flow_run_id: str) -> list[str]:
+    import os
+
+    found = httpx.post(f"{os.environ['PREFECT_API_URL']}/task_runs/filter",
+                       json={"flow_runs": {"id": {"any_": [flow_run_id]}}}).json()
+    return sorted(r["name"] for r in found)
 
 
 def test_runs_without_new_images_do_no_inference_and_write_nothing(scheduled):
@@ -91,8 +101,13 @@ def test_runs_without_new_images_do_no_inference_and_write_nothing(scheduled):
     assert files[1] == files[0] and files[3] == files[2]
     assert units[1] == units[0] and units[3] == units[2]
     assert len(files[2]) > len(files[1])
-    assert results[1]["units_done"] == 0 and results[3]["units_done"] == 0
+    for quiet in (results[1], results[3]):  # the landing zone is probed, the lake checked; no model runs
+        names = _task_names(quiet["flow_run_id"])
+        assert names and all(n.startswith(("probe-files", "publish-lake")) for n in names), names
+    busy = _task_names(results[2]["flow_run_id"])
+    assert any(n.startswith("segment-unit") for n in busy) and any(n.startswith("publish-lake") for n in busy)
     assert len(open_store(spec.ingest.store).groups) == 2  # the first batch and one appended group
+    assert {r["run_dir"] for r in results} == {incremental_run_dir(spec.segment.out, spec.segment.checkpoint)}
 
 
 def test_lake_is_hive_partitioned_with_schema_metadata_and_duckdb_reads_it(scheduled):
@@ -130,12 +145,41 @@ def test_a_changed_file_supersedes_its_old_rows(collection, tmp_path):
     assert len(dice) == 7 * CLASSES  # append-only: the old rows stay, marked by their batch
     assert sorted(dice[dice.image_id == "img-0003"].ingest_batch.unique()) == [0, 1]
     assert result["images_evaluated"] == 6  # the run summary counts the newest version only
-    assert open_run(spec.segment.out).image_ids == [f"img-{i:04d}" for i in range(6)]
+    assert open_run(result["run_dir"]).image_ids == [f"img-{i:04d}" for i in range(6)]
     newest = dice[~((dice.image_id == "img-0003") & (dice.ingest_batch == 0)) & ~dice.empty_gt]
     current = dice_report(spec.segment.lake)["current"].to_pandas().set_index("class_name")
     for name, rows in newest.groupby("class_name"):
         assert current.loc[name, "images"] == len(rows)
         assert current.loc[name, "mean_dice"] == pytest.approx(rows.dice.mean())
+    # changed back to its first content: new again, and it supersedes the second version
+    write_png(image, 255 - read_image(image)[..., 0])
+    back = flow(spec)
+    assert back["ingest"]["new_files"] == 1 and back["ingest"]["superseded"] == 1
+    manifest = read_manifest(spec.ingest.store).to_pandas()
+    versions = manifest[manifest.image_id == "img-0003"].sort_values("batch")
+    assert versions.sha256.iloc[0] == versions.sha256.iloc[2] != versions.sha256.iloc[1]
+    assert versions.superseded_by.isna().tolist() == [False, False, True]
+    # a retrained checkpoint gets a run directory of its own and segments every current image
+    import torch
+
+    from segcore.checkpoint import load_checkpoint, save_checkpoint
+
+    model, meta = load_checkpoint(collection["checkpoint"])
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    retrained = save_checkpoint(tmp_path / "retrained.safetensors", model, meta)
+    spec2 = spec.model_copy(update={"segment": spec.segment.model_copy(update={"checkpoint": str(retrained)})})
+    again = flow(spec2)
+    assert again["run_dir"] != back["run_dir"] and again["ingest"]["new_files"] == 0
+    assert again["segmented"] and again["images_evaluated"] == 6
+
+
+def test_an_empty_landing_zone_is_nothing_to_do(collection, tmp_path):
+    (tmp_path / "landing").mkdir()
+    (tmp_path / "masks").mkdir()
+    result = with_runner(run_flow, ONE_WORKER)(_spec(tmp_path, collection["checkpoint"]))
+    assert result["ingest"]["new_files"] == 0 and not result["segmented"]
+    assert not (tmp_path / "store.zarr").exists()
 
 
 def test_incremental_into_a_store_with_other_masks_is_refused(scheduled, collection, tmp_path):

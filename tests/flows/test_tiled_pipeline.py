@@ -101,8 +101,12 @@ def test_dice_rows_of_the_large_image_match_its_mask(semantic) -> None:
 
 def test_rerun_skips_every_block_and_tiling_off_segments_whole(semantic) -> None:
     spec = semantic["spec"].segment
+    parts = {p: p.stat().st_mtime_ns for p in Path(spec.out, "dice").rglob("*.parquet")}
     again = with_runner(segment_flow, EXECUTION)(spec)
     assert again["units_skipped"] == again["units"]
+    # nothing is evaluated twice: the large image's Dice part (and every other) is left as it was
+    assert {p: p.stat().st_mtime_ns for p in Path(spec.out, "dice").rglob("*.parquet")} == parts
+    assert any("-" in p.stem and p.stem.startswith("g") for p in parts)
     whole_spec = spec.model_copy(update={"out": str(semantic["root"] / "whole"), "tile_size": 0})
     summary = with_runner(segment_flow, EXECUTION)(whole_spec)
     assert summary["units"] == 2

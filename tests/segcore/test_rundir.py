@@ -72,6 +72,18 @@ def test_reopen_refuses_another_checkpoint_and_a_foreign_directory(run_dir: str,
         read_run_info(foreign)
 
 
+def test_reopen_refuses_a_store_created_anew_since(tmp_path: Path) -> None:
+    store, run_dir = str(tmp_path / "store.zarr"), str(tmp_path / "run")
+    prepare_run(run_dir, store_path=store, store_id="first", checkpoint="m.safetensors", checkpoint_sha256="abc",
+                meta=SEMANTIC, groups=[G0], spec={})
+    assert read_run_info(run_dir)["store_id"] == "first"
+    prepare_run(run_dir, store_path=store, store_id="first", checkpoint="m.safetensors", checkpoint_sha256="abc",
+                meta=SEMANTIC, groups=[G0], spec={})
+    with pytest.raises(StoreError, match="created anew"):
+        prepare_run(run_dir, store_path=store, store_id="second", checkpoint="m.safetensors", checkpoint_sha256="abc",
+                    meta=SEMANTIC, groups=[G0], spec={})
+
+
 def test_a_store_inside_the_run_directory_is_allowed(tmp_path: Path) -> None:
     (tmp_path / "run" / "store.zarr").mkdir(parents=True)
     _prepare(str(tmp_path / "run"), str(tmp_path / "run" / "store.zarr"), [G0])
