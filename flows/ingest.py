@@ -17,8 +17,9 @@ from segcore.config import IngestSpec
 from segcore.errors import NotFound, StoreError
 from segcore.incremental import append_groups, drop_unlisted_groups, next_batch, select_new, supersede
 from segcore.landing import drop_staged, is_remote, remove_staging, staging_dir, unstage_rows
-from segcore.store import (chunk_rows, create_store, existing_store_matches, has_manifest, open_store, pair_sources,
-                           plan_groups, read_manifest, spec_json, store_exists, write_manifest)
+from segcore.sources import pair_sources
+from segcore.store import (chunk_rows, create_store, existing_store_matches, has_manifest, open_store, plan_groups,
+                           read_manifest, spec_json, store_exists, write_manifest)
 from tasks.ingest import probe_files, write_chunk
 
 

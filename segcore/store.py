@@ -7,7 +7,8 @@ Layout of ``STORE.zarr`` (Zarr v3)::
     gt/g000                   (N, H, W) uint32 ground-truth labels, chunks (k, H, W)  [if masks]
     manifest.parquet          one row per source file (see MANIFEST_SCHEMA)
 
-An incremental ingest (:mod:`segcore.incremental`) appends new groups to a store and rows to its
+Source files are listed and probed by :mod:`segcore.sources`. An incremental ingest
+(:mod:`segcore.incremental`) appends new groups to a store and rows to its
 manifest; it never rewrites the chunks of existing groups.
 
 Images of the same (height, width, channels, dtype) form a *group*; one chunk of ``k`` images
@@ -39,9 +40,8 @@ import pyarrow.parquet as pq
 import zarr
 
 from segcore.errors import NotFound, SegflowError, StoreError
-from segcore.fileio import atomic_path, file_sha256
-from segcore.imageio import image_id_for, list_images, probe_image, read_image, read_mask
-from segcore.landing import is_remote, list_remote_images
+from segcore.fileio import atomic_path
+from segcore.imageio import read_image, read_mask
 
 log = logging.getLogger(__name__)
 
@@ -124,80 +124,11 @@ class StoreInfo:
         raise NotFound(f"store {self.path!r} has no group {name!r}; groups: {[g.name for g in self.groups]}")
 
 
-def _row(**fields: Any) -> dict[str, Any]:
+def manifest_row(**fields: Any) -> dict[str, Any]:
+    """A manifest row: ``fields`` over nulls for every column of :data:`MANIFEST_SCHEMA`."""
     row = {name: None for name in MANIFEST_SCHEMA.names}
     row.update(fields)
     return row
-
-
-def pair_sources(images: str, masks: str | None = None) -> list[dict[str, Any]]:
-    """List image files and pair each with the mask of the same id; returns partial manifest rows.
-
-    ``images`` is a directory or a glob; ``masks`` a directory whose files are named like the
-    images (any supported suffix). Either may be an fsspec URL of a directory (see
-    :mod:`segcore.landing`). Raises :class:`NotFound` when nothing matches.
-    """
-    if is_remote(images):
-        listed = list_remote_images(images)
-    else:
-        root = Path(images) if Path(images).is_dir() else None
-        listed = [(str(p), image_id_for(p, root)) for p in list_images(images)]
-    mask_index: dict[str, str] = {}
-    if masks is not None and is_remote(masks):
-        for url, mask_id in list_remote_images(masks):
-            mask_index.setdefault(mask_id, url)
-    elif masks is not None:
-        if not Path(masks).is_dir():
-            raise NotFound(f"mask directory {masks!r} does not exist")
-        for mp in list_images(masks):
-            mask_index.setdefault(image_id_for(mp, Path(masks)), str(mp))
-    rows, seen = [], set()
-    for p, image_id in listed:
-        mask = mask_index.get(image_id)
-        if image_id in seen:
-            rows.append(_row(image_id=image_id, source_path=str(p), status="error",
-                             error=f"duplicate image id {image_id!r}: another file has the same name; rename one",
-                             mask_status="missing"))
-            continue
-        seen.add(image_id)
-        rows.append(_row(image_id=image_id, source_path=str(p), status="pending",
-                         mask_path=str(mask) if mask else None,
-                         mask_status="pending" if mask else "missing"))
-    return rows
-
-
-def probe_sources(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Read headers (not pixels) and hash contents; returns new rows with shape/dtype and status."""
-    out = []
-    for src in rows:
-        row = dict(src)
-        if row["status"] == "error":
-            try:  # hashed all the same, so that an incremental ingest does not report it again
-                row["sha256"] = file_sha256(row["source_path"])
-            except OSError:
-                pass
-            out.append(row)
-            continue
-        try:
-            row["sha256"] = file_sha256(row["source_path"])
-            info = probe_image(row["source_path"])
-            row.update(height=info.height, width=info.width, channels=info.channels, dtype=info.dtype, status="ok")
-        except (SegflowError, OSError, ValueError) as exc:
-            row.update(status="error", error=f"{type(exc).__name__}: {exc}", mask_status="missing" if row["mask_path"] is None else "skipped")
-            out.append(row)
-            continue
-        if row["mask_path"] is not None:
-            try:
-                minfo = probe_image(row["mask_path"])
-                if (minfo.height, minfo.width) != (info.height, info.width):
-                    raise StoreError(
-                        f"mask shape {minfo.height}x{minfo.width} differs from image shape {info.height}x{info.width}"
-                    )
-                row["mask_status"] = "ok"
-            except (SegflowError, OSError, ValueError) as exc:
-                row.update(mask_status="error", mask_error=f"{type(exc).__name__}: {exc}")
-        out.append(row)
-    return out
 
 
 def plan_groups(rows: Sequence[dict[str, Any]], *, chunk_pixels: int, max_chunk_images: int,
@@ -357,7 +288,7 @@ def write_store_chunk(store_path: str, rows: Sequence[dict[str, Any]], *, thread
 
 def write_manifest(store_path: str, rows: Iterable[dict[str, Any]]) -> Path:
     """Write the manifest Parquet atomically (write, then rename)."""
-    table = pa.Table.from_pylist([_row(**{k: r.get(k) for k in MANIFEST_SCHEMA.names}) for r in rows],
+    table = pa.Table.from_pylist([manifest_row(**{k: r.get(k) for k in MANIFEST_SCHEMA.names}) for r in rows],
                                  schema=MANIFEST_SCHEMA)
     dest = Path(store_path) / MANIFEST_NAME
     with atomic_path(dest) as tmp:

@@ -19,8 +19,8 @@ from segcore.normalise import Normalisation
 from segcore.plan import check_alignment, plan_units
 from segcore.results import open_run
 from segcore.rundir import finished_units, mask_chunks, prepare_run
-from segcore.store import (chunk_rows, create_store, open_store, pair_sources, plan_groups, probe_sources,
-                           write_manifest, write_store_chunk)
+from segcore.sources import pair_sources, probe_sources
+from segcore.store import chunk_rows, create_store, open_store, plan_groups, write_manifest, write_store_chunk
 
 META = ModelMeta(arch="unet", arch_kwargs={"base": 4, "depth": 2}, class_names=("bg", "fg"), in_channels=1,
                  normalisation=Normalisation(mode="range", scale=255.0))

@@ -13,15 +13,14 @@ import zarr
 from segcore.config import IngestSpec
 from segcore.errors import NotFound, StoreError
 from segcore.imageio import write_png
+from segcore.sources import pair_sources, probe_sources
 from segcore.store import (
     MANIFEST_SCHEMA,
     GroupInfo,
     chunk_rows,
     create_store,
     open_store,
-    pair_sources,
     plan_groups,
-    probe_sources,
     read_manifest,
     spec_json,
     write_manifest,
