@@ -5,13 +5,15 @@ Layout of ``LAKE`` (a path or any fsspec URL)::
     dice/run_date=2026-11-24/model=unet/<run_id>-unit-00042.parquet
     instances/run_date=.../model=.../<run_id>-<part>.parquet          (instance models)
     instance_metrics/run_date=.../model=.../<run_id>-<part>.parquet   (instance ground truth)
-    manifest/run_date=.../model=.../<run_id>-batch-00003.parquet      one row per ingested file
+    manifest/run_date=.../model=.../<run_id>-batch-00003.parquet      the files of one ingest batch
 
 ``run_date`` (UTC day of publication) and ``model`` (architecture name) live in the directory
 names only (the Hive convention): DuckDB (``hive_partitioning = true``), pyarrow.dataset
 (``partitioning="hive"``), Spark and pandas add them back as columns. Columns are those of the
 run tables (:mod:`segcore.tables`, less ``model``) plus lineage: ``run_id`` (the run directory),
 ``ingest_batch``, ``source_path``, ``source_sha256`` and ``published_at``; see :func:`lake_schema`.
+Manifest parts are snapshots of a batch as published (a later supersession shows as a newer row
+of the same ``image_id``).
 Every file's Parquet schema metadata holds ``segflow`` = JSON with the segflow version, lake
 format, table name, run id, checkpoint sha256 and the run's spec.
 
