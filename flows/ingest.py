@@ -100,6 +100,13 @@ def _nothing(spec: IngestSpec, files: int) -> dict[str, Any]:
             "superseded": 0}
 
 
+def _has_images(images: str) -> bool:
+    try:
+        return bool(pair_sources(images, None))
+    except NotFound:
+        return False
+
+
 def _ingest(spec: IngestSpec) -> dict[str, Any]:
     log = get_run_logger()
     t0 = time.perf_counter()
@@ -107,8 +114,8 @@ def _ingest(spec: IngestSpec) -> dict[str, Any]:
     try:
         rows = pair_sources(spec.images, spec.masks)
     except NotFound as exc:
-        if not spec.incremental:
-            raise
+        if not spec.incremental or _has_images(spec.images):
+            raise  # not a landing zone, or its masks are what is missing
         log.info("ingest: the landing zone %s is empty (%s); nothing to do", spec.images, exc)
         return _nothing(spec, 0)
     log.info("ingest: %d files found in %s", len(rows), spec.images)
@@ -118,7 +125,7 @@ def _ingest(spec: IngestSpec) -> dict[str, Any]:
         open_store(spec.store)  # only ever replace a segflow store
         log.warning("ingest: %s has no manifest (its first ingest was interrupted); creating it again", spec.store)
         overwrite = True
-    if not spec.overwrite and existing_store_matches(spec.store, spec=spec_json(spec),
+    if not overwrite and existing_store_matches(spec.store, spec=spec_json(spec),
                                                      source_paths=[r["source_path"] for r in rows]):
         manifest = read_manifest(spec.store)
         n_ok = sum(1 for s in manifest.column("status").to_pylist() if s == "ok")

@@ -222,3 +222,21 @@ def test_a_landing_zone_on_s3_is_staged_and_recorded_by_url(collection, tmp_path
     assert not Path(f"{store}.staging").exists()
     dice = read_lake(f"{bucket}/lake", "dice").to_pandas()
     assert len(dice) == 8 * CLASSES and not dice.duplicated(["image_id", "class_id"]).any()
+
+
+def test_an_interrupted_first_ingest_is_redone_and_missing_masks_are_an_error(collection, tmp_path):
+    from segcore.errors import NotFound
+    from segcore.store import GroupInfo, create_store
+
+    (tmp_path / "landing").mkdir()
+    (tmp_path / "masks").mkdir()
+    _drop(tmp_path / "landing", tmp_path / "masks", 0, 4, seed=6)
+    spec = _spec(tmp_path, collection["checkpoint"])
+    stale = GroupInfo(name="g000", height=9, width=9, channels=1, dtype="uint8", count=1, chunk_images=1)
+    create_store(spec.ingest.store, [stale], with_gt=True, mask_kind="class", spec={})  # no manifest: died here
+    result = with_runner(run_flow, ONE_WORKER)(spec)
+    assert result["ingest"]["new_files"] == 4 and result["images_evaluated"] == 4
+    assert [(g.height, g.count) for g in open_store(spec.ingest.store).groups] == [(48, 4)]
+    no_masks = spec.model_copy(update={"ingest": spec.ingest.model_copy(update={"masks": str(tmp_path / "nope")})})
+    with pytest.raises(NotFound, match="mask directory"):
+        with_runner(run_flow, ONE_WORKER)(no_masks)
