@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.ui.browser import Browser, find_chromium
@@ -86,7 +87,8 @@ def prefect_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def finished_run(prefect_server, tmp_path_factory):
-    """`segflow run` on 12 synthetic 64x64 images with a (random) 3-class UNet, against the server."""
+    """`segflow run` on 12 synthetic 64x64 images with a 3-class UNet fitted for a few seconds (so that the
+    histogram and the gallery show a spread of Dice), against the server."""
     import torch
 
     from segcore import synthetic
@@ -99,6 +101,18 @@ def finished_run(prefect_server, tmp_path_factory):
     synthetic.generate_collection(root / "collection", n_images=12, size=64, seed=3)
     torch.manual_seed(0)
     model = create_model("unet", in_channels=1, num_classes=3, base=4, depth=2)
+    from segcore.imageio import read_image, read_mask
+
+    files = sorted((root / "collection" / "images").glob("*.png"))[:8]
+    x = torch.from_numpy(np.stack([read_image(f)[..., 0] for f in files])[:, None].astype(np.float32) / 255.0)
+    y = torch.from_numpy(np.stack([read_mask(root / "collection" / "masks" / f.name) for f in files]).astype(np.int64))
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    weight = torch.tensor([0.2, 1.0, 1.0])  # the shapes are small: without weights it learns background only
+    for _ in range(100):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y, weight=weight).backward()
+        opt.step()
+    model.eval()
     checkpoint = save_checkpoint(root / "tiny-unet.safetensors", model,
                                  ModelMeta(arch="unet", arch_kwargs={"base": 4, "depth": 2},
                                            class_names=synthetic.CLASS_NAMES, in_channels=1,
