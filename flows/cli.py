@@ -180,7 +180,11 @@ def _report(args: argparse.Namespace) -> int:
     from segcore.errors import SegflowError
     from segcore.report import dice_report, plot_over_time, render_text
 
+    from segcore import fsio
+
     try:
+        if not fsio.exists(args.lake):
+            raise FileNotFoundError("no such location (runs publish there with 'segflow segment/run --lake')")
         report = dice_report(args.lake)
     except (SegflowError, OSError) as exc:
         print(f"segflow report: error: cannot read the lake {args.lake!r}: {exc}", file=sys.stderr)
