@@ -15,7 +15,8 @@ from prefect.futures import as_completed
 
 from segcore.config import IngestSpec
 from segcore.errors import NotFound, StoreError
-from segcore.incremental import append_groups, drop_unlisted_groups, next_batch, select_new, supersede
+from segcore.incremental import (append_groups, drop_unlisted_groups, next_batch, select_new, supersede,
+                                 unchanged_sources)
 from segcore.landing import drop_staged, is_remote, remove_staging, staging_dir, unstage_rows
 from segcore.sources import pair_sources
 from segcore.store import (chunk_rows, create_store, existing_store_matches, has_manifest, open_store, plan_groups,
@@ -53,15 +54,17 @@ def _ingest_new(spec: IngestSpec, rows: list[dict[str, Any]], log: Any, t0: floa
         raise StoreError(f"store {spec.store!r} was ingested {'with ' + store.mask_kind if store.has_gt else 'without'}"
                          f" masks; an incremental ingest into it must give the same (masks={spec.masks!r}, "
                          f"mask_kind={spec.mask_kind!r})")
-    probed = _probe(spec, rows)
+    unchanged = {id(r) for r in unchanged_sources(rows, manifest)}
+    probed = _probe(spec, [r for r in rows if id(r) not in unchanged])
     new = select_new(probed, manifest)
     kept = {id(r) for r in new}
     drop_staged([r for r in probed if id(r) not in kept])
     result = {"store": spec.store, "files": len(rows), "new_files": len(new), "images": 0, "errors": 0,
-              "groups": len(store.groups), "chunks": 0, "superseded": 0}
+              "groups": len(store.groups), "chunks": 0, "superseded": 0, "hashed": len(probed)}
     if not new:
-        log.info("ingest: nothing new in %s: all %d file(s) are already in %s (%.1f s)", spec.images, len(rows),
-                 spec.store, time.perf_counter() - t0)
+        log.info("ingest: nothing new in %s: all %d file(s) are already in %s (%d unchanged since their ingest, "
+                 "%d hashed; %.1f s)", spec.images, len(rows), spec.store, len(unchanged), len(probed),
+                 time.perf_counter() - t0)
         return result
     batch = next_batch(manifest)
     groups, planned = plan_groups([dict(r, batch=batch) for r in new], chunk_pixels=spec.chunk_pixels,

@@ -128,3 +128,22 @@ def read_many(locations: Sequence[str]) -> list[bytes]:
     paths = [url_to_fs(loc)[1] for loc in locations]
     got = fs.cat(paths)
     return [got[p] for p in paths]
+
+
+def signature(location: str | os.PathLike[str]) -> str | None:
+    """``"<size>:<modification stamp>"`` of a file (mtime in ns locally; the ETag or last-modified
+    time on object stores), or None when the filesystem gives no stamp or the file is gone.
+
+    Equal signatures mean "very likely the same bytes" (the quick check of rsync and make): an
+    incremental ingest does not hash a file again whose signature it recorded with its hash.
+    """
+    fs, path = url_to_fs(location)
+    try:
+        if isinstance(fs, LocalFileSystem):
+            st = os.stat(path)
+            return f"{st.st_size}:{st.st_mtime_ns}"
+        info = fs.info(path)
+    except OSError:
+        return None
+    stamp = info.get("ETag") or info.get("LastModified") or info.get("mtime") or info.get("created")
+    return f"{info.get('size')}:{stamp}" if stamp is not None else None

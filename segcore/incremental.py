@@ -1,7 +1,9 @@
 """Incremental ingest from a landing zone: which files are new, and which old versions they supersede.
 
-A scheduled run lists the landing zone, hashes every file (sha256 of its bytes) and compares the
-hashes with the store's manifest:
+A scheduled run lists the landing zone and hashes every file (sha256 of its bytes) whose size and
+modification stamp differ from those recorded when its path was last ingested (a file with the
+same signature is taken as unchanged, the quick check of rsync), and compares the hashes with the
+store's manifest:
 
 - a file whose content is the current version of its image id, or (for a new id) the content of
   any image of the store (a renamed copy), is skipped: nothing is decoded, segmented or
@@ -35,6 +37,19 @@ def next_batch(manifest: pa.Table) -> int:
     """Batch number of the next incremental ingest (0 for an empty manifest; rows without one count as 0)."""
     batches = [b or 0 for b in manifest.column("batch").to_pylist()]
     return max(batches) + 1 if batches else 0
+
+
+def unchanged_sources(rows: Sequence[dict[str, Any]], manifest: pa.Table) -> list[dict[str, Any]]:
+    """Rows of ``rows`` (from :func:`segcore.sources.pair_sources`) whose file has the signature
+    (size and modification stamp) recorded when the same path was last ingested: already in the
+    store, so they need neither staging nor hashing."""
+    last: dict[str, tuple[int, str | None]] = {}
+    for path, sig, batch in zip(manifest.column("source_path").to_pylist(),
+                                manifest.column("source_signature").to_pylist(), manifest.column("batch").to_pylist()):
+        if path not in last or (batch or 0) >= last[path][0]:
+            last[path] = (batch or 0, sig)
+    return [r for r in rows if r.get("source_signature") is not None and r["status"] == "pending"
+            and last.get(r["source_path"], (0, None))[1] == r["source_signature"]]
 
 
 def select_new(probed: Sequence[dict[str, Any]], manifest: pa.Table) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from segcore import fsio
 from segcore.errors import NotFound, SegflowError, StoreError
 from segcore.fileio import file_sha256
 from segcore.imageio import image_id_for, list_images, probe_image
@@ -17,7 +18,8 @@ from segcore.store import manifest_row
 
 
 def pair_sources(images: str, masks: str | None = None) -> list[dict[str, Any]]:
-    """List image files and pair each with the mask of the same id; returns partial manifest rows.
+    """List image files and pair each with the mask of the same id; returns partial manifest rows
+    (with each image file's :func:`segcore.fsio.signature`).
 
     ``images`` is a directory or a glob; ``masks`` a directory whose files are named like the
     images (any supported suffix). Either may be an fsspec URL of a directory (see
@@ -42,13 +44,13 @@ def pair_sources(images: str, masks: str | None = None) -> list[dict[str, Any]]:
         mask = mask_index.get(image_id)
         if image_id in seen:
             rows.append(manifest_row(image_id=image_id, source_path=str(p), status="error",
-                             error=f"duplicate image id {image_id!r}: another file has the same name; rename one",
-                             mask_status="missing"))
+                                     error=f"duplicate image id {image_id!r}: another file has the same name; "
+                                           "rename one", mask_status="missing"))
             continue
         seen.add(image_id)
         rows.append(manifest_row(image_id=image_id, source_path=str(p), status="pending",
-                         mask_path=str(mask) if mask else None,
-                         mask_status="pending" if mask else "missing"))
+                                 source_signature=fsio.signature(p), mask_path=str(mask) if mask else None,
+                                 mask_status="pending" if mask else "missing"))
     return rows
 
 

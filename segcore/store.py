@@ -69,6 +69,8 @@ MANIFEST_SCHEMA = pa.schema(
         ("batch", pa.int64()),
         # sha256 of the newer content of the same image id, once a changed file was ingested again.
         ("superseded_by", pa.string()),
+        # Size and modification stamp of the source file when it was hashed (see fsio.signature).
+        ("source_signature", pa.string()),
     ]
 )
 

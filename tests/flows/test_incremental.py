@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import duckdb
@@ -75,6 +76,7 @@ def test_three_scheduled_runs_give_exactly_the_expected_rows(scheduled):
     root, spec, results, files, units = scheduled
     first, empty1, fifty, empty2 = results
     assert [r["ingest"]["new_files"] for r in results] == [20, 0, 50, 0]
+    assert [r["ingest"].get("hashed") for r in results[1:]] == [0, 50, 0]  # unchanged files are not read again
     assert [r["segmented"] for r in results] == [True, False, True, False]
     dice = read_lake(spec.segment.lake, "dice").to_pandas()
     assert len(dice) == 70 * CLASSES
@@ -151,6 +153,11 @@ def test_a_changed_file_supersedes_its_old_rows(collection, tmp_path):
     for name, rows in newest.groupby("class_name"):
         assert current.loc[name, "images"] == len(rows)
         assert current.loc[name, "mean_dice"] == pytest.approx(rows.dice.mean())
+    # the same bytes written again (a new modification time): hashed again, and not new
+    image.write_bytes(image.read_bytes())
+    os.utime(image, ns=(1, 1))
+    touched = flow(spec)
+    assert touched["ingest"]["hashed"] == 1 and touched["ingest"]["new_files"] == 0 and not touched["segmented"]
     # changed back to its first content: new again, and it supersedes the second version
     write_png(image, 255 - read_image(image)[..., 0])
     back = flow(spec)
@@ -215,6 +222,7 @@ def test_a_landing_zone_on_s3_is_staged_and_recorded_by_url(collection, tmp_path
     upload(5, 3, seed=5)
     results += [flow(spec), flow(spec)]
     assert [r["ingest"]["new_files"] for r in results] == [5, 3, 0]
+    assert [r["ingest"]["hashed"] for r in results[1:]] == [3, 0]  # unchanged objects are not downloaded again
     assert [r["segmented"] for r in results] == [True, True, False]
     manifest = read_manifest(store).to_pandas()
     assert sorted(manifest.source_path) == [f"{bucket}/landing/img-{i:04d}.png" for i in range(8)]

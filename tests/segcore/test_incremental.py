@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from segcore.errors import StoreError
+from segcore import fsio
 from segcore.incremental import (append_groups, drop_unlisted_groups, next_batch, select_new, supersede,
-                                 superseded_slots)
+                                 superseded_slots, unchanged_sources)
 from segcore.store import MANIFEST_SCHEMA, GroupInfo, create_store, open_store
 
 
@@ -72,3 +75,23 @@ def test_an_interrupted_append_is_dropped_and_can_be_redone(tmp_path):
 
     assert zarr.open_group(path, mode="r")["images/g001"].shape == (3, 8, 8, 1)
     assert np.all(zarr.open_group(path, mode="r")["images/g000"][:] == 0)
+
+
+def test_unchanged_sources_are_those_with_the_signature_recorded_for_their_path(tmp_path):
+    f = tmp_path / "a.png"
+    f.write_bytes(b"x" * 10)
+    sig = fsio.signature(f)
+    assert sig is not None and sig.startswith("10:")
+    manifest = pa.Table.from_pylist(
+        [{"image_id": "a", "source_path": str(f), "sha256": "h0", "batch": 0, "source_signature": "10:1"},
+         {"image_id": "a", "source_path": str(f), "sha256": "h1", "batch": 1, "source_signature": sig},
+         {"image_id": "b", "source_path": "/gone.png", "sha256": "h2", "batch": 0, "source_signature": None}],
+        schema=MANIFEST_SCHEMA)
+    rows = [{"image_id": "a", "source_path": str(f), "status": "pending", "source_signature": sig},
+            {"image_id": "b", "source_path": "/gone.png", "status": "pending", "source_signature": None},
+            {"image_id": "c", "source_path": "/new.png", "status": "pending", "source_signature": "5:5"}]
+    assert [r["image_id"] for r in unchanged_sources(rows, manifest)] == ["a"]
+    os.utime(f, ns=(7, 7))
+    rows[0]["source_signature"] = fsio.signature(f)
+    assert unchanged_sources(rows, manifest) == []
+    assert fsio.signature(tmp_path / "missing.png") is None
