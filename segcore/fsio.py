@@ -27,8 +27,16 @@ from fsspec.implementations.local import LocalFileSystem
 
 
 def url_to_fs(location: str | os.PathLike[str]) -> tuple[fsspec.AbstractFileSystem, str]:
-    """``(filesystem, path inside it)`` of a location."""
-    return fsspec.core.url_to_fs(os.fspath(location))
+    """``(filesystem, path inside it)`` of a location.
+
+    Remote filesystems are opened without a listings cache: other processes and threads add files
+    all the time, and a cached listing of a directory makes a file written since look absent
+    (``isfile`` answers from the cache, so a reader would fail to open a part it has just listed).
+    """
+    loc = os.fspath(location)
+    if "://" in loc and not loc.startswith("file://"):
+        return fsspec.core.url_to_fs(loc, use_listings_cache=False)
+    return fsspec.core.url_to_fs(loc)
 
 
 def is_local(location: str | os.PathLike[str]) -> bool:
