@@ -10,8 +10,8 @@ Writes are all-or-nothing for readers: on a local filesystem a file is written u
 temporary name (starting with '.') and renamed; on object stores one PUT creates the object whole.
 Dataset readers (pyarrow, DuckDB, pandas) skip hidden names, so they never see a partial file.
 
-Other processes (Dask workers) write into the same locations, so listings and existence checks
-never trust a filesystem's cached directory listings: they drop them first.
+Other processes (Dask workers) write into the same locations, so remote filesystems are opened
+without a listings cache (see :func:`url_to_fs`): listings and existence checks ask the store.
 """
 
 from __future__ import annotations
@@ -49,21 +49,8 @@ def join(location: str | os.PathLike[str], *parts: str) -> str:
     return "/".join([base, *(p.strip("/") for p in parts if p)])
 
 
-def _fresh(location: str | os.PathLike[str]) -> tuple[fsspec.AbstractFileSystem, str]:
-    """``url_to_fs`` with the cached listings of the location, its parents and everything below it
-    dropped (a stale listing of a sub-directory would hide files that other processes added there)."""
-    fs, path = url_to_fs(location)
-    fs.invalidate_cache(path)
-    cache = getattr(fs, "dircache", None)
-    if cache:
-        below = path.rstrip("/") + "/"
-        for key in [k for k in list(cache) if k.startswith(below)]:
-            cache.pop(key, None)
-    return fs, path
-
-
 def exists(location: str | os.PathLike[str]) -> bool:
-    fs, path = _fresh(location)
+    fs, path = url_to_fs(location)
     return fs.exists(path)
 
 
@@ -105,7 +92,7 @@ def list_files(location: str | os.PathLike[str], *, suffix: str = "", recursive:
     Names starting with '.' or '_' (temporary and bookkeeping files) are left out; a missing
     location lists nothing.
     """
-    fs, path = _fresh(location)
+    fs, path = url_to_fs(location)
     if not fs.exists(path):
         return []
     found = fs.find(path) if recursive else [p for p in fs.ls(path, detail=False) if fs.isfile(p)]
