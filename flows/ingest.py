@@ -17,7 +17,7 @@ from segcore.config import IngestSpec
 from segcore.errors import NotFound, StoreError
 from segcore.incremental import (append_groups, drop_unlisted_groups, next_batch, select_new, supersede,
                                  unchanged_sources)
-from segcore.landing import drop_staged, is_remote, remove_staging, staging_dir, unstage_rows
+from segcore.landing import is_remote, remove_staging, staging_dir, unstage_rows
 from segcore.sources import pair_sources
 from segcore.store import (chunk_rows, create_store, existing_store_matches, has_manifest, open_store, plan_groups,
                            read_manifest, spec_json, store_exists, write_manifest)
@@ -57,8 +57,6 @@ def _ingest_new(spec: IngestSpec, rows: list[dict[str, Any]], log: Any, t0: floa
     unchanged = {id(r) for r in unchanged_sources(rows, manifest)}
     probed = _probe(spec, [r for r in rows if id(r) not in unchanged])
     new = select_new(probed, manifest)
-    kept = {id(r) for r in new}
-    drop_staged([r for r in probed if id(r) not in kept])
     result = {"store": spec.store, "files": len(rows), "new_files": len(new), "images": 0, "errors": 0,
               "groups": len(store.groups), "chunks": 0, "superseded": 0, "hashed": len(probed)}
     if not new:

@@ -19,11 +19,12 @@ from __future__ import annotations
 import io
 import json
 import os
-import uuid
 from typing import Any, Sequence
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from segcore.fileio import atomic_path
 
 
 def url_to_fs(location: str | os.PathLike[str]) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -58,17 +59,8 @@ def write_bytes(location: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` so that a reader sees the old file or the new one, never a partial one."""
     fs, path = url_to_fs(location)
     if isinstance(fs, LocalFileSystem):
-        parent, name = os.path.split(path)
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".{name}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
     else:
         fs.pipe_file(path, data)
 

@@ -32,13 +32,12 @@ import os
 from typing import Any, Sequence
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from segcore import __version__, fsio
 from segcore.rundir import read_run_info
 from segcore.store import MANIFEST_SCHEMA, read_manifest
-from segcore.tables import DICE_SCHEMA, INSTANCE_METRICS_SCHEMA, INSTANCE_SCHEMA
+from segcore.tables import DICE_SCHEMA, INSTANCE_METRICS_SCHEMA, INSTANCE_SCHEMA, read_hive
 
 LAKE_FORMAT = 1
 PARTITIONS = pa.schema([("run_date", pa.string()), ("model", pa.string())])
@@ -168,14 +167,7 @@ def publish(lake: str, *, run_dir: str, run_info: dict[str, Any], manifest: pa.T
 
 def read_lake(lake: str, table: str = "dice", *, filter: Any = None) -> pa.Table:
     """Read a lake table (partition columns ``run_date``, ``model`` included); empty when absent."""
-    schema = pa.schema(list(PARTITIONS) + list(lake_schema(table)))
-    location = fsio.join(lake, table)
-    if not fsio.list_files(location, suffix=".parquet"):
-        return schema.empty_table()
-    fs, path = fsio.url_to_fs(location)
-    ds = pads.dataset(path, filesystem=None if fsio.is_local(location) else fs, format="parquet", schema=schema,
-                      partitioning=pads.partitioning(PARTITIONS, flavor="hive"))
-    return ds.to_table(filter=filter).select(schema.names)
+    return read_hive(fsio.join(lake, table), lake_schema(table), PARTITIONS, filter=filter)
 
 
 def publish_run(lake: str, *, run_dir: str, unit_groups: dict[str, str]) -> dict[str, int]:

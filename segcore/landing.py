@@ -2,9 +2,9 @@
 
 The decoders read local files, so files behind a URL are first copied ("staged") into a local
 directory that the ingest's workers share (``<store>.staging``, removed when the ingest ends);
-they are hashed and decoded there, and the manifest records their URLs. With a landing zone,
-every run has to read a file's bytes once to know its content hash; files that the store has
-already seen are then dropped from the staging directory at once.
+they are hashed and decoded there, and the manifest records their URLs. Files whose size and
+modification stamp are unchanged since their ingest are not staged at all
+(:func:`segcore.incremental.unchanged_sources`).
 """
 
 from __future__ import annotations
@@ -81,14 +81,6 @@ def unstage_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             row["mask_path"] = row.pop("mask_url")
         out.append(row)
     return out
-
-
-def drop_staged(rows: Sequence[dict[str, Any]]) -> None:
-    """Delete the local copies of ``rows`` (files the ingest will not decode)."""
-    for r in rows:
-        for key in ("source_url", "mask_url"):
-            if key in r:
-                Path(r[key.replace("_url", "_path")]).unlink(missing_ok=True)
 
 
 def remove_staging(store: str) -> None:

@@ -158,20 +158,23 @@ def instance_metrics_table(images: Sequence[tuple[str, dict[str, Any]]], *, mode
     return pa.Table.from_pylist(rows, schema=INSTANCE_METRICS_SCHEMA)
 
 
-def read_table(path: str | os.PathLike[str], schema: pa.Schema, *, filter: Any = None) -> pa.Table:
-    """Read a Hive-partitioned table directory (a path or URL), ``run_id`` included as a string column.
-
-    Returns an empty table with ``run_id`` + ``schema`` when no part exists yet. Hidden parts
-    (names starting with '.' or '_') are skipped.
-    """
-    full_schema = schema.insert(0, pa.field("run_id", pa.string()))
-    if not fsio.list_files(path, suffix=".parquet"):
+def read_hive(location: str | os.PathLike[str], schema: pa.Schema, partitions: pa.Schema, *,
+              filter: Any = None) -> pa.Table:
+    """Read a Hive-partitioned Parquet dataset (a path or URL) whose files hold ``schema`` and whose
+    directory names hold ``partitions``; partition columns come first. Empty (with that schema)
+    when no part exists yet; hidden parts (names starting with '.' or '_') are skipped."""
+    full_schema = pa.schema(list(partitions) + list(schema))
+    if not fsio.list_files(location, suffix=".parquet"):
         return full_schema.empty_table()
-    fs, inner = fsio.url_to_fs(path)
-    partitioning = pads.partitioning(pa.schema([("run_id", pa.string())]), flavor="hive")
-    ds = pads.dataset(inner, format="parquet", partitioning=partitioning,
-                      filesystem=None if fsio.is_local(path) else fs)
-    return ds.to_table(filter=filter).select(list(full_schema.names))
+    fs, inner = fsio.url_to_fs(location)
+    ds = pads.dataset(inner, format="parquet", schema=full_schema, filesystem=None if fsio.is_local(location) else fs,
+                      partitioning=pads.partitioning(partitions, flavor="hive"))
+    return ds.to_table(filter=filter).select(full_schema.names)
+
+
+def read_table(path: str | os.PathLike[str], schema: pa.Schema, *, filter: Any = None) -> pa.Table:
+    """Read a table directory of a run (Hive-partitioned by ``run_id``, included as a string column)."""
+    return read_hive(path, schema, pa.schema([("run_id", pa.string())]), filter=filter)
 
 
 def read_dice(path: str | os.PathLike[str], *, filter: Any = None) -> pa.Table:
