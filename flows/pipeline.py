@@ -211,7 +211,9 @@ def run_flow(spec: RunSpec) -> dict[str, Any]:
     An incremental run (``spec.ingest.incremental``) segments into one run directory per
     checkpoint below ``spec.segment.out`` (see :func:`incremental_run_dir`), so a retrained
     checkpoint starts a run of its own. When it finds nothing new in the landing zone and every
-    work unit is done, it ends after the ingest: no model is loaded, nothing is segmented.
+    work unit is done, it ends after the ingest: no model is loaded, nothing is segmented, and
+    when no file needed hashing either, nothing is submitted to Dask, so no cluster is started
+    (or needed: a scheduled run with nothing new completes while the cluster is down).
     """
     ingested = ingest_steps(spec.ingest)
     segment = spec.segment
@@ -221,9 +223,9 @@ def run_flow(spec: RunSpec) -> dict[str, Any]:
             get_run_logger().info("run: nothing new in %s and every image of %s is segmented in %s; no inference "
                                   "this time", spec.ingest.images, segment.store, segment.out)
             if segment.lake and store_exists(segment.store):  # parts that a failed publication left behind
+                # Called, not submitted: it runs in this process, so a quiet run never starts the Dask cluster.
                 units = plan_units(open_store(segment.store), tiled=segment.tile_size != 0)
-                publish_lake_task.submit(segment.lake, run_dir=segment.out,
-                                         unit_groups={u.name: u.group for u in units}).result()
+                publish_lake_task(segment.lake, run_dir=segment.out, unit_groups={u.name: u.group for u in units})
             return {"ingest": ingested, "segmented": False, "run_dir": segment.out, "flow_run_id": str(flow_run.id)}
     summary = segment_steps(segment)
     return {**summary, "ingest": ingested, "segmented": True, "run_dir": segment.out, "flow_run_id": str(flow_run.id)}
