@@ -15,8 +15,8 @@ from prefect.futures import as_completed
 
 from segcore.config import IngestSpec
 from segcore.errors import NotFound, StoreError
-from segcore.incremental import (append_groups, drop_unlisted_groups, next_batch, select_new, supersede,
-                                 unchanged_sources)
+from segcore.incremental import (append_groups, drop_unlisted_groups, next_batch, refresh_signatures, select_new,
+                                 supersede, unchanged_sources)
 from segcore.landing import is_remote, remove_staging, staging_dir, unstage_rows
 from segcore.sources import pair_sources
 from segcore.store import (chunk_rows, create_store, existing_store_matches, has_manifest, open_store, plan_groups,
@@ -57,9 +57,15 @@ def _ingest_new(spec: IngestSpec, rows: list[dict[str, Any]], log: Any, t0: floa
     unchanged = {id(r) for r in unchanged_sources(rows, manifest)}
     probed = _probe(spec, [r for r in rows if id(r) not in unchanged])
     new = select_new(probed, manifest)
+    manifest, refreshed = refresh_signatures(manifest, probed)
     result = {"store": spec.store, "files": len(rows), "new_files": len(new), "images": 0, "errors": 0,
               "groups": len(store.groups), "chunks": 0, "superseded": 0, "hashed": len(probed)}
+    if refreshed:
+        log.info("ingest: %d file(s) had new modification stamps but the same content; their stamps are "
+                 "recorded so that the next run does not read them again", refreshed)
     if not new:
+        if refreshed:
+            write_manifest(spec.store, manifest.to_pylist())
         log.info("ingest: nothing new in %s: all %d file(s) are already in %s (%d unchanged since their ingest, "
                  "%d hashed; %.1f s)", spec.images, len(rows), spec.store, len(unchanged), len(probed),
                  time.perf_counter() - t0)

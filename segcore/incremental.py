@@ -1,24 +1,28 @@
 """Incremental ingest from a landing zone: which files are new, and which old versions they supersede.
 
-A scheduled run lists the landing zone and hashes every file (sha256 of its bytes) whose size and
-modification stamp differ from those recorded when its path was last ingested (a file with the
-same signature is taken as unchanged, the quick check of rsync), and compares the hashes with the
-store's manifest:
+A scheduled run lists the landing zone and hashes every file (sha256 of its bytes, and of its
+mask's) whose size and modification stamp, or its mask's, differ from those recorded when its path
+was last ingested (a file with the same signatures is taken as unchanged, the quick check of
+rsync; a file hashed again and found unchanged gets its new signatures recorded), and compares
+the hashes with the store's manifest:
 
 - a file whose content is the current version of its image id, or (for a new id) the content of
   any image of the store (a renamed copy), is skipped: nothing is decoded, segmented or
   evaluated twice;
 - a file with new content is ingested as a new *batch* (new groups appended to the store, rows
   appended to the manifest with ``batch`` = previous maximum + 1);
-- when the new content has the id of an image the store already holds (the file changed in
-  place), the old manifest row gets ``superseded_by`` = the new sha256. The old masks and Dice
-  rows stay where they are (tables are append-only); run summaries, ``RunReader`` and
-  ``segflow report`` use the current version only, and lake readers can do the same by taking,
-  per ``image_id``, the rows of the highest ``ingest_batch``.
+- a file of a known image id with a new or changed mask (same image bytes, other mask bytes) is
+  a new version too: its ground truth changed, so it is ingested and evaluated again;
+- when the new content has the id of an image the store already holds (the file or its mask
+  changed in place), the old manifest row gets ``superseded_by`` = the new version's image
+  sha256 (the same sha256 when only the mask changed). The old masks and Dice rows stay where
+  they are (tables are append-only); run summaries, ``RunReader`` and ``segflow report`` use the
+  current version only, and lake readers can do the same by taking, per ``image_id``, the rows
+  of the highest ``ingest_batch``.
 
-Files that disappear from the landing zone are kept in the store. Identity is the image's
-content: a corrected mask next to unchanged image bytes is not picked up (re-ingest the
-collection, or change the image file, to use it).
+Files that disappear from the landing zone are kept in the store; a mask that disappears leaves
+the version ingested with it current. Masks are signed and hashed like images (manifest columns
+``mask_signature`` and ``mask_sha256``).
 """
 
 from __future__ import annotations
@@ -39,46 +43,99 @@ def next_batch(manifest: pa.Table) -> int:
     return max(batches) + 1 if batches else 0
 
 
+def _latest(manifest: pa.Table, key: str) -> dict[str, dict[str, Any]]:
+    """The manifest row of the highest batch per value of column ``key`` (rows without a batch count as 0)."""
+    last: dict[str, dict[str, Any]] = {}
+    for r in manifest.select([key, "batch", "sha256", "source_signature", "mask_sha256", "mask_signature",
+                              "mask_status"]).to_pylist():
+        if r[key] not in last or (r["batch"] or 0) >= (last[r[key]]["batch"] or 0):
+            last[r[key]] = r
+    return last
+
+
 def unchanged_sources(rows: Sequence[dict[str, Any]], manifest: pa.Table) -> list[dict[str, Any]]:
-    """Rows of ``rows`` (from :func:`segcore.sources.pair_sources`) whose file has the signature
-    (size and modification stamp) recorded when the same path was last ingested: already in the
-    store, so they need neither staging nor hashing."""
-    last: dict[str, tuple[int, str | None]] = {}
-    for path, sig, batch in zip(manifest.column("source_path").to_pylist(),
-                                manifest.column("source_signature").to_pylist(), manifest.column("batch").to_pylist()):
-        if path not in last or (batch or 0) >= last[path][0]:
-            last[path] = (batch or 0, sig)
-    return [r for r in rows if r.get("source_signature") is not None and r["status"] == "pending"
-            and last.get(r["source_path"], (0, None))[1] == r["source_signature"]]
+    """Rows of ``rows`` (from :func:`segcore.sources.pair_sources`) whose image file, and mask file
+    if they have one, have the signatures (size and modification stamp) recorded when the same
+    path was last ingested: already in the store, so they need neither staging nor hashing."""
+    last = _latest(manifest, "source_path")
+    out = []
+    for r in rows:
+        known = last.get(r["source_path"])
+        if (known is None or r["status"] != "pending" or r.get("source_signature") is None
+                or known["source_signature"] != r["source_signature"]):
+            continue
+        if r.get("mask_path") is not None and known["mask_signature"] != r.get("mask_signature"):
+            continue  # a new or changed mask (a mask that disappeared is not a change)
+        out.append(r)
+    return out
+
+
+def _mask_changed(row: dict[str, Any], known: dict[str, Any]) -> bool:
+    """Whether ``row`` brings a mask that differs from the one of its id's current version ``known``."""
+    if row.get("mask_sha256") is None:
+        return False  # no mask now (or it could not be read): the version with its mask stands
+    if known["mask_sha256"] is None and known["mask_status"] == "ok":
+        return False  # ingested before masks were hashed: nothing to compare with
+    return row["mask_sha256"] != known["mask_sha256"]
 
 
 def select_new(probed: Sequence[dict[str, Any]], manifest: pa.Table) -> list[dict[str, Any]]:
     """Rows of ``probed`` (landing-zone rows with ``sha256``) that the store does not hold yet.
 
     A file is new when its image id is known and its content differs from that id's current
-    (latest) version, including a file changed back to an older content; or when its id is
-    unknown and no image of the store has its content (a renamed copy is not new). A file that
-    could not be hashed (unreadable) is kept, so it is reported; among files with the same new
-    content only the first (by image id) is kept.
+    (latest) version, including a file changed back to an older content, or when it comes with a
+    new or changed mask; or when its id is unknown and no image of the store has its content (a
+    renamed copy is not new). A file that could not be hashed (unreadable) is kept, so it is
+    reported; among files with the same new content only the first (by image id) is kept.
     """
     seen = {s for s in manifest.column("sha256").to_pylist() if s is not None}
-    current: dict[str, tuple[int, str | None]] = {}
-    for image_id, sha, batch in zip(manifest.column("image_id").to_pylist(), manifest.column("sha256").to_pylist(),
-                                    manifest.column("batch").to_pylist()):
-        if image_id not in current or (batch or 0) >= current[image_id][0]:
-            current[image_id] = (batch or 0, sha)
+    current = _latest(manifest, "image_id")
     out, taken = [], set()
     for row in sorted(probed, key=lambda r: (r["image_id"], r["source_path"])):
         sha = row.get("sha256")
         if sha is not None:
             known = current.get(row["image_id"])
-            if (known[1] == sha) if known is not None else (sha in seen):
+            if known is not None:
+                if known["sha256"] == sha and not _mask_changed(row, known):
+                    continue
+            elif sha in seen:
                 continue
-            if sha in taken:
+            if (sha, row.get("mask_sha256")) in taken:
                 continue
-            taken.add(sha)
+            taken.add((sha, row.get("mask_sha256")))
         out.append(row)
     return out
+
+
+def refresh_signatures(manifest: pa.Table, probed: Sequence[dict[str, Any]]) -> tuple[pa.Table, int]:
+    """The manifest with the recorded signatures of files that were hashed again and found
+    unchanged (touched, or copied again without their times) set to their new ones, so that the
+    next run's quick check skips them; and how many rows changed.
+
+    Only the current version of an image id is updated, and only when the file is the one it was
+    ingested from with the same content (its mask's signature when the mask is the same too).
+    """
+    rows = manifest.to_pylist()
+    latest: dict[str, int] = {}
+    for k, r in enumerate(rows):
+        if r["image_id"] not in latest or (r["batch"] or 0) >= (rows[latest[r["image_id"]]]["batch"] or 0):
+            latest[r["image_id"]] = k
+    changed = 0
+    for p in probed:
+        k = latest.get(p["image_id"])
+        if k is None or p.get("sha256") is None:
+            continue
+        r = rows[k]
+        if r["source_path"] != p.get("source_url", p["source_path"]) or r["sha256"] != p["sha256"] \
+                or _mask_changed(p, r):
+            continue
+        update = {"source_signature": p.get("source_signature")}
+        if p.get("mask_sha256") is not None and p["mask_sha256"] == r["mask_sha256"]:
+            update["mask_signature"] = p.get("mask_signature")
+        if all(v is not None for v in update.values()) and any(r[c] != v for c, v in update.items()):
+            r.update(update)
+            changed += 1
+    return (pa.Table.from_pylist(rows, schema=manifest.schema) if changed else manifest), changed
 
 
 def supersede(manifest: pa.Table, new_rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

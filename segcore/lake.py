@@ -11,7 +11,8 @@ Layout of ``LAKE`` (a path or any fsspec URL)::
 names only (the Hive convention): DuckDB (``hive_partitioning = true``), pyarrow.dataset
 (``partitioning="hive"``), Spark and pandas add them back as columns. Columns are those of the
 run tables (:mod:`segcore.tables`, less ``model``) plus lineage: ``run_id`` (the run directory),
-``ingest_batch``, ``source_path``, ``source_sha256`` and ``published_at``; see :func:`lake_schema`.
+``ingest_batch``, ``source_path``, ``source_sha256``, ``mask_sha256`` (the ground truth the row
+was scored against) and ``published_at``; see :func:`lake_schema`.
 Manifest parts are snapshots of a batch as published (a later supersession shows as a newer row
 of the same ``image_id``).
 Every file's Parquet schema metadata holds ``segflow`` = JSON with the segflow version, lake
@@ -44,7 +45,8 @@ PARTITIONS = pa.schema([("run_date", pa.string()), ("model", pa.string())])
 RUN_TABLES = {"dice": DICE_SCHEMA, "instances": INSTANCE_SCHEMA, "instance_metrics": INSTANCE_METRICS_SCHEMA}
 LAKE_TABLES = (*RUN_TABLES, "manifest")
 _LINEAGE = [("run_id", pa.string()), ("ingest_batch", pa.int64()), ("source_path", pa.string()),
-            ("source_sha256", pa.string()), ("published_at", pa.timestamp("us", tz="UTC"))]
+            ("source_sha256", pa.string()), ("mask_sha256", pa.string()),
+            ("published_at", pa.timestamp("us", tz="UTC"))]
 
 
 def lake_schema(table: str) -> pa.Schema:
@@ -84,6 +86,7 @@ def _lineage(table: pa.Table, groups: Sequence[str], manifest_rows: dict[tuple[s
         "ingest_batch": pa.array([f.get("batch") for f in found], pa.int64()),
         "source_path": pa.array([f.get("source_path") for f in found], pa.string()),
         "source_sha256": pa.array([f.get("sha256") for f in found], pa.string()),
+        "mask_sha256": pa.array([f.get("mask_sha256") for f in found], pa.string()),
         "published_at": pa.array([published_at] * table.num_rows, _LINEAGE[-1][1]),
     }
     if "model" in table.column_names:

@@ -19,7 +19,7 @@ from segcore.store import manifest_row
 
 def pair_sources(images: str, masks: str | None = None) -> list[dict[str, Any]]:
     """List image files and pair each with the mask of the same id; returns partial manifest rows
-    (with each image file's :func:`segcore.fsio.signature`).
+    (with the :func:`segcore.fsio.signature` of each image and mask file).
 
     ``images`` is a directory or a glob; ``masks`` a directory whose files are named like the
     images (any supported suffix). Either may be an fsspec URL of a directory (see
@@ -50,12 +50,14 @@ def pair_sources(images: str, masks: str | None = None) -> list[dict[str, Any]]:
         seen.add(image_id)
         rows.append(manifest_row(image_id=image_id, source_path=str(p), status="pending",
                                  source_signature=fsio.signature(p), mask_path=str(mask) if mask else None,
+                                 mask_signature=fsio.signature(mask) if mask else None,
                                  mask_status="pending" if mask else "missing"))
     return rows
 
 
 def probe_sources(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Read headers (not pixels) and hash contents; returns new rows with shape/dtype and status."""
+    """Read headers (not pixels) and hash contents (image and mask); returns new rows with
+    shape/dtype and status."""
     out = []
     for src in rows:
         row = dict(src)
@@ -76,6 +78,7 @@ def probe_sources(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         if row["mask_path"] is not None:
             try:
+                row["mask_sha256"] = file_sha256(row["mask_path"])
                 minfo = probe_image(row["mask_path"])
                 if (minfo.height, minfo.width) != (info.height, info.width):
                     raise StoreError(

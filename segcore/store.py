@@ -71,6 +71,9 @@ MANIFEST_SCHEMA = pa.schema(
         ("superseded_by", pa.string()),
         # Size and modification stamp of the source file when it was hashed (see fsio.signature).
         ("source_signature", pa.string()),
+        # The same two for the mask file (null without one): a corrected mask is a new version.
+        ("mask_sha256", pa.string()),
+        ("mask_signature", pa.string()),
     ]
 )
 

@@ -161,6 +161,7 @@ def test_a_changed_file_supersedes_its_old_rows(collection, tmp_path):
     os.utime(image, ns=(1, 1))
     touched = flow(spec)
     assert touched["ingest"]["hashed"] == 1 and touched["ingest"]["new_files"] == 0 and not touched["segmented"]
+    assert flow(spec)["ingest"]["hashed"] == 0  # its new stamp was recorded: not read a third time
     # changed back to its first content: new again, and it supersedes the second version
     write_png(image, 255 - read_image(image)[..., 0])
     back = flow(spec)
@@ -182,6 +183,45 @@ def test_a_changed_file_supersedes_its_old_rows(collection, tmp_path):
     again = flow(spec2)
     assert again["run_dir"] != back["run_dir"] and again["ingest"]["new_files"] == 0
     assert again["segmented"] and again["images_evaluated"] == 6
+
+
+def test_a_corrected_mask_is_evaluated_again_and_a_vanished_one_changes_nothing(collection, tmp_path):
+    from segcore.imageio import read_mask
+
+    (tmp_path / "landing").mkdir()
+    (tmp_path / "masks").mkdir()
+    _drop(tmp_path / "landing", tmp_path / "masks", 0, 6, seed=4)
+    spec = _spec(tmp_path, collection["checkpoint"])
+    flow = with_runner(run_flow, ONE_WORKER)
+    flow(spec)
+    image_before = (tmp_path / "landing" / "img-0002.png").read_bytes()
+    corrected = read_mask(tmp_path / "masks" / "img-0002.png").copy()
+    corrected[:, : corrected.shape[1] // 2] = 2  # the annotator painted the left half as class 2
+    write_png(tmp_path / "masks" / "img-0002.png", corrected)
+    result = flow(spec)
+    assert (tmp_path / "landing" / "img-0002.png").read_bytes() == image_before
+    assert result["ingest"]["new_files"] == 1 and result["ingest"]["superseded"] == 1 and result["segmented"]
+    versions = read_manifest(spec.ingest.store).to_pandas().query("image_id == 'img-0002'").sort_values("batch")
+    assert versions.sha256.nunique() == 1 and versions.mask_sha256.nunique() == 2
+    assert versions.superseded_by.tolist()[0] == versions.sha256.iloc[0] and versions.superseded_by.isna().iloc[1]
+    # the run's current Dice of the image is the one against the corrected mask
+    run = open_run(result["run_dir"])
+    np.testing.assert_array_equal(run.ground_truth("img-0002"), corrected)
+    pred = run.mask("img-0002")
+    for row in run.dice("img-0002"):
+        gt, pr = corrected == row["class_id"], pred == row["class_id"]
+        tp = int((gt & pr).sum())
+        assert (row["tp"], row["fp"], row["fn"]) == (tp, int(pr.sum()) - tp, int(gt.sum()) - tp)
+    assert result["images_evaluated"] == 6
+    lake = read_lake(spec.segment.lake, "dice").to_pandas().query("image_id == 'img-0002'")
+    assert lake.groupby("ingest_batch").mask_sha256.unique().map(len).tolist() == [1, 1]
+    assert set(lake.mask_sha256) == set(versions.mask_sha256)  # each row names the ground truth it was scored on
+    # nothing changed: neither file is read again; a mask that disappears changes nothing either
+    quiet = flow(spec)
+    assert quiet["ingest"]["new_files"] == 0 and quiet["ingest"]["hashed"] == 0 and not quiet["segmented"]
+    (tmp_path / "masks" / "img-0005.png").unlink()
+    gone = flow(spec)
+    assert gone["ingest"]["new_files"] == 0 and gone["ingest"]["hashed"] == 0 and not gone["segmented"]
 
 
 def test_an_empty_landing_zone_is_nothing_to_do(collection, tmp_path):

@@ -10,8 +10,8 @@ import pytest
 
 from segcore.errors import StoreError
 from segcore import fsio
-from segcore.incremental import (append_groups, drop_unlisted_groups, next_batch, select_new, supersede,
-                                 superseded_slots, unchanged_sources)
+from segcore.incremental import (append_groups, drop_unlisted_groups, next_batch, refresh_signatures, select_new,
+                                 supersede, superseded_slots, unchanged_sources)
 from segcore.store import MANIFEST_SCHEMA, GroupInfo, create_store, open_store
 
 
@@ -37,6 +37,29 @@ def test_a_file_changed_back_to_an_older_content_is_new():
     manifest = _manifest([("a", "h1", 0, "h2"), ("a", "h2", 1, None)])
     assert [r["sha256"] for r in select_new(_probed(("a", "h1")), manifest)] == ["h1"]
     assert select_new(_probed(("a", "h2")), manifest) == []
+
+
+def _masked(rows: list[tuple[str, str, str | None, str]]) -> pa.Table:
+    """Rows ``(image_id, sha256, mask_sha256, mask_status)`` of batch 0, all readable."""
+    return pa.Table.from_pylist(
+        [{"image_id": i, "sha256": s, "mask_sha256": m, "mask_status": ms, "batch": 0, "status": "ok",
+          "group": "g000", "index": k, "source_path": f"/landing/{i}.png"} for k, (i, s, m, ms) in enumerate(rows)],
+        schema=MANIFEST_SCHEMA)
+
+
+def test_a_new_or_changed_mask_makes_a_new_version_and_a_vanished_one_does_not():
+    manifest = _masked([("a", "h1", "m1", "ok"), ("b", "h2", None, "missing"), ("c", "h3", None, "ok"),
+                        ("d", "h4", "m4", "error")])
+    probed = [dict(r, mask_sha256=m) for r, m in zip(
+        _probed(("a", "h1"), ("b", "h2"), ("c", "h3"), ("d", "h4"), ("e", "h1")), ("m9", "m2", "m3", "m5", "m9"))]
+    # a: corrected mask; b: a mask where there was none; c: ingested before masks were hashed (no
+    # comparison possible); d: a mask that could not be used, replaced; e: a renamed copy of a's image
+    assert [r["image_id"] for r in select_new(probed, manifest)] == ["a", "b", "d"]
+    unchanged = [dict(r, mask_sha256=m) for r, m in zip(_probed(("a", "h1"), ("d", "h4")), ("m1", None))]
+    assert select_new(unchanged, manifest) == []  # same mask; d's mask is gone: its version stands
+    # only the mask changed: the old version is superseded by the same image sha256
+    rows = supersede(manifest, [{"image_id": "a", "sha256": "h1", "status": "ok", "group": "g001"}])
+    assert [r["superseded_by"] for r in rows] == ["h1", None, None, None]
 
 
 def test_supersede_marks_the_old_readable_version_only():
@@ -95,3 +118,39 @@ def test_unchanged_sources_are_those_with_the_signature_recorded_for_their_path(
     rows[0]["source_signature"] = fsio.signature(f)
     assert unchanged_sources(rows, manifest) == []
     assert fsio.signature(tmp_path / "missing.png") is None
+
+
+def test_a_changed_mask_signature_is_not_unchanged(tmp_path):
+    image, mask = tmp_path / "a.png", tmp_path / "a-mask.png"
+    image.write_bytes(b"i" * 10)
+    mask.write_bytes(b"m" * 5)
+    manifest = pa.Table.from_pylist(
+        [{"image_id": "a", "source_path": str(image), "sha256": "h1", "batch": 0, "source_signature":
+          fsio.signature(image), "mask_path": str(mask), "mask_signature": fsio.signature(mask)}], schema=MANIFEST_SCHEMA)
+    row = {"image_id": "a", "source_path": str(image), "status": "pending", "source_signature": fsio.signature(image),
+           "mask_path": str(mask), "mask_signature": fsio.signature(mask)}
+    assert unchanged_sources([row], manifest) == [row]
+    os.utime(mask, ns=(7, 7))
+    assert unchanged_sources([dict(row, mask_signature=fsio.signature(mask))], manifest) == []
+    assert unchanged_sources([dict(row, mask_path=None, mask_signature=None)], manifest) != []  # mask gone
+
+
+def test_refresh_signatures_records_new_stamps_of_unchanged_current_files_only():
+    manifest = pa.Table.from_pylist(
+        [{"image_id": "a", "source_path": "/l/a.png", "sha256": "h0", "batch": 0, "source_signature": "1:1",
+          "superseded_by": "h1"},
+         {"image_id": "a", "source_path": "/l/a.png", "sha256": "h1", "batch": 1, "source_signature": "1:2",
+          "mask_sha256": "m1", "mask_signature": "5:1", "mask_status": "ok"},
+         {"image_id": "b", "source_path": "/l/b.png", "sha256": "h2", "batch": 0, "source_signature": "2:1"}],
+        schema=MANIFEST_SCHEMA)
+    probed = [{"image_id": "a", "source_path": "/l/a.png", "sha256": "h1", "source_signature": "1:9",
+               "mask_sha256": "m1", "mask_signature": "5:9"},                       # touched, both files
+              {"image_id": "b", "source_path": "/stage/b.png", "source_url": "/l/b.png", "sha256": "h7",
+               "source_signature": "3:3"},                                          # changed: new, not refreshed
+              {"image_id": "c", "source_path": "/l/c.png", "sha256": "h8", "source_signature": "4:4"}]
+    table, changed = refresh_signatures(manifest, probed)
+    assert changed == 1
+    assert table.column("source_signature").to_pylist() == ["1:1", "1:9", "2:1"]
+    assert table.column("mask_signature").to_pylist() == [None, "5:9", None]
+    probed[0]["mask_sha256"] = "m2"  # a changed mask is a new version, not a refreshed stamp
+    assert refresh_signatures(manifest, probed) == (manifest, 0)
