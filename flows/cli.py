@@ -27,7 +27,9 @@ def _add_execution(p: argparse.ArgumentParser) -> None:
 
 def _add_segment(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="segflow checkpoint (.safetensors)")
-    p.add_argument("--out", required=True, help="run directory (created; re-running into it resumes)")
+    p.add_argument("--out", required=True, help="run directory (created; re-running into it resumes); {flow_run} in "
+                                                "it or in --store is replaced by the run's UTC start time and flow "
+                                                "run id, so that every run gets a new one")
     p.add_argument("--batch-size", type=int,
                    help="images per forward pass (default 8; tiles of large images: at most 1 Mpx per pass)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: CUDA when present")

@@ -21,7 +21,7 @@ from flows.ingest import ingest_steps
 from flows.names import ingest_run_name, run_run_name, segment_run_name
 from segcore import checkpoint as ckpt
 from segcore import fsio, tiled
-from segcore.config import ExecutionSpec, IngestSpec, RunSpec, SegmentSpec
+from segcore.config import ExecutionSpec, IngestSpec, RunSpec, SegmentSpec, flow_run_token, with_flow_run
 from segcore.errors import CheckpointError, NotFound, SegflowError
 from segcore.fileio import file_sha256
 from segcore.incremental import current_rows
@@ -195,13 +195,13 @@ def segment_steps(spec: SegmentSpec) -> dict[str, Any]:
 @flow(name="segflow-ingest", flow_run_name=ingest_run_name)
 def ingest_flow(spec: IngestSpec) -> dict[str, Any]:
     """Decode a collection of images (and masks) into a chunked Zarr store with a manifest."""
-    return ingest_steps(spec)
+    return ingest_steps(this_run(spec))
 
 
 @flow(name="segflow-segment", flow_run_name=segment_run_name)
 def segment_flow(spec: SegmentSpec) -> dict[str, Any]:
     """Segment every work unit of a store, write masks and per-image Dice, publish a summary."""
-    return segment_steps(spec)
+    return segment_steps(this_run(spec))
 
 
 @flow(name="segflow-run", flow_run_name=run_run_name)
@@ -215,6 +215,7 @@ def run_flow(spec: RunSpec) -> dict[str, Any]:
     when no file needed hashing either, nothing is submitted to Dask, so no cluster is started
     (or needed: a scheduled run with nothing new completes while the cluster is down).
     """
+    spec = this_run(spec)
     ingested = ingest_steps(spec.ingest)
     segment = spec.segment
     if spec.ingest.incremental:
@@ -229,6 +230,12 @@ def run_flow(spec: RunSpec) -> dict[str, Any]:
             return {"ingest": ingested, "segmented": False, "run_dir": segment.out, "flow_run_id": str(flow_run.id)}
     summary = segment_steps(segment)
     return {**summary, "ingest": ingested, "segmented": True, "run_dir": segment.out, "flow_run_id": str(flow_run.id)}
+
+
+def this_run(spec: Any) -> Any:
+    """``spec`` with ``{flow_run}`` in its locations filled in for the running flow run
+    (see :func:`segcore.config.flow_run_token`; a subflow fills in its own)."""
+    return with_flow_run(spec, flow_run_token(flow_run.scheduled_start_time, flow_run.id))
 
 
 def incremental_run_dir(out: str, checkpoint: str) -> str:

@@ -5,8 +5,9 @@ as ``None`` keeps the default. The resolved spec is saved with the outputs.
 
 from __future__ import annotations
 
+import datetime as dt
 import inspect
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -28,12 +29,16 @@ class _Spec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+_S = TypeVar("_S", bound=_Spec)
+
+
 class IngestSpec(_Spec):
     """Decode a collection of image files (and optional ground-truth masks) into a Zarr store."""
 
     images: str = Field(description="Directory of images, a glob pattern (quote it in a shell), or the fsspec URL of "
                                     "a directory (s3://bucket/landing; its files are staged locally to be decoded).")
-    store: StorePath = Field(description="Path of the Zarr collection store to create, e.g. collection.zarr.")
+    store: StorePath = Field(description="Path of the Zarr collection store to create, e.g. collection.zarr; "
+                                         "{flow_run} in it is replaced by the run's UTC start time and flow run id.")
     masks: str | None = Field(None, description="Directory (or directory URL) of ground-truth masks; a mask pairs with "
                                                 "the image of the same id.")
     mask_kind: Literal["class", "instance"] = Field(
@@ -57,6 +62,27 @@ class IngestSpec(_Spec):
         return self
 
 
+#: In the store and run-directory locations of a spec (``IngestSpec.store``, ``SegmentSpec.store``,
+#: ``SegmentSpec.out``), replaced when the flow run starts by :func:`flow_run_token`: a location
+#: of its own for every run (e.g. ``runs/{flow_run}/run``).
+FLOW_RUN = "{flow_run}"
+
+
+def flow_run_token(started: dt.datetime, flow_run_id: str) -> str:
+    """``<UTC start, 20261124T180000Z>-<first 8 hex digits of the flow run id>``: sorts by time, and
+    names the flow run (its id starts with those digits)."""
+    return f"{started.astimezone(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{str(flow_run_id).replace('-', '')[:8]}"
+
+
+def with_flow_run(spec: _S, token: str) -> _S:
+    """``spec`` (an IngestSpec, SegmentSpec or RunSpec) with :data:`FLOW_RUN` in its locations replaced by ``token``."""
+    if isinstance(spec, RunSpec):
+        return spec.model_copy(update={"ingest": with_flow_run(spec.ingest, token),
+                                       "segment": with_flow_run(spec.segment, token)})
+    fields = ("store", "out") if isinstance(spec, SegmentSpec) else ("store",)
+    return spec.model_copy(update={f: getattr(spec, f).replace(FLOW_RUN, token) for f in fields})
+
+
 class ExecutionSpec(_Spec):
     """Where the work runs: an existing Dask scheduler, or a local cluster of worker processes."""
 
@@ -73,7 +99,8 @@ class SegmentSpec(_Spec):
     store: StorePath = Field(description="Zarr collection store made by 'segflow ingest'.")
     checkpoint: str = Field(description="segflow checkpoint (.safetensors) to segment with.")
     out: str = Field(description="Run directory, a path or fsspec URL (s3://bucket/runs/r1): masks.zarr, dice/ "
-                                  "Parquet dataset, summary.")
+                                  "Parquet dataset, summary. {flow_run} in it (and in a store path) is replaced by "
+                                  "the run's UTC start time and flow run id: a new directory per run.")
     batch_size: int = Field(8, gt=0, description="Images per forward pass (tiles of large images: at most 1 Mpx "
                                                   "per pass).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA when present.")
@@ -106,6 +133,9 @@ class RunSpec(_Spec):
     def _same_store(self) -> "RunSpec":
         if self.ingest.store != self.segment.store:
             raise ValueError(f"ingest.store ({self.ingest.store}) and segment.store ({self.segment.store}) differ")
+        if self.ingest.incremental and FLOW_RUN in self.ingest.store + self.segment.out:
+            raise ValueError(f"an incremental run keeps its store and run directory from run to run; {FLOW_RUN} in "
+                             f"ingest.store/segment.out would give every run new ones: remove it")
         return self
 
 

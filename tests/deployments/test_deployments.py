@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from flows.pipeline import incremental_run_dir
-from segcore.config import RunSpec, TrainSpec
+from segcore.config import FLOW_RUN, RunSpec, TrainSpec
 from segcore.results import open_run
 from tests.deployments.conftest import BIN, ROOT, start, stop
 
@@ -78,7 +78,8 @@ def test_every_deployment_of_prefect_yaml_is_registered_with_valid_parameters(de
     incremental = RunSpec.model_validate(found["incremental-hourly"]["parameters"]["spec"])
     assert incremental.ingest.incremental and incremental.ingest.images == str(home / "landing")
     assert incremental.segment.lake == str(home / "lake") and (home / "landing").is_dir()
-    assert RunSpec.model_validate(found["full-run"]["parameters"]["spec"]).ingest.overwrite
+    full = RunSpec.model_validate(found["full-run"]["parameters"]["spec"])
+    assert FLOW_RUN in full.ingest.store and FLOW_RUN in full.segment.out  # a new store and run directory per run
     [schedule] = found["incremental-hourly"]["schedules"]
     assert schedule["active"] and schedule["schedule"]["cron"] == "0 * * * *"
     assert schedule["schedule"]["timezone"] == "UTC"

@@ -7,6 +7,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -181,3 +182,23 @@ def test_the_flow_publishes_the_summary_as_a_markdown_artifact(finished):
     text = artifacts[0]["data"]
     assert "mean foreground Dice" in text and summary["run_id"] in text
     assert (Path(spec.segment.out) / "summary.md").read_text() == text
+
+
+def test_flow_run_in_the_locations_gives_every_run_its_own_store_and_run_directory(collection, tmp_path):
+    """The on-demand full-run deployment: triggered twice with the same parameters, both runs complete."""
+    store = str(tmp_path / "runs" / "{flow_run}" / "store.zarr")
+    spec = RunSpec(ingest=IngestSpec(images=collection["images"], masks=collection["masks"], store=store),
+                   segment=SegmentSpec(store=store, checkpoint=collection["checkpoint"],
+                                       out=str(tmp_path / "runs" / "{flow_run}" / "run"), execution=ONE_WORKER))
+    flow = with_runner(run_flow, ONE_WORKER)
+    first, second = flow(spec), flow(spec)
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2 and [r["run_dir"] for r in (first, second)] == [str(r / "run") for r in runs]
+    for result, run in zip((first, second), runs):
+        assert run.name.endswith("-" + result["flow_run_id"].replace("-", "")[:8])  # <UTC start>-<flow run id>
+        assert run.name[:8].isdigit() and run.name[8] == "T" and run.name[15] == "Z"
+        assert result["images_evaluated"] > 0 and result["units_skipped"] == 0
+        manifest = read_manifest(str(run / "store.zarr"))
+        ok = manifest.filter(pc.equal(manifest.column("status"), "ok")).column("image_id").to_pylist()
+        assert sorted(open_run(str(run / "run")).image_ids) == sorted(ok)
+    assert not (tmp_path / "runs" / "{flow_run}").exists()

@@ -18,3 +18,24 @@ def test_a_store_url_is_refused_with_what_to_do(store):
 def test_run_directory_and_lake_may_be_urls():
     spec = SegmentSpec(store="store.zarr", checkpoint="m.safetensors", out="s3://bucket/run", lake="s3://bucket/lake")
     assert spec.out.startswith("s3://") and spec.lake.startswith("s3://")
+
+
+def test_flow_run_placeholder_is_filled_in_store_and_run_directory_and_refused_for_incremental_runs():
+    import datetime as dt
+
+    from segcore.config import FLOW_RUN, RunSpec, flow_run_token, with_flow_run
+
+    started = dt.datetime(2026, 11, 24, 19, 0, 5, tzinfo=dt.timezone(dt.timedelta(hours=1)))
+    token = flow_run_token(started, "0b6e5d1c-aaaa-bbbb-cccc-ddddeeeeffff")
+    assert token == "20261124T180005Z-0b6e5d1c"
+    store = f"runs/{FLOW_RUN}/store.zarr"
+    spec = RunSpec(ingest=IngestSpec(images="in", store=store),
+                   segment=SegmentSpec(store=store, checkpoint="c.safetensors", out=f"s3://b/runs/{FLOW_RUN}/run",
+                                       lake="s3://b/lake"))
+    filled = with_flow_run(spec, token)
+    assert filled.ingest.store == filled.segment.store == f"runs/{token}/store.zarr"
+    assert filled.segment.out == f"s3://b/runs/{token}/run" and filled.segment.lake == "s3://b/lake"
+    assert filled.ingest.images == "in" and with_flow_run(filled, "other") == filled
+    with pytest.raises(ValueError, match="incremental run keeps its store"):
+        RunSpec(ingest=IngestSpec(images="in", store="s.zarr", incremental=True),
+                segment=SegmentSpec(store="s.zarr", checkpoint="c.safetensors", out=f"runs/{FLOW_RUN}"))
