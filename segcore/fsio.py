@@ -44,6 +44,12 @@ def is_local(location: str | os.PathLike[str]) -> bool:
     return isinstance(url_to_fs(location)[0], LocalFileSystem)
 
 
+def absolute(location: str | os.PathLike[str]) -> str:
+    """A plain path made absolute (symlinks kept, like ``os.path.abspath``); a URL as it is."""
+    text = os.fspath(location)
+    return text if "://" in text else os.path.abspath(text)
+
+
 def join(location: str | os.PathLike[str], *parts: str) -> str:
     """``location/part/...`` keeping the URL scheme (``s3://b/x`` + ``y`` -> ``s3://b/x/y``)."""
     base = os.fspath(location).rstrip("/")

@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import pyarrow as pa
 import zarr
 
+from segcore import fsio
 from segcore.errors import StoreError
 from segcore.store import GroupInfo, StoreInfo, create_group_arrays, open_store
 
@@ -48,8 +49,9 @@ def _latest(manifest: pa.Table, key: str) -> dict[str, dict[str, Any]]:
     last: dict[str, dict[str, Any]] = {}
     for r in manifest.select([key, "batch", "sha256", "source_signature", "mask_sha256", "mask_signature",
                               "mask_status"]).to_pylist():
-        if r[key] not in last or (r["batch"] or 0) >= (last[r[key]]["batch"] or 0):
-            last[r[key]] = r
+        k = fsio.absolute(r[key]) if key == "source_path" else r[key]  # manifests made before paths were absolute
+        if k not in last or (r["batch"] or 0) >= (last[k]["batch"] or 0):
+            last[k] = r
     return last
 
 
@@ -60,7 +62,7 @@ def unchanged_sources(rows: Sequence[dict[str, Any]], manifest: pa.Table) -> lis
     last = _latest(manifest, "source_path")
     out = []
     for r in rows:
-        known = last.get(r["source_path"])
+        known = last.get(fsio.absolute(r["source_path"]))
         if (known is None or r["status"] != "pending" or r.get("source_signature") is None
                 or known["source_signature"] != r["source_signature"]):
             continue
@@ -126,8 +128,8 @@ def refresh_signatures(manifest: pa.Table, probed: Sequence[dict[str, Any]]) -> 
         if k is None or p.get("sha256") is None:
             continue
         r = rows[k]
-        if r["source_path"] != p.get("source_url", p["source_path"]) or r["sha256"] != p["sha256"] \
-                or _mask_changed(p, r):
+        same_file = fsio.absolute(r["source_path"]) == fsio.absolute(p.get("source_url", p["source_path"]))
+        if not same_file or r["sha256"] != p["sha256"] or _mask_changed(p, r):
             continue
         update = {"source_signature": p.get("source_signature")}
         if p.get("mask_sha256") is not None and p["mask_sha256"] == r["mask_sha256"]:

@@ -23,13 +23,15 @@ def pair_sources(images: str, masks: str | None = None) -> list[dict[str, Any]]:
 
     ``images`` is a directory or a glob; ``masks`` a directory whose files are named like the
     images (any supported suffix). Either may be an fsspec URL of a directory (see
-    :mod:`segcore.landing`). Raises :class:`NotFound` when nothing matches.
+    :mod:`segcore.landing`). Local paths are recorded absolute (:func:`segcore.fsio.absolute`), so the
+    manifest and the lake say where a file is whatever the working directory was. Raises
+    :class:`NotFound` when nothing matches.
     """
     if is_remote(images):
         listed = list_remote_images(images)
     else:
         root = Path(images) if Path(images).is_dir() else None
-        listed = [(str(p), image_id_for(p, root)) for p in list_images(images)]
+        listed = [(fsio.absolute(p), image_id_for(p, root)) for p in list_images(images)]
     mask_index: dict[str, str] = {}
     if masks is not None and is_remote(masks):
         for url, mask_id in list_remote_images(masks):
@@ -38,7 +40,7 @@ def pair_sources(images: str, masks: str | None = None) -> list[dict[str, Any]]:
         if not Path(masks).is_dir():
             raise NotFound(f"mask directory {masks!r} does not exist")
         for mp in list_images(masks):
-            mask_index.setdefault(image_id_for(mp, Path(masks)), str(mp))
+            mask_index.setdefault(image_id_for(mp, Path(masks)), fsio.absolute(mp))
     rows, seen = [], set()
     for p, image_id in listed:
         mask = mask_index.get(image_id)

@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
+from segcore import fsio
 from segcore.errors import NotFound, SegflowError, StoreError
 from segcore.fileio import atomic_path
 from segcore.imageio import read_image, read_mask
@@ -191,7 +192,8 @@ def existing_store_matches(path: str, *, spec: dict[str, Any], source_paths: Seq
     ignore = {"overwrite", "incremental"}  # how to ingest, not what the store holds
     same_spec = all(spec.get(k) == v for k, v in info.spec.items() if k not in ignore)  # keys newer than the store: defaults
     if same_spec and (p / MANIFEST_NAME).exists():
-        if sorted(read_manifest(path).column("source_path").to_pylist()) == sorted(map(str, source_paths)):
+        recorded = (fsio.absolute(s) for s in read_manifest(path).column("source_path").to_pylist())
+        if sorted(recorded) == sorted(map(fsio.absolute, source_paths)):  # manifests made before paths were absolute
             return True
     raise StoreError(f"store {path!r} already exists with other contents or options; choose a new path or pass "
                      "--overwrite to replace it")

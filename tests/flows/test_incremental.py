@@ -224,6 +224,26 @@ def test_a_corrected_mask_is_evaluated_again_and_a_vanished_one_changes_nothing(
     assert gone["ingest"]["new_files"] == 0 and gone["ingest"]["hashed"] == 0 and not gone["segmented"]
 
 
+def test_source_paths_are_recorded_absolute_whatever_the_working_directory(collection, tmp_path, monkeypatch):
+    (tmp_path / "landing").mkdir()
+    (tmp_path / "masks").mkdir()
+    _drop(tmp_path / "landing", tmp_path / "masks", 0, 4, seed=5)
+    absolute = _spec(tmp_path, collection["checkpoint"])
+    relative = absolute.model_copy(update={"ingest": absolute.ingest.model_copy(
+        update={"images": "landing", "masks": "masks"})})
+    flow = with_runner(run_flow, ONE_WORKER)
+    monkeypatch.chdir(tmp_path)
+    flow(relative)
+    manifest = read_manifest(absolute.ingest.store).to_pandas()
+    assert sorted(manifest.source_path) == [str(tmp_path / "landing" / f"img-{i:04d}.png") for i in range(4)]
+    assert sorted(manifest.mask_path) == [str(tmp_path / "masks" / f"img-{i:04d}.png") for i in range(4)]
+    assert sorted(read_lake(absolute.segment.lake, "dice").to_pandas().source_path.unique()) == sorted(
+        manifest.source_path)
+    monkeypatch.chdir(tmp_path.parent)  # the same landing zone named another way: known files, not read again
+    again = flow(absolute)
+    assert again["ingest"]["hashed"] == 0 and again["ingest"]["new_files"] == 0 and not again["segmented"]
+
+
 def test_an_empty_landing_zone_is_nothing_to_do(collection, tmp_path):
     (tmp_path / "landing").mkdir()
     (tmp_path / "masks").mkdir()

@@ -115,3 +115,11 @@ def test_listing_a_parent_refreshes_stale_sub_directories(s3_server) -> None:
     other = s3fs.S3FileSystem(skip_instance_cache=True)
     other.pipe_file(fsio.url_to_fs(fsio.join(base, "run_id=a", "p1.parquet"))[1], part)
     assert read_table(base, schema).num_rows == 2
+
+
+def test_absolute_makes_plain_paths_absolute_and_keeps_urls(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert fsio.absolute("landing/a.png") == str(tmp_path / "landing" / "a.png")
+    assert fsio.absolute(tmp_path / "b.png") == str(tmp_path / "b.png")
+    for url in ("s3://bucket/landing/a.png", "file:///data/a.png", "memory://x/a.png"):
+        assert fsio.absolute(url) == url
