@@ -28,8 +28,8 @@ def _add_execution(p: argparse.ArgumentParser) -> None:
 def _add_segment(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="segflow checkpoint (.safetensors)")
     p.add_argument("--out", required=True, help="run directory (created; re-running into it resumes); {flow_run} in "
-                                                "it or in --store is replaced by the run's UTC start time and flow "
-                                                "run id, so that every run gets a new one")
+                                                "it is replaced by the run's UTC start time and flow run id: a new "
+                                                "run directory per run (not with --incremental)")
     p.add_argument("--batch-size", type=int,
                    help="images per forward pass (default 8; tiles of large images: at most 1 Mpx per pass)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: CUDA when present")
@@ -58,7 +58,9 @@ def _add_ingest(p: argparse.ArgumentParser, *, store_required: bool, landing_onl
     p.add_argument("--images", required=True, help="directory of images or a quoted glob pattern")
     p.add_argument("--masks", help="directory of ground-truth masks named like the images")
     p.add_argument("--mask-kind", choices=["class", "instance"], help="mask values are class ids (default) or object ids")
-    store_help = "Zarr collection store to create or append to" if landing_only else "Zarr collection store to create"
+    store_help = ("Zarr collection store to create or append to" if landing_only else
+                  "Zarr collection store to create ({flow_run} in it is replaced by the run's UTC start time and "
+                  "flow run id: a new store per run)")
     p.add_argument("--store", required=store_required,
                    help=store_help if store_required else f"{store_help} (default: store.zarr in --out)")
     if landing_only:
@@ -67,8 +69,8 @@ def _add_ingest(p: argparse.ArgumentParser, *, store_required: bool, landing_onl
         p.add_argument("--overwrite", action="store_true", help="replace an existing store")
         p.add_argument("--incremental", action="store_true",
                        help="--images is a landing zone: append to the store only files whose content it has not "
-                            "seen (a changed file supersedes its old version); 'run' then segments only the new "
-                            "images")
+                            "seen (a file whose content or mask changed supersedes its old version); 'run' then "
+                            "segments only the new images")
     p.add_argument("--tile-chunk", type=int,
                    help="images of more than 4.2 Mpx are stored (and segmented) in square blocks of this side "
                         "(default 1024; 0 keeps them whole)")

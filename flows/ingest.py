@@ -19,8 +19,8 @@ from segcore.incremental import (append_groups, drop_unlisted_groups, next_batch
                                  supersede, unchanged_sources)
 from segcore.landing import is_remote, remove_staging, staging_dir, unstage_rows
 from segcore.sources import pair_sources
-from segcore.store import (chunk_rows, create_store, existing_store_matches, has_manifest, open_store, plan_groups,
-                           read_manifest, spec_json, store_exists, write_manifest)
+from segcore.store import (chunk_rows, create_store, existing_store_matches, has_manifest, manifest_hashes_masks,
+                           open_store, plan_groups, read_manifest, spec_json, store_exists, write_manifest)
 from tasks.ingest import probe_files, write_chunk
 
 
@@ -56,13 +56,14 @@ def _ingest_new(spec: IngestSpec, rows: list[dict[str, Any]], log: Any, t0: floa
                          f"mask_kind={spec.mask_kind!r})")
     unchanged = {id(r) for r in unchanged_sources(rows, manifest)}
     probed = _probe(spec, [r for r in rows if id(r) not in unchanged])
-    new = select_new(probed, manifest)
-    manifest, refreshed = refresh_signatures(manifest, probed)
+    unhashed = not manifest_hashes_masks(spec.store)  # written before masks were hashed
+    new = select_new(probed, manifest, masks_unhashed=unhashed)
+    manifest, refreshed = refresh_signatures(manifest, probed, masks_unhashed=unhashed)
     result = {"store": spec.store, "files": len(rows), "new_files": len(new), "images": 0, "errors": 0,
               "groups": len(store.groups), "chunks": 0, "superseded": 0, "hashed": len(probed)}
     if refreshed:
-        log.info("ingest: %d file(s) had new modification stamps but the same content; their stamps are "
-                 "recorded so that the next run does not read them again", refreshed)
+        log.info("ingest: %d file(s) had new modification stamps (or masks recorded without a hash) but the same "
+                 "content; their stamps are recorded so that the next run does not read them again", refreshed)
     if not new:
         if refreshed:
             write_manifest(spec.store, manifest.to_pylist())

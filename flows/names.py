@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from segcore.config import FLOW_RUN, flow_run_token
+
 _GLOB = set("*?[")
 
 
@@ -23,7 +25,13 @@ def short_location(location: Any, *, parts: int = 1) -> str:
 
 
 def _field(obj: Any, name: str) -> Any:
-    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+    """``obj.name`` (or ``obj[name]``), with ``{flow_run}`` filled in as the flow will fill it in."""
+    value = obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+    if isinstance(value, str) and FLOW_RUN in value:
+        from prefect.runtime import flow_run
+
+        value = value.replace(FLOW_RUN, flow_run_token(flow_run.scheduled_start_time, flow_run.id))
+    return value
 
 
 def _spec() -> Any:

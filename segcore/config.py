@@ -53,12 +53,16 @@ class IngestSpec(_Spec):
     overwrite: bool = Field(False, description="Replace an existing store at the same path.")
     incremental: bool = Field(
         False, description="Treat 'images' as a landing zone: append to the store only files whose content "
-                           "(sha256) it has not seen; a file whose content changed supersedes its old version.")
+                           "(sha256) it has not seen; a file whose content or mask changed supersedes its old "
+                           "version.")
 
     @model_validator(mode="after")
     def _one_mode(self) -> "IngestSpec":
         if self.incremental and self.overwrite:
             raise ValueError("incremental (append new files) and overwrite (replace the store) exclude each other")
+        if self.incremental and FLOW_RUN in self.store:
+            raise ValueError(f"an incremental ingest appends to the same store from run to run; {FLOW_RUN} in store "
+                             "would give every run a new one: remove it")
         return self
 
 
@@ -70,7 +74,9 @@ FLOW_RUN = "{flow_run}"
 
 def flow_run_token(started: dt.datetime, flow_run_id: str) -> str:
     """``<UTC start, 20261124T180000Z>-<first 8 hex digits of the flow run id>``: sorts by time, and
-    names the flow run (its id starts with those digits)."""
+    names the flow run (its id starts with those digits): the ``segflow-run`` (``-ingest``,
+    ``-segment``) flow run that fills it in and holds the artifacts; under a deployment, a subflow
+    of the deployment's run."""
     return f"{started.astimezone(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{str(flow_run_id).replace('-', '')[:8]}"
 
 
@@ -133,9 +139,9 @@ class RunSpec(_Spec):
     def _same_store(self) -> "RunSpec":
         if self.ingest.store != self.segment.store:
             raise ValueError(f"ingest.store ({self.ingest.store}) and segment.store ({self.segment.store}) differ")
-        if self.ingest.incremental and FLOW_RUN in self.ingest.store + self.segment.out:
-            raise ValueError(f"an incremental run keeps its store and run directory from run to run; {FLOW_RUN} in "
-                             f"ingest.store/segment.out would give every run new ones: remove it")
+        if self.ingest.incremental and FLOW_RUN in self.segment.out:
+            raise ValueError(f"an incremental run keeps its run directory from run to run; {FLOW_RUN} in "
+                             "segment.out would give every run a new one: remove it")
         return self
 
 

@@ -72,23 +72,31 @@ def unchanged_sources(rows: Sequence[dict[str, Any]], manifest: pa.Table) -> lis
     return out
 
 
-def _mask_changed(row: dict[str, Any], known: dict[str, Any]) -> bool:
+def _unhashed_mask(known: dict[str, Any], masks_unhashed: bool) -> bool:
+    """Whether ``known`` had a mask recorded by a manifest that did not hash masks yet."""
+    return masks_unhashed and known["mask_sha256"] is None and known["mask_status"] in ("ok", "error")
+
+
+def _mask_changed(row: dict[str, Any], known: dict[str, Any], masks_unhashed: bool) -> bool:
     """Whether ``row`` brings a mask that differs from the one of its id's current version ``known``."""
     if row.get("mask_sha256") is None:
         return False  # no mask now (or it could not be read): the version with its mask stands
-    if known["mask_sha256"] is None and known["mask_status"] == "ok":
-        return False  # ingested before masks were hashed: nothing to compare with
+    if _unhashed_mask(known, masks_unhashed):
+        return False  # nothing to compare with; refresh_signatures records its hash now
     return row["mask_sha256"] != known["mask_sha256"]
 
 
-def select_new(probed: Sequence[dict[str, Any]], manifest: pa.Table) -> list[dict[str, Any]]:
+def select_new(probed: Sequence[dict[str, Any]], manifest: pa.Table, *,
+               masks_unhashed: bool = False) -> list[dict[str, Any]]:
     """Rows of ``probed`` (landing-zone rows with ``sha256``) that the store does not hold yet.
 
     A file is new when its image id is known and its content differs from that id's current
     (latest) version, including a file changed back to an older content, or when it comes with a
     new or changed mask; or when its id is unknown and no image of the store has its content (a
-    renamed copy is not new). A file that could not be hashed (unreadable) is kept, so it is
-    reported; among files with the same new content only the first (by image id) is kept.
+    renamed copy is not new, whatever its mask). A file that could not be hashed (unreadable) is
+    kept, so it is reported; among files with the same new image and mask content only the first
+    (by image id) is kept. ``masks_unhashed``: the manifest was written before masks were hashed
+    (:func:`segcore.store.manifest_hashes_masks`), so its masks are taken as unchanged.
     """
     seen = {s for s in manifest.column("sha256").to_pylist() if s is not None}
     current = _latest(manifest, "image_id")
@@ -98,7 +106,7 @@ def select_new(probed: Sequence[dict[str, Any]], manifest: pa.Table) -> list[dic
         if sha is not None:
             known = current.get(row["image_id"])
             if known is not None:
-                if known["sha256"] == sha and not _mask_changed(row, known):
+                if known["sha256"] == sha and not _mask_changed(row, known, masks_unhashed):
                     continue
             elif sha in seen:
                 continue
@@ -109,13 +117,16 @@ def select_new(probed: Sequence[dict[str, Any]], manifest: pa.Table) -> list[dic
     return out
 
 
-def refresh_signatures(manifest: pa.Table, probed: Sequence[dict[str, Any]]) -> tuple[pa.Table, int]:
+def refresh_signatures(manifest: pa.Table, probed: Sequence[dict[str, Any]], *,
+                       masks_unhashed: bool = False) -> tuple[pa.Table, int]:
     """The manifest with the recorded signatures of files that were hashed again and found
     unchanged (touched, or copied again without their times) set to their new ones, so that the
     next run's quick check skips them; and how many rows changed.
 
     Only the current version of an image id is updated, and only when the file is the one it was
-    ingested from with the same content (its mask's signature when the mask is the same too).
+    ingested from with the same content (its mask's signature when the mask is the same too). With
+    ``masks_unhashed`` (a manifest written before masks were hashed), a mask recorded without a
+    hash gets the hash and signature of the file now paired with it.
     """
     rows = manifest.to_pylist()
     latest: dict[str, int] = {}
@@ -129,12 +140,15 @@ def refresh_signatures(manifest: pa.Table, probed: Sequence[dict[str, Any]]) -> 
             continue
         r = rows[k]
         same_file = fsio.absolute(r["source_path"]) == fsio.absolute(p.get("source_url", p["source_path"]))
-        if not same_file or r["sha256"] != p["sha256"] or _mask_changed(p, r):
+        if not same_file or r["sha256"] != p["sha256"] or _mask_changed(p, r, masks_unhashed):
             continue
         update = {"source_signature": p.get("source_signature")}
         if p.get("mask_sha256") is not None and p["mask_sha256"] == r["mask_sha256"]:
             update["mask_signature"] = p.get("mask_signature")
-        if all(v is not None for v in update.values()) and any(r[c] != v for c, v in update.items()):
+        elif p.get("mask_sha256") is not None and _unhashed_mask(r, masks_unhashed):
+            update.update(mask_sha256=p["mask_sha256"], mask_signature=p.get("mask_signature"))
+        update = {c: v for c, v in update.items() if v is not None}
+        if any(r[c] != v for c, v in update.items()):
             r.update(update)
             changed += 1
     return (pa.Table.from_pylist(rows, schema=manifest.schema) if changed else manifest), changed

@@ -61,8 +61,8 @@ def stage_rows(rows: Sequence[dict[str, Any]], directory: str | os.PathLike[str]
             except (OSError, ValueError) as exc:
                 if key == "source_path":
                     row.update(status="error", error=f"cannot fetch {url}: {type(exc).__name__}: {exc}")
-                else:
-                    row.update(mask_path=None, mask_status="missing")
+                else:  # no signature either: the next run fetches it again
+                    row.update(mask_path=None, mask_status="missing", mask_signature=None)
                 continue
             row[key.replace("_path", "_url")] = url
             row[key] = str(local)

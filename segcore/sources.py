@@ -89,5 +89,7 @@ def probe_sources(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 row["mask_status"] = "ok"
             except (SegflowError, OSError, ValueError) as exc:
                 row.update(mask_status="error", mask_error=f"{type(exc).__name__}: {exc}")
+                if row.get("mask_sha256") is None:  # not even read: no signature, so the next run reads it again
+                    row["mask_signature"] = None
         out.append(row)
     return out

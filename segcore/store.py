@@ -303,6 +303,12 @@ def write_manifest(store_path: str, rows: Iterable[dict[str, Any]]) -> Path:
     return dest
 
 
+def manifest_hashes_masks(store_path: str) -> bool:
+    """Whether the store's manifest records mask hashes (``mask_sha256``); manifests written before
+    that column existed recorded masks without them."""
+    return "mask_sha256" in pq.read_schema(Path(store_path) / MANIFEST_NAME).names
+
+
 def read_manifest(store_path: str) -> pa.Table:
     """The store's manifest table (see MANIFEST_SCHEMA)."""
     path = Path(store_path) / MANIFEST_NAME

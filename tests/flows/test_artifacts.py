@@ -74,3 +74,21 @@ def test_progress_reaches_100_and_is_sent_at_most_20_times(monkeypatch):
     # 100 units: the artifact moves in steps of 5 units, so after 7 it still shows the 5th.
     assert _progress(100, 7) == 5.0
     assert sent == [5.0]
+
+
+def test_run_names_show_the_run_directory_that_flow_run_fills_in():
+    from prefect.runtime import flow_run
+
+    @flow(name="name-check", flow_run_name=segment_run_name)
+    def named_flow(spec: SegmentSpec) -> str:
+        return str(flow_run.id)
+
+    flow_run_id = named_flow(SegmentSpec(store="/data/a.zarr", checkpoint="/m/unet.safetensors",
+                                         out="s3://b/runs/{flow_run}"))
+    from prefect.settings import PREFECT_API_URL
+
+    [run] = httpx.post(f"{PREFECT_API_URL.value()}/flow_runs/filter",
+                       json={"flow_runs": {"id": {"any_": [flow_run_id]}}}, timeout=30).json()
+    prefix, token = run["name"].split(" -> ")
+    assert prefix == "segment a.zarr with unet.safetensors" and "{" not in token
+    assert token.endswith("-" + flow_run_id.replace("-", "")[:8]) and token[8] == "T" and token[15] == "Z"

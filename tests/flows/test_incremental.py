@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import numpy as np
@@ -47,6 +48,18 @@ def _spec(root: Path, checkpoint: str) -> RunSpec:
                           max_chunk_images=16),
         segment=SegmentSpec(store=store, checkpoint=checkpoint, out=str(root / "run"), lake=str(root / "lake"),
                             batch_size=8, execution=ONE_WORKER))
+
+
+def _first_run(collection, root: Path, count: int, *, seed: int) -> tuple[RunSpec, Any]:
+    """A landing zone of ``count`` images with masks below ``root``, and its first incremental run;
+    returns the spec and the flow to run it again."""
+    (root / "landing").mkdir()
+    (root / "masks").mkdir()
+    _drop(root / "landing", root / "masks", 0, count, seed=seed)
+    spec = _spec(root, collection["checkpoint"])
+    flow = with_runner(run_flow, ONE_WORKER)
+    flow(spec)
+    return spec, flow
 
 
 def _lake_files(root: Path) -> list[Path]:
@@ -131,12 +144,7 @@ def test_lake_is_hive_partitioned_with_schema_metadata_and_duckdb_reads_it(sched
 
 
 def test_a_changed_file_supersedes_its_old_rows(collection, tmp_path):
-    (tmp_path / "landing").mkdir()
-    (tmp_path / "masks").mkdir()
-    _drop(tmp_path / "landing", tmp_path / "masks", 0, 6, seed=3)
-    spec = _spec(tmp_path, collection["checkpoint"])
-    flow = with_runner(run_flow, ONE_WORKER)
-    flow(spec)
+    spec, flow = _first_run(collection, tmp_path, 6, seed=3)
     from segcore.imageio import read_image
 
     image = tmp_path / "landing" / "img-0003.png"
@@ -188,12 +196,7 @@ def test_a_changed_file_supersedes_its_old_rows(collection, tmp_path):
 def test_a_corrected_mask_is_evaluated_again_and_a_vanished_one_changes_nothing(collection, tmp_path):
     from segcore.imageio import read_mask
 
-    (tmp_path / "landing").mkdir()
-    (tmp_path / "masks").mkdir()
-    _drop(tmp_path / "landing", tmp_path / "masks", 0, 6, seed=4)
-    spec = _spec(tmp_path, collection["checkpoint"])
-    flow = with_runner(run_flow, ONE_WORKER)
-    flow(spec)
+    spec, flow = _first_run(collection, tmp_path, 6, seed=4)
     image_before = (tmp_path / "landing" / "img-0002.png").read_bytes()
     corrected = read_mask(tmp_path / "masks" / "img-0002.png").copy()
     corrected[:, : corrected.shape[1] // 2] = 2  # the annotator painted the left half as class 2
@@ -242,6 +245,16 @@ def test_source_paths_are_recorded_absolute_whatever_the_working_directory(colle
     monkeypatch.chdir(tmp_path.parent)  # the same landing zone named another way: known files, not read again
     again = flow(absolute)
     assert again["ingest"]["hashed"] == 0 and again["ingest"]["new_files"] == 0 and not again["segmented"]
+
+
+def test_a_store_whose_manifest_predates_mask_hashes_is_read_once_then_quick_checked(collection, tmp_path):
+    spec, flow = _first_run(collection, tmp_path, 4, seed=6)
+    path = Path(spec.ingest.store) / "manifest.parquet"
+    pq.write_table(pq.read_table(path).drop_columns(["mask_sha256", "mask_signature"]), path)  # an older manifest
+    upgraded = flow(spec)
+    assert upgraded["ingest"]["hashed"] == 4 and upgraded["ingest"]["new_files"] == 0 and not upgraded["segmented"]
+    assert read_manifest(spec.ingest.store).column("mask_sha256").null_count == 0  # the masks' hashes recorded
+    assert flow(spec)["ingest"]["hashed"] == 0
 
 
 def test_an_empty_landing_zone_is_nothing_to_do(collection, tmp_path):

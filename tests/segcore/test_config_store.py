@@ -36,6 +36,8 @@ def test_flow_run_placeholder_is_filled_in_store_and_run_directory_and_refused_f
     assert filled.ingest.store == filled.segment.store == f"runs/{token}/store.zarr"
     assert filled.segment.out == f"s3://b/runs/{token}/run" and filled.segment.lake == "s3://b/lake"
     assert filled.ingest.images == "in" and with_flow_run(filled, "other") == filled
-    with pytest.raises(ValueError, match="incremental run keeps its store"):
+    with pytest.raises(ValueError, match="incremental run keeps its run directory"):
         RunSpec(ingest=IngestSpec(images="in", store="s.zarr", incremental=True),
                 segment=SegmentSpec(store="s.zarr", checkpoint="c.safetensors", out=f"runs/{FLOW_RUN}"))
+    with pytest.raises(ValueError, match="incremental ingest appends to the same store"):
+        IngestSpec(images="in", store=f"runs/{FLOW_RUN}/s.zarr", incremental=True)

@@ -48,18 +48,32 @@ def _masked(rows: list[tuple[str, str, str | None, str]]) -> pa.Table:
 
 
 def test_a_new_or_changed_mask_makes_a_new_version_and_a_vanished_one_does_not():
-    manifest = _masked([("a", "h1", "m1", "ok"), ("b", "h2", None, "missing"), ("c", "h3", None, "ok"),
-                        ("d", "h4", "m4", "error")])
+    manifest = _masked([("a", "h1", "m1", "ok"), ("b", "h2", None, "missing"), ("d", "h4", "m4", "error")])
     probed = [dict(r, mask_sha256=m) for r, m in zip(
-        _probed(("a", "h1"), ("b", "h2"), ("c", "h3"), ("d", "h4"), ("e", "h1")), ("m9", "m2", "m3", "m5", "m9"))]
-    # a: corrected mask; b: a mask where there was none; c: ingested before masks were hashed (no
-    # comparison possible); d: a mask that could not be used, replaced; e: a renamed copy of a's image
+        _probed(("a", "h1"), ("b", "h2"), ("d", "h4"), ("e", "h1")), ("m9", "m2", "m5", "m9"))]
+    # a: corrected mask; b: a mask where there was none; d: a mask that could not be used, replaced;
+    # e: a renamed copy of a's image (with another mask: still a copy)
     assert [r["image_id"] for r in select_new(probed, manifest)] == ["a", "b", "d"]
     unchanged = [dict(r, mask_sha256=m) for r, m in zip(_probed(("a", "h1"), ("d", "h4")), ("m1", None))]
     assert select_new(unchanged, manifest) == []  # same mask; d's mask is gone: its version stands
     # only the mask changed: the old version is superseded by the same image sha256
     rows = supersede(manifest, [{"image_id": "a", "sha256": "h1", "status": "ok", "group": "g001"}])
-    assert [r["superseded_by"] for r in rows] == ["h1", None, None, None]
+    assert [r["superseded_by"] for r in rows] == ["h1", None, None]
+
+
+def test_masks_of_a_manifest_written_before_masks_were_hashed_are_adopted_not_new():
+    manifest = _masked([("a", "h1", None, "ok"), ("b", "h2", None, "error"), ("c", "h3", None, "missing")])
+    probed = [dict(r, mask_sha256=m, mask_signature="5:5", source_signature="1:1")
+              for r, m in zip(_probed(("a", "h1"), ("b", "h2"), ("c", "h3")), ("m1", "m2", "m3"))]
+    # a and b had masks (usable or not) whose bytes were never hashed: nothing to compare with;
+    # c had none, so its mask is new. Without the flag, a null hash is simply a different mask.
+    assert [r["image_id"] for r in select_new(probed, manifest, masks_unhashed=True)] == ["c"]
+    assert [r["image_id"] for r in select_new(probed, manifest)] == ["a", "b", "c"]
+    table, changed = refresh_signatures(manifest, probed, masks_unhashed=True)
+    assert changed == 2  # c is a new version, not a refreshed one
+    assert table.column("mask_sha256").to_pylist() == ["m1", "m2", None]  # the hashes are recorded now
+    assert table.column("mask_signature").to_pylist() == ["5:5", "5:5", None]
+    assert select_new(probed, table) == [probed[2]]  # ... and compared from then on
 
 
 def test_supersede_marks_the_old_readable_version_only():
@@ -145,12 +159,15 @@ def test_refresh_signatures_records_new_stamps_of_unchanged_current_files_only()
         schema=MANIFEST_SCHEMA)
     probed = [{"image_id": "a", "source_path": "/l/a.png", "sha256": "h1", "source_signature": "1:9",
                "mask_sha256": "m1", "mask_signature": "5:9"},                       # touched, both files
-              {"image_id": "b", "source_path": "/stage/b.png", "source_url": "/l/b.png", "sha256": "h7",
-               "source_signature": "3:3"},                                          # changed: new, not refreshed
+              {"image_id": "b", "source_path": "/stage/b.png", "source_url": "/l/b.png", "sha256": "h2",
+               "source_signature": "2:5"},                                          # staged, same content
+              {"image_id": "b", "source_path": "/l/other-b.png", "sha256": "h2",
+               "source_signature": "9:9"},                                          # another file: not refreshed
               {"image_id": "c", "source_path": "/l/c.png", "sha256": "h8", "source_signature": "4:4"}]
     table, changed = refresh_signatures(manifest, probed)
-    assert changed == 1
-    assert table.column("source_signature").to_pylist() == ["1:1", "1:9", "2:1"]
+    assert changed == 2
+    assert table.column("source_signature").to_pylist() == ["1:1", "1:9", "2:5"]
     assert table.column("mask_signature").to_pylist() == [None, "5:9", None]
     probed[0]["mask_sha256"] = "m2"  # a changed mask is a new version, not a refreshed stamp
-    assert refresh_signatures(manifest, probed) == (manifest, 0)
+    table, changed = refresh_signatures(manifest, probed)
+    assert changed == 1 and table.column("source_signature").to_pylist() == ["1:1", "1:2", "2:5"]

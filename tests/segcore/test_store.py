@@ -133,6 +133,23 @@ def test_unreadable_image_with_a_mask_is_skipped(tmp_path: Path) -> None:
     assert (row["status"], row["mask_status"]) == ("error", "skipped")
 
 
+def test_masks_are_signed_and_hashed_and_one_that_cannot_be_read_keeps_no_signature(sources, tmp_path) -> None:
+    from segcore.landing import stage_rows
+
+    images, masks = sources
+    paired = {r["image_id"]: r for r in pair_sources(str(images), str(masks))}
+    rows = {r["image_id"]: r for r in probe_sources(list(paired.values()))}
+    assert rows["a"]["mask_signature"] and len(rows["a"]["mask_sha256"]) == 64
+    assert rows["b"]["mask_status"] == "error" and rows["b"]["mask_sha256"]  # read, not usable: hashed all the same
+    assert rows["c"]["mask_signature"] is None and rows["c"]["mask_sha256"] is None  # no mask
+    (masks / "a.png").unlink()  # listed, then gone before it was read
+    [row] = probe_sources([paired["a"]])
+    assert row["mask_status"] == "error" and row["mask_sha256"] is None and row["mask_signature"] is None
+    gone = dict(paired["a"], mask_path="memory://nowhere/a.png")
+    [staged] = stage_rows([gone], tmp_path / "staging")  # a mask that cannot be fetched: looked at again next run
+    assert (staged["mask_path"], staged["mask_status"], staged["mask_signature"]) == (None, "missing", None)
+
+
 def test_plan_groups_by_shape_and_dtype(sources: tuple[Path, Path]) -> None:
     groups, rows = _planned(*sources)
     assert [(g.name, g.height, g.width, g.channels, g.dtype, g.count, g.chunk_images) for g in groups] == [
