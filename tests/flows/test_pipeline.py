@@ -185,13 +185,15 @@ def test_the_flow_publishes_the_summary_as_a_markdown_artifact(finished):
 
 
 def test_flow_run_in_the_locations_gives_every_run_its_own_store_and_run_directory(collection, tmp_path):
-    """The on-demand full-run deployment: triggered twice with the same parameters, both runs complete."""
+    """The on-demand full-run deployment: triggered twice with the same parameters, both runs complete
+    (the second through the deployments' entry flow, where the pipeline runs as a subflow)."""
     store = str(tmp_path / "runs" / "{flow_run}" / "store.zarr")
     spec = RunSpec(ingest=IngestSpec(images=collection["images"], masks=collection["masks"], store=store),
                    segment=SegmentSpec(store=store, checkpoint=collection["checkpoint"],
                                        out=str(tmp_path / "runs" / "{flow_run}" / "run"), execution=ONE_WORKER))
-    flow = with_runner(run_flow, ONE_WORKER)
-    first, second = flow(spec), flow(spec)
+    from flows.deployed import run_deployment_flow
+
+    first, second = with_runner(run_flow, ONE_WORKER)(spec), run_deployment_flow(spec)
     runs = sorted((tmp_path / "runs").iterdir())
     assert len(runs) == 2 and [r["run_dir"] for r in (first, second)] == [str(r / "run") for r in runs]
     for result, run in zip((first, second), runs):
