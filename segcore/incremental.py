@@ -44,11 +44,11 @@ def next_batch(manifest: pa.Table) -> int:
     return max(batches) + 1 if batches else 0
 
 
-def _latest(manifest: pa.Table, key: str) -> dict[str, dict[str, Any]]:
-    """The manifest row of the highest batch per value of column ``key`` (rows without a batch count as 0)."""
+def _latest(rows: Sequence[dict[str, Any]], key: str) -> dict[str, dict[str, Any]]:
+    """Per value of ``key``, the manifest row (the object of ``rows``) of the highest batch; rows
+    without a batch count as 0, and source paths compare absolute."""
     last: dict[str, dict[str, Any]] = {}
-    for r in manifest.select([key, "batch", "sha256", "source_signature", "mask_sha256", "mask_signature",
-                              "mask_status"]).to_pylist():
+    for r in rows:
         k = fsio.absolute(r[key]) if key == "source_path" else r[key]  # manifests made before paths were absolute
         if k not in last or (r["batch"] or 0) >= (last[k]["batch"] or 0):
             last[k] = r
@@ -59,7 +59,7 @@ def unchanged_sources(rows: Sequence[dict[str, Any]], manifest: pa.Table) -> lis
     """Rows of ``rows`` (from :func:`segcore.sources.pair_sources`) whose image file, and mask file
     if they have one, have the signatures (size and modification stamp) recorded when the same
     path was last ingested: already in the store, so they need neither staging nor hashing."""
-    last = _latest(manifest, "source_path")
+    last = _latest(manifest.to_pylist(), "source_path")
     out = []
     for r in rows:
         known = last.get(fsio.absolute(r["source_path"]))
@@ -99,7 +99,7 @@ def select_new(probed: Sequence[dict[str, Any]], manifest: pa.Table, *,
     (:func:`segcore.store.manifest_hashes_masks`), so its masks are taken as unchanged.
     """
     seen = {s for s in manifest.column("sha256").to_pylist() if s is not None}
-    current = _latest(manifest, "image_id")
+    current = _latest(manifest.to_pylist(), "image_id")
     out, taken = [], set()
     for row in sorted(probed, key=lambda r: (r["image_id"], r["source_path"])):
         sha = row.get("sha256")
@@ -129,16 +129,12 @@ def refresh_signatures(manifest: pa.Table, probed: Sequence[dict[str, Any]], *,
     hash gets the hash and signature of the file now paired with it.
     """
     rows = manifest.to_pylist()
-    latest: dict[str, int] = {}
-    for k, r in enumerate(rows):
-        if r["image_id"] not in latest or (r["batch"] or 0) >= (rows[latest[r["image_id"]]]["batch"] or 0):
-            latest[r["image_id"]] = k
+    current = _latest(rows, "image_id")  # the row objects of ``rows``: updated in place
     changed = 0
     for p in probed:
-        k = latest.get(p["image_id"])
-        if k is None or p.get("sha256") is None:
+        r = current.get(p["image_id"])
+        if r is None or p.get("sha256") is None:
             continue
-        r = rows[k]
         same_file = fsio.absolute(r["source_path"]) == fsio.absolute(p.get("source_url", p["source_path"]))
         if not same_file or r["sha256"] != p["sha256"] or _mask_changed(p, r, masks_unhashed):
             continue
