@@ -84,25 +84,36 @@ def read_json(location: str | os.PathLike[str]) -> Any:
     return json.loads(read_bytes(location))
 
 
-def list_files(location: str | os.PathLike[str], *, suffix: str = "", recursive: bool = True) -> list[str]:
-    """Sorted full locations (same scheme as ``location``) of the visible files below it.
+def list_entries(location: str | os.PathLike[str], *, suffix: str = "",
+                 recursive: bool = True) -> list[tuple[str, dict[str, Any]]]:
+    """``(full location, fsspec info)`` of the visible files below ``location``, sorted by location
+    (same scheme as ``location``).
 
     Names starting with '.' or '_' (temporary and bookkeeping files) are left out; a missing
-    location lists nothing.
+    location lists nothing. The infos come from the listing itself (on object stores one request
+    per page of 1,000 keys, not one per file); see :func:`info_signature`.
     """
     fs, path = url_to_fs(location)
     if not fs.exists(path):
         return []
-    found = fs.find(path) if recursive else [p for p in fs.ls(path, detail=False) if fs.isfile(p)]
+    if recursive:
+        found = list(fs.find(path, detail=True).items())
+    else:
+        found = [(e["name"], e) for e in fs.ls(path, detail=True) if e.get("type") == "file"]
     base = os.fspath(location).rstrip("/")
     root = path.rstrip("/")
     out = []
-    for p in found:
+    for p, info in found:
         rel = p[len(root):].lstrip("/") if p.startswith(root) else p
         if any(part.startswith((".", "_")) for part in rel.split("/")) or not rel.endswith(suffix):
             continue
-        out.append(join(base, rel))
-    return sorted(out)
+        out.append((join(base, rel), info))
+    return sorted(out, key=lambda e: e[0])
+
+
+def list_files(location: str | os.PathLike[str], *, suffix: str = "", recursive: bool = True) -> list[str]:
+    """Sorted full locations of the visible files below ``location`` (see :func:`list_entries`)."""
+    return [loc for loc, _ in list_entries(location, suffix=suffix, recursive=recursive)]
 
 
 def to_buffer(write: Any) -> bytes:
@@ -135,8 +146,12 @@ def signature(location: str | os.PathLike[str]) -> str | None:
         if isinstance(fs, LocalFileSystem):
             st = os.stat(path)
             return f"{st.st_size}:{st.st_mtime_ns}"
-        info = fs.info(path)
+        return info_signature(fs.info(path))
     except OSError:
         return None
+
+
+def info_signature(info: dict[str, Any]) -> str | None:
+    """:func:`signature` from the fsspec info of a remote file (as :func:`list_entries` gives it)."""
     stamp = info.get("ETag") or info.get("LastModified") or info.get("mtime") or info.get("created")
     return f"{info.get('size')}:{stamp}" if stamp is not None else None

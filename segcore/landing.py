@@ -25,15 +25,16 @@ def is_remote(location: str | os.PathLike[str]) -> bool:
     return "://" in os.fspath(location) and not fsio.is_local(location)
 
 
-def list_remote_images(location: str) -> list[tuple[str, str]]:
-    """``[(url, image_id)]`` of the image files directly inside ``location`` (like a local directory:
-    not recursive, hidden files skipped, image suffixes only), sorted by URL."""
-    files = [u for u in fsio.list_files(location, recursive=False)
+def list_remote_images(location: str) -> list[tuple[str, str, str | None]]:
+    """``[(url, image_id, signature)]`` of the image files directly inside ``location`` (like a
+    local directory: not recursive, hidden files skipped, image suffixes only), sorted by URL. The
+    signatures (:func:`segcore.fsio.signature`) come from the listing: no request per file."""
+    files = [(u, info) for u, info in fsio.list_entries(location, recursive=False)
              if posixpath.splitext(u)[1].lower() in IMAGE_SUFFIXES]
     if not files:
         raise NotFound(f"no image files in {location} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}); "
                        "check the URL, the credentials in the environment and the file suffixes")
-    return [(u, posixpath.splitext(posixpath.basename(u))[0]) for u in files]
+    return [(u, posixpath.splitext(posixpath.basename(u))[0], fsio.info_signature(info)) for u, info in files]
 
 
 def staging_dir(store: str) -> Path:

@@ -31,19 +31,19 @@ def pair_sources(images: str, masks: str | None = None) -> list[dict[str, Any]]:
         listed = list_remote_images(images)
     else:
         root = Path(images) if Path(images).is_dir() else None
-        listed = [(fsio.absolute(p), image_id_for(p, root)) for p in list_images(images)]
-    mask_index: dict[str, str] = {}
+        listed = [(fsio.absolute(p), image_id_for(p, root), fsio.signature(p)) for p in list_images(images)]
+    mask_index: dict[str, tuple[str, str | None]] = {}
     if masks is not None and is_remote(masks):
-        for url, mask_id in list_remote_images(masks):
-            mask_index.setdefault(mask_id, url)
+        for url, mask_id, sig in list_remote_images(masks):
+            mask_index.setdefault(mask_id, (url, sig))
     elif masks is not None:
         if not Path(masks).is_dir():
             raise NotFound(f"mask directory {masks!r} does not exist")
         for mp in list_images(masks):
-            mask_index.setdefault(image_id_for(mp, Path(masks)), fsio.absolute(mp))
+            mask_index.setdefault(image_id_for(mp, Path(masks)), (fsio.absolute(mp), fsio.signature(mp)))
     rows, seen = [], set()
-    for p, image_id in listed:
-        mask = mask_index.get(image_id)
+    for p, image_id, signature in listed:
+        mask, mask_signature = mask_index.get(image_id, (None, None))
         if image_id in seen:
             rows.append(manifest_row(image_id=image_id, source_path=str(p), status="error",
                                      error=f"duplicate image id {image_id!r}: another file has the same name; "
@@ -51,9 +51,8 @@ def pair_sources(images: str, masks: str | None = None) -> list[dict[str, Any]]:
             continue
         seen.add(image_id)
         rows.append(manifest_row(image_id=image_id, source_path=str(p), status="pending",
-                                 source_signature=fsio.signature(p), mask_path=str(mask) if mask else None,
-                                 mask_signature=fsio.signature(mask) if mask else None,
-                                 mask_status="pending" if mask else "missing"))
+                                 source_signature=signature, mask_path=str(mask) if mask else None,
+                                 mask_signature=mask_signature, mask_status="pending" if mask else "missing"))
     return rows
 
 

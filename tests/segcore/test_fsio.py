@@ -123,3 +123,29 @@ def test_absolute_makes_plain_paths_absolute_and_keeps_urls(tmp_path, monkeypatc
     assert fsio.absolute(tmp_path / "b.png") == str(tmp_path / "b.png")
     for url in ("s3://bucket/landing/a.png", "file:///data/a.png", "memory://x/a.png"):
         assert fsio.absolute(url) == url
+
+
+def test_a_landing_zone_on_s3_is_listed_with_its_signatures_in_a_few_requests(s3_server, monkeypatch) -> None:
+    """Listing and signing 40 images and 40 masks costs a handful of S3 requests, not several per
+    file (a quiet hourly run on a landing zone of 10,000 objects must not make 40,000 of them)."""
+    import s3fs
+
+    from segcore.sources import pair_sources
+
+    bucket = s3_server.bucket()
+    for i in range(40):
+        fsio.write_bytes(f"{bucket}/landing/img-{i:03d}.png", b"i" * (i + 1))
+        fsio.write_bytes(f"{bucket}/masks/img-{i:03d}.png", b"m" * (i + 1))
+    calls: list[str] = []
+    real = s3fs.S3FileSystem._call_s3
+
+    async def counted(self, method, *args, **kwargs):
+        calls.append(getattr(method, "__name__", str(method)))
+        return await real(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counted)
+    rows = pair_sources(f"{bucket}/landing", f"{bucket}/masks")
+    assert len(rows) == 40 and len(calls) <= 8, calls
+    for r in rows[:3]:  # the same signatures as asking for each file
+        assert r["source_signature"] == fsio.signature(r["source_path"]) is not None
+        assert r["mask_signature"] == fsio.signature(r["mask_path"]) is not None
