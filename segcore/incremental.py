@@ -44,6 +44,11 @@ def next_batch(manifest: pa.Table) -> int:
     return max(batches) + 1 if batches else 0
 
 
+#: The manifest columns that decide whether a file is known, changed or unchanged.
+_IDENTITY = ["image_id", "source_path", "batch", "sha256", "source_signature", "mask_sha256", "mask_signature",
+             "mask_status"]
+
+
 def _latest(rows: Sequence[dict[str, Any]], key: str) -> dict[str, dict[str, Any]]:
     """Per value of ``key``, the manifest row (the object of ``rows``) of the highest batch; rows
     without a batch count as 0, and source paths compare absolute."""
@@ -59,7 +64,9 @@ def unchanged_sources(rows: Sequence[dict[str, Any]], manifest: pa.Table) -> lis
     """Rows of ``rows`` (from :func:`segcore.sources.pair_sources`) whose image file, and mask file
     if they have one, have the signatures (size and modification stamp) recorded when the same
     path was last ingested: already in the store, so they need neither staging nor hashing."""
-    last = _latest(manifest.to_pylist(), "source_path")
+    if not rows:
+        return []
+    last = _latest(manifest.select(_IDENTITY).to_pylist(), "source_path")
     out = []
     for r in rows:
         known = last.get(fsio.absolute(r["source_path"]))
@@ -98,8 +105,10 @@ def select_new(probed: Sequence[dict[str, Any]], manifest: pa.Table, *,
     (by image id) is kept. ``masks_unhashed``: the manifest was written before masks were hashed
     (:func:`segcore.store.manifest_hashes_masks`), so its masks are taken as unchanged.
     """
+    if not probed:
+        return []
     seen = {s for s in manifest.column("sha256").to_pylist() if s is not None}
-    current = _latest(manifest.to_pylist(), "image_id")
+    current = _latest(manifest.select(_IDENTITY).to_pylist(), "image_id")
     out, taken = [], set()
     for row in sorted(probed, key=lambda r: (r["image_id"], r["source_path"])):
         sha = row.get("sha256")
@@ -128,6 +137,8 @@ def refresh_signatures(manifest: pa.Table, probed: Sequence[dict[str, Any]], *,
     ``masks_unhashed`` (a manifest written before masks were hashed), a mask recorded without a
     hash gets the hash and signature of the file now paired with it.
     """
+    if not probed:  # a quiet run: nothing was read again
+        return manifest, 0
     rows = manifest.to_pylist()
     current = _latest(rows, "image_id")  # the row objects of ``rows``: updated in place
     changed = 0
