@@ -22,8 +22,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from segcore.checkpoint import ModelMeta, save_checkpoint  # noqa: E402
-from segcore.imageio import write_png  # noqa: E402
+from segcore.models.checkpoint import ModelMeta, save_checkpoint  # noqa: E402
+from segcore.collection.imageio import write_png  # noqa: E402
 from segcore.models import create_model  # noqa: E402
 from segcore.normalise import Normalisation  # noqa: E402
 from segcore.synthetic import CLASS_NAMES, make_sample  # noqa: E402

@@ -37,7 +37,7 @@ def main() -> None:
     import s3fs
 
     from segcore import fsio
-    from segcore.sources import pair_sources
+    from segcore.collection.sources import pair_sources
 
     fs = s3fs.S3FileSystem()
     fs.mkdir("landing-bench")

@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from flows.cli import main as segflow  # noqa: E402
-from segcore.imageio import read_image, read_mask  # noqa: E402
-from segcore.results import open_run  # noqa: E402
+from segcore.collection.imageio import read_image, read_mask  # noqa: E402
+from segcore.run.results import open_run  # noqa: E402
 
 
 def main() -> None:

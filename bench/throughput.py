@@ -30,14 +30,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from flows.cli import main as segflow  # noqa: E402
-from segcore.checkpoint import ModelMeta, load_checkpoint, save_checkpoint  # noqa: E402
-from segcore.imageio import write_png  # noqa: E402
+from segcore.models.checkpoint import ModelMeta, load_checkpoint, save_checkpoint  # noqa: E402
+from segcore.collection.imageio import write_png  # noqa: E402
 from segcore.models import create_model  # noqa: E402
 from segcore.normalise import normalise_batch  # noqa: E402
-from segcore.plan import plan_units  # noqa: E402
-from segcore.store import open_store  # noqa: E402
+from segcore.run.plan import plan_units  # noqa: E402
+from segcore.collection.store import open_store  # noqa: E402
 from segcore.synthetic import CLASS_NAMES, make_sample  # noqa: E402
-from segcore.training import DEMO_NORMALISATION  # noqa: E402
+from segcore.training.semantic import DEMO_NORMALISATION  # noqa: E402
 
 
 def make_collection(root: Path, n: int, size: int) -> None:

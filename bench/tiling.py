@@ -34,9 +34,9 @@ import tifffile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from segcore.checkpoint import load_checkpoint, read_meta, save_checkpoint  # noqa: E402
-from segcore.instance_metrics import instance_iou, match_instances  # noqa: E402
-from segcore.results import open_run  # noqa: E402
+from segcore.models.checkpoint import load_checkpoint, read_meta, save_checkpoint  # noqa: E402
+from segcore.metrics.instance import instance_iou, match_instances  # noqa: E402
+from segcore.run.results import open_run  # noqa: E402
 from segcore.synthetic import make_large_sample  # noqa: E402
 
 
@@ -93,8 +93,8 @@ def ingest(work: Path, mask_kind: str) -> str:
 
 
 def train_demo_unet(work: Path) -> str:
-    from segcore import training as tr
-    from segcore.imageio import read_image, read_mask
+    from segcore.training import semantic as tr
+    from segcore.collection.imageio import read_image, read_mask
     from segcore.synthetic import CLASS_NAMES, generate_collection
 
     ids = generate_collection(work / "train", n_images=tr.DEMO_N_TRAIN, size=tr.DEMO_IMAGE_SIZE, seed=0)
@@ -107,8 +107,8 @@ def train_demo_unet(work: Path) -> str:
 
 
 def train_demo_maskrcnn(work: Path) -> str:
-    from segcore import training_instance as ti
-    from segcore.imageio import read_image, read_mask
+    from segcore.training import instance as ti
+    from segcore.collection.imageio import read_image, read_mask
     from segcore.synthetic import INSTANCE_CLASS_NAMES, generate_instance_collection
 
     ids = generate_instance_collection(work / "train", n_images=ti.DEMO_INSTANCE_N_TRAIN,

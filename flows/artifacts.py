@@ -108,8 +108,8 @@ def _histogram_markdown(values: dict[str, list[float]], run_id: str) -> str:
 def publish_run_artifacts(run: Any, summary: Mapping[str, Any], markdown: str, *, dice: pa.Table) -> None:
     """Publish the summary, Dice table, histogram, worst-image gallery and output links of a run.
 
-    ``run`` is the run's :class:`segcore.results.RunReader`, ``summary`` the dict of
-    :func:`segcore.summary.summarise_dice` (with ``run_id`` and ``outputs``), ``markdown`` its
+    ``run`` is the run's :class:`segcore.run.results.RunReader`, ``summary`` the dict of
+    :func:`segcore.metrics.summary.summarise_dice` (with ``run_id`` and ``outputs``), ``markdown`` its
     rendering, ``dice`` the Dice rows it summarises (current image versions only).
     """
     run_id = summary["run_id"]

@@ -175,14 +175,14 @@ def _ingest_spec(args: argparse.Namespace, store: str):
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    from segcore.summary import render_markdown
+    from segcore.metrics.summary import render_markdown
 
     print(render_markdown(summary, title=f"segflow run {summary.get('run_id', '')}".strip()))
 
 
 def _report(args: argparse.Namespace) -> int:
     from segcore.errors import SegflowError
-    from segcore.report import dice_report, plot_over_time, render_text
+    from segcore.lake.report import dice_report, plot_over_time, render_text
 
     from segcore import fsio
 

@@ -13,7 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from flows.names import demo_run_name
 from flows.pipeline import ingest_steps, segment_steps
 from flows.train import train_steps
-from segcore import synthetic, training, training_instance
+from segcore import synthetic
+from segcore.training import semantic as training
+from segcore.training import instance as training_instance
 from segcore.config import ExecutionSpec, IngestSpec, SegmentSpec, TrainSpec
 from segcore.errors import ConfigError
 

@@ -1,8 +1,8 @@
 """The ingest steps: pair and probe source files, plan groups, decode chunks, write the manifest.
 
 A full ingest creates the store (or reuses an identical one); an incremental ingest appends the
-landing zone's new files to it (see :mod:`segcore.incremental`). Files behind fsspec URLs are
-staged locally first (:mod:`segcore.landing`).
+landing zone's new files to it (see :mod:`segcore.collection.incremental`). Files behind fsspec URLs are
+staged locally first (:mod:`segcore.collection.landing`).
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from prefect.futures import as_completed
 
 from segcore.config import IngestSpec
 from segcore.errors import NotFound, StoreError
-from segcore.incremental import (append_groups, drop_unlisted_groups, next_batch, refresh_signatures, select_new,
+from segcore.collection.incremental import (append_groups, drop_unlisted_groups, next_batch, refresh_signatures, select_new,
                                  supersede, unchanged_sources)
-from segcore.landing import is_remote, remove_staging, staging_dir, unstage_rows
-from segcore.sources import pair_sources
-from segcore.store import (chunk_rows, create_store, existing_store_matches, has_manifest, manifest_hashes_masks,
+from segcore.collection.landing import is_remote, remove_staging, staging_dir, unstage_rows
+from segcore.collection.sources import pair_sources
+from segcore.collection.store import (chunk_rows, create_store, existing_store_matches, has_manifest, manifest_hashes_masks,
                            open_store, plan_groups, read_manifest, spec_json, store_exists, write_manifest)
 from tasks.ingest import probe_files, write_chunk
 
@@ -95,7 +95,7 @@ def ingest_steps(spec: IngestSpec) -> dict[str, Any]:
     """Pair, probe (in batches), plan groups, create the store, decode chunks, write the manifest.
 
     With ``spec.incremental`` and an existing store, only files with new content are appended
-    (see :mod:`segcore.incremental`); the result's ``new_files`` says how many.
+    (see :mod:`segcore.collection.incremental`); the result's ``new_files`` says how many.
     """
     try:
         return _ingest(spec)

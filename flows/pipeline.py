@@ -19,17 +19,18 @@ from flows.artifacts import UnitProgress, publish_run_artifacts
 from flows.execution import task_runner, torch_threads
 from flows.ingest import ingest_steps
 from flows.names import ingest_run_name, run_run_name, segment_run_name
-from segcore import checkpoint as ckpt
-from segcore import fsio, tiled
+from segcore.models import checkpoint as ckpt
+from segcore import fsio
+from segcore.run import blocks as tiled
 from segcore.config import ExecutionSpec, IngestSpec, RunSpec, SegmentSpec, flow_run_token, with_flow_run
 from segcore.errors import CheckpointError, NotFound, SegflowError
-from segcore.fileio import file_sha256
-from segcore.incremental import current_rows
-from segcore.plan import check_alignment, plan_units
-from segcore.rundir import finished_units, mask_chunks, prepare_run, read_run_info, write_summary
-from segcore.results import open_run
-from segcore.store import open_store, read_manifest, spec_json, store_exists
-from segcore.summary import render_markdown, summarise_dice, summarise_instances
+from segcore.fsio import file_sha256
+from segcore.collection.incremental import current_rows
+from segcore.run.plan import check_alignment, plan_units
+from segcore.run.rundir import finished_units, mask_chunks, prepare_run, read_run_info, write_summary
+from segcore.run.results import open_run
+from segcore.collection.store import open_store, read_manifest, spec_json, store_exists
+from segcore.metrics.summary import render_markdown, summarise_dice, summarise_instances
 from tasks.lake import publish_lake_task
 from tasks.segment import (detect_block_task, finish_image_task, image_stats_task, paste_block_task,
                            segment_block_task, segment_unit_task)
@@ -82,7 +83,7 @@ def _gather(futures: list, what: str, log: Any, *, count_images: bool = False,
 def _tiled_steps(spec: SegmentSpec, units: list, done: dict[str, dict], *, meta: ckpt.ModelMeta, sha: str,
                  store: Any, run_id: str, tiling: tiled.Tiling, threads: int | None, log: Any,
                  progress: UnitProgress | None = None) -> list[str]:
-    """Segment the blocks of large images (see segcore.tiled), then finish each image; returns failures."""
+    """Segment the blocks of large images (see segcore.run.blocks), then finish each image; returns failures."""
     images = sorted({(u.group, u.start) for u in units})
     shapes = {g.name: (g.height, g.width) for g in store.groups}
     failed: list[str] = []

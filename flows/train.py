@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger
 from flows.execution import torch_threads
 from flows.names import train_run_name
 from segcore.config import TrainSpec
-from segcore.store import open_store
+from segcore.collection.store import open_store
 from tasks.train import train_model
 
 

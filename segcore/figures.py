@@ -136,7 +136,7 @@ def gallery_markdown(run: Any, worst: Sequence[Mapping[str, Any]], *, class_name
                      max_side: int = 128, max_bytes: int = 600_000) -> str:
     """Markdown table of the ``n`` first images of ``worst``: image | ground truth | prediction.
 
-    ``run`` is a :class:`segcore.results.RunReader`; ``worst`` is the summary's ``worst_images``
+    ``run`` is a :class:`segcore.run.results.RunReader`; ``worst`` is the summary's ``worst_images``
     (``image_id``, ``mean_foreground_dice``; lowest first). Thumbnails are PNG data URIs with a
     longest side of ``max_side`` px. Instance ground truth is shown as foreground (class 1), as
     Dice compares it. Images larger than :data:`GALLERY_MAX_PIXELS`, and rows that would take the

@@ -30,7 +30,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from segcore.errors import ConfigError
-from segcore.imageio import write_png
+from segcore.collection.imageio import write_png
 
 log = logging.getLogger(__name__)
 

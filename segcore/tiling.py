@@ -1,6 +1,6 @@
 """Tiled inference of images too large for one forward pass.
 
-A large image is stored spatially chunked (see :mod:`segcore.store`); each chunk is one work
+A large image is stored spatially chunked (see :mod:`segcore.collection.store`); each chunk is one work
 unit and one chunk of every output array, so every output pixel is written by exactly one unit
 (the chunk is the unit's *core*). Around its core a unit reads a *halo*; how it is used depends
 on the model kind.
@@ -219,7 +219,7 @@ def keep_core_objects(labels: np.ndarray, records: Sequence[dict], window: Windo
     Args:
         labels: ``(h, w)`` instance ids predicted for the window (ids of ``records``).
         records: per instance ``instance_id``, ``class_id``, ``score`` and ``bbox``
-            ``[x0, y0, x1, y1]`` in window pixels (as :func:`segcore.instances.predict_instances`).
+            ``[x0, y0, x1, y1]`` in window pixels (as :func:`segcore.models.instances.predict_instances`).
         window: where ``labels`` lies in the image; ``core``: this unit's output chunk.
         height, width: the image size (window edges on the image edge cut nothing).
     """

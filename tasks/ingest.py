@@ -7,13 +7,15 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from segcore import landing, sources, store
+from segcore.collection import landing
+from segcore.collection import sources
+from segcore.collection import store
 
 
 @task(name="probe-files", task_run_name="probe-files [{label}]", cache_policy=NO_CACHE, retries=1,
       retry_delay_seconds=2)
 def probe_files(rows: list[dict[str, Any]], label: str, staging: str | None = None) -> list[dict[str, Any]]:
-    """Read headers and hash the files of one batch (rows from ``segcore.sources.pair_sources``);
+    """Read headers and hash the files of one batch (rows from ``segcore.collection.sources.pair_sources``);
     files behind URLs are first copied into the local ``staging`` directory."""
     return sources.probe_sources(landing.stage_rows(rows, staging) if staging else rows)
 

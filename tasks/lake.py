@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from segcore.lake import publish_run
+from segcore.lake.publish import publish_run
 
 
 @task(name="publish-lake", task_run_name="publish-lake [{lake}]", cache_policy=NO_CACHE, retries=2,

@@ -2,7 +2,7 @@
 
 Each calls one segcore function; the device is resolved on the worker (one GPU per worker where
 there are GPUs). Units of tiled groups (large images) go through the block tasks of
-:mod:`segcore.tiled`.
+:mod:`segcore.run.blocks`.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from typing import Any, Sequence
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from segcore import tiled
-from segcore.checkpoint import ModelMeta
+from segcore.run import blocks as tiled
+from segcore.models.checkpoint import ModelMeta
 from segcore.config import SegmentSpec
-from segcore.inference import resolve_device, segment_unit
-from segcore.plan import WorkUnit
+from segcore.run.units import resolve_device, segment_unit
+from segcore.run.plan import WorkUnit
 
 
 def _worker_index() -> int | None:

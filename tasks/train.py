@@ -9,13 +9,13 @@ import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from segcore.checkpoint import save_checkpoint
+from segcore.models.checkpoint import save_checkpoint
 from segcore.config import TrainSpec, train_defaults
 from segcore.errors import ConfigError
-from segcore.fileio import file_sha256
-from segcore.store import open_store, read_labelled
-from segcore.training import train_semantic
-from segcore.training_instance import train_instance
+from segcore.fsio import file_sha256
+from segcore.collection.store import open_store, read_labelled
+from segcore.training.semantic import train_semantic
+from segcore.training.instance import train_instance
 
 
 @task(name="train-model", task_run_name="train-{spec.model} [{spec.store}]", cache_policy=NO_CACHE)

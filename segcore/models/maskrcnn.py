@@ -20,7 +20,7 @@ Conventions:
   exceed ``max_size``; boxes and masks come back in input pixel coordinates either way.
 - **Masks**: the internal transform never pastes masks. :meth:`InstanceSegmenter.detect` returns
   them in ROI form, ``(K, 1, 28, 28)`` probabilities over each (input-space) box, so that
-  :func:`segcore.instances.instances_to_labels` can paste them one box at a time; ``forward`` in
+  :func:`segcore.models.instances.instances_to_labels` can paste them one box at a time; ``forward`` in
   eval mode pastes them full-size with torchvision's ``paste_masks_in_image`` to keep
   torchvision's output contract.
 """
@@ -85,12 +85,12 @@ class InstanceSegmenter(nn.Module):
       (descending), ``masks (K, 1, H, W) float32`` probabilities pasted full-size;
     - train mode: ``forward(x, targets)`` with one dict per image (``boxes (K, 4) float32``,
       ``labels (K,) int64``, ``masks (K, H, W) uint8``; see
-      :func:`segcore.instances.targets_from_instance_labels`) returns the loss dict
+      :func:`segcore.models.instances.targets_from_instance_labels`) returns the loss dict
       (``loss_classifier``, ``loss_box_reg``, ``loss_mask``, ``loss_objectness``,
       ``loss_rpn_box_reg``; scalar tensors).
 
     For large images use :meth:`detect` (masks in ROI form) with
-    :func:`segcore.instances.predict_instances` instead of the full-size pasted masks.
+    :func:`segcore.models.instances.predict_instances` instead of the full-size pasted masks.
     """
 
     def __init__(self, detector: MaskRCNN, *, in_channels: int, num_classes: int, mask_threshold: float) -> None:
@@ -124,7 +124,7 @@ class InstanceSegmenter(nn.Module):
         Returns one dict per image: ``boxes (K, 4) float32`` in input pixels, ``labels (K,)
         int64``, ``scores (K,) float32`` (descending, all above :attr:`score_threshold`) and
         ``masks (K, 1, 28, 28) float32`` probabilities over each box (paste them with
-        :func:`segcore.instances.instances_to_labels`).
+        :func:`segcore.models.instances.instances_to_labels`).
         """
         if self.training:
             raise ConfigError("detect() needs eval mode; call model.eval() first")
@@ -135,7 +135,7 @@ class InstanceSegmenter(nn.Module):
         if self.training:
             if targets is None or len(targets) != x.shape[0]:
                 raise ConfigError("train mode needs one target dict per image: forward(x, targets); build them "
-                                  "with segcore.instances.targets_from_instance_labels")
+                                  "with segcore.models.instances.targets_from_instance_labels")
             return self.detector(self._images(x), targets)
         height, width = x.shape[-2:]
         detections = self.detect(x)

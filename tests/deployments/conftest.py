@@ -15,7 +15,7 @@ import httpx
 import pytest
 import torch
 
-from segcore.checkpoint import ModelMeta, save_checkpoint
+from segcore.models.checkpoint import ModelMeta, save_checkpoint
 from segcore.models import create_model
 from segcore.normalise import Normalisation
 from segcore.synthetic import CLASS_NAMES, generate_collection

@@ -15,7 +15,7 @@ import yaml
 
 from flows.pipeline import incremental_run_dir
 from segcore.config import FLOW_RUN, RunSpec, TrainSpec
-from segcore.results import open_run
+from segcore.run.results import open_run
 from tests.deployments.conftest import BIN, ROOT, start, stop
 
 PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"

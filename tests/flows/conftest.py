@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from segcore.checkpoint import ModelMeta, save_checkpoint
-from segcore.imageio import write_png
+from segcore.models.checkpoint import ModelMeta, save_checkpoint
+from segcore.collection.imageio import write_png
 from segcore.models import create_model
 from segcore.normalise import Normalisation
 

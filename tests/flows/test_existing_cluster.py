@@ -15,7 +15,7 @@ import pytest
 
 from flows.pipeline import ingest_flow, segment_flow, with_runner
 from segcore.config import ExecutionSpec, IngestSpec, SegmentSpec
-from segcore.results import open_run
+from segcore.run.results import open_run
 
 BIN = Path(sys.executable).parent
 

@@ -16,12 +16,12 @@ import httpx
 from flows.pipeline import incremental_run_dir, run_flow, with_runner
 from segcore.config import ExecutionSpec, IngestSpec, RunSpec, SegmentSpec
 from segcore.errors import StoreError
-from segcore.imageio import write_png
-from segcore.lake import lake_columns, read_lake
-from segcore.report import dice_report
-from segcore.results import open_run
-from segcore.rundir import finished_units
-from segcore.store import open_store, read_manifest
+from segcore.collection.imageio import write_png
+from segcore.lake.publish import lake_columns, read_lake
+from segcore.lake.report import dice_report
+from segcore.run.results import open_run
+from segcore.run.rundir import finished_units
+from segcore.collection.store import open_store, read_manifest
 
 ONE_WORKER = ExecutionSpec(n_workers=1, threads_per_worker=1)
 CLASSES = 3
@@ -145,7 +145,7 @@ def test_lake_is_hive_partitioned_with_schema_metadata_and_duckdb_reads_it(sched
 
 def test_a_changed_file_supersedes_its_old_rows(collection, tmp_path):
     spec, flow = _first_run(collection, tmp_path, 6, seed=3)
-    from segcore.imageio import read_image
+    from segcore.collection.imageio import read_image
 
     image = tmp_path / "landing" / "img-0003.png"
     write_png(image, 255 - read_image(image)[..., 0])
@@ -181,7 +181,7 @@ def test_a_changed_file_supersedes_its_old_rows(collection, tmp_path):
     # a retrained checkpoint gets a run directory of its own and segments every current image
     import torch
 
-    from segcore.checkpoint import load_checkpoint, save_checkpoint
+    from segcore.models.checkpoint import load_checkpoint, save_checkpoint
 
     model, meta = load_checkpoint(collection["checkpoint"])
     with torch.no_grad():
@@ -194,7 +194,7 @@ def test_a_changed_file_supersedes_its_old_rows(collection, tmp_path):
 
 
 def test_a_corrected_mask_is_evaluated_again_and_a_vanished_one_changes_nothing(collection, tmp_path):
-    from segcore.imageio import read_mask
+    from segcore.collection.imageio import read_mask
 
     spec, flow = _first_run(collection, tmp_path, 6, seed=4)
     image_before = (tmp_path / "landing" / "img-0002.png").read_bytes()
@@ -310,7 +310,7 @@ def test_a_landing_zone_on_s3_is_staged_and_recorded_by_url(collection, tmp_path
 
 def test_an_interrupted_first_ingest_is_redone_and_missing_masks_are_an_error(collection, tmp_path):
     from segcore.errors import NotFound
-    from segcore.store import GroupInfo, create_store
+    from segcore.collection.store import GroupInfo, create_store
 
     (tmp_path / "landing").mkdir()
     (tmp_path / "masks").mkdir()

@@ -8,13 +8,13 @@ import numpy as np
 import torch
 
 from flows.pipeline import run_flow, with_runner
-from segcore.checkpoint import ModelMeta, save_checkpoint
+from segcore.models.checkpoint import ModelMeta, save_checkpoint
 from segcore.config import ExecutionSpec, IngestSpec, RunSpec, SegmentSpec
-from segcore.imageio import write_png
-from segcore.instance_metrics import instance_scores
+from segcore.collection.imageio import write_png
+from segcore.metrics.instance import instance_scores
 from segcore.models import create_model
 from segcore.normalise import Normalisation
-from segcore.results import open_run
+from segcore.run.results import open_run
 
 
 def test_instance_model_writes_instances_and_metrics(tmp_path: Path):

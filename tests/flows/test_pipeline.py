@@ -14,8 +14,8 @@ import pytest
 from flows.pipeline import ingest_flow, run_flow, segment_flow, with_runner
 from segcore.config import ExecutionSpec, IngestSpec, RunSpec, SegmentSpec
 from segcore.errors import CheckpointError, StoreError
-from segcore.results import open_run
-from segcore.store import read_manifest
+from segcore.run.results import open_run
+from segcore.collection.store import read_manifest
 
 ONE_WORKER = ExecutionSpec(n_workers=1, threads_per_worker=1)
 
@@ -126,7 +126,7 @@ def test_a_run_directory_of_another_checkpoint_is_refused(finished, tmp_path):
     other.write_bytes(Path(spec.segment.checkpoint).read_bytes() + b"")
     import shutil
 
-    from segcore.checkpoint import load_checkpoint, save_checkpoint
+    from segcore.models.checkpoint import load_checkpoint, save_checkpoint
     model, meta = load_checkpoint(spec.segment.checkpoint)
     for p in model.parameters():
         p.data.mul_(0.5)
@@ -140,7 +140,7 @@ def test_wrong_checkpoint_fails_before_fan_out(finished, tmp_path):
     spec, _ = finished
     import torch
 
-    from segcore.checkpoint import ModelMeta, save_checkpoint
+    from segcore.models.checkpoint import ModelMeta, save_checkpoint
     from segcore.models import create_model
     three_channel = create_model("unet", in_channels=3, num_classes=3, base=4, depth=2)
     ckpt = save_checkpoint(tmp_path / "rgb.safetensors", three_channel,

@@ -9,12 +9,12 @@ import numpy as np
 import torch
 
 from flows.pipeline import run_flow, with_runner
-from segcore.checkpoint import ModelMeta, save_checkpoint
+from segcore.models.checkpoint import ModelMeta, save_checkpoint
 from segcore.config import ExecutionSpec, IngestSpec, RunSpec, SegmentSpec
-from segcore.imageio import read_image, read_mask
+from segcore.collection.imageio import read_image, read_mask
 from segcore.models import create_model
 from segcore.normalise import Normalisation
-from segcore.results import open_run
+from segcore.run.results import open_run
 
 NUCLEI = Path(__file__).resolve().parents[1] / "data" / "nuclei"
 

@@ -6,7 +6,7 @@ import datetime as dt
 import json
 
 from flows.cli import main
-from segcore.lake import publish
+from segcore.lake.publish import publish
 from tests.segcore.test_lake import _groups, _manifest, _run_info, _write_unit
 
 

@@ -12,16 +12,16 @@ import zarr
 
 from flows.pipeline import ingest_flow, segment_flow, with_runner
 from segcore import fsio
-from segcore.checkpoint import ModelMeta, save_checkpoint
+from segcore.models.checkpoint import ModelMeta, save_checkpoint
 from segcore.config import ExecutionSpec, IngestSpec, SegmentSpec
 from segcore.errors import StoreError
-from segcore.imageio import write_png
+from segcore.collection.imageio import write_png
 from segcore.models import create_model
 from segcore.normalise import Normalisation
-from segcore.results import open_run
-from segcore.rundir import instances_path, masks_path
+from segcore.run.results import open_run
+from segcore.run.rundir import instances_path, masks_path
 from segcore.synthetic import make_large_sample
-from segcore.tiled import load_block
+from segcore.run.blocks import load_block
 
 ONE_WORKER = ExecutionSpec(n_workers=1, threads_per_worker=1)
 

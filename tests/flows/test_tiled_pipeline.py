@@ -11,14 +11,14 @@ import torch
 import zarr
 
 from flows.pipeline import run_flow, segment_flow, with_runner
-from segcore.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
+from segcore.models.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
 from segcore.config import ExecutionSpec, IngestSpec, RunSpec, SegmentSpec
-from segcore.imageio import write_png
-from segcore.inference import predict_labels
+from segcore.collection.imageio import write_png
+from segcore.run.units import predict_labels
 from segcore.models import create_model
 from segcore.normalise import Normalisation, normalise_batch
-from segcore.results import open_run
-from segcore.store import open_store
+from segcore.run.results import open_run
+from segcore.collection.store import open_store
 from segcore.synthetic import make_large_sample
 from segcore.tiling import Window, blend_block, lattice
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
-from segcore.checkpoint import read_meta
+from segcore.models.checkpoint import read_meta
 from segcore.synthetic import generate_collection, generate_instance_collection
 
 

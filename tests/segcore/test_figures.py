@@ -13,18 +13,18 @@ import pytest
 from PIL import Image
 
 from segcore import figures
-from segcore.checkpoint import ModelMeta, save_checkpoint
-from segcore.fileio import file_sha256
-from segcore.imageio import write_png
-from segcore.inference import segment_unit
+from segcore.models.checkpoint import ModelMeta, save_checkpoint
+from segcore.fsio import file_sha256
+from segcore.collection.imageio import write_png
+from segcore.run.units import segment_unit
 from segcore.models import create_model
 from segcore.normalise import Normalisation
-from segcore.plan import plan_units
-from segcore.results import open_run
-from segcore.rundir import prepare_run
-from segcore.sources import pair_sources, probe_sources
-from segcore.store import chunk_rows, create_store, open_store, plan_groups, write_manifest, write_store_chunk
-from segcore.summary import summarise_dice
+from segcore.run.plan import plan_units
+from segcore.run.results import open_run
+from segcore.run.rundir import prepare_run
+from segcore.collection.sources import pair_sources, probe_sources
+from segcore.collection.store import chunk_rows, create_store, open_store, plan_groups, write_manifest, write_store_chunk
+from segcore.metrics.summary import summarise_dice
 
 
 def _decode(png: bytes) -> np.ndarray:

@@ -105,7 +105,7 @@ def test_listing_a_parent_refreshes_stale_sub_directories(s3_server) -> None:
     import pyarrow.parquet as pq
     import s3fs
 
-    from segcore.tables import read_table
+    from segcore.run.tables import read_table
 
     base = s3_server.bucket() + "/table"
     schema = pa.schema([("x", pa.int64())])
@@ -130,7 +130,7 @@ def test_a_landing_zone_on_s3_is_listed_with_its_signatures_in_a_few_requests(s3
     file (a quiet hourly run on a landing zone of 10,000 objects must not make 40,000 of them)."""
     import s3fs
 
-    from segcore.sources import pair_sources
+    from segcore.collection.sources import pair_sources
 
     bucket = s3_server.bucket()
     for i in range(40):

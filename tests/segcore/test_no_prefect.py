@@ -39,8 +39,8 @@ def _probe(cwd: Path, extra: str = "") -> dict:
 def test_segcore_never_imports_prefect(tmp_path: Path) -> None:
     found = _probe(tmp_path)
     assert Path(found["file"]).resolve() == REPO / "segcore" / "__init__.py"
-    expected = {f"segcore.{p.stem}" for p in (REPO / "segcore").glob("*.py") if p.stem != "__init__"}
-    expected |= {"segcore.models", "segcore.models.unet"}
+    expected = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+                for p in (REPO / "segcore").rglob("*.py")} - {"segcore"}
     assert expected <= set(found["imported"])  # the walk reached every module
     assert found["leaked"] == []
 

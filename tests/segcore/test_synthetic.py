@@ -8,7 +8,7 @@ from PIL import Image
 from scipy.ndimage import distance_transform_edt
 
 from segcore.errors import ConfigError
-from segcore.imageio import read_mask
+from segcore.collection.imageio import read_mask
 from segcore.synthetic import (
     CLASS_NAMES,
     INSTANCE_CLASS_NAMES,

@@ -92,7 +92,7 @@ def finished_run(prefect_server, tmp_path_factory):
     import torch
 
     from segcore import synthetic
-    from segcore.checkpoint import ModelMeta, save_checkpoint
+    from segcore.models.checkpoint import ModelMeta, save_checkpoint
     from segcore.models import create_model
     from segcore.normalise import Normalisation
 
@@ -101,7 +101,7 @@ def finished_run(prefect_server, tmp_path_factory):
     synthetic.generate_collection(root / "collection", n_images=12, size=64, seed=3)
     torch.manual_seed(0)
     model = create_model("unet", in_channels=1, num_classes=3, base=4, depth=2)
-    from segcore.imageio import read_image, read_mask
+    from segcore.collection.imageio import read_image, read_mask
 
     files = sorted((root / "collection" / "images").glob("*.png"))[:8]
     x = torch.from_numpy(np.stack([read_image(f)[..., 0] for f in files])[:, None].astype(np.float32) / 255.0)

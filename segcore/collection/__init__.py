@@ -1,0 +1,1 @@
+"""Collections: listing and pairing sources, decoding images, the Zarr store, landing zones, incremental ingest."""

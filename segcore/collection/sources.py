@@ -1,0 +1,94 @@
+"""Source files of a collection: list and pair images with masks, then probe headers and hash contents.
+
+The rows made here are partial manifest rows (see :data:`segcore.collection.store.MANIFEST_SCHEMA`);
+:func:`segcore.collection.store.plan_groups` then places the readable ones in groups.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from segcore import fsio
+from segcore.errors import NotFound, SegflowError, StoreError
+from segcore.fsio import file_sha256
+from segcore.collection.imageio import image_id_for, list_images, probe_image
+from segcore.collection.landing import is_remote, list_remote_images
+from segcore.collection.store import manifest_row
+
+
+def pair_sources(images: str, masks: str | None = None) -> list[dict[str, Any]]:
+    """List image files and pair each with the mask of the same id; returns partial manifest rows
+    (with the :func:`segcore.fsio.signature` of each image and mask file).
+
+    ``images`` is a directory or a glob; ``masks`` a directory whose files are named like the
+    images (any supported suffix). Either may be an fsspec URL of a directory (see
+    :mod:`segcore.collection.landing`). Local paths are recorded absolute (:func:`segcore.fsio.absolute`), so the
+    manifest and the lake say where a file is whatever the working directory was. Raises
+    :class:`NotFound` when nothing matches.
+    """
+    if is_remote(images):
+        listed = list_remote_images(images)
+    else:
+        root = Path(images) if Path(images).is_dir() else None
+        listed = [(fsio.absolute(p), image_id_for(p, root), fsio.signature(p)) for p in list_images(images)]
+    mask_index: dict[str, tuple[str, str | None]] = {}
+    if masks is not None and is_remote(masks):
+        for url, mask_id, sig in list_remote_images(masks):
+            mask_index.setdefault(mask_id, (url, sig))
+    elif masks is not None:
+        if not Path(masks).is_dir():
+            raise NotFound(f"mask directory {masks!r} does not exist")
+        for mp in list_images(masks):
+            mask_index.setdefault(image_id_for(mp, Path(masks)), (fsio.absolute(mp), fsio.signature(mp)))
+    rows, seen = [], set()
+    for p, image_id, signature in listed:
+        mask, mask_signature = mask_index.get(image_id, (None, None))
+        if image_id in seen:
+            rows.append(manifest_row(image_id=image_id, source_path=str(p), status="error",
+                                     error=f"duplicate image id {image_id!r}: another file has the same name; "
+                                           "rename one", mask_status="missing"))
+            continue
+        seen.add(image_id)
+        rows.append(manifest_row(image_id=image_id, source_path=str(p), status="pending",
+                                 source_signature=signature, mask_path=str(mask) if mask else None,
+                                 mask_signature=mask_signature, mask_status="pending" if mask else "missing"))
+    return rows
+
+
+def probe_sources(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Read headers (not pixels) and hash contents (image and mask); returns new rows with
+    shape/dtype and status."""
+    out = []
+    for src in rows:
+        row = dict(src)
+        if row["status"] == "error":
+            try:  # hashed all the same, so that an incremental ingest does not report it again
+                row["sha256"] = file_sha256(row["source_path"])
+            except OSError:
+                pass
+            out.append(row)
+            continue
+        try:
+            row["sha256"] = file_sha256(row["source_path"])
+            info = probe_image(row["source_path"])
+            row.update(height=info.height, width=info.width, channels=info.channels, dtype=info.dtype, status="ok")
+        except (SegflowError, OSError, ValueError) as exc:
+            row.update(status="error", error=f"{type(exc).__name__}: {exc}", mask_status="missing" if row["mask_path"] is None else "skipped")
+            out.append(row)
+            continue
+        if row["mask_path"] is not None:
+            try:
+                row["mask_sha256"] = file_sha256(row["mask_path"])
+                minfo = probe_image(row["mask_path"])
+                if (minfo.height, minfo.width) != (info.height, info.width):
+                    raise StoreError(
+                        f"mask shape {minfo.height}x{minfo.width} differs from image shape {info.height}x{info.width}"
+                    )
+                row["mask_status"] = "ok"
+            except (SegflowError, OSError, ValueError) as exc:
+                row.update(mask_status="error", mask_error=f"{type(exc).__name__}: {exc}")
+                if row.get("mask_sha256") is None:  # not even read: no signature, so the next run reads it again
+                    row["mask_signature"] = None
+        out.append(row)
+    return out

@@ -1,0 +1,366 @@
+"""The Zarr collection store: images decoded once into chunked arrays, plus a Parquet manifest.
+
+Layout of ``STORE.zarr`` (Zarr v3)::
+
+    zarr.json                 group attributes {"segflow": {format, mask_kind, groups, spec}}
+    images/g000               (N, H, W, C) native dtype, chunks (k, H, W, C)
+    gt/g000                   (N, H, W) uint32 ground-truth labels, chunks (k, H, W)  [if masks]
+    manifest.parquet          one row per source file (see MANIFEST_SCHEMA)
+
+Source files are listed and probed by :mod:`segcore.collection.sources`. An incremental ingest
+(:mod:`segcore.collection.incremental`) appends new groups to a store and rows to its
+manifest; it never rewrites the chunks of existing groups.
+
+Images of the same (height, width, channels, dtype) form a *group*; one chunk of ``k`` images
+is one work unit of the later inference, so chunk boundaries are unit boundaries. Ground truth
+uses the identical chunking. *Large* images (more than ``chunk_pixels`` pixels and a side longer
+than ``tile_chunk``) form *tiled* groups instead: chunks ``(1, tile, tile, C)``, one image split
+into square blocks of ``tile`` pixels, and each block is one work unit (see
+:mod:`segcore.tiling`). Images that cannot be read are manifest rows with
+``status="error"`` and no slot; a mask that is missing or does not fit its image leaves the image
+ingested without ground truth (``mask_status`` says why).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from segcore import fsio
+from segcore.errors import NotFound, SegflowError, StoreError
+from segcore.fsio import atomic_path
+from segcore.collection.imageio import read_image, read_mask
+
+log = logging.getLogger(__name__)
+
+STORE_FORMAT = 1
+MANIFEST_NAME = "manifest.parquet"
+GT_DTYPE = "uint32"
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("source_path", pa.string()),
+        ("sha256", pa.string()),
+        ("height", pa.int64()),
+        ("width", pa.int64()),
+        ("channels", pa.int64()),
+        ("dtype", pa.string()),
+        ("group", pa.string()),
+        ("index", pa.int64()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("mask_path", pa.string()),
+        ("mask_status", pa.string()),
+        ("mask_error", pa.string()),
+        # Incremental ingest (see segcore.collection.incremental): 0 for the first ingest, then 1, 2, ...
+        ("batch", pa.int64()),
+        # sha256 of the newer content of the same image id, once a changed file was ingested again.
+        ("superseded_by", pa.string()),
+        # Size and modification stamp of the source file when it was hashed (see fsio.signature).
+        ("source_signature", pa.string()),
+        # The same two for the mask file (null without one): a corrected mask is a new version.
+        ("mask_sha256", pa.string()),
+        ("mask_signature", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    """One array group: ``count`` images of one shape/dtype, ``chunk_images`` per chunk."""
+
+    name: str
+    height: int
+    width: int
+    channels: int
+    dtype: str
+    count: int
+    chunk_images: int
+    #: Side of the square spatial chunks of a tiled group (0: chunks hold whole images).
+    tile: int = 0
+
+    @property
+    def n_chunks(self) -> int:
+        """Chunks along the image axis (a tiled group: one per image)."""
+        return math.ceil(self.count / self.chunk_images)
+
+    @property
+    def chunk_shape(self) -> tuple[int, int, int]:
+        """``(images, height, width)`` of one chunk of the group's arrays."""
+        if self.tile:
+            return 1, min(self.tile, self.height), min(self.tile, self.width)
+        return self.chunk_images, self.height, self.width
+
+    def chunk_range(self, chunk_index: int) -> tuple[int, int]:
+        """``[start, stop)`` image indices of chunk ``chunk_index``."""
+        start = chunk_index * self.chunk_images
+        return start, min(start + self.chunk_images, self.count)
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """What an opened store holds."""
+
+    path: str
+    groups: tuple[GroupInfo, ...]
+    mask_kind: str
+    has_gt: bool
+    spec: dict[str, Any]
+    #: Changes whenever the store is created anew (None: created before ids existed).
+    store_id: str | None = None
+
+    def group(self, name: str) -> GroupInfo:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise NotFound(f"store {self.path!r} has no group {name!r}; groups: {[g.name for g in self.groups]}")
+
+
+def manifest_row(**fields: Any) -> dict[str, Any]:
+    """A manifest row: ``fields`` over nulls for every column of :data:`MANIFEST_SCHEMA`."""
+    row = {name: None for name in MANIFEST_SCHEMA.names}
+    row.update(fields)
+    return row
+
+
+def plan_groups(rows: Sequence[dict[str, Any]], *, chunk_pixels: int, max_chunk_images: int,
+                tile_chunk: int = 0, first_group: int = 0) -> tuple[list[GroupInfo], list[dict[str, Any]]]:
+    """Group readable images by (height, width, channels, dtype) and assign ``group``/``index``.
+
+    Chunks hold ``clamp(chunk_pixels // (H*W), 1, max_chunk_images)`` images. With
+    ``tile_chunk > 0``, images of more than ``chunk_pixels`` pixels with a side longer than
+    ``tile_chunk`` are chunked spatially instead, in ``tile_chunk`` squares (a tiled group).
+    Groups are named ``g000``, ``g001``, ... from ``first_group`` on (an incremental ingest
+    appends groups after the store's existing ones). Returns the groups and new rows (inputs are
+    not modified), ordered by group then index, errors last.
+    """
+    keyed: dict[tuple, list[dict[str, Any]]] = {}
+    errors = []
+    for r in rows:
+        if r["status"] == "ok":
+            keyed.setdefault((r["height"], r["width"], r["channels"], r["dtype"]), []).append(r)
+        else:
+            errors.append(dict(r, group=None, index=-1))
+    groups, out = [], []
+    for gi, key in enumerate(sorted(keyed)):
+        h, w, c, dt = key
+        members = sorted(keyed[key], key=lambda r: r["image_id"])
+        k = int(max(1, min(max_chunk_images, chunk_pixels // (h * w))))
+        tile = tile_chunk if tile_chunk > 0 and h * w > chunk_pixels and max(h, w) > tile_chunk else 0
+        g = GroupInfo(name=f"g{first_group + gi:03d}", height=h, width=w, channels=c, dtype=dt, count=len(members),
+                      chunk_images=1 if tile else k, tile=tile)
+        groups.append(g)
+        out.extend(dict(r, group=g.name, index=i) for i, r in enumerate(members))
+    return groups, out + errors
+
+
+def store_exists(path: str) -> bool:
+    """True when ``path`` exists and is not an empty directory."""
+    p = Path(path)
+    return p.exists() and not (p.is_dir() and not any(p.iterdir()))
+
+
+def has_manifest(path: str) -> bool:
+    """True when the store's ingest finished (its manifest was written last)."""
+    return (Path(path) / MANIFEST_NAME).exists()
+
+
+def existing_store_matches(path: str, *, spec: dict[str, Any], source_paths: Sequence[str]) -> bool:
+    """True when ``path`` is a finished store ingested with the same ``spec`` from exactly ``source_paths``.
+
+    Raises :class:`StoreError` when ``path`` exists but holds something else (another ingest, an
+    unfinished one, or not a store), so that nothing is overwritten by accident.
+    """
+    if not store_exists(path):
+        return False
+    p = Path(path)
+    info = open_store(path)
+    ignore = {"overwrite", "incremental"}  # how to ingest, not what the store holds
+    same_spec = all(spec.get(k) == v for k, v in info.spec.items() if k not in ignore)  # keys newer than the store: defaults
+    if same_spec and (p / MANIFEST_NAME).exists():
+        recorded = (fsio.absolute(s) for s in read_manifest(path).column("source_path").to_pylist())
+        if sorted(recorded) == sorted(map(fsio.absolute, source_paths)):  # manifests made before paths were absolute
+            return True
+    raise StoreError(f"store {path!r} already exists with other contents or options; choose a new path or pass "
+                     "--overwrite to replace it")
+
+
+def create_store(path: str, groups: Sequence[GroupInfo], *, with_gt: bool, mask_kind: str,
+                 spec: dict[str, Any], overwrite: bool = False) -> None:
+    """Create the store's arrays (empty) and attributes. Refuses to replace a store unless ``overwrite``."""
+    p = Path(path)
+    if p.exists() and not (p.is_dir() and not any(p.iterdir())):
+        if not overwrite:
+            raise StoreError(f"store {path!r} already exists; choose a new path or pass --overwrite to replace it")
+        open_store(path)  # only ever delete a segflow store, never another directory
+        shutil.rmtree(p)
+    root = zarr.open_group(str(p), mode="w")
+    root.attrs["segflow"] = {
+        "format": STORE_FORMAT,
+        "store_id": uuid.uuid4().hex,  # a new id each time the store is (re)created
+        "mask_kind": mask_kind,
+        "has_gt": bool(with_gt),
+        "groups": [asdict(g) for g in groups],
+        "spec": spec,
+    }
+    create_group_arrays(root, groups, with_gt=with_gt)
+
+
+def create_group_arrays(root: zarr.Group, groups: Sequence[GroupInfo], *, with_gt: bool) -> None:
+    for g in groups:
+        root.create_array(f"images/{g.name}", shape=(g.count, g.height, g.width, g.channels),
+                          chunks=g.chunk_shape + (g.channels,), dtype=g.dtype, fill_value=0,
+                          dimension_names=("image", "y", "x", "c"))
+        if with_gt:
+            root.create_array(f"gt/{g.name}", shape=(g.count, g.height, g.width), chunks=g.chunk_shape,
+                              dtype=GT_DTYPE, fill_value=0, dimension_names=("image", "y", "x"))
+
+
+def open_store(path: str) -> StoreInfo:
+    """Open a store made by :func:`create_store`; raises NotFound/StoreError with what to do."""
+    if not Path(path).exists():
+        raise NotFound(f"store {path!r} does not exist; create it with 'segflow ingest'")
+    try:
+        root = zarr.open_group(str(path), mode="r")
+        attrs = dict(root.attrs)["segflow"]
+    except (KeyError, ValueError, OSError, zarr.errors.BaseZarrError) as exc:
+        raise StoreError(f"{path!r} is not a segflow store (made by 'segflow ingest'): {exc}") from exc
+    if attrs.get("format", 0) > STORE_FORMAT:
+        raise StoreError(f"store {path!r} has format {attrs['format']}; this segflow reads up to {STORE_FORMAT}")
+    groups = tuple(GroupInfo(**g) for g in attrs["groups"])
+    return StoreInfo(path=str(path), groups=groups, mask_kind=attrs["mask_kind"], has_gt=attrs["has_gt"],
+                     spec=attrs.get("spec", {}), store_id=attrs.get("store_id"))
+
+
+def write_store_chunk(store_path: str, rows: Sequence[dict[str, Any]], *, threads: int | None = None) -> list[dict[str, Any]]:
+    """Decode the images (and masks) of one chunk and write it; returns the rows with final status.
+
+    ``rows`` are the manifest rows of exactly one chunk of one group, in index order. A file that
+    fails to decode becomes an error row and its slot stays zero; the rest is written. Files are
+    decoded by ``threads`` threads (default: all cores; the decoders release the GIL).
+    """
+    if not rows:
+        return []
+    info = open_store(store_path)
+    g = info.group(rows[0]["group"])
+    start = rows[0]["index"]
+    stop = rows[-1]["index"] + 1
+    if start % g.chunk_images or stop != min(start + g.chunk_images, g.count) or len(rows) != stop - start:
+        raise StoreError(f"rows {start}..{stop} of {g.name} are not exactly one chunk of {g.chunk_images} images")
+    images = np.zeros((stop - start, g.height, g.width, g.channels), dtype=g.dtype)
+    gts = np.zeros((stop - start, g.height, g.width), dtype=GT_DTYPE) if info.has_gt else None
+
+    def decode(i: int, src: dict[str, Any]) -> dict[str, Any]:
+        row = dict(src)
+        try:
+            img = read_image(row["source_path"])
+            if img.shape != images.shape[1:] or str(img.dtype) != g.dtype:
+                raise StoreError(f"decoded shape {img.shape} {img.dtype} differs from its header {images.shape[1:]} {g.dtype}")
+            images[i] = img
+        except (SegflowError, OSError, ValueError) as exc:
+            row.update(status="error", error=f"{type(exc).__name__}: {exc}",
+                       mask_status="skipped" if row["mask_path"] is not None else "missing")
+        if gts is not None and row["mask_status"] == "ok" and row["status"] == "ok":
+            try:
+                m = read_mask(row["mask_path"])
+                if m.shape != gts.shape[1:]:
+                    raise StoreError(f"mask shape {m.shape} differs from image shape {gts.shape[1:]}")
+                gts[i] = m
+            except (SegflowError, OSError, ValueError) as exc:
+                row.update(mask_status="error", mask_error=f"{type(exc).__name__}: {exc}")
+        return row
+
+    with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
+        out = list(pool.map(decode, range(len(rows)), rows))
+    root = zarr.open_group(str(store_path), mode="r+")
+    root[f"images/{g.name}"][start:stop] = images
+    if gts is not None:
+        root[f"gt/{g.name}"][start:stop] = gts
+    return out
+
+
+def write_manifest(store_path: str, rows: Iterable[dict[str, Any]]) -> Path:
+    """Write the manifest Parquet atomically (write, then rename)."""
+    table = pa.Table.from_pylist([manifest_row(**{k: r.get(k) for k in MANIFEST_SCHEMA.names}) for r in rows],
+                                 schema=MANIFEST_SCHEMA)
+    dest = Path(store_path) / MANIFEST_NAME
+    with atomic_path(dest) as tmp:
+        pq.write_table(table, tmp)
+    return dest
+
+
+def manifest_hashes_masks(store_path: str) -> bool:
+    """Whether the store's manifest records mask hashes (``mask_sha256``); manifests written before
+    that column existed recorded masks without them."""
+    return "mask_sha256" in pq.read_schema(Path(store_path) / MANIFEST_NAME).names
+
+
+def read_manifest(store_path: str) -> pa.Table:
+    """The store's manifest table (see MANIFEST_SCHEMA)."""
+    path = Path(store_path) / MANIFEST_NAME
+    if not path.exists():
+        raise StoreError(f"store {store_path!r} has no manifest; its ingest did not finish - run 'segflow ingest' again")
+    table = pq.read_table(path)
+    for field in MANIFEST_SCHEMA:  # stores ingested before a column existed
+        if field.name not in table.column_names:
+            fill = pa.array([0] * table.num_rows if field.name == "batch" else [None] * table.num_rows, field.type)
+            table = table.append_column(field, fill)
+    return table.select(MANIFEST_SCHEMA.names)
+
+
+def chunk_rows(rows: Sequence[dict[str, Any]], groups: Sequence[GroupInfo]) -> list[list[dict[str, Any]]]:
+    """Split planned rows into per-chunk lists (the ingest work units), in group/index order."""
+    by_group: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("group") is not None:
+            by_group.setdefault(r["group"], []).append(r)
+    chunks = []
+    for g in groups:
+        members = sorted(by_group.get(g.name, []), key=lambda r: r["index"])
+        for c in range(g.n_chunks):
+            s, e = g.chunk_range(c)
+            chunks.append(members[s:e])
+    return chunks
+
+
+def spec_json(spec: Any) -> dict[str, Any]:
+    """A JSON-able dict of a pydantic spec (or a dict), for attributes and metadata."""
+    if hasattr(spec, "model_dump"):
+        return json.loads(spec.model_dump_json())
+    return json.loads(json.dumps(spec))
+
+
+def read_labelled(store_path: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """All images that have usable ground truth: ``(N, H, W, C)`` images, ``(N, H, W)`` labels, ids.
+
+    Training needs one image shape; a store with several shape groups raises :class:`StoreError`.
+    """
+    info = open_store(store_path)
+    if not info.has_gt:
+        raise StoreError(f"store {store_path!r} has no ground truth; ingest it with --masks to train on it")
+    rows = [r for r in read_manifest(store_path).to_pylist()
+            if r["status"] == "ok" and r["mask_status"] == "ok" and r["superseded_by"] is None]
+    groups = sorted({r["group"] for r in rows})
+    if len(groups) != 1:
+        raise StoreError(f"training needs images of one shape; store {store_path!r} has labelled images in groups "
+                         f"{groups} ({[(g.name, g.height, g.width) for g in info.groups]})")
+    rows.sort(key=lambda r: r["index"])
+    idx = [r["index"] for r in rows]
+    root = zarr.open_group(str(store_path), mode="r")
+    images = root[f"images/{groups[0]}"][:][idx]
+    labels = root[f"gt/{groups[0]}"][:][idx]
+    return images, labels, [r["image_id"] for r in rows]

@@ -1,0 +1,1 @@
+"""The data lake: publishing run tables, and reports over them."""

@@ -1,0 +1,1 @@
+"""Metrics: Dice from confusion counts, instance matching and AP, run summaries."""

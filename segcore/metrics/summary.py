@@ -1,0 +1,119 @@
+"""Run summaries: per-class Dice statistics, the worst images, error counts, output locations."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+
+def summarise_dice(dice: pa.Table, *, manifest: pa.Table | None = None, worst: int = 10) -> dict[str, Any]:
+    """Summary dict of a Dice table (see :data:`segcore.run.tables.DICE_COLUMNS`).
+
+    Per class: mean/median Dice over images where the class is in the ground truth (non-empty GT)
+    and over all rows. Worst images by mean foreground Dice. Error counts from Dice rows and, when
+    given, from the store manifest (unreadable files and unusable masks).
+    """
+    rows = dice.to_pylist()
+    ok = [r for r in rows if r["status"] == "ok"]
+    classes: dict[int, dict[str, Any]] = {}
+    for r in ok:
+        c = classes.setdefault(r["class_id"], {"class_id": r["class_id"], "class_name": r["class_name"],
+                                                "all": [], "present": []})
+        c["all"].append(r["dice"])
+        if not r["empty_gt"]:
+            c["present"].append(r["dice"])
+    per_class = []
+    for cid in sorted(classes):
+        c = classes[cid]
+        present = np.asarray(c["present"], dtype=float)
+        per_class.append({
+            "class_id": cid,
+            "class_name": c["class_name"],
+            "images": len(c["all"]),
+            "images_with_class": int(present.size),
+            "mean_dice": float(np.mean(present)) if present.size else None,
+            "median_dice": float(np.median(present)) if present.size else None,
+            "mean_dice_all_rows": float(np.mean(c["all"])) if c["all"] else None,
+        })
+    per_image: dict[str, list[float]] = {}
+    for r in ok:
+        if r["class_id"] != 0:
+            per_image.setdefault(r["image_id"], []).append(r["dice"])
+    worst_images = sorted(((float(np.mean(v)), k) for k, v in per_image.items()))[:worst]
+    fg = [c["mean_dice"] for c in per_class if c["class_id"] != 0 and c["mean_dice"] is not None]
+    summary: dict[str, Any] = {
+        "images_evaluated": len({r["image_id"] for r in ok}),
+        "dice_rows": len(rows),
+        "error_images": len({r["image_id"] for r in rows if r["status"] != "ok"}),
+        "mean_foreground_dice": float(np.mean(fg)) if fg else None,
+        "per_class": per_class,
+        "worst_images": [{"image_id": k, "mean_foreground_dice": v} for v, k in worst_images],
+    }
+    if manifest is not None:
+        m = manifest.to_pylist()
+        summary["images_ingested"] = sum(1 for r in m if r["status"] == "ok")
+        summary["unreadable_files"] = [{"source_path": r["source_path"], "error": r["error"]}
+                                       for r in m if r["status"] != "ok"]
+        summary["masks_missing"] = sum(1 for r in m if r["status"] == "ok" and r["mask_status"] == "missing")
+        summary["masks_unusable"] = sum(1 for r in m if r["mask_status"] == "error")
+    return summary
+
+
+def summarise_instances(metrics: pa.Table, instances: pa.Table) -> dict[str, Any]:
+    """Instance-level summary: predicted instances, and means of per-image F1, AP, PQ when evaluated."""
+    out: dict[str, Any] = {"instances_predicted": instances.num_rows}
+    if metrics.num_rows:
+        for key in ("f1", "precision", "recall", "ap", "ap50", "panoptic_quality", "mean_matched_iou"):
+            values = np.asarray([v for v in metrics.column(key).to_pylist() if v is not None], dtype=float)
+            values = values[~np.isnan(values)]
+            out[f"mean_{key}"] = float(values.mean()) if values.size else None
+        for key in ("tp", "fp", "fn"):
+            out[f"total_{key}"] = int(np.sum(metrics.column(key).to_numpy()))
+        tp, fp, fn = out["total_tp"], out["total_fp"], out["total_fn"]
+        out["pooled_f1"] = 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else 1.0
+    return out
+
+
+def _fmt(x: float | None) -> str:
+    return "–" if x is None else f"{x:.4f}"
+
+
+def render_markdown(summary: dict[str, Any], *, title: str = "segflow run") -> str:
+    """Markdown rendering of :func:`summarise_dice`'s output plus ``summary['outputs']`` if present."""
+    lines = [f"# {title}", ""]
+    if summary.get("run_id"):
+        lines += [f"Run `{summary['run_id']}` · model `{summary.get('model', '?')}`", ""]
+    lines += [
+        f"- images ingested: {summary.get('images_ingested', '–')}",
+        f"- images evaluated (with ground truth): {summary['images_evaluated']}",
+        f"- mean foreground Dice: **{_fmt(summary['mean_foreground_dice'])}**",
+        f"- images with errors: {summary['error_images']}; unreadable files: "
+        f"{len(summary.get('unreadable_files', []))}; masks missing: {summary.get('masks_missing', '–')}; "
+        f"masks unusable: {summary.get('masks_unusable', '–')}",
+        "",
+        "| class | images with class | mean Dice | median Dice |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for c in summary["per_class"]:
+        lines.append(f"| {c['class_id']} {c['class_name']} | {c['images_with_class']} | {_fmt(c['mean_dice'])} "
+                     f"| {_fmt(c['median_dice'])} |")
+    inst = summary.get("instance")
+    if inst:
+        lines += ["", f"Instances predicted: {inst['instances_predicted']}"]
+        if "mean_f1" in inst:
+            lines += [
+                f"Instance metrics at IoU 0.5 (mean over images): F1 {_fmt(inst['mean_f1'])}, precision "
+                f"{_fmt(inst['mean_precision'])}, recall {_fmt(inst['mean_recall'])}, PQ "
+                f"{_fmt(inst['mean_panoptic_quality'])}; AP@[.5:.95] {_fmt(inst['mean_ap'])}; pooled F1 "
+                f"{_fmt(inst['pooled_f1'])} (TP {inst['total_tp']}, FP {inst['total_fp']}, FN {inst['total_fn']})",
+            ]
+    lines += ["", "Worst images (mean foreground Dice):", "", "| image | Dice |", "| --- | ---: |"]
+    lines += [f"| {w['image_id']} | {_fmt(w['mean_foreground_dice'])} |" for w in summary["worst_images"]]
+    bad = summary.get("unreadable_files", [])
+    if bad:
+        lines += ["", "Unreadable files:", ""] + [f"- `{b['source_path']}`: {b['error']}" for b in bad[:20]]
+    if summary.get("outputs"):
+        lines += ["", "Outputs:", ""] + [f"- {k}: `{v}`" for k, v in summary["outputs"].items()]
+    return "\n".join(lines) + "\n"

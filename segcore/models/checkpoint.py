@@ -1,0 +1,131 @@
+"""Checkpoints: weights in safetensors plus a JSON metadata record. Nothing is ever unpickled.
+
+File layout: one ``.safetensors`` file whose header metadata holds ``{"segflow": <json>}``, the
+JSON being a :class:`ModelMeta`. Loading parses JSON and raw tensors only, so a crafted file
+cannot run code. Format changes are keyed by ``ModelMeta.format_version``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from segcore.errors import CheckpointError, ConfigError, NotFound
+from segcore.fsio import atomic_path
+from segcore.models import MODEL_KINDS, create_model
+from segcore.normalise import Normalisation
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_META_KEY = "segflow"
+
+
+class ModelMeta(BaseModel):
+    """Everything needed to rebuild a model and use it correctly.
+
+    ``class_names[0]`` is the background class; ``len(class_names)`` is the model's number of
+    output classes. ``provenance`` records how the weights were produced (command, data, epochs,
+    validation scores).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    format_version: int = FORMAT_VERSION
+    arch: str
+    arch_kwargs: dict[str, Any] = Field(default_factory=dict)
+    class_names: tuple[str, ...]
+    in_channels: int
+    normalisation: Normalisation = Normalisation()
+    provenance: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def kind(self) -> str:
+        return MODEL_KINDS.get(self.arch, "semantic")
+
+
+def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: ModelMeta) -> Path:
+    """Write ``model``'s weights and ``meta`` to ``path`` atomically (write, then rename)."""
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={_META_KEY: meta.model_dump_json()})
+    return path
+
+
+def read_meta(path: str | os.PathLike[str]) -> ModelMeta:
+    """Read only the metadata record of a checkpoint (cheap: no tensors are loaded)."""
+    path = Path(path)
+    if not path.is_file():
+        raise NotFound(f"checkpoint {str(path)!r} does not exist; train one with 'segflow demo' or pass a local file")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            raw = (fh.metadata() or {}).get(_META_KEY)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{str(path)!r} is not a segflow checkpoint (a safetensors file with segflow metadata): {exc}"
+        ) from exc
+    if raw is None:
+        raise CheckpointError(f"{str(path)!r} has no segflow metadata; it was not written by segflow.save_checkpoint")
+    try:
+        meta = ModelMeta.model_validate(json.loads(raw))
+    except (ValueError, ValidationError) as exc:
+        raise CheckpointError(f"metadata of {str(path)!r} is invalid: {exc}") from exc
+    if meta.format_version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{str(path)!r} has format version {meta.format_version}; this segflow reads up to "
+            f"{FORMAT_VERSION}. Upgrade segflow."
+        )
+    return meta
+
+
+def build_model(meta: ModelMeta) -> nn.Module:
+    """Build the (untrained) architecture described by ``meta``."""
+    kwargs = dict(meta.arch_kwargs)
+    for key, value in (("in_channels", meta.in_channels), ("num_classes", meta.num_classes)):
+        if kwargs.get(key, value) != value:
+            raise CheckpointError(f"checkpoint metadata is inconsistent: arch_kwargs {key}={kwargs[key]} but "
+                                  f"the record says {value}")
+        kwargs[key] = value
+    try:
+        return create_model(meta.arch, **kwargs)
+    except (ConfigError, ValueError) as exc:
+        raise CheckpointError(f"cannot build architecture {meta.arch!r} from checkpoint metadata: {exc}") from exc
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelMeta]:
+    """Load a checkpoint into its architecture; returns ``(model in eval mode, meta)``.
+
+    Raises :class:`CheckpointError` when the weights do not fit the architecture named in the
+    metadata (missing/unexpected keys or shape mismatches), before any work is fanned out.
+    """
+    meta = read_meta(path)
+    model = build_model(meta)
+    try:
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"cannot read tensors of {str(path)!r}: {exc}") from exc
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[:4]
+        raise CheckpointError(
+            f"weights in {str(path)!r} do not fit architecture {meta.arch!r} with {meta.arch_kwargs}: "
+            + " ".join(first)
+        ) from exc
+    return model.to(device).eval(), meta

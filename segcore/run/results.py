@@ -1,0 +1,135 @@
+"""Read a finished run back: masks, ground truth and Dice rows by image id.
+
+>>> run = open_run("runs/demo")            # doctest: +SKIP
+>>> run.mask("img-00310")                   # (H, W) uint8 predicted classes
+>>> run.ground_truth("img-00310")           # (H, W) uint32 labels, or None
+>>> run.dice("img-00310")                   # list of row dicts, one per class
+
+The run directory may be a local path or an fsspec URL (``open_run("s3://bucket/runs/demo")``).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import zarr
+
+from segcore import fsio
+from segcore.errors import NotFound
+from segcore.run.plan import plan_units
+from segcore.run.rundir import dice_dir, instances_path, masks_path, read_run_info, table_dir
+from segcore.collection.store import open_store, read_manifest
+from segcore.run.tables import INSTANCE_METRICS_SCHEMA, INSTANCE_SCHEMA, SEAM_SCHEMA, read_dice, read_table
+
+
+class RunReader:
+    """Read-only view of a run directory (path or URL) and the store it segmented."""
+
+    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(run_dir)
+        self.info = read_run_info(self.path)
+        self.run_id: str = self.info["run_id"]
+        self.store = open_store(self.info["store"])
+        self._masks = zarr.open_group(masks_path(self.path), mode="r")
+        self._images = zarr.open_group(self.store.path, mode="r")
+
+    @cached_property
+    def manifest(self) -> pa.Table:
+        return read_manifest(self.store.path)
+
+    @cached_property
+    def _slots(self) -> dict[str, tuple[str, int, dict[str, Any]]]:
+        return {r["image_id"]: (r["group"], r["index"], r) for r in self.manifest.to_pylist()
+                if r["group"] is not None and r["superseded_by"] is None}
+
+    @property
+    def image_ids(self) -> list[str]:
+        """Ids of every image that has a slot in the store (and so a predicted mask); of an image whose
+        file changed in an incremental ingest, the newest version."""
+        return sorted(self._slots)
+
+    def _slot(self, image_id: str) -> tuple[str, int, dict[str, Any]]:
+        try:
+            return self._slots[image_id]
+        except KeyError:
+            raise NotFound(f"image id {image_id!r} is not in run {self.run_id}") from None
+
+    def image(self, image_id: str) -> np.ndarray:
+        """``(H, W, C)`` raw image as ingested."""
+        g, i, _ = self._slot(image_id)
+        return self._images[f"images/{g}"][i]
+
+    def mask(self, image_id: str) -> np.ndarray:
+        """``(H, W)`` predicted class labels."""
+        g, i, _ = self._slot(image_id)
+        return self._masks[g][i]
+
+    def ground_truth(self, image_id: str) -> np.ndarray | None:
+        """``(H, W)`` uint32 ground-truth labels, or None when the image has no usable mask."""
+        g, i, row = self._slot(image_id)
+        if not self.store.has_gt or row["mask_status"] != "ok":
+            return None
+        return self._images[f"gt/{g}"][i]
+
+    def instances(self, image_id: str) -> np.ndarray:
+        """``(H, W)`` uint32 predicted instance ids (instance models only)."""
+        g, i, _ = self._slot(image_id)
+        if not fsio.exists(fsio.join(instances_path(self.path), "zarr.json")):
+            raise NotFound(f"run {self.run_id} was made by a semantic model and has no instance labels")
+        return zarr.open_group(instances_path(self.path), mode="r")[g][i]
+
+    def instance_table(self) -> pa.Table:
+        """One row per predicted instance (empty for semantic models)."""
+        return read_table(table_dir(self.path, "instances"), INSTANCE_SCHEMA)
+
+    def instance_metrics_table(self) -> pa.Table:
+        """One row per image evaluated against instance ground truth (empty otherwise)."""
+        return read_table(table_dir(self.path, "instance_metrics"), INSTANCE_METRICS_SCHEMA)
+
+    def seam_table(self) -> pa.Table:
+        """One row per tiled image of an instance model (see ``SEAM_SCHEMA``); empty otherwise."""
+        return read_table(table_dir(self.path, "seams"), SEAM_SCHEMA)
+
+    def dice_table(self) -> pa.Table:
+        """The whole Dice table of this run (``run_id`` included)."""
+        return read_dice(dice_dir(self.path))
+
+    @cached_property
+    def _dice(self) -> pa.Table:
+        return self.dice_table()
+
+    @cached_property
+    def _unit_groups(self) -> dict[str, str]:
+        """Unit name (``unit-00042``) -> store group, as the run planned its units."""
+        tiled = (self.info.get("spec") or {}).get("tile_size") != 0  # as the run planned (SegmentSpec)
+        return {u.name: u.group for u in plan_units(self.store, tiled=tiled)}
+
+    def _group_of(self, unit: str) -> str:
+        """Store group of a table row's ``unit``: a planned unit, or a tiled image's part ``g001-000003``."""
+        return self._unit_groups.get(unit) or unit.rsplit("-", 1)[0]
+
+    def _current_rows(self, table: pa.Table, image_id: str) -> pa.Table:
+        """Rows of ``table`` (``image_id`` and ``unit`` columns) of the current version of ``image_id``.
+
+        An image whose file changed in an incremental ingest has rows of every version, each
+        written by the units of its own store group; only the current slot's group is kept.
+        """
+        group = self._slot(image_id)[0]
+        rows = table.filter(pc.equal(table["image_id"], image_id))
+        keep = [self._group_of(u) == group for u in rows["unit"].to_pylist()]
+        return rows.filter(pa.array(keep, pa.bool_()))
+
+    def dice(self, image_id: str) -> list[dict[str, Any]]:
+        """Dice rows of one image (one per class; of a changed file, its current version), sorted by
+        class id; empty if it had no GT."""
+        return self._current_rows(self._dice, image_id).sort_by("class_id").to_pylist()
+
+
+def open_run(run_dir: str | os.PathLike[str]) -> RunReader:
+    """Open a run directory written by ``segflow segment`` / ``segflow run``."""
+    return RunReader(run_dir)

@@ -1,0 +1,196 @@
+"""The run directory: what one segmentation run of one store with one checkpoint produces.
+
+Layout of ``RUN_DIR``::
+
+    run.json                          run_id, created, store, checkpoint + sha256, model meta, spec
+    masks.zarr/<group>                (N, H, W) uint8 predicted class labels, chunks = work units
+                                      (tiled groups: (1, tile, tile) blocks)
+    instances.zarr/<group>            (N, H, W) uint32 instance ids (instance models only), same chunks
+    dice/run_id=<run_id>/<unit>.parquet   Dice rows of one unit (Hive-partitioned dataset)
+    instances/run_id=<run_id>/<unit>.parquet         predicted instances (instance models only)
+    instance_metrics/run_id=<run_id>/<unit>.parquet  per-image instance metrics (instance ground truth)
+    seams/run_id=<run_id>/<group>-<index>.parquet    stitching record of a tiled image (instance models)
+    blocks/<unit>.npz                 objects kept by one block of a tiled image (instance models)
+    units/<unit>.json                 done marker of a unit (its record), written last
+    summary.json, summary.md          run summary
+
+Executing the same run again into the same directory *resumes*: units with a done marker are
+skipped, unfinished ones are redone, and every file they write atomically replaces its previous
+version, so there is exactly one Dice part per unit. A different checkpoint or store is refused.
+
+``RUN_DIR`` is a local path or any fsspec URL (``s3://bucket/runs/r1``, ``file://...``); every
+location below is then a string in the same form (see :mod:`segcore.fsio`). ``masks.zarr`` and
+``instances.zarr`` also carry OME-Zarr label metadata (:mod:`segcore.ngff`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
+
+import zarr
+
+from segcore import fsio
+from segcore.models.checkpoint import ModelMeta
+from segcore.errors import NotFound, StoreError
+from segcore.ngff import label_image_attrs
+from segcore.collection.store import GroupInfo
+
+RUN_FORMAT = 1
+
+
+def masks_path(run_dir: str | os.PathLike[str]) -> str:
+    return fsio.join(run_dir, "masks.zarr")
+
+
+def instances_path(run_dir: str | os.PathLike[str]) -> str:
+    return fsio.join(run_dir, "instances.zarr")
+
+
+def table_dir(run_dir: str | os.PathLike[str], table: str, run_id: str | None = None) -> str:
+    """Location of a Hive-partitioned table (``dice``, ``instances``, ``instance_metrics``, ``seams``)."""
+    return fsio.join(run_dir, table, *([] if run_id is None else [f"run_id={run_id}"]))
+
+
+def dice_dir(run_dir: str | os.PathLike[str], run_id: str | None = None) -> str:
+    return table_dir(run_dir, "dice", run_id)
+
+
+def absolute_location(location: str | os.PathLike[str]) -> str:
+    """An absolute, resolved path for a local location (``file://`` URLs included); a URL otherwise."""
+    if fsio.is_local(location):
+        return str(Path(fsio.url_to_fs(location)[1]).resolve())
+    return os.fspath(location)
+
+
+def read_run_info(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed ``run.json`` of a run directory."""
+    path = fsio.join(run_dir, "run.json")
+    if not fsio.exists(path):
+        raise NotFound(f"{str(run_dir)!r} is not a segflow run directory (no run.json); run 'segflow segment' first")
+    return fsio.read_json(path)
+
+
+def _foreign_entries(run_dir: str, store_abs: str) -> list[str]:
+    """Entries of ``run_dir`` other than the store (``segflow run`` may keep its store inside)."""
+    fs, root = fsio.url_to_fs(run_dir)
+    fs.invalidate_cache(root)
+    if not fs.exists(root):
+        return []
+    entries = fs.ls(root, detail=False)
+    if fsio.is_local(run_dir):
+        entries = [e for e in entries if str(Path(e).resolve()) != store_abs]
+    return [e for e in entries if e.rstrip("/") != root.rstrip("/")]
+
+
+def _image_source(run_dir: str, store_abs: str) -> str | None:
+    """Relative path from ``masks.zarr`` to the store's ``images`` group, when both are local."""
+    if not (fsio.is_local(run_dir) and fsio.is_local(store_abs)):
+        return None
+    return os.path.relpath(os.path.join(store_abs, "images"), absolute_location(masks_path(run_dir)))
+
+
+def _add_arrays(root: zarr.Group, groups: Sequence[GroupInfo], dtype: str) -> list[str]:
+    """Create the ``(N, H, W)`` label arrays of ``groups`` that ``root`` lacks; returns their names."""
+    added = []
+    for g in groups:
+        if g.name in root:
+            continue
+        root.create_array(g.name, shape=(g.count, g.height, g.width), chunks=g.chunk_shape, dtype=dtype,
+                          fill_value=0, dimension_names=("image", "y", "x"))
+        added.append(g.name)
+    return added
+
+
+def _label_arrays(run_dir: str, groups: Sequence[GroupInfo], *, meta: ModelMeta, segflow_attrs: dict[str, Any],
+                  source: str | None, create: bool) -> None:
+    """Create (``create``) or complete the mask (and instance) arrays of ``groups``, with their metadata."""
+    targets = [(masks_path(run_dir), "uint8" if meta.num_classes <= 256 else "uint16", list(meta.class_names))]
+    if meta.kind == "instance":
+        targets.append((instances_path(run_dir), "uint32", None))
+    for location, dtype, class_names in targets:
+        root = zarr.open_group(location, mode="w" if create else "r+")
+        if create:
+            root.attrs["segflow"] = segflow_attrs
+        if _add_arrays(root, groups, dtype) or create or "ome" not in root.attrs:
+            names = sorted(set(root.array_keys()) | {g.name for g in groups})
+            root.attrs["ome"] = label_image_attrs(names, class_names=class_names, source=source)
+
+
+def prepare_run(run_dir: str, *, store_path: str, checkpoint: str, checkpoint_sha256: str, meta: ModelMeta,
+                groups: Sequence[GroupInfo], spec: dict[str, Any], store_id: str | None = None) -> dict[str, Any]:
+    """Create (or reopen for resuming) a run directory and its mask arrays; returns run info.
+
+    ``run_dir`` is a local path or an fsspec URL. Reopening creates the arrays of store groups
+    that the run directory lacks (groups appended to the store since), leaving the others as
+    they are. Raises :class:`StoreError` when ``run_dir`` holds a run of another store or
+    checkpoint, of an earlier version of the store (created anew since: ``store_id`` differs),
+    or is not empty and holds no run.
+    """
+    info_path = fsio.join(run_dir, "run.json")
+    store_abs = absolute_location(store_path)
+    source = _image_source(run_dir, store_abs)
+    if fsio.exists(info_path):
+        info = fsio.read_json(info_path)
+        if info.get("store") != store_abs or info.get("checkpoint_sha256") != checkpoint_sha256:
+            raise StoreError(
+                f"{run_dir!r} holds run {info.get('run_id')} of store {info.get('store')} with checkpoint "
+                f"sha256 {str(info.get('checkpoint_sha256'))[:12]}; use a new --out directory for this store/checkpoint"
+            )
+        if store_id and info.get("store_id") and info["store_id"] != store_id:
+            raise StoreError(
+                f"{run_dir!r} holds run {info.get('run_id')} of an earlier version of store {store_abs} (it was "
+                "created anew since, e.g. with --overwrite); its masks and Dice rows would be stale. Use a new --out "
+                "directory")
+        _label_arrays(run_dir, groups, meta=meta, segflow_attrs={}, source=source, create=False)
+        return info
+    if _foreign_entries(run_dir, store_abs):
+        raise StoreError(f"{run_dir!r} exists and is not a segflow run directory; choose an empty or new --out")
+    now = dt.datetime.now(dt.timezone.utc)
+    info = {
+        "format": RUN_FORMAT,
+        "run_id": f"{now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}",
+        "created": now.isoformat(),
+        "store": store_abs,
+        "store_id": store_id,
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "checkpoint_sha256": checkpoint_sha256,
+        "model": json.loads(meta.model_dump_json()),
+        "spec": spec,
+    }
+    attrs = {"run_id": info["run_id"], "class_names": list(meta.class_names),
+             "checkpoint_sha256": checkpoint_sha256, "spec": spec}
+    _label_arrays(run_dir, groups, meta=meta, segflow_attrs=attrs, source=source, create=True)
+    fsio.write_json(info_path, info)  # written last: its presence means the directory is complete
+    return info
+
+
+def mask_chunks(run_dir: str) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """``(chunk shape, array shape)`` of every mask array, by group name (both ``(images, h, w)``)."""
+    root = zarr.open_group(masks_path(run_dir), mode="r")
+    chunks, counts = {}, {}
+    for name, arr in root.arrays():
+        chunks[name] = tuple(arr.chunks)
+        counts[name] = tuple(arr.shape)
+    return chunks, counts
+
+
+def mark_unit_done(run_dir: str, record: dict[str, Any]) -> None:
+    fsio.write_json(fsio.join(run_dir, "units", f"{record['unit']}.json"), record)
+
+
+def finished_units(run_dir: str) -> dict[str, dict[str, Any]]:
+    """Records of the units already done, by unit name."""
+    found = [loc for loc in fsio.list_files(fsio.join(run_dir, "units"), suffix=".json", recursive=False)
+             if loc.rsplit("/", 1)[-1].startswith("unit-")]
+    return {loc.rsplit("/", 1)[-1][:-len(".json")]: json.loads(data)
+            for loc, data in zip(found, fsio.read_many(found))}
+
+
+def write_summary(run_dir: str, summary: dict[str, Any], markdown: str) -> None:
+    fsio.write_json(fsio.join(run_dir, "summary.json"), summary)
+    fsio.write_bytes(fsio.join(run_dir, "summary.md"), markdown.encode())

@@ -1,0 +1,1 @@
+"""Training: the semantic and instance trainers."""

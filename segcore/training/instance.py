@@ -1,0 +1,422 @@
+"""Supervised training of a Mask R-CNN instance segmenter from instance label images.
+
+:func:`train_instance` takes ``(N, H, W, C)`` raw images and ``(N, H, W)`` instance label images
+(0 = background, any positive ids), holds out a seeded validation split and trains under seeded
+flip / rot90 augmentation (and, optionally, random crops of a larger image). The augmentation
+moves image and labels alike; the training targets (boxes, classes, masks) are then derived from
+the augmented labels by :func:`segcore.models.instances.targets_from_instance_labels`, so they always
+match the image. Inputs go through :func:`segcore.normalise.normalise_batch`, the function
+inference uses.
+
+After each epoch the validation split is segmented with
+:func:`segcore.models.instances.predict_instances` and scored by :func:`evaluate_instances` (F1 at IoU
+0.5, COCO AP, panoptic quality, foreground Dice); the weights of the epoch with the highest
+validation F1 are returned with a :class:`~segcore.models.checkpoint.ModelMeta` that describes them.
+
+Two training-only sampling settings of the detector, the RPN proposals per image and the box-head
+samples per image, can be lowered (``proposals_per_image``, ``rois_per_image``): the mask head
+runs on every positive box sample, and on a CPU it dominates a training step. They leave the
+inference-time behaviour of the model untouched (it is the one its checkpoint rebuilds).
+
+Same inputs, same seed and same number of torch threads give the same weights; the global torch
+random state is left as it was.
+
+The ``DEMO_INSTANCE_*`` constants are the settings a demo uses with
+:func:`segcore.synthetic.generate_instance_collection` (measured figures at :data:`DEMO_INSTANCE_EPOCHS`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from segcore.models.checkpoint import ModelMeta
+from segcore.errors import ConfigError
+from segcore.metrics.instance import instance_scores
+from segcore.models.instances import predict_instances, targets_from_instance_labels
+from segcore.models import MODEL_KINDS, create_model
+from segcore.normalise import Normalisation, normalise_batch
+from segcore.training.semantic import _RESERVED_ARCH_KEYS, _as_nhwc, seeded_split
+
+log = logging.getLogger(__name__)
+
+#: Demo settings (synthetic nuclei of :func:`segcore.synthetic.make_instance_sample`).
+DEMO_INSTANCE_ARCH = "maskrcnn_r18"
+#: Detections scoring 0.7 or less are dropped by the model itself (also in inference).
+DEMO_INSTANCE_ARCH_KWARGS: Mapping[str, Any] = MappingProxyType({"score_threshold": 0.7})
+DEMO_INSTANCE_IMAGE_SIZE = 128
+#: Images generated (training part and held-out part together) and, of those, trained on.
+DEMO_INSTANCE_N_IMAGES = 240
+DEMO_INSTANCE_N_TRAIN = 180
+DEMO_INSTANCE_EPOCHS = 6
+DEMO_INSTANCE_BATCH_SIZE = 4
+DEMO_INSTANCE_LR = 1e-3
+DEMO_INSTANCE_NORMALISATION = Normalisation(mode="range", scale=255.0)
+#: Training stops after the epoch that passes this many seconds.
+DEMO_INSTANCE_TIME_BUDGET_S = 480.0
+
+#: Default training-only sampling: RPN proposals kept per image, box-head samples per image.
+DEFAULT_PROPOSALS_PER_IMAGE = 500
+DEFAULT_ROIS_PER_IMAGE = 64
+#: Gradients are clipped to this global L2 norm.
+GRAD_CLIP_NORM = 10.0
+
+def _positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_inputs(images: np.ndarray, labels: np.ndarray, *, arch: str, class_names: Sequence[str],
+                  arch_kwargs: Mapping[str, Any], epochs: int, batch_size: int, lr: float, val_fraction: float,
+                  crop_size: int | None, instance_classes: Sequence[Mapping[int, int]] | None,
+                  time_budget_s: float | None) -> tuple[int, int]:
+    """Validate the arguments of :func:`train_instance`; returns ``(n_train, n_val)``."""
+    if MODEL_KINDS.get(arch) != "instance":
+        names = sorted(k for k, v in MODEL_KINDS.items() if v == "instance")
+        raise ConfigError(f"arch {arch!r} is not an instance segmenter; use one of {names}")
+    n, height, width = images.shape[:3]
+    if labels.shape != images.shape[:3]:
+        raise ConfigError(f"labels must be (N, H, W) matching images {images.shape[:3]}, got {labels.shape}; "
+                          "give one instance label image per image, same height and width")
+    if labels.dtype.kind not in "iu":
+        raise ConfigError(f"labels must hold integer instance ids, got dtype {labels.dtype}")
+    if labels.size and int(labels.min()) < 0:
+        raise ConfigError("labels must not hold negative ids; use 0 for background")
+    if len(class_names) < 2:
+        raise ConfigError(f"class_names needs background plus at least one class, got {tuple(class_names)}")
+    if instance_classes is not None:
+        if len(instance_classes) != n:
+            raise ConfigError(f"instance_classes needs one id -> class mapping per image ({n}), "
+                              f"got {len(instance_classes)}")
+        for i, mapping in enumerate(instance_classes):
+            missing = sorted(set(np.unique(labels[i]).tolist()) - {0} - {int(k) for k in mapping})
+            if missing:
+                raise ConfigError(f"instance_classes[{i}] has no class for instance id(s) {missing[:10]}; "
+                                  "map every id of the image to a class")
+        used = {int(c) for mapping in instance_classes for c in mapping.values()}
+        if used and (min(used) < 1 or max(used) >= len(class_names)):
+            raise ConfigError(f"instance classes must lie in [1, {len(class_names)}) for class_names "
+                              f"{tuple(class_names)}, got {sorted(used)}")
+    clash = sorted(set(arch_kwargs) & set(_RESERVED_ARCH_KEYS))
+    if clash:
+        raise ConfigError(f"arch_kwargs must not set {clash}: they follow from the images and class_names")
+    _positive_int("epochs", epochs)
+    _positive_int("batch_size", batch_size)
+    _positive_int("crop_size", crop_size, allow_none=True)
+    if crop_size is not None and crop_size > min(height, width):
+        raise ConfigError(f"crop_size {crop_size} exceeds the images ({height} x {width}); "
+                          "give a smaller crop_size or None to train on whole images")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"lr must be a positive number, got {lr!r}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must lie in [0, 1) (0 = no validation), got {val_fraction!r}")
+    if time_budget_s is not None and not time_budget_s > 0:
+        raise ConfigError(f"time_budget_s must be > 0 seconds or None (no limit), got {time_budget_s!r}")
+    n_val = max(1, int(round(n * val_fraction))) if val_fraction > 0 else 0
+    if n - n_val < 1:
+        raise ConfigError(f"{n} image(s) leave none for training after a validation split of {val_fraction}; "
+                          "give more images or lower val_fraction (0 trains on all and keeps the last epoch)")
+    return n - n_val, n_val
+
+
+def augment_instance_sample(image: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator, *,
+                            crop_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random crop (optional), rot90 and flip of one sample, applied alike to image and labels.
+
+    Args:
+        image: ``(C, H, W)`` float tensor.
+        labels: ``(H, W)`` integer instance ids.
+        rng: the random source (the result is a pure function of its state).
+        crop_size: side of a random square window (``<= H, W``); ``None`` keeps the whole image.
+
+    Returns ``(image, labels)``; rotations by 90 or 270 degrees only when the result is square.
+    """
+    if crop_size is not None:
+        y0 = int(rng.integers(0, labels.shape[0] - crop_size + 1))
+        x0 = int(rng.integers(0, labels.shape[1] - crop_size + 1))
+        image = image[:, y0:y0 + crop_size, x0:x0 + crop_size]
+        labels = labels[y0:y0 + crop_size, x0:x0 + crop_size]
+    square = labels.shape[0] == labels.shape[1]
+    k = int(rng.integers(0, 4)) if square else 2 * int(rng.integers(0, 2))
+    flip = bool(rng.integers(0, 2))
+    image, labels = torch.rot90(image, k, dims=(-2, -1)), torch.rot90(labels, k, dims=(-2, -1))
+    if flip:
+        image, labels = image.flip(-1), labels.flip(-1)
+    return image.contiguous(), labels.contiguous()
+
+
+def pooled_instance_scores(pred_labels: Sequence[np.ndarray], gt_labels: Sequence[np.ndarray], *,
+                           scores: Sequence[Mapping[int, float]] | None = None) -> dict[str, float | int]:
+    """Instance figures of several images, pooled.
+
+    Args:
+        pred_labels: per image, ``(H, W)`` integer predicted instance ids (0 = background).
+        gt_labels: per image, ``(H, W)`` integer ground-truth instance ids, same shapes.
+        scores: per image, predicted id -> confidence (for AP); ``None`` = all 1.0.
+
+    Returns ``n_images``, ``tp``, ``fp``, ``fn`` (objects, IoU >= 0.5), ``precision``, ``recall``,
+    ``f1`` and ``pq`` (panoptic quality) from the summed counts (1.0 when there is nothing to
+    count), ``ap`` (COCO AP 0.50:0.95, mean over the images with ground-truth objects; NaN if
+    none) and ``dice_fg`` (Dice of foreground vs background over all pixels; 1.0 when both are
+    empty). See :mod:`segcore.metrics.instance` for the per-image definitions.
+    """
+    if len(pred_labels) != len(gt_labels) or (scores is not None and len(scores) != len(gt_labels)):
+        raise ConfigError(f"got {len(pred_labels)} predictions and {len(gt_labels)} ground-truth images"
+                          + ("" if scores is None else f" and {len(scores)} score maps") + "; give one of each per image")
+    tp = fp = fn = inter = total = 0
+    iou_sum, aps = 0.0, []
+    for i, (pred, gt) in enumerate(zip(pred_labels, gt_labels)):
+        s = instance_scores(pred, gt, scores=None if scores is None else scores[i])
+        tp, fp, fn = tp + int(s["tp"]), fp + int(s["fp"]), fn + int(s["fn"])
+        iou_sum += float(s["mean_matched_iou"]) * int(s["tp"]) if s["tp"] else 0.0
+        if not s["empty_gt"]:
+            aps.append(float(s["ap"]))
+        p, g = np.asarray(pred) > 0, np.asarray(gt) > 0
+        inter, total = inter + int((p & g).sum()), total + int(p.sum()) + int(g.sum())
+    denom = tp + 0.5 * (fp + fn)
+    return {
+        "n_images": len(gt_labels), "tp": tp, "fp": fp, "fn": fn,
+        "precision": tp / (tp + fp) if tp + fp else 1.0,
+        "recall": tp / (tp + fn) if tp + fn else 1.0,
+        "f1": tp / denom if denom else 1.0,
+        "pq": iou_sum / denom if denom else 1.0,
+        "ap": float(np.mean(aps)) if aps else float("nan"),
+        "dice_fg": 2.0 * inter / total if total else 1.0,
+    }
+
+
+def evaluate_instances(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, normalisation: Normalisation,
+                       batch_size: int = 4, score_threshold: float | None = None) -> dict[str, float | int]:
+    """Segment ``images`` with an instance model and score them against ``labels``.
+
+    Args:
+        model: an :class:`~segcore.models.maskrcnn.InstanceSegmenter` (put in eval mode here).
+        images: ``(N, H, W, C)`` raw images (``(N, H, W)`` means C = 1).
+        labels: ``(N, H, W)`` integer ground-truth instance ids (0 = background).
+        normalisation: as the model was trained with.
+        batch_size: images per forward pass.
+        score_threshold: keep detections scoring above this; ``None`` = the model's own floor
+            (what :func:`~segcore.models.instances.predict_instances` uses by default).
+
+    Returns the figures of :func:`pooled_instance_scores` over the ``N`` images.
+    """
+    images = _as_nhwc(images)
+    model.eval()
+    preds = []
+    for start in range(0, images.shape[0], batch_size):
+        x = normalise_batch(images[start:start + batch_size], normalisation)
+        preds.extend(predict_instances(model, x, score_threshold=score_threshold))
+    return pooled_instance_scores([p.labels for p in preds], list(np.asarray(labels)),
+                                  scores=[{r["instance_id"]: r["score"] for r in p.records} for p in preds])
+
+
+def _set_training_sampling(model: nn.Module, *, proposals_per_image: int | None,
+                           rois_per_image: int | None) -> dict[str, int]:
+    """Lower the detector's training-only sampling (inference settings stay); returns what is used."""
+    detector = model.detector  # type: ignore[attr-defined]
+    rpn, sampler = detector.rpn, detector.roi_heads.fg_bg_sampler
+    if proposals_per_image is not None:
+        # torchvision keeps these per mode in private dicts; only the "training" entries change.
+        rpn._pre_nms_top_n["training"] = int(proposals_per_image)
+        rpn._post_nms_top_n["training"] = int(proposals_per_image)
+    if rois_per_image is not None:
+        sampler.batch_size_per_image = int(rois_per_image)
+    return {"proposals_per_image": int(rpn._post_nms_top_n["training"]),
+            "rois_per_image": int(sampler.batch_size_per_image)}
+
+
+def train_instance(
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    arch: str = "maskrcnn_r18",
+    arch_kwargs: Mapping[str, Any] = MappingProxyType({}),
+    class_names: Sequence[str] = ("background", "object"),
+    normalisation: Normalisation,
+    epochs: int,
+    batch_size: int = 4,
+    lr: float = 1e-3,
+    val_fraction: float = 0.15,
+    seed: int = 0,
+    crop_size: int | None = None,
+    instance_classes: Sequence[Mapping[int, int]] | None = None,
+    proposals_per_image: int | None = DEFAULT_PROPOSALS_PER_IMAGE,
+    rois_per_image: int | None = DEFAULT_ROIS_PER_IMAGE,
+    progress: Callable[[dict], None] | None = None,
+    time_budget_s: float | None = None,
+) -> tuple[nn.Module, ModelMeta, list[dict]]:
+    """Train a Mask R-CNN instance segmenter; returns ``(model, meta, history)``.
+
+    Args:
+        images: ``(N, H, W, C)`` raw images of any numeric dtype (``(N, H, W)`` means C = 1).
+        labels: ``(N, H, W)`` integer instance ids, 0 = background (gaps in the ids allowed).
+        arch: a registered instance architecture (``"maskrcnn_r18"`` or ``"maskrcnn"``).
+        arch_kwargs: builder options (copied, never changed); ``in_channels`` and ``num_classes``
+            follow from the data and must not be given.
+        class_names: class names, background first.
+        normalisation: how raw values become model inputs (applied to whole images, before any
+            crop; stored in the returned meta).
+        epochs: passes over the training split (with ``crop_size``: ``ceil(H * W / crop_size**2)``
+            crops per image and epoch, about one pass over the pixels).
+        batch_size: samples per optimiser step.
+        lr: peak learning rate of AdamW (weight decay 1e-4) under a one-cycle schedule;
+            gradients are clipped to :data:`GRAD_CLIP_NORM`.
+        val_fraction: fraction of the images held out (seeded) for validation, in [0, 1); 0 trains
+            on every image and keeps the last epoch (the ``val_*`` entries are then ``None``).
+        seed: seeds the split, the weights, the shuffling, the crops and flips, and the detector's
+            own sampling.
+        crop_size: train on random ``crop_size`` squares (validation uses whole images).
+        instance_classes: per image, instance id -> class id (``1..len(class_names)-1``);
+            ``None`` makes every object class 1.
+        proposals_per_image, rois_per_image: training-only detector sampling (see the module
+            docstring); ``None`` keeps the architecture's own (2000 and 512 in torchvision).
+        progress: called once per epoch with that epoch's history record.
+        time_budget_s: stop after the epoch during which this many seconds have passed.
+
+    Returns:
+        The model in eval mode with the weights of the best epoch (highest validation F1, ties to
+        the earlier), its :class:`ModelMeta` (``provenance`` records the run) and the history: one
+        record per epoch run, ``{"epoch", "loss", "losses" (component name -> mean), "val_f1",
+        "val_precision", "val_recall", "val_ap", "val_pq", "val_dice_fg", "lr", "seconds",
+        "elapsed_s"}`` (seconds are wall-clock).
+    """
+    images = _as_nhwc(images)
+    labels = np.asarray(labels)
+    arch_kwargs, class_names = dict(arch_kwargs), tuple(class_names)
+    n_train, n_val = _check_inputs(
+        images, labels, arch=arch, class_names=class_names, arch_kwargs=arch_kwargs, epochs=epochs,
+        batch_size=batch_size, lr=lr, val_fraction=val_fraction, crop_size=crop_size,
+        instance_classes=instance_classes, time_budget_s=time_budget_s)
+    _positive_int("proposals_per_image", proposals_per_image, allow_none=True)
+    _positive_int("rois_per_image", rois_per_image, allow_none=True)
+    in_channels = images.shape[-1]
+    t0 = time.perf_counter()
+
+    rng, train_idx, val_idx = seeded_split(images.shape[0], n_val, seed)
+    x_train = normalise_batch(images[train_idx], normalisation)
+    y_train = torch.from_numpy(labels[train_idx].astype(np.int64))
+    classes_train = [None if instance_classes is None else dict(instance_classes[i]) for i in train_idx]
+    height, width = labels.shape[1:]
+    per_image = 1 if crop_size is None else math.ceil(height * width / crop_size**2)
+    samples = np.repeat(np.arange(n_train), per_image)
+    steps_per_epoch = math.ceil(samples.size / batch_size)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # weights, and torchvision's box / anchor sampling during training
+        model = create_model(arch, in_channels=in_channels, num_classes=len(class_names), **arch_kwargs)
+        sampling = _set_training_sampling(model, proposals_per_image=proposals_per_image,
+                                          rois_per_image=rois_per_image)
+        optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4, fused=True)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=epochs * steps_per_epoch,
+                                                       pct_start=0.15)
+        history: list[dict] = []
+        best: tuple[tuple[float, float], int, dict | None, dict[str, Any]] = ((-1.0, -1.0), 0, None, {})
+        stopped_early = False
+        for epoch in range(1, epochs + 1):
+            t_epoch = time.perf_counter()
+            model.train()
+            perm = samples[rng.permutation(samples.size)]
+            losses: dict[str, list[float]] = {}
+            for start in range(0, perm.size, batch_size):
+                chosen = perm[start:start + batch_size].tolist()
+                views = [augment_instance_sample(x_train[i], y_train[i], rng, crop_size=crop_size) for i in chosen]
+                x = torch.stack([v[0] for v in views])
+                targets = [targets_from_instance_labels(v[1], classes_train[i]) for v, i in zip(views, chosen)]
+                loss_dict = model(x, targets)
+                loss = sum(loss_dict.values())
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
+                optimiser.step()
+                schedule.step()
+                for name, value in loss_dict.items():
+                    losses.setdefault(name, []).append(float(value.detach()))
+            scores = (evaluate_instances(model, images[val_idx], labels[val_idx], normalisation=normalisation,
+                                         batch_size=batch_size) if n_val else None)
+            now = time.perf_counter()
+            means = {name: float(np.mean(v)) for name, v in losses.items()}
+            record = {
+                "epoch": epoch,
+                "loss": float(sum(means.values())),
+                "losses": means,
+                **{f"val_{k}": (None if scores is None else scores[k])
+                   for k in ("f1", "precision", "recall", "ap", "pq", "dice_fg")},
+                "lr": float(optimiser.param_groups[0]["lr"]),
+                "seconds": now - t_epoch,
+                "elapsed_s": now - t0,
+            }
+            history.append(record)
+            log.info("epoch %d/%d: loss %.4f, val F1 %s (%.1f s)", epoch, epochs, record["loss"],
+                     "-" if scores is None else f"{scores['f1']:.4f}", record["seconds"])
+            key = (-1.0, -1.0) if scores is None else (scores["f1"], np.nan_to_num(scores["ap"], nan=0.0))
+            if scores is None or key > best[0]:
+                best = (key, epoch, copy.deepcopy(model.state_dict()), dict(scores or {}))
+            if progress is not None:
+                progress(dict(record))
+            if time_budget_s is not None and now - t0 >= time_budget_s and epoch < epochs:
+                stopped_early = True
+                log.warning("time budget of %.0f s spent after epoch %d of %d; stopping early",
+                            time_budget_s, epoch, epochs)
+                break
+
+    _, best_epoch, best_state, best_scores = best
+    model.load_state_dict(best_state)
+    model.eval()
+    provenance = {
+        "trainer": "segcore.training.instance.train_instance",
+        "epochs": int(epochs),
+        "epochs_run": len(history),
+        "stopped_early": stopped_early,
+        "time_budget_s": time_budget_s,
+        "seed": int(seed),
+        "batch_size": int(batch_size),
+        "lr": float(lr),
+        "optimiser": "AdamW(weight_decay=1e-4), one-cycle",
+        "grad_clip_norm": GRAD_CLIP_NORM,
+        "loss": "Mask R-CNN (classifier + box + mask + objectness + rpn box)",
+        "augmentation": "flip, rot90" + (f", random {crop_size} px crops" if crop_size else ""),
+        "crop_size": crop_size,
+        "crops_per_image": per_image if crop_size else None,
+        **sampling,
+        "n_train": int(n_train),
+        "n_val": int(n_val),
+        "best_epoch": best_epoch,
+        "val_scores": best_scores,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+    meta = ModelMeta(arch=arch, arch_kwargs=arch_kwargs, class_names=class_names, in_channels=in_channels,
+                     normalisation=normalisation, provenance=provenance)
+    return model, meta, history
+
+
+__all__ = [
+    "DEFAULT_PROPOSALS_PER_IMAGE",
+    "DEFAULT_ROIS_PER_IMAGE",
+    "DEMO_INSTANCE_ARCH",
+    "DEMO_INSTANCE_ARCH_KWARGS",
+    "DEMO_INSTANCE_BATCH_SIZE",
+    "DEMO_INSTANCE_EPOCHS",
+    "DEMO_INSTANCE_IMAGE_SIZE",
+    "DEMO_INSTANCE_LR",
+    "DEMO_INSTANCE_NORMALISATION",
+    "DEMO_INSTANCE_N_IMAGES",
+    "DEMO_INSTANCE_N_TRAIN",
+    "DEMO_INSTANCE_TIME_BUDGET_S",
+    "GRAD_CLIP_NORM",
+    "augment_instance_sample",
+    "evaluate_instances",
+    "pooled_instance_scores",
+    "train_instance",
+]

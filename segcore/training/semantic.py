@@ -1,0 +1,316 @@
+"""Supervised training of a semantic UNet from in-memory arrays (no orchestration here).
+
+:func:`train_semantic` takes ``(N, H, W, C)`` raw images and ``(N, H, W)`` class maps, holds out
+a seeded validation split, and trains with cross-entropy + soft Dice (foreground classes) under
+seeded flip / rot90 augmentation. Inputs go through :func:`segcore.normalise.normalise_batch`,
+the very function inference uses. After each epoch the validation Dice per class is measured
+(:mod:`segcore.metrics.dice`, argmax of the logits); the weights of the epoch with the best mean
+foreground Dice are returned, with a :class:`~segcore.models.checkpoint.ModelMeta` that describes them.
+
+Same inputs, same seed and same number of torch threads give the same weights.
+
+The ``DEMO_*`` constants are the settings ``segflow demo`` uses with the synthetic collection of
+:mod:`segcore.synthetic`; they were chosen to reach a held-out mean foreground Dice well above
+0.90 in about a minute of training on 2 CPU cores (see :data:`DEMO_EPOCHS`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segcore.models.checkpoint import ModelMeta
+from segcore.errors import ConfigError
+from segcore.run.units import predict_labels
+from segcore.metrics.dice import dice_per_class
+from segcore.models import create_model
+from segcore.normalise import Normalisation, normalise_batch
+
+log = logging.getLogger(__name__)
+
+#: Side length (pixels) of the demo's synthetic images.
+DEMO_IMAGE_SIZE = 128
+#: Number of synthetic images the demo generates (training part and held-out part together).
+DEMO_N_IMAGES = 360
+#: Of those, how many the demo trains on (the rest are held out for segmentation and Dice).
+DEMO_N_TRAIN = 240
+#: UNet width and depth for the demo (``in_channels``/``num_classes`` come from the data).
+DEMO_ARCH_KWARGS: Mapping[str, Any] = MappingProxyType({"base": 16, "depth": 3})
+#: Measured on 2 idle CPU cores (torch 2 threads, 204 training + 36 validation images of
+#: 128 x 128): about 5 s per epoch, 50 s in all, held-out mean foreground Dice about 0.98.
+DEMO_EPOCHS = 10
+DEMO_BATCH_SIZE = 8
+DEMO_LR = 3e-3
+#: 8-bit synthetic images: divide by 255.
+DEMO_NORMALISATION = Normalisation(mode="range", scale=255.0)
+#: Training stops after the epoch that passes this many seconds.
+DEMO_TIME_BUDGET_S = 120.0
+
+_RESERVED_ARCH_KEYS = ("in_channels", "num_classes")
+
+
+def _as_nhwc(images: np.ndarray) -> np.ndarray:
+    images = np.asarray(images)
+    if images.ndim == 3:
+        return images[..., None]
+    if images.ndim != 4:
+        raise ConfigError(f"images must be (N, H, W, C) or (N, H, W), got shape {images.shape}")
+    return images
+
+
+def seeded_split(n: int, n_val: int, seed: int) -> tuple[np.random.Generator, np.ndarray, np.ndarray]:
+    """``(rng, train_idx, val_idx)``: ``n_val`` of ``n`` images held out by a generator seeded with
+    ``seed`` (indices sorted); the generator goes on to drive the augmentation."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    return rng, np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def _check_inputs(
+    images: np.ndarray,
+    masks: np.ndarray,
+    *,
+    class_names: Sequence[str],
+    arch_kwargs: Mapping[str, Any],
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    val_fraction: float,
+    time_budget_s: float | None,
+) -> tuple[int, int]:
+    """Validate the arguments of :func:`train_semantic`; returns ``(n_train, n_val)``."""
+    n = images.shape[0]
+    if masks.shape != images.shape[:3]:
+        raise ConfigError(
+            f"masks must be (N, H, W) matching images {images.shape[:3]}, got {masks.shape}; "
+            "give one class map per image, same height and width"
+        )
+    if not np.issubdtype(masks.dtype, np.integer):
+        raise ConfigError(f"masks must hold integer class labels, got dtype {masks.dtype}")
+    if len(class_names) < 2:
+        raise ConfigError(f"class_names needs background plus at least one class, got {tuple(class_names)}")
+    if masks.size and (int(masks.min()) < 0 or int(masks.max()) >= len(class_names)):
+        raise ConfigError(
+            f"mask labels must lie in [0, {len(class_names)}) for class_names {tuple(class_names)}, "
+            f"got min {int(masks.min())}, max {int(masks.max())}; add the missing class names or fix the masks"
+        )
+    clash = sorted(set(arch_kwargs) & set(_RESERVED_ARCH_KEYS))
+    if clash:
+        raise ConfigError(f"arch_kwargs must not set {clash}: they follow from the images and class_names")
+    if int(epochs) != epochs or epochs < 1:
+        raise ConfigError(f"epochs must be a positive integer, got {epochs!r}")
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"lr must be a positive number, got {lr!r}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction!r}")
+    if time_budget_s is not None and not time_budget_s > 0:
+        raise ConfigError(f"time_budget_s must be > 0 seconds or None (no limit), got {time_budget_s!r}")
+    n_val = max(1, int(round(n * val_fraction)))
+    n_train = n - n_val
+    if n_train < 1:
+        raise ConfigError(
+            f"{n} image(s) leave none for training after a validation split of {val_fraction}; "
+            "give at least 2 images or lower val_fraction"
+        )
+    return n_train, n_val
+
+
+def _augment(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random flip / rot90 per sample of ``x (B, C, H, W)`` and ``y (B, H, W)`` alike."""
+    square = x.shape[-1] == x.shape[-2]
+    xs, ys = [], []
+    for xi, yi in zip(x, y):
+        k = int(rng.integers(0, 4)) if square else 2 * int(rng.integers(0, 2))
+        flip = bool(rng.integers(0, 2))
+        xi, yi = torch.rot90(xi, k, dims=(-2, -1)), torch.rot90(yi, k, dims=(-2, -1))
+        if flip:
+            xi, yi = xi.flip(-1), yi.flip(-1)
+        xs.append(xi)
+        ys.append(yi)
+    return torch.stack(xs), torch.stack(ys)
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy + (1 - mean soft Dice of the foreground classes), over the whole batch.
+
+    Args:
+        logits: ``(B, K, H, W)`` float scores.
+        target: ``(B, H, W)`` int64 labels in ``[0, K)``; class 0 is background.
+    """
+    ce = F.cross_entropy(logits, target)
+    probs = logits.softmax(dim=1)[:, 1:]
+    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].to(probs.dtype)
+    inter = (probs * onehot).sum(dim=(0, 2, 3))
+    total = probs.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
+    soft_dice = (2 * inter + 1.0) / (total + 1.0)
+    return ce + (1.0 - soft_dice.mean())
+
+
+def train_semantic(
+    images: np.ndarray,
+    masks: np.ndarray,
+    *,
+    class_names: Sequence[str],
+    arch_kwargs: Mapping[str, Any],
+    normalisation: Normalisation,
+    epochs: int,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    val_fraction: float = 0.15,
+    seed: int = 0,
+    progress: Callable[[dict], None] | None = None,
+    time_budget_s: float | None = None,
+) -> tuple[nn.Module, ModelMeta, list[dict]]:
+    """Train a semantic UNet; returns ``(model, meta, history)``.
+
+    Args:
+        images: ``(N, H, W, C)`` raw images of any numeric dtype (``(N, H, W)`` means C = 1).
+        masks: ``(N, H, W)`` integer class labels in ``[0, len(class_names))``.
+        class_names: class names, background first; their number is the model's output count.
+        arch_kwargs: UNet options such as ``{"base": 16, "depth": 3}`` (copied, never changed);
+            ``in_channels`` and ``num_classes`` follow from the data and must not be given.
+        normalisation: how raw values become model inputs (stored in the returned meta).
+        epochs: number of passes over the training split.
+        batch_size: images per optimiser step.
+        lr: peak learning rate of AdamW under a one-cycle schedule.
+        val_fraction: fraction of the images held out (seeded) for validation, in (0, 1).
+        seed: seeds the split, the weight initialisation, the shuffling and the augmentation.
+        progress: called once per epoch with that epoch's history record.
+        time_budget_s: stop after the epoch during which this many seconds have passed.
+
+    Returns:
+        The model in eval mode with the weights of the best epoch (highest mean foreground
+        validation Dice), its :class:`ModelMeta` (``provenance`` records the run) and the
+        history: one record per epoch run, ``{"epoch", "loss", "val_dice" (name -> Dice),
+        "val_dice_mean_fg", "lr", "seconds", "elapsed_s"}`` (seconds are wall-clock).
+    """
+    images = _as_nhwc(images)
+    masks = np.asarray(masks)
+    arch_kwargs = dict(arch_kwargs)
+    class_names = tuple(class_names)
+    n_train, n_val = _check_inputs(
+        images, masks, class_names=class_names, arch_kwargs=arch_kwargs, epochs=epochs, batch_size=batch_size,
+        lr=lr, val_fraction=val_fraction, time_budget_s=time_budget_s,
+    )
+    num_classes, in_channels = len(class_names), images.shape[-1]
+    t0 = time.perf_counter()
+
+    rng, train_idx, val_idx = seeded_split(images.shape[0], n_val, seed)
+    x_train = normalise_batch(images[train_idx], normalisation)
+    y_train = torch.from_numpy(masks[train_idx].astype(np.int64))
+    x_val, y_val = images[val_idx], masks[val_idx]
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = create_model("unet", in_channels=in_channels, num_classes=num_classes, **arch_kwargs)
+    steps_per_epoch = math.ceil(n_train / batch_size)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15
+    )
+
+    history: list[dict] = []
+    best_score, best_epoch, best_state, best_dice = -1.0, 0, None, {}
+    stopped_early = False
+    for epoch in range(1, epochs + 1):
+        t_epoch = time.perf_counter()
+        model.train()
+        perm = rng.permutation(n_train)
+        losses = []
+        for start in range(0, n_train, batch_size):
+            batch = torch.from_numpy(perm[start : start + batch_size])
+            x, y = _augment(x_train[batch], y_train[batch], rng)
+            loss = segmentation_loss(model(x), y)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+        model.eval()
+        pred = predict_labels(model, x_val, normalisation=normalisation, device=str(next(model.parameters()).device),
+                              batch_size=max(batch_size, 32))
+        per_class = dice_per_class(pred, y_val, num_classes).mean(axis=0)
+        val_dice = {name: float(d) for name, d in zip(class_names, per_class)}
+        mean_fg = float(per_class[1:].mean())
+        now = time.perf_counter()
+        record = {
+            "epoch": epoch,
+            "loss": float(np.mean(losses)),
+            "val_dice": val_dice,
+            "val_dice_mean_fg": mean_fg,
+            "lr": float(optimiser.param_groups[0]["lr"]),
+            "seconds": now - t_epoch,
+            "elapsed_s": now - t0,
+        }
+        history.append(record)
+        log.info("epoch %d/%d: loss %.4f, val mean foreground Dice %.4f (%.1f s)",
+                 epoch, epochs, record["loss"], mean_fg, record["seconds"])
+        if mean_fg > best_score:
+            best_score, best_epoch, best_dice = mean_fg, epoch, val_dice
+            best_state = copy.deepcopy(model.state_dict())
+        if progress is not None:
+            progress(dict(record))
+        if time_budget_s is not None and now - t0 >= time_budget_s and epoch < epochs:
+            stopped_early = True
+            log.warning("time budget of %.0f s spent after epoch %d of %d; stopping early",
+                        time_budget_s, epoch, epochs)
+            break
+
+    model.load_state_dict(best_state)
+    model.eval()
+    seconds = time.perf_counter() - t0
+    provenance = {
+        "trainer": "segcore.training.semantic.train_semantic",
+        "epochs": int(epochs),
+        "epochs_run": len(history),
+        "stopped_early": stopped_early,
+        "time_budget_s": time_budget_s,
+        "seed": int(seed),
+        "batch_size": int(batch_size),
+        "lr": float(lr),
+        "loss": "cross_entropy + soft_dice(foreground)",
+        "augmentation": "flip, rot90",
+        "n_train": int(n_train),
+        "n_val": int(n_val),
+        "best_epoch": best_epoch,
+        "val_dice": best_dice,
+        "val_dice_mean_fg": best_score,
+        "seconds": round(seconds, 3),
+        "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+    meta = ModelMeta(
+        arch="unet",
+        arch_kwargs=arch_kwargs,
+        class_names=class_names,
+        in_channels=in_channels,
+        normalisation=normalisation,
+        provenance=provenance,
+    )
+    return model, meta, history
+
+
+__all__ = [
+    "DEMO_ARCH_KWARGS",
+    "DEMO_BATCH_SIZE",
+    "DEMO_EPOCHS",
+    "DEMO_IMAGE_SIZE",
+    "DEMO_LR",
+    "DEMO_NORMALISATION",
+    "DEMO_N_IMAGES",
+    "DEMO_N_TRAIN",
+    "DEMO_TIME_BUDGET_S",
+    "segmentation_loss",
+    "train_semantic",
+]

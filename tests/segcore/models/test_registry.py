@@ -1,0 +1,55 @@
+"""The one test every registered model must pass: build, forward, save, load, same outputs,
+prediction contract respected. A new entry in MODELS is tested here without further code."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from segcore.models.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
+from segcore.run.units import predict_instance_batches, predict_labels
+from segcore.models.instances import InstancePrediction
+from segcore.models import MODEL_KINDS, MODELS
+from segcore.normalise import Normalisation
+
+#: Small builder arguments per architecture (defaults where absent).
+SMALL = {"unet": {"base": 4, "depth": 2}}
+NORM = Normalisation(mode="range", scale=255.0)
+
+
+def test_every_model_has_a_kind():
+    assert set(MODELS) == set(MODEL_KINDS) and set(MODEL_KINDS.values()) <= {"semantic", "instance"}
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_registered_model_contract(arch, tmp_path):
+    torch.manual_seed(0)
+    meta = ModelMeta(arch=arch, arch_kwargs=SMALL.get(arch, {}), class_names=("background", "a", "b"),
+                     in_channels=1, normalisation=NORM)
+    model = MODELS[arch](in_channels=1, num_classes=3, **SMALL.get(arch, {})).eval()
+    images = np.random.default_rng(0).integers(0, 256, (2, 40, 56, 1), dtype=np.uint8)
+    path = save_checkpoint(tmp_path / f"{arch}.safetensors", model, meta)
+    loaded, loaded_meta = load_checkpoint(path)
+    assert loaded_meta == meta and not loaded.training
+    if meta.kind == "semantic":
+        a = predict_labels(model, images, normalisation=NORM)
+        b = predict_labels(loaded, images, normalisation=NORM)
+        assert a.shape == (2, 40, 56) and a.dtype == np.uint8 and int(a.max()) < 3
+        np.testing.assert_array_equal(a, b)
+    else:
+        a = predict_instance_batches(model, images, normalisation=NORM, batch_size=2)
+        b = predict_instance_batches(loaded, images, normalisation=NORM, batch_size=2)
+        assert len(a) == 2 and all(isinstance(p, InstancePrediction) for p in a)
+        for p, q in zip(a, b):
+            assert p.labels.shape == (40, 56) and p.labels.dtype == np.uint32 and p.classes.dtype == np.uint8
+            np.testing.assert_array_equal(p.labels, q.labels)
+            ids = [r["instance_id"] for r in p.records]
+            assert ids == list(range(1, len(ids) + 1))
+            for r in p.records:
+                x0, y0, x1, y1 = r["bbox"]
+                inside = np.zeros_like(p.labels, dtype=bool)
+                inside[y0:y1, x0:x1] = True
+                assert not ((p.labels == r["instance_id"]) & ~inside).any()
+                assert r["area"] == int((p.labels == r["instance_id"]).sum()) > 0
+                assert r["class_id"] in (1, 2)

@@ -1,0 +1,220 @@
+"""Tests of UNet training on in-memory arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from segcore.models.checkpoint import load_checkpoint, save_checkpoint
+from segcore.errors import ConfigError
+from segcore.metrics.dice import dice_per_class
+from segcore.normalise import Normalisation
+from segcore.collection.imageio import read_image, read_mask
+from segcore.synthetic import CLASS_NAMES, generate_collection, make_sample
+from segcore.run.units import predict_labels
+from segcore.training.semantic import (
+    DEMO_ARCH_KWARGS,
+    DEMO_BATCH_SIZE,
+    DEMO_EPOCHS,
+    DEMO_IMAGE_SIZE,
+    DEMO_LR,
+    DEMO_N_IMAGES,
+    DEMO_N_TRAIN,
+    DEMO_NORMALISATION,
+    DEMO_TIME_BUDGET_S,
+    segmentation_loss,
+    train_semantic,
+)
+
+TINY = {"base": 4, "depth": 2}
+NORM = Normalisation(mode="range", scale=255.0)
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _data(n: int, *, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    pairs = [make_sample(rng, size=size) for _ in range(n)]
+    return np.stack([p[0] for p in pairs])[..., None], np.stack([p[1] for p in pairs])
+
+
+def _train(images, masks, **overrides):
+    kwargs = {
+        "class_names": CLASS_NAMES,
+        "arch_kwargs": TINY,
+        "normalisation": NORM,
+        "epochs": 2,
+        "batch_size": 4,
+        "seed": 0,
+    }
+    kwargs.update(overrides)
+    return train_semantic(images, masks, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    return _data(8)
+
+
+def test_same_seed_gives_the_same_weights_and_history(tiny_data):
+    images, masks = tiny_data
+    m1, meta1, h1 = _train(images, masks)
+    m2, meta2, h2 = _train(images, masks)
+    m3, _, _ = _train(images, masks, seed=1)
+    s1, s2, s3 = m1.state_dict(), m2.state_dict(), m3.state_dict()
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert not all(torch.equal(s1[k], s3[k]) for k in s1)
+    assert [r["loss"] for r in h1] == [r["loss"] for r in h2]
+    assert meta1.provenance["val_dice"] == meta2.provenance["val_dice"]
+
+
+def test_training_does_not_touch_the_global_torch_seed(tiny_data):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    _train(*tiny_data, epochs=1)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_history_has_one_record_per_epoch_and_progress_sees_each(tiny_data):
+    seen = []
+    model, meta, history = _train(*tiny_data, epochs=3, progress=seen.append)
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert seen == history
+    for record in history:
+        assert set(record["val_dice"]) == set(CLASS_NAMES)
+        assert all(0.0 <= d <= 1.0 for d in record["val_dice"].values())
+        assert record["seconds"] > 0
+        assert np.isfinite(record["loss"])
+    best = max(history, key=lambda r: r["val_dice_mean_fg"])
+    assert meta.provenance["best_epoch"] == best["epoch"]
+    assert meta.provenance["val_dice"] == best["val_dice"]
+    assert not model.training
+
+
+def test_meta_describes_the_model_and_the_run(tiny_data):
+    images, masks = tiny_data
+    arch_kwargs = dict(TINY)
+    model, meta, _ = _train(images, masks, arch_kwargs=arch_kwargs, val_fraction=0.25)
+    assert arch_kwargs == TINY  # the caller's dict is left alone
+    assert meta.arch == "unet"
+    assert meta.arch_kwargs == TINY
+    assert meta.class_names == CLASS_NAMES
+    assert meta.in_channels == 1
+    assert meta.normalisation == NORM
+    p = meta.provenance
+    assert (p["n_train"], p["n_val"]) == (6, 2)
+    assert (p["epochs"], p["epochs_run"], p["seed"], p["stopped_early"]) == (2, 2, 0, False)
+    assert p["torch_version"] == torch.__version__
+    assert p["seconds"] > 0
+
+
+def test_returned_weights_are_those_of_the_best_epoch(tiny_data, tmp_path):
+    """Re-evaluating the returned model on the validation split reproduces the best record."""
+    images, masks = tiny_data
+    model, meta, _ = _train(images, masks, epochs=3, val_fraction=0.25)
+    val_idx = np.sort(np.random.default_rng(0).permutation(len(images))[:2])
+    pred = predict_labels(model.eval(), images[val_idx], normalisation=NORM)
+    dice = dice_per_class(pred, masks[val_idx], len(CLASS_NAMES)).mean(axis=0)
+    assert dict(zip(CLASS_NAMES, dice.tolist())) == pytest.approx(meta.provenance["val_dice"])
+    # And the checkpoint round trip keeps predictions identical.
+    loaded, _ = load_checkpoint(save_checkpoint(tmp_path / "m.safetensors", model, meta))
+    np.testing.assert_array_equal(predict_labels(loaded.eval(), images[val_idx], normalisation=NORM), pred)
+
+
+def test_time_budget_stops_after_the_current_epoch(tiny_data):
+    _, meta, history = _train(*tiny_data, epochs=5, time_budget_s=1e-6)
+    assert len(history) == 1
+    assert meta.provenance["stopped_early"] is True
+    assert meta.provenance["epochs_run"] == 1
+
+
+def test_three_dimensional_images_mean_one_channel(tiny_data):
+    images, masks = tiny_data
+    _, meta, _ = _train(images[..., 0], masks, epochs=1)
+    assert meta.in_channels == 1
+
+
+def test_loss_is_low_for_confident_correct_logits_and_high_otherwise():
+    target = torch.tensor([[[0, 1], [2, 1]]])
+    onehot = torch.nn.functional.one_hot(target, 3).permute(0, 3, 1, 2).float()
+    good = segmentation_loss(onehot * 20.0, target)
+    bad = segmentation_loss((1 - onehot) * 20.0, target)
+    assert float(good) < 0.01
+    # Each pixel: the two wrong classes share the probability. Cross-entropy log(1 + 2 e^20);
+    # soft Dice (smoothing 1): disc (0 + 1) / (1.0 + 2 + 1), square (0 + 1) / (1.5 + 1 + 1).
+    expected = np.log1p(2 * np.exp(20.0)) + 1 - (1 / 4 + 1 / 3.5) / 2
+    assert float(bad) == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"masks": "short"}, "matching images"),
+        ({"masks": "float"}, "integer class labels"),
+        ({"masks": "label3"}, r"\[0, 3\)"),
+        ({"class_names": ("background",)}, "at least one class"),
+        ({"val_fraction": 0.0}, "val_fraction"),
+        ({"val_fraction": 1.0}, "val_fraction"),
+        ({"n": 1}, "at least 2 images"),
+        ({"epochs": 0}, "epochs"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"lr": -1.0}, "lr"),
+        ({"time_budget_s": 0.0}, "time_budget_s"),
+        ({"arch_kwargs": {"base": 4, "num_classes": 5}}, "num_classes"),
+        ({"images": "5d"}, r"\(N, H, W, C\)"),
+    ],
+)
+def test_bad_inputs_raise_config_error(tiny_data, change, match):
+    images, masks = tiny_data
+    change = dict(change)
+    n = change.pop("n", None)
+    if n is not None:
+        images, masks = images[:n], masks[:n]
+    mask_kind = change.pop("masks", None)
+    if mask_kind == "short":
+        masks = masks[:, :-1]
+    elif mask_kind == "float":
+        masks = masks.astype(np.float32)
+    elif mask_kind == "label3":
+        masks = masks.copy()
+        masks[0, 0, 0] = 3
+    if change.pop("images", None) == "5d":
+        images = images[..., None]
+    with pytest.raises(ConfigError, match=match):
+        _train(images, masks, **change)
+
+
+def test_demo_settings_are_consistent():
+    assert 0 < DEMO_N_TRAIN < DEMO_N_IMAGES
+    assert DEMO_N_IMAGES - DEMO_N_TRAIN >= 100
+    assert DEMO_NORMALISATION.mode == "range"
+    with pytest.raises(TypeError):
+        DEMO_ARCH_KWARGS["base"] = 1  # read-only: callers cannot change the demo for everyone
+
+
+@pytest.mark.slow
+def test_demo_defaults_reach_the_held_out_dice_bar(tmp_path):
+    """The demo's recipe on 2 threads: write the collection, train on the first DEMO_N_TRAIN
+    images, segment the rest and score them (about a minute on 2 idle CPU cores)."""
+    root = tmp_path / "demo"
+    ids = generate_collection(root, n_images=DEMO_N_IMAGES, size=DEMO_IMAGE_SIZE, seed=0)
+    images = np.stack([read_image(root / "images" / f"{i}.png") for i in ids])
+    masks = np.stack([read_mask(root / "masks" / f"{i}.png") for i in ids])
+    model, meta, _ = train_semantic(
+        images[:DEMO_N_TRAIN],
+        masks[:DEMO_N_TRAIN],
+        class_names=CLASS_NAMES,
+        arch_kwargs=DEMO_ARCH_KWARGS,
+        normalisation=DEMO_NORMALISATION,
+        epochs=DEMO_EPOCHS,
+        batch_size=DEMO_BATCH_SIZE,
+        lr=DEMO_LR,
+        seed=0,
+        time_budget_s=DEMO_TIME_BUDGET_S,
+    )
+    pred = predict_labels(model.eval(), images[DEMO_N_TRAIN:], normalisation=meta.normalisation)
+    dice = dice_per_class(pred, masks[DEMO_N_TRAIN:], len(CLASS_NAMES)).mean(axis=0)
+    assert dice[1:].mean() >= 0.90, dict(zip(CLASS_NAMES, dice.round(4)))
