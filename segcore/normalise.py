@@ -19,6 +19,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
 
+#: Per-channel ``(low, high)`` percentile values of a whole image (:func:`percentile_stats`).
+Stats = tuple[tuple[float, ...], tuple[float, ...]]
+
+
 class Normalisation(BaseModel):
     """How raw pixel values become model inputs."""
 
@@ -44,7 +48,7 @@ class Normalisation(BaseModel):
         return self
 
 
-def percentile_stats(pixels: np.ndarray, norm: Normalisation) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def percentile_stats(pixels: np.ndarray, norm: Normalisation) -> Stats:
     """The ``(low, high)`` percentile values per channel of ``(..., C)`` pixels (e.g. a sample
     of a large image), to pass as ``stats`` to :func:`normalise_batch`."""
     flat = np.asarray(pixels).reshape(-1, pixels.shape[-1]).astype(np.float32)
@@ -53,7 +57,7 @@ def percentile_stats(pixels: np.ndarray, norm: Normalisation) -> tuple[tuple[flo
 
 
 def normalise_batch(images: np.ndarray, norm: Normalisation, *,
-                    stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> torch.Tensor:
+                    stats: Stats | None = None) -> torch.Tensor:
     """Normalise ``(N, H, W, C)`` raw images into a float32 ``(N, C, H, W)`` tensor.
 
     ``stats`` (percentile mode): per-channel ``(low, high)`` values to use for every image

@@ -1,0 +1,179 @@
+"""The prediction seam: every forward pass of a model over images goes through a :class:`Predictor`.
+
+A predictor is one model ready for inference on one device: it owns normalisation of raw pixels,
+device placement, autocast, channels-last and the per-process model cache. Semantic models give
+:meth:`Predictor.logits` (and :meth:`Predictor.labels`, their batched argmax); instance models give
+:meth:`Predictor.detect` (and :meth:`Predictor.instances`). Whole-image units, tiled blocks, TTA,
+training validation and the benchmarks all call it, so another runtime (TorchScript, ONNX
+Runtime, a model from another package) is another subclass and nothing else changes.
+
+:func:`load_predictor` builds one from a checkpoint, once per process and device.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import logging
+import threading
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from segcore.errors import ConfigError
+from segcore.models.checkpoint import ModelMeta, load_checkpoint
+from segcore.models.instances import InstancePrediction, predict_instances
+from segcore.normalise import Stats, normalise_batch
+
+log = logging.getLogger(__name__)
+
+#: Autocast dtypes by precision name; ``fp32`` disables autocast.
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+def resolve_device(device: str, *, worker_index: int | None = None) -> str:
+    """``auto`` -> ``cuda:<i>`` when CUDA is present (``i`` = worker index modulo GPUs), else ``cpu``."""
+    if device == "cpu":
+        return "cpu"
+    if device not in ("auto", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if not torch.cuda.is_available():
+        if device == "auto":
+            return "cpu"
+        raise ConfigError(f"device {device!r} asked for, but torch sees no CUDA device; use --device cpu or auto")
+    if device.startswith("cuda:"):
+        return device
+    return f"cuda:{(worker_index or 0) % torch.cuda.device_count()}"
+
+
+class Predictor(abc.ABC):
+    """One model ready to predict on ``device``.
+
+    Subclasses implement :meth:`logits` (semantic models) or :meth:`detect` (instance models);
+    the batched helpers :meth:`labels` and :meth:`instances` are built on them. Inputs of
+    :meth:`logits` and :meth:`detect` are normalised float32 ``(N, C, H, W)`` CPU tensors
+    (:meth:`prepare`); raw images are ``(N, H, W, C)`` arrays of any numeric dtype.
+    """
+
+    def __init__(self, meta: ModelMeta, *, device: str = "cpu", precision: str = "bf16") -> None:
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.meta = meta
+        self.device = device
+        self.precision = precision
+
+    @property
+    def kind(self) -> str:
+        """``semantic`` or ``instance``."""
+        return self.meta.kind
+
+    @property
+    def num_classes(self) -> int:
+        return self.meta.num_classes
+
+    @property
+    def label_dtype(self) -> np.dtype:
+        """uint8 class labels, or uint16 for models with more than 256 classes."""
+        return np.dtype(np.uint8 if self.num_classes <= 256 else np.uint16)
+
+    @property
+    def detections_cap(self) -> int | None:
+        """Most detections an instance model keeps per input window (None: no cap, or semantic)."""
+        return None
+
+    def prepare(self, images: np.ndarray, *, stats: Stats | None = None) -> torch.Tensor:
+        """Raw ``(N, H, W, C)`` images -> normalised float32 ``(N, C, H, W)`` (the model's normalisation;
+        ``stats``: fixed per-channel percentile values, e.g. those of the large image a tile is from)."""
+        return normalise_batch(images, self.meta.normalisation, stats=stats)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, K, H, W)`` class scores for a normalised batch (on :attr:`device`). Semantic models only."""
+        raise ConfigError(f"model {self.meta.arch!r} is an instance model; it gives detections, not logits")
+
+    def detect(self, x: torch.Tensor) -> list[InstancePrediction]:
+        """One :class:`InstancePrediction` per image of a normalised batch. Instance models only."""
+        raise ConfigError(f"model {self.meta.arch!r} is a semantic model; it gives logits, not detections")
+
+    def labels(self, images: np.ndarray, *, batch_size: int | None = None, stats: Stats | None = None
+               ) -> np.ndarray:
+        """``(N, H, W)`` class labels (argmax of :meth:`logits`) of raw ``(N, H, W, C)`` images,
+        ``batch_size`` images per forward pass (default: all at once)."""
+        out = np.empty(images.shape[:3], dtype=self.label_dtype)
+        step = batch_size or max(1, len(images))
+        with torch.inference_mode():
+            for s in range(0, len(images), step):
+                logits = self.logits(self.prepare(images[s:s + step], stats=stats))
+                out[s:s + step] = logits.argmax(dim=1).to("cpu").numpy()
+        return out
+
+    def instances(self, images: np.ndarray, *, batch_size: int | None = None, stats: Stats | None = None
+                  ) -> list[InstancePrediction]:
+        """One :class:`InstancePrediction` per raw ``(N, H, W, C)`` image, ``batch_size`` per pass."""
+        step = batch_size or max(1, len(images))
+        out: list[InstancePrediction] = []
+        for s in range(0, len(images), step):
+            out.extend(self.detect(self.prepare(images[s:s + step], stats=stats)))
+        return out
+
+
+class TorchPredictor(Predictor):
+    """A torch ``nn.Module`` (segflow's registry models): on CUDA with pinned, non-blocking copies,
+    channels-last and autocast to ``precision`` (semantic models; detection post-processing is not
+    autocast-safe, so instance models run fp32); on the CPU in fp32. The module's train/eval mode
+    is the caller's (a checkpoint loaded by :func:`load_predictor` is in eval mode)."""
+
+    def __init__(self, model: torch.nn.Module, meta: ModelMeta, *, device: str = "cpu",
+                 precision: str = "bf16") -> None:
+        super().__init__(meta, device=device, precision=precision)
+        self.model = model
+        self._cuda = device.startswith("cuda")
+        if self._cuda and meta.kind == "semantic":
+            self.model = model.to(memory_format=torch.channels_last)
+
+    @property
+    def detections_cap(self) -> int | None:
+        detector = getattr(self.model, "detector", None)
+        return int(detector.roi_heads.detections_per_img) if detector is not None else None
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._cuda:
+            return x
+        return x.pin_memory().to(self.device, non_blocking=True)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind != "semantic":
+            return super().logits(x)
+        if not self._cuda:
+            return self.model(x)
+        x = self._to_device(x).contiguous(memory_format=torch.channels_last)
+        amp = (torch.autocast("cuda", dtype=AUTOCAST[self.precision]) if self.precision in AUTOCAST
+               else contextlib.nullcontext())
+        with amp:
+            return self.model(x)
+
+    def detect(self, x: torch.Tensor) -> list[InstancePrediction]:
+        if self.kind != "instance":
+            return super().detect(x)
+        return predict_instances(self.model, self._to_device(x))
+
+
+_cache_lock = threading.Lock()
+
+
+@lru_cache(maxsize=4)
+def _cached(checkpoint: str, sha256: str, device: str, precision: str) -> Predictor:
+    log.info("loading %s on %s", checkpoint, device)
+    model, meta = load_checkpoint(checkpoint, device=device)
+    return TorchPredictor(model, meta, device=device, precision=precision)
+
+
+def load_predictor(checkpoint: str, *, sha256: str, device: str = "cpu", precision: str = "bf16") -> Predictor:
+    """The predictor of ``checkpoint`` on ``device``, built once per process (keyed by the content
+    hash, so a checkpoint replaced in place is loaded again)."""
+    with _cache_lock:
+        return _cached(str(checkpoint), sha256, device, precision)
+
+
+__all__ = ["AUTOCAST", "PRECISIONS", "Predictor", "TorchPredictor", "load_predictor", "resolve_device"]
