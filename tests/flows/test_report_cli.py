@@ -7,7 +7,7 @@ import json
 
 from flows.cli import main
 from segcore.lake.publish import publish
-from tests.segcore.test_lake import _groups, _manifest, _run_info, _write_unit
+from tests.segcore.lake.test_lake import _groups, _manifest, _run_info, _write_unit
 
 
 def test_report_prints_tables_and_writes_plots(tmp_path, capsys):
