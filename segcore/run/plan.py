@@ -5,17 +5,31 @@ In a tiled group (large images, see :mod:`segcore.tiling`) a unit is one spatial
 image: its ``window`` is the unit's core. :func:`check_alignment` proves, before fan-out, that
 every unit covers exactly one chunk of the output arrays and that the units cover every pixel, so
 no two workers ever write the same chunk.
+
+A run records its plan once (:class:`RunPlan`, ``RUN_DIR/plan.json``, written by
+:func:`segcore.run.rundir.prepare_run`): its units, the parts of its tiled images and its tiling.
+Flows, the reader, incremental runs and the lake read that record; nothing plans again or
+parses unit names.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-from segcore.errors import PlanError
 from segcore.collection.store import StoreInfo
-from segcore.tiling import Window, chunk_windows
+from segcore.errors import ConfigError, PlanError
+from segcore.models.checkpoint import ModelMeta
+from segcore.run.context import Tiling
+from segcore.tiling import BLENDS, Window, chunk_windows
+
+#: Default model tile of semantic models.
+DEFAULT_TILE = 512
+#: Instance models: default detector core side and halo.
+DEFAULT_INSTANCE_TILE = 256
+DEFAULT_INSTANCE_OVERLAP = 64
 
 
 @dataclass(frozen=True)
@@ -122,3 +136,109 @@ def check_alignment(units: Sequence[WorkUnit], *, chunks: Mapping[str, Sequence[
             expected = e
         if expected != n:
             raise PlanError(f"group {group!r}: images {expected}..{n - 1} have no unit")
+
+
+def image_part(group: str, index: int) -> str:
+    """Name of the table parts of one tiled image (its Dice rows, instances, seams): ``g001-000003``."""
+    return f"{group}-{index:06d}"
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The recorded plan of a run: its work units (in order) and the tiling of its large images."""
+
+    units: tuple[WorkUnit, ...]
+    tiling: Tiling | None = None
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """Store groups the plan covers, in order."""
+        return tuple(dict.fromkeys(u.group for u in self.units))
+
+    @property
+    def tiled_images(self) -> list[tuple[str, int]]:
+        """``(group, index)`` of every image segmented block by block, in plan order."""
+        return list(dict.fromkeys((u.group, u.start) for u in self.units if u.window is not None))
+
+    def blocks_of(self, group: str, index: int) -> list[WorkUnit]:
+        """The block units of one tiled image, in plan order."""
+        return [u for u in self.units if u.window is not None and (u.group, u.start) == (group, index)]
+
+    def part_groups(self) -> dict[str, str]:
+        """Store group of every table part: unit names and the parts of tiled images (:func:`image_part`)."""
+        out = {u.name: u.group for u in self.units}
+        out.update({image_part(g, i): g for g, i in self.tiled_images})
+        return out
+
+    def extends(self, earlier: "RunPlan") -> bool:
+        """True when this plan keeps ``earlier``'s units unchanged and only adds units after them."""
+        return self.units[:len(earlier.units)] == earlier.units
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tiling": None if self.tiling is None else dataclasses.asdict(self.tiling),
+                "units": [[u.unit_id, u.group, u.start, u.stop,
+                           None if u.window is None else [u.window.y0, u.window.y1, u.window.x0, u.window.x1]]
+                          for u in self.units]}
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> "RunPlan":
+        units = tuple(WorkUnit(unit_id=i, group=g, start=s, stop=e, window=None if w is None else Window(*w))
+                      for i, g, s, e, w in data["units"])
+        tiling = data.get("tiling")
+        return RunPlan(units=units, tiling=None if tiling is None else Tiling(**tiling))
+
+
+def make_plan(store: StoreInfo, tiling: Tiling | None) -> RunPlan:
+    """The plan of a run over ``store``: tiled groups are cut into blocks unless ``tiling`` is None."""
+    return RunPlan(units=tuple(plan_units(store, tiled=tiling is not None)), tiling=tiling)
+
+
+def resolve_tiling(meta: ModelMeta, *, tile_size: int | None, overlap: int | None, blend: str = "gaussian",
+                   tta: bool = False) -> Tiling | None:
+    """Tiling options for a model, defaults derived from it; None when ``tile_size`` is 0 (no tiling:
+    large images are segmented whole).
+
+    Semantic models: the model tile defaults to :data:`DEFAULT_TILE` rounded up to the UNet's
+    divisor (``2**depth``), the overlap to a quarter of the tile (more than the receptive field of
+    the default UNets). Instance models: the detector runs on cores of ``tile`` pixels (default
+    :data:`DEFAULT_INSTANCE_TILE`) plus a halo of ``overlap`` pixels on each side (default
+    :data:`DEFAULT_INSTANCE_OVERLAP`), which must exceed the largest object; keep the window small
+    enough that it holds fewer objects than the model's ``box_detections_per_img``.
+    """
+    if tile_size == 0:
+        return None
+    if blend not in BLENDS:
+        raise ConfigError(f"blend must be one of {BLENDS}, got {blend!r}")
+    if meta.kind == "instance":
+        tile = DEFAULT_INSTANCE_TILE if tile_size is None else int(tile_size)
+        ov = DEFAULT_INSTANCE_OVERLAP if overlap is None else int(overlap)
+        if tile < 1 or ov < 0:
+            raise ConfigError(f"need tile size >= 1 and overlap >= 0 pixels, got {tile} and {ov}")
+        if tta:
+            raise ConfigError("test-time augmentation applies to semantic models only")
+        return Tiling(tile=tile, overlap=ov, blend=blend, tta=False)
+    divisor = 2 ** int(meta.arch_kwargs.get("depth", 4))
+    tile = DEFAULT_TILE if tile_size is None else int(tile_size)
+    if tile < 1:
+        raise ConfigError(f"tile size must be >= 1 (or 0 to disable tiling), got {tile}")
+    tile = math.ceil(tile / divisor) * divisor
+    ov = tile // 4 if overlap is None else int(overlap)
+    if not 0 <= ov < tile:
+        raise ConfigError(f"overlap must lie in [0, tile size {tile}), got {ov}")
+    return Tiling(tile=tile, overlap=ov, blend=blend, tta=tta)
+
+
+def output_shaping(meta: ModelMeta, tiling: Tiling | None, *, precision: str) -> dict[str, Any]:
+    """The parameters besides the store and the checkpoint that shape a run's outputs: the tiling of
+    large images (tile size, overlap, blend, TTA), the autocast precision, and, from the
+    checkpoint, its normalisation and score threshold (recorded to name them in messages; the
+    checkpoint's sha256 already pins them)."""
+    return {
+        "tile_size": None if tiling is None else tiling.tile,
+        "overlap": None if tiling is None else tiling.overlap,
+        "blend": None if tiling is None else tiling.blend,
+        "tta": None if tiling is None else tiling.tta,
+        "precision": precision,
+        "normalisation": meta.normalisation.model_dump(mode="json"),
+        "score_threshold": meta.arch_kwargs.get("score_threshold"),
+    }

@@ -21,8 +21,7 @@ import zarr
 
 from segcore import fsio
 from segcore.errors import NotFound
-from segcore.run.plan import plan_units
-from segcore.run.rundir import dice_dir, instances_path, masks_path, read_run_info, table_dir
+from segcore.run.rundir import dice_dir, instances_path, masks_path, read_plan, read_run_info, table_dir
 from segcore.collection.store import open_store, read_manifest
 from segcore.run.tables import INSTANCE_METRICS_SCHEMA, INSTANCE_SCHEMA, SEAM_SCHEMA, read_dice, read_table
 
@@ -105,13 +104,13 @@ class RunReader:
 
     @cached_property
     def _unit_groups(self) -> dict[str, str]:
-        """Unit name (``unit-00042``) -> store group, as the run planned its units."""
-        tiled = (self.info.get("spec") or {}).get("tile_size") != 0  # as the run planned (SegmentSpec)
-        return {u.name: u.group for u in plan_units(self.store, tiled=tiled)}
+        """Table part (a unit ``unit-00042`` or a tiled image's part ``g001-000003``) -> store group,
+        from the run's recorded plan."""
+        return read_plan(self.path).part_groups()
 
     def _group_of(self, unit: str) -> str:
-        """Store group of a table row's ``unit``: a planned unit, or a tiled image's part ``g001-000003``."""
-        return self._unit_groups.get(unit) or unit.rsplit("-", 1)[0]
+        """Store group of a table row's ``unit``."""
+        return self._unit_groups[unit]
 
     def _current_rows(self, table: pa.Table, image_id: str) -> pa.Table:
         """Rows of ``table`` (``image_id`` and ``unit`` columns) of the current version of ``image_id``.

@@ -2,7 +2,9 @@
 
 Layout of ``RUN_DIR``::
 
-    run.json                          run_id, created, store, checkpoint + sha256, model meta, spec
+    run.json                          run_id, key, created, store, checkpoint + sha256, model meta, spec,
+                                      the output-shaping parameters
+    plan.json                         the run plan: work units, tiled images, tiling (segcore.run.plan)
     masks.zarr/<group>                (N, H, W) uint8 predicted class labels, chunks = work units
                                       (tiled groups: (1, tile, tile) blocks)
     instances.zarr/<group>            (N, H, W) uint32 instance ids (instance models only), same chunks
@@ -11,12 +13,17 @@ Layout of ``RUN_DIR``::
     instance_metrics/run_id=<run_id>/<unit>.parquet  per-image instance metrics (instance ground truth)
     seams/run_id=<run_id>/<group>-<index>.parquet    stitching record of a tiled image (instance models)
     blocks/<unit>.npz                 objects kept by one block of a tiled image (instance models)
-    units/<unit>.json                 done marker of a unit (its record), written last
+    units/<marker>.json               done-records (segcore.run.context), each written last by its step:
+                                      <unit>.json (a unit or a block), <unit>.detect.json (a block's
+                                      detections), image-<group>-<index>.json (a tiled image's tables)
     summary.json, summary.md          run summary
 
-Executing the same run again into the same directory *resumes*: units with a done marker are
-skipped, unfinished ones are redone, and every file they write atomically replaces its previous
-version, so there is exactly one Dice part per unit. A different checkpoint or store is refused.
+Executing the same run again into the same directory *resumes*: steps with a done-record of the
+run's key are skipped, unfinished ones are redone, and every file they write atomically replaces
+its previous version, so there is exactly one Dice part per unit. The key names the store's
+identity, the checkpoint's sha256 and the output-shaping parameters
+(:func:`segcore.run.plan.output_shaping`); another store, checkpoint or any other such parameter
+is refused with a message naming what differs, so one run directory never mixes two settings.
 
 ``RUN_DIR`` is a local path or any fsspec URL (``s3://bucket/runs/r1``, ``file://...``); every
 location below is then a string in the same form (see :mod:`segcore.fsio`). ``masks.zarr`` and
@@ -35,12 +42,15 @@ from typing import Any, Sequence
 import zarr
 
 from segcore import fsio
-from segcore.models.checkpoint import ModelMeta
-from segcore.errors import NotFound, StoreError
-from segcore.ngff import label_image_attrs
 from segcore.collection.store import GroupInfo
+from segcore.errors import NotFound, StoreError
+from segcore.models.checkpoint import ModelMeta
+from segcore.ngff import label_image_attrs
+from segcore.run.context import Record, record_from_json, run_key
+from segcore.run.plan import RunPlan
 
-RUN_FORMAT = 1
+#: Format 2 records the run key, the output-shaping parameters and the plan.
+RUN_FORMAT = 2
 
 
 def masks_path(run_dir: str | os.PathLike[str]) -> str:
@@ -121,32 +131,62 @@ def _label_arrays(run_dir: str, groups: Sequence[GroupInfo], *, meta: ModelMeta,
             root.attrs["ome"] = label_image_attrs(names, class_names=class_names, source=source)
 
 
-def prepare_run(run_dir: str, *, store_path: str, checkpoint: str, checkpoint_sha256: str, meta: ModelMeta,
-                groups: Sequence[GroupInfo], spec: dict[str, Any], store_id: str | None = None) -> dict[str, Any]:
-    """Create (or reopen for resuming) a run directory and its mask arrays; returns run info.
+def _shaping_differences(recorded: dict[str, Any], asked: dict[str, Any]) -> list[str]:
+    return [f"{k}: {recorded.get(k)!r} in the run directory, {asked.get(k)!r} now"
+            for k in sorted(set(recorded) | set(asked)) if recorded.get(k) != asked.get(k)]
 
-    ``run_dir`` is a local path or an fsspec URL. Reopening creates the arrays of store groups
-    that the run directory lacks (groups appended to the store since), leaving the others as
-    they are. Raises :class:`StoreError` when ``run_dir`` holds a run of another store or
-    checkpoint, of an earlier version of the store (created anew since: ``store_id`` differs),
-    or is not empty and holds no run.
+
+def _reopen(run_dir: str, info: dict[str, Any], *, store_abs: str, store_id: str | None, checkpoint_sha256: str,
+            shaping: dict[str, Any], plan: RunPlan) -> None:
+    """Refuse to resume a run of anything else than what is asked now (see the module docstring)."""
+    if info.get("format") != RUN_FORMAT or "shaping" not in info:
+        raise StoreError(f"{run_dir!r} holds run {info.get('run_id')} written by an earlier segflow, which recorded "
+                         "neither its plan nor its output-shaping parameters; use a new --out directory")
+    if info.get("store") != store_abs or info.get("checkpoint_sha256") != checkpoint_sha256:
+        raise StoreError(
+            f"{run_dir!r} holds run {info.get('run_id')} of store {info.get('store')} with checkpoint "
+            f"sha256 {str(info.get('checkpoint_sha256'))[:12]}; use a new --out directory for this store/checkpoint"
+        )
+    if store_id and info.get("store_id") and info["store_id"] != store_id:
+        raise StoreError(
+            f"{run_dir!r} holds run {info.get('run_id')} of an earlier version of store {store_abs} (it was "
+            "created anew since, e.g. with --overwrite); its masks and Dice rows would be stale. Use a new --out "
+            "directory")
+    differ = _shaping_differences(info["shaping"], shaping)
+    if differ:
+        raise StoreError(
+            f"{run_dir!r} holds run {info.get('run_id')} made with other settings ({'; '.join(differ)}); its "
+            "outputs would mix two settings. Use a new --out directory, or run again with the recorded settings")
+    recorded = read_plan(run_dir)
+    if not plan.extends(recorded):
+        raise StoreError(f"{run_dir!r}: the work units of store {store_abs} no longer match the run's plan "
+                         f"({len(recorded.units)} recorded units); use a new --out directory")
+
+
+def prepare_run(run_dir: str, *, store_path: str, checkpoint: str, checkpoint_sha256: str, meta: ModelMeta,
+                groups: Sequence[GroupInfo], plan: RunPlan, shaping: dict[str, Any], spec: dict[str, Any],
+                store_id: str | None = None) -> dict[str, Any]:
+    """Create (or reopen for resuming) a run directory, its mask arrays and its plan; returns the run info.
+
+    ``run_dir`` is a local path or an fsspec URL. ``plan`` is recorded in ``plan.json`` (a store that
+    gained groups since extends it); ``shaping`` (:func:`segcore.run.plan.output_shaping`) goes into
+    ``run.json`` with the run ``key`` (:func:`segcore.run.context.run_key`). Reopening creates the
+    arrays of store groups that the run directory lacks, leaving the others as they are.
+
+    Raises:
+        StoreError: ``run_dir`` holds a run of another store or checkpoint, of an earlier version
+            of the store (``store_id`` differs), with other output-shaping parameters (the message
+            names each), whose plan the store no longer extends, or is not empty and holds no run.
     """
     info_path = fsio.join(run_dir, "run.json")
     store_abs = absolute_location(store_path)
     source = _image_source(run_dir, store_abs)
     if fsio.exists(info_path):
         info = fsio.read_json(info_path)
-        if info.get("store") != store_abs or info.get("checkpoint_sha256") != checkpoint_sha256:
-            raise StoreError(
-                f"{run_dir!r} holds run {info.get('run_id')} of store {info.get('store')} with checkpoint "
-                f"sha256 {str(info.get('checkpoint_sha256'))[:12]}; use a new --out directory for this store/checkpoint"
-            )
-        if store_id and info.get("store_id") and info["store_id"] != store_id:
-            raise StoreError(
-                f"{run_dir!r} holds run {info.get('run_id')} of an earlier version of store {store_abs} (it was "
-                "created anew since, e.g. with --overwrite); its masks and Dice rows would be stale. Use a new --out "
-                "directory")
+        _reopen(run_dir, info, store_abs=store_abs, store_id=store_id, checkpoint_sha256=checkpoint_sha256,
+                shaping=shaping, plan=plan)
         _label_arrays(run_dir, groups, meta=meta, segflow_attrs={}, source=source, create=False)
+        fsio.write_json(fsio.join(run_dir, "plan.json"), plan.to_json())
         return info
     if _foreign_entries(run_dir, store_abs):
         raise StoreError(f"{run_dir!r} exists and is not a segflow run directory; choose an empty or new --out")
@@ -154,19 +194,30 @@ def prepare_run(run_dir: str, *, store_path: str, checkpoint: str, checkpoint_sh
     info = {
         "format": RUN_FORMAT,
         "run_id": f"{now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}",
+        "key": run_key(store_id=store_id, checkpoint_sha256=checkpoint_sha256, shaping=shaping),
         "created": now.isoformat(),
         "store": store_abs,
         "store_id": store_id,
         "checkpoint": str(Path(checkpoint).resolve()),
         "checkpoint_sha256": checkpoint_sha256,
         "model": json.loads(meta.model_dump_json()),
+        "shaping": shaping,
         "spec": spec,
     }
     attrs = {"run_id": info["run_id"], "class_names": list(meta.class_names),
              "checkpoint_sha256": checkpoint_sha256, "spec": spec}
     _label_arrays(run_dir, groups, meta=meta, segflow_attrs=attrs, source=source, create=True)
+    fsio.write_json(fsio.join(run_dir, "plan.json"), plan.to_json())
     fsio.write_json(info_path, info)  # written last: its presence means the directory is complete
     return info
+
+
+def read_plan(run_dir: str | os.PathLike[str]) -> RunPlan:
+    """The plan recorded in ``RUN_DIR/plan.json`` by :func:`prepare_run`."""
+    path = fsio.join(run_dir, "plan.json")
+    if not fsio.exists(path):
+        raise NotFound(f"{str(run_dir)!r} records no run plan (no plan.json); run 'segflow segment' first")
+    return RunPlan.from_json(fsio.read_json(path))
 
 
 def mask_chunks(run_dir: str) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
@@ -179,16 +230,22 @@ def mask_chunks(run_dir: str) -> tuple[dict[str, tuple[int, ...]], dict[str, tup
     return chunks, counts
 
 
-def mark_unit_done(run_dir: str, record: dict[str, Any]) -> None:
-    fsio.write_json(fsio.join(run_dir, "units", f"{record['unit']}.json"), record)
+def mark_done(run_dir: str, record: Record) -> None:
+    """Write ``record`` as the done-record of its step (``units/<record.marker>.json``). Every step
+    writes it last, after all its outputs: its presence means the step is complete."""
+    fsio.write_json(fsio.join(run_dir, "units", f"{record.marker}.json"), record.to_json())
 
 
-def finished_units(run_dir: str) -> dict[str, dict[str, Any]]:
-    """Records of the units already done, by unit name."""
-    found = [loc for loc in fsio.list_files(fsio.join(run_dir, "units"), suffix=".json", recursive=False)
-             if loc.rsplit("/", 1)[-1].startswith("unit-")]
-    return {loc.rsplit("/", 1)[-1][:-len(".json")]: json.loads(data)
-            for loc, data in zip(found, fsio.read_many(found))}
+def done_records(run_dir: str, key: str) -> dict[str, Record]:
+    """The done-records of run ``key`` in ``run_dir``, by marker name (``unit-00042``,
+    ``unit-00042.detect``, ``image-g001-000003``); records of another key do not count."""
+    found = fsio.list_files(fsio.join(run_dir, "units"), suffix=".json", recursive=False)
+    out = {}
+    for loc, data in zip(found, fsio.read_many(found)):
+        parsed = json.loads(data)
+        if isinstance(parsed, dict) and parsed.get("key") == key and "type" in parsed:
+            out[loc.rsplit("/", 1)[-1][:-len(".json")]] = record_from_json(parsed)
+    return out
 
 
 def write_summary(run_dir: str, summary: dict[str, Any], markdown: str) -> None:

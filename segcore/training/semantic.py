@@ -30,7 +30,7 @@ from torch import nn
 
 from segcore.models.checkpoint import ModelMeta
 from segcore.errors import ConfigError
-from segcore.run.units import predict_labels
+from segcore.models.predict import TorchPredictor
 from segcore.metrics.dice import dice_per_class
 from segcore.models import create_model
 from segcore.normalise import Normalisation, normalise_batch
@@ -238,8 +238,10 @@ def train_semantic(
             schedule.step()
             losses.append(float(loss.detach()))
         model.eval()
-        pred = predict_labels(model, x_val, normalisation=normalisation, device=str(next(model.parameters()).device),
-                              batch_size=max(batch_size, 32))
+        meta = ModelMeta(arch="unet", arch_kwargs=dict(arch_kwargs), class_names=tuple(class_names),
+                         in_channels=x_val.shape[-1], normalisation=normalisation)
+        pred = TorchPredictor(model, meta, device=str(next(model.parameters()).device), precision="fp32").labels(
+            x_val, batch_size=max(batch_size, 32))
         per_class = dice_per_class(pred, y_val, num_classes).mean(axis=0)
         val_dice = {name: float(d) for name, d in zip(class_names, per_class)}
         mean_fg = float(per_class[1:].mean())

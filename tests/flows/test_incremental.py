@@ -20,7 +20,7 @@ from segcore.collection.imageio import write_png
 from segcore.lake.publish import lake_columns, read_lake
 from segcore.lake.report import dice_report
 from segcore.run.results import open_run
-from segcore.run.rundir import finished_units
+from segcore.run.rundir import done_records, read_run_info
 from segcore.collection.store import open_store, read_manifest
 
 ONE_WORKER = ExecutionSpec(n_workers=1, threads_per_worker=1)
@@ -84,7 +84,8 @@ def scheduled(collection, tmp_path_factory):
             _drop(root / "landing", root / "masks", 20, new, seed=2, shape=(40, 56))
         results.append((no_cluster if new == 0 else flow)(spec))
         files.append(_lake_files(root))
-        units.append(dict(finished_units(results[-1]["run_dir"])))
+        run_dir = results[-1]["run_dir"]
+        units.append(dict(done_records(run_dir, read_run_info(run_dir)["key"])))
     return root, spec, results, files, units
 
 

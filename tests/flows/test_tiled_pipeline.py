@@ -14,7 +14,7 @@ from flows.pipeline import run_flow, segment_flow, with_runner
 from segcore.models.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
 from segcore.config import ExecutionSpec, IngestSpec, RunSpec, SegmentSpec
 from segcore.collection.imageio import write_png
-from segcore.run.units import predict_labels
+from segcore.models.predict import TorchPredictor
 from segcore.models import create_model
 from segcore.normalise import Normalisation, normalise_batch
 from segcore.run.results import open_run
@@ -111,7 +111,7 @@ def test_rerun_skips_every_block_and_tiling_off_segments_whole(semantic) -> None
     summary = with_runner(segment_flow, EXECUTION)(whole_spec)
     assert summary["units"] == 2
     model, meta = load_checkpoint(semantic["ckpt"])
-    expected = predict_labels(model, semantic["data"]["big"][None, ..., None], normalisation=meta.normalisation)[0]
+    expected = TorchPredictor(model, meta).labels(semantic["data"]["big"][None, ..., None])[0]
     np.testing.assert_array_equal(open_run(whole_spec.out).mask("big"), expected)
 
 

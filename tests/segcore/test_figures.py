@@ -16,14 +16,13 @@ from segcore import figures
 from segcore.models.checkpoint import ModelMeta, save_checkpoint
 from segcore.fsio import file_sha256
 from segcore.collection.imageio import write_png
+from segcore.run.start import start_run
 from segcore.run.units import segment_unit
 from segcore.models import create_model
 from segcore.normalise import Normalisation
-from segcore.run.plan import plan_units
 from segcore.run.results import open_run
-from segcore.run.rundir import prepare_run
 from segcore.collection.sources import pair_sources, probe_sources
-from segcore.collection.store import chunk_rows, create_store, open_store, plan_groups, write_manifest, write_store_chunk
+from segcore.collection.store import chunk_rows, create_store, plan_groups, write_manifest, write_store_chunk
 from segcore.metrics.summary import summarise_dice
 
 
@@ -110,13 +109,11 @@ def tiny_run(tmp_path: Path) -> str:
                      normalisation=Normalisation(mode="range", scale=255.0))
     ckpt = str(save_checkpoint(tmp_path / "m.safetensors",
                                create_model("unet", in_channels=1, num_classes=2, base=4, depth=1), meta))
-    info = open_store(store)
     run_dir = str(tmp_path / "run")
-    run = prepare_run(run_dir, store_path=store, checkpoint=ckpt, checkpoint_sha256=file_sha256(ckpt), meta=meta,
-                      groups=info.groups, spec={})
-    for u in plan_units(info):
-        segment_unit(store_path=store, run_dir=run_dir, run_id=run["run_id"], unit=u, checkpoint=ckpt,
-                     checkpoint_sha256=file_sha256(ckpt), mask_kind="class", batch_size=4, num_threads=1)
+    ctx, plan, _, _ = start_run(store, str(ckpt), run_dir, batch_size=4, device="cpu", num_threads=1)
+    units = plan.units
+    for u in units:
+        segment_unit(ctx, u)
     return run_dir
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from segcore.models.checkpoint import ModelMeta
-from segcore.run.units import predict_labels, resolve_device
+from segcore.models.predict import TorchPredictor, resolve_device
 from segcore.models import create_model
 from segcore.normalise import Normalisation
 
@@ -25,10 +25,10 @@ def test_cuda_autocast_agrees_with_cpu(precision):
     meta = ModelMeta(arch="unet", arch_kwargs={"base": 8, "depth": 3}, class_names=("bg", "a", "b"), in_channels=1,
                      normalisation=Normalisation(mode="range", scale=255.0))
     images = np.random.default_rng(0).integers(0, 255, (4, 96, 80, 1), dtype=np.uint8)
-    cpu = predict_labels(model, images, normalisation=meta.normalisation, device="cpu")
+    cpu = TorchPredictor(model, meta, device="cpu").labels(images)
     device = resolve_device("auto")
     assert device.startswith("cuda")
-    gpu = predict_labels(model.to(device), images, normalisation=meta.normalisation, device=device, precision=precision)
+    gpu = TorchPredictor(model.to(device), meta, device=device, precision=precision).labels(images)
     assert gpu.shape == cpu.shape and gpu.dtype == cpu.dtype
     assert (gpu == cpu).mean() >= (0.999 if precision == "fp32" else 0.98)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from segcore.models.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
-from segcore.run.units import predict_instance_batches, predict_labels
+from segcore.models.predict import TorchPredictor
 from segcore.models.instances import InstancePrediction
 from segcore.models import MODEL_KINDS, MODELS
 from segcore.normalise import Normalisation
@@ -33,13 +33,13 @@ def test_registered_model_contract(arch, tmp_path):
     loaded, loaded_meta = load_checkpoint(path)
     assert loaded_meta == meta and not loaded.training
     if meta.kind == "semantic":
-        a = predict_labels(model, images, normalisation=NORM)
-        b = predict_labels(loaded, images, normalisation=NORM)
+        a = TorchPredictor(model, meta).labels(images)
+        b = TorchPredictor(loaded, loaded_meta).labels(images)
         assert a.shape == (2, 40, 56) and a.dtype == np.uint8 and int(a.max()) < 3
         np.testing.assert_array_equal(a, b)
     else:
-        a = predict_instance_batches(model, images, normalisation=NORM, batch_size=2)
-        b = predict_instance_batches(loaded, images, normalisation=NORM, batch_size=2)
+        a = TorchPredictor(model, meta).instances(images, batch_size=2)
+        b = TorchPredictor(loaded, loaded_meta).instances(images, batch_size=2)
         assert len(a) == 2 and all(isinstance(p, InstancePrediction) for p in a)
         for p, q in zip(a, b):
             assert p.labels.shape == (40, 56) and p.labels.dtype == np.uint32 and p.classes.dtype == np.uint8

@@ -13,7 +13,7 @@ from segcore.config import TrainSpec
 from segcore.errors import ConfigError
 from segcore.normalise import Normalisation, normalise_batch, percentile_stats
 from segcore.synthetic import make_large_sample
-from segcore.run.blocks import DEFAULT_INSTANCE_OVERLAP, DEFAULT_INSTANCE_TILE, resolve_tiling
+from segcore.run.plan import DEFAULT_INSTANCE_OVERLAP, DEFAULT_INSTANCE_TILE, resolve_tiling
 
 
 def _meta(arch: str, **kwargs) -> ModelMeta:

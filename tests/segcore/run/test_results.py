@@ -10,14 +10,13 @@ import pyarrow.compute as pc
 from segcore.models.checkpoint import ModelMeta, save_checkpoint
 from segcore.fsio import file_sha256
 from segcore.collection.imageio import write_png
+from segcore.run.start import start_run
 from segcore.run.units import segment_unit
 from segcore.models import create_model
 from segcore.normalise import Normalisation
-from segcore.run.plan import plan_units
 from segcore.run.results import open_run
-from segcore.run.rundir import prepare_run
 from segcore.collection.sources import pair_sources, probe_sources
-from segcore.collection.store import chunk_rows, create_store, open_store, plan_groups, write_manifest, write_store_chunk
+from segcore.collection.store import chunk_rows, create_store, plan_groups, write_manifest, write_store_chunk
 
 META = ModelMeta(arch="unet", arch_kwargs={"base": 4, "depth": 2}, class_names=("bg", "fg"), in_channels=1,
                  normalisation=Normalisation(mode="range", scale=255.0))
@@ -53,13 +52,10 @@ def test_dice_of_a_changed_image_has_the_rows_of_its_current_version_only(tmp_pa
     write_manifest(store, old + new)
     ckpt = save_checkpoint(tmp_path / "m.safetensors", create_model("unet", in_channels=1, num_classes=2,
                                                                     base=4, depth=2), META)
-    info = open_store(store)
-    run = prepare_run(run_dir, store_path=store, checkpoint=str(ckpt), checkpoint_sha256=file_sha256(ckpt),
-                      meta=META, groups=info.groups, spec={})
-    units = plan_units(info)
+    ctx, plan, _, _ = start_run(store, str(ckpt), run_dir, batch_size=4, device="cpu", num_threads=1)
+    units = plan.units
     for u in units:
-        segment_unit(store_path=store, run_dir=run_dir, run_id=run["run_id"], unit=u, checkpoint=str(ckpt),
-                     checkpoint_sha256=file_sha256(ckpt), mask_kind="class", batch_size=4)
+        segment_unit(ctx, u)
 
     reader = open_run(run_dir)
     table = reader.dice_table()

@@ -15,8 +15,10 @@ from segcore.errors import NotFound, StoreError
 from segcore.figures import overlay_rgb
 from segcore.ngff import label_image_attrs
 from segcore.normalise import Normalisation
-from segcore.run.rundir import (finished_units, instances_path, mark_unit_done, masks_path, prepare_run, read_run_info,
-                            table_dir)
+from segcore.run.context import DetectRecord, ImageRecord
+from segcore.run.plan import RunPlan
+from segcore.run.rundir import (done_records, instances_path, mark_done, masks_path, prepare_run, read_plan,
+                                read_run_info, table_dir)
 from segcore.collection.store import GroupInfo
 
 SEMANTIC = ModelMeta(arch="unet", arch_kwargs={"base": 4, "depth": 2}, class_names=("background", "disc", "square"),
@@ -29,7 +31,7 @@ G1 = GroupInfo(name="g001", height=300, width=200, channels=1, dtype="uint8", co
 
 def _prepare(run_dir: str, store: str, groups, meta: ModelMeta = SEMANTIC, sha: str = "abc") -> dict:
     return prepare_run(run_dir, store_path=store, checkpoint="model.safetensors", checkpoint_sha256=sha, meta=meta,
-                       groups=groups, spec={"out": run_dir})
+                       groups=groups, plan=RunPlan(units=()), shaping={"precision": "bf16"}, spec={"out": run_dir})
 
 
 @pytest.fixture(params=["local", "memory"])
@@ -75,13 +77,13 @@ def test_reopen_refuses_another_checkpoint_and_a_foreign_directory(run_dir: str,
 def test_reopen_refuses_a_store_created_anew_since(tmp_path: Path) -> None:
     store, run_dir = str(tmp_path / "store.zarr"), str(tmp_path / "run")
     prepare_run(run_dir, store_path=store, store_id="first", checkpoint="m.safetensors", checkpoint_sha256="abc",
-                meta=SEMANTIC, groups=[G0], spec={})
+                meta=SEMANTIC, groups=[G0], plan=RunPlan(units=()), shaping={}, spec={})
     assert read_run_info(run_dir)["store_id"] == "first"
     prepare_run(run_dir, store_path=store, store_id="first", checkpoint="m.safetensors", checkpoint_sha256="abc",
-                meta=SEMANTIC, groups=[G0], spec={})
+                meta=SEMANTIC, groups=[G0], plan=RunPlan(units=()), shaping={}, spec={})
     with pytest.raises(StoreError, match="created anew"):
         prepare_run(run_dir, store_path=store, store_id="second", checkpoint="m.safetensors", checkpoint_sha256="abc",
-                    meta=SEMANTIC, groups=[G0], spec={})
+                    meta=SEMANTIC, groups=[G0], plan=RunPlan(units=()), shaping={}, spec={})
 
 
 def test_a_store_inside_the_run_directory_is_allowed(tmp_path: Path) -> None:
@@ -90,13 +92,30 @@ def test_a_store_inside_the_run_directory_is_allowed(tmp_path: Path) -> None:
     assert (tmp_path / "run" / "run.json").exists()
 
 
-def test_finished_units_reads_the_markers(run_dir: str) -> None:
-    assert finished_units(run_dir) == {}
-    for k in (3, 1):
-        mark_unit_done(run_dir, {"unit": f"unit-{k:05d}", "n_images": k})
-    fsio.write_bytes(fsio.join(run_dir, "units", ".unit-00002.json.x.tmp"), b"{")
-    assert finished_units(run_dir) == {"unit-00001": {"unit": "unit-00001", "n_images": 1},
-                                       "unit-00003": {"unit": "unit-00003", "n_images": 3}}
+def test_done_records_of_the_run_key_are_read_back(run_dir: str) -> None:
+    assert done_records(run_dir, "k1") == {}
+    detect = DetectRecord(unit="unit-00003", key="k1", objects=4, windows=1, capped=0, seconds=0.5)
+    image = ImageRecord(part="g001-000000", group="g001", index=0, key="k1", image_id="x", blocks=4, dice_rows=2)
+    for record in (detect, image, DetectRecord(unit="unit-00001", key="k0", objects=1, windows=1, capped=0,
+                                               seconds=0.1)):
+        mark_done(run_dir, record)
+    fsio.write_bytes(fsio.join(run_dir, "units", ".unit-00002.json.x.tmp"), b"{")  # a half-written marker
+    assert done_records(run_dir, "k1") == {"unit-00003.detect": detect, "image-g001-000000": image}
+    assert list(done_records(run_dir, "k0")) == ["unit-00001.detect"]
+
+
+def test_the_plan_is_recorded_and_another_one_refused(tmp_path: Path) -> None:
+    from segcore.run.plan import WorkUnit
+
+    run_dir, store = str(tmp_path / "run"), str(tmp_path / "store.zarr")
+    units = tuple(WorkUnit(unit_id=i, group="g000", start=2 * i, stop=min(2 * i + 2, 5)) for i in range(3))
+    kwargs = dict(store_path=store, checkpoint="m.safetensors", checkpoint_sha256="abc", meta=SEMANTIC,
+                  groups=[G0], shaping={}, spec={})
+    prepare_run(run_dir, plan=RunPlan(units=units[:2]), **kwargs)
+    prepare_run(run_dir, plan=RunPlan(units=units), **kwargs)  # the store grew: the plan is extended
+    assert read_plan(run_dir) == RunPlan(units=units)
+    with pytest.raises(StoreError, match="no longer match"):
+        prepare_run(run_dir, plan=RunPlan(units=units[1:]), **kwargs)
 
 
 def _check_multiscale(ms: dict, array: zarr.Array) -> None:

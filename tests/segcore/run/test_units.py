@@ -1,4 +1,5 @@
-"""segment_unit run by hand on single units (no Prefect, no Dask), and the run directory rules."""
+"""segment_unit run by hand on single units (no Prefect, no Dask), the prediction seam, and the run
+directory rules (resume keyed by everything that shapes the outputs)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,15 @@ from segcore.models.checkpoint import ModelMeta, save_checkpoint
 from segcore.fsio import file_sha256
 from segcore.errors import ConfigError, StoreError
 from segcore.collection.imageio import write_png
-from segcore.run.units import load_model_cached, predict_labels, resolve_device, segment_unit
 from segcore.models import create_model
+from segcore.models.predict import TorchPredictor, load_predictor, resolve_device
 from segcore.normalise import Normalisation
-from segcore.run.plan import check_alignment, plan_units
+from segcore.run.context import UnitRecord
+from segcore.run.plan import check_alignment
 from segcore.run.results import open_run
-from segcore.run.rundir import finished_units, mask_chunks, prepare_run
+from segcore.run.rundir import done_records, mask_chunks, read_plan
+from segcore.run.start import start_run
+from segcore.run.units import segment_unit
 from segcore.collection.sources import pair_sources, probe_sources
 from segcore.collection.store import chunk_rows, create_store, open_store, plan_groups, write_manifest, write_store_chunk
 
@@ -63,50 +67,105 @@ def test_resolve_device_on_a_cpu_machine():
         resolve_device("tpu")
 
 
-def test_predict_labels_is_argmax_of_the_model():
+def test_predictor_labels_are_argmax_of_the_model():
     images = np.array([[[0], [200]], [[129], [127]]], dtype=np.uint8)[None]  # (1, 2, 2, 1)
-    labels = predict_labels(Threshold(), images, normalisation=META.normalisation, device="cpu")
+    labels = TorchPredictor(Threshold(), META, device="cpu").labels(images)
     assert labels.dtype == np.uint8
     np.testing.assert_array_equal(labels, [[[0, 1], [1, 0]]])
 
 
-def test_units_run_by_hand_write_masks_dice_and_markers(small_store):
-    info = open_store(small_store["store"])
+def test_a_semantic_predictor_gives_no_detections():
+    with pytest.raises(ConfigError, match="semantic model"):
+        TorchPredictor(Threshold(), META).detect(torch.zeros(1, 1, 2, 2))
+
+
+def test_units_run_by_hand_write_masks_dice_and_done_records(small_store):
     run_dir = str(small_store["tmp"] / "run")
-    run = prepare_run(run_dir, store_path=info.path, checkpoint=small_store["ckpt"],
-                      checkpoint_sha256=small_store["sha"], meta=META, groups=info.groups, spec={})
-    units = plan_units(info)
-    assert [u.n_images for u in units] == [3, 3, 1]
-    check_alignment(units, chunks=mask_chunks(run_dir)[0], counts=mask_chunks(run_dir)[1])
-    model, _ = load_model_cached(small_store["ckpt"], sha256=small_store["sha"], device="cpu")
-    assert load_model_cached(small_store["ckpt"], sha256=small_store["sha"], device="cpu")[0] is model
-    records = [segment_unit(store_path=info.path, run_dir=run_dir, run_id=run["run_id"], unit=u,
-                            checkpoint=small_store["ckpt"], checkpoint_sha256=small_store["sha"],
-                            mask_kind="class", batch_size=2) for u in units]
-    assert sum(r["n_evaluated"] for r in records) == 6  # i2 has no mask
-    assert set(finished_units(run_dir)) == {u.name for u in units}
+    ctx, plan, _, _ = start_run(small_store["store"], small_store["ckpt"], run_dir, batch_size=2, device="cpu")
+    assert [u.n_images for u in plan.units] == [3, 3, 1]
+    assert read_plan(run_dir) == plan
+    check_alignment(plan.units, chunks=mask_chunks(run_dir)[0], counts=mask_chunks(run_dir)[1])
+    predictor = load_predictor(small_store["ckpt"], sha256=small_store["sha"], device="cpu")
+    assert load_predictor(small_store["ckpt"], sha256=small_store["sha"], device="cpu") is predictor
+    records = [segment_unit(ctx, u) for u in plan.units]
+    assert all(isinstance(r, UnitRecord) and r.key == ctx.key for r in records)
+    assert sum(r.n_evaluated for r in records) == 6  # i2 has no mask
+    assert done_records(run_dir, ctx.key) == {r.unit: r for r in records}  # the records round-trip
+    assert done_records(run_dir, "another-key") == {}
     reader = open_run(run_dir)
     table = reader.dice_table()
     assert table.num_rows == 12 and set(table["status"].to_pylist()) == {"ok"}
     for image_id in reader.image_ids:
-        pred = predict_labels(model, reader.image(image_id)[None], normalisation=META.normalisation, device="cpu")[0]
+        pred = predictor.labels(reader.image(image_id)[None])[0]
         np.testing.assert_array_equal(reader.mask(image_id), pred)
     assert reader.ground_truth("i2") is None and reader.dice("i2") == []
 
 
-def test_prepare_run_refuses_other_runs_and_foreign_directories(small_store, tmp_path):
-    info = open_store(small_store["store"])
-    kwargs = dict(store_path=info.path, checkpoint=small_store["ckpt"], meta=META, groups=info.groups, spec={})
-    first = prepare_run(str(tmp_path / "r"), checkpoint_sha256=small_store["sha"], **kwargs)
-    again = prepare_run(str(tmp_path / "r"), checkpoint_sha256=small_store["sha"], **kwargs)
-    assert again["run_id"] == first["run_id"]
+def test_start_run_refuses_other_runs_and_foreign_directories(small_store, tmp_path):
+    first = start_run(small_store["store"], small_store["ckpt"], str(tmp_path / "r"))[0]
+    again = start_run(small_store["store"], small_store["ckpt"], str(tmp_path / "r"))[0]
+    assert again == first
+    other = tmp_path / "other.safetensors"
+    save_checkpoint(other, create_model("unet", in_channels=1, num_classes=2, base=4, depth=2), META)
     with pytest.raises(StoreError, match="new --out"):
-        prepare_run(str(tmp_path / "r"), checkpoint_sha256="0" * 64, **kwargs)
+        start_run(small_store["store"], str(other), str(tmp_path / "r"))
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("x")
     with pytest.raises(StoreError, match="not a segflow run directory"):
-        prepare_run(str(tmp_path / "foreign"), checkpoint_sha256=small_store["sha"], **kwargs)
-    assert json.loads((tmp_path / "r" / "run.json").read_text())["run_id"] == first["run_id"]
+        start_run(small_store["store"], small_store["ckpt"], str(tmp_path / "foreign"))
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["run_id"] == first.run_id
+
+
+# Every parameter that shapes the outputs, with a value other than the first run's.
+OTHER_SETTINGS = {
+    "tile_size": {"tile_size": 256},
+    "overlap": {"overlap": 16},
+    "blend": {"blend": "linear"},
+    "tta": {"tta": True},
+    "precision": {"precision": "fp32"},
+    "tiling off": {"tile_size": 0},
+}
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_SETTINGS))
+def test_another_output_shaping_setting_into_the_same_run_directory_is_refused(small_store, tmp_path, name):
+    run_dir = str(tmp_path / "r")
+    ctx, plan, _, _ = start_run(small_store["store"], small_store["ckpt"], run_dir, device="cpu")
+    segment_unit(ctx, plan.units[0])
+    before = {p.name: p.read_bytes() for p in (tmp_path / "r" / "units").iterdir()}
+    with pytest.raises(StoreError, match="other settings") as err:
+        start_run(small_store["store"], small_store["ckpt"], run_dir, device="cpu", **OTHER_SETTINGS[name])
+    changed = {**{k: k for k in OTHER_SETTINGS}, "tiling off": "tile_size"}[name]
+    assert f"{changed}:" in str(err.value) and "new --out" in str(err.value)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "r" / "units").iterdir()} == before  # nothing touched
+    assert start_run(small_store["store"], small_store["ckpt"], run_dir, device="cpu")[0] == ctx  # same: resumes
+
+
+@pytest.mark.parametrize("change", ["normalisation", "score threshold"])
+def test_a_checkpoint_with_other_normalisation_or_score_threshold_is_refused(tmp_path, change):
+    # Both live in the checkpoint's metadata: the same weights saved with another value are another
+    # checkpoint (sha256), refused in the same run directory.
+    from segcore.collection.imageio import write_png as png
+
+    png(tmp_path / "img" / "a.png", np.zeros((32, 32), np.uint8))
+    rows = probe_sources(pair_sources(str(tmp_path / "img"), None))
+    groups, planned = plan_groups(rows, chunk_pixels=10_000, max_chunk_images=64)
+    store = str(tmp_path / "s.zarr")
+    create_store(store, groups, with_gt=False, mask_kind="class", spec={})
+    write_manifest(store, [r for c in chunk_rows(planned, groups) for r in write_store_chunk(store, c)])
+    if change == "normalisation":
+        model, meta = create_model("unet", in_channels=1, num_classes=2, base=4, depth=2), META
+        other = meta.model_copy(update={"normalisation": Normalisation(mode="range", scale=4095.0)})
+    else:
+        kwargs = {"score_threshold": 0.7}
+        model = create_model("maskrcnn_r18", in_channels=1, num_classes=2, **kwargs)
+        meta = ModelMeta(arch="maskrcnn_r18", arch_kwargs=kwargs, class_names=("bg", "obj"), in_channels=1)
+        other = meta.model_copy(update={"arch_kwargs": {**kwargs, "score_threshold": 0.5}})
+    save_checkpoint(tmp_path / "a.safetensors", model, meta)
+    save_checkpoint(tmp_path / "b.safetensors", model, other)
+    start_run(store, str(tmp_path / "a.safetensors"), str(tmp_path / "r"), device="cpu")
+    with pytest.raises(StoreError, match="checkpoint sha256"):
+        start_run(store, str(tmp_path / "b.safetensors"), str(tmp_path / "r"), device="cpu")
 
 
 def test_labels_beyond_the_model_classes_are_error_rows(small_store, tmp_path):
@@ -118,12 +177,9 @@ def test_labels_beyond_the_model_classes_are_error_rows(small_store, tmp_path):
     store = str(tmp_path / "x.zarr")
     create_store(store, groups, with_gt=True, mask_kind="class", spec={})
     write_manifest(store, [r for c in chunk_rows(planned, groups) for r in write_store_chunk(store, c)])
-    info = open_store(store)
-    run = prepare_run(str(tmp_path / "run"), store_path=store, checkpoint=small_store["ckpt"],
-                      checkpoint_sha256=small_store["sha"], meta=META, groups=info.groups, spec={})
-    (unit,) = plan_units(info)
-    rec = segment_unit(store_path=store, run_dir=str(tmp_path / "run"), run_id=run["run_id"], unit=unit,
-                       checkpoint=small_store["ckpt"], checkpoint_sha256=small_store["sha"], mask_kind="class")
-    assert rec["n_errors"] == 1
+    ctx, plan, _, _ = start_run(store, small_store["ckpt"], str(tmp_path / "run"), device="cpu")
+    (unit,) = plan.units
+    rec = segment_unit(ctx, unit)
+    assert rec.n_errors == 1
     rows = [r for r in open_run(tmp_path / "run").dice("x")]
     assert len(rows) == 2 and all(r["status"] == "error" and "label 2" in r["error"] for r in rows)

@@ -1,0 +1,112 @@
+"""The one evaluation policy: (prediction, ground truth, manifest status) -> Dice and error rows.
+
+Whole-image units and tiled images both go through here, so an image is judged the same way
+whichever path segmented it:
+
+- an image that could not be decoded is an error row (one per class), whatever its prediction;
+- an image whose mask is unusable (``mask_status="error"``) is an error row naming the reason;
+- an image without a mask is segmented but not scored (no row);
+- ground truth with a label the model does not have is an error row naming the label;
+- otherwise one row per class with its TP/FP/FN and Dice = 2TP / (2TP + FP + FN). An absent class
+  scores 1.0 when the prediction is empty too, else 0.0 (``empty_gt`` marks both cases).
+
+:func:`count_against_gt` turns predictions into :class:`~segcore.run.context.Counts`; a tiled
+image sums its blocks' counts with :func:`sum_counts`; :func:`dice_rows` makes the table.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from segcore.metrics.dice import confusion_counts, dice_from_counts
+from segcore.models.checkpoint import ModelMeta
+from segcore.run.context import Counts
+from segcore.run.tables import dice_table
+
+
+def ground_truth_state(row: Mapping[str, Any]) -> tuple[bool, str | None]:
+    """``(has usable ground truth, error message or None)`` of one manifest row."""
+    if row["status"] != "ok":
+        return False, row.get("error") or "image could not be decoded"
+    if row["mask_status"] == "ok":
+        return True, None
+    if row["mask_status"] == "error":
+        return False, f"ground truth unusable: {row.get('mask_error')}"
+    return False, None
+
+
+def gt_as_classes(gt: np.ndarray, *, mask_kind: str) -> np.ndarray:
+    """Ground truth as int64 class labels: instance ids become foreground (1), class maps stay."""
+    if mask_kind == "instance":
+        return (gt > 0).astype(np.int64)
+    return gt.astype(np.int64, copy=False)
+
+
+def count_against_gt(pred: np.ndarray, gt: np.ndarray, *, mask_kind: str, meta: ModelMeta) -> list[Counts]:
+    """Per-image :class:`Counts` of ``(N, H, W)`` predicted classes against ``(N, H, W)`` raw ground
+    truth (class ids, or instance ids when ``mask_kind="instance"``). An image whose ground truth
+    holds a label the model lacks gets a Counts with only ``error`` set."""
+    c = meta.num_classes
+    gt = gt_as_classes(np.asarray(gt), mask_kind=mask_kind)
+    out: list[Counts | None] = [None] * len(gt)
+    good = []
+    for i, g in enumerate(gt):
+        top = int(g.max(initial=0))
+        if top >= c:
+            out[i] = Counts(error=f"ground truth has label {top} but the model has {c} classes "
+                                  f"({', '.join(meta.class_names)}); check --mask-kind or the checkpoint")
+        else:
+            good.append(i)
+    if good:
+        tp, fp, fn = confusion_counts(np.asarray(pred)[good], gt[good], c)
+        for k, i in enumerate(good):
+            out[i] = Counts(tp=tuple(int(v) for v in tp[k]), fp=tuple(int(v) for v in fp[k]),
+                            fn=tuple(int(v) for v in fn[k]))
+    return out  # type: ignore[return-value]
+
+
+def sum_counts(parts: Sequence[Counts]) -> Counts:
+    """The counts of an image from those of its blocks (the first error wins)."""
+    for p in parts:
+        if p.error is not None:
+            return p
+    if not parts:
+        return Counts()
+    return Counts(tp=tuple(int(v) for v in np.sum([p.tp for p in parts], axis=0)),
+                  fp=tuple(int(v) for v in np.sum([p.fp for p in parts], axis=0)),
+                  fn=tuple(int(v) for v in np.sum([p.fn for p in parts], axis=0)))
+
+
+def dice_rows(rows: Sequence[Mapping[str, Any]], counts: Mapping[str, Counts], *, meta: ModelMeta,
+              checkpoint_sha256: str, unit: str) -> pa.Table:
+    """The Dice table of some images (see the module docstring for the policy).
+
+    Args:
+        rows: manifest rows of the images (``image_id``, ``status``, ``error``, ``mask_status``,
+            ``mask_error``).
+        counts: by image id, the counts of the images that were scored against ground truth.
+        unit: the work unit (or tiled-image part) the rows belong to.
+    """
+    ids: list[str] = []
+    scored: list[Counts] = []
+    errors: list[tuple[str, str]] = []
+    for row in rows:
+        usable, problem = ground_truth_state(row)
+        got = counts.get(row["image_id"])
+        if problem is not None:
+            errors.append((row["image_id"], problem))
+        elif usable and got is not None:
+            if got.error is not None:
+                errors.append((row["image_id"], got.error))
+            else:
+                ids.append(row["image_id"])
+                scored.append(got)
+    c = meta.num_classes
+    tp, fp, fn = (np.asarray([getattr(s, name) for s in scored], dtype=np.int64).reshape(len(scored), c)
+                  for name in ("tp", "fp", "fn"))
+    dice, empty = dice_from_counts(tp, fp, fn)
+    return dice_table(image_ids=ids, class_names=meta.class_names, tp=tp, fp=fp, fn=fn, dice=dice, empty_gt=empty,
+                      model=meta.arch, checkpoint_sha256=checkpoint_sha256, unit=unit, errors=errors)

@@ -1,0 +1,68 @@
+"""Start (or resume) a run: fail fast on a broken setup, record the run, build its context.
+
+:func:`start_run` is what the segment flow does before any work fans out, and what a user does
+to run units by hand::
+
+    ctx, plan, meta, store = start_run("collection.zarr", "unet.safetensors", "runs/r1")
+    for unit in plan.units:
+        segment_unit(ctx, unit)          # whole-image units (segcore.run.units)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from segcore.collection.store import StoreInfo, open_store
+from segcore.errors import CheckpointError
+from segcore.fsio import file_sha256
+from segcore.models.checkpoint import ModelMeta, load_checkpoint, read_meta
+from segcore.run.context import RunContext
+from segcore.run.plan import RunPlan, make_plan, output_shaping, resolve_tiling
+from segcore.run.rundir import prepare_run
+
+
+def preflight(store_path: str, checkpoint: str) -> tuple[ModelMeta, str, StoreInfo]:
+    """Fail fast, before fan-out: checkpoint readable and fitting its architecture, store compatible.
+    Returns the model's metadata, the checkpoint's sha256 and the store."""
+    meta = read_meta(checkpoint)
+    load_checkpoint(checkpoint)  # weights fit the architecture? raises CheckpointError if not
+    sha = file_sha256(checkpoint)
+    store = open_store(store_path)
+    for g in store.groups:
+        if g.channels != meta.in_channels:
+            raise CheckpointError(
+                f"store group {g.name} has {g.channels}-channel images but the checkpoint expects "
+                f"{meta.in_channels} channel(s); use a checkpoint trained on such images"
+            )
+    if store.has_gt and store.mask_kind == "instance" and meta.num_classes != 2:
+        raise CheckpointError(
+            f"the store's ground truth is instance labels (foreground vs background) but the checkpoint has "
+            f"{meta.num_classes} classes; ingest class masks with --mask-kind class"
+        )
+    return meta, sha, store
+
+
+
+def start_run(store_path: str, checkpoint: str, out: str, *, tile_size: int | None = None, overlap: int | None = None,
+              blend: str = "gaussian", tta: bool = False, precision: str = "bf16", batch_size: int = 8,
+              device: str = "auto", num_threads: int | None = None, spec: dict[str, Any] | None = None
+              ) -> tuple[RunContext, RunPlan, ModelMeta, StoreInfo]:
+    """Preflight, then create or reopen the run directory ``out`` with its plan and output-shaping
+    parameters (:func:`segcore.run.rundir.prepare_run`), and build the run's context.
+
+    ``tile_size`` 0 segments large images whole; ``spec`` is the resolved run spec saved with the
+    outputs. Raises :class:`~segcore.errors.CheckpointError` or :class:`~segcore.errors.StoreError`
+    (another run, another setting) before anything is written to the images' outputs.
+    """
+    meta, sha, store = preflight(store_path, checkpoint)
+    tiling = resolve_tiling(meta, tile_size=tile_size, overlap=overlap, blend=blend, tta=tta)
+    plan = make_plan(store, tiling)
+    groups = store.groups if tiling else [dataclasses.replace(g, tile=0) for g in store.groups]
+    info = prepare_run(out, store_path=store_path, store_id=store.store_id, checkpoint=checkpoint,
+                       checkpoint_sha256=sha, meta=meta, groups=groups, plan=plan,
+                       shaping=output_shaping(meta, tiling, precision=precision), spec=dict(spec or {}))
+    ctx = RunContext(store=store_path, run_dir=out, run_id=info["run_id"], key=info["key"], checkpoint=checkpoint,
+                     checkpoint_sha256=sha, mask_kind=store.mask_kind, batch_size=batch_size, device=device,
+                     precision=precision, num_threads=num_threads, tiling=tiling)
+    return ctx, plan, meta, store
