@@ -71,10 +71,11 @@ def _code_lines(text: str) -> list[tuple[int, str]]:
             continue
         if not pending:
             start = number
+        piece = line.strip() if pending else line
         if line.rstrip().endswith("\\"):
-            pending += line.rstrip()[:-1] + " "
+            pending += piece.rstrip()[:-1].rstrip() + " "
             continue
-        out.append((start, pending + line))
+        out.append((start, pending + piece))
         pending = ""
     return out
 
