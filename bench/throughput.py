@@ -1,8 +1,9 @@
-"""Throughput of `segflow segment` relative to a bare `model(batch)` loop, in one process run.
+"""Throughput of `segflow segment` relative to a bare forward loop, in one process run.
 
 Both sides use the same checkpoint and the same ingested Zarr store:
 
-- bare:     for every chunk: read it from Zarr, normalise, ``model(x)`` in batches (inference mode);
+- bare:     for every chunk: read it from Zarr, normalise, forward in batches through the same
+            prediction seam as the pipeline (``Predictor.logits``, inference mode), nothing else;
 - pipeline: ``segflow segment`` end to end (Prefect flow, Dask LocalCluster of worker processes,
             model load per worker, mask writes, Dice against ground truth, Parquet parts, summary).
 
@@ -33,7 +34,7 @@ from flows.cli import main as segflow  # noqa: E402
 from segcore.models.checkpoint import ModelMeta, load_checkpoint, save_checkpoint  # noqa: E402
 from segcore.collection.imageio import write_png  # noqa: E402
 from segcore.models import create_model  # noqa: E402
-from segcore.normalise import normalise_batch  # noqa: E402
+from segcore.models.predict import TorchPredictor  # noqa: E402
 from segcore.run.plan import plan_units  # noqa: E402
 from segcore.collection.store import open_store  # noqa: E402
 from segcore.synthetic import CLASS_NAMES, make_sample  # noqa: E402
@@ -52,6 +53,7 @@ def make_collection(root: Path, n: int, size: int) -> None:
 
 def bare_loop(store_path: str, checkpoint: str, batch_size: int) -> tuple[int, float]:
     model, meta = load_checkpoint(checkpoint)
+    predictor = TorchPredictor(model, meta, device="cpu")
     store = open_store(store_path)
     root = zarr.open_group(store_path, mode="r")
     n = 0
@@ -60,7 +62,7 @@ def bare_loop(store_path: str, checkpoint: str, batch_size: int) -> tuple[int, f
         for unit in plan_units(store):
             images = root[f"images/{unit.group}"][unit.start:unit.stop]
             for s in range(0, len(images), batch_size):
-                model(normalise_batch(images[s:s + batch_size], meta.normalisation))
+                predictor.logits(predictor.prepare(images[s:s + batch_size]))
             n += len(images)
     return n, time.perf_counter() - t0
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from segcore.models.checkpoint import load_checkpoint, read_meta, save_checkpoint  # noqa: E402
 from segcore.metrics.instance import instance_iou, match_instances  # noqa: E402
 from segcore.run.results import open_run  # noqa: E402
-from segcore.synthetic import make_large_sample  # noqa: E402
+from segcore.synthetic_large import make_large_sample  # noqa: E402
 
 
 def segflow(*args: str) -> dict:

@@ -40,7 +40,7 @@ CLASS_NAMES: tuple[str, ...] = ("background", "disc", "square")
 INSTANCE_CLASS_NAMES: tuple[str, ...] = ("background", "nucleus")
 
 _DISC, _SQUARE = 1, 2
-_MIN_SIZE = 32
+MIN_SIZE = 32
 # Every foreground class covers at least this fraction of an image (re-drawn otherwise, up to
 # _MAX_ATTEMPTS times), so that no class is reduced to a sliver hidden under others.
 _MIN_VISIBLE_FRACTION = 0.01
@@ -48,8 +48,8 @@ _MAX_ATTEMPTS = 20
 
 
 def _check_size(size: int) -> int:
-    if int(size) != size or size < _MIN_SIZE:
-        raise ConfigError(f"size must be an integer >= {_MIN_SIZE} pixels, got {size!r}; use e.g. size=128")
+    if int(size) != size or size < MIN_SIZE:
+        raise ConfigError(f"size must be an integer >= {MIN_SIZE} pixels, got {size!r}; use e.g. size=128")
     return int(size)
 
 
@@ -65,7 +65,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return 55.0 + rng.uniform(8, 14) * blobs + gradient + rng.uniform(3, 6) * grain
 
 
-def _local_coords(shape: tuple[int, int], cy: float, cx: float, theta: float) -> tuple[np.ndarray, np.ndarray]:
+def local_coords(shape: tuple[int, int], cy: float, cx: float, theta: float) -> tuple[np.ndarray, np.ndarray]:
     """Pixel-centre coordinates rotated by ``theta`` about ``(cy, cx)``: ``(u, v)`` float64 maps."""
     yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float64)
     dy, dx = yy - cy, xx - cx
@@ -73,8 +73,8 @@ def _local_coords(shape: tuple[int, int], cy: float, cx: float, theta: float) ->
     return dx * c + dy * s, -dx * s + dy * c
 
 
-def _draw_disc(img: np.ndarray, labels: np.ndarray, rng: np.random.Generator, obj: dict) -> None:
-    u, v = _local_coords(img.shape, obj["cy"], obj["cx"], obj["theta"])
+def draw_disc(img: np.ndarray, labels: np.ndarray, rng: np.random.Generator, obj: dict) -> None:
+    u, v = local_coords(img.shape, obj["cy"], obj["cx"], obj["theta"])
     d2 = (u / obj["a"]) ** 2 + (v / obj["b"]) ** 2
     inside = d2 <= 1.0
     dome = np.sqrt(np.clip(1.0 - d2[inside], 0.0, 1.0))
@@ -82,8 +82,8 @@ def _draw_disc(img: np.ndarray, labels: np.ndarray, rng: np.random.Generator, ob
     labels[inside] = _DISC
 
 
-def _draw_square(img: np.ndarray, labels: np.ndarray, rng: np.random.Generator, obj: dict) -> None:
-    u, v = _local_coords(img.shape, obj["cy"], obj["cx"], obj["theta"])
+def draw_square(img: np.ndarray, labels: np.ndarray, rng: np.random.Generator, obj: dict) -> None:
+    u, v = local_coords(img.shape, obj["cy"], obj["cx"], obj["theta"])
     inside = (np.abs(u) <= obj["a"]) & (np.abs(v) <= obj["b"])
     phi = rng.uniform(0, np.pi)
     period = rng.uniform(4.0, 7.0)
@@ -137,7 +137,7 @@ def make_sample(rng: np.random.Generator, *, size: int = 128) -> tuple[np.ndarra
         img = background.copy()
         labels = np.zeros((size, size), dtype=np.uint8)
         for obj in _plan_objects(rng, size):
-            draw = _draw_disc if obj["cls"] == _DISC else _draw_square
+            draw = draw_disc if obj["cls"] == _DISC else draw_square
             draw(img, labels, rng, obj)
         visible = np.bincount(labels.ravel(), minlength=len(CLASS_NAMES))[1:]
         if visible.min() >= min_pixels:
@@ -187,11 +187,11 @@ def _write_collection(out: Path, make: Any, *, n_images: int, size: int, seed: i
 
 # Object counts per 128 x 128 pixels (scaled with the image area) and semi-axes in pixels.
 _NUCLEI_PER_128 = (5, 20)
-_NUCLEUS_AXES = (5.0, 11.0)
+NUCLEUS_AXES = (5.0, 11.0)
 # An object left with fewer visible pixels than this (hidden by later ones or cut by the
 # border) is dropped before the image is drawn, so no label is a sliver.
-_MIN_INSTANCE_PIXELS = 12
-_TOUCH_FRACTION = 0.3  # share of the objects placed against an earlier one
+MIN_INSTANCE_PIXELS = 12
+TOUCH_FRACTION = 0.3  # share of the objects placed against an earlier one
 
 
 def _free_centre(rng: np.random.Generator, size: int) -> tuple[float, float]:
@@ -212,7 +212,7 @@ def _plan_nuclei(rng: np.random.Generator, size: int) -> list[dict]:
     n = max(2, int(round(int(rng.integers(low, high + 1)) * (size / 128) ** 2)))
     objects: list[dict] = []
     for i in range(n):
-        a = rng.uniform(*_NUCLEUS_AXES)
+        a = rng.uniform(*NUCLEUS_AXES)
         b = a * rng.uniform(0.6, 1.0)
         obj = {"a": a, "b": b, "theta": rng.uniform(0, np.pi), "level": rng.uniform(145.0, 220.0)}
         if i == 0:
@@ -220,7 +220,7 @@ def _plan_nuclei(rng: np.random.Generator, size: int) -> list[dict]:
             along = rng.uniform(0.15, 0.85) * (size - 1)
             edge = float(rng.choice([0.0, size - 1.0])) + rng.uniform(-0.3, 0.3) * b
             obj["cy"], obj["cx"] = (along, edge) if rng.random() < 0.5 else (edge, along)
-        elif i == 1 or rng.random() < _TOUCH_FRACTION:
+        elif i == 1 or rng.random() < TOUCH_FRACTION:
             # Against an earlier object, overlapping it by a little: the two share a border.
             other = objects[int(rng.integers(0, i))]
             ang = rng.uniform(0, 2 * np.pi)
@@ -241,7 +241,7 @@ def _paint_nuclei(objects: list[dict], size: int) -> tuple[np.ndarray, list[np.n
     owner = np.full((size, size), -1, dtype=np.int64)
     domes = []
     for j, obj in enumerate(objects):
-        u, v = _local_coords((size, size), obj["cy"], obj["cx"], obj["theta"])
+        u, v = local_coords((size, size), obj["cy"], obj["cx"], obj["theta"])
         d2 = (u / obj["a"]) ** 2 + (v / obj["b"]) ** 2
         owner[d2 <= 1.0] = j
         domes.append(np.sqrt(np.clip(1.0 - d2, 0.0, 1.0)))
@@ -273,7 +273,7 @@ def make_instance_sample(rng: np.random.Generator, *, size: int = 128) -> tuple[
     while True:
         owner, domes = _paint_nuclei(objects, size)
         visible = np.bincount(owner[owner >= 0], minlength=len(objects))
-        keep = visible >= _MIN_INSTANCE_PIXELS
+        keep = visible >= MIN_INSTANCE_PIXELS
         if keep.all():
             break
         objects = [obj for obj, k in zip(objects, keep) if k]
@@ -307,98 +307,11 @@ def generate_instance_collection(
     return _write_collection(out, make_instance_sample, n_images=n_images, size=size, seed=seed, what="instance ")
 
 
-def _large_background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """Float32 background of any size, like :func:`_background` (blobs about 1/10 of 256 px, gradient,
-    grain) but made without full-size filters so that gigapixel images stay cheap."""
-    from scipy.ndimage import zoom
-
-    coarse = rng.normal(size=(height // 32 + 2, width // 32 + 2)).astype(np.float32)
-    blobs = zoom(gaussian_filter(coarse, 0.8), 32, order=1, prefilter=False)[:height, :width]
-    blobs /= max(float(blobs.std()), 1e-6)
-    out = 55.0 + rng.uniform(8, 14) * blobs
-    yy = np.linspace(-0.5, 0.5, height, dtype=np.float32)[:, None]
-    xx = np.linspace(-0.5, 0.5, width, dtype=np.float32)[None, :]
-    angle = rng.uniform(0, 2 * np.pi)
-    out += np.float32(rng.uniform(-25, 25)) * (xx * np.float32(np.cos(angle)) + yy * np.float32(np.sin(angle)))
-    out += rng.standard_normal(size=(height, width), dtype=np.float32) * np.float32(rng.uniform(3, 6))
-    return out
-
-
-def make_large_sample(rng: np.random.Generator, *, height: int, width: int, kind: str = "semantic",
-                      per_128: float = 6.0) -> tuple[np.ndarray, np.ndarray]:
-    """A large synthetic image (e.g. 4096 x 4096 or more) with objects like the small samples'.
-
-    ``kind="semantic"``: discs and squares as in :func:`make_sample`, labels ``(H, W) uint8``
-    classes; ``kind="instance"``: nuclei as in :func:`make_instance_sample`, labels ``(H, W)
-    uint32`` instance ids ``1..K`` (objects cut by the image border included, later objects hide
-    earlier ones, a third placed against an earlier one). ``per_128`` objects per 128 x 128 px on
-    average. Each object is drawn only inside its own box, so the cost grows with the image area,
-    not with area times objects. Returns ``(image uint8, labels)``.
-    """
-    if kind not in ("semantic", "instance"):
-        raise ConfigError(f"kind must be 'semantic' or 'instance', got {kind!r}")
-    if height < _MIN_SIZE or width < _MIN_SIZE:
-        raise ConfigError(f"height and width must be >= {_MIN_SIZE} pixels, got {height} x {width}")
-    img = _large_background(rng, height, width)
-    labels = np.zeros((height, width), dtype=np.uint8 if kind == "semantic" else np.uint32)
-    n = int(round(per_128 * height * width / 128**2))
-    placed: list[tuple[float, float, float]] = []
-    k = 0
-    for i in range(n):
-        if kind == "semantic":
-            a = rng.uniform(0.05, 0.10) * 128
-            b = a * rng.uniform(0.75, 1.0)
-        else:
-            a = rng.uniform(*_NUCLEUS_AXES)
-            b = a * rng.uniform(0.6, 1.0)
-        if placed and rng.random() < _TOUCH_FRACTION:
-            oy, ox, ob = placed[int(rng.integers(0, len(placed)))]
-            ang = rng.uniform(0, 2 * np.pi)
-            dist = (ob + b) * rng.uniform(0.9, 1.05)
-            cy, cx = oy + dist * np.sin(ang), ox + dist * np.cos(ang)
-        else:
-            cy, cx = rng.uniform(-0.01, 1.01) * (height - 1), rng.uniform(-0.01, 1.01) * (width - 1)
-        r = int(np.ceil(1.5 * a)) + 1
-        y0, y1 = max(0, int(cy) - r), min(height, int(cy) + r + 2)
-        x0, x1 = max(0, int(cx) - r), min(width, int(cx) + r + 2)
-        if y0 >= y1 or x0 >= x1:
-            continue
-        placed.append((cy, cx, b))
-        obj = {"a": a, "b": b, "theta": rng.uniform(0, np.pi), "cy": cy - y0, "cx": cx - x0}
-        view, lab = img[y0:y1, x0:x1], labels[y0:y1, x0:x1]
-        if kind == "semantic":
-            draw = _draw_disc if rng.random() < 0.5 else _draw_square
-            sub = view.astype(np.float64)
-            draw(sub, lab, rng, obj)
-            view[...] = sub
-            continue
-        u, v = _local_coords(view.shape, obj["cy"], obj["cx"], obj["theta"])
-        d2 = (u / a) ** 2 + (v / b) ** 2
-        inside = d2 <= 1.0
-        if inside.sum() < _MIN_INSTANCE_PIXELS:
-            continue
-        k += 1
-        level = rng.uniform(145.0, 220.0)
-        view[inside] = level * (0.6 + 0.4 * np.sqrt(np.clip(1.0 - d2[inside], 0.0, 1.0))) + rng.normal(
-            0.0, 6.0, size=int(inside.sum()))
-        lab[inside] = k
-    img += rng.standard_normal(size=img.shape, dtype=np.float32) * np.float32(rng.uniform(4.0, 8.0))
-    if kind == "instance":
-        # Objects hidden (or cut below the minimum) by later ones are dropped; ids stay 1..K.
-        counts = np.bincount(labels.ravel(), minlength=k + 1)
-        keep = counts >= _MIN_INSTANCE_PIXELS
-        keep[0] = True
-        remap = np.where(keep, np.cumsum(keep) - 1, 0).astype(np.uint32)
-        labels = remap[labels]
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8), labels
-
-
 __all__ = [
     "CLASS_NAMES",
     "INSTANCE_CLASS_NAMES",
     "generate_collection",
     "generate_instance_collection",
     "make_instance_sample",
-    "make_large_sample",
     "make_sample",
 ]

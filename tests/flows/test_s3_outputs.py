@@ -20,7 +20,7 @@ from segcore.models import create_model
 from segcore.normalise import Normalisation
 from segcore.run.results import open_run
 from segcore.run.rundir import instances_path, masks_path
-from segcore.synthetic import make_large_sample
+from segcore.synthetic_large import make_large_sample
 from segcore.run.blocks import load_block
 
 ONE_WORKER = ExecutionSpec(n_workers=1, threads_per_worker=1)

@@ -19,7 +19,7 @@ from segcore.models import create_model
 from segcore.normalise import Normalisation, normalise_batch
 from segcore.run.results import open_run
 from segcore.collection.store import open_store
-from segcore.synthetic import make_large_sample
+from segcore.synthetic_large import make_large_sample
 from segcore.tiling import Window, blend_block, lattice
 
 EXECUTION = ExecutionSpec(n_workers=1, threads_per_worker=2)

@@ -12,7 +12,7 @@ from segcore.models.checkpoint import ModelMeta
 from segcore.config import TrainSpec
 from segcore.errors import ConfigError
 from segcore.normalise import Normalisation, normalise_batch, percentile_stats
-from segcore.synthetic import make_large_sample
+from segcore.synthetic_large import make_large_sample
 from segcore.run.plan import DEFAULT_INSTANCE_OVERLAP, DEFAULT_INSTANCE_TILE, resolve_tiling
 
 
