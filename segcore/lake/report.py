@@ -3,8 +3,10 @@
 The lake is read with pyarrow (any fsspec location) and aggregated with DuckDB SQL over the
 Arrow table. Rows with ``status != 'ok'`` and classes absent from an image's ground truth
 (``empty_gt``) do not enter the means. "Over time" groups rows by the day they were published
-(``run_date``); the *current* view keeps, per model, image and class, only the newest version
-(highest ``ingest_batch``, then latest ``published_at``), so a file that changed counts once.
+(``run_date``); the *current* view keeps the rows of current image versions (the rule of
+:mod:`segcore.collection.versions`, judged per model on the manifest batches published with its
+runs), and of a version scored by several runs the newest publication, so a file that changed
+counts once.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from segcore.collection.versions import current_version_sql
 from segcore.lake.publish import read_lake
 
 _OVER_TIME = """
@@ -24,11 +27,19 @@ from dice where status = 'ok' and not empty_gt
 group by model, class_name, run_date order by model, class_name, run_date
 """
 
-_CURRENT = """
-with latest as (
-    select *, row_number() over (partition by model, image_id, class_id
-                                 order by ingest_batch desc nulls last, published_at desc) as k
-    from dice
+#: Dice rows less those of superseded image versions (the rule of segcore.collection.versions, per
+#: model; a row whose batch is not in the lake's manifest stays), then, of a version scored by
+#: several runs of a model, the newest publication.
+_CURRENT = f"""
+with superseded as (
+    select distinct model, image_id, batch from manifest as m
+    where not {current_version_sql(row="m", versions="manifest", match=("model",))}
+),
+latest as (
+    select d.*, row_number() over (partition by d.model, d.image_id, d.class_id
+                                   order by d.ingest_batch desc nulls last, d.published_at desc) as k
+    from dice as d anti join superseded as s
+      on s.model = d.model and s.image_id = d.image_id and coalesce(s.batch, 0) = coalesce(d.ingest_batch, 0)
 )
 select model, class_name, count(distinct image_id) filter (where not empty_gt) as images,
        avg(dice) filter (where not empty_gt) as mean_dice,
@@ -39,10 +50,11 @@ from latest where k = 1 and status = 'ok' group by model, class_name order by mo
 
 def dice_report(lake: str) -> dict[str, pa.Table]:
     """``{"over_time": ..., "current": ...}`` tables of Dice statistics of the lake's Dice dataset."""
-    dice = read_lake(lake, "dice")
+    dice, manifest = read_lake(lake, "dice"), read_lake(lake, "manifest")
     con = duckdb.connect()
     try:
         con.register("dice", dice)
+        con.register("manifest", manifest)
         return {"over_time": con.sql(_OVER_TIME).to_arrow_table(), "current": con.sql(_CURRENT).to_arrow_table()}
     finally:
         con.close()
