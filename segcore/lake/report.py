@@ -27,19 +27,22 @@ from dice where status = 'ok' and not empty_gt
 group by model, class_name, run_date order by model, class_name, run_date
 """
 
-#: Dice rows less those of superseded image versions (the rule of segcore.collection.versions, per
-#: model; a row whose batch is not in the lake's manifest stays), then, of a version scored by
-#: several runs of a model, the newest publication.
-_CURRENT = f"""
-with superseded as (
+#: Rows of the lake's Dice table (``dice``) less those of superseded image versions: the rule of
+#: :mod:`segcore.collection.versions` over the lake's manifest (``manifest``), per model; a row
+#: whose batch is not in the lake's manifest stays.
+CURRENT_DICE_SQL = f"""
+select d.* from dice as d anti join (
     select distinct model, image_id, batch from manifest as m
     where not {current_version_sql(row="m", versions="manifest", match=("model",))}
-),
-latest as (
-    select d.*, row_number() over (partition by d.model, d.image_id, d.class_id
-                                   order by d.ingest_batch desc nulls last, d.published_at desc) as k
-    from dice as d anti join superseded as s
-      on s.model = d.model and s.image_id = d.image_id and coalesce(s.batch, 0) = coalesce(d.ingest_batch, 0)
+) as s on s.model = d.model and s.image_id = d.image_id and coalesce(s.batch, 0) = coalesce(d.ingest_batch, 0)
+"""
+
+#: Of an image version scored by several runs of a model, the newest publication.
+_CURRENT = f"""
+with latest as (
+    select *, row_number() over (partition by model, image_id, class_id
+                                 order by ingest_batch desc nulls last, published_at desc) as k
+    from ({CURRENT_DICE_SQL})
 )
 select model, class_name, count(distinct image_id) filter (where not empty_gt) as images,
        avg(dice) filter (where not empty_gt) as mean_dice,
@@ -50,12 +53,21 @@ from latest where k = 1 and status = 'ok' group by model, class_name order by mo
 
 def dice_report(lake: str) -> dict[str, pa.Table]:
     """``{"over_time": ..., "current": ...}`` tables of Dice statistics of the lake's Dice dataset."""
-    dice, manifest = read_lake(lake, "dice"), read_lake(lake, "manifest")
+    return _query(read_lake(lake, "dice"), read_lake(lake, "manifest"), over_time=_OVER_TIME, current=_CURRENT)
+
+
+def current_dice(dice: pa.Table, manifest: pa.Table) -> pa.Table:
+    """The rows of ``dice`` (the lake's Dice table) of current image versions, by
+    :data:`CURRENT_DICE_SQL` over ``manifest`` (the lake's manifest table)."""
+    return _query(dice, manifest, rows=CURRENT_DICE_SQL)["rows"]
+
+
+def _query(dice: pa.Table, manifest: pa.Table, **queries: str) -> dict[str, pa.Table]:
     con = duckdb.connect()
     try:
         con.register("dice", dice)
         con.register("manifest", manifest)
-        return {"over_time": con.sql(_OVER_TIME).to_arrow_table(), "current": con.sql(_CURRENT).to_arrow_table()}
+        return {name: con.sql(sql).to_arrow_table() for name, sql in queries.items()}
     finally:
         con.close()
 
