@@ -16,8 +16,8 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.futures import as_completed
 
-from segcore.collection.ingest import (IngestPlan, IngestResult, IngestStart, chunk_label, finish_ingest, open_append, plan_append,
-                                       plan_creation, probe_batches, probe_staging, start_ingest)
+from segcore.collection.ingest import (IngestPlan, IngestResult, IngestStart, chunk_label, finish_ingest, open_append,
+                                       plan_append, plan_creation, probe_batches, probe_staging, start_ingest)
 from segcore.collection.landing import remove_staging
 from segcore.config import IngestSpec
 from tasks.ingest import probe_files, write_chunk
