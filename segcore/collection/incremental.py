@@ -17,8 +17,8 @@ the hashes with the store's manifest:
   changed in place), the old manifest row gets ``superseded_by`` = the new version's image
   sha256 (the same sha256 when only the mask changed). The old masks and Dice rows stay where
   they are (tables are append-only); run summaries, ``RunReader`` and ``segflow report`` use the
-  current version only, and lake readers can do the same by taking, per ``image_id``, the rows
-  of the highest ``ingest_batch``.
+  current version only, by the one rule of :mod:`segcore.collection.versions` (in SQL too, for
+  lake readers).
 
 Files that disappear from the landing zone are kept in the store; a mask that disappears leaves
 the version ingested with it current. Masks are signed and hashed like images (manifest columns
@@ -36,6 +36,7 @@ import zarr
 from segcore import fsio
 from segcore.errors import StoreError
 from segcore.collection.store import GroupInfo, StoreInfo, create_group_arrays, open_store
+from segcore.collection.versions import current_rows, superseded_slots  # noqa: F401  (the rule lives in versions)
 
 
 def next_batch(manifest: pa.Table) -> int:
@@ -169,25 +170,6 @@ def supersede(manifest: pa.Table, new_rows: Sequence[dict[str, Any]]) -> list[di
         if r["superseded_by"] is None and r["status"] == "ok" and r["image_id"] in newer:
             r["superseded_by"] = newer[r["image_id"]]
     return rows
-
-
-def superseded_slots(manifest: pa.Table) -> set[tuple[str, str]]:
-    """``{(group, image_id)}`` of image versions replaced by newer content."""
-    return {(r["group"], r["image_id"]) for r in manifest.to_pylist()
-            if r["superseded_by"] is not None and r["group"] is not None}
-
-
-def current_rows(table: pa.Table, manifest: pa.Table, unit_groups: dict[str, str]) -> pa.Table:
-    """Rows of a run table (``image_id`` + ``unit`` columns) that belong to current image versions.
-
-    ``unit_groups`` maps unit names (and the part names of tiled images, ``g001-000000``) to groups.
-    """
-    old = superseded_slots(manifest)
-    if not old or table.num_rows == 0:
-        return table
-    keep = [(unit_groups.get(u, u.split("-")[0]), i) not in old
-            for u, i in zip(table.column("unit").to_pylist(), table.column("image_id").to_pylist())]
-    return table.filter(pa.array(keep, pa.bool_()))
 
 
 def drop_unlisted_groups(path: str, manifest: pa.Table) -> StoreInfo:

@@ -43,6 +43,7 @@ from segcore import fsio
 from segcore.errors import NotFound, SegflowError, StoreError
 from segcore.fsio import atomic_path
 from segcore.collection.imageio import read_image, read_mask
+from segcore.collection.versions import current_manifest
 
 log = logging.getLogger(__name__)
 
@@ -352,8 +353,8 @@ def read_labelled(store_path: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     info = open_store(store_path)
     if not info.has_gt:
         raise StoreError(f"store {store_path!r} has no ground truth; ingest it with --masks to train on it")
-    rows = [r for r in read_manifest(store_path).to_pylist()
-            if r["status"] == "ok" and r["mask_status"] == "ok" and r["superseded_by"] is None]
+    rows = [r for r in current_manifest(read_manifest(store_path)).to_pylist()
+            if r["status"] == "ok" and r["mask_status"] == "ok"]
     groups = sorted({r["group"] for r in rows})
     if len(groups) != 1:
         raise StoreError(f"training needs images of one shape; store {store_path!r} has labelled images in groups "

@@ -3,8 +3,10 @@
 The lake is read with pyarrow (any fsspec location) and aggregated with DuckDB SQL over the
 Arrow table. Rows with ``status != 'ok'`` and classes absent from an image's ground truth
 (``empty_gt``) do not enter the means. "Over time" groups rows by the day they were published
-(``run_date``); the *current* view keeps, per model, image and class, only the newest version
-(highest ``ingest_batch``, then latest ``published_at``), so a file that changed counts once.
+(``run_date``); the *current* view keeps the rows of current image versions (the rule of
+:mod:`segcore.collection.versions`, judged per model on the manifest batches published with its
+runs), and of a version scored by several runs the newest publication, so a file that changed
+counts once.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from segcore.collection.versions import current_version_sql
 from segcore.lake.publish import read_lake
 
 _OVER_TIME = """
@@ -24,11 +27,22 @@ from dice where status = 'ok' and not empty_gt
 group by model, class_name, run_date order by model, class_name, run_date
 """
 
-_CURRENT = """
+#: Rows of the lake's Dice table (``dice``) less those of superseded image versions: the rule of
+#: :mod:`segcore.collection.versions` over the lake's manifest (``manifest``), per model; a row
+#: whose batch is not in the lake's manifest stays.
+CURRENT_DICE_SQL = f"""
+select d.* from dice as d anti join (
+    select distinct model, image_id, batch from manifest as m
+    where not {current_version_sql(row="m", versions="manifest", match=("model",))}
+) as s on s.model = d.model and s.image_id = d.image_id and coalesce(s.batch, 0) = coalesce(d.ingest_batch, 0)
+"""
+
+#: Of an image version scored by several runs of a model, the newest publication.
+_CURRENT = f"""
 with latest as (
     select *, row_number() over (partition by model, image_id, class_id
                                  order by ingest_batch desc nulls last, published_at desc) as k
-    from dice
+    from ({CURRENT_DICE_SQL})
 )
 select model, class_name, count(distinct image_id) filter (where not empty_gt) as images,
        avg(dice) filter (where not empty_gt) as mean_dice,
@@ -39,11 +53,21 @@ from latest where k = 1 and status = 'ok' group by model, class_name order by mo
 
 def dice_report(lake: str) -> dict[str, pa.Table]:
     """``{"over_time": ..., "current": ...}`` tables of Dice statistics of the lake's Dice dataset."""
-    dice = read_lake(lake, "dice")
+    return _query(read_lake(lake, "dice"), read_lake(lake, "manifest"), over_time=_OVER_TIME, current=_CURRENT)
+
+
+def current_dice(dice: pa.Table, manifest: pa.Table) -> pa.Table:
+    """The rows of ``dice`` (the lake's Dice table) of current image versions, by
+    :data:`CURRENT_DICE_SQL` over ``manifest`` (the lake's manifest table)."""
+    return _query(dice, manifest, rows=CURRENT_DICE_SQL)["rows"]
+
+
+def _query(dice: pa.Table, manifest: pa.Table, **queries: str) -> dict[str, pa.Table]:
     con = duckdb.connect()
     try:
         con.register("dice", dice)
-        return {"over_time": con.sql(_OVER_TIME).to_arrow_table(), "current": con.sql(_CURRENT).to_arrow_table()}
+        con.register("manifest", manifest)
+        return {name: con.sql(sql).to_arrow_table() for name, sql in queries.items()}
     finally:
         con.close()
 

@@ -23,6 +23,7 @@ from segcore import fsio
 from segcore.errors import NotFound
 from segcore.run.rundir import dice_dir, instances_path, masks_path, read_plan, read_run_info, table_dir
 from segcore.collection.store import open_store, read_manifest
+from segcore.collection.versions import current_manifest, current_rows
 from segcore.run.tables import INSTANCE_METRICS_SCHEMA, INSTANCE_SCHEMA, SEAM_SCHEMA, read_dice, read_table
 
 
@@ -43,8 +44,8 @@ class RunReader:
 
     @cached_property
     def _slots(self) -> dict[str, tuple[str, int, dict[str, Any]]]:
-        return {r["image_id"]: (r["group"], r["index"], r) for r in self.manifest.to_pylist()
-                if r["group"] is not None and r["superseded_by"] is None}
+        return {r["image_id"]: (r["group"], r["index"], r) for r in current_manifest(self.manifest).to_pylist()
+                if r["group"] is not None}
 
     @property
     def image_ids(self) -> list[str]:
@@ -108,20 +109,16 @@ class RunReader:
         from the run's recorded plan."""
         return read_plan(self.path).part_groups()
 
-    def _group_of(self, unit: str) -> str:
-        """Store group of a table row's ``unit``."""
-        return self._unit_groups[unit]
-
     def _current_rows(self, table: pa.Table, image_id: str) -> pa.Table:
         """Rows of ``table`` (``image_id`` and ``unit`` columns) of the current version of ``image_id``.
 
         An image whose file changed in an incremental ingest has rows of every version, each
-        written by the units of its own store group; only the current slot's group is kept.
+        written by the units of its own store group; the rule of :mod:`segcore.collection.versions`
+        keeps those of the current one.
         """
-        group = self._slot(image_id)[0]
+        self._slot(image_id)  # an id that is not in the run raises NotFound
         rows = table.filter(pc.equal(table["image_id"], image_id))
-        keep = [self._group_of(u) == group for u in rows["unit"].to_pylist()]
-        return rows.filter(pa.array(keep, pa.bool_()))
+        return current_rows(rows, self.manifest, self._unit_groups)
 
     def dice(self, image_id: str) -> list[dict[str, Any]]:
         """Dice rows of one image (one per class; of a changed file, its current version), sorted by

@@ -1,0 +1,248 @@
+"""An ingest, planned and finished: what to probe, which files are new, which groups and chunks to
+write, which versions are superseded, the manifest to write, and the result record.
+
+The reading and decoding in between (:func:`segcore.collection.sources.probe_sources` on batches of
+files, :func:`segcore.collection.store.write_store_chunk` on chunks) is fanned out by the caller;
+every function here runs in the caller's process. In order::
+
+    start = start_ingest(spec)                        # pair the sources, choose what to do
+    start.result                                      # set: nothing to decode (empty landing zone, store reused)
+    # create (start.append is False)
+    probed = probe every batch of probe_batches(spec, start.rows), concatenated
+    plan = plan_creation(spec, start, probed)         # groups, chunks; creates the (empty) store
+    result = finish_ingest(spec, plan, written)       # written: the rows every chunk write returned
+    # append (an incremental ingest into an existing store)
+    state = open_append(spec, start)                  # the manifest, and the files to probe
+    plan = plan_append(spec, state, probed)           # new files, next batch, groups; appends them
+    plan.result                                       # set: nothing new (the manifest is up to date)
+    result = finish_ingest(spec, plan, written)       # supersedes old versions, writes the manifest
+
+Files behind fsspec URLs are staged by the probe (see :func:`probe_staging`); the caller removes
+the staging directory at the end (:func:`segcore.collection.landing.remove_staging`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import pyarrow as pa
+
+from segcore.collection.incremental import (append_groups, drop_unlisted_groups, next_batch, refresh_signatures,
+                                            select_new, supersede, unchanged_sources)
+from segcore.collection.landing import is_remote, staging_dir, unstage_rows
+from segcore.collection.sources import pair_sources
+from segcore.collection.store import (GroupInfo, StoreInfo, chunk_rows, create_store, existing_store_matches,
+                                      has_manifest, manifest_hashes_masks, open_store, plan_groups, read_manifest,
+                                      spec_json, store_exists, write_manifest)
+from segcore.config import IngestSpec
+from segcore.errors import NotFound, StoreError
+
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What an ingest did. ``note``: the same in words, for the log (not part of :meth:`to_dict`)."""
+
+    store: str
+    files: int  # files found (paired) in the source directory or landing zone
+    new_files: int  # files taken in: all of them when the store is created, the new ones when appending
+    images: int  # images decoded into new slots
+    errors: int  # new files that could not be decoded
+    groups: int  # groups of the store afterwards
+    chunks: int | None  # chunks written (None: an identical store was reused)
+    superseded: int | None = None  # older versions superseded (None: not an incremental ingest)
+    hashed: int | None = None  # landing-zone files read and hashed (None: not an append)
+    batch: int | None = None  # the batch appended (None: nothing was appended)
+    reused: bool = False  # an existing store with the same files and options was kept
+    note: str = field(default="", compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flow's return value: every field, less ``note`` and the optional ones left unset."""
+        out = {k: v for k, v in asdict(self).items() if k != "note"}
+        for k in ("superseded", "hashed", "batch"):
+            if out[k] is None:
+                del out[k]
+        if not self.reused:
+            del out["reused"]
+        return out
+
+
+@dataclass(frozen=True)
+class IngestStart:
+    """What :func:`start_ingest` found: the paired source rows and what to do with them."""
+
+    rows: tuple[Row, ...]
+    append: bool = False  # an incremental ingest into a store that has a manifest
+    overwrite: bool = False  # replace the store at spec.store
+    result: IngestResult | None = None  # set when nothing is to be decoded
+    notes: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AppendState:
+    """The store an incremental ingest appends to, and the files it must read to know what is new."""
+
+    manifest: pa.Table
+    store: StoreInfo
+    to_probe: tuple[Row, ...]  # files whose signatures differ from those recorded (see unchanged_sources)
+    unchanged: int
+
+
+@dataclass(frozen=True)
+class IngestPlan:
+    """The chunks to decode, and what :func:`finish_ingest` needs to write the manifest."""
+
+    files: int
+    groups: tuple[GroupInfo, ...]  # groups to write (all of a new store's; the appended ones)
+    planned: tuple[Row, ...]  # rows of the new files with ``group``/``index`` (errors: group None)
+    chunks: tuple[tuple[Row, ...], ...]  # the write units, rows in index order
+    batch: int
+    old_manifest: pa.Table | None = None  # appending: the manifest so far (signatures refreshed)
+    groups_before: int = 0
+    hashed: int | None = None
+    result: IngestResult | None = None  # appending and nothing new: the final result
+    notes: tuple[str, ...] = ()
+
+
+def _nothing(spec: IngestSpec, files: int, note: str) -> IngestResult:
+    return IngestResult(store=spec.store, files=files, new_files=0, images=0, errors=0, groups=0, chunks=0,
+                        superseded=0, note=note)
+
+
+def _has_images(images: str) -> bool:
+    try:
+        return bool(pair_sources(images, None))
+    except NotFound:
+        return False
+
+
+def start_ingest(spec: IngestSpec) -> IngestStart:
+    """Pair the source files and decide: create the store, reuse an identical one, append to it, or
+    (an empty landing zone) nothing. Raises what :func:`pair_sources` raises, except for an
+    incremental ingest whose landing zone holds no image yet."""
+    try:
+        rows = tuple(pair_sources(spec.images, spec.masks))
+    except NotFound as exc:
+        if not spec.incremental or _has_images(spec.images):
+            raise  # not a landing zone, or its masks are what is missing
+        return IngestStart(rows=(), result=_nothing(spec, 0, f"the landing zone {spec.images} is empty ({exc}); "
+                                                             "nothing to do"))
+    found = f"{len(rows)} files found in {spec.images}"
+    if spec.incremental and store_exists(spec.store):
+        if has_manifest(spec.store):
+            return IngestStart(rows=rows, append=True, notes=(found,))
+        open_store(spec.store)  # only ever replace a segflow store
+        return IngestStart(rows=rows, overwrite=True, notes=(found,), warnings=(
+            f"{spec.store} has no manifest (its first ingest was interrupted); creating it again",))
+    if not spec.overwrite and existing_store_matches(spec.store, spec=spec_json(spec),
+                                                     source_paths=[r["source_path"] for r in rows]):
+        n_ok = sum(1 for s in read_manifest(spec.store).column("status").to_pylist() if s == "ok")
+        reused = IngestResult(store=spec.store, files=len(rows), new_files=0, images=n_ok, errors=len(rows) - n_ok,
+                              groups=len(open_store(spec.store).groups), chunks=None, reused=True,
+                              note=f"{spec.store} already holds these {len(rows)} files with the same options; "
+                                   "reusing it (pass --overwrite to decode them again)")
+        return IngestStart(rows=rows, result=reused, notes=(found,))
+    return IngestStart(rows=rows, overwrite=spec.overwrite, notes=(found,))
+
+
+def probe_staging(store: str, rows: Sequence[Row]) -> str | None:
+    """The local directory to stage files behind URLs into, or None when every file is local."""
+    return str(staging_dir(store)) if any(is_remote(r["source_path"]) for r in rows) else None
+
+
+def probe_batches(spec: IngestSpec, rows: Sequence[Row]) -> list[tuple[str, list[Row]]]:
+    """``(label, rows)`` of every probe task: ``spec.probe_batch`` files each, in order."""
+    size = spec.probe_batch
+    return [(f"files {i}-{i + len(rows[i:i + size]) - 1}", list(rows[i:i + size])) for i in range(0, len(rows), size)]
+
+
+def chunk_label(chunk: Sequence[Row]) -> str:
+    """A write task's label: ``g000 images 0-15``."""
+    return f"{chunk[0]['group']} images {chunk[0]['index']}-{chunk[-1]['index']}"
+
+
+def _plan(rows: Sequence[Row], spec: IngestSpec, *, first_group: int) -> tuple[list[GroupInfo], list[Row]]:
+    return plan_groups(rows, chunk_pixels=spec.chunk_pixels, max_chunk_images=spec.max_chunk_images,
+                       tile_chunk=spec.tile_chunk, first_group=first_group)
+
+
+def plan_creation(spec: IngestSpec, start: IngestStart, probed: Sequence[Row]) -> IngestPlan:
+    """Group the probed files of a new store and create its (empty) arrays; raises StoreError when
+    none of them could be read."""
+    groups, planned = _plan([dict(r, batch=0) for r in probed], spec, first_group=0)
+    if not groups:
+        raise StoreError(f"none of the {len(start.rows)} files in {spec.images!r} could be read; first error: "
+                         f"{next((r['error'] for r in probed if r['error']), 'no files')}")
+    create_store(spec.store, groups, with_gt=spec.masks is not None, mask_kind=spec.mask_kind, spec=spec_json(spec),
+                 overwrite=start.overwrite)
+    return IngestPlan(files=len(start.rows), groups=tuple(groups), planned=tuple(planned), batch=0,
+                      chunks=tuple(tuple(c) for c in chunk_rows(planned, groups)))
+
+
+def open_append(spec: IngestSpec, start: IngestStart) -> AppendState:
+    """Open the store of an incremental ingest (dropping the groups of an interrupted append) and
+    pick the files to probe; raises StoreError when its masks do not match the spec's."""
+    manifest = read_manifest(spec.store)
+    store = drop_unlisted_groups(spec.store, manifest)  # leftovers of an interrupted append
+    if (spec.masks is not None) != store.has_gt or (store.has_gt and spec.mask_kind != store.mask_kind):
+        raise StoreError(f"store {spec.store!r} was ingested {'with ' + store.mask_kind if store.has_gt else 'without'}"
+                         f" masks; an incremental ingest into it must give the same (masks={spec.masks!r}, "
+                         f"mask_kind={spec.mask_kind!r})")
+    unchanged = {id(r) for r in unchanged_sources(start.rows, manifest)}
+    return AppendState(manifest=manifest, store=store, to_probe=tuple(r for r in start.rows if id(r) not in unchanged),
+                       unchanged=len(unchanged))
+
+
+def plan_append(spec: IngestSpec, start: IngestStart, state: AppendState, probed: Sequence[Row]) -> IngestPlan:
+    """Select the new files among ``probed``, record refreshed signatures, and append the groups of
+    the next batch to the store. With nothing new, the plan's ``result`` is final (the manifest
+    is written here when signatures changed)."""
+    unhashed = not manifest_hashes_masks(spec.store)  # written before masks were hashed
+    new = select_new(probed, state.manifest, masks_unhashed=unhashed)
+    manifest, refreshed = refresh_signatures(state.manifest, probed, masks_unhashed=unhashed)
+    notes = (f"{refreshed} file(s) had new modification stamps (or masks recorded without a hash) but the same "
+             "content; their stamps are recorded so that the next run does not read them again",) if refreshed else ()
+    if not new:
+        if refreshed:
+            write_manifest(spec.store, manifest.to_pylist())
+        note = (f"nothing new in {spec.images}: all {len(start.rows)} file(s) are already in {spec.store} "
+                f"({state.unchanged} unchanged since their ingest, {len(probed)} hashed)")
+        result = IngestResult(store=spec.store, files=len(start.rows), new_files=0, images=0, errors=0,
+                              groups=len(state.store.groups), chunks=0, superseded=0, hashed=len(probed), note=note)
+        return IngestPlan(files=len(start.rows), groups=(), planned=(), chunks=(), batch=next_batch(manifest),
+                          hashed=len(probed), result=result, notes=notes)
+    batch = next_batch(manifest)
+    groups, planned = _plan([dict(r, batch=batch) for r in new], spec, first_group=len(state.store.groups))
+    if groups:
+        append_groups(spec.store, groups)
+    return IngestPlan(files=len(start.rows), groups=tuple(groups), planned=tuple(planned), batch=batch,
+                      chunks=tuple(tuple(c) for c in chunk_rows(planned, groups)), old_manifest=manifest,
+                      groups_before=len(state.store.groups), hashed=len(probed), notes=notes)
+
+
+def finish_ingest(spec: IngestSpec, plan: IngestPlan, written: Sequence[Row], *, seconds: float) -> IngestResult:
+    """Write the manifest: the old rows (appending: with ``superseded_by`` set where a new readable
+    version of the same id was written), then the ``written`` rows (what the chunk writes
+    returned) and the rows of files that could not be read. Returns the result."""
+    written = sorted(written, key=lambda r: (r["group"], r["index"]))
+    errors = [r for r in plan.planned if r["group"] is None]
+    old = [] if plan.old_manifest is None else supersede(plan.old_manifest, written)
+    write_manifest(spec.store, old + unstage_rows(written + errors))
+    n_new = len(plan.planned)
+    n_ok = sum(1 for r in written if r["status"] == "ok")
+    chunks = sum(g.n_chunks for g in plan.groups)
+    if plan.old_manifest is None:
+        return IngestResult(store=spec.store, files=plan.files, new_files=plan.files, images=n_ok,
+                            errors=plan.files - n_ok, groups=len(plan.groups), chunks=chunks,
+                            note=f"{n_ok} images in {len(plan.groups)} group(s), {chunks} chunk(s); "
+                                 f"{plan.files - n_ok} error row(s); {seconds:.1f} s -> {spec.store}")
+    n_sup = plan.old_manifest.column("superseded_by").null_count - sum(1 for r in old if r["superseded_by"] is None)
+    return IngestResult(store=spec.store, files=plan.files, new_files=n_new, images=n_ok, errors=n_new - n_ok,
+                        groups=plan.groups_before + len(plan.groups), chunks=chunks, superseded=n_sup,
+                        hashed=plan.hashed, batch=plan.batch,
+                        note=f"batch {plan.batch}: {n_new} new file(s) of {plan.files} in {spec.images}: {n_ok} "
+                             f"image(s) in {len(plan.groups)} new group(s), {n_new - n_ok} error row(s), {n_sup} older "
+                             f"version(s) superseded; {seconds:.1f} s")

@@ -1,0 +1,82 @@
+"""The ingest steps of segcore.collection.ingest run serially: create, reuse, append a batch with
+changed and new files, a quiet run, an empty landing zone; the result records hand-counted."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from segcore.collection.imageio import write_png
+from segcore.collection.ingest import IngestResult, probe_batches, start_ingest
+from segcore.collection.store import read_manifest
+from segcore.config import IngestSpec
+from tests.segcore.collection.serial import ingest_serially
+
+RNG = np.random.default_rng(3)
+
+
+def _write(path: Path, arr: np.ndarray, *, stamp: int) -> None:
+    write_png(path, arr)
+    os.utime(path, (stamp, stamp))  # a modification stamp of its own: the quick check sees the change
+
+
+def _landing(tmp_path: Path) -> tuple[Path, Path]:
+    images, masks = tmp_path / "landing" / "images", tmp_path / "landing" / "masks"
+    for name in ("a", "b", "c"):
+        _write(images / f"{name}.png", RNG.integers(0, 256, (4, 6), dtype=np.uint8), stamp=1_000)
+        _write(masks / f"{name}.png", RNG.integers(0, 2, (4, 6), dtype=np.uint8), stamp=1_000)
+    return images, masks
+
+
+def test_result_dicts_keep_the_shape_of_each_outcome():
+    full = IngestResult(store="s", files=3, new_files=3, images=3, errors=0, groups=1, chunks=2, note="x")
+    assert full.to_dict() == {"store": "s", "files": 3, "new_files": 3, "images": 3, "errors": 0, "groups": 1,
+                              "chunks": 2}
+    reused = IngestResult(store="s", files=3, new_files=0, images=3, errors=0, groups=1, chunks=None, reused=True)
+    assert reused.to_dict()["reused"] is True and "superseded" not in reused.to_dict()
+    quiet = IngestResult(store="s", files=3, new_files=0, images=0, errors=0, groups=1, chunks=0, superseded=0,
+                         hashed=0)
+    assert list(quiet.to_dict())[-2:] == ["superseded", "hashed"]
+
+
+def test_probe_batches_are_labelled_by_file_range(tmp_path):
+    spec = IngestSpec(images=str(tmp_path), store=str(tmp_path / "s.zarr"), probe_batch=2)
+    rows = [{"source_path": f"/x/{i}.png"} for i in range(5)]
+    assert [(label, len(b)) for label, b in probe_batches(spec, rows)] == [
+        ("files 0-1", 2), ("files 2-3", 2), ("files 4-4", 1)]
+
+
+def test_create_reuse_append_and_a_quiet_run(tmp_path):
+    images, masks = _landing(tmp_path)
+    store = str(tmp_path / "s.zarr")
+    spec = IngestSpec(images=str(images), masks=str(masks), store=store, chunk_pixels=48, max_chunk_images=2)
+    # 3 images of 4x6: 48 // 24 = 2 per chunk -> one group of 2 chunks
+    assert ingest_serially(spec).to_dict() == {"store": store, "files": 3, "new_files": 3, "images": 3, "errors": 0,
+                                               "groups": 1, "chunks": 2}
+    assert ingest_serially(spec).to_dict() == {"store": store, "files": 3, "new_files": 0, "images": 3, "errors": 0,
+                                               "groups": 1, "chunks": None, "reused": True}
+    inc = spec.model_copy(update={"incremental": True})
+    _write(images / "b.png", RNG.integers(0, 256, (4, 6), dtype=np.uint8), stamp=2_000)  # changed in place
+    _write(masks / "c.png", np.ones((4, 6), np.uint8), stamp=2_000)  # a corrected mask
+    _write(images / "d.png", RNG.integers(0, 256, (5, 5), dtype=np.uint8), stamp=2_000)  # new, another shape
+    _write(masks / "d.png", np.ones((5, 5), np.uint8), stamp=2_000)
+    # b and c (4x6) form g001, d (5x5) g002: 48 // 25 = 1 per chunk
+    assert ingest_serially(inc).to_dict() == {"store": store, "files": 4, "new_files": 3, "images": 3, "errors": 0,
+                                              "groups": 3, "chunks": 2, "superseded": 2, "hashed": 3, "batch": 1}
+    manifest = read_manifest(store).to_pylist()
+    assert [(r["image_id"], r["batch"], r["superseded_by"] is None) for r in manifest] == [
+        ("a", 0, True), ("b", 0, False), ("c", 0, False), ("b", 1, True), ("c", 1, True), ("d", 1, True)]
+    assert ingest_serially(inc).to_dict() == {"store": store, "files": 4, "new_files": 0, "images": 0, "errors": 0,
+                                              "groups": 3, "chunks": 0, "superseded": 0, "hashed": 0}
+
+
+def test_an_empty_landing_zone_is_nothing_to_do_and_a_missing_directory_fails(tmp_path):
+    (tmp_path / "landing").mkdir()
+    spec = IngestSpec(images=str(tmp_path / "landing"), store=str(tmp_path / "s.zarr"), incremental=True)
+    assert start_ingest(spec).result.to_dict() == {"store": spec.store, "files": 0, "new_files": 0, "images": 0,
+                                                   "errors": 0, "groups": 0, "chunks": 0, "superseded": 0}
+    with pytest.raises(FileNotFoundError):
+        start_ingest(spec.model_copy(update={"incremental": False}))
