@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import pyarrow.compute as pc
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.futures import as_completed
@@ -19,7 +18,7 @@ from flows.execution import task_runner, torch_threads
 from flows.ingest import ingest_steps
 from flows.names import ingest_run_name, run_run_name, segment_run_name
 from segcore import fsio
-from segcore.collection.incremental import current_rows
+from segcore.collection.versions import current_manifest, current_rows
 from segcore.collection.store import open_store, read_manifest, spec_json, store_exists
 from segcore.config import ExecutionSpec, IngestSpec, RunSpec, SegmentSpec, flow_run_token, with_flow_run
 from segcore.errors import CheckpointError, NotFound, SegflowError
@@ -117,7 +116,7 @@ def segment_steps(spec: SegmentSpec) -> dict[str, Any]:
         failed += _tiled_steps(ctx, schedule, meta, log, progress)
     summary = summarise_run(spec, ctx, plan, meta, n_done=n_done, n_failed=len(failed), seconds=time.perf_counter() - t0)
     if spec.lake:  # after the summary: a lake that cannot be written loses nothing else
-        published = publish_lake_task.submit(spec.lake, run_dir=spec.out, unit_groups=plan.part_groups()).result()
+        published = publish_lake_task.submit(spec.lake, run_dir=spec.out).result()
         log.info("segment: appended %s to the lake %s", published or "nothing new", spec.lake)
     if failed:
         raise SegflowError(f"{len(failed)} unit(s) failed (the others are saved; run the same command again to "
@@ -131,7 +130,7 @@ def summarise_run(spec: SegmentSpec, ctx: RunContext, plan: RunPlan, meta: Model
     run = open_run(spec.out)
     manifest = read_manifest(spec.store)
     part_groups = plan.part_groups()
-    current = manifest.filter(pc.is_null(manifest.column("superseded_by")))  # changed files: newest version only
+    current = current_manifest(manifest)  # changed files: newest version only
     dice = current_rows(run.dice_table(), manifest, part_groups)
     summary = summarise_dice(dice, manifest=current)
     if meta.kind == "instance":
@@ -181,7 +180,7 @@ def run_flow(spec: RunSpec) -> dict[str, Any]:
                                   "this time", spec.ingest.images, segment.store, segment.out)
             if segment.lake and fsio.exists(fsio.join(segment.out, "plan.json")):  # parts a failed publication left
                 # Called, not submitted: it runs in this process, so a quiet run never starts the Dask cluster.
-                publish_lake_task(segment.lake, run_dir=segment.out, unit_groups=read_plan(segment.out).part_groups())
+                publish_lake_task(segment.lake, run_dir=segment.out)
             return {"ingest": ingested, "segmented": False, "run_dir": segment.out, "flow_run_id": str(flow_run.id)}
     summary = segment_steps(segment)
     return {**summary, "ingest": ingested, "segmented": True, "run_dir": segment.out, "flow_run_id": str(flow_run.id)}

@@ -10,6 +10,6 @@ from segcore.lake.publish import publish_run
 
 @task(name="publish-lake", task_run_name="publish-lake [{lake}]", cache_policy=NO_CACHE, retries=2,
       retry_delay_seconds=5)
-def publish_lake_task(lake: str, *, run_dir: str, unit_groups: dict[str, str]) -> dict[str, int]:
+def publish_lake_task(lake: str, *, run_dir: str) -> dict[str, int]:
     """Append the run directory's unpublished Dice/instance/manifest parts to ``lake``; files per table."""
-    return publish_run(lake, run_dir=run_dir, unit_groups=unit_groups)
+    return publish_run(lake, run_dir=run_dir)

@@ -36,7 +36,6 @@ import zarr
 from segcore import fsio
 from segcore.errors import StoreError
 from segcore.collection.store import GroupInfo, StoreInfo, create_group_arrays, open_store
-from segcore.collection.versions import current_rows, superseded_slots  # noqa: F401  (the rule lives in versions)
 
 
 def next_batch(manifest: pa.Table) -> int:

@@ -56,12 +56,12 @@ def superseded_slots(manifest: pa.Table) -> set[tuple[str, str]]:
 def current_rows(table: pa.Table, manifest: pa.Table, unit_groups: dict[str, str]) -> pa.Table:
     """Rows of a run table (``image_id`` + ``unit`` columns) that belong to current image versions.
 
-    ``unit_groups`` maps unit names (``unit-00042``) to store groups; a name it does not hold is a
-    part of a tiled image, ``<group>-<index>`` (``g001-000000``).
+    ``unit_groups`` maps every table part (units ``unit-00042`` and tiled-image parts ``g001-000000``)
+    to its store group, as the run's plan records them (:meth:`segcore.run.plan.RunPlan.part_groups`).
     """
     old = superseded_slots(manifest)
     if not old or table.num_rows == 0:
         return table
-    keep = [(unit_groups.get(u, u.split("-")[0]), i) not in old
+    keep = [(unit_groups[u], i) not in old
             for u, i in zip(table.column("unit").to_pylist(), table.column("image_id").to_pylist())]
     return table.filter(pa.array(keep, pa.bool_()))

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from segcore import __version__
 from segcore import fsio
-from segcore.run.rundir import read_run_info
+from segcore.run.rundir import read_plan, read_run_info
 from segcore.collection.store import MANIFEST_SCHEMA, read_manifest
 from segcore.run.tables import DICE_SCHEMA, INSTANCE_METRICS_SCHEMA, INSTANCE_SCHEMA, read_hive
 
@@ -123,8 +123,9 @@ def publish(lake: str, *, run_dir: str, run_info: dict[str, Any], manifest: pa.T
             now: dt.datetime | None = None) -> dict[str, int]:
     """Append to ``lake`` every table part of ``run_dir`` (and every manifest batch) not published yet.
 
-    ``run_info`` is the run's ``run.json``; ``unit_groups`` maps unit names to store groups (parts of
-    tiled images are named ``<group>-<index>``). Returns the number of files written per table.
+    ``run_info`` is the run's ``run.json``; ``unit_groups`` maps every table part (units and the parts of
+    tiled images) to its store group, as the run's plan records them
+    (:meth:`segcore.run.plan.RunPlan.part_groups`). Returns the number of files written per table.
     """
     now = now or dt.datetime.now(dt.timezone.utc)
     run_id, model = run_info["run_id"], run_info["model"]["arch"]
@@ -160,7 +161,7 @@ def publish(lake: str, *, run_dir: str, run_info: dict[str, Any], manifest: pa.T
                                          schema=lake_schema("manifest"))
         else:
             part_table = pq.read_table(pa.BufferReader(fsio.read_bytes(part)))
-            groups = [unit_groups.get(u, u.split("-")[0]) for u in part_table.column("unit").to_pylist()]
+            groups = [unit_groups[u] for u in part_table.column("unit").to_pylist()]
             table = _lineage(part_table, groups, by_slot, run_id=run_id, published_at=now, name=name)
         _write(ledger["parts"][key]["target"], table, name, run_info)
         ledger["parts"][key]["done"] = True
@@ -174,8 +175,9 @@ def read_lake(lake: str, table: str = "dice", *, filter: Any = None) -> pa.Table
     return read_hive(fsio.join(lake, table), lake_schema(table), PARTITIONS, filter=filter)
 
 
-def publish_run(lake: str, *, run_dir: str, unit_groups: dict[str, str]) -> dict[str, int]:
-    """:func:`publish` for a run directory: its ``run.json`` and the manifest of the store it segmented."""
+def publish_run(lake: str, *, run_dir: str) -> dict[str, int]:
+    """:func:`publish` for a run directory: its ``run.json``, its recorded plan and the manifest of the
+    store it segmented."""
     info = read_run_info(run_dir)
     return publish(lake, run_dir=run_dir, run_info=info, manifest=read_manifest(info["store"]),
-                   unit_groups=unit_groups)
+                   unit_groups=read_plan(run_dir).part_groups())

@@ -11,7 +11,8 @@ import pytest
 from segcore.errors import StoreError
 from segcore import fsio
 from segcore.collection.incremental import (append_groups, drop_unlisted_groups, next_batch, refresh_signatures, select_new,
-                                 supersede, superseded_slots, unchanged_sources)
+                                 supersede, unchanged_sources)
+from segcore.collection.versions import superseded_slots
 from segcore.collection.store import MANIFEST_SCHEMA, GroupInfo, create_store, open_store
 
 
