@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from segcore.collection.sources import pair_sources, probe_sources
-from segcore.collection.store import chunk_rows, create_store, plan_groups, read_labelled, write_manifest, write_store_chunk
+from segcore.collection.store import (
+    chunk_rows,
+    create_store,
+    plan_groups,
+    read_labelled,
+    write_manifest,
+    write_store_chunk,
+)
 from segcore.errors import ConfigError
 from segcore.fsio import file_sha256
 from segcore.models.checkpoint import load_checkpoint
