@@ -1,1 +1,1 @@
-"""Training: the semantic and instance trainers."""
+"""Training: the shared loop (``loop``), the semantic and instance trainers, and training from a store."""

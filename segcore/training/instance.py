@@ -8,10 +8,12 @@ the augmented labels by :func:`segcore.models.instances.targets_from_instance_la
 match the image. Inputs go through :func:`segcore.normalise.normalise_batch`, the function
 inference uses.
 
-After each epoch the validation split is segmented with
-:func:`segcore.models.instances.predict_instances` and scored by :func:`evaluate_instances` (F1 at IoU
-0.5, COCO AP, panoptic quality, foreground Dice); the weights of the epoch with the highest
-validation F1 are returned with a :class:`~segcore.models.checkpoint.ModelMeta` that describes them.
+The loop itself (AdamW, one-cycle schedule, best epoch, time budget) is
+:func:`segcore.training.loop.fit`. After each epoch the validation split is segmented through the
+prediction seam (:class:`segcore.models.predict.TorchPredictor`, fp32) and scored by
+:func:`~segcore.training.instance_scores.prediction_scores` (F1 at IoU 0.5, COCO AP, panoptic
+quality, foreground Dice); the weights of the epoch with the highest validation F1 (then AP) are
+returned with a :class:`~segcore.models.checkpoint.ModelMeta` that describes them.
 
 Two training-only sampling settings of the detector, the RPN proposals per image and the box-head
 samples per image, can be lowered (``proposals_per_image``, ``rois_per_image``): the mask head
@@ -27,24 +29,25 @@ The ``DEMO_INSTANCE_*`` constants are the settings a demo uses with
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from segcore.models.checkpoint import ModelMeta
 from segcore.errors import ConfigError
-from segcore.metrics.instance import instance_scores
-from segcore.models.instances import predict_instances, targets_from_instance_labels
 from segcore.models import MODEL_KINDS, create_model
+from segcore.models.checkpoint import ModelMeta
+from segcore.models.instances import targets_from_instance_labels
+from segcore.models.predict import TorchPredictor
 from segcore.normalise import Normalisation, normalise_batch
-from segcore.training.semantic import _RESERVED_ARCH_KEYS, _as_nhwc, seeded_split
+from segcore.training.inputs import RESERVED_ARCH_KEYS, as_nhwc, seeded_split
+from segcore.training.instance_scores import VAL_KEYS, evaluate_instances, pooled_instance_scores, prediction_scores
+from segcore.training.loop import Validation, fit, seeded_torch
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +110,7 @@ def _check_inputs(images: np.ndarray, labels: np.ndarray, *, arch: str, class_na
         if used and (min(used) < 1 or max(used) >= len(class_names)):
             raise ConfigError(f"instance classes must lie in [1, {len(class_names)}) for class_names "
                               f"{tuple(class_names)}, got {sorted(used)}")
-    clash = sorted(set(arch_kwargs) & set(_RESERVED_ARCH_KEYS))
+    clash = sorted(set(arch_kwargs) & set(RESERVED_ARCH_KEYS))
     if clash:
         raise ConfigError(f"arch_kwargs must not set {clash}: they follow from the images and class_names")
     _positive_int("epochs", epochs)
@@ -153,71 +156,6 @@ def augment_instance_sample(image: torch.Tensor, labels: torch.Tensor, rng: np.r
     if flip:
         image, labels = image.flip(-1), labels.flip(-1)
     return image.contiguous(), labels.contiguous()
-
-
-def pooled_instance_scores(pred_labels: Sequence[np.ndarray], gt_labels: Sequence[np.ndarray], *,
-                           scores: Sequence[Mapping[int, float]] | None = None) -> dict[str, float | int]:
-    """Instance figures of several images, pooled.
-
-    Args:
-        pred_labels: per image, ``(H, W)`` integer predicted instance ids (0 = background).
-        gt_labels: per image, ``(H, W)`` integer ground-truth instance ids, same shapes.
-        scores: per image, predicted id -> confidence (for AP); ``None`` = all 1.0.
-
-    Returns ``n_images``, ``tp``, ``fp``, ``fn`` (objects, IoU >= 0.5), ``precision``, ``recall``,
-    ``f1`` and ``pq`` (panoptic quality) from the summed counts (1.0 when there is nothing to
-    count), ``ap`` (COCO AP 0.50:0.95, mean over the images with ground-truth objects; NaN if
-    none) and ``dice_fg`` (Dice of foreground vs background over all pixels; 1.0 when both are
-    empty). See :mod:`segcore.metrics.instance` for the per-image definitions.
-    """
-    if len(pred_labels) != len(gt_labels) or (scores is not None and len(scores) != len(gt_labels)):
-        raise ConfigError(f"got {len(pred_labels)} predictions and {len(gt_labels)} ground-truth images"
-                          + ("" if scores is None else f" and {len(scores)} score maps") + "; give one of each per image")
-    tp = fp = fn = inter = total = 0
-    iou_sum, aps = 0.0, []
-    for i, (pred, gt) in enumerate(zip(pred_labels, gt_labels)):
-        s = instance_scores(pred, gt, scores=None if scores is None else scores[i])
-        tp, fp, fn = tp + int(s["tp"]), fp + int(s["fp"]), fn + int(s["fn"])
-        iou_sum += float(s["mean_matched_iou"]) * int(s["tp"]) if s["tp"] else 0.0
-        if not s["empty_gt"]:
-            aps.append(float(s["ap"]))
-        p, g = np.asarray(pred) > 0, np.asarray(gt) > 0
-        inter, total = inter + int((p & g).sum()), total + int(p.sum()) + int(g.sum())
-    denom = tp + 0.5 * (fp + fn)
-    return {
-        "n_images": len(gt_labels), "tp": tp, "fp": fp, "fn": fn,
-        "precision": tp / (tp + fp) if tp + fp else 1.0,
-        "recall": tp / (tp + fn) if tp + fn else 1.0,
-        "f1": tp / denom if denom else 1.0,
-        "pq": iou_sum / denom if denom else 1.0,
-        "ap": float(np.mean(aps)) if aps else float("nan"),
-        "dice_fg": 2.0 * inter / total if total else 1.0,
-    }
-
-
-def evaluate_instances(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, normalisation: Normalisation,
-                       batch_size: int = 4, score_threshold: float | None = None) -> dict[str, float | int]:
-    """Segment ``images`` with an instance model and score them against ``labels``.
-
-    Args:
-        model: an :class:`~segcore.models.maskrcnn.InstanceSegmenter` (put in eval mode here).
-        images: ``(N, H, W, C)`` raw images (``(N, H, W)`` means C = 1).
-        labels: ``(N, H, W)`` integer ground-truth instance ids (0 = background).
-        normalisation: as the model was trained with.
-        batch_size: images per forward pass.
-        score_threshold: keep detections scoring above this; ``None`` = the model's own floor
-            (what :func:`~segcore.models.instances.predict_instances` uses by default).
-
-    Returns the figures of :func:`pooled_instance_scores` over the ``N`` images.
-    """
-    images = _as_nhwc(images)
-    model.eval()
-    preds = []
-    for start in range(0, images.shape[0], batch_size):
-        x = normalise_batch(images[start:start + batch_size], normalisation)
-        preds.extend(predict_instances(model, x, score_threshold=score_threshold))
-    return pooled_instance_scores([p.labels for p in preds], list(np.asarray(labels)),
-                                  scores=[{r["instance_id"]: r["score"] for r in p.records} for p in preds])
 
 
 def _set_training_sampling(model: nn.Module, *, proposals_per_image: int | None,
@@ -290,7 +228,7 @@ def train_instance(
         "val_precision", "val_recall", "val_ap", "val_pq", "val_dice_fg", "lr", "seconds",
         "elapsed_s"}`` (seconds are wall-clock).
     """
-    images = _as_nhwc(images)
+    images = as_nhwc(images)
     labels = np.asarray(labels)
     arch_kwargs, class_names = dict(arch_kwargs), tuple(class_names)
     n_train, n_val = _check_inputs(
@@ -309,74 +247,44 @@ def train_instance(
     height, width = labels.shape[1:]
     per_image = 1 if crop_size is None else math.ceil(height * width / crop_size**2)
     samples = np.repeat(np.arange(n_train), per_image)
-    steps_per_epoch = math.ceil(samples.size / batch_size)
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # weights, and torchvision's box / anchor sampling during training
+    meta = ModelMeta(arch=arch, arch_kwargs=arch_kwargs, class_names=class_names, in_channels=in_channels,
+                     normalisation=normalisation)
+    x_val, y_val = images[val_idx], labels[val_idx]
+
+    def batches() -> Iterator[tuple[torch.Tensor, list[dict[str, torch.Tensor]]]]:
+        perm = samples[rng.permutation(samples.size)]
+        for start in range(0, perm.size, batch_size):
+            chosen = perm[start:start + batch_size].tolist()
+            views = [augment_instance_sample(x_train[i], y_train[i], rng, crop_size=crop_size) for i in chosen]
+            yield (torch.stack([v[0] for v in views]),
+                   [targets_from_instance_labels(v[1], classes_train[i]) for v, i in zip(views, chosen)])
+
+    def loss(model: nn.Module, batch: tuple[torch.Tensor, list[dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+        return model(*batch)
+
+    def validate(model: nn.Module) -> Validation:
+        if not n_val:
+            return Validation(fields={f"val_{k}": None for k in VAL_KEYS}, score=None, summary="val F1 -")
+        predictor = TorchPredictor(model, meta, device=str(next(model.parameters()).device), precision="fp32")
+        scores = prediction_scores(predictor.instances(x_val, batch_size=batch_size), y_val)
+        return Validation(fields={f"val_{k}": scores[k] for k in VAL_KEYS},
+                          score=(scores["f1"], np.nan_to_num(scores["ap"], nan=0.0)),
+                          summary=f"val F1 {scores['f1']:.4f}", details=dict(scores))
+
+    with seeded_torch(seed):  # weights, and torchvision's box / anchor sampling during training
         model = create_model(arch, in_channels=in_channels, num_classes=len(class_names), **arch_kwargs)
         sampling = _set_training_sampling(model, proposals_per_image=proposals_per_image,
                                           rois_per_image=rois_per_image)
-        optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4, fused=True)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=epochs * steps_per_epoch,
-                                                       pct_start=0.15)
-        history: list[dict] = []
-        best: tuple[tuple[float, float], int, dict | None, dict[str, Any]] = ((-1.0, -1.0), 0, None, {})
-        stopped_early = False
-        for epoch in range(1, epochs + 1):
-            t_epoch = time.perf_counter()
-            model.train()
-            perm = samples[rng.permutation(samples.size)]
-            losses: dict[str, list[float]] = {}
-            for start in range(0, perm.size, batch_size):
-                chosen = perm[start:start + batch_size].tolist()
-                views = [augment_instance_sample(x_train[i], y_train[i], rng, crop_size=crop_size) for i in chosen]
-                x = torch.stack([v[0] for v in views])
-                targets = [targets_from_instance_labels(v[1], classes_train[i]) for v, i in zip(views, chosen)]
-                loss_dict = model(x, targets)
-                loss = sum(loss_dict.values())
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
-                optimiser.step()
-                schedule.step()
-                for name, value in loss_dict.items():
-                    losses.setdefault(name, []).append(float(value.detach()))
-            scores = (evaluate_instances(model, images[val_idx], labels[val_idx], normalisation=normalisation,
-                                         batch_size=batch_size) if n_val else None)
-            now = time.perf_counter()
-            means = {name: float(np.mean(v)) for name, v in losses.items()}
-            record = {
-                "epoch": epoch,
-                "loss": float(sum(means.values())),
-                "losses": means,
-                **{f"val_{k}": (None if scores is None else scores[k])
-                   for k in ("f1", "precision", "recall", "ap", "pq", "dice_fg")},
-                "lr": float(optimiser.param_groups[0]["lr"]),
-                "seconds": now - t_epoch,
-                "elapsed_s": now - t0,
-            }
-            history.append(record)
-            log.info("epoch %d/%d: loss %.4f, val F1 %s (%.1f s)", epoch, epochs, record["loss"],
-                     "-" if scores is None else f"{scores['f1']:.4f}", record["seconds"])
-            key = (-1.0, -1.0) if scores is None else (scores["f1"], np.nan_to_num(scores["ap"], nan=0.0))
-            if scores is None or key > best[0]:
-                best = (key, epoch, copy.deepcopy(model.state_dict()), dict(scores or {}))
-            if progress is not None:
-                progress(dict(record))
-            if time_budget_s is not None and now - t0 >= time_budget_s and epoch < epochs:
-                stopped_early = True
-                log.warning("time budget of %.0f s spent after epoch %d of %d; stopping early",
-                            time_budget_s, epoch, epochs)
-                break
+        result = fit(model, epochs=epochs, steps_per_epoch=math.ceil(samples.size / batch_size), batches=batches,
+                     loss=loss, validate=validate, lr=lr, fused=True, grad_clip_norm=GRAD_CLIP_NORM,
+                     record_loss_parts=True, time_budget_s=time_budget_s, progress=progress, started=t0)
 
-    _, best_epoch, best_state, best_scores = best
-    model.load_state_dict(best_state)
-    model.eval()
     provenance = {
         "trainer": "segcore.training.instance.train_instance",
         "epochs": int(epochs),
-        "epochs_run": len(history),
-        "stopped_early": stopped_early,
+        "epochs_run": len(result.history),
+        "stopped_early": result.stopped_early,
         "time_budget_s": time_budget_s,
         "seed": int(seed),
         "batch_size": int(batch_size),
@@ -390,15 +298,13 @@ def train_instance(
         **sampling,
         "n_train": int(n_train),
         "n_val": int(n_val),
-        "best_epoch": best_epoch,
-        "val_scores": best_scores,
+        "best_epoch": result.best_epoch,
+        "val_scores": dict(result.best.details),
         "seconds": round(time.perf_counter() - t0, 3),
         "torch_version": torch.__version__,
         "torch_threads": torch.get_num_threads(),
     }
-    meta = ModelMeta(arch=arch, arch_kwargs=arch_kwargs, class_names=class_names, in_channels=in_channels,
-                     normalisation=normalisation, provenance=provenance)
-    return model, meta, history
+    return model, meta.model_copy(update={"provenance": provenance}), result.history
 
 
 __all__ = [

@@ -2,10 +2,12 @@
 
 :func:`train_semantic` takes ``(N, H, W, C)`` raw images and ``(N, H, W)`` class maps, holds out
 a seeded validation split, and trains with cross-entropy + soft Dice (foreground classes) under
-seeded flip / rot90 augmentation. Inputs go through :func:`segcore.normalise.normalise_batch`,
-the very function inference uses. After each epoch the validation Dice per class is measured
-(:mod:`segcore.metrics.dice`, argmax of the logits); the weights of the epoch with the best mean
-foreground Dice are returned, with a :class:`~segcore.models.checkpoint.ModelMeta` that describes them.
+seeded flip / rot90 augmentation, in the loop of :func:`segcore.training.loop.fit`. Inputs go
+through :func:`segcore.normalise.normalise_batch`, the very function inference uses. After each
+epoch the validation split is segmented through the prediction seam
+(:class:`segcore.models.predict.TorchPredictor`, fp32, argmax of the logits) and its Dice per class
+measured (:mod:`segcore.metrics.dice`); the weights of the epoch with the best mean foreground Dice
+are returned, with a :class:`~segcore.models.checkpoint.ModelMeta` that describes them.
 
 Same inputs, same seed and same number of torch threads give the same weights.
 
@@ -16,24 +18,25 @@ The ``DEMO_*`` constants are the settings ``segflow demo`` uses with the synthet
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segcore.models.checkpoint import ModelMeta
 from segcore.errors import ConfigError
-from segcore.models.predict import TorchPredictor
 from segcore.metrics.dice import dice_per_class
 from segcore.models import create_model
+from segcore.models.checkpoint import ModelMeta
+from segcore.models.predict import TorchPredictor
 from segcore.normalise import Normalisation, normalise_batch
+from segcore.training.inputs import RESERVED_ARCH_KEYS, as_nhwc, seeded_split
+from segcore.training.loop import Validation, fit, seeded_torch
 
 log = logging.getLogger(__name__)
 
@@ -54,26 +57,6 @@ DEMO_LR = 3e-3
 DEMO_NORMALISATION = Normalisation(mode="range", scale=255.0)
 #: Training stops after the epoch that passes this many seconds.
 DEMO_TIME_BUDGET_S = 120.0
-
-_RESERVED_ARCH_KEYS = ("in_channels", "num_classes")
-
-
-def _as_nhwc(images: np.ndarray) -> np.ndarray:
-    images = np.asarray(images)
-    if images.ndim == 3:
-        return images[..., None]
-    if images.ndim != 4:
-        raise ConfigError(f"images must be (N, H, W, C) or (N, H, W), got shape {images.shape}")
-    return images
-
-
-def seeded_split(n: int, n_val: int, seed: int) -> tuple[np.random.Generator, np.ndarray, np.ndarray]:
-    """``(rng, train_idx, val_idx)``: ``n_val`` of ``n`` images held out by a generator seeded with
-    ``seed`` (indices sorted); the generator goes on to drive the augmentation."""
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(n)
-    return rng, np.sort(order[n_val:]), np.sort(order[:n_val])
-
 
 def _check_inputs(
     images: np.ndarray,
@@ -103,7 +86,7 @@ def _check_inputs(
             f"mask labels must lie in [0, {len(class_names)}) for class_names {tuple(class_names)}, "
             f"got min {int(masks.min())}, max {int(masks.max())}; add the missing class names or fix the masks"
         )
-    clash = sorted(set(arch_kwargs) & set(_RESERVED_ARCH_KEYS))
+    clash = sorted(set(arch_kwargs) & set(RESERVED_ARCH_KEYS))
     if clash:
         raise ConfigError(f"arch_kwargs must not set {clash}: they follow from the images and class_names")
     if int(epochs) != epochs or epochs < 1:
@@ -195,7 +178,7 @@ def train_semantic(
         history: one record per epoch run, ``{"epoch", "loss", "val_dice" (name -> Dice),
         "val_dice_mean_fg", "lr", "seconds", "elapsed_s"}`` (seconds are wall-clock).
     """
-    images = _as_nhwc(images)
+    images = as_nhwc(images)
     masks = np.asarray(masks)
     arch_kwargs = dict(arch_kwargs)
     class_names = tuple(class_names)
@@ -210,73 +193,39 @@ def train_semantic(
     x_train = normalise_batch(images[train_idx], normalisation)
     y_train = torch.from_numpy(masks[train_idx].astype(np.int64))
     x_val, y_val = images[val_idx], masks[val_idx]
+    meta = ModelMeta(arch="unet", arch_kwargs=arch_kwargs, class_names=class_names, in_channels=in_channels,
+                     normalisation=normalisation)
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = create_model("unet", in_channels=in_channels, num_classes=num_classes, **arch_kwargs)
-    steps_per_epoch = math.ceil(n_train / batch_size)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15
-    )
-
-    history: list[dict] = []
-    best_score, best_epoch, best_state, best_dice = -1.0, 0, None, {}
-    stopped_early = False
-    for epoch in range(1, epochs + 1):
-        t_epoch = time.perf_counter()
-        model.train()
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         perm = rng.permutation(n_train)
-        losses = []
         for start in range(0, n_train, batch_size):
             batch = torch.from_numpy(perm[start : start + batch_size])
-            x, y = _augment(x_train[batch], y_train[batch], rng)
-            loss = segmentation_loss(model(x), y)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-            losses.append(float(loss.detach()))
-        model.eval()
-        meta = ModelMeta(arch="unet", arch_kwargs=dict(arch_kwargs), class_names=tuple(class_names),
-                         in_channels=x_val.shape[-1], normalisation=normalisation)
-        pred = TorchPredictor(model, meta, device=str(next(model.parameters()).device), precision="fp32").labels(
-            x_val, batch_size=max(batch_size, 32))
-        per_class = dice_per_class(pred, y_val, num_classes).mean(axis=0)
-        val_dice = {name: float(d) for name, d in zip(class_names, per_class)}
-        mean_fg = float(per_class[1:].mean())
-        now = time.perf_counter()
-        record = {
-            "epoch": epoch,
-            "loss": float(np.mean(losses)),
-            "val_dice": val_dice,
-            "val_dice_mean_fg": mean_fg,
-            "lr": float(optimiser.param_groups[0]["lr"]),
-            "seconds": now - t_epoch,
-            "elapsed_s": now - t0,
-        }
-        history.append(record)
-        log.info("epoch %d/%d: loss %.4f, val mean foreground Dice %.4f (%.1f s)",
-                 epoch, epochs, record["loss"], mean_fg, record["seconds"])
-        if mean_fg > best_score:
-            best_score, best_epoch, best_dice = mean_fg, epoch, val_dice
-            best_state = copy.deepcopy(model.state_dict())
-        if progress is not None:
-            progress(dict(record))
-        if time_budget_s is not None and now - t0 >= time_budget_s and epoch < epochs:
-            stopped_early = True
-            log.warning("time budget of %.0f s spent after epoch %d of %d; stopping early",
-                        time_budget_s, epoch, epochs)
-            break
+            yield _augment(x_train[batch], y_train[batch], rng)
 
-    model.load_state_dict(best_state)
-    model.eval()
+    def loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x, y = batch
+        return {"loss": segmentation_loss(model(x), y)}
+
+    def validate(model: nn.Module) -> Validation:
+        predictor = TorchPredictor(model, meta, device=str(next(model.parameters()).device), precision="fp32")
+        pred = predictor.labels(x_val, batch_size=max(batch_size, 32))
+        per_class = dice_per_class(pred, y_val, num_classes).mean(axis=0)
+        scores = {"val_dice": {name: float(d) for name, d in zip(class_names, per_class)},
+                  "val_dice_mean_fg": float(per_class[1:].mean())}
+        return Validation(fields=scores, score=scores["val_dice_mean_fg"], details=scores,
+                          summary=f"val mean foreground Dice {scores['val_dice_mean_fg']:.4f}")
+
+    with seeded_torch(seed):  # the weights; the loop itself draws nothing from torch's generator
+        model = create_model("unet", in_channels=in_channels, num_classes=num_classes, **arch_kwargs)
+        result = fit(model, epochs=epochs, steps_per_epoch=math.ceil(n_train / batch_size), batches=batches,
+                     loss=loss, validate=validate, lr=lr, time_budget_s=time_budget_s, progress=progress,
+                     started=t0)
     seconds = time.perf_counter() - t0
     provenance = {
         "trainer": "segcore.training.semantic.train_semantic",
         "epochs": int(epochs),
-        "epochs_run": len(history),
-        "stopped_early": stopped_early,
+        "epochs_run": len(result.history),
+        "stopped_early": result.stopped_early,
         "time_budget_s": time_budget_s,
         "seed": int(seed),
         "batch_size": int(batch_size),
@@ -285,22 +234,14 @@ def train_semantic(
         "augmentation": "flip, rot90",
         "n_train": int(n_train),
         "n_val": int(n_val),
-        "best_epoch": best_epoch,
-        "val_dice": best_dice,
-        "val_dice_mean_fg": best_score,
+        "best_epoch": result.best_epoch,
+        "val_dice": result.best.details["val_dice"],
+        "val_dice_mean_fg": result.best.details["val_dice_mean_fg"],
         "seconds": round(seconds, 3),
         "torch_version": torch.__version__,
         "torch_threads": torch.get_num_threads(),
     }
-    meta = ModelMeta(
-        arch="unet",
-        arch_kwargs=arch_kwargs,
-        class_names=class_names,
-        in_channels=in_channels,
-        normalisation=normalisation,
-        provenance=provenance,
-    )
-    return model, meta, history
+    return model, meta.model_copy(update={"provenance": provenance}), result.history
 
 
 __all__ = [

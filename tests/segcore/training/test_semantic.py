@@ -12,7 +12,7 @@ from segcore.metrics.dice import dice_per_class
 from segcore.normalise import Normalisation
 from segcore.collection.imageio import read_image, read_mask
 from segcore.synthetic import CLASS_NAMES, generate_collection, make_sample
-from segcore.run.units import predict_labels
+from segcore.models.predict import TorchPredictor
 from segcore.training.semantic import (
     DEMO_ARCH_KWARGS,
     DEMO_BATCH_SIZE,
@@ -116,12 +116,12 @@ def test_returned_weights_are_those_of_the_best_epoch(tiny_data, tmp_path):
     images, masks = tiny_data
     model, meta, _ = _train(images, masks, epochs=3, val_fraction=0.25)
     val_idx = np.sort(np.random.default_rng(0).permutation(len(images))[:2])
-    pred = predict_labels(model.eval(), images[val_idx], normalisation=NORM)
+    pred = TorchPredictor(model.eval(), meta).labels(images[val_idx])
     dice = dice_per_class(pred, masks[val_idx], len(CLASS_NAMES)).mean(axis=0)
     assert dict(zip(CLASS_NAMES, dice.tolist())) == pytest.approx(meta.provenance["val_dice"])
     # And the checkpoint round trip keeps predictions identical.
     loaded, _ = load_checkpoint(save_checkpoint(tmp_path / "m.safetensors", model, meta))
-    np.testing.assert_array_equal(predict_labels(loaded.eval(), images[val_idx], normalisation=NORM), pred)
+    np.testing.assert_array_equal(TorchPredictor(loaded.eval(), meta).labels(images[val_idx]), pred)
 
 
 def test_time_budget_stops_after_the_current_epoch(tiny_data):
@@ -215,6 +215,6 @@ def test_demo_defaults_reach_the_held_out_dice_bar(tmp_path):
         seed=0,
         time_budget_s=DEMO_TIME_BUDGET_S,
     )
-    pred = predict_labels(model.eval(), images[DEMO_N_TRAIN:], normalisation=meta.normalisation)
+    pred = TorchPredictor(model.eval(), meta).labels(images[DEMO_N_TRAIN:])
     dice = dice_per_class(pred, masks[DEMO_N_TRAIN:], len(CLASS_NAMES)).mean(axis=0)
     assert dice[1:].mean() >= 0.90, dict(zip(CLASS_NAMES, dice.round(4)))

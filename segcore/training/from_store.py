@@ -1,0 +1,131 @@
+"""Train a registered model on every labelled image of a collection store and save its checkpoint.
+
+:func:`train_from_store` is what ``segflow train`` runs on a worker: it fills the options left as
+``None`` from the model kind's defaults (:func:`segcore.config.train_defaults`), reads the
+store's labelled images, calls :func:`~segcore.training.semantic.train_semantic` or
+:func:`~segcore.training.instance.train_instance`, adds the command and the store to the
+provenance and writes the best epoch's weights. It takes plain values, never a run spec.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from segcore.collection.store import open_store, read_labelled
+from segcore.config import train_defaults
+from segcore.errors import ConfigError
+from segcore.fsio import file_sha256
+from segcore.models import MODEL_KINDS
+from segcore.models.checkpoint import save_checkpoint
+from segcore.normalise import Normalisation
+from segcore.training.instance import train_instance
+from segcore.training.semantic import train_semantic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run left behind.
+
+    Attributes:
+        checkpoint: path of the written checkpoint (.safetensors).
+        sha256: hex sha256 of its bytes.
+        history: one record per epoch run (see the trainers).
+        kind: ``semantic`` or ``instance``.
+        best_val_score: the best epoch's mean foreground Dice (semantic) or F1 at IoU 0.5
+            (instance); ``None`` when nothing was held out for validation.
+    """
+
+    checkpoint: str
+    sha256: str
+    history: list[dict]
+    kind: str
+    best_val_score: float | None
+
+
+def epoch_line(record: Mapping[str, Any], *, epochs: int) -> str:
+    """One line about a history record: ``epoch 2/10: loss 0.4123, val_f1 0.812, ... (3.1 s)``
+    (every float ``val_*`` entry, three decimals)."""
+    scores = ", ".join(f"{k} {v:.3f}" for k, v in record.items() if k.startswith("val_") and isinstance(v, float))
+    return f"epoch {record['epoch']}/{epochs}: loss {record['loss']:.4f}, {scores} ({record['seconds']:.1f} s)"
+
+
+def train_from_store(
+    *,
+    store: str,
+    out: str,
+    model: str,
+    class_names: Sequence[str] | None,
+    arch_kwargs: Mapping[str, Any] | None,
+    epochs: int,
+    batch_size: int | None,
+    lr: float | None,
+    val_fraction: float,
+    crop_size: int | None,
+    seed: int,
+    time_budget_s: float | None,
+    normalisation: Normalisation,
+    command: str,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` on every labelled image of ``store`` and write the best epoch to ``out``.
+
+    Args:
+        store: a collection store made by ``segflow ingest``, with ground truth of one image shape.
+            Instance models need ``mask_kind="instance"``; a semantic model trained on instance
+            labels learns foreground (any id > 0 = class 1).
+        out: checkpoint file to write (.safetensors).
+        model: a registered architecture (``unet``, ``maskrcnn``, ``maskrcnn_r18``).
+        class_names: background first; ``None``: background plus ``class_<k>`` per label value up
+            to the largest in the store (semantic), or ``("background", "object")`` (instance).
+        arch_kwargs: builder options merged over the kind's defaults (``None``: the defaults).
+        epochs, val_fraction, crop_size, seed, time_budget_s, normalisation: as the trainers take them
+            (``crop_size`` applies to instance models only).
+        batch_size, lr: ``None`` takes the kind's default.
+        command: the command line that started the run (recorded in the provenance).
+        on_epoch: called once per epoch with that epoch's history record.
+
+    Returns:
+        A :class:`TrainResult`; the checkpoint's provenance also records ``command``, ``store``
+        and ``images`` (how many were used, validation included).
+    """
+    kind = MODEL_KINDS.get(model)
+    if kind is None:
+        raise ConfigError(f"unknown model {model!r}; valid names: {', '.join(sorted(MODEL_KINDS))}")
+    if crop_size is not None and kind != "instance":
+        raise ConfigError(f"crop_size applies to instance models only; leave it out for {model!r}")
+    defaults = train_defaults(kind)
+    common = dict(
+        normalisation=normalisation, epochs=epochs, val_fraction=val_fraction, seed=seed, progress=on_epoch,
+        time_budget_s=time_budget_s, arch_kwargs={**defaults["arch_kwargs"], **(arch_kwargs or {})},
+        batch_size=defaults["batch_size"] if batch_size is None else batch_size,
+        lr=defaults["lr"] if lr is None else lr,
+    )
+    mask_kind = open_store(store).mask_kind
+    images, labels, ids = read_labelled(store)
+    if kind == "instance":
+        if mask_kind != "instance":
+            raise ConfigError(f"{model} learns from instance labels; ingest {store} with --mask-kind instance")
+        names = tuple(class_names or ("background", "object"))
+        net, meta, history = train_instance(images, labels.astype(np.int64), arch=model, class_names=names,
+                                            crop_size=crop_size, **common)
+        best = (meta.provenance.get("val_scores") or {}).get("f1")
+    else:
+        if mask_kind == "instance":
+            labels = (labels > 0).astype(labels.dtype)
+        names = tuple(class_names or ("background",) + tuple(f"class_{k}" for k in range(1, int(labels.max()) + 1)))
+        net, meta, history = train_semantic(images, labels.astype(np.int64), class_names=names, **common)
+        best = meta.provenance.get("val_dice_mean_fg")
+    provenance = dict(meta.provenance, command=command, store=store, images=len(ids))
+    path = save_checkpoint(out, net, meta.model_copy(update={"provenance": provenance}))
+    log.info("trained %s on %d image(s) of %s; checkpoint %s", model, len(ids), store, path)
+    return TrainResult(checkpoint=str(path), sha256=file_sha256(path), history=history, kind=kind,
+                       best_val_score=best)
+
+
+__all__ = ["TrainResult", "epoch_line", "train_from_store"]

@@ -1,0 +1,110 @@
+"""Tests of training from a collection store (what ``segflow train`` runs on a worker), without Prefect."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from segcore.collection.sources import pair_sources, probe_sources
+from segcore.collection.store import (
+    chunk_rows,
+    create_store,
+    plan_groups,
+    read_labelled,
+    write_manifest,
+    write_store_chunk,
+)
+from segcore.errors import ConfigError
+from segcore.fsio import file_sha256
+from segcore.models.checkpoint import load_checkpoint
+from segcore.normalise import Normalisation
+from segcore.synthetic import generate_collection
+from segcore.training.from_store import TrainResult, epoch_line, train_from_store
+from segcore.training.semantic import train_semantic
+
+NORM = Normalisation(mode="range", scale=255.0)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _store(root: Path, *, mask_kind: str) -> str:
+    """Ingest the synthetic collection under ``root`` into ``root/collection.zarr``."""
+    rows = probe_sources(pair_sources(str(root / "images"), str(root / "masks")))
+    groups, rows = plan_groups(rows, chunk_pixels=32 * 32 * 4, max_chunk_images=4)
+    store = str(root / "collection.zarr")
+    create_store(store, groups, with_gt=True, mask_kind=mask_kind, spec={})
+    final = [r for chunk in chunk_rows(rows, groups) for r in write_store_chunk(store, chunk)]
+    write_manifest(store, final + [r for r in rows if r["group"] is None])
+    return store
+
+
+@pytest.fixture(scope="module")
+def semantic_store(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("from_store")
+    generate_collection(root, n_images=6, size=32, seed=0)
+    return _store(root, mask_kind="class")
+
+
+def _train(store: str, out: Path, **overrides) -> TrainResult:
+    kwargs = dict(store=store, out=str(out), model="unet", class_names=None, arch_kwargs={"base": 4}, epochs=2,
+                  batch_size=4, lr=None, val_fraction=0.34, crop_size=None, seed=0, time_budget_s=None,
+                  normalisation=NORM, command="segflow train --test")
+    kwargs.update(overrides)
+    return train_from_store(**kwargs)
+
+
+def test_trains_the_stores_images_and_writes_a_described_checkpoint(semantic_store, tmp_path):
+    seen: list[dict] = []
+    out = tmp_path / "m.safetensors"
+    result = _train(semantic_store, out, on_epoch=seen.append)
+    assert result.checkpoint == str(out) and result.sha256 == file_sha256(out)
+    assert result.kind == "semantic" and seen == result.history and len(result.history) == 2
+    model, meta = load_checkpoint(out)
+    assert meta.arch_kwargs == {"base": 4, "depth": 3}  # merged over the UNet defaults
+    assert meta.class_names == ("background", "class_1", "class_2")  # one per label value in the store
+    p = meta.provenance
+    assert (p["command"], p["store"], p["images"], p["n_train"], p["n_val"]) == (
+        "segflow train --test", semantic_store, 6, 4, 2)
+    assert (p["batch_size"], p["lr"]) == (4, 3e-3)  # lr: the UNet default
+    assert result.best_val_score == p["val_dice_mean_fg"] == max(r["val_dice_mean_fg"] for r in result.history)
+
+    # The same as training on the store's arrays directly: bit for bit.
+    images, labels, _ = read_labelled(semantic_store)
+    direct, _, _ = train_semantic(images, labels.astype(np.int64), class_names=meta.class_names,
+                                  arch_kwargs={"base": 4, "depth": 3}, normalisation=NORM, epochs=2, batch_size=4,
+                                  lr=3e-3, val_fraction=0.34, seed=0)
+    expected = direct.state_dict()
+    assert all(torch.equal(t, expected[k]) for k, t in model.state_dict().items())
+
+
+def test_instance_labels_train_a_unet_on_foreground(tmp_path):
+    root = tmp_path / "inst"
+    generate_collection(root, n_images=4, size=32, seed=1)
+    store = _store(root, mask_kind="instance")
+    result = _train(store, tmp_path / "fg.safetensors", epochs=1, val_fraction=0.25)
+    _, meta = load_checkpoint(result.checkpoint)
+    assert meta.class_names == ("background", "class_1")
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"model": "vit"}, "unknown model 'vit'"),
+        ({"model": "maskrcnn_r18"}, "--mask-kind instance"),
+        ({"crop_size": 16}, "crop_size applies to instance models only"),
+    ],
+)
+def test_refusals_say_what_to_do(semantic_store, tmp_path, change, match):
+    out = tmp_path / "x.safetensors"
+    with pytest.raises(ConfigError, match=match):
+        _train(semantic_store, out, **change)
+    assert not out.exists()
+
+
+def test_epoch_line_lists_the_float_validation_scores():
+    record = {"epoch": 2, "loss": 0.41234, "val_dice": {"a": 0.5}, "val_dice_mean_fg": 0.81249, "val_f1": None,
+              "lr": 0.001, "seconds": 3.14}
+    assert epoch_line(record, epochs=10) == "epoch 2/10: loss 0.4123, val_dice_mean_fg 0.812 (3.1 s)"
