@@ -118,14 +118,14 @@ def main() -> None:
     pipe_s = time.perf_counter() - t
     assert rc == 0, "segment failed"
     summary = json.loads((run_dir / "summary.json").read_text())
-    units = [json.loads(p.read_text()) for p in (run_dir / "units").glob("*.json")]
+    units = [json.loads(p.read_text()) for p in (run_dir / "units").glob("*.json")]  # the units' done-records
     assert sum(u["n_images"] for u in units) == n
     pipe_ips = n / pipe_s
     print(f"segflow segment (end to end): {n} images in {pipe_s:.1f} s = {pipe_ips:.2f} images/s "
           f"({summary['units']} units)")
-    print(f"  inside units: predict {sum(u['predict_s'] for u in units):.1f} s, "
-          f"unit total {sum(u['total_s'] for u in units):.1f} s")
-    steady_s = max(u["finished"] for u in units) - min(u["started"] for u in units)
+    print(f"  inside units: predict {sum(u['timing']['predict_s'] for u in units):.1f} s, "
+          f"unit total {sum(u['timing']['total_s'] for u in units):.1f} s")
+    steady_s = max(u["timing"]["finished"] for u in units) - min(u["timing"]["started"] for u in units)
     print(f"  steady state (first unit start to last unit end): {steady_s:.1f} s = {n / steady_s:.2f} images/s; "
           f"fixed start-up/teardown {pipe_s - steady_s:.1f} s")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "

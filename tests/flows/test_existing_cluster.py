@@ -90,5 +90,5 @@ def test_existing_cluster_gives_the_same_outputs_as_the_default_path(collection,
     # Every unit ran on the external workers (not in this process), spread over both of them.
     records = [json.loads(p.read_text()) for p in (tmp_path / "external" / "units").glob("*.json")]
     assert len(records) == len(list((tmp_path / "local" / "units").glob("*.json"))) >= 4
-    pids = {r["pid"] for r in records}
+    pids = {r["timing"]["pid"] for r in records}
     assert os.getpid() not in pids and len(pids) == 2
