@@ -22,6 +22,7 @@ from segcore.collection.sources import pair_sources
 from segcore.collection.store import (chunk_rows, create_store, existing_store_matches, has_manifest, manifest_hashes_masks,
                            open_store, plan_groups, read_manifest, spec_json, store_exists, write_manifest)
 from tasks.ingest import probe_files, write_chunk
+from tasks.progress import report
 
 
 def _probe(spec: IngestSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -41,6 +42,7 @@ def _write_chunks(spec: IngestSpec, planned: list[dict[str, Any]], groups: list,
     written: list[dict[str, Any]] = []
     for n, fut in enumerate(as_completed(futures), start=1):
         written.extend(fut.result())
+        report("ingest", n, len(futures), f"{len(written)} images")
         if n % max(1, len(futures) // 10) == 0 or n == len(futures):
             log.info("ingest: %d/%d chunks written", n, len(futures))
     return sorted(written, key=lambda r: (r["group"], r["index"]))

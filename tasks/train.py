@@ -16,6 +16,7 @@ from segcore.fsio import file_sha256
 from segcore.collection.store import open_store, read_labelled
 from segcore.training.semantic import train_semantic
 from segcore.training.instance import train_instance
+from tasks.progress import report
 
 
 @task(name="train-model", task_run_name="train-{spec.model} [{spec.store}]", cache_policy=NO_CACHE)
@@ -35,6 +36,7 @@ def train_model(spec: TrainSpec, *, num_threads: int | None, command: str) -> di
                            if k.startswith("val_") and isinstance(v, float))
         log.info("epoch %d/%d: loss %.4f, %s (%.1f s)", rec["epoch"], spec.epochs, rec["loss"], scores,
                  rec["seconds"])
+        report("train", rec["epoch"], spec.epochs, f"loss {rec['loss']:.4f}, {scores}".rstrip(", "))
 
     common = dict(normalisation=spec.normalisation, epochs=spec.epochs, batch_size=opts["batch_size"],
                   lr=opts["lr"], val_fraction=spec.val_fraction, seed=spec.seed, progress=progress,
