@@ -130,7 +130,7 @@ class BarProgress:
         with self._lock:
             known = self._tasks.get(event.stage)
             if known is None or event.total != known[2] or event.done < known[1]:  # a new pass of the stage
-                task = self.progress.add_task(event.stage, total=event.total,
+                task = self.progress.add_task(event.stage, total=event.total, completed=event.done,
                                               unit=STAGE_UNITS.get(event.stage, ""), message=event.message)
             else:
                 task = known[0]

@@ -18,7 +18,7 @@ from prefect import flow, task
 from prefect_dask import DaskTaskRunner
 
 from flows.cli import main
-from flows.console import PlainProgress, QuietFilter, one_line, progress_line
+from flows.console import BarProgress, PlainProgress, QuietFilter, one_line, progress_line
 from segcore import __version__
 from segcore.collection.imageio import write_png
 from segcore.config import SegmentSpec
@@ -142,6 +142,20 @@ def test_plain_progress_prints_first_tenths_and_last() -> None:
         "segment: 0/8 units, 0 images", "segment: 2/8 units, 4 images", "segment: 4/8 units, 8 images",
         "segment: 6/8 units, 12 images", "segment: 8/8 units, 16 images", "ingest: 1/1 chunks", "segment: 0/2 units"]
     assert progress_line(ProgressEvent("other", 1, 3, "x")) == "other: 1/3, x"
+
+
+def test_bars_on_a_terminal_count_each_stage() -> None:
+    from rich.console import Console
+
+    out = io.StringIO()
+    with BarProgress(Console(file=out, force_terminal=True, width=120)) as bars:
+        bars(ProgressEvent("segment", 0, 3, "0 images"))
+        bars(ProgressEvent("segment", 3, 3, "11 images, 5.0 images/s"))
+        bars(ProgressEvent("train", 1, 2, "loss 0.5000"))
+    final = out.getvalue().rsplit("\x1b[2K", 2)  # the last redraw: one line per stage
+    text = "".join(final[-2:])
+    assert "segment" in text and "3/3" in text and "units" in text and "11 images, 5.0 images/s" in text
+    assert "train" in text and "1/2" in text and "epochs" in text and "loss 0.5000" in text
 
 
 def _record(name: str, level: int, *, exc: bool = False) -> logging.LogRecord:
