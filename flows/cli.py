@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"segflow {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show Prefect's and Dask's log lines (progress is in them) instead of progress bars, "
-                             "and the traceback of an error")
+                             "and the traceback of an error ('serve' always shows its log)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("ingest", help="decode images (and masks) into a chunked Zarr store with a manifest")
