@@ -14,6 +14,7 @@ Figures are drawn by :mod:`segcore.figures`; this module only publishes them.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Mapping
 from uuid import UUID
@@ -25,6 +26,7 @@ from prefect.artifacts import (create_link_artifact, create_markdown_artifact, c
                                create_table_artifact, update_progress_artifact)
 
 from segcore import figures
+from tasks.progress import report
 
 GALLERY_IMAGES = 6
 PROGRESS_UPDATES = 20
@@ -42,15 +44,18 @@ def location_href(location: str) -> str:
 
 
 class UnitProgress:
-    """A progress artifact counting finished units of one run, sent at most ``max_updates`` times
-    (plus the first and the last value) however many units there are."""
+    """Units finished in one run: a progress artifact, sent at most ``max_updates`` times (plus the
+    first and the last value) however many units there are, and a ``"segment"`` progress report
+    (:func:`tasks.progress.report`) per finished unit, with the images done and their rate."""
 
     def __init__(self, run_id: str, *, total: int, done: int = 0, max_updates: int = PROGRESS_UPDATES) -> None:
         self.total, self.done, self.max_updates = max(total, 0), min(done, total), max_updates
         self.run_id = run_id
+        self.images, self._t0 = 0, time.perf_counter()
         self._sent_step = self._step()
         self._id: UUID = create_progress_artifact(progress=self.percent, key=artifact_key(f"segment-progress-{run_id}"),
                                                   description=self._description())
+        report("segment", self.done, self.total, self._message())
 
     @property
     def percent(self) -> float:
@@ -62,9 +67,16 @@ class UnitProgress:
     def _description(self) -> str:
         return f"Units finished in run {self.run_id}: {self.done} of {self.total}"
 
-    def advance(self, n: int = 1) -> None:
-        """``n`` more units finished; updates the artifact when another 1/``max_updates`` is done."""
+    def _message(self) -> str:
+        rate = self.images / max(time.perf_counter() - self._t0, 1e-9)
+        return f"{self.images} images, {rate:.1f} images/s"
+
+    def advance(self, n: int = 1, *, images: int = 0) -> None:
+        """``n`` more units finished, holding ``images`` images; reports progress, and updates the
+        artifact when another 1/``max_updates`` is done."""
         self.done = min(self.total, self.done + n)
+        self.images += images
+        report("segment", self.done, self.total, self._message())
         if self._step() > self._sent_step:
             self._sent_step = self._step()
             update_progress_artifact(artifact_id=self._id, progress=self.percent, description=self._description())

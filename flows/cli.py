@@ -1,4 +1,9 @@
-"""The ``segflow`` command line: each subcommand starts one Prefect flow and prints its summary."""
+"""The ``segflow`` command line: each subcommand starts one Prefect flow and prints its summary.
+
+Quiet by default: progress of long steps on stderr and the result on stdout; a user error (bad
+option, missing file, store and checkpoint that do not fit) is one line ``segflow: error: ...`` on
+stderr with exit status 2. ``-v`` shows Prefect's and Dask's log lines (and tracebacks) instead.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,12 @@ import json
 import logging
 import os
 import sys
+from contextlib import nullcontext
 from typing import Any, Sequence
 
 from pydantic import ValidationError
+
+from flows import console
 
 
 def _prefect_env() -> None:
@@ -77,8 +85,14 @@ def _add_ingest(p: argparse.ArgumentParser, *, store_required: bool, landing_onl
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="segflow", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="more log output")
+    from segcore import __version__
+
+    parser = argparse.ArgumentParser(prog="segflow", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"segflow {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show Prefect's and Dask's log lines (progress is in them) instead of progress bars, "
+                             "and the traceback of an error ('serve' always shows its log)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("ingest", help="decode images (and masks) into a chunked Zarr store with a manifest")
@@ -174,10 +188,10 @@ def _ingest_spec(args: argparse.Namespace, store: str):
                       **_given(masks=args.masks, mask_kind=args.mask_kind, tile_chunk=args.tile_chunk))
 
 
-def print_summary(summary: dict[str, Any]) -> None:
+def summary_text(summary: dict[str, Any]) -> str:
     from segcore.metrics.summary import render_markdown
 
-    print(render_markdown(summary, title=f"segflow run {summary.get('run_id', '')}".strip()))
+    return render_markdown(summary, title=f"segflow run {summary.get('run_id', '')}".strip())
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -191,7 +205,7 @@ def _report(args: argparse.Namespace) -> int:
             raise FileNotFoundError("no such location (runs publish there with 'segflow segment/run --lake')")
         report = dice_report(args.lake)
     except (SegflowError, OSError) as exc:
-        print(f"segflow report: error: cannot read the lake {args.lake!r}: {exc}", file=sys.stderr)
+        print(f"segflow: error: cannot read the lake {args.lake!r}: {console.one_line(exc)}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps({k: t.to_pylist() for k, t in report.items()}, indent=2, default=str))
@@ -207,76 +221,85 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "report":  # reads the lake only: no Prefect
         return _report(args)
     _prefect_env()
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    quiet = not args.verbose and args.command != "serve"  # a server's log is its output
+    console.setup_logging(quiet=quiet)  # before Prefect and distributed are imported
+    from segcore.errors import SegflowError
+
+    try:
+        with console.progress_display() if quiet else nullcontext():
+            text = _run(args)
+    except (SegflowError, ValidationError, OSError) as exc:
+        print(f"segflow: error: {console.one_line(exc)}", file=sys.stderr)
+        return 2
+    if text:
+        print(text)  # after the progress display: a live bar would rewrap it
+    return 0
+
+
+def _run(args: argparse.Namespace) -> str:
+    """Start the flow of ``args.command``; returns its result as text for stdout."""
     from flows.execution import share_prefect_api
     from flows.pipeline import ingest_flow, run_flow, segment_flow, with_runner
     if not args.verbose:  # after the imports: distributed sets its loggers' levels when imported
         for name in ("distributed", "prefect_dask"):
             logging.getLogger(name).setLevel(logging.WARNING)
     from segcore.config import RunSpec
-    from segcore.errors import SegflowError
 
     share_prefect_api()
-    try:
-        if args.command == "ingest":
-            result = with_runner(ingest_flow, _execution(args))(_ingest_spec(args, args.store))
-            print(json.dumps(result, indent=2))
-        elif args.command == "segment":
-            print_summary(with_runner(segment_flow, _execution(args))(_segment_spec(args, args.store)))
-        elif args.command == "run":
-            store = args.store or os.path.join(args.out, "store.zarr")
-            spec = RunSpec(ingest=_ingest_spec(args, store), segment=_segment_spec(args, store))
-            result = with_runner(run_flow, _execution(args))(spec)
-            if result["segmented"]:
-                print_summary(result)
-            else:
-                print(f"nothing new in {args.images}: all {result['ingest']['files']} file(s) are already in "
-                      f"{store} and segmented in {args.out}")
-        elif args.command == "train":
-            from flows.train import train_flow
-            from segcore.config import TrainSpec
+    if args.command == "ingest":
+        return json.dumps(with_runner(ingest_flow, _execution(args))(_ingest_spec(args, args.store)), indent=2)
+    if args.command == "segment":
+        return summary_text(with_runner(segment_flow, _execution(args))(_segment_spec(args, args.store)))
+    if args.command == "run":
+        store = args.store or os.path.join(args.out, "store.zarr")
+        spec = RunSpec(ingest=_ingest_spec(args, store), segment=_segment_spec(args, store))
+        result = with_runner(run_flow, _execution(args))(spec)
+        if result["segmented"]:
+            return summary_text(result)
+        return (f"nothing new in {args.images}: all {result['ingest']['files']} file(s) are already in {store} and "
+                f"segmented in {args.out}")
+    if args.command == "train":
+        from flows.train import train_flow
+        from segcore.config import TrainSpec
 
-            from segcore.normalise import Normalisation
+        from segcore.normalise import Normalisation
 
-            names = tuple(n.strip() for n in args.class_names.split(",")) if args.class_names else None
-            arch = _given(base=args.base, depth=args.depth, score_threshold=args.score_threshold) or None
-            norm = Normalisation(mode=args.normalisation) if args.normalisation else None
-            spec = TrainSpec(store=args.store, out=args.out, model=args.model, execution=_execution(args),
-                             **_given(epochs=args.epochs, val_fraction=args.val_fraction, class_names=names,
-                                      arch_kwargs=arch, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
-                                      crop_size=args.crop_size, normalisation=norm, time_budget_s=args.time_budget))
-            result = with_runner(train_flow, spec.execution)(spec)
-            print(f"checkpoint: {result['checkpoint']} (sha256 {result['sha256']})")
-            metric = "F1 at IoU 0.5" if result["kind"] == "instance" else "mean foreground Dice"
-            score = result["best_val_score"]
-            print(f"best validation {metric}: {'n/a' if score is None else f'{score:.4f}'}")
-        elif args.command == "demo":
-            from flows.demo import DemoSpec, demo_flow
+        names = tuple(n.strip() for n in args.class_names.split(",")) if args.class_names else None
+        arch = _given(base=args.base, depth=args.depth, score_threshold=args.score_threshold) or None
+        norm = Normalisation(mode=args.normalisation) if args.normalisation else None
+        spec = TrainSpec(store=args.store, out=args.out, model=args.model, execution=_execution(args),
+                         **_given(epochs=args.epochs, val_fraction=args.val_fraction, class_names=names,
+                                  arch_kwargs=arch, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
+                                  crop_size=args.crop_size, normalisation=norm, time_budget_s=args.time_budget))
+        result = with_runner(train_flow, spec.execution)(spec)
+        metric = "F1 at IoU 0.5" if result["kind"] == "instance" else "mean foreground Dice"
+        score = result["best_val_score"]
+        return (f"checkpoint: {result['checkpoint']} (sha256 {result['sha256']})\n"
+                f"best validation {metric}: {'n/a' if score is None else f'{score:.4f}'}")
+    if args.command == "demo":
+        from flows.demo import DemoSpec, demo_flow
 
-            spec = DemoSpec(out=args.out, model=args.model, seed=args.seed, execution=_execution(args),
-                            **_given(n_images=args.images, size=args.size, epochs=args.epochs))
-            result = with_runner(demo_flow, spec.execution)(spec)
-            print_summary(result)
-            print(f"demo outputs are in {os.path.abspath(args.out)}")
-        elif args.command == "serve":
-            from prefect import serve
-            from prefect.deployments.runner import RunnerDeployment
+        spec = DemoSpec(out=args.out, model=args.model, seed=args.seed, execution=_execution(args),
+                        **_given(n_images=args.images, size=args.size, epochs=args.epochs))
+        result = with_runner(demo_flow, spec.execution)(spec)
+        return f"{summary_text(result)}\ndemo outputs are in {os.path.abspath(args.out)}"
+    if args.command == "serve":
+        from prefect import serve
+        from prefect.deployments.runner import RunnerDeployment
 
-            import flows.deployed
+        import flows.deployed
 
-            store = args.store or os.path.join(args.out, "store.zarr")
-            spec = RunSpec(ingest=_ingest_spec(args, store), segment=_segment_spec(args, store))  # incremental
-            # By entrypoint: each run imports the flows in a fresh process, as a worker does. (A served flow
-            # object is pickled into the run's process, where the pipeline flow cannot resolve its spec types.)
-            deployment = RunnerDeployment.from_entrypoint(
-                f"{flows.deployed.__file__}:run_deployment_flow", name=args.name, cron=args.cron,
-                parameters={"spec": spec.model_dump(mode="json")}, tags=["segflow", "incremental"],
-                description=f"Incremental segflow run of the landing zone {args.images} into {args.out}")
-            serve(deployment, limit=1)
-    except (SegflowError, ValidationError) as exc:
-        print(f"segflow {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        store = args.store or os.path.join(args.out, "store.zarr")
+        spec = RunSpec(ingest=_ingest_spec(args, store), segment=_segment_spec(args, store))  # incremental
+        # By entrypoint: each run imports the flows in a fresh process, as a worker does. (A served flow
+        # object is pickled into the run's process, where the pipeline flow cannot resolve its spec types.)
+        deployment = RunnerDeployment.from_entrypoint(
+            f"{flows.deployed.__file__}:run_deployment_flow", name=args.name, cron=args.cron,
+            parameters={"spec": spec.model_dump(mode="json")}, tags=["segflow", "incremental"],
+            description=f"Incremental segflow run of the landing zone {args.images} into {args.out}")
+        serve(deployment, limit=1)
+        return ""
+    raise AssertionError(f"unknown command {args.command!r}")  # argparse allows only the commands above
 
 
 if __name__ == "__main__":  # pragma: no cover

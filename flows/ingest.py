@@ -21,6 +21,7 @@ from segcore.collection.ingest import (IngestPlan, IngestResult, IngestStart, ch
 from segcore.collection.landing import remove_staging
 from segcore.config import IngestSpec
 from tasks.ingest import probe_files, write_chunk
+from tasks.progress import report
 
 
 def _probe(spec: IngestSpec, rows: Any) -> list[dict[str, Any]]:
@@ -36,6 +37,7 @@ def _write_chunks(spec: IngestSpec, plan: IngestPlan, log: Any) -> list[dict[str
     written: list[dict[str, Any]] = []
     for n, fut in enumerate(as_completed(futures), start=1):
         written.extend(fut.result())
+        report("ingest", n, len(futures), f"{len(written)} images")
         if n % max(1, len(futures) // 10) == 0 or n == len(futures):
             log.info("ingest: %d/%d chunks written", n, len(futures))
     return written

@@ -49,7 +49,7 @@ def _gather(futures: list, what: str, log: Any, *, count_images: bool = False,
             results.append(rec)
             images_done += getattr(rec, "n_images", 0)
             if progress is not None:
-                progress.advance()
+                progress.advance(images=getattr(rec, "n_images", 0))
         except Exception as exc:  # one unit failing loses nothing else; reported by the caller
             failed.append(f"{exc}")
         if count_images:

@@ -12,6 +12,7 @@ from flows.execution import torch_threads
 from flows.names import train_run_name
 from segcore.config import TrainSpec
 from segcore.collection.store import open_store
+from tasks.progress import relay_from_workers
 from tasks.train import train_model
 
 
@@ -20,7 +21,8 @@ def train_steps(spec: TrainSpec) -> dict[str, Any]:
     log = get_run_logger()
     open_store(spec.store)
     command = " ".join(shlex.quote(a) for a in ["segflow", *sys.argv[1:]]) if sys.argv else "segflow train"
-    result = train_model.submit(spec, num_threads=torch_threads(spec.execution), command=command).result()
+    with relay_from_workers():  # the task's per-epoch reports reach this process's progress display
+        result = train_model.submit(spec, num_threads=torch_threads(spec.execution), command=command).result()
     metric = "F1 at IoU 0.5" if result["kind"] == "instance" else "mean foreground Dice"
     log.info("train: checkpoint %s (sha256 %s…), best validation %s %s", result["checkpoint"],
              result["sha256"][:12], metric, "n/a" if result["best_val_score"] is None else f"{result['best_val_score']:.4f}")

@@ -1,0 +1,218 @@
+"""The `segflow` command line as users run it (a subprocess): --version, one-line user errors with
+exit status 2 (Prefect's lines and tracebacks only with -v), plain progress lines when not on a
+terminal, and progress reports that cross from Dask worker processes to the flow's process."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from prefect import flow, task
+from prefect_dask import DaskTaskRunner
+
+from flows.cli import main
+from flows.console import BarProgress, PlainProgress, QuietFilter, one_line, progress_line
+from segcore import __version__
+from segcore.collection.imageio import write_png
+from segcore.config import SegmentSpec
+from segcore.models import create_model
+from segcore.models.checkpoint import ModelMeta, save_checkpoint
+from segcore.normalise import Normalisation
+from segcore.synthetic import generate_collection
+from tasks.progress import ProgressEvent, listen, relay_from_workers, report
+
+REPO = Path(__file__).resolve().parents[2]
+QUIET_KEYS = ("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "DASK_LOGGING__DISTRIBUTED")
+
+
+def segflow(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run ``segflow ARGS`` as a user would, with pipes (not a terminal) for stdout and stderr."""
+    env = {k: v for k, v in os.environ.items() if k not in QUIET_KEYS}
+    env.update(PYTHONPATH=str(REPO), PREFECT_SERVER_ANALYTICS_ENABLED="false")  # the session's Prefect API stays
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=REPO)
+
+
+def _checkpoint(path: Path, *, in_channels: int) -> str:
+    torch.manual_seed(0)
+    model = create_model("unet", in_channels=in_channels, num_classes=3, base=4, depth=2)
+    meta = ModelMeta(arch="unet", arch_kwargs={"base": 4, "depth": 2}, class_names=("background", "a", "b"),
+                     in_channels=in_channels, normalisation=Normalisation(mode="range", scale=255.0))
+    return str(save_checkpoint(path, model, meta))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> dict:
+    """`segflow run` on 11 grey images of three sizes (6 of 32x32 with masks, 3 of 40x40, 2 of 24x48):
+    three groups of one chunk each, so 3 chunks ingested and 3 units segmented."""
+    root = tmp_path_factory.mktemp("cli")
+    generate_collection(root / "col", n_images=6, size=32, seed=0)
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(40, 40)] * 3 + [(24, 48)] * 2):
+        write_png(root / "col" / "images" / f"extra-{i}.png", rng.integers(0, 255, (h, w), dtype=np.uint8))
+    gray, rgb = _checkpoint(root / "gray.safetensors", in_channels=1), _checkpoint(root / "rgb.safetensors",
+                                                                                   in_channels=3)
+    store, out = str(root / "store.zarr"), str(root / "run")
+    proc = segflow("run", "--images", str(root / "col" / "images"), "--masks", str(root / "col" / "masks"),
+                   "--store", store, "--checkpoint", gray, "--out", out, "--workers", "1", "--threads-per-worker", "1")
+    return {"proc": proc, "store": store, "out": out, "gray": gray, "rgb": rgb, "root": root}
+
+
+def test_version_prints_the_package_version() -> None:
+    proc = segflow("--version")
+    assert proc.returncode == 0
+    assert proc.stdout == f"segflow {__version__}\n"
+
+
+def test_run_off_a_terminal_prints_plain_progress_lines_to_the_end(tiny_run) -> None:
+    proc = tiny_run["proc"]
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    ingest = [ln for ln in lines if ln.startswith("ingest: ")]
+    segment = [ln for ln in lines if ln.startswith("segment: ")]
+    assert ingest and ingest[-1] == "ingest: 3/3 chunks, 11 images"
+    assert segment[0].startswith("segment: 0/3 units, 0 images")
+    assert segment[-1].startswith("segment: 3/3 units, 11 images, ") and segment[-1].endswith(" images/s")
+    # quiet: nothing but progress on stderr (no Prefect or Dask lines), the summary on stdout
+    assert lines == ingest + segment
+    assert proc.stdout.startswith("# segflow run ")
+
+
+def test_a_checkpoint_that_does_not_fit_the_store_is_one_line_and_exit_2(tiny_run) -> None:
+    proc = segflow("segment", "--store", tiny_run["store"], "--checkpoint", tiny_run["rgb"],
+                   "--out", str(tiny_run["root"] / "rgb-run"))
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("segflow: error: ")
+    assert "1-channel images but the checkpoint expects 3 channel(s)" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_a_missing_checkpoint_is_one_line_and_exit_2(tiny_run) -> None:
+    missing = str(tiny_run["root"] / "no-such.safetensors")
+    proc = segflow("segment", "--store", tiny_run["store"], "--checkpoint", missing,
+                   "--out", str(tiny_run["root"] / "missing-run"))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("segflow: error: ") and proc.stderr.count("\n") == 1
+    assert "no-such.safetensors" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_verbose_shows_prefects_lines_and_the_traceback(tiny_run) -> None:
+    proc = segflow("-v", "segment", "--store", tiny_run["store"], "--checkpoint", tiny_run["rgb"],
+                   "--out", str(tiny_run["root"] / "rgb-run-v"))
+    assert proc.returncode == 2
+    assert "prefect.flow_runs" in proc.stderr and "Encountered exception during execution" in proc.stderr
+    assert "Traceback" in proc.stderr
+    assert any(ln.startswith("segflow: error: store group") for ln in proc.stderr.splitlines())
+
+
+def test_an_invalid_option_value_is_one_line_naming_the_field(tiny_run, capsys, monkeypatch) -> None:
+    for key in QUIET_KEYS:  # main() quietens Prefect through the environment; restored afterwards
+        monkeypatch.delenv(key, raising=False)
+    assert main(["segment", "--store", tiny_run["store"], "--checkpoint", tiny_run["gray"],
+                 "--out", str(tiny_run["root"] / "bad"), "--batch-size", "0"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == "segflow: error: invalid SegmentSpec: batch_size: Input should be greater than 0\n"
+    assert captured.out == ""
+
+
+def test_one_line_joins_validation_errors_and_flattens_messages() -> None:
+    with pytest.raises(Exception) as info:
+        SegmentSpec(store="s", checkpoint="c", out="o", batch_size=0, overlap=-1)
+    assert one_line(info.value) == ("invalid SegmentSpec: batch_size: Input should be greater than 0; "
+                                    "overlap: Input should be greater than or equal to 0")
+    assert one_line(OSError("first line\n  second line")) == "first line second line"
+    assert one_line(KeyError()) == "KeyError"
+
+
+def test_plain_progress_prints_first_tenths_and_last() -> None:
+    out = io.StringIO()
+    show = PlainProgress(out, steps=4, every_s=1e9)
+    for done in range(0, 9):
+        show(ProgressEvent("segment", done, 8, f"{done * 2} images"))
+    show(ProgressEvent("ingest", 1, 1))
+    show(ProgressEvent("segment", 0, 2))  # a second pass of the stage starts over
+    assert out.getvalue().splitlines() == [
+        "segment: 0/8 units, 0 images", "segment: 2/8 units, 4 images", "segment: 4/8 units, 8 images",
+        "segment: 6/8 units, 12 images", "segment: 8/8 units, 16 images", "ingest: 1/1 chunks", "segment: 0/2 units"]
+    assert progress_line(ProgressEvent("other", 1, 3, "x")) == "other: 1/3, x"
+
+
+def test_bars_on_a_terminal_count_each_stage() -> None:
+    from rich.console import Console
+
+    out = io.StringIO()
+    with BarProgress(Console(file=out, force_terminal=True, width=120)) as bars:
+        bars(ProgressEvent("segment", 0, 3, "0 images"))
+        bars(ProgressEvent("segment", 3, 3, "11 images, 5.0 images/s"))
+        bars(ProgressEvent("train", 1, 2, "loss 0.5000"))
+    final = out.getvalue().rsplit("\x1b[2K", 2)  # the last redraw: one line per stage
+    text = "".join(final[-2:])
+    assert "segment" in text and "3/3" in text and "units" in text and "11 images, 5.0 images/s" in text
+    assert "train" in text and "1/2" in text and "epochs" in text and "loss 0.5000" in text
+
+
+def _record(name: str, level: int, *, exc: bool = False) -> logging.LogRecord:
+    exc_info = None
+    if exc:
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            exc_info = sys.exc_info()
+    return logging.LogRecord(name, level, __file__, 1, "message", None, exc_info)
+
+
+def test_quiet_filter_keeps_segflow_warnings_and_drops_prefect_and_dask() -> None:
+    keep = QuietFilter().filter
+    assert keep(_record("segcore.training.semantic", logging.WARNING))
+    assert keep(_record("prefect.flow_runs", logging.WARNING))  # a flow's own log.warning
+    assert not keep(_record("prefect.flow_runs", logging.INFO))
+    assert not keep(_record("prefect.flow_runs", logging.ERROR, exc=True))  # the engine's traceback
+    assert not keep(_record("prefect.task_runs", logging.ERROR))
+    assert not keep(_record("prefect", logging.WARNING))
+    assert not keep(_record("distributed.worker", logging.WARNING))
+    assert not keep(_record("EventsWorker", logging.WARNING))
+    assert not keep(_record("segcore.run", logging.INFO))
+
+
+def test_report_in_this_process_reaches_listeners_and_a_failing_one_is_dropped() -> None:
+    got: list[ProgressEvent] = []
+
+    def broken(event: ProgressEvent) -> None:
+        raise RuntimeError("display gone")
+
+    with listen(got.append), listen(broken):
+        report("ingest", 1, 2, "a")
+        report("ingest", 2, 2)
+    report("ingest", 3, 3)  # nobody listens any more
+    assert got == [ProgressEvent("ingest", 1, 2, "a"), ProgressEvent("ingest", 2, 2, "")]
+
+
+@task
+def _count_to(n: int) -> int:
+    for i in range(1, n + 1):
+        report("probe", i, n, f"step {i}")
+    return os.getpid()
+
+
+@flow(task_runner=DaskTaskRunner(cluster_kwargs={"n_workers": 1, "threads_per_worker": 1, "processes": True,
+                                                 "dashboard_address": ":0"}))
+def _count_on_a_worker(n: int) -> int:
+    with relay_from_workers():
+        return _count_to.submit(n).result()
+
+
+def test_reports_from_a_task_on_a_dask_worker_process_reach_the_flows_listeners() -> None:
+    got: list[ProgressEvent] = []
+    with listen(got.append):
+        worker_pid = _count_on_a_worker(3)
+    assert worker_pid != os.getpid()  # the task ran in another process
+    assert got == [ProgressEvent("probe", i, 3, f"step {i}") for i in (1, 2, 3)]
+    report("probe", 9, 9)  # after the flow: nothing relayed, nothing left listening
+    assert len(got) == 3
