@@ -57,9 +57,9 @@ def build_smp_unet(*, in_channels: int = 3, num_classes: int = 2, encoder_name: 
 
 
 def build_monai_unet(*, in_channels: int = 1, num_classes: int = 2, channels: Sequence[int] = (16, 32, 64, 128, 256),
-                     strides: Sequence[int] = (2, 2, 2, 2), num_res_units: int = 2, norm: str = "INSTANCE",
+                     strides: Sequence[int] = (2, 2, 2, 2), num_res_units: int = 0, norm: str = "INSTANCE",
                      dropout: float = 0.0) -> nn.Module:
-    """MONAI's ``UNet`` (2-D); inputs padded to the product of ``strides``."""
+    """MONAI's ``UNet`` (2-D; MONAI's defaults); inputs padded to the product of ``strides``."""
     from monai.networks.nets import UNet
 
     return _make(UNet, math.prod(int(s) for s in strides), spatial_dims=2, in_channels=in_channels,
