@@ -1,0 +1,119 @@
+"""Importing models: nothing is unpickled, weights must fit, formats are recognised, records read."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from flows.cli import main
+from segcore.errors import CheckpointError, ConfigError, NotFound
+from segcore.models.importing import detect_format, import_model
+from segcore.models.record import META_FILE, model_sha256, read_model_meta
+from segcore.models.predict import open_predictor
+
+
+class Payload:
+    """Unpickling this object runs a shell command that creates ``marker``."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_payload_is_refused_and_never_runs(tmp_path, capsys):
+    path = tmp_path / "evil.pth"
+    control = tmp_path / "control-ran"
+    torch.save({"weight": torch.zeros(2), "x": Payload(str(control))}, path)
+    torch.load(path, weights_only=False)  # the control: plain unpickling runs the payload
+    assert control.exists()
+    control.unlink()
+    assert main(["model", "import", str(path), "--out", str(tmp_path / "m.safetensors"), "--arch", "unet",
+                 "--class-names", "bg,fg"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("segflow: error: ") and "never unpickles" in err and "posix.system" in err
+    assert err.count("\n") == 1
+    assert not control.exists() and not (tmp_path / "m.safetensors").exists()
+
+
+def test_weights_that_do_not_fit_are_refused(tmp_path):
+    from segcore.models import create_model
+
+    torch.save(create_model("unet", base=4, depth=2).state_dict(), tmp_path / "u.pth")
+    with pytest.raises(CheckpointError, match="do not fit 'unet'.*Missing key"):
+        import_model(tmp_path / "u.pth", out=tmp_path / "m.safetensors", arch="unet", class_names="bg,fg",
+                     arch_kwargs={"base": 4, "depth": 3})
+    with pytest.raises(ConfigError, match="needs --arch"):
+        import_model(tmp_path / "u.pth", out=tmp_path / "m.safetensors", class_names="bg,fg")
+    with pytest.raises(ConfigError, match="is a semantic model, not instance"):
+        import_model(tmp_path / "u.pth", out=tmp_path / "m.safetensors", arch="unet", class_names="bg,fg",
+                     kind="instance")
+    meta = import_model(tmp_path / "u.pth", out=tmp_path / "m.safetensors", arch="unet", class_names="bg,fg",
+                        arch_kwargs={"base": 4, "depth": 2})
+    assert meta.source["format"] == "state_dict" and meta.runtime == "torch" and meta.in_channels == 1
+
+
+def test_torchscript_and_onnx_files_import_as_directory_records(tmp_path):
+    net = torch.nn.Conv2d(2, 3, 3, padding=1).eval()
+    torch.jit.trace(net, torch.zeros(1, 2, 8, 8)).save(str(tmp_path / "net.pt"))
+    torch.onnx.export(net, (torch.zeros(1, 2, 8, 8),), str(tmp_path / "net.onnx"), dynamo=False,
+                      input_names=["x"], dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}})
+    assert detect_format(tmp_path / "net.pt") == "torchscript" and detect_format(tmp_path / "net.onnx") == "onnx"
+    images = np.random.default_rng(0).integers(0, 256, (2, 11, 13, 2), dtype=np.uint8)
+    labels = []
+    for name in ("net.pt", "net.onnx"):
+        out = tmp_path / f"{name}.segflow"
+        meta = import_model(tmp_path / name, out=out, in_channels=2)
+        assert meta.class_names == ("background", "class_1", "class_2") and meta.source["file"] == name
+        assert read_model_meta(out) == meta and (out / META_FILE).is_file()
+        labels.append(open_predictor(out, precision="fp32").labels(images))
+    np.testing.assert_array_equal(labels[0], labels[1])
+    with pytest.raises(ConfigError, match="--in-channels"):
+        import_model(tmp_path / "net.onnx", out=tmp_path / "x.segflow")
+    with pytest.raises(CheckpointError, match="failed on a \\(1, 1,"):
+        import_model(tmp_path / "net.pt", out=tmp_path / "y.segflow", in_channels=1)
+
+
+def test_records_are_read_and_hashed_with_clear_errors(tmp_path):
+    net = torch.nn.Conv2d(1, 2, 1)
+    torch.jit.trace(net, torch.zeros(1, 1, 4, 4)).save(str(tmp_path / "n.pt"))
+    rec = tmp_path / "n.segflow"
+    import_model(tmp_path / "n.pt", out=rec, in_channels=1, class_names="bg,fg")
+    sha = model_sha256(rec)
+    assert sha == model_sha256(rec) and len(sha) == 64
+    (rec / "model.ts").write_bytes(b"x")
+    assert model_sha256(rec) != sha
+    (rec / "model.ts").unlink()
+    with pytest.raises(CheckpointError, match="lacks its model file model.ts"):
+        read_model_meta(rec)
+    (rec / META_FILE).write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(CheckpointError, match="format version 99.*Upgrade segflow"):
+        read_model_meta(rec)
+    (rec / META_FILE).unlink()
+    with pytest.raises(CheckpointError, match="without model.json"):
+        read_model_meta(rec)
+    with pytest.raises(NotFound):
+        read_model_meta(tmp_path / "none")
+
+
+def test_model_info_says_what_the_record_holds(tmp_path, capsys):
+    from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
+
+    torch.save(maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None).state_dict(), tmp_path / "v2.pth")
+    assert main(["model", "import", str(tmp_path / "v2.pth"), "--out", str(tmp_path / "v2.safetensors"),
+                 "--arch", "torchvision:maskrcnn_resnet50_fpn_v2", "--class-names", "coco"]) == 0
+    capsys.readouterr()
+    assert main(["model", "info", str(tmp_path / "v2.safetensors"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "instance" and info["runtime"] == "torch" and len(info["classes"]) == 91
+    assert info["classes"][:2] == ["__background__", "person"] and info["input"]["channels"] == 3
+    assert info["normalisation"]["mode"] == "range" and info["normalisation"]["scale"] == 255.0
+    assert info["source"]["sha256"] == model_sha256(tmp_path / "v2.pth") and info["source"]["file"] == "v2.pth"
+    assert main(["model", "export", str(tmp_path / "v2.safetensors"), "--to", "onnx", "--out",
+                 str(tmp_path / "v2.segflow")]) == 2
+    assert "instance model" in capsys.readouterr().err
