@@ -36,9 +36,10 @@ def _padded(cls: type) -> type:
                                                               "__module__": __name__})
 
 
-def _make(cls: type, multiple: int, **kwargs: Any) -> nn.Module:
+def _make(cls: type, multiple: int, *, minimum: int = 1, **kwargs: Any) -> nn.Module:
     model = _padded(cls)(**kwargs)
     model.input_multiple = int(multiple)
+    model.input_minimum = int(minimum)
     return model
 
 
@@ -62,7 +63,8 @@ def build_monai_unet(*, in_channels: int = 1, num_classes: int = 2, channels: Se
     """MONAI's ``UNet`` (2-D; MONAI's defaults); inputs padded to the product of ``strides``."""
     from monai.networks.nets import UNet
 
-    return _make(UNet, math.prod(int(s) for s in strides), spatial_dims=2, in_channels=in_channels,
+    multiple = math.prod(int(s) for s in strides)  # instance norms need 2 x 2 pixels at the bottleneck
+    return _make(UNet, multiple, minimum=2 * multiple, spatial_dims=2, in_channels=in_channels,
                  out_channels=num_classes, channels=tuple(channels), strides=tuple(strides),
                  num_res_units=num_res_units, norm=norm, dropout=dropout)
 
@@ -72,7 +74,7 @@ def build_monai_basic_unet(*, in_channels: int = 1, num_classes: int = 2,
     """MONAI's ``BasicUNet`` (2-D, four poolings); inputs padded to 16."""
     from monai.networks.nets import BasicUNet
 
-    return _make(BasicUNet, 16, spatial_dims=2, in_channels=in_channels, out_channels=num_classes,
+    return _make(BasicUNet, 16, minimum=32, spatial_dims=2, in_channels=in_channels, out_channels=num_classes,
                  features=tuple(features))
 
 

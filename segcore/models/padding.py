@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
+def pad_to_multiple(x: torch.Tensor, multiple: int, *, minimum: int = 1) -> tuple[torch.Tensor, tuple[int, int]]:
     """``(N, C, H, W)`` -> ``((N, C, H', W'), (H, W))`` with ``H'``, ``W'`` the next multiples of
-    ``multiple``; returns ``x`` itself when nothing needs padding."""
+    ``multiple`` that are at least ``minimum``; returns ``x`` itself when nothing needs padding."""
     h, w = int(x.shape[-2]), int(x.shape[-1])
-    ph, pw = (-h) % multiple, (-w) % multiple
+    ph, pw = (-max(h, minimum)) % multiple + max(minimum - h, 0), (-max(w, minimum)) % multiple + max(minimum - w, 0)
     if ph or pw:
         mode = "reflect" if ph < h and pw < w else "replicate"
         x = F.pad(x, (0, pw, 0, ph), mode=mode)
@@ -29,12 +29,14 @@ class PaddedForward:
     so any ``H x W`` works. Exports trace ``forward_unpadded`` (see :mod:`segcore.models.export`)."""
 
     input_multiple: int = 1
+    #: Smallest padded side (networks whose instance norms need more than one pixel at the bottleneck).
+    input_minimum: int = 1
 
     def forward_unpadded(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - overridden
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        padded, (h, w) = pad_to_multiple(x, self.input_multiple)
+        padded, (h, w) = pad_to_multiple(x, self.input_multiple, minimum=self.input_minimum)
         return self.forward_unpadded(padded)[..., :h, :w]
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.segcore.models.test_registry import SMALL as REGISTRY_SMALL
+
 from segcore.errors import ConfigError
 from segcore.models import MODEL_KINDS, MODELS, UNet, create_model
 
@@ -22,7 +24,7 @@ def test_registry_names_and_kinds_agree() -> None:
 @pytest.mark.parametrize(("h", "w"), [(1, 1), (2, 3), (37, 50), (65, 64), (16, 16)])
 def test_output_shape_for_any_size(arch: str, h: int, w: int) -> None:
     torch.manual_seed(0)
-    model = create_model(arch, **SMALL).eval()
+    model = create_model(arch, in_channels=2, num_classes=3, **REGISTRY_SMALL.get(arch, {})).eval()
     x = torch.randn(2, 2, h, w)
     with torch.no_grad():
         y = model(x)
