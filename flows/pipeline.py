@@ -22,9 +22,9 @@ from segcore.collection.versions import current_manifest, current_rows
 from segcore.collection.store import open_store, read_manifest, spec_json, store_exists
 from segcore.config import ExecutionSpec, IngestSpec, RunSpec, SegmentSpec, flow_run_token, with_flow_run
 from segcore.errors import CheckpointError, NotFound, SegflowError
-from segcore.fsio import file_sha256
 from segcore.metrics.summary import render_markdown, summarise_dice, summarise_instances
 from segcore.models.checkpoint import ModelMeta
+from segcore.models.record import model_sha256
 from segcore.run.context import RunContext
 from segcore.run.plan import RunPlan, check_alignment
 from segcore.run.results import open_run
@@ -193,9 +193,10 @@ def this_run(spec: Any) -> Any:
 
 
 def incremental_run_dir(out: str, checkpoint: str) -> str:
-    """``out/checkpoint-<first 12 hex of its sha256>``: the run directory of incremental runs with ``checkpoint``."""
+    """``out/checkpoint-<first 12 hex of its sha256>``: the run directory of incremental runs with ``checkpoint``
+    (a model record: :func:`segcore.models.record.model_sha256`)."""
     try:
-        sha = file_sha256(checkpoint)
+        sha = model_sha256(checkpoint)
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint {checkpoint!r}: {exc}") from exc
     return fsio.join(out, f"checkpoint-{sha[:12]}")

@@ -3,6 +3,10 @@
 File layout: one ``.safetensors`` file whose header metadata holds ``{"segflow": <json>}``, the
 JSON being a :class:`ModelMeta`. Loading parses JSON and raw tensors only, so a crafted file
 cannot run code. Format changes are keyed by ``ModelMeta.format_version``.
+
+This is the record of a ``runtime="torch"`` model. TorchScript and ONNX models are directories
+holding the same :class:`ModelMeta` as JSON beside the model file (:mod:`segcore.models.record`,
+which reads either form).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -26,7 +30,10 @@ from segcore.normalise import Normalisation
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+#: 2 added ``runtime``, ``source``, ``input_axes`` and ``input_multiple`` (all defaulted: version 1
+#: records read as torch-runtime models).
+FORMAT_VERSION = 2
+RUNTIMES = ("torch", "torchscript", "onnx")
 _META_KEY = "segflow"
 
 
@@ -36,6 +43,15 @@ class ModelMeta(BaseModel):
     ``class_names[0]`` is the background class; ``len(class_names)`` is the model's number of
     output classes. ``provenance`` records how the weights were produced (command, data, epochs,
     validation scores).
+
+    ``runtime`` says what executes the model: ``torch`` (``arch`` is a registered architecture and
+    the weights a safetensors state dict), ``torchscript`` or ``onnx`` (a directory record, see
+    :mod:`segcore.models.record`; ``arch`` is then a label of where the model came from).
+    ``source`` records the file a model was imported or exported from: ``file`` (name),
+    ``format`` and ``sha256`` (of that file's bytes). ``input_axes`` is the layout the model takes
+    (``bcyx``: batch, channel, y, x, the only one the pipeline feeds). ``input_multiple``: the
+    spatial sizes a torchscript/onnx graph accepts are multiples of it; inputs are padded (reflect)
+    up to it and outputs cropped back (torch models pad themselves).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -47,6 +63,10 @@ class ModelMeta(BaseModel):
     in_channels: int
     normalisation: Normalisation = Normalisation()
     provenance: dict[str, Any] = Field(default_factory=dict)
+    runtime: Literal["torch", "torchscript", "onnx"] = "torch"
+    source: dict[str, Any] = Field(default_factory=dict)
+    input_axes: str = "bcyx"
+    input_multiple: int = Field(default=1, ge=1)
 
     @property
     def num_classes(self) -> int:
@@ -60,6 +80,9 @@ class ModelMeta(BaseModel):
 def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: ModelMeta) -> Path:
     """Write ``model``'s weights and ``meta`` to ``path`` atomically (write, then rename)."""
     path = Path(path)
+    if meta.runtime != "torch":
+        raise CheckpointError(f"save_checkpoint writes torch-runtime models; a {meta.runtime} model is a directory "
+                              "record (segcore.models.record.save_model_record)")
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={_META_KEY: meta.model_dump_json()})
@@ -81,17 +104,30 @@ def read_meta(path: str | os.PathLike[str]) -> ModelMeta:
             f"{str(path)!r} is not a segflow checkpoint (a safetensors file with segflow metadata): {exc}"
         ) from exc
     if raw is None:
-        raise CheckpointError(f"{str(path)!r} has no segflow metadata; it was not written by segflow.save_checkpoint")
-    try:
-        meta = ModelMeta.model_validate(json.loads(raw))
-    except (ValueError, ValidationError) as exc:
-        raise CheckpointError(f"metadata of {str(path)!r} is invalid: {exc}") from exc
-    if meta.format_version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{str(path)!r} has format version {meta.format_version}; this segflow reads up to "
-            f"{FORMAT_VERSION}. Upgrade segflow."
-        )
+        raise CheckpointError(f"{str(path)!r} has no segflow metadata; it was not written by segflow.save_checkpoint; "
+                              "import a plain state dict with 'segflow model import'")
+    meta = parse_meta(raw, where=str(path))
+    if meta.runtime != "torch":
+        raise CheckpointError(f"{str(path)!r} is a safetensors file but its metadata names runtime "
+                              f"{meta.runtime!r}; such models are directory records (model.json beside the model)")
     return meta
+
+
+def parse_meta(raw: str | bytes, *, where: str) -> ModelMeta:
+    """A :class:`ModelMeta` from its JSON text; ``where`` names the record in error messages.
+    Raises :class:`CheckpointError` for invalid JSON, invalid fields or a newer format version."""
+    try:
+        data = json.loads(raw)
+        version = int(data.get("format_version", FORMAT_VERSION)) if isinstance(data, dict) else FORMAT_VERSION
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"metadata of {where!r} is not valid JSON: {exc}") from exc
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{where!r} has format version {version}; this segflow reads up to "
+                              f"{FORMAT_VERSION}. Upgrade segflow.")
+    try:
+        return ModelMeta.model_validate(data)
+    except (ValueError, ValidationError) as exc:
+        raise CheckpointError(f"metadata of {where!r} is invalid: {exc}") from exc
 
 
 def build_model(meta: ModelMeta) -> nn.Module:

@@ -7,7 +7,11 @@ device placement, autocast, channels-last and the per-process model cache. Seman
 training validation and the benchmarks all call it, so another runtime (TorchScript, ONNX
 Runtime, a model from another package) is another subclass and nothing else changes.
 
-:func:`load_predictor` builds one from a checkpoint, once per process and device.
+:func:`open_predictor` builds one from a model record (:mod:`segcore.models.record`), choosing the
+subclass by the record's runtime: :class:`TorchPredictor`, or
+:class:`~segcore.models.runtimes.TorchScriptPredictor` /
+:class:`~segcore.models.runtimes.OnnxPredictor`; :func:`load_predictor` does so once per process
+and device.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import logging
+import os
 import threading
 from functools import lru_cache
 
@@ -23,6 +28,7 @@ import torch
 
 from segcore.errors import ConfigError
 from segcore.models.checkpoint import ModelMeta, load_checkpoint
+from segcore.models.record import read_model_meta
 from segcore.models.instances import InstancePrediction, predict_instances
 from segcore.normalise import Stats, normalise_batch
 
@@ -159,21 +165,38 @@ class TorchPredictor(Predictor):
         return predict_instances(self.model, self._to_device(x))
 
 
+def open_predictor(checkpoint: str | os.PathLike[str], *, device: str = "cpu", precision: str = "bf16") -> Predictor:
+    """The predictor of the model record ``checkpoint`` on ``device`` (uncached), by its runtime.
+
+    Raises :class:`~segcore.errors.CheckpointError` when the record is malformed or its model does
+    not load (weights that do not fit the architecture, an unreadable TorchScript or ONNX file).
+    """
+    meta = read_model_meta(checkpoint)
+    if meta.runtime == "torch":
+        model, meta = load_checkpoint(checkpoint, device=device)
+        return TorchPredictor(model, meta, device=device, precision=precision)
+    from segcore.models.runtimes import OnnxPredictor, TorchScriptPredictor
+
+    cls = TorchScriptPredictor if meta.runtime == "torchscript" else OnnxPredictor
+    return cls.from_record(checkpoint, meta, device=device, precision=precision)
+
+
 _cache_lock = threading.Lock()
 
 
 @lru_cache(maxsize=4)
 def _cached(checkpoint: str, sha256: str, device: str, precision: str) -> Predictor:
     log.info("loading %s on %s", checkpoint, device)
-    model, meta = load_checkpoint(checkpoint, device=device)
-    return TorchPredictor(model, meta, device=device, precision=precision)
+    return open_predictor(checkpoint, device=device, precision=precision)
 
 
 def load_predictor(checkpoint: str, *, sha256: str, device: str = "cpu", precision: str = "bf16") -> Predictor:
-    """The predictor of ``checkpoint`` on ``device``, built once per process (keyed by the content
-    hash, so a checkpoint replaced in place is loaded again)."""
+    """The predictor of the model record ``checkpoint`` on ``device``, built once per process (keyed
+    by the content hash, :func:`segcore.models.record.model_sha256`, so a record replaced in place is
+    loaded again)."""
     with _cache_lock:
         return _cached(str(checkpoint), sha256, device, precision)
 
 
-__all__ = ["AUTOCAST", "PRECISIONS", "Predictor", "TorchPredictor", "load_predictor", "resolve_device"]
+__all__ = ["AUTOCAST", "PRECISIONS", "Predictor", "TorchPredictor", "load_predictor", "open_predictor",
+           "resolve_device"]

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segcore.models.padding import PaddedForward
+
 
 class _ConvBlock(nn.Sequential):
     def __init__(self, in_ch: int, out_ch: int) -> None:
@@ -27,7 +29,7 @@ class _ConvBlock(nn.Sequential):
         )
 
 
-class UNet(nn.Module):
+class UNet(PaddedForward, nn.Module):
     """UNet mapping ``(N, in_channels, H, W)`` float images to ``(N, num_classes, H, W)`` logits.
 
     Channel widths double at each stage: ``base, 2*base, ..., base * 2**depth`` (bottleneck).
@@ -60,16 +62,14 @@ class UNet(nn.Module):
     @property
     def divisor(self) -> int:
         """Spatial sizes are padded internally to a multiple of this."""
-        return 2**self.depth
+        return int(2**self.depth)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        m = self.divisor
-        ph, pw = (-h) % m, (-w) % m
-        if ph or pw:
-            # Reflect needs pad < size; fall back to replicate for tiny inputs.
-            mode = "reflect" if ph < h and pw < w else "replicate"
-            x = F.pad(x, (0, pw, 0, ph), mode=mode)
+    @property
+    def input_multiple(self) -> int:  # type: ignore[override]
+        return self.divisor
+
+    def forward_unpadded(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of an input whose H and W are multiples of :attr:`divisor` (``forward`` pads any other)."""
         skips = []
         for block in self.down:
             x = block(x)
@@ -78,4 +78,4 @@ class UNet(nn.Module):
         x = self.bottleneck(x)
         for up, dec, skip in zip(self.up, self.dec, reversed(skips)):
             x = dec(torch.cat([up(x), skip], dim=1))
-        return self.head(x)[..., :h, :w]
+        return self.head(x)

@@ -15,20 +15,26 @@ from typing import Any
 
 from segcore.collection.store import StoreInfo, open_store
 from segcore.errors import CheckpointError
-from segcore.fsio import file_sha256
-from segcore.models.checkpoint import ModelMeta, load_checkpoint, read_meta
+from segcore.models.checkpoint import ModelMeta
+from segcore.models.predict import open_predictor
+from segcore.models.record import model_sha256, read_model_meta
 from segcore.run.context import RunContext
 from segcore.run.plan import RunPlan, make_plan, output_shaping, resolve_tiling
 from segcore.run.rundir import prepare_run
 
 
 def preflight(store_path: str, checkpoint: str) -> tuple[ModelMeta, str, StoreInfo]:
-    """Fail fast, before fan-out: checkpoint readable and fitting its architecture, store compatible.
-    Returns the model's metadata, the checkpoint's sha256 and the store."""
-    meta = read_meta(checkpoint)
-    load_checkpoint(checkpoint)  # weights fit the architecture? raises CheckpointError if not
-    sha = file_sha256(checkpoint)
+    """Fail fast, before fan-out: the model record (any runtime) readable and its model loading (weights
+    fitting the architecture, TorchScript/ONNX graph readable), its declared input axes and channels
+    those of the store. Returns the model's metadata, the record's sha256 (:func:`model_sha256`)
+    and the store."""
+    meta = read_model_meta(checkpoint)
+    open_predictor(checkpoint, device="cpu", precision="fp32")  # raises CheckpointError if it does not load
+    sha = model_sha256(checkpoint)
     store = open_store(store_path)
+    if meta.input_axes != "bcyx":
+        raise CheckpointError(f"the model takes input axes {meta.input_axes!r}; segflow feeds 2-D images as bcyx "
+                              "(batch, channel, y, x): re-export the model for that layout")
     for g in store.groups:
         if g.channels != meta.in_channels:
             raise CheckpointError(

@@ -1,0 +1,113 @@
+"""The model record: what ``--checkpoint`` names, whatever runtime executes the model.
+
+Two forms, one :class:`~segcore.models.checkpoint.ModelMeta`:
+
+- ``runtime="torch"``: one ``.safetensors`` file (weights + metadata), written by
+  :func:`segcore.models.checkpoint.save_checkpoint`;
+- ``runtime="torchscript"`` or ``"onnx"``: a directory, by convention ``NAME.segflow/``, holding
+  ``model.json`` (the metadata) and the model file (``model.ts`` or ``model.onnx``), written by
+  :func:`save_model_record`.
+
+:func:`read_model_meta` reads the metadata of either form (cheap: no weights are loaded) and
+:func:`model_sha256` names the content (a run's key, the incremental run directory and the
+predictor cache use it). Loading a model to predict is :func:`segcore.models.predict.open_predictor`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from segcore.errors import CheckpointError, NotFound
+from segcore.fsio import file_sha256
+from segcore.models.checkpoint import ModelMeta, parse_meta, read_meta
+
+log = logging.getLogger(__name__)
+
+#: File of a directory record that holds its :class:`ModelMeta` as JSON.
+META_FILE = "model.json"
+#: Model file of a directory record, by runtime.
+MODEL_FILES = {"torchscript": "model.ts", "onnx": "model.onnx"}
+#: Conventional suffix of a directory record.
+RECORD_SUFFIX = ".segflow"
+
+
+def read_model_meta(path: str | os.PathLike[str]) -> ModelMeta:
+    """The :class:`ModelMeta` of a model record: a ``.safetensors`` checkpoint or a directory
+    record (``model.json`` + model file). Raises :class:`~segcore.errors.NotFound` for a missing
+    path and :class:`~segcore.errors.CheckpointError` for anything else that is not a record."""
+    path = Path(path)
+    if path.is_file():
+        return read_meta(path)
+    if not path.is_dir():
+        raise NotFound(f"model {str(path)!r} does not exist; pass a .safetensors checkpoint or a model directory "
+                       "made by 'segflow model import' or 'segflow model export'")
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        raise CheckpointError(f"{str(path)!r} is a directory without {META_FILE}; it is not a segflow model record "
+                              "(make one with 'segflow model import')")
+    meta = parse_meta(meta_path.read_bytes(), where=str(meta_path))
+    if meta.runtime not in MODEL_FILES:
+        raise CheckpointError(f"{str(meta_path)!r} names runtime {meta.runtime!r}, whose models are single "
+                              ".safetensors files, not directories")
+    model = path / MODEL_FILES[meta.runtime]
+    if not model.is_file():
+        raise CheckpointError(f"model record {str(path)!r} ({meta.runtime}) lacks its model file "
+                              f"{MODEL_FILES[meta.runtime]}")
+    return meta
+
+
+def model_file(path: str | os.PathLike[str]) -> Path:
+    """The file holding the model of a record: the checkpoint itself, or a directory record's
+    ``model.ts`` / ``model.onnx``."""
+    path = Path(path)
+    meta = read_model_meta(path)
+    return path if meta.runtime == "torch" else path / MODEL_FILES[meta.runtime]
+
+
+def model_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 naming a record's content: a file's sha256, or for a directory the sha256 of its
+    files' ``relative/path NUL sha256`` lines in sorted order (stable across copies and machines)."""
+    path = Path(path)
+    if path.is_file():
+        return file_sha256(path)
+    if not path.is_dir():
+        raise NotFound(f"model {str(path)!r} does not exist")
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path).as_posix()}\0{file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
+def save_model_record(path: str | os.PathLike[str], *, meta: ModelMeta, model_path: str | os.PathLike[str]) -> Path:
+    """Write a directory record at ``path``: ``model.json`` from ``meta`` and a copy of
+    ``model_path`` (a TorchScript archive or an ONNX file, as ``meta.runtime`` says). The directory
+    is built beside ``path`` and renamed into place; an existing record at ``path`` is replaced."""
+    path = Path(path)
+    if meta.runtime not in MODEL_FILES:
+        raise CheckpointError(f"a directory record holds a torchscript or onnx model, not {meta.runtime!r}; "
+                              "write torch models with save_checkpoint")
+    if path.is_file():
+        raise CheckpointError(f"{str(path)!r} is a file; a {meta.runtime} model record is a directory "
+                              f"(e.g. NAME{RECORD_SUFFIX})")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir(parents=True)
+    try:
+        shutil.copyfile(model_path, tmp / MODEL_FILES[meta.runtime])
+        (tmp / META_FILE).write_text(meta.model_dump_json(indent=2) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    log.info("wrote %s model record %s", meta.runtime, path)
+    return path
+
+
+__all__ = ["META_FILE", "MODEL_FILES", "RECORD_SUFFIX", "model_file", "model_sha256", "read_model_meta",
+           "save_model_record"]
