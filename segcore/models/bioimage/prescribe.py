@@ -15,11 +15,10 @@ spatial axes ``y``, ``x`` in any order (z, time and index axes are refused).
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
-
-from pydantic import BaseModel, ConfigDict
+from typing import Any, Sequence
 
 from segcore.errors import SegflowError
+from segcore.models.outputs import OutputRule
 from segcore.normalise import (
     Binarize,
     Clip,
@@ -35,22 +34,6 @@ from segcore.normalise import (
 
 class UnsupportedPackage(SegflowError, ValueError):
     """A bioimage.io package that segflow cannot run as described (axes, operations, weights)."""
-
-
-class OutputRule(BaseModel):
-    """How per-pixel class labels follow from a model's raw output ``(N, C, H, W)``.
-
-    ``rule="argmax"``: the label is the channel of the largest value (one channel per class,
-    background first). ``rule="threshold"``: a one-channel output; ``steps`` (the package's
-    postprocessing, e.g. a sigmoid) are applied, then foreground (class 1) where the value is
-    greater than ``threshold``.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    rule: Literal["argmax", "threshold"] = "argmax"
-    threshold: float = 0.5
-    steps: tuple[Step, ...] = ()
 
 
 #: The axis layout segflow feeds a model: batch, channel, y, x.
