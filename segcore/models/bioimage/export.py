@@ -49,6 +49,19 @@ class PackageCheckFailed(CheckpointError):
     """The zoo's own tools rejected a package (the message holds their summary)."""
 
 
+class _Unpadded(torch.nn.Module):
+    """The network's forward pass without its own padding (inputs are multiples already): traced,
+    it holds no size-dependent constant."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        unpadded = getattr(self.net, "forward_unpadded", None)
+        return unpadded(x) if unpadded is not None else self.net(x)
+
+
 def _identifier(name: str) -> str:
     """A bioimage.io channel name: letters, digits and underscores, starting with a letter."""
     out = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
@@ -112,7 +125,7 @@ def build_package_folder(checkpoint: str | os.PathLike[str], folder: Path, *, au
     torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, folder / "weights.pt")
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecation and tracer notes: inputs are multiples, no branch is traced
-        traced = torch.jit.trace(model, torch.zeros(1, meta.in_channels, multiple * 2, multiple * 2),
+        traced = torch.jit.trace(_Unpadded(model).eval(), torch.zeros(1, meta.in_channels, multiple * 2, multiple * 2),
                                  check_trace=False)
     traced.save(str(folder / "weights.torchscript"))
     sha = file_sha256(checkpoint)

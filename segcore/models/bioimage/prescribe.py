@@ -193,23 +193,27 @@ def descr_of_step(step: Step) -> dict[str, Any]:
     return {"id": "sigmoid"}
 
 
-def preprocessing_of(norm: Normalisation) -> list[dict[str, Any]]:
-    """The rdf.yaml preprocessing list that computes ``norm`` (segflow's modes as the spec's
-    operations: ``percentile`` -> ``scale_range`` per image and channel, ``range`` ->
-    ``scale_linear`` by ``1/scale``, mean/std -> ``fixed_zero_mean_unit_variance`` per channel).
-    The spec adds ``eps`` = 1e-6 to divisors where segflow's legacy modes do not; outputs differ
-    by about 1e-6 relative."""
+def steps_of(norm: Normalisation) -> tuple[Step, ...]:
+    """``norm`` as a list of the spec's operations: ``percentile`` -> ``scale_range`` per image and
+    channel, ``range`` -> ``scale_linear`` by ``1/scale``, mean/std -> ``fixed_zero_mean_unit_variance``
+    per channel; a ``steps`` normalisation as it is. The spec adds ``eps`` (1e-6) to divisors where
+    segflow's legacy modes do not: outputs differ by about 1e-6, relative."""
     if norm.mode == "steps":
-        out = [descr_of_step(s) for s in norm.steps]
-        return [d for d in out if not (d["id"] == "scale_linear" and d["kwargs"] == {"gain": 1.0, "offset": 0.0})]
-    if norm.mode == "percentile":
-        out = [descr_of_step(ScaleRange(low=norm.low, high=norm.high, per_channel=True))]
-    else:
-        out = [descr_of_step(ScaleLinear(gain=(1.0 / norm.scale,)))]
+        return norm.steps
+    first: Step = (ScaleRange(low=norm.low, high=norm.high, per_channel=True) if norm.mode == "percentile"
+                   else ScaleLinear(gain=(1.0 / norm.scale,)))
     if norm.mean is not None and norm.std is not None:
-        out.append(descr_of_step(FixedZeroMeanUnitVariance(mean=norm.mean, std=norm.std)))
-    return out
+        return first, FixedZeroMeanUnitVariance(mean=norm.mean, std=norm.std)
+    return (first,)
+
+
+def preprocessing_of(norm: Normalisation) -> list[dict[str, Any]]:
+    """The rdf.yaml preprocessing list that computes ``norm`` (see :func:`steps_of`); a no-op
+    ``scale_linear`` (gain 1, offset 0) is left out (the spec forbids it)."""
+    out = [descr_of_step(s) for s in steps_of(norm)]
+    return [d for d in out if not (d["id"] == "scale_linear" and d["kwargs"] == {"gain": 1.0, "offset": 0.0})]
 
 
 __all__ = ["OutputRule", "SEGFLOW_AXES", "UnsupportedPackage", "axis_roles", "descr_of_step",
-           "normalisation_from_inputs", "output_rule_from_outputs", "preprocessing_of", "step_from_descr"]
+           "normalisation_from_inputs", "output_rule_from_outputs", "preprocessing_of", "step_from_descr",
+           "steps_of"]
