@@ -1,17 +1,21 @@
 """Model registry: architectures are looked up by name through keyword-only builders.
 
-``MODELS`` is a plain dict ``name -> builder``; :func:`create_model` builds one and, for an
-unknown name, raises :class:`~segcore.errors.ConfigError` listing the valid names.
+``MODELS`` is a plain dict ``name -> builder`` and ``MODEL_KINDS`` ``name -> kind``
+(:mod:`segcore.models.registry`); :func:`create_model` builds one and, for an unknown name, raises
+:class:`~segcore.errors.ConfigError` listing the valid names. Registered here: segflow's own
+(``unet``, ``maskrcnn``, ``maskrcnn_r18``), torchvision's Mask R-CNNs keyed as torchvision
+distributes them (:mod:`segcore.models.detection`), the adapters of installed packages
+(:mod:`segcore.models.adapters`: ``smp:Unet``, ``monai:*``) and the architectures of the
+``segflow.models`` entry points of installed distributions.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
-from torch import nn
-
-from segcore.errors import ConfigError
+from segcore.models.adapters import register_available
+from segcore.models.detection import DETECTION_MODELS
 from segcore.models.maskrcnn import InstanceSegmenter, build_maskrcnn, build_maskrcnn_r18
+from segcore.models.registry import (ENTRY_POINT_GROUP, MODEL_KINDS, MODELS, create_model, load_entry_points,
+                                     register_model)
 from segcore.models.unet import UNet
 
 
@@ -20,31 +24,16 @@ def build_unet(*, in_channels: int = 1, num_classes: int = 2, base: int = 16, de
     return UNet(in_channels=in_channels, num_classes=num_classes, base=base, depth=depth)
 
 
-#: name -> keyword-only builder returning an ``nn.Module``.
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "unet": build_unet,
-    "maskrcnn": build_maskrcnn,
-    "maskrcnn_r18": build_maskrcnn_r18,
-}
-
-#: name -> kind of output ("semantic" label maps or "instance" label maps + records).
-MODEL_KINDS: dict[str, str] = {
-    "unet": "semantic",
-    "maskrcnn": "instance",
-    "maskrcnn_r18": "instance",
-}
+def _builtin() -> dict[str, tuple[object, str]]:
+    return {"unet": (build_unet, "semantic"), "maskrcnn": (build_maskrcnn, "instance"),
+            "maskrcnn_r18": (build_maskrcnn_r18, "instance"),
+            **{name: (builder, "instance") for name, builder in DETECTION_MODELS.items()}}
 
 
-def create_model(arch: str, **kwargs: Any) -> nn.Module:
-    """Build the registered architecture ``arch`` with keyword arguments ``kwargs``."""
-    try:
-        builder = MODELS[arch]
-    except KeyError:
-        raise ConfigError(f"unknown model {arch!r}; valid names: {', '.join(sorted(MODELS))}") from None
-    try:
-        return builder(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"bad arguments for model {arch!r}: {exc}") from exc
+for _name, (_builder, _kind) in _builtin().items():
+    register_model(_name, _builder, kind=_kind, replace=True)  # type: ignore[arg-type]
+register_available()
+load_entry_points()
 
-
-__all__ = ["MODELS", "MODEL_KINDS", "InstanceSegmenter", "UNet", "create_model"]
+__all__ = ["ENTRY_POINT_GROUP", "MODELS", "MODEL_KINDS", "InstanceSegmenter", "UNet", "create_model",
+           "load_entry_points", "register_model"]

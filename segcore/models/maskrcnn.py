@@ -50,13 +50,13 @@ _MAX_CLASSES = 256  # class maps are uint8
 
 
 class InputTransform(GeneralizedRCNNTransform):
-    """torchvision's detection transform with two changes: an optional no-resize mode
-    (``keep_size``) and a ``postprocess`` that maps boxes back to input coordinates but leaves
+    """torchvision's detection transform (identity normalisation unless ``image_mean``/``image_std``
+    are given) with two changes: an optional no-resize mode (``keep_size``) and a ``postprocess`` that maps boxes back to input coordinates but leaves
     masks in ROI form ``(K, 1, M, M)`` instead of pasting them full-size."""
 
-    def __init__(self, *, keep_size: bool, min_size: int, max_size: int) -> None:
-        super().__init__(min_size=min_size, max_size=max_size, image_mean=[0.0, 0.0, 0.0],
-                         image_std=[1.0, 1.0, 1.0])
+    def __init__(self, *, keep_size: bool, min_size: int, max_size: int,
+                 image_mean: Sequence[float] = (0.0, 0.0, 0.0), image_std: Sequence[float] = (1.0, 1.0, 1.0)) -> None:
+        super().__init__(min_size=min_size, max_size=max_size, image_mean=list(image_mean), image_std=list(image_std))
         self.keep_size = keep_size
 
     def resize(self, image: Tensor, target: dict[str, Tensor] | None = None
@@ -144,7 +144,7 @@ class InstanceSegmenter(nn.Module):
         return detections
 
 
-def _check_common(*, in_channels: int, num_classes: int, min_size: int | None, max_size: int | None,
+def check_detector_args(*, in_channels: int, num_classes: int, min_size: int | None, max_size: int | None,
                   box_detections_per_img: int, score_threshold: float, mask_threshold: float,
                   proposals_per_img: int = 1000) -> None:
     if in_channels not in (1, 3):
@@ -173,13 +173,17 @@ def _anchor_generator(anchor_sizes: Sequence[int]) -> AnchorGenerator:
     return AnchorGenerator(sizes=tuple((s,) for s in sizes), aspect_ratios=(_ASPECT_RATIOS,) * _FPN_LEVELS)
 
 
-def _wrap(detector: MaskRCNN, *, in_channels: int, num_classes: int, min_size: int | None, max_size: int | None,
-          mask_threshold: float) -> InstanceSegmenter:
+def wrap_detector(detector: MaskRCNN, *, in_channels: int, num_classes: int, min_size: int | None,
+                  max_size: int | None, mask_threshold: float, cls: type[InstanceSegmenter] = InstanceSegmenter,
+                  image_mean: Sequence[float] = (0.0, 0.0, 0.0), image_std: Sequence[float] = (1.0, 1.0, 1.0)
+                  ) -> InstanceSegmenter:
+    """``detector`` with segcore's :class:`InputTransform` (no resizing when ``min_size`` is None;
+    normalisation by ``image_mean``/``image_std``, identity by default) inside a ``cls``."""
     keep = min_size is None
     detector.transform = InputTransform(keep_size=keep, min_size=800 if keep else min_size,  # type: ignore[arg-type]
-                                        max_size=1333 if keep else max_size)  # type: ignore[arg-type]
-    return InstanceSegmenter(detector, in_channels=in_channels, num_classes=num_classes,
-                             mask_threshold=mask_threshold)
+                                        max_size=1333 if keep else max_size,  # type: ignore[arg-type]
+                                        image_mean=image_mean, image_std=image_std)
+    return cls(detector, in_channels=in_channels, num_classes=num_classes, mask_threshold=mask_threshold)
 
 
 def build_maskrcnn(*, in_channels: int = 1, num_classes: int = 2, min_size: int | None = None,
@@ -196,7 +200,7 @@ def build_maskrcnn(*, in_channels: int = 1, num_classes: int = 2, min_size: int 
     inference; neither changes the weights, so a checkpoint can be rebuilt with larger caps for
     images holding more objects. See the module docstring for resizing.
     """
-    _check_common(in_channels=in_channels, num_classes=num_classes, min_size=min_size, max_size=max_size,
+    check_detector_args(in_channels=in_channels, num_classes=num_classes, min_size=min_size, max_size=max_size,
                   box_detections_per_img=box_detections_per_img, score_threshold=score_threshold,
                   mask_threshold=mask_threshold, proposals_per_img=proposals_per_img)
     extra: dict[str, Any] = {"rpn_pre_nms_top_n_test": proposals_per_img, "rpn_post_nms_top_n_test": proposals_per_img}
@@ -205,7 +209,7 @@ def build_maskrcnn(*, in_channels: int = 1, num_classes: int = 2, min_size: int 
     detector = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes,
                                      box_detections_per_img=box_detections_per_img,
                                      box_score_thresh=score_threshold, **extra)
-    return _wrap(detector, in_channels=in_channels, num_classes=num_classes, min_size=min_size,
+    return wrap_detector(detector, in_channels=in_channels, num_classes=num_classes, min_size=min_size,
                  max_size=max_size, mask_threshold=mask_threshold)
 
 
@@ -218,7 +222,7 @@ def build_maskrcnn_r18(*, in_channels: int = 1, num_classes: int = 2, min_size: 
     Same arguments as :func:`build_maskrcnn`; ``anchor_sizes`` defaults to
     :data:`SMALL_OBJECT_ANCHORS` ``(8, 16, 32, 64, 128)`` px, suited to objects of about 10-30 px.
     """
-    _check_common(in_channels=in_channels, num_classes=num_classes, min_size=min_size, max_size=max_size,
+    check_detector_args(in_channels=in_channels, num_classes=num_classes, min_size=min_size, max_size=max_size,
                   box_detections_per_img=box_detections_per_img, score_threshold=score_threshold,
                   mask_threshold=mask_threshold, proposals_per_img=proposals_per_img)
     backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, norm_layer=nn.BatchNorm2d,
@@ -226,8 +230,9 @@ def build_maskrcnn_r18(*, in_channels: int = 1, num_classes: int = 2, min_size: 
     detector = MaskRCNN(backbone, num_classes=num_classes, rpn_anchor_generator=_anchor_generator(anchor_sizes),
                         box_detections_per_img=box_detections_per_img, box_score_thresh=score_threshold,
                         rpn_pre_nms_top_n_test=proposals_per_img, rpn_post_nms_top_n_test=proposals_per_img)
-    return _wrap(detector, in_channels=in_channels, num_classes=num_classes, min_size=min_size,
+    return wrap_detector(detector, in_channels=in_channels, num_classes=num_classes, min_size=min_size,
                  max_size=max_size, mask_threshold=mask_threshold)
 
 
-__all__ = ["SMALL_OBJECT_ANCHORS", "InputTransform", "InstanceSegmenter", "build_maskrcnn", "build_maskrcnn_r18"]
+__all__ = ["SMALL_OBJECT_ANCHORS", "InputTransform", "InstanceSegmenter", "build_maskrcnn", "build_maskrcnn_r18",
+           "check_detector_args", "wrap_detector"]

@@ -109,5 +109,26 @@ def save_model_record(path: str | os.PathLike[str], *, meta: ModelMeta, model_pa
     return path
 
 
-__all__ = ["META_FILE", "MODEL_FILES", "RECORD_SUFFIX", "model_file", "model_sha256", "read_model_meta",
-           "save_model_record"]
+def describe_model(path: str | os.PathLike[str]) -> dict[str, object]:
+    """What a record says, for people (``segflow model info``): runtime and architecture, input
+    axes/channels/multiple, classes, normalisation, provenance (with the source file's sha256), the
+    output contract and the record's own sha256. JSON-able."""
+    meta = read_model_meta(path)
+    if meta.kind == "semantic":
+        contract = (f"(N, {meta.num_classes}, H, W) float logits for (N, {meta.in_channels}, H, W) float32 inputs; "
+                    f"masks are their argmax: (H, W) {'uint8' if meta.num_classes <= 256 else 'uint16'} class ids")
+    else:
+        contract = ("per image: boxes (K, 4) x0 y0 x1 y1 px, labels (K,) class ids 1.."
+                    f"{meta.num_classes - 1}, scores (K,), masks (K, 1, 28, 28) probabilities over each box; "
+                    "written as (H, W) uint32 instance labels and one row per instance")
+    return {"model": str(path), "sha256": model_sha256(path), "runtime": meta.runtime, "arch": meta.arch,
+            "arch_kwargs": meta.arch_kwargs, "kind": meta.kind,
+            "input": {"axes": meta.input_axes, "channels": meta.in_channels, "multiple": meta.input_multiple,
+                      "dtype": "float32"},
+            "classes": list(meta.class_names), "normalisation": meta.normalisation.model_dump(mode="json"),
+            "source": meta.source, "provenance": meta.provenance, "output": contract,
+            "format_version": meta.format_version}
+
+
+__all__ = ["META_FILE", "MODEL_FILES", "RECORD_SUFFIX", "describe_model", "model_file", "model_sha256",
+           "read_model_meta", "save_model_record"]

@@ -1,5 +1,7 @@
 """The one test every registered model must pass: build, forward, save, load, same outputs,
-prediction contract respected. A new entry in MODELS is tested here without further code."""
+prediction contract respected. A new entry in MODELS is tested here without further code: segflow's
+own, torchvision's, the adapters of the installed packages (smp, MONAI) and the architectures of
+``segflow.models`` entry points (tests/plugins holds a distribution that registers one)."""
 
 from __future__ import annotations
 
@@ -13,13 +15,28 @@ from segcore.models.instances import InstancePrediction
 from segcore.models import MODEL_KINDS, MODELS
 from segcore.normalise import Normalisation
 
-#: Small builder arguments per architecture (defaults where absent).
-SMALL = {"unet": {"base": 4, "depth": 2}}
+#: Small builder arguments per architecture (defaults where absent; lists, as JSON gives them back).
+SMALL = {
+    "unet": {"base": 4, "depth": 2},
+    "smp:Unet": {"encoder_name": "resnet18", "encoder_depth": 3, "decoder_channels": [16, 8, 4]},
+    "monai:UNet": {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1},
+    "monai:BasicUNet": {"features": [4, 4, 8, 8, 16, 4]},
+    "monai:SegResNet": {"init_filters": 8, "blocks_down": [1, 1, 1], "blocks_up": [1, 1]},
+    "torchvision:maskrcnn_resnet50_fpn": {"min_size": 64, "max_size": 64},
+    "torchvision:maskrcnn_resnet50_fpn_v2": {"min_size": 64, "max_size": 64},
+}
 NORM = Normalisation(mode="range", scale=255.0)
 
 
 def test_every_model_has_a_kind():
     assert set(MODELS) == set(MODEL_KINDS) and set(MODEL_KINDS.values()) <= {"semantic", "instance"}
+
+
+def test_the_contract_covers_adapters_and_plugins():
+    """The parametrisation below runs on these (the packages are in the test extra)."""
+    assert {"smp:Unet", "monai:UNet", "monai:BasicUNet", "monai:SegResNet", "torchvision:maskrcnn_resnet50_fpn",
+            "torchvision:maskrcnn_resnet50_fpn_v2", "example:TinyConv"} <= set(MODELS)
+    assert MODEL_KINDS["example:TinyConv"] == "semantic"
 
 
 @pytest.mark.parametrize("arch", sorted(MODELS))

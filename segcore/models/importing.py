@@ -1,0 +1,187 @@
+"""Import a model trained elsewhere into a segflow model record. Nothing is ever unpickled.
+
+Accepted sources (:func:`detect_format`):
+
+- PyTorch state dicts, ``.pth``/``.pt`` (``torch.save(model.state_dict(), path)``), read ONLY with
+  ``torch.load(..., weights_only=True)``: a file carrying any Python object besides tensors and
+  plain containers (a pickle payload) is refused, never run; plain state dicts in ``.safetensors``;
+  both go into a registered architecture (``arch``) and must fit it exactly (strict load);
+- TorchScript archives (a zip holding TorchScript code), loaded with ``torch.jit.load``;
+- ONNX files (``.onnx``).
+
+A state dict becomes a ``.safetensors`` checkpoint; TorchScript and ONNX become directory records
+(:mod:`segcore.models.record`). ``source`` records the file's name, format and sha256.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import pickle
+import time
+import zipfile
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from segcore.errors import CheckpointError, ConfigError, NotFound
+from segcore.fsio import file_sha256
+from segcore.models.checkpoint import ModelMeta, build_model, save_checkpoint
+from segcore.models.detection import COCO_CATEGORIES
+from segcore.models.padding import pad_to_multiple
+from segcore.models.record import save_model_record
+from segcore.models.registry import MODEL_KINDS, MODELS
+from segcore.normalise import Normalisation
+
+log = logging.getLogger(__name__)
+
+Format = Literal["state_dict", "safetensors", "torchscript", "onnx"]
+#: Named lists of class names (``--class-names coco``).
+CLASS_NAME_PRESETS: dict[str, tuple[str, ...]] = {"coco": COCO_CATEGORIES}
+
+
+def detect_format(path: str | os.PathLike[str]) -> Format:
+    """``onnx`` (suffix), ``safetensors`` (suffix), ``torchscript`` (a zip holding TorchScript
+    code) or ``state_dict`` (any other file: what ``torch.save`` writes)."""
+    path = Path(path)
+    if not path.is_file():
+        raise NotFound(f"model file {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return "onnx"
+    if suffix == ".safetensors":
+        return "safetensors"
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            if any("/code/" in n or n.endswith("constants.pkl") for n in zf.namelist()):
+                return "torchscript"
+    return "state_dict"
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The tensors of a state dict file: safetensors, or ``torch.load(weights_only=True)`` (a dict of
+    tensors, or one under ``state_dict``/``model``). Raises :class:`CheckpointError`, for a pickle
+    payload among them."""
+    path = Path(path)
+    if detect_format(path) == "safetensors":
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"cannot read tensors of {str(path)!r}: {exc}") from exc
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{str(path)!r} holds Python objects besides tensors (a pickle payload); segflow never unpickles "
+            "them. Save the weights alone: torch.save(model.state_dict(), path), or as .safetensors "
+            f"(refused: {' '.join(str(exc).split())[:160]})") from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {str(path)!r} as a PyTorch state dict: {exc}") from exc
+    for candidate in (obj, *(obj.get(k) for k in ("state_dict", "model") if isinstance(obj, dict))):
+        if isinstance(candidate, dict) and candidate and all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in candidate.items()):
+            return dict(candidate)
+    raise CheckpointError(f"{str(path)!r} is not a state dict (name -> tensor), nor one under 'state_dict' or "
+                          "'model'; save it with torch.save(model.state_dict(), path)")
+
+
+def resolve_class_names(names: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """``"coco"`` (a preset), ``"a,b,c"`` or a sequence -> names, background first; None stays None."""
+    if names is None:
+        return None
+    if isinstance(names, str):
+        if names.strip().lower() in CLASS_NAME_PRESETS:
+            return CLASS_NAME_PRESETS[names.strip().lower()]
+        names = names.split(",")
+    out = tuple(n.strip() for n in names)
+    if len(out) < 2 or not all(out):
+        raise ConfigError(f"class names need the background and at least one class, none empty; got {out}")
+    return out
+
+
+def import_model(source: str | os.PathLike[str], *, out: str | os.PathLike[str], arch: str | None = None,
+                 arch_kwargs: dict[str, Any] | None = None, class_names: str | Sequence[str] | None = None,
+                 in_channels: int | None = None, normalisation: Normalisation | None = None,
+                 kind: str | None = None, input_multiple: int | None = None) -> ModelMeta:
+    """Import ``source`` into the model record ``out``; returns its metadata.
+
+    State dicts need ``arch`` (a registered architecture) and ``class_names``; ``in_channels`` and
+    ``normalisation`` default to the builder's (its ``in_channels`` default, its ``normalisation``
+    attribute, else percentile). TorchScript/ONNX models are semantic: a trial forward pass checks
+    they map ``(1, C, H, W)`` to ``(1, K, H, W)``; ``class_names`` default to ``background,
+    class_1, ...``. Raises :class:`ConfigError` or :class:`CheckpointError` before writing anything.
+    """
+    fmt = detect_format(source)
+    names = resolve_class_names(class_names)
+    src = {"file": Path(source).name, "format": fmt, "sha256": file_sha256(source)}
+    provenance = {"imported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if fmt in ("state_dict", "safetensors"):
+        if arch is None or arch not in MODELS:
+            raise ConfigError(f"a state dict needs --arch, one of: {', '.join(sorted(MODELS))}")
+        if kind is not None and kind != MODEL_KINDS[arch]:
+            raise ConfigError(f"architecture {arch!r} is a {MODEL_KINDS[arch]} model, not {kind}")
+        if names is None:
+            raise ConfigError("a state dict needs --class-names (background first, e.g. background,cell; or coco)")
+        builder = MODELS[arch]
+        default_c = inspect.signature(builder).parameters.get("in_channels")
+        channels = in_channels or (default_c.default if default_c is not None else 1)
+        norm = normalisation or getattr(builder, "normalisation", None) or Normalisation()
+        meta = ModelMeta(arch=arch, arch_kwargs=dict(arch_kwargs or {}), class_names=names,
+                         in_channels=int(channels), normalisation=norm, provenance=provenance, source=src)
+        model = build_model(meta)
+        try:
+            model.load_state_dict(read_state_dict(source), strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"the weights in {str(source)!r} do not fit {arch!r} with {meta.arch_kwargs}: "
+                                  + " ".join(str(exc).splitlines()[:4])[:600]) from exc
+        save_checkpoint(out, model, meta)
+        return meta
+    if kind not in (None, "semantic"):
+        raise ConfigError(f"{fmt} models are imported as semantic models; import an instance model's state dict "
+                          "with --arch (e.g. torchvision:maskrcnn_resnet50_fpn)")
+    if in_channels is None:
+        raise ConfigError(f"a {fmt} model needs --in-channels (the channels of the images it takes)")
+    meta = ModelMeta(arch=arch or fmt, arch_kwargs=dict(arch_kwargs or {}), class_names=names or ("background", "x"),
+                     in_channels=int(in_channels), normalisation=normalisation or Normalisation(),
+                     provenance=provenance, source=src, runtime=fmt, input_multiple=int(input_multiple or 1))
+    k = _trial_classes(source, meta)
+    if names is None:
+        meta = meta.model_copy(update={"class_names": ("background", *(f"class_{i}" for i in range(1, k)))})
+    elif k != len(names):
+        raise CheckpointError(f"the model gives {k} class scores per pixel but {len(names)} class names were given")
+    save_model_record(out, meta=meta, model_path=source)
+    return meta
+
+
+def _trial_classes(source: str | os.PathLike[str], meta: ModelMeta) -> int:
+    """Class scores per pixel of a TorchScript/ONNX model, from one forward pass on zeros."""
+    from segcore.models.runtimes import load_torchscript, onnx_session
+
+    side = max(48, 2 * meta.input_multiple)
+    x, _ = pad_to_multiple(torch.zeros(1, meta.in_channels, side, side + 8), meta.input_multiple)
+    try:
+        if meta.runtime == "torchscript":
+            with torch.inference_mode():
+                y = load_torchscript(source)(x)
+        else:
+            session = onnx_session(source)
+            y = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    except CheckpointError:
+        raise
+    except Exception as exc:  # the model's own failure on a (1, C, H, W) float32 batch
+        raise CheckpointError(f"the {meta.runtime} model failed on a (1, {meta.in_channels}, {x.shape[2]}, "
+                              f"{x.shape[3]}) float32 batch: {' '.join(str(exc).split())[:300]}; check --in-channels "
+                              "and --input-multiple") from exc
+    if not isinstance(y, torch.Tensor) or y.ndim != 4 or y.shape[0] != 1 or tuple(y.shape[2:]) != tuple(x.shape[2:]) \
+            or y.shape[1] < 2:
+        raise CheckpointError(f"the {meta.runtime} model maps {tuple(x.shape)} to "
+                              f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}; segflow needs "
+                              "(N, K, H, W) logits with K >= 2 at the input's size")
+    return int(y.shape[1])
+
+
+__all__ = ["CLASS_NAME_PRESETS", "detect_format", "import_model", "read_state_dict", "resolve_class_names"]

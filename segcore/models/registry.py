@@ -1,0 +1,83 @@
+"""The model registry: architectures by name, with their kind, extensible by other packages.
+
+``MODELS`` (``name -> keyword-only builder``) and ``MODEL_KINDS`` (``name -> "semantic" |
+"instance"``) are plain dicts; :func:`register_model` adds to both. Other packages plug in
+through the entry-point group ``segflow.models`` (:func:`load_entry_points`): each entry point is
+named like the architecture and loads either a ``(builder, kind)`` pair or a builder with a
+``kind`` attribute. A builder takes keyword arguments, at least ``in_channels`` and
+``num_classes`` (background included), and returns an ``nn.Module``: a semantic one maps
+``(N, C, H, W)`` float batches to ``(N, num_classes, H, W)`` logits for any ``H`` and ``W``.
+
+A builder may carry a ``normalisation`` attribute (:class:`~segcore.normalise.Normalisation`):
+the inputs its weights expect, used when a model is imported without one.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import metadata
+from typing import Any, Callable, Iterable
+
+from torch import nn
+
+from segcore.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+#: Entry-point group through which other packages register architectures.
+ENTRY_POINT_GROUP = "segflow.models"
+KINDS = ("semantic", "instance")
+
+#: name -> keyword-only builder returning an ``nn.Module``.
+MODELS: dict[str, Callable[..., nn.Module]] = {}
+#: name -> kind of output ("semantic" label maps or "instance" label maps + records).
+MODEL_KINDS: dict[str, str] = {}
+
+
+def register_model(name: str, builder: Callable[..., nn.Module], *, kind: str, replace: bool = False) -> None:
+    """Register ``builder`` as architecture ``name`` of ``kind`` (``semantic`` or ``instance``).
+    Raises :class:`ConfigError` for a bad kind or a name already taken (unless ``replace``)."""
+    if kind not in KINDS:
+        raise ConfigError(f"model kind must be one of {KINDS}, got {kind!r} for {name!r}")
+    if not callable(builder):
+        raise ConfigError(f"the builder of model {name!r} is not callable: {builder!r}")
+    if name in MODELS and not replace and MODELS[name] is not builder:
+        raise ConfigError(f"model name {name!r} is already registered (by {MODELS[name].__module__}); "
+                          "choose another name")
+    MODELS[name] = builder
+    MODEL_KINDS[name] = kind
+
+
+def load_entry_points(entry_points: Iterable[metadata.EntryPoint] | None = None) -> list[str]:
+    """Register the architectures of the ``segflow.models`` entry points (default: those of the
+    installed distributions); returns the names registered. An entry point that fails to load, or
+    gives no usable builder, is skipped with a warning: a broken plugin never breaks segflow."""
+    if entry_points is None:
+        entry_points = metadata.entry_points(group=ENTRY_POINT_GROUP)
+    added = []
+    for ep in entry_points:
+        try:
+            obj = ep.load()
+            builder, kind = obj if isinstance(obj, tuple) else (obj, getattr(obj, "kind", "semantic"))
+            register_model(ep.name, builder, kind=kind)
+        except Exception as exc:  # a plugin's import may fail in any way
+            log.warning("segflow.models entry point %r (%s) skipped: %s", ep.name, ep.value, exc)
+            continue
+        added.append(ep.name)
+    return added
+
+
+def create_model(arch: str, **kwargs: Any) -> nn.Module:
+    """Build the registered architecture ``arch`` with keyword arguments ``kwargs``."""
+    try:
+        builder = MODELS[arch]
+    except KeyError:
+        raise ConfigError(f"unknown model {arch!r}; valid names: {', '.join(sorted(MODELS))}") from None
+    try:
+        return builder(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"bad arguments for model {arch!r}: {exc}") from exc
+
+
+__all__ = ["ENTRY_POINT_GROUP", "KINDS", "MODELS", "MODEL_KINDS", "create_model", "load_entry_points",
+           "register_model"]
