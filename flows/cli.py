@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalisation", choices=["percentile", "range"],
                    help="percentile (default; 1st-99.8th per image) or range (divide by 255)")
     p.add_argument("--time-budget", type=float, help="stop after the epoch that passes this many seconds")
+    p.add_argument("--init", help="fine-tune this model record (a segflow checkpoint or an imported torch model; "
+                                  "--model must name its architecture); --class-names other than its classes "
+                                  "replace its class head")
     p.add_argument("--seed", type=int, help="seed of split, initialisation and augmentation (default 0)")
     _add_execution(p)
 
@@ -270,7 +273,8 @@ def _run(args: argparse.Namespace) -> str:
         spec = TrainSpec(store=args.store, out=args.out, model=args.model, execution=_execution(args),
                          **_given(epochs=args.epochs, val_fraction=args.val_fraction, class_names=names,
                                   arch_kwargs=arch, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
-                                  crop_size=args.crop_size, normalisation=norm, time_budget_s=args.time_budget))
+                                  crop_size=args.crop_size, normalisation=norm, time_budget_s=args.time_budget,
+                                  init=args.init))
         result = with_runner(train_flow, spec.execution)(spec)
         metric = "F1 at IoU 0.5" if result["kind"] == "instance" else "mean foreground Dice"
         score = result["best_val_score"]
