@@ -34,7 +34,9 @@ def _add_execution(p: argparse.ArgumentParser) -> None:
 
 
 def _add_segment(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="segflow checkpoint (.safetensors)")
+    p.add_argument("--checkpoint", required=True,
+                   help="model record: a segflow checkpoint (.safetensors) or a model directory made by "
+                        "'segflow model import/export'")
     p.add_argument("--out", required=True, help="run directory (created; re-running into it resumes); {flow_run} in "
                                                 "it is replaced by the run's UTC start time and flow run id: a new "
                                                 "run directory per run (not with --incremental)")
@@ -148,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _add_execution(p)
 
+    _add_model(sub)
+
     p = sub.add_parser(
         "serve", help="serve the scheduled incremental run from this process: a run on --cron, and whenever one is "
                       "started from the UI",
@@ -161,6 +165,109 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when to run: a cron expression, in UTC (default '0 * * * *': at the top of every hour)")
     p.add_argument("--name", default="incremental", help="deployment name (default incremental)")
     return parser
+
+
+#: Targets of 'segflow model export' (segcore.models.export.EXPORTERS; another target is another entry).
+EXPORT_TARGETS = ("onnx", "torchscript")
+
+
+def _add_model(sub: Any) -> None:
+    """``segflow model import|info|export``: plain segcore calls, no Prefect flow."""
+    model = sub.add_parser("model", help="import a model trained elsewhere, show a model record, export one")
+    msub = model.add_subparsers(dest="model_command", required=True)
+    p = msub.add_parser("import", help="make a model record (for --checkpoint) from a state dict (.pth/.pt/"
+                                       ".safetensors), a TorchScript file or an .onnx file")
+    p.add_argument("source", help="model file trained elsewhere; state dicts are read with weights_only=True: "
+                                  "a file holding other Python objects is refused, never unpickled")
+    p.add_argument("--out", required=True, help="model record to write: NAME.safetensors for state dicts, a "
+                                                "directory (NAME.segflow) for TorchScript and ONNX models")
+    p.add_argument("--arch", help="registered architecture the state dict belongs to (e.g. smp:Unet, monai:UNet, "
+                                  "torchvision:maskrcnn_resnet50_fpn); a label for TorchScript/ONNX models")
+    p.add_argument("--arch-kwargs", help="JSON object of builder arguments, e.g. '{\"encoder_name\": \"resnet18\"}'")
+    p.add_argument("--class-names", help="comma-separated class names, background first, or 'coco' (torchvision's "
+                                         "91 COCO categories)")
+    p.add_argument("--in-channels", type=int, help="channels of the images the model takes (default: the "
+                                                   "architecture's; required for TorchScript and ONNX)")
+    p.add_argument("--normalisation", choices=["percentile", "range", "imagenet"],
+                   help="percentile (1st-99.8th per image), range (divide by 255) or imagenet (divide by 255, "
+                        "then ImageNet mean/std); default: the architecture's (torchvision: range), else percentile")
+    p.add_argument("--kind", choices=["semantic", "instance"], help="check the model gives this kind of output")
+    p.add_argument("--input-multiple", type=int,
+                   help="TorchScript/ONNX: H and W the graph accepts are multiples of this (inputs are padded)")
+    p = msub.add_parser("info", help="runtime, architecture, inputs, classes, normalisation, provenance and "
+                                     "output contract of a model record")
+    p.add_argument("model", help="model record (.safetensors checkpoint or model directory)")
+    p.add_argument("--json", action="store_true", help="print the description as JSON")
+    p = msub.add_parser("export", help="export a torch checkpoint of a semantic model to another runtime")
+    p.add_argument("model", help="torch model record (.safetensors)")
+    p.add_argument("--to", required=True, choices=EXPORT_TARGETS, help="target runtime")
+    p.add_argument("--out", required=True, help="model record directory to write (NAME.segflow)")
+
+
+def _normalisation(name: str | None):
+    from segcore.models.detection import IMAGENET_MEAN, IMAGENET_STD
+    from segcore.normalise import Normalisation
+
+    if name is None:
+        return None
+    if name == "imagenet":
+        return Normalisation(mode="range", scale=255.0, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    return Normalisation(mode=name)
+
+
+def _model(args: argparse.Namespace) -> int:
+    """``segflow model ...``: one segcore call, its result on stdout, a user error as one line."""
+    from segcore.errors import SegflowError
+    from segcore.models.export import export_model
+    from segcore.models.importing import import_model
+    from segcore.models.record import describe_model
+
+    try:
+        if args.model_command == "import":
+            try:
+                kwargs = json.loads(args.arch_kwargs) if args.arch_kwargs else None
+            except ValueError as exc:
+                return _fail(f"--arch-kwargs is not JSON: {exc}")
+            if kwargs is not None and not isinstance(kwargs, dict):
+                return _fail("--arch-kwargs must be a JSON object, e.g. '{\"depth\": 3}'")
+            meta = import_model(args.source, out=args.out, arch=args.arch, arch_kwargs=kwargs,
+                                class_names=args.class_names, in_channels=args.in_channels,
+                                normalisation=_normalisation(args.normalisation), kind=args.kind,
+                                input_multiple=args.input_multiple)
+            print(f"model: {args.out} ({meta.runtime}, {meta.arch}, {meta.kind}, {meta.num_classes} classes, "
+                  f"{meta.in_channels} input channel(s))\nsource: {meta.source['file']} sha256 {meta.source['sha256']}")
+        elif args.model_command == "info":
+            info = describe_model(args.model)
+            print(json.dumps(info, indent=2) if args.json else info_text(info))
+        else:
+            meta = export_model(args.model, to=args.to, out=args.out)
+            print(f"model: {args.out} ({meta.runtime}, inputs padded to multiples of {meta.input_multiple})")
+    except (SegflowError, ValidationError, OSError) as exc:
+        return _fail(console.one_line(exc))
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"segflow: error: {message}", file=sys.stderr)
+    return 2
+
+
+def info_text(info: dict[str, Any]) -> str:
+    """``segflow model info`` as aligned ``key: value`` lines."""
+    inp = info["input"]
+    norm = ", ".join(f"{k}={v}" for k, v in info["normalisation"].items() if v is not None)
+    source = info["source"] or {}
+    lines = [("model", info["model"]), ("sha256", info["sha256"]), ("runtime", info["runtime"]),
+             ("architecture", f"{info['arch']} {json.dumps(info['arch_kwargs'])}" if info["arch_kwargs"]
+              else info["arch"]), ("kind", info["kind"]),
+             ("input", f"axes {inp['axes']}, {inp['channels']} channel(s), {inp['dtype']}, "
+                       + ("any H and W (the network pads itself)" if info["runtime"] == "torch"
+                          else f"H and W padded to multiples of {inp['multiple']}")),
+             ("classes", f"{len(info['classes'])}: {', '.join(info['classes'])}"), ("normalisation", norm),
+             ("source", f"{source.get('file')} ({source.get('format')}), sha256 {source.get('sha256')}" if source
+              else "trained by segflow"),
+             ("provenance", json.dumps(info["provenance"], default=str)), ("output", info["output"])]
+    return "\n".join(f"{k + ':':14} {v}" for k, v in lines)
 
 
 def _given(**kwargs: Any) -> dict[str, Any]:
@@ -223,6 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "report":  # reads the lake only: no Prefect
         return _report(args)
+    if args.command == "model":  # plain segcore calls: no Prefect
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+        return _model(args)
     _prefect_env()
     quiet = not args.verbose and args.command != "serve"  # a server's log is its output
     console.setup_logging(quiet=quiet)  # before Prefect and distributed are imported

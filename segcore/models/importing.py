@@ -78,7 +78,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"{str(path)!r} holds Python objects besides tensors (a pickle payload); segflow never unpickles "
             "them. Save the weights alone: torch.save(model.state_dict(), path), or as .safetensors "
-            f"(refused: {' '.join(str(exc).split())[:160]})") from exc
+            f"(refused: {_unsupported(exc)})") from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read {str(path)!r} as a PyTorch state dict: {exc}") from exc
     for candidate in (obj, *(obj.get(k) for k in ("state_dict", "model") if isinstance(obj, dict))):
@@ -87,6 +87,12 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             return dict(candidate)
     raise CheckpointError(f"{str(path)!r} is not a state dict (name -> tensor), nor one under 'state_dict' or "
                           "'model'; save it with torch.save(model.state_dict(), path)")
+
+
+def _unsupported(exc: Exception) -> str:
+    """The line of torch's weights-only refusal that names the offending global."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if "Unsupported global" in ln or "GLOBAL" in ln]
+    return (lines[0] if lines else " ".join(str(exc).split()))[:200]
 
 
 def resolve_class_names(names: str | Sequence[str] | None) -> tuple[str, ...] | None:
