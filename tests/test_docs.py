@@ -130,7 +130,7 @@ def _parser_lacks(option: str) -> bool:
     return code not in (None, 0) and f"unrecognized arguments: {option}" in err
 
 
-SUBCOMMANDS = ("ingest", "segment", "run", "report", "train", "demo", "serve")
+SUBCOMMANDS = ("ingest", "segment", "run", "report", "train", "demo", "serve", "model")
 
 
 def _help_text(argv: tuple[str, ...]) -> str:
@@ -155,6 +155,9 @@ def command_problem(command: Command) -> str | None:
     # spell options in full, as `segflow [COMMAND] --help` lists them.
     sub = next((t for t in command.argv if t in SUBCOMMANDS), None)
     listed = _help_text(()) + (_help_text((sub,)) if sub else "")
+    after = command.argv[command.argv.index(sub) + 1:] if sub else ()
+    if after and not after[0].startswith("-"):  # a nested command (`segflow model import --help`); else a
+        listed += _help_text((sub, after[0]))   # positional argument, and this repeats the command's help
     abbreviated = [tok for tok in (t.split("=")[0] for t in command.argv if t.startswith("-"))
                    if not re.search(rf"(?<![\w-]){re.escape(tok)}(?![\w-])", listed)]
     if abbreviated:
