@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalisation", choices=["percentile", "range"],
                    help="percentile (default; 1st-99.8th per image) or range (divide by 255)")
     p.add_argument("--time-budget", type=float, help="stop after the epoch that passes this many seconds")
+    p.add_argument("--init", help="fine-tune this model record (a segflow checkpoint or an imported torch model; "
+                                  "--model must name its architecture); --class-names other than its classes "
+                                  "replace its class head")
     p.add_argument("--seed", type=int, help="seed of split, initialisation and augmentation (default 0)")
     _add_execution(p)
 
@@ -165,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Targets of 'segflow model export' (segcore.models.export.EXPORTERS; another target is another entry).
-EXPORT_TARGETS = ("onnx", "torchscript")
+EXPORT_TARGETS = ("onnx", "torchscript", "bioimageio")
 
 
 def _add_model(sub: Any) -> None:
@@ -173,7 +176,8 @@ def _add_model(sub: Any) -> None:
     model = sub.add_parser("model", help="import a model trained elsewhere, show a model record, export one")
     msub = model.add_subparsers(dest="model_command", required=True)
     p = msub.add_parser("import", help="make a model record (for --checkpoint) from a state dict (.pth/.pt/"
-                                       ".safetensors), a TorchScript file or an .onnx file")
+                                       ".safetensors), a TorchScript file, an .onnx file or a bioimage.io "
+                                       "package (.zip or folder with rdf.yaml)")
     p.add_argument("source", help="model file trained elsewhere; state dicts are read with weights_only=True: "
                                   "a file holding other Python objects is refused, never unpickled")
     p.add_argument("--out", required=True, help="model record to write: NAME.safetensors for state dicts, a "
@@ -191,6 +195,9 @@ def _add_model(sub: Any) -> None:
     p.add_argument("--kind", choices=["semantic", "instance"], help="check the model gives this kind of output")
     p.add_argument("--input-multiple", type=int,
                    help="TorchScript/ONNX: H and W the graph accepts are multiples of this (inputs are padded)")
+    p.add_argument("--weights", choices=["auto", "pytorch_state_dict", "torchscript", "onnx"], default="auto",
+                   help="bioimage.io packages: weights to import (default auto: a state dict of segflow's UNet, "
+                        "else torchscript, else onnx; architecture code in a package is never run)")
     p = msub.add_parser("info", help="runtime, architecture, inputs, classes, normalisation, provenance and "
                                      "output contract of a model record")
     p.add_argument("model", help="model record (.safetensors checkpoint or model directory)")
@@ -198,7 +205,10 @@ def _add_model(sub: Any) -> None:
     p = msub.add_parser("export", help="export a torch checkpoint of a semantic model to another runtime")
     p.add_argument("model", help="torch model record (.safetensors)")
     p.add_argument("--to", required=True, choices=EXPORT_TARGETS, help="target runtime")
-    p.add_argument("--out", required=True, help="model record directory to write (NAME.segflow)")
+    p.add_argument("--out", required=True, help="model record directory to write (NAME.segflow), or the "
+                                                "package zip (NAME.zip) for --to bioimageio")
+    p.add_argument("--author", action="append", help="--to bioimageio: an author's name (repeat for several)")
+    p.add_argument("--license", default="CC-BY-4.0", help="--to bioimageio: SPDX licence id (default CC-BY-4.0)")
 
 
 def _normalisation(name: str | None):
@@ -220,7 +230,14 @@ def _model(args: argparse.Namespace) -> int:
     from segcore.models.record import describe_model
 
     try:
-        if args.model_command == "import":
+        if args.model_command == "import" and _is_bioimageio(args.source):
+            from segcore.models.bioimage.importer import import_bioimageio
+
+            record, meta = import_bioimageio(args.source, args.out, weights=args.weights)
+            print(f"model: {record} ({meta.runtime}, {meta.arch}, {meta.num_classes} classes, labels by "
+                  f"{meta.output.rule})\nsource: {meta.source['file']} ({meta.source['format']}) sha256 "
+                  f"{meta.source['sha256']}")
+        elif args.model_command == "import":
             try:
                 kwargs = json.loads(args.arch_kwargs) if args.arch_kwargs else None
             except ValueError as exc:
@@ -236,12 +253,24 @@ def _model(args: argparse.Namespace) -> int:
         elif args.model_command == "info":
             info = describe_model(args.model)
             print(json.dumps(info, indent=2) if args.json else info_text(info))
+        elif args.to == "bioimageio":
+            from segcore.models.bioimage.export import export_bioimageio
+
+            path = export_bioimageio(args.model, args.out, authors=args.author or [], license=args.license)
+            print(f"bioimage.io package: {path} (bioimageio.spec validation and bioimageio.core model test passed)")
         else:
             meta = export_model(args.model, to=args.to, out=args.out)
             print(f"model: {args.out} ({meta.runtime}, inputs padded to multiples of {meta.input_multiple})")
     except (SegflowError, ValidationError, OSError) as exc:
         return _fail(console.one_line(exc))
     return 0
+
+
+def _is_bioimageio(source: str) -> bool:
+    """A bioimage.io package: a .zip file, or a folder holding rdf.yaml / bioimageio.yaml."""
+    if source.endswith(".zip"):
+        return True
+    return any(os.path.isfile(os.path.join(source, n)) for n in ("rdf.yaml", "bioimageio.yaml"))
 
 
 def _fail(message: str) -> int:
@@ -380,7 +409,8 @@ def _run(args: argparse.Namespace) -> str:
         spec = TrainSpec(store=args.store, out=args.out, model=args.model, execution=_execution(args),
                          **_given(epochs=args.epochs, val_fraction=args.val_fraction, class_names=names,
                                   arch_kwargs=arch, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
-                                  crop_size=args.crop_size, normalisation=norm, time_budget_s=args.time_budget))
+                                  crop_size=args.crop_size, normalisation=norm, time_budget_s=args.time_budget,
+                                  init=args.init))
         result = with_runner(train_flow, spec.execution)(spec)
         metric = "F1 at IoU 0.5" if result["kind"] == "instance" else "mean foreground Dice"
         score = result["best_val_score"]

@@ -172,7 +172,12 @@ class TrainSpec(_Spec):
     crop_size: int | None = Field(None, gt=0, description="Instance models: train on random square crops.")
     seed: int = 0
     time_budget_s: float | None = Field(None, gt=0, description="Stop after the epoch that passes this budget.")
-    normalisation: Normalisation = Normalisation()
+    normalisation: Normalisation | None = Field(
+        None, description="How raw pixels become inputs (default: the --init model's, else percentile 1-99.8).")
+    init: str | None = Field(
+        None, description="Model record to fine-tune (a segflow checkpoint or an imported torch model): its "
+                          "weights, architecture and options are the start; its class head is replaced when "
+                          "class_names differ. 'model' must name its architecture.")
     execution: ExecutionSpec = ExecutionSpec()
 
     @model_validator(mode="after")
@@ -187,6 +192,8 @@ class TrainSpec(_Spec):
             raise ValueError(f"model {self.model!r} takes no option(s) {unknown}; it accepts {sorted(accepted)}")
         if self.crop_size is not None and self.kind != "instance":
             raise ValueError("crop_size applies to instance models only")
+        if self.init is not None and self.arch_kwargs:
+            raise ValueError("with init, the architecture options are the parent model's; leave out arch_kwargs")
         if self.val_fraction == 0 and self.kind != "instance":
             raise ValueError("val_fraction 0 (no validation) applies to instance models only; "
                              "the UNet keeps its best epoch by validation Dice")

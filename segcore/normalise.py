@@ -8,19 +8,163 @@ A batch of raw images ``(N, H, W, C)`` of any integer or float dtype becomes a f
 - ``range``: values are divided by ``scale`` (e.g. 255 for 8-bit data).
 
 Then ``(x - mean) / std`` per channel, if given.
+
+A third mode, ``steps``, applies a list of typed operations in order (the preprocessing that a
+bioimage.io model package prescribes, see :mod:`segcore.models.bioimage`): ``scale_range``
+(percentiles per image, per channel or over all channels), ``zero_mean_unit_variance`` (the
+image's own mean and standard deviation), ``fixed_zero_mean_unit_variance`` (given mean/std, e.g.
+of a training set), ``scale_linear``, ``clip``, ``binarize`` and ``sigmoid``. Their formulas are
+the bioimage.io specification's (an ``eps`` added to the divisor).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal, Union
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 #: Per-channel ``(low, high)`` percentile values of a whole image (:func:`percentile_stats`).
 Stats = tuple[tuple[float, ...], tuple[float, ...]]
+
+
+class _Step(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _per_channel(name: str, values: tuple[float, ...], channels: int) -> torch.Tensor:
+    """``values`` (one, or one per channel) as a ``(1, C, 1, 1)`` float32 tensor."""
+    if len(values) not in (1, channels):
+        raise ValueError(f"{name} has {len(values)} values but the images have {channels} channel(s); "
+                         "give one value, or one per channel")
+    return torch.tensor(values, dtype=torch.float32).reshape(1, -1, 1, 1)
+
+
+class ScaleRange(_Step):
+    """``(x - p_low) / (p_high - p_low + eps)`` with the ``low``/``high`` percentiles of each image,
+    per channel (``per_channel``) or over all its channels together."""
+
+    op: Literal["scale_range"] = "scale_range"
+    low: float = Field(0.0, ge=0.0, lt=100.0)
+    high: float = Field(100.0, gt=0.0, le=100.0)
+    per_channel: bool = True
+    eps: float = Field(1e-6, gt=0.0)
+
+    @model_validator(mode="after")
+    def _order(self) -> "ScaleRange":
+        if self.low >= self.high:
+            raise ValueError(f"scale_range needs low < high percentiles, got {self.low} and {self.high}")
+        return self
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        n, c = x.shape[:2]
+        flat = x.reshape(n, c, -1) if self.per_channel else x.reshape(n, 1, -1)
+        lo, hi = np.percentile(flat.numpy(), [self.low, self.high], axis=2)  # each (N, C) or (N, 1)
+        lo_t = torch.from_numpy(lo.astype(np.float32))[:, :, None, None]
+        hi_t = torch.from_numpy(hi.astype(np.float32))[:, :, None, None]
+        return (x - lo_t) / (hi_t - lo_t + self.eps)
+
+
+class ZeroMeanUnitVariance(_Step):
+    """``(x - mean) / (std + eps)`` with each image's own mean and (population) standard deviation,
+    per channel (``per_channel``) or over all its channels together."""
+
+    op: Literal["zero_mean_unit_variance"] = "zero_mean_unit_variance"
+    per_channel: bool = True
+    eps: float = Field(1e-6, gt=0.0)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        dims = (2, 3) if self.per_channel else (1, 2, 3)
+        x64 = x.to(torch.float64)
+        mean = x64.mean(dim=dims, keepdim=True)
+        std = x64.std(dim=dims, keepdim=True, correction=0)
+        return ((x64 - mean) / (std + self.eps)).to(torch.float32)
+
+
+class FixedZeroMeanUnitVariance(_Step):
+    """``(x - mean) / (std + eps)`` with fixed values (one, or one per channel), e.g. a training
+    set's statistics."""
+
+    op: Literal["fixed_zero_mean_unit_variance"] = "fixed_zero_mean_unit_variance"
+    mean: tuple[float, ...] = Field(min_length=1)
+    std: tuple[float, ...] = Field(min_length=1)
+    eps: float = Field(1e-6, ge=0.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "FixedZeroMeanUnitVariance":
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"give as many std values as mean values, got {len(self.mean)} and {len(self.std)}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std values must be > 0, got {self.std}")
+        return self
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        return (x - _per_channel("mean", self.mean, c)) / (_per_channel("std", self.std, c) + self.eps)
+
+
+class ScaleLinear(_Step):
+    """``x * gain + offset`` (one value, or one per channel)."""
+
+    op: Literal["scale_linear"] = "scale_linear"
+    gain: tuple[float, ...] = (1.0,)
+    offset: tuple[float, ...] = (0.0,)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        return x * _per_channel("gain", self.gain, c) + _per_channel("offset", self.offset, c)
+
+
+class Clip(_Step):
+    """Values below ``min`` become ``min``, above ``max`` become ``max`` (``None``: no bound)."""
+
+    op: Literal["clip"] = "clip"
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "Clip":
+        if self.min is None and self.max is None:
+            raise ValueError("clip needs min, max or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"clip needs min <= max, got {self.min} > {self.max}")
+        return self
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(min=self.min, max=self.max)
+
+
+class Binarize(_Step):
+    """1.0 where ``x > threshold`` (one value, or one per channel), else 0.0."""
+
+    op: Literal["binarize"] = "binarize"
+    threshold: tuple[float, ...] = Field(min_length=1)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return (x > _per_channel("threshold", self.threshold, x.shape[1])).to(torch.float32)
+
+
+class Sigmoid(_Step):
+    """``1 / (1 + exp(-x))``."""
+
+    op: Literal["sigmoid"] = "sigmoid"
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(x)
+
+
+#: One typed intensity operation of a ``steps`` normalisation (told apart by ``op``).
+Step = Annotated[Union[ScaleRange, ZeroMeanUnitVariance, FixedZeroMeanUnitVariance, ScaleLinear, Clip, Binarize,
+                       Sigmoid], Field(discriminator="op")]
+
+
+def apply_steps(x: torch.Tensor, steps: tuple[Step, ...]) -> torch.Tensor:
+    """Apply ``steps`` in order to a float32 ``(N, C, H, W)`` tensor."""
+    for step in steps:
+        x = step.apply(x)
+    return x.to(torch.float32)
 
 
 class Normalisation(BaseModel):
@@ -28,15 +172,21 @@ class Normalisation(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    mode: Literal["percentile", "range"] = "percentile"
+    mode: Literal["percentile", "range", "steps"] = "percentile"
     low: float = 1.0
     high: float = 99.8
     scale: float = 255.0
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    #: ``steps`` mode only: the operations, applied in order.
+    steps: tuple[Step, ...] = ()
 
     @model_validator(mode="after")
     def _check(self) -> "Normalisation":
+        if (self.mode == "steps") != bool(self.steps):
+            raise ValueError("mode 'steps' needs a non-empty steps list, and steps need mode 'steps'")
+        if self.mode == "steps" and self.mean is not None:
+            raise ValueError("in mode 'steps', give mean/std as a fixed_zero_mean_unit_variance step")
         if self.mode == "percentile" and not 0.0 <= self.low < self.high <= 100.0:
             raise ValueError(f"percentiles need 0 <= low < high <= 100, got low={self.low}, high={self.high}")
         if self.mode == "range" and self.scale <= 0:
@@ -60,6 +210,8 @@ def normalise_batch(images: np.ndarray, norm: Normalisation, *,
                     stats: Stats | None = None) -> torch.Tensor:
     """Normalise ``(N, H, W, C)`` raw images into a float32 ``(N, C, H, W)`` tensor.
 
+    In mode ``steps``, statistics (percentiles, mean, std) are each image's own; ``stats`` is ignored.
+
     ``stats`` (percentile mode): per-channel ``(low, high)`` values to use for every image
     instead of each image's own percentiles, e.g. those of the whole large image a tile comes
     from (:func:`percentile_stats`).
@@ -67,6 +219,8 @@ def normalise_batch(images: np.ndarray, norm: Normalisation, *,
     if images.ndim != 4:
         raise ValueError(f"expected (N, H, W, C) images, got shape {images.shape}")
     x = torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32).permute(0, 3, 1, 2)
+    if norm.mode == "steps":
+        return apply_steps(x, norm.steps).contiguous()
     if norm.mode == "percentile":
         n, c = x.shape[:2]
         if stats is None:

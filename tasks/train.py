@@ -31,5 +31,5 @@ def train_model(spec: TrainSpec, *, num_threads: int | None, command: str) -> di
         store=spec.store, out=spec.out, model=spec.model, class_names=spec.class_names, arch_kwargs=spec.arch_kwargs,
         epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, val_fraction=spec.val_fraction,
         crop_size=spec.crop_size, seed=spec.seed, time_budget_s=spec.time_budget_s,
-        normalisation=spec.normalisation, command=command, on_epoch=on_epoch)
+        normalisation=spec.normalisation, command=command, on_epoch=on_epoch, init=spec.init)
     return dataclasses.asdict(result)

@@ -131,7 +131,6 @@ def _parser_lacks(option: str) -> bool:
 
 
 SUBCOMMANDS = ("ingest", "segment", "run", "report", "train", "demo", "serve", "model")
-NESTED = {"model": ("import", "info", "export")}  # subcommands with their own subcommands
 
 
 def _help_text(argv: tuple[str, ...]) -> str:
@@ -155,10 +154,10 @@ def command_problem(command: Command) -> str | None:
     # argparse also takes a unique prefix of an option (--batch for --batch-size): the docs must
     # spell options in full, as `segflow [COMMAND] --help` lists them.
     sub = next((t for t in command.argv if t in SUBCOMMANDS), None)
-    path = (sub,) if sub else ()
-    if sub in NESTED:
-        path += tuple(t for t in command.argv if t in NESTED[sub])[:1]
-    listed = _help_text(()) + (_help_text(path) if path else "")
+    listed = _help_text(()) + (_help_text((sub,)) if sub else "")
+    after = command.argv[command.argv.index(sub) + 1:] if sub else ()
+    if after and not after[0].startswith("-"):  # a nested command (`segflow model import --help`); else a
+        listed += _help_text((sub, after[0]))   # positional argument, and this repeats the command's help
     abbreviated = [tok for tok in (t.split("=")[0] for t in command.argv if t.startswith("-"))
                    if not re.search(rf"(?<![\w-]){re.escape(tok)}(?![\w-])", listed)]
     if abbreviated:

@@ -26,12 +26,13 @@ from torch import nn
 from segcore.errors import CheckpointError, ConfigError, NotFound
 from segcore.fsio import atomic_path
 from segcore.models import MODEL_KINDS, create_model
+from segcore.models.outputs import OutputRule
 from segcore.normalise import Normalisation
 
 log = logging.getLogger(__name__)
 
-#: 2 added ``runtime``, ``source``, ``input_axes`` and ``input_multiple`` (all defaulted: version 1
-#: records read as torch-runtime models).
+#: 2 added ``runtime``, ``source``, ``input_axes``, ``input_multiple``, ``output`` and ``halo`` (all
+#: defaulted: version 1 records read as torch-runtime models).
 FORMAT_VERSION = 2
 RUNTIMES = ("torch", "torchscript", "onnx")
 _META_KEY = "segflow"
@@ -51,7 +52,11 @@ class ModelMeta(BaseModel):
     ``format`` and ``sha256`` (of that file's bytes). ``input_axes`` is the layout the model takes
     (``bcyx``: batch, channel, y, x, the only one the pipeline feeds). ``input_multiple``: the
     spatial sizes a torchscript/onnx graph accepts are multiples of it; inputs are padded (reflect)
-    up to it and outputs cropped back (torch models pad themselves).
+    up to it and outputs cropped back (torch models pad themselves). ``output`` says how labels
+    follow from the model's output (:class:`~segcore.models.outputs.OutputRule`: argmax of one
+    logit per class, or a one-channel probability above a threshold). ``halo``: pixels of context
+    per side that the model's authors prescribe (a bioimage.io package's halo); tiling keeps
+    neighbouring tiles overlapping by at least twice that.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -67,6 +72,8 @@ class ModelMeta(BaseModel):
     source: dict[str, Any] = Field(default_factory=dict)
     input_axes: str = "bcyx"
     input_multiple: int = Field(default=1, ge=1)
+    output: OutputRule = OutputRule()
+    halo: int | None = Field(default=None, ge=0)
 
     @property
     def num_classes(self) -> int:

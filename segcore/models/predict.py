@@ -30,6 +30,7 @@ from segcore.errors import ConfigError
 from segcore.models.checkpoint import ModelMeta, load_checkpoint
 from segcore.models.record import read_model_meta
 from segcore.models.instances import InstancePrediction, predict_instances
+from segcore.models.outputs import OutputRule, class_scores
 from segcore.normalise import Stats, normalise_batch
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 #: Autocast dtypes by precision name; ``fp32`` disables autocast.
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = ("bf16", "fp16", "fp32")
+_ARGMAX = OutputRule()
 
 
 def resolve_device(device: str, *, worker_index: int | None = None) -> str:
@@ -152,12 +154,17 @@ class TorchPredictor(Predictor):
         if self.kind != "semantic":
             return super().logits(x)
         if not self._cuda:
-            return self.model(x)
+            return self._scores(self.model(x))
         x = self._to_device(x).contiguous(memory_format=torch.channels_last)
         amp = (torch.autocast("cuda", dtype=AUTOCAST[self.precision]) if self.precision in AUTOCAST
                else contextlib.nullcontext())
         with amp:
-            return self.model(x)
+            return self._scores(self.model(x))
+
+    def _scores(self, out: torch.Tensor) -> torch.Tensor:
+        """The model's output as class scores (:func:`~segcore.models.outputs.class_scores`); segflow's
+        own models (one logit per class, argmax) pass through untouched."""
+        return out if self.meta.output == _ARGMAX else class_scores(out, self.meta.output)
 
     def detect(self, x: torch.Tensor) -> list[InstancePrediction]:
         if self.kind != "instance":

@@ -25,6 +25,7 @@ import torch
 
 from segcore.errors import CheckpointError, ConfigError
 from segcore.models.checkpoint import ModelMeta
+from segcore.models.outputs import class_scores
 from segcore.models.padding import pad_to_multiple
 from segcore.models.predict import AUTOCAST, Predictor
 from segcore.models.record import MODEL_FILES
@@ -61,7 +62,7 @@ class TorchScriptPredictor(Predictor):
         amp = (torch.autocast("cuda", dtype=AUTOCAST[self.precision]) if self._cuda and self.precision in AUTOCAST
                else contextlib.nullcontext())
         with torch.inference_mode(), amp:
-            return self.module(padded)[..., :h, :w]
+            return class_scores(self.module(padded)[..., :h, :w], self.meta.output)
 
 
 def load_torchscript(path: str | os.PathLike[str], *, device: str = "cpu") -> torch.jit.ScriptModule:
@@ -93,7 +94,7 @@ class OnnxPredictor(Predictor):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         padded, (h, w) = pad_to_multiple(x.detach().to("cpu", torch.float32), self.meta.input_multiple)
         out = self.session.run(None, {self.input_name: padded.contiguous().numpy()})[0]
-        return torch.from_numpy(out[..., :h, :w])
+        return class_scores(torch.from_numpy(out[..., :h, :w]), self.meta.output)
 
 
 def onnx_session(path: str | os.PathLike[str], *, device: str = "cpu") -> Any:

@@ -221,8 +221,12 @@ def resolve_tiling(meta: ModelMeta, *, tile_size: int | None, overlap: int | Non
     tile = DEFAULT_TILE if tile_size is None else int(tile_size)
     if tile < 1:
         raise ConfigError(f"tile size must be >= 1 (or 0 to disable tiling), got {tile}")
+    divisor = max(divisor, meta.input_multiple)
     tile = math.ceil(tile / divisor) * divisor
     ov = tile // 4 if overlap is None else int(overlap)
+    if overlap is None and meta.halo:  # a package's halo: neighbours share at least twice that
+        tile = max(tile, math.ceil((4 * meta.halo + 1) / divisor) * divisor)
+        ov = max(tile // 4, 2 * meta.halo)
     if not 0 <= ov < tile:
         raise ConfigError(f"overlap must lie in [0, tile size {tile}), got {ov}")
     return Tiling(tile=tile, overlap=ov, blend=blend, tta=tta)

@@ -22,6 +22,7 @@ from segcore.fsio import file_sha256
 from segcore.models import MODEL_KINDS
 from segcore.models.checkpoint import save_checkpoint
 from segcore.normalise import Normalisation
+from segcore.training.init import load_init
 from segcore.training.instance import train_instance
 from segcore.training.semantic import train_semantic
 
@@ -69,9 +70,10 @@ def train_from_store(
     crop_size: int | None,
     seed: int,
     time_budget_s: float | None,
-    normalisation: Normalisation,
+    normalisation: Normalisation | None,
     command: str,
     on_epoch: Callable[[dict], None] | None = None,
+    init: str | None = None,
 ) -> TrainResult:
     """Train ``model`` on every labelled image of ``store`` and write the best epoch to ``out``.
 
@@ -87,8 +89,13 @@ def train_from_store(
         epochs, val_fraction, crop_size, seed, time_budget_s, normalisation: as the trainers take them
             (``crop_size`` applies to instance models only).
         batch_size, lr: ``None`` takes the kind's default.
+        normalisation: ``None``: the parent's with ``init``, else the percentile default.
         command: the command line that started the run (recorded in the provenance).
         on_epoch: called once per epoch with that epoch's history record.
+        init: a torch model record to fine-tune (:func:`segcore.training.init.load_init`): its
+            architecture and options are kept (``model`` must name it; ``arch_kwargs`` must be
+            ``None``), its head is replaced when ``class_names`` differ from its classes, and the
+            provenance records it under ``init`` (path, sha256, classes, ``head_replaced``).
 
     Returns:
         A :class:`TrainResult`; the checkpoint's provenance also records ``command``, ``store``
@@ -100,14 +107,24 @@ def train_from_store(
     if crop_size is not None and kind != "instance":
         raise ConfigError(f"crop_size applies to instance models only; leave it out for {model!r}")
     defaults = train_defaults(kind)
+    mask_kind = open_store(store).mask_kind
+    images, labels, ids = read_labelled(store)
+    start = None
+    if init is not None:
+        if arch_kwargs:
+            raise ConfigError("with --init the architecture and its options are the parent model's; leave out "
+                              f"the architecture options {sorted(arch_kwargs)}")
+        start = load_init(init, arch=model, in_channels=int(images.shape[-1]) if images.ndim == 4 else 1,
+                          class_names=class_names, seed=seed)
+        class_names = class_names or start.parent.class_names
+        arch_kwargs = dict(start.parent.arch_kwargs)
+        normalisation = normalisation or start.parent.normalisation
     common = dict(
-        normalisation=normalisation, epochs=epochs, val_fraction=val_fraction, seed=seed, progress=on_epoch,
+        normalisation=normalisation or Normalisation(), epochs=epochs, init=None if start is None else start.model, val_fraction=val_fraction, seed=seed, progress=on_epoch,
         time_budget_s=time_budget_s, arch_kwargs={**defaults["arch_kwargs"], **(arch_kwargs or {})},
         batch_size=defaults["batch_size"] if batch_size is None else batch_size,
         lr=defaults["lr"] if lr is None else lr,
     )
-    mask_kind = open_store(store).mask_kind
-    images, labels, ids = read_labelled(store)
     if kind == "instance":
         if mask_kind != "instance":
             raise ConfigError(f"{model} learns from instance labels; ingest {store} with --mask-kind instance")
@@ -121,7 +138,8 @@ def train_from_store(
         names = tuple(class_names or ("background",) + tuple(f"class_{k}" for k in range(1, int(labels.max()) + 1)))
         net, meta, history = train_semantic(images, labels.astype(np.int64), class_names=names, **common)
         best = meta.provenance.get("val_dice_mean_fg")
-    provenance = dict(meta.provenance, command=command, store=store, images=len(ids))
+    provenance = dict(meta.provenance, command=command, store=store, images=len(ids),
+                      **({} if start is None else {"init": start.provenance}))
     path = save_checkpoint(out, net, meta.model_copy(update={"provenance": provenance}))
     log.info("trained %s on %d image(s) of %s; checkpoint %s", model, len(ids), store, path)
     return TrainResult(checkpoint=str(path), sha256=file_sha256(path), history=history, kind=kind,

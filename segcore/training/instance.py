@@ -192,6 +192,7 @@ def train_instance(
     rois_per_image: int | None = DEFAULT_ROIS_PER_IMAGE,
     progress: Callable[[dict], None] | None = None,
     time_budget_s: float | None = None,
+    init: nn.Module | None = None,
 ) -> tuple[nn.Module, ModelMeta, list[dict]]:
     """Train a Mask R-CNN instance segmenter; returns ``(model, meta, history)``.
 
@@ -220,6 +221,8 @@ def train_instance(
             docstring); ``None`` keeps the architecture's own (2000 and 512 in torchvision).
         progress: called once per epoch with that epoch's history record.
         time_budget_s: stop after the epoch during which this many seconds have passed.
+        init: a model of ``arch`` to start from (fine-tuning; trained in place), built with
+            ``arch_kwargs``, the images' channels and ``len(class_names)`` classes; ``None``: random.
 
     Returns:
         The model in eval mode with the weights of the best epoch (highest validation F1, ties to
@@ -273,7 +276,8 @@ def train_instance(
                           summary=f"val F1 {scores['f1']:.4f}", details=dict(scores))
 
     with seeded_torch(seed):  # weights, and torchvision's box / anchor sampling during training
-        model = create_model(arch, in_channels=in_channels, num_classes=len(class_names), **arch_kwargs)
+        model = (init if init is not None
+                 else create_model(arch, in_channels=in_channels, num_classes=len(class_names), **arch_kwargs))
         sampling = _set_training_sampling(model, proposals_per_image=proposals_per_image,
                                           rois_per_image=rois_per_image)
         result = fit(model, epochs=epochs, steps_per_epoch=math.ceil(samples.size / batch_size), batches=batches,

@@ -154,6 +154,7 @@ def train_semantic(
     seed: int = 0,
     progress: Callable[[dict], None] | None = None,
     time_budget_s: float | None = None,
+    init: nn.Module | None = None,
 ) -> tuple[nn.Module, ModelMeta, list[dict]]:
     """Train a semantic UNet; returns ``(model, meta, history)``.
 
@@ -171,6 +172,8 @@ def train_semantic(
         seed: seeds the split, the weight initialisation, the shuffling and the augmentation.
         progress: called once per epoch with that epoch's history record.
         time_budget_s: stop after the epoch during which this many seconds have passed.
+        init: a UNet to start from (fine-tuning; trained in place), built with ``arch_kwargs``,
+            ``in_channels`` of the images and ``len(class_names)`` classes; ``None``: random weights.
 
     Returns:
         The model in eval mode with the weights of the best epoch (highest mean foreground
@@ -216,7 +219,8 @@ def train_semantic(
                           summary=f"val mean foreground Dice {scores['val_dice_mean_fg']:.4f}")
 
     with seeded_torch(seed):  # the weights; the loop itself draws nothing from torch's generator
-        model = create_model("unet", in_channels=in_channels, num_classes=num_classes, **arch_kwargs)
+        model = (init if init is not None
+                 else create_model("unet", in_channels=in_channels, num_classes=num_classes, **arch_kwargs))
         result = fit(model, epochs=epochs, steps_per_epoch=math.ceil(n_train / batch_size), batches=batches,
                      loss=loss, validate=validate, lr=lr, time_budget_s=time_budget_s, progress=progress,
                      started=t0)

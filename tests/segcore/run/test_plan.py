@@ -170,3 +170,17 @@ def test_overlapping_blocks_are_refused() -> None:
                                      window=type(units[0].window)(5, 69, 0, 64))]
     with pytest.raises(PlanError, match="not aligned"):
         check_alignment(shifted, chunks=chunks, counts=counts)
+
+
+def test_a_packages_halo_and_size_step_shape_the_default_tiling():
+    from segcore.models.checkpoint import ModelMeta
+    from segcore.run.plan import resolve_tiling
+
+    meta = ModelMeta(arch="bioimageio:x", class_names=("background", "cell"), in_channels=1, runtime="torchscript",
+                     input_multiple=24, halo=40)
+    tiling = resolve_tiling(meta, tile_size=None, overlap=None)
+    assert tiling.tile == 528 and tiling.overlap == 132  # 512 -> next multiple of 24 = 528; 528 // 4 > 2 * 40
+    meta = meta.model_copy(update={"halo": 200})
+    tiling = resolve_tiling(meta, tile_size=None, overlap=None)
+    assert tiling.tile == 816 and tiling.overlap == 400  # ceil(801 / 24) * 24; 2 * halo
+    assert resolve_tiling(meta, tile_size=None, overlap=10).overlap == 10  # given overlap wins

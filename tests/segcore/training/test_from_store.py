@@ -108,3 +108,55 @@ def test_epoch_line_lists_the_float_validation_scores():
     record = {"epoch": 2, "loss": 0.41234, "val_dice": {"a": 0.5}, "val_dice_mean_fg": 0.81249, "val_f1": None,
               "lr": 0.001, "seconds": 3.14}
     assert epoch_line(record, epochs=10) == "epoch 2/10: loss 0.4123, val_dice_mean_fg 0.812 (3.1 s)"
+
+
+def test_init_fine_tunes_from_the_parent_and_records_its_sha256(semantic_store, tmp_path):
+    parent = _train(semantic_store, tmp_path / "parent.safetensors")
+    # lr 1e-12: the optimiser cannot move the weights, so the child's convolutions are the parent's.
+    child = _train(semantic_store, tmp_path / "child.safetensors", init=parent.checkpoint, arch_kwargs=None,
+                   epochs=1, lr=1e-12, normalisation=None)
+    p_net, p_meta = load_checkpoint(parent.checkpoint)
+    c_net, c_meta = load_checkpoint(child.checkpoint)
+    assert c_meta.provenance["init"] == {"path": parent.checkpoint, "sha256": file_sha256(parent.checkpoint),
+                                         "arch": "unet", "class_names": list(p_meta.class_names),
+                                         "head_replaced": False}
+    assert c_meta.class_names == p_meta.class_names and c_meta.normalisation == NORM  # the parent's
+    assert c_meta.arch_kwargs == p_meta.arch_kwargs
+    for name, value in p_net.state_dict().items():
+        if name.endswith("weight") and value.ndim == 4:
+            torch.testing.assert_close(c_net.state_dict()[name], value, rtol=0, atol=1e-6)
+
+
+def test_init_with_other_classes_replaces_the_unet_head_only(semantic_store, tmp_path):
+    parent = _train(semantic_store, tmp_path / "parent.safetensors")
+    names = ("background", "disc", "square", "spare")
+    child = _train(semantic_store, tmp_path / "child.safetensors", init=parent.checkpoint, arch_kwargs=None,
+                   epochs=1, lr=1e-12, class_names=names)
+    p_net, _ = load_checkpoint(parent.checkpoint)
+    c_net, c_meta = load_checkpoint(child.checkpoint)
+    assert c_meta.class_names == names and c_meta.provenance["init"]["head_replaced"] is True
+    assert c_net.head.out_channels == 4 and p_net.head.out_channels == 3
+    torch.testing.assert_close(c_net.down[0][0].weight, p_net.down[0][0].weight, rtol=0, atol=1e-6)
+
+
+def test_init_refuses_another_architecture_and_architecture_options(semantic_store, tmp_path):
+    parent = _train(semantic_store, tmp_path / "parent.safetensors")
+    with pytest.raises(ConfigError, match="pass --model unet"):
+        _train(semantic_store, tmp_path / "x.safetensors", init=parent.checkpoint, model="maskrcnn_r18",
+               arch_kwargs=None)
+    with pytest.raises(ConfigError, match="parent model's"):
+        _train(semantic_store, tmp_path / "x.safetensors", init=parent.checkpoint, arch_kwargs={"base": 8})
+
+
+def test_mask_rcnn_head_replacement_keeps_the_backbone():
+    from segcore.models import create_model
+    from segcore.training.init import replace_head
+
+    net = create_model("maskrcnn_r18", in_channels=1, num_classes=2)
+    before = {k: v.clone() for k, v in net.state_dict().items() if "backbone" in k}
+    replace_head(net, arch="maskrcnn_r18", num_classes=3)
+    heads = net.detector.roi_heads
+    assert heads.box_predictor.cls_score.out_features == 3 and heads.box_predictor.bbox_pred.out_features == 12
+    assert heads.mask_predictor.mask_fcn_logits.out_channels == 3 and net.num_classes == 3
+    for k, v in before.items():
+        torch.testing.assert_close(net.state_dict()[k], v, rtol=0, atol=0)
