@@ -35,7 +35,7 @@ from segcore.models.checkpoint import ModelMeta, load_checkpoint, save_checkpoin
 from segcore.collection.imageio import write_png  # noqa: E402
 from segcore.models import create_model  # noqa: E402
 from segcore.models.predict import TorchPredictor  # noqa: E402
-from segcore.run.plan import plan_units  # noqa: E402
+from segcore.run.plan import make_plan  # noqa: E402
 from segcore.collection.store import open_store  # noqa: E402
 from segcore.synthetic import CLASS_NAMES, make_sample  # noqa: E402
 from segcore.training.semantic import DEMO_NORMALISATION  # noqa: E402
@@ -59,7 +59,7 @@ def bare_loop(store_path: str, checkpoint: str, batch_size: int) -> tuple[int, f
     n = 0
     t0 = time.perf_counter()
     with torch.inference_mode():
-        for unit in plan_units(store):
+        for unit in make_plan(store, None).units:
             images = root[f"images/{unit.group}"][unit.start:unit.stop]
             for s in range(0, len(images), batch_size):
                 predictor.logits(predictor.prepare(images[s:s + batch_size]))

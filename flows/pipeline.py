@@ -21,16 +21,16 @@ from segcore import fsio
 from segcore.collection.versions import current_manifest, current_rows
 from segcore.collection.store import open_store, read_manifest, spec_json, store_exists
 from segcore.config import ExecutionSpec, IngestSpec, RunSpec, SegmentSpec, flow_run_token, with_flow_run
-from segcore.errors import CheckpointError, NotFound, SegflowError
+from segcore.errors import CheckpointError, SegflowError
 from segcore.metrics.summary import render_markdown, summarise_dice, summarise_instances
 from segcore.models.checkpoint import ModelMeta
 from segcore.models.record import model_sha256
 from segcore.run.context import RunContext
 from segcore.run.plan import RunPlan, check_alignment
 from segcore.run.results import open_run
-from segcore.run.rundir import done_records, mask_chunks, prepare_run, read_plan, read_run_info, write_summary
-from segcore.run.schedule import TiledSchedule, pending_steps
-from segcore.run.start import start_run
+from segcore.run.rundir import done_records, mask_chunks, write_summary
+from segcore.run.schedule import TiledSchedule
+from segcore.run.start import pending_work, start_run
 from tasks.lake import publish_lake_task
 from tasks.segment import (detect_block_task, finish_image_task, image_stats_task, paste_block_task,
                            segment_block_task, segment_unit_task)
@@ -175,10 +175,12 @@ def run_flow(spec: RunSpec) -> dict[str, Any]:
     segment = spec.segment
     if spec.ingest.incremental:
         segment = segment.model_copy(update={"out": incremental_run_dir(segment.out, segment.checkpoint)})
-        if ingested["new_files"] == 0 and (not store_exists(segment.store) or units_pending(segment) == 0):
+        if ingested["new_files"] == 0 and (not store_exists(segment.store) or pending_work(
+                segment.store, segment.checkpoint, segment.out, tile_size=segment.tile_size, overlap=segment.overlap,
+                blend=segment.blend, tta=segment.tta, precision=segment.precision, device=segment.device) == 0):
             get_run_logger().info("run: nothing new in %s and every image of %s is segmented in %s; no inference "
                                   "this time", spec.ingest.images, segment.store, segment.out)
-            if segment.lake and fsio.exists(fsio.join(segment.out, "plan.json")):  # parts a failed publication left
+            if segment.lake and fsio.exists(fsio.join(segment.out, "run.json")):  # parts a failed publication left
                 # Called, not submitted: it runs in this process, so a quiet run never starts the Dask cluster.
                 publish_lake_task(segment.lake, run_dir=segment.out)
             return {"ingest": ingested, "segmented": False, "run_dir": segment.out, "flow_run_id": str(flow_run.id)}
@@ -200,18 +202,6 @@ def incremental_run_dir(out: str, checkpoint: str) -> str:
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint {checkpoint!r}: {exc}") from exc
     return fsio.join(out, f"checkpoint-{sha[:12]}")
-
-
-def units_pending(spec: SegmentSpec) -> int | None:
-    """Steps of the run in ``spec.out`` without a done-record (None: no run there yet, or the store has
-    groups its plan does not cover)."""
-    try:
-        info, plan = read_run_info(spec.out), read_plan(spec.out)
-    except NotFound:
-        return None
-    if plan.groups != tuple(g.name for g in open_store(spec.store).groups):
-        return None
-    return pending_steps(plan, done_records(spec.out, info.get("key", "")))
 
 
 def with_runner(f, execution: ExecutionSpec):

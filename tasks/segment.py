@@ -14,7 +14,8 @@ from prefect.cache_policies import NO_CACHE
 
 from segcore.models.checkpoint import ModelMeta
 from segcore.normalise import Stats
-from segcore.run import blocks, images
+from segcore.run.blocks import detect_block, image_stats, paste_block, segment_block
+from segcore.run.images import finish_image
 from segcore.run.context import BlockRecord, DetectRecord, ImageRecord, RunContext, UnitRecord
 from segcore.run.plan import WorkUnit
 from segcore.run.units import segment_unit
@@ -44,30 +45,30 @@ def segment_unit_task(ctx: RunContext, unit: WorkUnit) -> UnitRecord:
 @task(name="image-stats", task_run_name="image-stats [{group} image {index}]", **_OPTS)
 def image_stats_task(store_path: str, group: str, index: int, meta: ModelMeta) -> Stats | None:
     """Normalisation percentiles of one large image (from a strided sample)."""
-    return blocks.image_stats(store_path, group, index, meta)
+    return image_stats(store_path, group, index, meta)
 
 
 @task(name="segment-block", task_run_name="segment-{unit.label}", **_OPTS)
 def segment_block_task(ctx: RunContext, unit: WorkUnit, *, stats: Stats | None) -> BlockRecord:
     """Blend the model's tiles over one block of a large image (semantic models)."""
-    return blocks.segment_block(_on_worker(ctx), unit, stats=stats)
+    return segment_block(_on_worker(ctx), unit, stats=stats)
 
 
 @task(name="detect-block", task_run_name="detect-{unit.label}", **_OPTS)
 def detect_block_task(ctx: RunContext, unit: WorkUnit, *, stats: Stats | None) -> DetectRecord:
     """Detect the objects centred in one block of a large image (instance models, first pass)."""
-    return blocks.detect_block(_on_worker(ctx), unit, stats=stats)
+    return detect_block(_on_worker(ctx), unit, stats=stats)
 
 
 @task(name="paste-block", task_run_name="paste-{unit.label}", **_OPTS)
 def paste_block_task(ctx: RunContext, unit: WorkUnit, *, sources: Sequence[tuple[str, int]],
                      meta: ModelMeta) -> BlockRecord:
     """Write one block's instance ids from the objects of the blocks around it (second pass)."""
-    return blocks.paste_block(ctx, unit, sources=sources, meta=meta)
+    return paste_block(_on_worker(ctx), unit, sources=sources, meta=meta)
 
 
 @task(name="finish-image", task_run_name="finish-image [{group} image {index}]", **_OPTS)
 def finish_image_task(ctx: RunContext, group: str, index: int, *, records: Sequence[BlockRecord],
                       meta: ModelMeta, blocks: Sequence[tuple[str, int]]) -> ImageRecord:
     """Write the Dice, instance and seam rows of one large image from its blocks' records."""
-    return images.finish_image(ctx, group, index, records=records, meta=meta, blocks=blocks)
+    return finish_image(ctx, group, index, records=records, meta=meta, blocks=blocks)

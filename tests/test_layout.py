@@ -1,5 +1,5 @@
 """The house rules of the code layout, checked on the source: small segcore modules, no private
-name imported across modules, thin tasks, flows that use only public segcore names."""
+name imported across modules (so flows and tasks use only public segcore names), thin tasks."""
 
 from __future__ import annotations
 

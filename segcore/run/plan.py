@@ -232,11 +232,19 @@ def resolve_tiling(meta: ModelMeta, *, tile_size: int | None, overlap: int | Non
     return Tiling(tile=tile, overlap=ov, blend=blend, tta=tta)
 
 
+def effective_precision(meta: ModelMeta, precision: str, *, device: str) -> str:
+    """The precision a run computes in: ``fp32`` on the CPU (``device="cpu"``), for instance models and
+    for ONNX models; otherwise the requested autocast precision."""
+    if device == "cpu" or meta.kind == "instance" or meta.runtime == "onnx":
+        return "fp32"
+    return precision
+
+
 def output_shaping(meta: ModelMeta, tiling: Tiling | None, *, precision: str) -> dict[str, Any]:
     """The parameters besides the store and the checkpoint that shape a run's outputs: the tiling of
-    large images (tile size, overlap, blend, TTA), the autocast precision, and, from the
-    checkpoint, its normalisation and score threshold (recorded to name them in messages; the
-    checkpoint's sha256 already pins them)."""
+    large images (tile size, overlap, blend, TTA), the precision (give :func:`effective_precision`),
+    and, from the checkpoint, its normalisation and score threshold (recorded to name them in
+    messages; the checkpoint's sha256 already pins them)."""
     return {
         "tile_size": None if tiling is None else tiling.tile,
         "overlap": None if tiling is None else tiling.overlap,

@@ -23,7 +23,7 @@ from segcore import fsio
 from segcore.errors import NotFound
 from segcore.run.rundir import dice_dir, instances_path, masks_path, read_plan, read_run_info, table_dir
 from segcore.collection.store import open_store, read_manifest
-from segcore.collection.versions import current_manifest, current_rows
+from segcore.collection.versions import current_manifest
 from segcore.run.tables import INSTANCE_METRICS_SCHEMA, INSTANCE_SCHEMA, SEAM_SCHEMA, read_dice, read_table
 
 
@@ -44,13 +44,22 @@ class RunReader:
 
     @cached_property
     def _slots(self) -> dict[str, tuple[str, int, dict[str, Any]]]:
-        return {r["image_id"]: (r["group"], r["index"], r) for r in current_manifest(self.manifest).to_pylist()
-                if r["group"] is not None}
+        """Image id -> slot in the groups this run planned: the current version of the image, or, when
+        the store gained a newer version this run has not segmented yet, the newest one it has."""
+        planned = set(read_plan(self.path).groups)
+        slots: dict[str, tuple[str, int, dict[str, Any]]] = {}
+        for r in current_manifest(self.manifest).to_pylist():
+            if r["group"] in planned:
+                slots[r["image_id"]] = (r["group"], r["index"], r)
+        older = [r for r in self.manifest.to_pylist() if r["group"] in planned and r["image_id"] not in slots]
+        for r in sorted(older, key=lambda r: r["batch"] or 0):
+            slots[r["image_id"]] = (r["group"], r["index"], r)
+        return slots
 
     @property
     def image_ids(self) -> list[str]:
-        """Ids of every image that has a slot in the store (and so a predicted mask); of an image whose
-        file changed in an incremental ingest, the newest version."""
+        """Ids of every image this run segmented (it has a predicted mask); of an image whose file
+        changed in an incremental ingest, the newest version the run has."""
         return sorted(self._slots)
 
     def _slot(self, image_id: str) -> tuple[str, int, dict[str, Any]]:
@@ -113,12 +122,14 @@ class RunReader:
         """Rows of ``table`` (``image_id`` and ``unit`` columns) of the current version of ``image_id``.
 
         An image whose file changed in an incremental ingest has rows of every version, each
-        written by the units of its own store group; the rule of :mod:`segcore.collection.versions`
-        keeps those of the current one.
+        written by the units of its own store group; those of the image's slot (its current
+        version, by the rule of :mod:`segcore.collection.versions`, among the groups the run
+        planned) are kept.
         """
-        self._slot(image_id)  # an id that is not in the run raises NotFound
+        group = self._slot(image_id)[0]  # an id that is not in the run raises NotFound
         rows = table.filter(pc.equal(table["image_id"], image_id))
-        return current_rows(rows, self.manifest, self._unit_groups)
+        keep = [self._unit_groups[u] == group for u in rows.column("unit").to_pylist()]
+        return rows.filter(pa.array(keep, pa.bool_()))
 
     def dice(self, image_id: str) -> list[dict[str, Any]]:
         """Dice rows of one image (one per class; of a changed file, its current version), sorted by

@@ -47,9 +47,11 @@ from segcore.errors import NotFound, StoreError
 from segcore.models.checkpoint import ModelMeta
 from segcore.ngff import label_image_attrs
 from segcore.run.context import Record, record_from_json, run_key
+from segcore.run.legacy import legacy_plan, setting_differences, upgrade
 from segcore.run.plan import RunPlan
 
-#: Format 2 records the run key, the output-shaping parameters and the plan.
+#: Format 2 records the run key, the output-shaping parameters and the plan; a format-1 directory
+#: is upgraded when it is resumed with its settings (:mod:`segcore.run.legacy`).
 RUN_FORMAT = 2
 
 
@@ -137,11 +139,8 @@ def _shaping_differences(recorded: dict[str, Any], asked: dict[str, Any]) -> lis
 
 
 def _reopen(run_dir: str, info: dict[str, Any], *, store_abs: str, store_id: str | None, checkpoint_sha256: str,
-            shaping: dict[str, Any], plan: RunPlan) -> None:
+            shaping: dict[str, Any], plan: RunPlan, spec: dict[str, Any]) -> None:
     """Refuse to resume a run of anything else than what is asked now (see the module docstring)."""
-    if info.get("format") != RUN_FORMAT or "shaping" not in info:
-        raise StoreError(f"{run_dir!r} holds run {info.get('run_id')} written by an earlier segflow, which recorded "
-                         "neither its plan nor its output-shaping parameters; use a new --out directory")
     if info.get("store") != store_abs or info.get("checkpoint_sha256") != checkpoint_sha256:
         raise StoreError(
             f"{run_dir!r} holds run {info.get('run_id')} of store {info.get('store')} with checkpoint "
@@ -152,7 +151,10 @@ def _reopen(run_dir: str, info: dict[str, Any], *, store_abs: str, store_id: str
             f"{run_dir!r} holds run {info.get('run_id')} of an earlier version of store {store_abs} (it was "
             "created anew since, e.g. with --overwrite); its masks and Dice rows would be stale. Use a new --out "
             "directory")
-    differ = _shaping_differences(info["shaping"], shaping)
+    if "shaping" not in info:  # format 1: compared by the spec fields it recorded (segcore.run.legacy)
+        differ = setting_differences(info, spec)
+    else:
+        differ = _shaping_differences(info["shaping"], shaping)
     if differ:
         raise StoreError(
             f"{run_dir!r} holds run {info.get('run_id')} made with other settings ({'; '.join(differ)}); its "
@@ -184,7 +186,10 @@ def prepare_run(run_dir: str, *, store_path: str, checkpoint: str, checkpoint_sh
     if fsio.exists(info_path):
         info = fsio.read_json(info_path)
         _reopen(run_dir, info, store_abs=store_abs, store_id=store_id, checkpoint_sha256=checkpoint_sha256,
-                shaping=shaping, plan=plan)
+                shaping=shaping, plan=plan, spec=spec)
+        if "shaping" not in info:  # a run directory of an earlier segflow, resumed with its settings
+            info = upgrade(run_dir, info, shaping=shaping, plan=plan, format_version=RUN_FORMAT,
+                           key=run_key(store_id=store_id, checkpoint_sha256=checkpoint_sha256, shaping=shaping))
         _label_arrays(run_dir, groups, meta=meta, segflow_attrs={}, source=source, create=False)
         fsio.write_json(fsio.join(run_dir, "plan.json"), plan.to_json())
         return info
@@ -213,10 +218,14 @@ def prepare_run(run_dir: str, *, store_path: str, checkpoint: str, checkpoint_sh
 
 
 def read_plan(run_dir: str | os.PathLike[str]) -> RunPlan:
-    """The plan recorded in ``RUN_DIR/plan.json`` by :func:`prepare_run`."""
+    """The plan recorded in ``RUN_DIR/plan.json`` by :func:`prepare_run` (for a run directory of an
+    earlier segflow, which recorded none, the plan it was made with: :func:`segcore.run.legacy.legacy_plan`)."""
     path = fsio.join(run_dir, "plan.json")
     if not fsio.exists(path):
-        raise NotFound(f"{str(run_dir)!r} records no run plan (no plan.json); run 'segflow segment' first")
+        info = read_run_info(run_dir)
+        if info.get("format", 1) < RUN_FORMAT:
+            return legacy_plan(info)
+        raise NotFound(f"{str(run_dir)!r} records no run plan (no plan.json); run 'segflow segment' into it again")
     return RunPlan.from_json(fsio.read_json(path))
 
 

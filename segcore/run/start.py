@@ -19,8 +19,10 @@ from segcore.models.checkpoint import ModelMeta
 from segcore.models.predict import open_predictor
 from segcore.models.record import model_sha256, read_model_meta
 from segcore.run.context import RunContext
-from segcore.run.plan import RunPlan, make_plan, output_shaping, resolve_tiling
-from segcore.run.rundir import prepare_run
+from segcore.errors import NotFound
+from segcore.run.plan import RunPlan, effective_precision, make_plan, output_shaping, resolve_tiling
+from segcore.run.rundir import done_records, prepare_run, read_plan, read_run_info
+from segcore.run.schedule import pending_steps
 
 
 def preflight(store_path: str, checkpoint: str) -> tuple[ModelMeta, str, StoreInfo]:
@@ -67,8 +69,33 @@ def start_run(store_path: str, checkpoint: str, out: str, *, tile_size: int | No
     groups = store.groups if tiling else [dataclasses.replace(g, tile=0) for g in store.groups]
     info = prepare_run(out, store_path=store_path, store_id=store.store_id, checkpoint=checkpoint,
                        checkpoint_sha256=sha, meta=meta, groups=groups, plan=plan,
-                       shaping=output_shaping(meta, tiling, precision=precision), spec=dict(spec or {}))
+                       shaping=output_shaping(meta, tiling, precision=effective_precision(meta, precision,
+                                                                                          device=device)),
+                       spec={**(spec or {}), "tile_size": tile_size, "overlap": overlap, "blend": blend, "tta": tta,
+                             "precision": precision})
     ctx = RunContext(store=store_path, run_dir=out, run_id=info["run_id"], key=info["key"], checkpoint=checkpoint,
                      checkpoint_sha256=sha, mask_kind=store.mask_kind, batch_size=batch_size, device=device,
                      precision=precision, num_threads=num_threads, tiling=tiling)
     return ctx, plan, meta, store
+
+
+def pending_work(store_path: str, checkpoint: str, out: str, *, tile_size: int | None = None,
+                 overlap: int | None = None, blend: str = "gaussian", tta: bool = False, precision: str = "bf16",
+                 device: str = "auto") -> int | None:
+    """How many steps of the run in ``out`` remain with these settings (units, blocks and tiled
+    images without a done-record), reading only metadata: no model is loaded.
+
+    None when only a segment run can tell: there is no run in ``out`` yet, it was written by an
+    earlier segflow, the store has groups its plan does not cover, or the settings differ from the
+    recorded ones (the segment run then refuses them, naming what differs).
+    """
+    try:
+        info, plan = read_run_info(out), read_plan(out)
+    except NotFound:
+        return None
+    meta = read_model_meta(checkpoint)
+    tiling = resolve_tiling(meta, tile_size=tile_size, overlap=overlap, blend=blend, tta=tta)
+    shaping = output_shaping(meta, tiling, precision=effective_precision(meta, precision, device=device))
+    if info.get("shaping") != shaping or plan.groups != tuple(g.name for g in open_store(store_path).groups):
+        return None
+    return pending_steps(plan, done_records(out, info["key"]))

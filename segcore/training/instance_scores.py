@@ -3,8 +3,8 @@
 :func:`pooled_instance_scores` pools the per-image figures of :mod:`segcore.metrics.instance` over
 several images (F1 at IoU 0.5, COCO AP, panoptic quality, foreground Dice);
 :func:`prediction_scores` applies it to :class:`~segcore.models.instances.InstancePrediction`
-records, as a predictor returns them; :func:`evaluate_instances` segments images with a bare
-model first.
+records, as a predictor returns them; :func:`evaluate_instances` segments images through a
+:class:`~segcore.models.predict.Predictor` first.
 """
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import numpy as np
-from torch import nn
 
 from segcore.errors import ConfigError
 from segcore.metrics.instance import instance_scores
-from segcore.models.instances import InstancePrediction, predict_instances
-from segcore.normalise import Normalisation, normalise_batch
+from segcore.models.instances import InstancePrediction
+from segcore.models.predict import Predictor
 from segcore.training.inputs import as_nhwc
 
 #: The pooled figures a training history records per epoch (as ``val_<name>``).
@@ -71,28 +70,19 @@ def prediction_scores(predictions: Sequence[InstancePrediction], labels: np.ndar
                                   scores=[{r["instance_id"]: r["score"] for r in p.records} for p in predictions])
 
 
-def evaluate_instances(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, normalisation: Normalisation,
-                       batch_size: int = 4, score_threshold: float | None = None) -> dict[str, float | int]:
-    """Segment ``images`` with an instance model and score them against ``labels``.
+def evaluate_instances(predictor: Predictor, images: np.ndarray, labels: np.ndarray, *,
+                       batch_size: int = 4) -> dict[str, float | int]:
+    """Segment ``images`` with an instance model's predictor and score them against ``labels``.
 
     Args:
-        model: an :class:`~segcore.models.maskrcnn.InstanceSegmenter` (put in eval mode here).
+        predictor: e.g. ``TorchPredictor(model.eval(), meta)`` (:mod:`segcore.models.predict`).
         images: ``(N, H, W, C)`` raw images (``(N, H, W)`` means C = 1).
         labels: ``(N, H, W)`` integer ground-truth instance ids (0 = background).
-        normalisation: as the model was trained with.
         batch_size: images per forward pass.
-        score_threshold: keep detections scoring above this; ``None`` = the model's own floor
-            (what :func:`~segcore.models.instances.predict_instances` uses by default).
 
     Returns the figures of :func:`pooled_instance_scores` over the ``N`` images.
     """
-    images = as_nhwc(images)
-    model.eval()
-    preds = []
-    for start in range(0, images.shape[0], batch_size):
-        x = normalise_batch(images[start:start + batch_size], normalisation)
-        preds.extend(predict_instances(model, x, score_threshold=score_threshold))
-    return prediction_scores(preds, labels)
+    return prediction_scores(predictor.instances(as_nhwc(images), batch_size=batch_size), labels)
 
 
 __all__ = ["VAL_KEYS", "evaluate_instances", "pooled_instance_scores", "prediction_scores"]

@@ -130,15 +130,33 @@ OTHER_SETTINGS = {
 @pytest.mark.parametrize("name", sorted(OTHER_SETTINGS))
 def test_another_output_shaping_setting_into_the_same_run_directory_is_refused(small_store, tmp_path, name):
     run_dir = str(tmp_path / "r")
-    ctx, plan, _, _ = start_run(small_store["store"], small_store["ckpt"], run_dir, device="cpu")
-    segment_unit(ctx, plan.units[0])
+    base = {"device": "auto" if name == "precision" else "cpu"}  # the CPU computes in fp32 whatever is asked
+    ctx, plan, _, _ = start_run(small_store["store"], small_store["ckpt"], run_dir, **base)
+    segment_unit(ctx.on_worker(), plan.units[0])
     before = {p.name: p.read_bytes() for p in (tmp_path / "r" / "units").iterdir()}
     with pytest.raises(StoreError, match="other settings") as err:
-        start_run(small_store["store"], small_store["ckpt"], run_dir, device="cpu", **OTHER_SETTINGS[name])
+        start_run(small_store["store"], small_store["ckpt"], run_dir, **base, **OTHER_SETTINGS[name])
     changed = {**{k: k for k in OTHER_SETTINGS}, "tiling off": "tile_size"}[name]
     assert f"{changed}:" in str(err.value) and "new --out" in str(err.value)
     assert {p.name: p.read_bytes() for p in (tmp_path / "r" / "units").iterdir()} == before  # nothing touched
-    assert start_run(small_store["store"], small_store["ckpt"], run_dir, device="cpu")[0] == ctx  # same: resumes
+    assert start_run(small_store["store"], small_store["ckpt"], run_dir, **base)[0] == ctx  # same: resumes
+
+
+def test_on_the_cpu_another_precision_computes_the_same_and_resumes(small_store, tmp_path):
+    first = start_run(small_store["store"], small_store["ckpt"], str(tmp_path / "r"), device="cpu")[0]
+    again = start_run(small_store["store"], small_store["ckpt"], str(tmp_path / "r"), device="cpu", precision="fp16")[0]
+    assert again.key == first.key and again.precision == "fp16"
+
+
+def test_pending_work_counts_what_remains_with_these_settings(small_store, tmp_path):
+    from segcore.run.start import pending_work
+
+    run_dir = str(tmp_path / "r")
+    assert pending_work(small_store["store"], small_store["ckpt"], run_dir, device="cpu") is None  # no run yet
+    ctx, plan, _, _ = start_run(small_store["store"], small_store["ckpt"], run_dir, device="cpu")
+    segment_unit(ctx, plan.units[0])
+    assert pending_work(small_store["store"], small_store["ckpt"], run_dir, device="cpu") == len(plan.units) - 1
+    assert pending_work(small_store["store"], small_store["ckpt"], run_dir, device="cpu", tile_size=256) is None
 
 
 @pytest.mark.parametrize("change", ["normalisation", "score threshold"])
@@ -183,3 +201,34 @@ def test_labels_beyond_the_model_classes_are_error_rows(small_store, tmp_path):
     assert rec.n_errors == 1
     rows = [r for r in open_run(tmp_path / "run").dice("x")]
     assert len(rows) == 2 and all(r["status"] == "error" and "label 2" in r["error"] for r in rows)
+
+
+def _as_format_1(run_dir: Path) -> None:
+    """Rewrite a run directory as segflow wrote it before run plans and keys (run.json format 1)."""
+    info = json.loads((run_dir / "run.json").read_text())
+    for k in ("key", "shaping"):
+        info.pop(k)
+    info["format"] = 1
+    info["spec"] = {"tile_size": None, "overlap": None, "blend": "gaussian", "tta": False, "precision": "bf16"}
+    (run_dir / "run.json").write_text(json.dumps(info))
+    (run_dir / "plan.json").unlink()
+    for marker in (run_dir / "units").glob("*.json"):
+        rec = json.loads(marker.read_text())
+        old = {k: v for k, v in rec.items() if k not in ("type", "key", "timing")} | rec["timing"]
+        marker.write_text(json.dumps(old))
+
+
+def test_a_run_directory_of_an_earlier_segflow_is_read_and_resumed_without_redoing_units(small_store, tmp_path):
+    run_dir = tmp_path / "r"
+    ctx, plan, _, _ = start_run(small_store["store"], small_store["ckpt"], str(run_dir), device="cpu")
+    for u in plan.units[:2]:
+        segment_unit(ctx, u)
+    rows = open_run(run_dir).dice_table().num_rows
+    _as_format_1(run_dir)
+    assert open_run(run_dir).dice_table().num_rows == rows and open_run(run_dir).dice("i0")  # readable as it is
+    with pytest.raises(StoreError, match="tile_size: None in the run directory, 0 now"):
+        start_run(small_store["store"], small_store["ckpt"], str(run_dir), device="cpu", tile_size=0)
+    ctx2, plan2, _, _ = start_run(small_store["store"], small_store["ckpt"], str(run_dir), device="cpu")
+    assert ctx2.run_id == ctx.run_id and read_plan(str(run_dir)) == plan2 == plan
+    assert set(done_records(str(run_dir), ctx2.key)) == {u.name for u in plan.units[:2]}  # kept, not redone
+    assert json.loads((run_dir / "run.json").read_text())["format"] == 2

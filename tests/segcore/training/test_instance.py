@@ -14,6 +14,7 @@ from segcore.models.checkpoint import load_checkpoint, save_checkpoint
 from segcore.errors import ConfigError
 from segcore.collection.imageio import read_image, read_mask
 from segcore.models.instances import targets_from_instance_labels
+from segcore.models.predict import TorchPredictor
 from segcore.normalise import Normalisation
 from segcore.synthetic import INSTANCE_CLASS_NAMES, generate_instance_collection, make_instance_sample
 from segcore.training.instance import (
@@ -204,7 +205,7 @@ def test_returned_model_reproduces_its_validation_scores_after_a_checkpoint_roun
     images, labels = tiny_data
     val_idx = np.sort(np.random.default_rng(0).permutation(len(images))[:1])
     loaded, _ = load_checkpoint(save_checkpoint(tmp_path / "m.safetensors", model, meta))
-    again = evaluate_instances(loaded, images[val_idx], labels[val_idx], normalisation=meta.normalisation)
+    again = evaluate_instances(TorchPredictor(loaded, meta), images[val_idx], labels[val_idx])
     assert again == pytest.approx(meta.provenance["val_scores"], nan_ok=True)
 
 
@@ -309,6 +310,6 @@ def test_demo_defaults_reach_the_held_out_f1_bar(tmp_path):
         seed=0,
         time_budget_s=DEMO_INSTANCE_TIME_BUDGET_S,
     )
-    scores = evaluate_instances(model, images[DEMO_INSTANCE_N_TRAIN:], labels[DEMO_INSTANCE_N_TRAIN:],
-                                normalisation=meta.normalisation)
+    scores = evaluate_instances(TorchPredictor(model.eval(), meta), images[DEMO_INSTANCE_N_TRAIN:],
+                                labels[DEMO_INSTANCE_N_TRAIN:])
     assert scores["f1"] >= 0.85, scores
