@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True, help="Zarr collection store with ground truth")
     p.add_argument("--model", default="unet", help="registered architecture: unet (default), maskrcnn, maskrcnn_r18")
     p.add_argument("--out", required=True, help="checkpoint to write (.safetensors)")
-    p.add_argument("--epochs", type=int, help="passes over the training split (default 10)")
+    p.add_argument("--epochs", type=int, help="passes over the training split (default 50)")
     p.add_argument("--val-fraction", type=float,
                    help="fraction held out for validation (default 0.15; instance models: 0 = none, keep the "
                         "last epoch)")

@@ -180,7 +180,7 @@ class TrainSpec(_Spec):
     arch_kwargs: dict[str, Any] | None = Field(
         None, description="Builder options, merged over the kind's defaults, e.g. {'base': 32} for the UNet "
                           "or {'score_threshold': 0.5} for Mask R-CNN.")
-    epochs: int = Field(10, gt=0)
+    epochs: int = Field(50, gt=0, description="Passes over the training split (UNet: each as many patches as training images).")
     batch_size: int | None = Field(None, gt=0, description="Default 16 (UNet) or 4 (instance models).")
     lr: float | None = Field(None, gt=0, description="Peak learning rate (AdamW, one-cycle schedule).")
     val_fraction: float = Field(

@@ -88,7 +88,7 @@ def choose_normalisation(fingerprint: Mapping[str, Any] | None) -> tuple[Normali
         return Normalisation(mode="ct"), (f"{where}: signed values spanning Hounsfield units look like CT, so ct "
                                           "(clip to the foreground's 0.5-99.5th percentiles, then its z-score)")
     if fingerprint.get("negative"):
-        return Normalisation(mode="zscore"), f"{where}: signed values, so a z-score over the training set"
+        return Normalisation(mode="zscore"), f"{where}: signed values, so zscore (mean/std over the training set)"
     return Normalisation(), f"{where}: non-negative values, so percentile (1st-99.8th per image)"
 
 
