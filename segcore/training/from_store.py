@@ -61,8 +61,15 @@ class TrainResult:
 
 def epoch_line(record: Mapping[str, Any], *, epochs: int) -> str:
     """One line about a history record: ``epoch 2/10: loss 0.4123, val_f1 0.812, ... (3.1 s)``
-    (every float ``val_*`` entry, three decimals)."""
-    scores = ", ".join(f"{k} {v:.3f}" for k, v in record.items() if k.startswith("val_") and isinstance(v, float))
+    (every float ``val_*`` entry, three decimals; a per-class mapping such as ``val_dice`` as
+    ``val_dice liver 0.912/tumour 0.701``, its first class (background) left out)."""
+    parts = []
+    for k, v in record.items():
+        if k.startswith("val_") and isinstance(v, float):
+            parts.append(f"{k} {v:.3f}")
+        elif k.startswith("val_") and isinstance(v, Mapping) and len(v) > 1:  # e.g. val_dice per class, background left out
+            parts.append(f"{k} " + "/".join(f"{name} {x:.3f}" for name, x in list(v.items())[1:]))
+    scores = ", ".join(parts)
     return f"epoch {record['epoch']}/{epochs}: loss {record['loss']:.4f}, {scores} ({record['seconds']:.1f} s)"
 
 
