@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from segcore.config import TrainSpec
 from segcore.training.from_store import epoch_line, train_from_store
-from segcore.training.settings import resolve_device
+from segcore.models.predict import resolve_device
 from tasks.progress import report
 
 

@@ -1,14 +1,10 @@
-"""The settings of the semantic training recipe, as one validated, frozen record, and device choice."""
+"""The settings of the semantic training recipe, as one validated, frozen record."""
 
 from __future__ import annotations
 
-import re
 from typing import Literal, Mapping
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
-
-from segcore.errors import ConfigError
 
 #: What each augmentation setting does (recorded in the provenance).
 AUGMENTATIONS: Mapping[str, str] = {
@@ -30,24 +26,8 @@ class Recipe(BaseModel):
     augmentation: Literal["flip_rot90", "full"] = "full"
     schedule: Literal["onecycle", "poly", "cosine"] = "poly"
     warmup_fraction: float = Field(0.05, ge=0, lt=1, description="Share of the steps spent warming up.")
-    device: str = Field("cpu", description="cpu, cuda or cuda:N (resolved; see resolve_device).")
+    device: str = Field("cpu", description="cpu or cuda:N (resolved by segcore.models.predict.resolve_device).")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast dtype on CUDA.")
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when torch sees a CUDA device, else ``cpu``; ``cpu``, ``cuda`` and
-    ``cuda:N`` are checked and returned (a CUDA device torch cannot see is refused)."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        return device
-    m = re.fullmatch(r"cuda(?::(\d+))?", device)
-    if m is None:
-        raise ConfigError(f"device {device!r} is not one of auto, cpu, cuda, cuda:N")
-    if not torch.cuda.is_available() or (m.group(1) and int(m.group(1)) >= torch.cuda.device_count()):
-        raise ConfigError(f"device {device!r} is not available here (torch sees {torch.cuda.device_count()} CUDA "
-                          "device(s)); use --device cpu or auto")
-    return device
-
-
-__all__ = ["AUGMENTATIONS", "DEFAULT_PATCH_SIZE", "Recipe", "resolve_device"]
+__all__ = ["AUGMENTATIONS", "DEFAULT_PATCH_SIZE", "Recipe"]
