@@ -9,6 +9,11 @@ Every segment run publishes, keyed by its run id (keys: lowercase letters, digit
 - ``segment-progress-<run>``: units finished (progress, updated while the units complete);
 - one link per output location (run directory, masks, Dice dataset, summary).
 
+Every training run publishes, keyed by its flow run name (:func:`publish_training_artifacts`):
+
+- ``training-history-<run>``: loss, learning rate and validation Dice per class per epoch (table);
+- ``training-curve-<run>``: the same as a PNG curve, with the best epoch's figures (markdown).
+
 Figures are drawn by :mod:`segcore.figures`; this module only publishes them.
 """
 
@@ -142,3 +147,39 @@ def publish_run_artifacts(run: Any, summary: Mapping[str, Any], markdown: str, *
     for name, location in summary.get("outputs", {}).items():
         create_link_artifact(link=location_href(str(location)), link_text=f"{name}: {location}",
                              description=f"Where the {name} of run {run_id} is: {location}")
+
+
+def training_table_rows(history: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One table row per epoch: epoch, loss, lr, seconds and every validation figure (``val_dice``
+    flattened to ``val_dice_<class>``)."""
+    rows = []
+    for r in history:
+        row = {"epoch": r["epoch"], "loss": round(float(r["loss"]), 5), "lr": float(r["lr"]),
+               "seconds": round(float(r["seconds"]), 2)}
+        for key, value in r.items():
+            if key == "val_dice" and isinstance(value, Mapping):
+                row.update({f"val_dice_{name}": round(float(v), 5) for name, v in value.items()})
+            elif key.startswith("val_") and isinstance(value, float):
+                row[key] = round(value, 5)
+        rows.append(row)
+    return rows
+
+
+def publish_training_artifacts(result: Mapping[str, Any], *, run_name: str) -> None:
+    """Publish the epoch table and the training curve (with the best epoch's figures) of a training
+    run; ``result`` is :class:`segcore.training.from_store.TrainResult` as a dict."""
+    history = result["history"]
+    create_table_artifact(table=training_table_rows(history), key=artifact_key(f"training-history-{run_name}"),
+                          description=f"Loss and validation scores per epoch of training run {run_name}")
+    lines = [f"# Training run {run_name}", "", f"Checkpoint `{result['checkpoint']}`", ""]
+    if history:
+        png = figures.training_curve_png(history)
+        lines += [f"![training curve of {run_name}]({figures.png_data_uri(png)})", ""]
+    if result.get("best_epoch"):
+        lines.append(f"Best epoch: **{result['best_epoch']}** of {len(history)}.")
+    for name, dice in ((result.get("best_val") or {}).get("val_dice") or {}).items():
+        lines.append(f"- validation Dice {name}: {dice:.4f}")
+    if result.get("normalisation"):
+        lines += ["", f"Normalisation: {result['normalisation']}"]
+    create_markdown_artifact(markdown="\n".join(lines) + "\n", key=artifact_key(f"training-curve-{run_name}"),
+                             description=f"Training curve of run {run_name}")

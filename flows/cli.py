@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True, help="Zarr collection store with ground truth")
     p.add_argument("--model", default="unet", help="registered architecture: unet (default), maskrcnn, maskrcnn_r18")
     p.add_argument("--out", required=True, help="checkpoint to write (.safetensors)")
-    p.add_argument("--epochs", type=int, help="passes over the training split (default 10)")
+    p.add_argument("--epochs", type=int, help="passes over the training split (default 50)")
     p.add_argument("--val-fraction", type=float,
                    help="fraction held out for validation (default 0.15; instance models: 0 = none, keep the "
                         "last epoch)")
@@ -131,8 +131,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="samples per step (default 16 UNet, 4 Mask R-CNN)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 3e-3 UNet, 1e-3 Mask R-CNN)")
     p.add_argument("--crop-size", type=int, help="instance models: train on random square crops of this size")
-    p.add_argument("--normalisation", choices=["percentile", "range"],
-                   help="percentile (default; 1st-99.8th per image) or range (divide by 255)")
+    p.add_argument("--normalisation", metavar="SCHEME",
+                   help="auto (default: chosen from the store's fingerprint), percentile (1st-99.8th per image), "
+                        "range (divide by 255), window:LO,HI or window:abdomen|liver|lung|bone|brain (fixed CT "
+                        "window to 0..1), zscore (training-set mean/std) or ct (clip to the training foreground's "
+                        "0.5-99.5th percentiles, then its z-score); fitted values are stored with the model")
+    p.add_argument("--val-split", choices=["auto", "random", "tail", "group"],
+                   help="validation images: tail (last image ids in natural order: a contiguous hold-out), group "
+                        "(whole groups of --group-pattern) or random; auto (default): group with --group-pattern, "
+                        "else tail (UNet), random (instance models)")
+    p.add_argument("--group-pattern", metavar="REGEX",
+                   help="regular expression on image ids naming an image's volume or source (first capture group "
+                        "or the match); one group never straddles the validation split")
+    p.add_argument("--patch-size", type=int, help="UNet: training patch side (default 256; smaller images whole)")
+    p.add_argument("--schedule", choices=["poly", "cosine", "onecycle"],
+                   help="UNet learning-rate schedule (default poly after a 5%% warm-up)")
+    p.add_argument("--device", help="UNet training device: auto (default: CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
+                   help="autocast dtype when training on CUDA (default bf16; fp16 adds a gradient scaler)")
     p.add_argument("--time-budget", type=float, help="stop after the epoch that passes this many seconds")
     p.add_argument("--init", help="fine-tune this model record (a segflow checkpoint or an imported torch model; "
                                   "--model must name its architecture); --class-names other than its classes "
@@ -324,6 +340,23 @@ def _ingest_spec(args: argparse.Namespace, store: str):
                       **_given(masks=args.masks, mask_kind=args.mask_kind, tile_chunk=args.tile_chunk))
 
 
+def train_summary(result: dict[str, Any]) -> str:
+    """The printed summary of ``segflow train``: checkpoint, best epoch and its validation figures, normalisation."""
+    metric = "F1 at IoU 0.5" if result["kind"] == "instance" else "mean foreground Dice"
+    score = result["best_val_score"]
+    lines = [f"checkpoint: {result['checkpoint']} (sha256 {result['sha256']})",
+             f"best validation {metric}: {'n/a' if score is None else f'{score:.4f}'}"
+             + (f" (epoch {result['best_epoch']} of {len(result['history'])})" if result.get("best_epoch") else "")]
+    per_class = (result.get("best_val") or {}).get("val_dice")
+    if per_class:
+        lines.append("validation Dice per class: " + ", ".join(f"{k} {v:.4f}" for k, v in per_class.items()))
+    choice = result.get("normalisation_choice") or {}
+    if result.get("normalisation"):
+        why = f" [auto: {choice['reason']}]" if choice.get("asked") == "auto" else ""
+        lines.append(f"normalisation: {result['normalisation']}{why}")
+    return "\n".join(lines)
+
+
 def summary_text(summary: dict[str, Any]) -> str:
     from segcore.metrics.summary import render_markdown
 
@@ -401,21 +434,17 @@ def _run(args: argparse.Namespace) -> str:
         from flows.train import train_flow
         from segcore.config import TrainSpec
 
-        from segcore.normalise import Normalisation
-
         names = tuple(n.strip() for n in args.class_names.split(",")) if args.class_names else None
         arch = _given(base=args.base, depth=args.depth, score_threshold=args.score_threshold) or None
-        norm = Normalisation(mode=args.normalisation) if args.normalisation else None
         spec = TrainSpec(store=args.store, out=args.out, model=args.model, execution=_execution(args),
                          **_given(epochs=args.epochs, val_fraction=args.val_fraction, class_names=names,
                                   arch_kwargs=arch, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
-                                  crop_size=args.crop_size, normalisation=norm, time_budget_s=args.time_budget,
+                                  crop_size=args.crop_size, normalisation=args.normalisation,
+                                  time_budget_s=args.time_budget, val_split=args.val_split,
+                                  group_pattern=args.group_pattern, patch_size=args.patch_size,
+                                  schedule=args.schedule, device=args.device, precision=args.precision,
                                   init=args.init))
-        result = with_runner(train_flow, spec.execution)(spec)
-        metric = "F1 at IoU 0.5" if result["kind"] == "instance" else "mean foreground Dice"
-        score = result["best_val_score"]
-        return (f"checkpoint: {result['checkpoint']} (sha256 {result['sha256']})\n"
-                f"best validation {metric}: {'n/a' if score is None else f'{score:.4f}'}")
+        return train_summary(with_runner(train_flow, spec.execution)(spec))
     if args.command == "demo":
         from flows.demo import DemoSpec, demo_flow
 

@@ -7,6 +7,9 @@ import sys
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from flows.artifacts import publish_training_artifacts
 
 from flows.execution import torch_threads
 from flows.names import train_run_name
@@ -23,6 +26,10 @@ def train_steps(spec: TrainSpec) -> dict[str, Any]:
     command = " ".join(shlex.quote(a) for a in ["segflow", *sys.argv[1:]]) if sys.argv else "segflow train"
     with relay_from_workers():  # the task's per-epoch reports reach this process's progress display
         result = train_model.submit(spec, num_threads=torch_threads(spec.execution), command=command).result()
+    publish_training_artifacts(result, run_name=flow_run.get_name() or "train")
+    if result.get("normalisation_choice", {}).get("asked") == "auto":
+        log.info("train: normalisation auto chose %s: %s", result["normalisation_choice"]["chose"],
+                 result["normalisation_choice"]["reason"])
     metric = "F1 at IoU 0.5" if result["kind"] == "instance" else "mean foreground Dice"
     log.info("train: checkpoint %s (sha256 %s…), best validation %s %s", result["checkpoint"],
              result["sha256"][:12], metric, "n/a" if result["best_val_score"] is None else f"{result['best_val_score']:.4f}")

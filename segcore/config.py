@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import datetime as dt
 import inspect
+import re
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from segcore.normalise import Normalisation
+from segcore.normalise_fit import parse_normalisation
 
 
 def _local_store(path: str) -> str:
@@ -145,6 +147,21 @@ class RunSpec(_Spec):
         return self
 
 
+def _normalisation_choice(text: str) -> str:
+    parse_normalisation(text)  # raises ConfigError (a ValueError) with the valid choices
+    return text.strip().lower()
+
+
+#: ``auto``, ``percentile``, ``range``, ``zscore``, ``ct``, ``window:LO,HI`` or ``window:<preset>``.
+NormalisationChoice = Annotated[str, AfterValidator(_normalisation_choice)]
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise ValueError(f"device {text!r} is not one of auto, cpu, cuda, cuda:N")
+    return text
+
+
 class TrainSpec(_Spec):
     """Train a registered model on the labelled images of a store; the best epoch is saved.
 
@@ -163,7 +180,7 @@ class TrainSpec(_Spec):
     arch_kwargs: dict[str, Any] | None = Field(
         None, description="Builder options, merged over the kind's defaults, e.g. {'base': 32} for the UNet "
                           "or {'score_threshold': 0.5} for Mask R-CNN.")
-    epochs: int = Field(10, gt=0)
+    epochs: int = Field(50, gt=0, description="Passes over the training split (UNet: each as many patches as training images).")
     batch_size: int | None = Field(None, gt=0, description="Default 16 (UNet) or 4 (instance models).")
     lr: float | None = Field(None, gt=0, description="Peak learning rate (AdamW, one-cycle schedule).")
     val_fraction: float = Field(
@@ -172,8 +189,25 @@ class TrainSpec(_Spec):
     crop_size: int | None = Field(None, gt=0, description="Instance models: train on random square crops.")
     seed: int = 0
     time_budget_s: float | None = Field(None, gt=0, description="Stop after the epoch that passes this budget.")
-    normalisation: Normalisation | None = Field(
-        None, description="How raw pixels become inputs (default: the --init model's, else percentile 1-99.8).")
+    normalisation: Normalisation | NormalisationChoice | None = Field(
+        None, description="A choice (auto, percentile, range, zscore, ct, window:LO,HI, window:abdomen, ...) or a "
+                           "full normalisation record; auto picks from the store's fingerprint, zscore and ct are "
+                           "fitted on the training split and stored with the model. Default: the --init model's, "
+                           "else auto.")
+    val_split: Literal["auto", "random", "tail", "group"] = Field(
+        "auto", description="Validation images: random, tail (the last image ids in natural order: a contiguous "
+                            "hold-out of consecutive slices) or group (whole groups of group_pattern); auto: group "
+                            "with a group_pattern, else tail (UNet); random for instance models.")
+    group_pattern: str | None = Field(
+        None, description="Regular expression on image ids naming an image's volume or source (its first capture "
+                          "group, or the match); images of one group never straddle the validation split.")
+    patch_size: int | None = Field(None, gt=0, description="UNet: training patch side (default 256; smaller images "
+                                                           "are taken whole).")
+    schedule: Literal["onecycle", "poly", "cosine"] | None = Field(
+        None, description="UNet learning-rate schedule (default poly with a 5 % linear warm-up).")
+    device: Annotated[str, AfterValidator(_device)] = Field(
+        "auto", description="UNet training device: auto (CUDA when present), cpu, cuda or cuda:N.")
+    precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Autocast dtype on CUDA (CPU runs fp32).")
     init: str | None = Field(
         None, description="Model record to fine-tune (a segflow checkpoint or an imported torch model): its "
                           "weights, architecture and options are the start; its class head is replaced when "
@@ -194,6 +228,10 @@ class TrainSpec(_Spec):
             raise ValueError("crop_size applies to instance models only")
         if self.init is not None and self.arch_kwargs:
             raise ValueError("with init, the architecture options are the parent model's; leave out arch_kwargs")
+        if self.val_split == "group" and not self.group_pattern:
+            raise ValueError("val_split 'group' needs a group_pattern (a regular expression on the image ids)")
+        if self.kind == "instance" and self.val_split not in ("auto", "random"):
+            raise ValueError("instance models hold out a random validation split; leave val_split at auto")
         if self.val_fraction == 0 and self.kind != "instance":
             raise ValueError("val_fraction 0 (no validation) applies to instance models only; "
                              "the UNet keeps its best epoch by validation Dice")

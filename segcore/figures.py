@@ -121,6 +121,43 @@ def dice_histogram_png(values: Mapping[str, Sequence[float]], *, bins: int = 20,
     return buf.getvalue()
 
 
+def training_curve_png(history: Sequence[Mapping[str, Any]], *, width_px: int = 640, height_px: int = 320) -> bytes:
+    """PNG of a training run: the loss per epoch (left axis) and the validation Dice of each class
+    (``val_dice``: name -> Dice, background left out) and their foreground mean (right axis, 0..1).
+
+    ``history``: the trainer's epoch records (``epoch``, ``loss``, optionally ``val_dice`` and
+    ``val_dice_mean_fg``); the i-th foreground class is drawn in :func:`class_colour` ``(i)``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    dpi = 100
+    fig = Figure(figsize=(width_px / dpi, height_px / dpi), dpi=dpi)
+    ax = fig.add_subplot()
+    epochs = [int(r["epoch"]) for r in history]
+    ax.plot(epochs, [float(r["loss"]) for r in history], color="black", linewidth=1.5, label="training loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    right = ax.twinx()
+    names = list((history[0].get("val_dice") or {}) if history else {})[1:]
+    for i, name in enumerate(names, start=1):
+        colour = tuple(c / 255.0 for c in class_colour(i))
+        right.plot(epochs, [r["val_dice"][name] for r in history], color=colour, label=f"val Dice {name}")
+    if history and "val_dice_mean_fg" in history[0]:
+        right.plot(epochs, [r["val_dice_mean_fg"] for r in history], color="grey", linestyle="--",
+                   label="val Dice, foreground mean")
+    right.set_ylim(0.0, 1.0)
+    right.set_ylabel("validation Dice")
+    handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="center right", fontsize="small")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
 def png_data_uri(png: bytes) -> str:
     """``data:image/png;base64,...`` URI of PNG bytes (for embedding in markdown)."""
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")

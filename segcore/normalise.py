@@ -1,15 +1,24 @@
 """Input normalisation, described by data (it travels in a checkpoint's metadata).
 
 A batch of raw images ``(N, H, W, C)`` of any integer or float dtype becomes a float32 tensor
-``(N, C, H, W)`` ready for the model. Two modes:
+``(N, C, H, W)`` ready for the model. Modes:
 
 - ``percentile``: per image and channel, values between the ``low`` and ``high`` percentiles
   map linearly to 0..1 (robust for 16-bit microscopy whose range is far below 65535);
-- ``range``: values are divided by ``scale`` (e.g. 255 for 8-bit data).
+- ``range``: values are divided by ``scale`` (e.g. 255 for 8-bit data);
+- ``window``: values are clipped to the fixed ``window`` ``(lo, hi)`` and mapped linearly to 0..1
+  (CT windows in Hounsfield units; named presets in :data:`WINDOW_PRESETS`);
+- ``zscore``: ``(x - mean) / std`` with per-channel values of the whole training set;
+- ``ct``: clipped per channel to ``[clip_low, clip_high]`` (the 0.5th and 99.5th percentiles of
+  the training set's foreground pixels), then ``(x - mean) / std`` with that foreground's mean
+  and standard deviation (nnU-Net's CT scheme).
 
-Then ``(x - mean) / std`` per channel, if given.
+Then ``(x - mean) / std`` per channel, if given (for ``zscore`` and ``ct`` that is the scheme
+itself). ``zscore`` and ``ct`` are *fitted* on the training set
+(:func:`segcore.normalise_fit.fit_normalisation`) and the fitted values travel in the
+checkpoint, so inference applies exactly the transform training used.
 
-A third mode, ``steps``, applies a list of typed operations in order (the preprocessing that a
+Another mode, ``steps``, applies a list of typed operations in order (the preprocessing that a
 bioimage.io model package prescribes, see :mod:`segcore.models.bioimage`): ``scale_range``
 (percentiles per image, per channel or over all channels), ``zero_mean_unit_variance`` (the
 image's own mean and standard deviation), ``fixed_zero_mean_unit_variance`` (given mean/std, e.g.
@@ -24,6 +33,8 @@ from typing import Annotated, Literal, Union
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from segcore.errors import ConfigError
 
 
 #: Per-channel ``(low, high)`` percentile values of a whole image (:func:`percentile_stats`).
@@ -172,7 +183,7 @@ class Normalisation(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    mode: Literal["percentile", "range", "steps"] = "percentile"
+    mode: Literal["percentile", "range", "window", "zscore", "ct", "steps"] = "percentile"
     low: float = 1.0
     high: float = 99.8
     scale: float = 255.0
@@ -180,6 +191,13 @@ class Normalisation(BaseModel):
     std: tuple[float, ...] | None = None
     #: ``steps`` mode only: the operations, applied in order.
     steps: tuple[Step, ...] = ()
+    #: ``window`` mode: ``(lo, hi)`` raw values mapped to 0 and 1 (outside: clipped).
+    window: tuple[float, float] | None = None
+    #: ``window`` mode: the name of the preset the window came from (informational).
+    preset: str | None = None
+    #: ``ct`` mode: per-channel clip bounds, fitted on the training set's foreground.
+    clip_low: tuple[float, ...] | None = None
+    clip_high: tuple[float, ...] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "Normalisation":
@@ -195,7 +213,24 @@ class Normalisation(BaseModel):
             raise ValueError("give both mean and std, or neither")
         if self.std is not None and any(s <= 0 for s in self.std):
             raise ValueError(f"std values must be > 0, got {self.std}")
+        if self.mode == "window" and (self.window is None or not self.window[0] < self.window[1]):
+            raise ValueError(f"window mode needs window=(lo, hi) with lo < hi, got {self.window}")
+        if (self.clip_low is None) != (self.clip_high is None):
+            raise ValueError("give both clip_low and clip_high, or neither")
+        if self.clip_low is not None and (len(self.clip_low) != len(self.clip_high)
+                                          or any(lo > hi for lo, hi in zip(self.clip_low, self.clip_high))):
+            raise ValueError(f"clip bounds need one low <= high per channel, got {self.clip_low}, {self.clip_high}")
         return self
+
+    @property
+    def fitted(self) -> bool:
+        """Whether the transform is complete: ``zscore`` needs mean/std, ``ct`` also its clip bounds
+        (both come from :func:`segcore.normalise_fit.fit_normalisation`)."""
+        if self.mode == "zscore":
+            return self.mean is not None
+        if self.mode == "ct":
+            return self.mean is not None and self.clip_low is not None
+        return True
 
 
 def percentile_stats(pixels: np.ndarray, norm: Normalisation) -> Stats:
@@ -231,8 +266,10 @@ def normalise_batch(images: np.ndarray, norm: Normalisation, *,
         lo_t = torch.from_numpy(lo.astype(np.float32))[:, :, None, None]
         span = torch.from_numpy(np.maximum(hi - lo, 1e-6).astype(np.float32))[:, :, None, None]
         x = (x - lo_t) / span
-    else:
+    elif norm.mode == "range":
         x = x / norm.scale
+    else:
+        x = _fixed_transform(x, norm)
     if norm.mean is not None:
         if len(norm.mean) != x.shape[1]:
             raise ValueError(f"normalisation has {len(norm.mean)} mean/std values but the images have "
@@ -241,3 +278,21 @@ def normalise_batch(images: np.ndarray, norm: Normalisation, *,
         std = torch.tensor(norm.std, dtype=torch.float32)[None, :, None, None]
         x = (x - mean) / std
     return x.contiguous()
+
+
+def _fixed_transform(x: torch.Tensor, norm: Normalisation) -> torch.Tensor:
+    """The ``window``, ``zscore`` and ``ct`` steps before mean/std, on float32 ``(N, C, H, W)``."""
+    if not norm.fitted:
+        raise ConfigError(f"{norm.mode} normalisation has not been fitted (no mean/std); fit it on the training "
+                          "set with segcore.normalise_fit.fit_normalisation, or load it from a checkpoint")
+    if norm.mode == "window":
+        lo, hi = norm.window
+        return (x.clamp(lo, hi) - lo) / (hi - lo)
+    if norm.mode == "ct":
+        if len(norm.clip_low) != x.shape[1]:
+            raise ValueError(f"normalisation has {len(norm.clip_low)} clip bound(s) but the images have "
+                             f"{x.shape[1]} channel(s)")
+        lo = torch.tensor(norm.clip_low, dtype=torch.float32)[None, :, None, None]
+        hi = torch.tensor(norm.clip_high, dtype=torch.float32)[None, :, None, None]
+        return torch.minimum(torch.maximum(x, lo), hi)
+    return x  # zscore: only (x - mean) / std

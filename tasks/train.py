@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from segcore.config import TrainSpec
 from segcore.training.from_store import epoch_line, train_from_store
+from segcore.models.predict import resolve_device
 from tasks.progress import report
 
 
@@ -31,5 +32,7 @@ def train_model(spec: TrainSpec, *, num_threads: int | None, command: str) -> di
         store=spec.store, out=spec.out, model=spec.model, class_names=spec.class_names, arch_kwargs=spec.arch_kwargs,
         epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, val_fraction=spec.val_fraction,
         crop_size=spec.crop_size, seed=spec.seed, time_budget_s=spec.time_budget_s,
-        normalisation=spec.normalisation, command=command, on_epoch=on_epoch, init=spec.init)
+        normalisation=spec.normalisation, command=command, on_epoch=on_epoch, init=spec.init, val_split=spec.val_split,
+        group_pattern=spec.group_pattern, patch_size=spec.patch_size, schedule=spec.schedule,
+        device=resolve_device(spec.device), precision=spec.precision)
     return dataclasses.asdict(result)

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 import pyarrow as pa
 
+from segcore.collection.fingerprint import fold, read_fingerprint, write_fingerprint
 from segcore.collection.incremental import (append_groups, drop_unlisted_groups, next_batch, refresh_signatures,
                                             select_new, supersede, unchanged_sources)
 from segcore.collection.landing import is_remote, staging_dir, unstage_rows
@@ -231,6 +232,8 @@ def finish_ingest(spec: IngestSpec, plan: IngestPlan, written: Sequence[Row], *,
     errors = [r for r in plan.planned if r["group"] is None]
     old = [] if plan.old_manifest is None else supersede(plan.old_manifest, written)
     write_manifest(spec.store, old + unstage_rows(written + errors))
+    previous = None if plan.old_manifest is None else read_fingerprint(spec.store)
+    write_fingerprint(spec.store, fold(written, previous))
     n_new = len(plan.planned)
     n_ok = sum(1 for r in written if r["status"] == "ok")
     chunks = sum(g.n_chunks for g in plan.groups)

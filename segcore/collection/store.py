@@ -42,6 +42,7 @@ import zarr
 from segcore import fsio
 from segcore.errors import NotFound, SegflowError, StoreError
 from segcore.fsio import atomic_path
+from segcore.collection.fingerprint import value_range
 from segcore.collection.imageio import read_image, read_mask
 from segcore.collection.versions import current_manifest
 
@@ -272,6 +273,7 @@ def write_store_chunk(store_path: str, rows: Sequence[dict[str, Any]], *, thread
             if img.shape != images.shape[1:] or str(img.dtype) != g.dtype:
                 raise StoreError(f"decoded shape {img.shape} {img.dtype} differs from its header {images.shape[1:]} {g.dtype}")
             images[i] = img
+            row.update(value_range(img))  # for the store's fingerprint (not a manifest column)
         except (SegflowError, OSError, ValueError) as exc:
             row.update(status="error", error=f"{type(exc).__name__}: {exc}",
                        mask_status="skipped" if row["mask_path"] is not None else "missing")

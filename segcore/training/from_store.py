@@ -21,10 +21,13 @@ from segcore.errors import ConfigError
 from segcore.fsio import file_sha256
 from segcore.models import MODEL_KINDS
 from segcore.models.checkpoint import save_checkpoint
+from segcore.collection.fingerprint import of_images, read_fingerprint
 from segcore.normalise import Normalisation
+from segcore.normalise_fit import choose_normalisation, describe, parse_normalisation
 from segcore.training.init import load_init
 from segcore.training.instance import train_instance
 from segcore.training.semantic import train_semantic
+from segcore.training.settings import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,10 @@ class TrainResult:
         kind: ``semantic`` or ``instance``.
         best_val_score: the best epoch's mean foreground Dice (semantic) or F1 at IoU 0.5
             (instance); ``None`` when nothing was held out for validation.
+        best_epoch: 1-based number of the epoch kept.
+        best_val: the best epoch's validation figures (e.g. ``{"val_dice": {class: Dice}}``).
+        normalisation: how inputs are normalised, in words (fitted values included), and how it
+            was chosen (``normalisation_choice``).
     """
 
     checkpoint: str
@@ -47,13 +54,40 @@ class TrainResult:
     history: list[dict]
     kind: str
     best_val_score: float | None
+    best_epoch: int | None = None
+    best_val: dict[str, Any] | None = None
+    normalisation: str = ""
+    normalisation_choice: dict[str, Any] | None = None
 
 
 def epoch_line(record: Mapping[str, Any], *, epochs: int) -> str:
     """One line about a history record: ``epoch 2/10: loss 0.4123, val_f1 0.812, ... (3.1 s)``
-    (every float ``val_*`` entry, three decimals)."""
-    scores = ", ".join(f"{k} {v:.3f}" for k, v in record.items() if k.startswith("val_") and isinstance(v, float))
+    (every float ``val_*`` entry, three decimals; a per-class mapping such as ``val_dice`` as
+    ``val_dice liver 0.912/tumour 0.701``, its first class (background) left out)."""
+    parts = []
+    for k, v in record.items():
+        if k.startswith("val_") and isinstance(v, float):
+            parts.append(f"{k} {v:.3f}")
+        elif k.startswith("val_") and isinstance(v, Mapping) and len(v) > 1:  # e.g. val_dice per class, background left out
+            parts.append(f"{k} " + "/".join(f"{name} {x:.3f}" for name, x in list(v.items())[1:]))
+    scores = ", ".join(parts)
     return f"epoch {record['epoch']}/{epochs}: loss {record['loss']:.4f}, {scores} ({record['seconds']:.1f} s)"
+
+
+def _resolve_normalisation(norm: Normalisation | str, store: str, images: np.ndarray
+                           ) -> tuple[Normalisation, dict[str, Any]]:
+    """The scheme to train with (unfitted) and a record of how it was chosen."""
+    asked = norm if isinstance(norm, str) else norm.mode
+    parsed = parse_normalisation(norm) if isinstance(norm, str) else norm
+    if parsed != "auto":
+        return parsed, {"asked": asked, "chose": parsed.mode, "reason": "given"}
+    fp = read_fingerprint(store)
+    source = "store fingerprint"
+    if fp is None:
+        fp, source = of_images(images), "training images (the store has no fingerprint)"
+    chosen, reason = choose_normalisation(fp)
+    log.info("normalisation auto -> %s: %s (from the %s)", chosen.mode, reason, source)
+    return chosen, {"asked": "auto", "chose": chosen.mode, "reason": reason, "fingerprint": fp, "source": source}
 
 
 def train_from_store(
@@ -70,10 +104,16 @@ def train_from_store(
     crop_size: int | None,
     seed: int,
     time_budget_s: float | None,
-    normalisation: Normalisation | None,
+    normalisation: Normalisation | str | None,
     command: str,
     on_epoch: Callable[[dict], None] | None = None,
     init: str | None = None,
+    val_split: str = "auto",
+    group_pattern: str | None = None,
+    patch_size: int | None = None,
+    schedule: str | None = None,
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> TrainResult:
     """Train ``model`` on every labelled image of ``store`` and write the best epoch to ``out``.
 
@@ -86,16 +126,23 @@ def train_from_store(
         class_names: background first; ``None``: background plus ``class_<k>`` per label value up
             to the largest in the store (semantic), or ``("background", "object")`` (instance).
         arch_kwargs: builder options merged over the kind's defaults (``None``: the defaults).
-        epochs, val_fraction, crop_size, seed, time_budget_s, normalisation: as the trainers take them
+        epochs, val_fraction, crop_size, seed, time_budget_s: as the trainers take them
             (``crop_size`` applies to instance models only).
+        normalisation: a :class:`Normalisation` or a choice (:func:`segcore.normalise_fit.parse_normalisation`);
+            ``auto`` picks from the store's fingerprint (:func:`choose_normalisation`) and the pick
+            and its reason go to the log and the provenance (``normalisation_choice``).
         batch_size, lr: ``None`` takes the kind's default.
-        normalisation: ``None``: the parent's with ``init``, else the percentile default.
+            ``None``: the parent's with ``init``, else ``auto``.
         command: the command line that started the run (recorded in the provenance).
         on_epoch: called once per epoch with that epoch's history record.
         init: a torch model record to fine-tune (:func:`segcore.training.init.load_init`): its
             architecture and options are kept (``model`` must name it; ``arch_kwargs`` must be
             ``None``), its head is replaced when ``class_names`` differ from its classes, and the
             provenance records it under ``init`` (path, sha256, classes, ``head_replaced``).
+        val_split, group_pattern: semantic models: ``auto`` (``group`` with a pattern, else ``tail``),
+            ``random``, ``tail`` or ``group`` (see :func:`segcore.training.recipe.split_indices`).
+        patch_size, schedule: semantic models: the :class:`Recipe` values (``None``: its defaults).
+        device, precision: semantic models: a resolved device (cpu, cuda, cuda:N) and CUDA autocast dtype.
 
     Returns:
         A :class:`TrainResult`; the checkpoint's provenance also records ``command``, ``store``
@@ -118,9 +165,12 @@ def train_from_store(
                           class_names=class_names, seed=seed)
         class_names = class_names or start.parent.class_names
         arch_kwargs = dict(start.parent.arch_kwargs)
-        normalisation = normalisation or start.parent.normalisation
+        normalisation = start.parent.normalisation if normalisation is None else normalisation
+    normalisation, choice = _resolve_normalisation("auto" if normalisation is None else normalisation, store,
+                                                   images)
     common = dict(
-        normalisation=normalisation or Normalisation(), epochs=epochs, init=None if start is None else start.model, val_fraction=val_fraction, seed=seed, progress=on_epoch,
+        normalisation=normalisation, epochs=epochs, init=None if start is None else start.model,
+        val_fraction=val_fraction, seed=seed, progress=on_epoch,
         time_budget_s=time_budget_s, arch_kwargs={**defaults["arch_kwargs"], **(arch_kwargs or {})},
         batch_size=defaults["batch_size"] if batch_size is None else batch_size,
         lr=defaults["lr"] if lr is None else lr,
@@ -136,14 +186,22 @@ def train_from_store(
         if mask_kind == "instance":
             labels = (labels > 0).astype(labels.dtype)
         names = tuple(class_names or ("background",) + tuple(f"class_{k}" for k in range(1, int(labels.max()) + 1)))
-        net, meta, history = train_semantic(images, labels.astype(np.int64), class_names=names, **common)
+        split = val_split if val_split != "auto" else ("group" if group_pattern else "tail")
+        recipe = Recipe(device=device, precision=precision, **{k: v for k, v in
+                                                                (("patch_size", patch_size), ("schedule", schedule))
+                                                                if v is not None})
+        net, meta, history = train_semantic(images, labels.astype(np.int64), class_names=names, ids=ids,
+                                            val_split=split, group_pattern=group_pattern, recipe=recipe, **common)
         best = meta.provenance.get("val_dice_mean_fg")
-    provenance = dict(meta.provenance, command=command, store=store, images=len(ids),
+    provenance = dict(meta.provenance, command=command, store=store, images=len(ids), normalisation_choice=choice,
                       **({} if start is None else {"init": start.provenance}))
     path = save_checkpoint(out, net, meta.model_copy(update={"provenance": provenance}))
     log.info("trained %s on %d image(s) of %s; checkpoint %s", model, len(ids), store, path)
+    best_epoch = meta.provenance.get("best_epoch")
+    best_val = {k: v for k, v in meta.provenance.items() if k.startswith("val_") and k not in ("val_ids", "val_split")}
     return TrainResult(checkpoint=str(path), sha256=file_sha256(path), history=history, kind=kind,
-                       best_val_score=best)
+                       best_val_score=best, best_epoch=best_epoch, best_val=best_val,
+                       normalisation=describe(meta.normalisation), normalisation_choice=choice)
 
 
 __all__ = ["TrainResult", "epoch_line", "train_from_store"]

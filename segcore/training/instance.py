@@ -45,6 +45,7 @@ from segcore.models.checkpoint import ModelMeta
 from segcore.models.instances import targets_from_instance_labels
 from segcore.models.predict import TorchPredictor
 from segcore.normalise import Normalisation, normalise_batch
+from segcore.normalise_fit import fit_normalisation
 from segcore.training.inputs import RESERVED_ARCH_KEYS, as_nhwc, seeded_split
 from segcore.training.instance_scores import VAL_KEYS, evaluate_instances, pooled_instance_scores, prediction_scores
 from segcore.training.loop import Validation, fit, seeded_torch
@@ -244,6 +245,7 @@ def train_instance(
     t0 = time.perf_counter()
 
     rng, train_idx, val_idx = seeded_split(images.shape[0], n_val, seed)
+    normalisation = fit_normalisation(normalisation, images[train_idx], labels[train_idx])  # zscore/ct only
     x_train = normalise_batch(images[train_idx], normalisation)
     y_train = torch.from_numpy(labels[train_idx].astype(np.int64))
     classes_train = [None if instance_classes is None else dict(instance_classes[i]) for i in train_idx]

@@ -1,7 +1,8 @@
 """The training loop every trainer shares.
 
-:func:`fit` runs AdamW (weight decay 1e-4) under a one-cycle learning-rate schedule for a number
-of epochs, validates after each epoch, keeps the weights of the best one, stops early when a
+:func:`fit` runs AdamW (weight decay 1e-4) under a one-cycle learning-rate schedule (or a linear
+warm-up then poly or cosine decay, :func:`segcore.training.recipe.lr_factor`) for a number of epochs,
+on the CPU or a CUDA device (``bf16``/``fp16`` autocast there, fp16 with a gradient scaler), validates after each epoch, keeps the weights of the best one, stops early when a
 wall-clock budget is spent and reports each epoch's history record to a callback. What differs
 between model kinds stays with the trainer: what a batch is and how it is augmented
 (``batches``), its loss (``loss``), and how an epoch is validated and scored (``validate``,
@@ -19,13 +20,14 @@ import copy
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
 from segcore.errors import ConfigError
+from segcore.training.recipe import lr_factor
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,23 @@ def _beats(candidate: Validation, best: Validation | None) -> bool:
     return bool(candidate.score > best.score)
 
 
+def _step(total: torch.Tensor, model: nn.Module, optimiser: torch.optim.Optimizer,
+          scaler: torch.amp.GradScaler | None, grad_clip_norm: float | None) -> None:
+    """Backward pass and optimiser step (through the gradient scaler when there is one)."""
+    if scaler is None:
+        total.backward()
+        if grad_clip_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+        optimiser.step()
+        return
+    scaler.scale(total).backward()
+    if grad_clip_norm is not None:
+        scaler.unscale_(optimiser)
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+    scaler.step(optimiser)
+    scaler.update()
+
+
 def fit(
     model: nn.Module,
     *,
@@ -101,6 +120,10 @@ def fit(
     time_budget_s: float | None = None,
     progress: Callable[[dict], None] | None = None,
     started: float | None = None,
+    schedule: Literal["onecycle", "poly", "cosine"] = "onecycle",
+    warmup_fraction: float = WARMUP_FRACTION,
+    device: str | torch.device = "cpu",
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32",
 ) -> FitResult:
     """Train ``model`` in place; it ends in eval mode holding the weights of the best epoch.
 
@@ -123,6 +146,10 @@ def fit(
         progress: called once per epoch with a copy of that epoch's history record.
         started: ``time.perf_counter()`` value the budget and ``elapsed_s`` count from (default:
             the call of :func:`fit`), so that a trainer's data preparation counts too.
+        schedule: ``onecycle`` (torch's OneCycleLR) or a linear warm-up then ``poly``/``cosine``.
+        warmup_fraction: share of the steps spent warming up.
+        device: where the model lies; ``batches`` and ``loss`` move the data there.
+        precision: autocast dtype on CUDA (``fp16`` adds a gradient scaler); the CPU runs fp32.
 
     Returns:
         A :class:`FitResult`. Each history record is ``{"epoch", "loss" (sum of the parts' epoch
@@ -133,9 +160,17 @@ def fit(
         raise ConfigError(f"epochs and steps_per_epoch must be positive, got {epochs} and {steps_per_epoch}")
     t0 = time.perf_counter() if started is None else started
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY, fused=fused)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=WARMUP_FRACTION
-    )
+    total_steps = epochs * steps_per_epoch
+    if schedule == "onecycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=total_steps,
+                                                        pct_start=warmup_fraction)
+    else:
+        warmup = max(1, int(round(total_steps * warmup_fraction)))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimiser, lambda step: lr_factor(step, total=total_steps, warmup=warmup, kind=schedule))
+    device_type = torch.device(device).type
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if device_type == "cuda" else None
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype is torch.float16 else None
     history: list[dict] = []
     best: Validation | None = None
     best_epoch, best_state = 0, None
@@ -145,14 +180,12 @@ def fit(
         model.train()
         parts: dict[str, list[float]] = {}
         for batch in batches():
-            loss_parts = loss(model, batch)
-            total = sum(loss_parts.values())
+            with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss_parts = loss(model, batch)
+                total = sum(loss_parts.values())
             optimiser.zero_grad(set_to_none=True)
-            total.backward()
-            if grad_clip_norm is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
-            optimiser.step()
-            schedule.step()
+            _step(total, model, optimiser, scaler, grad_clip_norm)
+            scheduler.step()
             for name, value in loss_parts.items():
                 parts.setdefault(name, []).append(float(value.detach()))
         model.eval()

@@ -30,13 +30,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from segcore.errors import ConfigError
-from segcore.metrics.dice import dice_per_class
+from segcore.metrics.dice import confusion_counts, dice_from_counts
 from segcore.models import create_model
 from segcore.models.checkpoint import ModelMeta
 from segcore.models.predict import TorchPredictor
 from segcore.normalise import Normalisation, normalise_batch
+from segcore.normalise_fit import describe, fit_normalisation
 from segcore.training.inputs import RESERVED_ARCH_KEYS, as_nhwc, seeded_split
 from segcore.training.loop import Validation, fit, seeded_torch
+from segcore.training.recipe import PatchSampler, SplitKind, augment, split_indices
+from segcore.training.settings import AUGMENTATIONS, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -109,21 +112,6 @@ def _check_inputs(
     return n_train, n_val
 
 
-def _augment(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random flip / rot90 per sample of ``x (B, C, H, W)`` and ``y (B, H, W)`` alike."""
-    square = x.shape[-1] == x.shape[-2]
-    xs, ys = [], []
-    for xi, yi in zip(x, y):
-        k = int(rng.integers(0, 4)) if square else 2 * int(rng.integers(0, 2))
-        flip = bool(rng.integers(0, 2))
-        xi, yi = torch.rot90(xi, k, dims=(-2, -1)), torch.rot90(yi, k, dims=(-2, -1))
-        if flip:
-            xi, yi = xi.flip(-1), yi.flip(-1)
-        xs.append(xi)
-        ys.append(yi)
-    return torch.stack(xs), torch.stack(ys)
-
-
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy + (1 - mean soft Dice of the foreground classes), over the whole batch.
 
@@ -155,6 +143,10 @@ def train_semantic(
     progress: Callable[[dict], None] | None = None,
     time_budget_s: float | None = None,
     init: nn.Module | None = None,
+    ids: Sequence[str] | None = None,
+    val_split: SplitKind = "random",
+    group_pattern: str | None = None,
+    recipe: Recipe = Recipe(),
 ) -> tuple[nn.Module, ModelMeta, list[dict]]:
     """Train a semantic UNet; returns ``(model, meta, history)``.
 
@@ -164,22 +156,30 @@ def train_semantic(
         class_names: class names, background first; their number is the model's output count.
         arch_kwargs: UNet options such as ``{"base": 16, "depth": 3}`` (copied, never changed);
             ``in_channels`` and ``num_classes`` follow from the data and must not be given.
-        normalisation: how raw values become model inputs (stored in the returned meta).
-        epochs: number of passes over the training split.
-        batch_size: images per optimiser step.
-        lr: peak learning rate of AdamW under a one-cycle schedule.
-        val_fraction: fraction of the images held out (seeded) for validation, in (0, 1).
-        seed: seeds the split, the weight initialisation, the shuffling and the augmentation.
+        normalisation: how raw values become model inputs; an unfitted ``zscore``/``ct`` scheme is
+            fitted on the training split (:func:`segcore.normalise_fit.fit_normalisation`). The
+            fitted scheme is stored in the returned meta.
+        epochs: number of passes over the training split (each ``n_train`` patches).
+        batch_size: patches per optimiser step.
+        lr: peak learning rate of AdamW.
+        val_fraction: fraction of the images held out for validation, in (0, 1).
+        seed: seeds the split, the weight initialisation, the sampling and the augmentation.
         progress: called once per epoch with that epoch's history record.
         time_budget_s: stop after the epoch during which this many seconds have passed.
         init: a UNet to start from (fine-tuning; trained in place), built with ``arch_kwargs``,
             ``in_channels`` of the images and ``len(class_names)`` classes; ``None``: random weights.
+        ids: image ids (default ``img_0``, ``img_1``, ...); the ``tail`` and ``group`` splits use them.
+        val_split: ``random``, ``tail`` (the last ids in natural order) or ``group`` (whole groups of
+            ``group_pattern``), see :func:`segcore.training.recipe.split_indices`.
+        group_pattern: regular expression naming an image's group in its id (``group`` split).
+        recipe: patch size, foreground share, augmentation, schedule, device and precision.
 
     Returns:
         The model in eval mode with the weights of the best epoch (highest mean foreground
-        validation Dice), its :class:`ModelMeta` (``provenance`` records the run) and the
-        history: one record per epoch run, ``{"epoch", "loss", "val_dice" (name -> Dice),
-        "val_dice_mean_fg", "lr", "seconds", "elapsed_s"}`` (seconds are wall-clock).
+        validation Dice, pooled over the validation images), its :class:`ModelMeta`
+        (``provenance`` records the run) and the history: one record per epoch run, ``{"epoch",
+        "loss", "val_dice" (name -> pooled Dice), "val_dice_mean_fg", "lr", "seconds",
+        "elapsed_s"}`` (seconds are wall-clock).
     """
     images = as_nhwc(images)
     masks = np.asarray(masks)
@@ -189,42 +189,62 @@ def train_semantic(
         images, masks, class_names=class_names, arch_kwargs=arch_kwargs, epochs=epochs, batch_size=batch_size,
         lr=lr, val_fraction=val_fraction, time_budget_s=time_budget_s,
     )
+    ids = [f"img_{i}" for i in range(images.shape[0])] if ids is None else list(ids)
+    if len(ids) != images.shape[0]:
+        raise ConfigError(f"{len(ids)} ids for {images.shape[0]} images; give one id per image")
     num_classes, in_channels = len(class_names), images.shape[-1]
+    device = torch.device(recipe.device)
     t0 = time.perf_counter()
 
-    rng, train_idx, val_idx = seeded_split(images.shape[0], n_val, seed)
+    if val_split == "random":
+        rng, train_idx, val_idx = seeded_split(images.shape[0], n_val, seed)
+    else:
+        rng = np.random.default_rng(seed)
+        train_idx, val_idx = split_indices(ids, n_val=n_val, rng=rng, how=val_split, group_pattern=group_pattern)
+    n_train = len(train_idx)
+    normalisation = fit_normalisation(normalisation, images[train_idx], masks[train_idx])
+    log.info("normalisation: %s", describe(normalisation))
     x_train = normalise_batch(images[train_idx], normalisation)
     y_train = torch.from_numpy(masks[train_idx].astype(np.int64))
     x_val, y_val = images[val_idx], masks[val_idx]
     meta = ModelMeta(arch="unet", arch_kwargs=arch_kwargs, class_names=class_names, in_channels=in_channels,
                      normalisation=normalisation)
+    sampler = PatchSampler(masks[train_idx], patch=recipe.patch_size, num_classes=num_classes,
+                           fg_fraction=recipe.fg_fraction)
+    steps = math.ceil(n_train / batch_size)
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        perm = rng.permutation(n_train)
-        for start in range(0, n_train, batch_size):
-            batch = torch.from_numpy(perm[start : start + batch_size])
-            yield _augment(x_train[batch], y_train[batch], rng)
+        for step in range(steps):
+            size = min(batch_size, n_train - step * batch_size)
+            picks = sampler.batch(rng, size)
+            x = torch.stack([x_train[i, :, y0:y0 + sampler.ph, x0:x0 + sampler.pw] for i, y0, x0, _ in picks])
+            y = torch.stack([y_train[i, y0:y0 + sampler.ph, x0:x0 + sampler.pw] for i, y0, x0, _ in picks])
+            x, y = augment(x, y, rng, full=recipe.augmentation == "full")
+            if device.type == "cuda":
+                x, y = x.pin_memory(), y.pin_memory()
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
     def loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         x, y = batch
-        return {"loss": segmentation_loss(model(x), y)}
+        return {"loss": segmentation_loss(model(x).float(), y)}
 
     def validate(model: nn.Module) -> Validation:
-        predictor = TorchPredictor(model, meta, device=str(next(model.parameters()).device), precision="fp32")
+        predictor = TorchPredictor(model, meta, device=str(device), precision="fp32")
         pred = predictor.labels(x_val, batch_size=max(batch_size, 32))
-        per_class = dice_per_class(pred, y_val, num_classes).mean(axis=0)
+        tp, fp, fn = (c.sum(axis=0) for c in confusion_counts(pred, y_val, num_classes))
+        per_class, _ = dice_from_counts(tp, fp, fn)
         scores = {"val_dice": {name: float(d) for name, d in zip(class_names, per_class)},
                   "val_dice_mean_fg": float(per_class[1:].mean())}
+        summary = ", ".join(f"{name} {d:.3f}" for name, d in zip(class_names[1:], per_class[1:]))
         return Validation(fields=scores, score=scores["val_dice_mean_fg"], details=scores,
-                          summary=f"val mean foreground Dice {scores['val_dice_mean_fg']:.4f}")
+                          summary=f"val mean foreground Dice {scores['val_dice_mean_fg']:.4f} ({summary})")
 
     with seeded_torch(seed):  # the weights; the loop itself draws nothing from torch's generator
         model = (init if init is not None
-                 else create_model("unet", in_channels=in_channels, num_classes=num_classes, **arch_kwargs))
-        result = fit(model, epochs=epochs, steps_per_epoch=math.ceil(n_train / batch_size), batches=batches,
-                     loss=loss, validate=validate, lr=lr, time_budget_s=time_budget_s, progress=progress,
-                     started=t0)
-    seconds = time.perf_counter() - t0
+                 else create_model("unet", in_channels=in_channels, num_classes=num_classes, **arch_kwargs)).to(device)
+        result = fit(model, epochs=epochs, steps_per_epoch=steps, batches=batches, loss=loss, validate=validate,
+                     lr=lr, time_budget_s=time_budget_s, progress=progress, started=t0, schedule=recipe.schedule,
+                     warmup_fraction=recipe.warmup_fraction, device=device, precision=recipe.precision)
     provenance = {
         "trainer": "segcore.training.semantic.train_semantic",
         "epochs": int(epochs),
@@ -235,17 +255,23 @@ def train_semantic(
         "batch_size": int(batch_size),
         "lr": float(lr),
         "loss": "cross_entropy + soft_dice(foreground)",
-        "augmentation": "flip, rot90",
+        "recipe": recipe.model_dump(mode="json"),
+        "augmentation": AUGMENTATIONS[recipe.augmentation],
+        "normalisation": describe(normalisation),
+        "val_split": val_split,
+        "group_pattern": group_pattern,
+        "val_ids": [ids[i] for i in val_idx],
         "n_train": int(n_train),
-        "n_val": int(n_val),
+        "n_val": int(len(val_idx)),
         "best_epoch": result.best_epoch,
         "val_dice": result.best.details["val_dice"],
         "val_dice_mean_fg": result.best.details["val_dice_mean_fg"],
-        "seconds": round(seconds, 3),
+        "seconds": round(time.perf_counter() - t0, 3),
         "torch_version": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "device": str(device),
     }
-    return model, meta.model_copy(update={"provenance": provenance}), result.history
+    return model.cpu().eval(), meta.model_copy(update={"provenance": provenance}), result.history
 
 
 __all__ = [
@@ -258,6 +284,7 @@ __all__ = [
     "DEMO_N_IMAGES",
     "DEMO_N_TRAIN",
     "DEMO_TIME_BUDGET_S",
+    "Recipe",
     "segmentation_loss",
     "train_semantic",
 ]

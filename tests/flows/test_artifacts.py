@@ -92,3 +92,17 @@ def test_run_names_show_the_run_directory_that_flow_run_fills_in():
     prefix, token = run["name"].split(" -> ")
     assert prefix == "segment a.zarr with unet.safetensors" and "{" not in token
     assert token.endswith("-" + flow_run_id.replace("-", "")[:8]) and token[8] == "T" and token[15] == "Z"
+
+
+def test_training_table_rows_flatten_the_per_class_dice_and_the_curve_is_a_png() -> None:
+    from flows.artifacts import training_table_rows
+    from segcore.figures import training_curve_png
+
+    history = [{"epoch": 1, "loss": 1.234567, "val_dice": {"background": 0.9, "liver": 0.5}, "val_dice_mean_fg": 0.5,
+                "lr": 0.001, "seconds": 2.345, "elapsed_s": 2.5},
+               {"epoch": 2, "loss": 0.5, "val_dice": {"background": 0.95, "liver": 0.75}, "val_dice_mean_fg": 0.75,
+                "lr": 0.0005, "seconds": 2.0, "elapsed_s": 4.5}]
+    assert training_table_rows(history)[0] == {"epoch": 1, "loss": 1.23457, "lr": 0.001, "seconds": 2.35,
+                                               "val_dice_background": 0.9, "val_dice_liver": 0.5,
+                                               "val_dice_mean_fg": 0.5}
+    assert training_curve_png(history).startswith(b"\x89PNG")

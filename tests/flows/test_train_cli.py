@@ -48,3 +48,29 @@ def test_options_a_model_does_not_take_are_refused(stores, capsys) -> None:
     assert "takes no option" in capsys.readouterr().err
     assert main(["train", "--store", stores["sem"], "--model", "unet", "--out", str(out), "--val-fraction", "0"]) == 2
     assert not out.exists()
+
+
+def test_auto_normalisation_picks_ct_for_hounsfield_units_and_says_so(tmp_path, capsys) -> None:
+    """Real CT slices (float32 HU): ingest records the fingerprint, auto picks ct, the fitted values
+    and the choice are in the checkpoint, and the summary prints the best epoch's Dice per class."""
+    ct = Path(__file__).resolve().parents[1] / "data" / "ct-liver"
+    store, out = tmp_path / "ct.zarr", tmp_path / "ct.safetensors"
+    assert main(["ingest", "--images", str(ct / "images"), "--masks", str(ct / "masks"), "--store", str(store)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--store", str(store), "--out", str(out), "--epochs", "1", "--base", "4", "--depth", "2",
+                 "--class-names", "background,liver,tumour", "--val-fraction", "0.5",
+                 "--group-pattern", r"ct_z0(\d)"]) == 0
+    text = capsys.readouterr().out
+    meta = read_meta(out)
+    choice = meta.provenance["normalisation_choice"]
+    assert (choice["asked"], choice["chose"]) == ("auto", "ct") and choice["fingerprint"]["negative"] is True
+    assert meta.normalisation.mode == "ct" and meta.normalisation.clip_low is not None
+    assert meta.provenance["val_split"] == "group"
+    assert sorted(meta.provenance["val_ids"]) in (["ct_z030", "ct_z031"], ["ct_z070", "ct_z071"])
+    assert "validation Dice per class: background" in text and "[auto:" in text and "normalisation: ct" in text
+
+
+def test_bad_normalisation_choices_are_refused(stores, capsys) -> None:
+    out = Path(stores["root"]) / "bad.safetensors"
+    assert main(["train", "--store", stores["sem"], "--out", str(out), "--normalisation", "window:5,1"]) == 2
+    assert "window" in capsys.readouterr().err and not out.exists()

@@ -114,7 +114,7 @@ def test_wrong_rank_is_refused(shape: tuple[int, ...]) -> None:
         ({"mean": (0.5,)}, "both mean and std"),
         ({"std": (0.5,)}, "both mean and std"),
         ({"mean": (0.5, 0.5), "std": (0.5, 0.0)}, "std values must be > 0"),
-        ({"mode": "zscore"}, "mode"),
+        ({"mode": "minmax"}, "mode"),
         ({"unknown": 1}, "unknown"),
     ],
 )

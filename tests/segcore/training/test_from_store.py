@@ -72,10 +72,11 @@ def test_trains_the_stores_images_and_writes_a_described_checkpoint(semantic_sto
     assert result.best_val_score == p["val_dice_mean_fg"] == max(r["val_dice_mean_fg"] for r in result.history)
 
     # The same as training on the store's arrays directly: bit for bit.
-    images, labels, _ = read_labelled(semantic_store)
+    images, labels, ids = read_labelled(semantic_store)
     direct, _, _ = train_semantic(images, labels.astype(np.int64), class_names=meta.class_names,
                                   arch_kwargs={"base": 4, "depth": 3}, normalisation=NORM, epochs=2, batch_size=4,
-                                  lr=3e-3, val_fraction=0.34, seed=0)
+                                  lr=3e-3, val_fraction=0.34, seed=0, ids=ids, val_split="tail")
+    assert p["val_split"] == "tail" and p["val_ids"] == sorted(ids)[-2:]  # the default: a contiguous hold-out
     expected = direct.state_dict()
     assert all(torch.equal(t, expected[k]) for k, t in model.state_dict().items())
 
@@ -160,3 +161,6 @@ def test_mask_rcnn_head_replacement_keeps_the_backbone():
     assert heads.mask_predictor.mask_fcn_logits.out_channels == 3 and net.num_classes == 3
     for k, v in before.items():
         torch.testing.assert_close(net.state_dict()[k], v, rtol=0, atol=0)
+
+    record["val_dice"] = {"background": 0.99, "liver": 0.9123, "tumour": 0.7}
+    assert epoch_line(record, epochs=10).startswith("epoch 2/10: loss 0.4123, val_dice liver 0.912/tumour 0.700, ")

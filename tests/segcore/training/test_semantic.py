@@ -8,7 +8,7 @@ import torch
 
 from segcore.models.checkpoint import load_checkpoint, save_checkpoint
 from segcore.errors import ConfigError
-from segcore.metrics.dice import dice_per_class
+from segcore.metrics.dice import confusion_counts, dice_per_class
 from segcore.normalise import Normalisation
 from segcore.collection.imageio import read_image, read_mask
 from segcore.synthetic import CLASS_NAMES, generate_collection, make_sample
@@ -117,7 +117,8 @@ def test_returned_weights_are_those_of_the_best_epoch(tiny_data, tmp_path):
     model, meta, _ = _train(images, masks, epochs=3, val_fraction=0.25)
     val_idx = np.sort(np.random.default_rng(0).permutation(len(images))[:2])
     pred = TorchPredictor(model.eval(), meta).labels(images[val_idx])
-    dice = dice_per_class(pred, masks[val_idx], len(CLASS_NAMES)).mean(axis=0)
+    tp, fp, fn = (c.sum(axis=0) for c in confusion_counts(pred, masks[val_idx], len(CLASS_NAMES)))
+    dice = 2 * tp / (2 * tp + fp + fn)  # pooled over the validation images
     assert dict(zip(CLASS_NAMES, dice.tolist())) == pytest.approx(meta.provenance["val_dice"])
     # And the checkpoint round trip keeps predictions identical.
     loaded, _ = load_checkpoint(save_checkpoint(tmp_path / "m.safetensors", model, meta))

@@ -1,0 +1,67 @@
+"""A store's dataset fingerprint: what its pixel values look like, recorded at ingest.
+
+``{"dtype": "float32", "dtypes": [...], "channels": 1, "min": -1063.25, "max": 1684.25,
+"negative": true, "images": 96}`` sits in the store's attributes (``segflow.fingerprint``).
+Each chunk write records every decoded image's value range in its row (``value_min``,
+``value_max``, not manifest columns); the ingest's finish folds them with the fingerprint the
+store already had (an incremental ingest widens it). ``segflow train --normalisation auto``
+chooses a scheme from it (:func:`segcore.normalise_fit.choose_normalisation`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import zarr
+
+ATTR = "fingerprint"
+
+
+def value_range(image: np.ndarray) -> dict[str, float]:
+    """``{"value_min", "value_max"}`` of one decoded image (NaNs ignored; 0, 0 when all are NaN)."""
+    a = np.asarray(image)
+    if a.size == 0 or (a.dtype.kind == "f" and np.isnan(a).all()):
+        return {"value_min": 0.0, "value_max": 0.0}
+    return {"value_min": float(np.nanmin(a)), "value_max": float(np.nanmax(a))}
+
+
+def fold(rows: Iterable[Mapping[str, Any]], previous: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """The fingerprint of ``previous`` widened by the decoded rows (``status == "ok"`` with a value
+    range); ``None`` when there is neither."""
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("value_min") is not None]
+    if not ok:
+        return dict(previous) if previous else None
+    dtypes = sorted({str(r["dtype"]) for r in ok} | set((previous or {}).get("dtypes", [])))
+    lo = min(r["value_min"] for r in ok)
+    hi = max(r["value_max"] for r in ok)
+    if previous:
+        lo, hi = min(lo, previous["min"]), max(hi, previous["max"])
+    channels = max([int(r["channels"]) for r in ok] + [int((previous or {}).get("channels", 0))])
+    return {"dtype": dtypes[0] if len(dtypes) == 1 else "mixed", "dtypes": dtypes, "channels": channels,
+            "min": float(lo), "max": float(hi), "negative": bool(lo < 0),
+            "images": len(ok) + int((previous or {}).get("images", 0))}
+
+
+def of_images(images: np.ndarray) -> dict[str, Any]:
+    """The fingerprint of ``(N, H, W, C)`` images in memory (for stores ingested before fingerprints)."""
+    rows = [dict(status="ok", dtype=str(images.dtype), channels=images.shape[-1], **value_range(im)) for im in images]
+    return fold(rows) or {}
+
+
+def read_fingerprint(store_path: str) -> dict[str, Any] | None:
+    """The fingerprint recorded in a store's attributes; ``None`` for stores made before it existed."""
+    root = zarr.open_group(str(store_path), mode="r")
+    return dict(root.attrs).get("segflow", {}).get(ATTR)
+
+
+def write_fingerprint(store_path: str, fingerprint: Mapping[str, Any] | None) -> None:
+    """Record ``fingerprint`` in the store's attributes (nothing to do for ``None``)."""
+    if fingerprint is None:
+        return
+    root = zarr.open_group(str(store_path), mode="r+")
+    attrs = dict(root.attrs)["segflow"]
+    root.attrs["segflow"] = {**attrs, ATTR: dict(fingerprint)}
+
+
+__all__ = ["ATTR", "fold", "of_images", "read_fingerprint", "value_range", "write_fingerprint"]

@@ -1,0 +1,210 @@
+"""Pieces of the semantic training recipe: validation split, patch sampling, augmentation, schedule.
+
+- :func:`split_indices`: hold out images for validation at random, as a contiguous tail (in
+  natural order of the image ids), or by *group* (a regular expression on the image ids names the
+  volume or source an image comes from; a group never straddles the split);
+- :class:`PatchSampler`: training patches of ``patch`` pixels; in every batch a share
+  (``fg_fraction``, default a third) is centred on a labelled pixel of a foreground class drawn
+  uniformly, so that small classes are seen; images no larger than the patch are taken whole
+  (the foreground draw then picks an image that holds the class);
+- :func:`augment`: flips and 90-degree turns, intensity scale/shift, a small random affine;
+- :func:`lr_factor`: linear warm-up, then poly or cosine decay.
+
+Everything random draws from a :class:`numpy.random.Generator` the caller seeds.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from segcore.errors import ConfigError
+
+#: How the validation images are chosen.
+SplitKind = Literal["random", "tail", "group"]
+#: Share of every batch centred on a foreground pixel.
+FG_FRACTION = 1 / 3
+#: Largest rotation (degrees) and relative scale change of the random affine.
+AFFINE_DEGREES = 15.0
+AFFINE_SCALE = 0.1
+#: Probability of the affine, the intensity scale and the intensity shift per sample.
+AFFINE_P = 0.3
+INTENSITY_P = 0.5
+#: Intensity scale factor drawn from ``1 +/- INTENSITY_SCALE``, shift from ``+/- INTENSITY_SHIFT`` (normalised units).
+INTENSITY_SCALE = 0.1
+INTENSITY_SHIFT = 0.1
+
+
+def natural_key(text: str) -> tuple:
+    """Sort key that orders digit runs by value: ``z9`` before ``z10``."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text))
+
+
+def groups_of(ids: Sequence[str], pattern: str) -> list[str]:
+    """The group of each image id: the pattern's first capture group (or whole match) found in the
+    id by :func:`re.search`; an id it does not match is a group of its own."""
+    try:
+        rx = re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"group pattern {pattern!r} is not a regular expression: {exc}") from exc
+    out = []
+    for image_id in ids:
+        m = rx.search(image_id)
+        out.append(image_id if m is None else (m.group(1) if rx.groups else m.group(0)))
+    return out
+
+
+def split_indices(ids: Sequence[str], *, n_val: int, rng: np.random.Generator, how: SplitKind,
+                  group_pattern: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(train_idx, val_idx)``, sorted int64 indices into ``ids``.
+
+    ``random``: ``n_val`` images drawn by ``rng``. ``tail``: the last ``n_val`` ids in natural
+    order (a contiguous hold-out of consecutive slices). ``group``: whole groups
+    (:func:`groups_of`), drawn by ``rng`` until at least ``n_val`` images are held out; at least
+    one group stays for training.
+    """
+    n = len(ids)
+    if not 0 < n_val < n:
+        raise ConfigError(f"a validation split needs 0 < n_val < {n} images, got {n_val}")
+    if how == "random":
+        order = rng.permutation(n)
+        return np.sort(order[n_val:]), np.sort(order[:n_val])
+    if how == "tail":
+        order = np.array(sorted(range(n), key=lambda i: natural_key(ids[i])), dtype=np.int64)
+        return np.sort(order[:-n_val]), np.sort(order[-n_val:])
+    if how != "group":
+        raise ConfigError(f"unknown validation split {how!r}; choose random, tail or group")
+    if not group_pattern:
+        raise ConfigError("a group split needs a group pattern (--group-pattern REGEX on the image ids)")
+    groups = groups_of(ids, group_pattern)
+    names = sorted(set(groups), key=natural_key)
+    if len(names) < 2:
+        raise ConfigError(f"group pattern {group_pattern!r} puts all {n} images in one group ({names[0]!r}); "
+                          "a group split needs two or more groups: use --val-split tail for one volume")
+    held: set[str] = set()
+    count = 0
+    for g in (names[i] for i in rng.permutation(len(names))):
+        if count >= n_val or len(held) == len(names) - 1:
+            break
+        held.add(g)
+        count += groups.count(g)
+    val = np.array([i for i, g in enumerate(groups) if g in held], dtype=np.int64)
+    train = np.array([i for i, g in enumerate(groups) if g not in held], dtype=np.int64)
+    return train, val
+
+
+class PatchSampler:
+    """Draws training patches ``(image, y0, x0)`` of a ``(N, H, W)`` label set.
+
+    Args:
+        masks: ``(N, H, W)`` integer labels of the training images (0 = background).
+        patch: patch side in pixels; an image side no larger than it is taken whole.
+        num_classes: number of classes, background included.
+        fg_fraction: share of each batch centred on a foreground pixel (rounded per batch).
+    """
+
+    def __init__(self, masks: np.ndarray, *, patch: int, num_classes: int, fg_fraction: float = FG_FRACTION) -> None:
+        if masks.ndim != 3 or masks.shape[0] == 0:
+            raise ConfigError(f"a patch sampler needs (N, H, W) labels with N > 0, got {masks.shape}")
+        if patch < 1 or not 0.0 <= fg_fraction <= 1.0:
+            raise ConfigError(f"patch must be positive and fg_fraction in [0, 1], got {patch}, {fg_fraction}")
+        self.n, self.height, self.width = masks.shape
+        self.ph, self.pw = min(patch, self.height), min(patch, self.width)
+        self.fg_fraction = fg_fraction
+        flat = masks.reshape(-1)
+        #: Flat pixel indices per foreground class present (at most a million each, evenly strided).
+        self.pixels = {}
+        for c in range(1, num_classes):
+            where = np.flatnonzero(flat == c)
+            if where.size:
+                self.pixels[c] = where[:: max(1, -(-where.size // 1_000_000))]
+
+    def _corner(self, centre: int, side: int, size: int) -> int:
+        return int(min(max(centre - side // 2, 0), size - side))
+
+    def batch(self, rng: np.random.Generator, size: int) -> list[tuple[int, int, int, bool]]:
+        """``size`` patches ``(image, y0, x0, centred_on_foreground)``; the last
+        ``round(size * fg_fraction)`` are centred on foreground (when the set has any)."""
+        n_fg = int(round(size * self.fg_fraction)) if self.pixels else 0
+        out = []
+        for i in range(size):
+            if i >= size - n_fg:
+                classes = sorted(self.pixels)
+                c = classes[int(rng.integers(len(classes)))]
+                p = int(self.pixels[c][int(rng.integers(self.pixels[c].size))])
+                img, rest = divmod(p, self.height * self.width)
+                y, x = divmod(rest, self.width)
+                out.append((img, self._corner(y, self.ph, self.height), self._corner(x, self.pw, self.width), True))
+            else:
+                img = int(rng.integers(self.n))
+                y0 = int(rng.integers(self.height - self.ph + 1))
+                x0 = int(rng.integers(self.width - self.pw + 1))
+                out.append((img, y0, x0, False))
+        return out
+
+
+def _affine(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A small random rotation + scale of ``x (C, H, W)`` (bilinear, border) and ``y (H, W)`` (nearest)."""
+    angle = math.radians(rng.uniform(-AFFINE_DEGREES, AFFINE_DEGREES))
+    s = 1.0 + rng.uniform(-AFFINE_SCALE, AFFINE_SCALE)
+    cos, sin = math.cos(angle) / s, math.sin(angle) / s
+    theta = torch.tensor([[[cos, -sin, 0.0], [sin, cos, 0.0]]], dtype=torch.float32)
+    grid = F.affine_grid(theta, [1, x.shape[0], x.shape[1], x.shape[2]], align_corners=False)
+    xo = F.grid_sample(x[None].float(), grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+    yo = F.grid_sample(y[None, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)[0, 0]
+    return xo.to(x.dtype), yo.round().to(y.dtype)
+
+
+def augment(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, *, full: bool = True
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augment a batch: ``x (B, C, H, W)`` float inputs and ``y (B, H, W)`` labels alike.
+
+    Per sample: a random 90-degree turn (square patches; else 0 or 180) and a horizontal flip;
+    with ``full`` also, each with its probability, a small affine (:data:`AFFINE_DEGREES`,
+    :data:`AFFINE_SCALE`), an intensity scale and an intensity shift (inputs only).
+    """
+    square = x.shape[-1] == x.shape[-2]
+    xs, ys = [], []
+    for xi, yi in zip(x, y):
+        k = int(rng.integers(0, 4)) if square else 2 * int(rng.integers(0, 2))
+        flip = bool(rng.integers(0, 2))
+        xi, yi = torch.rot90(xi, k, dims=(-2, -1)), torch.rot90(yi, k, dims=(-2, -1))
+        if flip:
+            xi, yi = xi.flip(-1), yi.flip(-1)
+        if full:
+            draws = rng.random(3)
+            if draws[0] < AFFINE_P:
+                xi, yi = _affine(xi, yi, rng)
+            if draws[1] < INTENSITY_P:
+                xi = xi * float(1.0 + rng.uniform(-INTENSITY_SCALE, INTENSITY_SCALE))
+            if draws[2] < INTENSITY_P:
+                xi = xi + float(rng.uniform(-INTENSITY_SHIFT, INTENSITY_SHIFT))
+        xs.append(xi)
+        ys.append(yi)
+    return torch.stack(xs), torch.stack(ys)
+
+
+def lr_factor(step: int, *, total: int, warmup: int, kind: Literal["poly", "cosine"]) -> float:
+    """Multiplier of the peak learning rate at optimiser step ``step`` (0-based) of ``total``.
+
+    Linear warm-up over the first ``warmup`` steps (``(step + 1) / warmup``), then ``poly``:
+    ``(1 - t) ** 0.9`` or ``cosine``: ``0.5 * (1 + cos(pi t))``, with ``t`` the share of the
+    remaining steps done (0 at the end of warm-up, 1 at ``total``).
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    if kind == "poly":
+        return (1.0 - t) ** 0.9
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+    raise ConfigError(f"unknown schedule {kind!r}; choose poly or cosine")
+
+
+__all__ = ["FG_FRACTION", "PatchSampler", "SplitKind", "augment", "groups_of", "lr_factor", "natural_key",
+           "split_indices"]

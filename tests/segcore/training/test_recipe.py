@@ -1,0 +1,91 @@
+"""Tests of the recipe pieces: validation splits (a group never straddles), patch sampling with
+foreground oversampling, augmentation and the learning-rate schedule, on hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from segcore.errors import ConfigError
+from segcore.training.recipe import PatchSampler, augment, groups_of, lr_factor, natural_key, split_indices
+
+
+@settings(max_examples=60, deadline=None)
+@given(groups=st.lists(st.integers(0, 6), min_size=2, max_size=40), n_val_share=st.floats(0.01, 0.99),
+       seed=st.integers(0, 2**16))
+def test_a_group_never_straddles_the_split(groups, n_val_share, seed) -> None:
+    ids = [f"vol{g}_slice{i:03d}" for i, g in enumerate(groups)]
+    if len(set(groups)) < 2:
+        with pytest.raises(ConfigError, match="one group"):
+            split_indices(ids, n_val=1, rng=np.random.default_rng(seed), how="group", group_pattern=r"^(vol\d+)_")
+        return
+    n_val = min(len(ids) - 1, max(1, int(len(ids) * n_val_share)))
+    train, val = split_indices(ids, n_val=n_val, rng=np.random.default_rng(seed), how="group",
+                               group_pattern=r"^(vol\d+)_")
+    assert sorted(np.concatenate([train, val]).tolist()) == list(range(len(ids)))
+    assert len(train) and len(val)
+    assert not {groups[i] for i in train} & {groups[i] for i in val}
+
+
+def test_groups_come_from_the_first_capture_group_or_the_match() -> None:
+    assert groups_of(["a_z1", "a_z2", "b_z1", "other"], r"^(\w)_z") == ["a", "a", "b", "other"]
+    assert groups_of(["case7-slice1"], r"case\d+") == ["case7"]
+
+
+def test_tail_holds_out_the_last_ids_in_natural_order() -> None:
+    ids = ["z10", "z9", "z1", "z2", "z11"]  # natural order: z1 z2 z9 z10 z11
+    train, val = split_indices(ids, n_val=2, rng=np.random.default_rng(0), how="tail")
+    assert [ids[i] for i in val] == ["z10", "z11"] and [ids[i] for i in train] == ["z9", "z1", "z2"]
+    assert sorted(ids, key=natural_key) == ["z1", "z2", "z9", "z10", "z11"]
+
+
+def test_a_third_of_each_batch_is_centred_on_a_foreground_pixel() -> None:
+    masks = np.zeros((3, 40, 40), dtype=np.int64)
+    masks[1, 30, 5] = 2  # one tumour pixel near the border
+    masks[2, 10:12, 20:22] = 1
+    sampler = PatchSampler(masks, patch=16, num_classes=3)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        batch = sampler.batch(rng, 6)
+        assert [fg for *_, fg in batch] == [False] * 4 + [True] * 2
+        for img, y0, x0, fg in batch:
+            assert 0 <= y0 <= 24 and 0 <= x0 <= 24
+            if fg:  # the patch holds the labelled pixel, centred unless the border stops it
+                assert masks[img, y0:y0 + 16, x0:x0 + 16].any()
+    # The single tumour pixel (30, 5): centre 30 - 8 = 22, x 5 - 8 < 0 -> 0.
+    tumour = [b for b in sampler.batch(np.random.default_rng(1), 300) if b[0] == 1 and b[3]]
+    assert tumour and all((y0, x0) == (22, 0) for _, y0, x0, _ in tumour)
+
+
+def test_images_no_larger_than_the_patch_are_taken_whole() -> None:
+    masks = np.zeros((4, 8, 8), dtype=np.int64)
+    masks[3, 2, 2] = 1
+    sampler = PatchSampler(masks, patch=32, num_classes=2)
+    batch = sampler.batch(np.random.default_rng(0), 3)
+    assert (sampler.ph, sampler.pw) == (8, 8) and all(b[1:3] == (0, 0) for b in batch)
+    assert batch[-1][0] == 3  # the foreground draw picks the image that holds the class
+
+
+def test_schedule_values_by_hand() -> None:
+    assert lr_factor(0, total=100, warmup=10, kind="poly") == pytest.approx(0.1)
+    assert lr_factor(9, total=100, warmup=10, kind="poly") == pytest.approx(1.0)
+    assert lr_factor(10, total=100, warmup=10, kind="poly") == pytest.approx(1.0)
+    assert lr_factor(55, total=100, warmup=10, kind="poly") == pytest.approx(0.5**0.9)
+    assert lr_factor(55, total=100, warmup=10, kind="cosine") == pytest.approx(0.5)
+    assert lr_factor(100, total=100, warmup=10, kind="cosine") == pytest.approx(0.0)
+    assert lr_factor(20, total=50, warmup=10, kind="cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_augment_moves_inputs_and_labels_alike() -> None:
+    x = torch.arange(64, dtype=torch.float32).reshape(1, 1, 8, 8).repeat(4, 1, 1, 1)
+    y = torch.arange(64).reshape(1, 8, 8).repeat(4, 1, 1)
+    xa, ya = augment(x, y, np.random.default_rng(3), full=False)
+    torch.testing.assert_close(xa[:, 0], ya.float())  # flips and turns only: the same pixels move together
+    xf, yf = augment(x, y, np.random.default_rng(3), full=True)
+    assert xf.shape == x.shape and yf.shape == y.shape and yf.dtype == y.dtype
+    assert set(yf.unique().tolist()) <= set(range(64))  # labels stay labels (nearest)
