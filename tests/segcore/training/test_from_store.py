@@ -109,6 +109,8 @@ def test_epoch_line_lists_the_float_validation_scores():
     record = {"epoch": 2, "loss": 0.41234, "val_dice": {"a": 0.5}, "val_dice_mean_fg": 0.81249, "val_f1": None,
               "lr": 0.001, "seconds": 3.14}
     assert epoch_line(record, epochs=10) == "epoch 2/10: loss 0.4123, val_dice_mean_fg 0.812 (3.1 s)"
+    record["val_dice"] = {"background": 0.99, "liver": 0.9123, "tumour": 0.7}
+    assert epoch_line(record, epochs=10).startswith("epoch 2/10: loss 0.4123, val_dice liver 0.912/tumour 0.700, ")
 
 
 def test_init_fine_tunes_from_the_parent_and_records_its_sha256(semantic_store, tmp_path):
@@ -161,6 +163,3 @@ def test_mask_rcnn_head_replacement_keeps_the_backbone():
     assert heads.mask_predictor.mask_fcn_logits.out_channels == 3 and net.num_classes == 3
     for k, v in before.items():
         torch.testing.assert_close(net.state_dict()[k], v, rtol=0, atol=0)
-
-    record["val_dice"] = {"background": 0.99, "liver": 0.9123, "tumour": 0.7}
-    assert epoch_line(record, epochs=10).startswith("epoch 2/10: loss 0.4123, val_dice liver 0.912/tumour 0.700, ")
