@@ -19,7 +19,7 @@ from flows.ingest import ingest_steps
 from flows.names import ingest_run_name, run_run_name, segment_run_name
 from segcore import fsio
 from segcore.collection.versions import current_manifest, current_rows
-from segcore.collection.store import open_store, read_manifest, spec_json, store_exists
+from segcore.collection.store import read_manifest, spec_json, store_exists
 from segcore.config import ExecutionSpec, IngestSpec, RunSpec, SegmentSpec, flow_run_token, with_flow_run
 from segcore.errors import CheckpointError, SegflowError
 from segcore.metrics.summary import render_markdown, summarise_dice, summarise_instances
