@@ -7,6 +7,10 @@ Both sides use the same checkpoint and the same ingested Zarr store:
 - pipeline: ``segflow segment`` end to end (Prefect flow, Dask LocalCluster of worker processes,
             model load per worker, mask writes, Dice against ground truth, Parquet parts, summary).
 
+The bare loop runs once before the pipeline and once after it, and the ratio is taken against the
+mean of the two, so that a shared machine slowing down or speeding up during the ~10-minute
+measurement weighs on both sides alike (both bare figures are printed).
+
 Prints images/s of each and the ratio pipeline/bare. Not a test: figures go to bench/RESULTS.md.
 
     .venv/bin/python bench/throughput.py --images 2000 --size 256
@@ -103,8 +107,7 @@ def main() -> None:
                                                      normalisation=DEMO_NORMALISATION))
 
     n, bare_s = bare_loop(str(store), checkpoint, args.batch_size)
-    bare_ips = n / bare_s
-    print(f"bare model(x) loop: {n} images in {bare_s:.1f} s = {bare_ips:.2f} images/s "
+    print(f"bare model(x) loop, before: {n} images in {bare_s:.1f} s = {n / bare_s:.2f} images/s "
           f"(torch threads {torch.get_num_threads()})")
 
     run_dir = work / "run"
@@ -121,6 +124,11 @@ def main() -> None:
     units = [json.loads(p.read_text()) for p in (run_dir / "units").glob("*.json")]  # the units' done-records
     assert sum(u["n_images"] for u in units) == n
     pipe_ips = n / pipe_s
+    n_after, bare_after_s = bare_loop(str(store), checkpoint, args.batch_size)
+    assert n_after == n
+    print(f"bare model(x) loop, after: {n} images in {bare_after_s:.1f} s = {n / bare_after_s:.2f} images/s")
+    bare_ips = n / ((bare_s + bare_after_s) / 2)
+    print(f"bare loop, mean of the two: {bare_ips:.2f} images/s")
     print(f"segflow segment (end to end): {n} images in {pipe_s:.1f} s = {pipe_ips:.2f} images/s "
           f"({summary['units']} units)")
     print(f"  inside units: predict {sum(u['timing']['predict_s'] for u in units):.1f} s, "
