@@ -8,6 +8,11 @@ import dask
 from prefect_dask import DaskTaskRunner
 
 from segcore.config import ExecutionSpec
+from segcore.errors import SegflowError
+
+#: Seconds to wait for the temporary Prefect server (Prefect's own default of 20 s is too short on a
+#: busy machine, where importing the server and opening its database can take longer).
+SERVER_START_TIMEOUT_S = 120
 
 
 def _gpu_count() -> int:
@@ -63,6 +68,9 @@ def share_prefect_api() -> None:
     server of their own (seconds of start-up and CPU each, and their task runs would not show
     in the flow's server). So start that temporary server here, once, and export its URL in the
     environment that local workers inherit. A configured ``PREFECT_API_URL`` is left alone.
+
+    Raises :class:`SegflowError` (a one-line error on the command line) when the server does not
+    answer within :data:`SERVER_START_TIMEOUT_S` seconds.
     """
     from prefect.settings import PREFECT_API_URL
 
@@ -71,6 +79,12 @@ def share_prefect_api() -> None:
         from prefect.server.api.server import SubprocessASGIServer
 
         server = SubprocessASGIServer()  # the same instance Prefect's client uses for ephemeral mode
-        server.start()
+        try:
+            server.start(timeout=SERVER_START_TIMEOUT_S)
+        except RuntimeError as exc:
+            raise SegflowError(
+                f"the temporary Prefect server did not answer within {SERVER_START_TIMEOUT_S} s (a busy machine?); "
+                "run the command again, or start a server once (`prefect server start`) and set PREFECT_API_URL "
+                f"to it: {' '.join(str(exc).split())[:300]}") from exc
         url = server.api_url
     os.environ["PREFECT_API_URL"] = url
