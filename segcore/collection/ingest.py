@@ -171,9 +171,14 @@ def start_ingest(spec: IngestSpec) -> IngestStart:
 _HOW = {"overwrite", "incremental"}  # how to ingest, not what the store holds
 
 
-def _same_spec(recorded: dict[str, Any], spec: IngestSpec) -> bool:
+def _changed_options(recorded: dict[str, Any], spec: IngestSpec) -> list[str]:
+    """The options of ``spec`` that differ from those ``recorded`` (keys newer than the record: defaults)."""
     now = spec_json(spec)
-    return all(now.get(k) == v for k, v in recorded.items() if k not in _HOW)
+    return sorted(k for k, v in recorded.items() if k not in _HOW and now.get(k) != v)
+
+
+def _same_spec(recorded: dict[str, Any], spec: IngestSpec) -> bool:
+    return not _changed_options(recorded, spec)
 
 
 def _staged_files_gone(record: IngestRecord, done: dict[str, Any]) -> bool:
@@ -196,22 +201,19 @@ def _unfinished(spec: IngestSpec, rows: tuple[Row, ...], found: str) -> IngestSt
     """A store without a manifest: resume its ingest when it is one of the same files and options."""
     info = open_store(spec.store)  # only ever resume or replace a segflow store
     record = read_plan(spec.store)
-    if record is not None and record.kind == "create":
-        diffs = differences(record, rows)
-        same = _same_spec(record.spec, spec)
-        if same and not diffs and not _staged_files_gone(record, done_chunks(spec.store)):
+    options = _changed_options(info.spec if record is None else record.spec, spec)
+    diffs = [] if record is None else differences(record, rows)
+    if record is not None and record.kind == "create" and not options and not diffs:
+        if not _staged_files_gone(record, done_chunks(spec.store)):
             return _resuming(spec, rows, found, record)
-        if same and not diffs:
-            return IngestStart(rows=rows, overwrite=True, notes=(found,), warnings=(
-                f"{spec.store} holds an interrupted ingest of the same sources, but the files it staged from URLs "
-                "are gone; starting it again",))
-        what = "; ".join(diffs) if diffs else "other options"
-    elif _same_spec(info.spec, spec):
+        return IngestStart(rows=rows, overwrite=True, notes=(found,), warnings=(
+            f"{spec.store} holds an interrupted ingest of the same sources, but the files it staged from URLs "
+            "are gone; starting it again",))
+    if (record is None or record.kind != "create") and not options:
         return IngestStart(rows=rows, overwrite=True, notes=(found,), warnings=(
             f"{spec.store} holds an ingest interrupted before its first chunk (or by an older segflow): nothing to "
             "resume; starting it again",))
-    else:
-        what = "other options"
+    what = "; ".join(diffs + ([f"other options: {', '.join(options)}"] if options else []))
     if spec.overwrite or spec.incremental:  # an incremental ingest cannot pass --overwrite: it starts again
         return IngestStart(rows=rows, overwrite=True, notes=(found,), warnings=(
             f"{spec.store} holds an interrupted ingest of other sources or options ({what}); replacing it",))
