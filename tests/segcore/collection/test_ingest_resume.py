@@ -62,7 +62,7 @@ def _scramble_files_of_written_chunks(store: str) -> int:
     n = 0
     for rows in done_chunks(store).values():
         for r in rows:
-            for path in (r["source_path"], r["mask_path"]):
+            for path in filter(None, (r["source_path"], r["mask_path"])):
                 st = os.stat(path)
                 Path(path).write_bytes(bytes(st.st_size))
                 os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
