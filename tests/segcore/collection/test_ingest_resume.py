@@ -130,7 +130,7 @@ def test_killed_after_the_manifest_the_rerun_reuses_the_store(five):
     assert_same_store(spec.store, clean)
 
 
-def test_an_interrupted_ingest_of_other_files_or_options_is_refused_by_name(five, tmp_path):
+def test_an_interrupted_ingest_of_other_files_or_options_is_refused_by_name(five):
     spec, clean = five
     _interrupted(spec, chunks_written=1)
     with pytest.raises(StoreError, match=r"interrupted ingest of other sources or options \(other options: "
@@ -144,7 +144,7 @@ def test_an_interrupted_ingest_of_other_files_or_options_is_refused_by_name(five
         start_ingest(spec.model_copy(update={"store": clean, "max_chunk_images": 1}))
 
 
-def test_a_store_interrupted_before_its_plan_is_started_again(five, tmp_path):
+def test_a_store_interrupted_before_its_plan_is_started_again(five):
     spec, clean = five
     _interrupted(spec, chunks_written=1)
     (Path(spec.store) / RECORD_DIR / "plan.json").unlink()  # killed before the plan was recorded (or an old segflow)
