@@ -4,7 +4,8 @@ Composition only: :mod:`segcore.collection.ingest` decides what to probe, what i
 groups and chunks to write and which manifest to write; this module fans the probing and the chunk
 writes out as tasks and gathers them. A full ingest creates the store (or reuses an identical
 one); an incremental ingest appends the landing zone's new files to it (see
-:mod:`segcore.collection.incremental`). Files behind fsspec URLs are staged locally first
+:mod:`segcore.collection.incremental`). Re-run after an interruption, an ingest resumes: the chunks
+it had written are kept and only the others are decoded (:mod:`segcore.collection.resume`). Files behind fsspec URLs are staged locally first
 (:mod:`segcore.collection.landing`).
 """
 
@@ -17,7 +18,8 @@ from prefect import get_run_logger
 from prefect.futures import as_completed
 
 from segcore.collection.ingest import (IngestPlan, IngestResult, IngestStart, chunk_label, finish_ingest, open_append,
-                                       plan_append, plan_creation, probe_batches, probe_staging, start_ingest)
+                                       plan_append, plan_creation, probe_batches, probe_staging, resume_plan,
+                                       start_ingest)
 from segcore.collection.landing import remove_staging
 from segcore.config import IngestSpec
 from tasks.ingest import probe_files, write_chunk
@@ -56,7 +58,9 @@ def ingest_steps(spec: IngestSpec) -> dict[str, Any]:
 
 
 def _plan(spec: IngestSpec, start: IngestStart) -> IngestPlan:
-    """Probe what must be read, then plan the new store or the append."""
+    """Probe what must be read, then plan the new store or the append (resuming: the chunks left to write)."""
+    if start.resume is not None:
+        return resume_plan(spec, start)
     if start.append:
         state = open_append(spec, start)
         return plan_append(spec, start, state, _probe(spec, state.to_probe))

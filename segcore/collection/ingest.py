@@ -16,6 +16,14 @@ every function here runs in the caller's process. In order::
     plan = plan_append(spec, state, probed)           # new files, next batch, groups; appends them
     plan.result                                       # set: nothing new (the manifest is up to date)
     result = finish_ingest(spec, plan, written)       # supersedes old versions, writes the manifest
+    # resume (start.resume is set: an interrupted ingest of the same files and options)
+    plan = resume_plan(spec, start)                   # nothing probed: the chunks not written yet
+    result = finish_ingest(spec, plan, written)
+
+The plan of an ingest is recorded in the store before its first chunk is written, and each chunk
+is marked once written (:mod:`segcore.collection.resume`), so an ingest killed in any phase
+continues when run again: killed while listing or probing, the store does not exist yet; killed
+later, its written chunks are kept and only the others are decoded.
 
 Files behind fsspec URLs are staged by the probe (see :func:`probe_staging`); the caller removes
 the staging directory at the end (:func:`segcore.collection.landing.remove_staging`).
@@ -24,6 +32,7 @@ the staging directory at the end (:func:`segcore.collection.landing.remove_stagi
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import pyarrow as pa
@@ -32,6 +41,8 @@ from segcore.collection.fingerprint import fold, read_fingerprint, write_fingerp
 from segcore.collection.incremental import (append_groups, drop_unlisted_groups, next_batch, refresh_signatures,
                                             select_new, supersede, unchanged_sources)
 from segcore.collection.landing import is_remote, staging_dir, unstage_rows
+from segcore.collection.resume import (IngestRecord, chunk_key, clear, differences, done_chunks, identity, read_plan,
+                                       write_plan)
 from segcore.collection.sources import pair_sources
 from segcore.collection.store import (GroupInfo, StoreInfo, chunk_rows, create_store, existing_store_matches,
                                       has_manifest, manifest_hashes_masks, open_store, plan_groups, read_manifest,
@@ -52,17 +63,19 @@ class IngestResult:
     images: int  # images decoded into new slots
     errors: int  # new files that could not be decoded
     groups: int  # groups of the store afterwards
-    chunks: int | None  # chunks written (None: an identical store was reused)
+    chunks: int | None  # chunks written by this run (None: an identical store was reused)
     superseded: int | None = None  # older versions superseded (None: not an incremental ingest)
-    hashed: int | None = None  # landing-zone files read and hashed (None: not an append)
+    hashed: int | None = None  # files read and hashed (None: neither an append nor a resume)
     batch: int | None = None  # the batch appended (None: nothing was appended)
     reused: bool = False  # an existing store with the same files and options was kept
+    resumed: int | None = None  # chunks an interrupted ingest had written, kept (None: not a resume)
+    decoded: int | None = None  # files decoded by this run (None: not a resume; then all new files)
     note: str = field(default="", compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The flow's return value: every field, less ``note`` and the optional ones left unset."""
         out = {k: v for k, v in asdict(self).items() if k != "note"}
-        for k in ("superseded", "hashed", "batch"):
+        for k in ("superseded", "hashed", "batch", "resumed", "decoded"):
             if out[k] is None:
                 del out[k]
         if not self.reused:
@@ -78,6 +91,7 @@ class IngestStart:
     append: bool = False  # an incremental ingest into a store that has a manifest
     overwrite: bool = False  # replace the store at spec.store
     result: IngestResult | None = None  # set when nothing is to be decoded
+    resume: IngestRecord | None = None  # set: continue the interrupted ingest recorded in the store
     notes: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
 
@@ -106,6 +120,9 @@ class IngestPlan:
     hashed: int | None = None
     result: IngestResult | None = None  # appending and nothing new: the final result
     notes: tuple[str, ...] = ()
+    kept: tuple[Row, ...] = ()  # resuming: the rows of the chunks written before, as their writes returned them
+    resumed: int | None = None  # resuming: how many chunks those are
+    fingerprint: dict[str, Any] | None = None  # appending: the store's fingerprint before this batch
 
 
 def _nothing(spec: IngestSpec, files: int, note: str) -> IngestResult:
@@ -121,9 +138,11 @@ def _has_images(images: str) -> bool:
 
 
 def start_ingest(spec: IngestSpec) -> IngestStart:
-    """Pair the source files and decide: create the store, reuse an identical one, append to it, or
-    (an empty landing zone) nothing. Raises what :func:`pair_sources` raises, except for an
-    incremental ingest whose landing zone holds no image yet."""
+    """Pair the source files and decide: create the store, resume an interrupted ingest of the same
+    files and options, reuse an identical store, append to it, or (an empty landing zone) nothing.
+    Raises what :func:`pair_sources` raises, except for an incremental ingest whose landing zone
+    holds no image yet; raises StoreError when the store holds other sources or options (unless
+    ``spec.overwrite``)."""
     try:
         rows = tuple(pair_sources(spec.images, spec.masks))
     except NotFound as exc:
@@ -132,14 +151,14 @@ def start_ingest(spec: IngestSpec) -> IngestStart:
         return IngestStart(rows=(), result=_nothing(spec, 0, f"the landing zone {spec.images} is empty ({exc}); "
                                                              "nothing to do"))
     found = f"{len(rows)} files found in {spec.images}"
+    if store_exists(spec.store) and not has_manifest(spec.store):
+        return _unfinished(spec, rows, found)
     if spec.incremental and store_exists(spec.store):
-        if has_manifest(spec.store):
-            return IngestStart(rows=rows, append=True, notes=(found,))
-        open_store(spec.store)  # only ever replace a segflow store
-        return IngestStart(rows=rows, overwrite=True, notes=(found,), warnings=(
-            f"{spec.store} has no manifest (its first ingest was interrupted); creating it again",))
+        resumed = _resume_append(spec, rows, found)
+        return resumed or IngestStart(rows=rows, append=True, notes=(found,))
     if not spec.overwrite and existing_store_matches(spec.store, spec=spec_json(spec),
                                                      source_paths=[r["source_path"] for r in rows]):
+        clear(spec.store)  # an ingest killed after writing its manifest left its plan behind
         n_ok = sum(1 for s in read_manifest(spec.store).column("status").to_pylist() if s == "ok")
         reused = IngestResult(store=spec.store, files=len(rows), new_files=0, images=n_ok, errors=len(rows) - n_ok,
                               groups=len(open_store(spec.store).groups), chunks=None, reused=True,
@@ -147,6 +166,72 @@ def start_ingest(spec: IngestSpec) -> IngestStart:
                                    "reusing it (pass --overwrite to decode them again)")
         return IngestStart(rows=rows, result=reused, notes=(found,))
     return IngestStart(rows=rows, overwrite=spec.overwrite, notes=(found,))
+
+
+_HOW = {"overwrite", "incremental"}  # how to ingest, not what the store holds
+
+
+def _changed_options(recorded: dict[str, Any], spec: IngestSpec) -> list[str]:
+    """The options of ``spec`` that differ from those ``recorded`` (keys newer than the record: defaults)."""
+    now = spec_json(spec)
+    return sorted(k for k, v in recorded.items() if k not in _HOW and now.get(k) != v)
+
+
+def _same_spec(recorded: dict[str, Any], spec: IngestSpec) -> bool:
+    return not _changed_options(recorded, spec)
+
+
+def _staged_files_gone(record: IngestRecord, done: dict[str, Any]) -> bool:
+    """Whether a file staged from a URL for a chunk still to write is no longer in the staging directory."""
+    planned = [r for r in record.planned if r.get("group") is not None]
+    groups = [GroupInfo(**g) for g in record.groups]
+    todo = [r for c in chunk_rows(planned, groups) if chunk_key(c) not in done for r in c]
+    return any("source_url" in r and not Path(r["source_path"]).exists() for r in todo)
+
+
+def _resuming(spec: IngestSpec, rows: tuple[Row, ...], found: str, record: IngestRecord) -> IngestStart:
+    done = done_chunks(spec.store)
+    total = sum(GroupInfo(**g).n_chunks for g in record.groups)
+    note = (f"{spec.store} holds an interrupted ingest of the same sources (resuming: {len(done)} of {total} chunks "
+            "already written)")
+    return IngestStart(rows=rows, append=record.kind == "append", resume=record, notes=(found, note))
+
+
+def _unfinished(spec: IngestSpec, rows: tuple[Row, ...], found: str) -> IngestStart:
+    """A store without a manifest: resume its ingest when it is one of the same files and options."""
+    info = open_store(spec.store)  # only ever resume or replace a segflow store
+    record = read_plan(spec.store)
+    options = _changed_options(info.spec if record is None else record.spec, spec)
+    diffs = [] if record is None else differences(record, rows)
+    if record is not None and record.kind == "create" and not options and not diffs:
+        if not _staged_files_gone(record, done_chunks(spec.store)):
+            return _resuming(spec, rows, found, record)
+        return IngestStart(rows=rows, overwrite=True, notes=(found,), warnings=(
+            f"{spec.store} holds an interrupted ingest of the same sources, but the files it staged from URLs "
+            "are gone; starting it again",))
+    if (record is None or record.kind != "create") and not options:
+        return IngestStart(rows=rows, overwrite=True, notes=(found,), warnings=(
+            f"{spec.store} holds an ingest interrupted before its first chunk (or by an older segflow): nothing to "
+            "resume; starting it again",))
+    what = "; ".join(diffs + ([f"other options: {', '.join(options)}"] if options else []))
+    if spec.overwrite or spec.incremental:  # an incremental ingest cannot pass --overwrite: it starts again
+        return IngestStart(rows=rows, overwrite=True, notes=(found,), warnings=(
+            f"{spec.store} holds an interrupted ingest of other sources or options ({what}); replacing it",))
+    raise StoreError(f"store {spec.store!r} holds an interrupted ingest of other sources or options ({what}); "
+                     "run it again with the same files and options to resume it, pass --overwrite to start "
+                     "again from these, or choose a new path")
+
+
+def _resume_append(spec: IngestSpec, rows: tuple[Row, ...], found: str) -> IngestStart | None:
+    """An interrupted incremental batch to resume; None when there is none (or the landing zone has
+    changed since: then the batch is planned again, see :func:`open_append`)."""
+    record = read_plan(spec.store)
+    if record is None or record.kind != "append":
+        return None
+    if (record.batch != next_batch(read_manifest(spec.store)) or differences(record, rows)
+            or not _same_spec(record.spec, spec) or _staged_files_gone(record, done_chunks(spec.store))):
+        return None
+    return _resuming(spec, rows, found, record)
 
 
 def probe_staging(store: str, rows: Sequence[Row]) -> str | None:
@@ -179,6 +264,8 @@ def plan_creation(spec: IngestSpec, start: IngestStart, probed: Sequence[Row]) -
                          f"{next((r['error'] for r in probed if r['error']), 'no files')}")
     create_store(spec.store, groups, with_gt=spec.masks is not None, mask_kind=spec.mask_kind, spec=spec_json(spec),
                  overwrite=start.overwrite)
+    write_plan(spec.store, IngestRecord(kind="create", spec=spec_json(spec), listed=identity(start.rows),
+                                        planned=tuple(planned), groups=tuple(asdict(g) for g in groups)))
     return IngestPlan(files=len(start.rows), groups=tuple(groups), planned=tuple(planned), batch=0,
                       chunks=tuple(tuple(c) for c in chunk_rows(planned, groups)))
 
@@ -217,35 +304,67 @@ def plan_append(spec: IngestSpec, start: IngestStart, state: AppendState, probed
                           hashed=len(probed), result=result, notes=notes)
     batch = next_batch(manifest)
     groups, planned = _plan([dict(r, batch=batch) for r in new], spec, first_group=len(state.store.groups))
+    fingerprint = read_fingerprint(spec.store)
+    clear(spec.store)  # the markers of an interrupted batch that is planned again
     if groups:
         append_groups(spec.store, groups)
+    write_plan(spec.store, IngestRecord(kind="append", spec=spec_json(spec), listed=identity(start.rows),
+                                        planned=tuple(planned), groups=tuple(asdict(g) for g in groups), batch=batch,
+                                        groups_before=len(state.store.groups), probed=tuple(probed),
+                                        fingerprint=fingerprint))
     return IngestPlan(files=len(start.rows), groups=tuple(groups), planned=tuple(planned), batch=batch,
                       chunks=tuple(tuple(c) for c in chunk_rows(planned, groups)), old_manifest=manifest,
-                      groups_before=len(state.store.groups), hashed=len(probed), notes=notes)
+                      groups_before=len(state.store.groups), hashed=len(probed), notes=notes, fingerprint=fingerprint)
+
+
+def resume_plan(spec: IngestSpec, start: IngestStart) -> IngestPlan:
+    """The plan of the interrupted ingest recorded in the store (``start.resume``): its chunks not marked
+    written yet, and the rows of those that are. Nothing is probed or hashed again."""
+    record = start.resume
+    if record is None:
+        raise StoreError("resume_plan needs the start of a resumed ingest (start_ingest found none to resume)")
+    groups = tuple(GroupInfo(**g) for g in record.groups)
+    chunks = [tuple(c) for c in chunk_rows(record.planned, groups)]
+    done = done_chunks(spec.store)
+    kept = tuple(r for c in chunks if chunk_key(c) in done for r in done[chunk_key(c)])
+    todo = tuple(c for c in chunks if chunk_key(c) not in done)
+    old = None
+    if record.kind == "append":  # the old manifest as the interrupted run saw it, signatures refreshed
+        unhashed = not manifest_hashes_masks(spec.store)
+        old = refresh_signatures(read_manifest(spec.store), record.probed, masks_unhashed=unhashed)[0]
+    return IngestPlan(files=len(start.rows), groups=groups, planned=record.planned, chunks=todo, batch=record.batch,
+                      old_manifest=old, groups_before=record.groups_before, hashed=0, kept=kept,
+                      resumed=len(chunks) - len(todo), fingerprint=record.fingerprint)
 
 
 def finish_ingest(spec: IngestSpec, plan: IngestPlan, written: Sequence[Row], *, seconds: float) -> IngestResult:
     """Write the manifest: the old rows (appending: with ``superseded_by`` set where a new readable
-    version of the same id was written), then the ``written`` rows (what the chunk writes
-    returned) and the rows of files that could not be read. Returns the result."""
-    written = sorted(written, key=lambda r: (r["group"], r["index"]))
+    version of the same id was written), then the rows of the chunks kept from an interrupted run
+    (resuming) and the ``written`` rows (what this run's chunk writes returned), and the rows of
+    files that could not be read. The fingerprint is recorded first and the plan removed last, so
+    an ingest killed in between resumes. Returns the result."""
+    decoded = len(written)
+    written = sorted(list(plan.kept) + list(written), key=lambda r: (r["group"], r["index"]))
     errors = [r for r in plan.planned if r["group"] is None]
     old = [] if plan.old_manifest is None else supersede(plan.old_manifest, written)
+    write_fingerprint(spec.store, fold(written, None if plan.old_manifest is None else plan.fingerprint))
     write_manifest(spec.store, old + unstage_rows(written + errors))
-    previous = None if plan.old_manifest is None else read_fingerprint(spec.store)
-    write_fingerprint(spec.store, fold(written, previous))
+    clear(spec.store)
     n_new = len(plan.planned)
     n_ok = sum(1 for r in written if r["status"] == "ok")
-    chunks = sum(g.n_chunks for g in plan.groups)
+    chunks = len(plan.chunks)
+    resume = {} if plan.resumed is None else {"resumed": plan.resumed, "decoded": decoded, "hashed": 0}
+    how = "" if plan.resumed is None else (f"resumed an interrupted ingest: {plan.resumed} chunk(s) kept, {chunks} "
+                                           f"written now ({decoded} file(s) decoded); ")
     if plan.old_manifest is None:
         return IngestResult(store=spec.store, files=plan.files, new_files=plan.files, images=n_ok,
-                            errors=plan.files - n_ok, groups=len(plan.groups), chunks=chunks,
-                            note=f"{n_ok} images in {len(plan.groups)} group(s), {chunks} chunk(s); "
-                                 f"{plan.files - n_ok} error row(s); {seconds:.1f} s -> {spec.store}")
+                            errors=plan.files - n_ok, groups=len(plan.groups), chunks=chunks, **resume,
+                            note=f"{how}{n_ok} images in {len(plan.groups)} group(s), {chunks + (plan.resumed or 0)} "
+                                 f"chunk(s); {plan.files - n_ok} error row(s); {seconds:.1f} s -> {spec.store}")
     n_sup = plan.old_manifest.column("superseded_by").null_count - sum(1 for r in old if r["superseded_by"] is None)
     return IngestResult(store=spec.store, files=plan.files, new_files=n_new, images=n_ok, errors=n_new - n_ok,
                         groups=plan.groups_before + len(plan.groups), chunks=chunks, superseded=n_sup,
-                        hashed=plan.hashed, batch=plan.batch,
-                        note=f"batch {plan.batch}: {n_new} new file(s) of {plan.files} in {spec.images}: {n_ok} "
+                        hashed=plan.hashed, batch=plan.batch, **{k: v for k, v in resume.items() if k != "hashed"},
+                        note=f"{how}batch {plan.batch}: {n_new} new file(s) of {plan.files} in {spec.images}: {n_ok} "
                              f"image(s) in {len(plan.groups)} new group(s), {n_new - n_ok} error row(s), {n_sup} older "
                              f"version(s) superseded; {seconds:.1f} s")

@@ -5,7 +5,9 @@ Layout of ``STORE.zarr`` (Zarr v3)::
     zarr.json                 group attributes {"segflow": {format, mask_kind, groups, spec}}
     images/g000               (N, H, W, C) native dtype, chunks (k, H, W, C)
     gt/g000                   (N, H, W) uint32 ground-truth labels, chunks (k, H, W)  [if masks]
-    manifest.parquet          one row per source file (see MANIFEST_SCHEMA)
+    manifest.parquet          one row per source file (see MANIFEST_SCHEMA); written last
+    _ingest/                  while an ingest runs: its plan and one marker per chunk written
+                              (see segcore.collection.resume; removed with the manifest written)
 
 Source files are listed and probed by :mod:`segcore.collection.sources`. An incremental ingest
 (:mod:`segcore.collection.incremental`) appends new groups to a store and rows to its
@@ -44,6 +46,7 @@ from segcore.errors import NotFound, SegflowError, StoreError
 from segcore.fsio import atomic_path
 from segcore.collection.fingerprint import value_range
 from segcore.collection.imageio import read_image, read_mask
+from segcore.collection.resume import mark_done
 from segcore.collection.versions import current_manifest
 
 log = logging.getLogger(__name__)
@@ -197,8 +200,9 @@ def existing_store_matches(path: str, *, spec: dict[str, Any], source_paths: Seq
         recorded = (fsio.absolute(s) for s in read_manifest(path).column("source_path").to_pylist())
         if sorted(recorded) == sorted(map(fsio.absolute, source_paths)):  # manifests made before paths were absolute
             return True
-    raise StoreError(f"store {path!r} already exists with other contents or options; choose a new path or pass "
-                     "--overwrite to replace it")
+    what = "a finished ingest of other sources or options" if (p / MANIFEST_NAME).exists() else "an unfinished ingest"
+    raise StoreError(f"store {path!r} already exists and holds {what}; choose a new path or pass --overwrite to "
+                     "replace it")
 
 
 def create_store(path: str, groups: Sequence[GroupInfo], *, with_gt: bool, mask_kind: str,
@@ -253,7 +257,9 @@ def write_store_chunk(store_path: str, rows: Sequence[dict[str, Any]], *, thread
 
     ``rows`` are the manifest rows of exactly one chunk of one group, in index order. A file that
     fails to decode becomes an error row and its slot stays zero; the rest is written. Files are
-    decoded by ``threads`` threads (default: all cores; the decoders release the GIL).
+    decoded by ``threads`` threads (default: all cores; the decoders release the GIL). During an
+    ingest (a plan recorded in the store) the chunk is then marked written with the returned rows
+    (:func:`segcore.collection.resume.mark_done`), so that a re-run of an interrupted ingest keeps it.
     """
     if not rows:
         return []
@@ -293,6 +299,7 @@ def write_store_chunk(store_path: str, rows: Sequence[dict[str, Any]], *, thread
     root[f"images/{g.name}"][start:stop] = images
     if gts is not None:
         root[f"gt/{g.name}"][start:stop] = gts
+    mark_done(store_path, out)  # after the data: a chunk with a marker is whole
     return out
 
 

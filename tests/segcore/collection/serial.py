@@ -4,7 +4,7 @@ flow fans out as tasks), for tests without Prefect."""
 from __future__ import annotations
 
 from segcore.collection.ingest import (IngestResult, finish_ingest, open_append, plan_append, plan_creation,
-                                       probe_batches, start_ingest)
+                                       probe_batches, resume_plan, start_ingest)
 from segcore.collection.sources import probe_sources
 from segcore.collection.store import write_store_chunk
 from segcore.config import IngestSpec
@@ -19,7 +19,9 @@ def ingest_serially(spec: IngestSpec) -> IngestResult:
     start = start_ingest(spec)
     if start.result is not None:
         return start.result
-    if start.append:
+    if start.resume is not None:
+        plan = resume_plan(spec, start)
+    elif start.append:
         state = open_append(spec, start)
         plan = plan_append(spec, start, state, _probe(spec, state.to_probe))
         if plan.result is not None:
