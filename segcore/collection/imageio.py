@@ -241,6 +241,8 @@ def _checked_path(path: str | os.PathLike[str]) -> Path:
     if p.suffix.lower() not in IMAGE_SUFFIXES:
         suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
         raise ImageReadError(f"cannot read {p}: unsupported suffix {p.suffix!r}; convert it to one of {suffixes}")
+    if p.stat().st_size == 0:
+        raise ImageReadError(f"cannot decode {p}: the file is empty (0 bytes); copy or export it again")
     return p
 
 

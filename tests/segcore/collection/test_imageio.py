@@ -189,7 +189,10 @@ def test_corrupt_file_is_image_read_error(tmp_path: Path, name: str, reader: Cal
     with pytest.raises(ImageReadError, match=re.escape(str(path))) as info:
         reader(path)
     assert isinstance(info.value, OSError)
-    assert info.value.__cause__ is not None  # converted at the seam, original kept
+    if name.startswith("empty"):  # refused before any decoder sees it
+        assert "the file is empty (0 bytes)" in str(info.value)
+    else:
+        assert info.value.__cause__ is not None  # converted at the seam, original kept
 
 
 @pytest.mark.parametrize("suffix", [".png", ".tif"])
