@@ -77,7 +77,7 @@ def test_the_run_finishes_and_scores_every_valid_file_and_names_every_bad_one(co
             assert rows.empty, (kind, rows)
             continue
         assert len(rows) == 3 and (rows.status == expect.dice).all(), (kind, rows)
-        assert all(expect.dice_fragment in (e or "") for e in rows.error), (kind, list(rows.error))
+        assert all(expect.dice_fragment in (e if isinstance(e, str) else "") for e in rows.error), (kind, list(rows.error))
     summary = json.loads((corpus_run["out"] / "summary.json").read_text())
     assert summary["gt_label_errors"] == 1
     unreadable = {Path(u["source_path"]).name for u in summary["unreadable_files"]}
