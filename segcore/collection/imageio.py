@@ -12,7 +12,6 @@ stay aligned whatever viewer metadata says.
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import struct
@@ -121,7 +120,7 @@ def probe_image(path: str | os.PathLike[str]) -> ImageInfo:
     return ImageInfo(height, width, channels, dtype_name)
 
 
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+def read_image(path: str | os.PathLike[str], *, allow_non_finite: bool = False) -> np.ndarray:
     """Read an image file as an ``(H, W, C)`` array in its native dtype.
 
     Grayscale gives C=1, grayscale+alpha C=2, RGB C=3, RGBA C=4 (alpha kept). Palette images
@@ -130,23 +129,47 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     page gives C=1, channel-last ``(H, W, C<=4)`` data is kept, planar RGB and ImageJ/OME
     channel-first ``(C<=4, H, W)`` data is moved channel-last, and any other stack is refused.
 
+    A float image with NaN or infinite values is refused (:func:`non_finite_counts` says how
+    many) unless ``allow_non_finite``: no model output means anything for those pixels.
+
     Raises :class:`NotFound` for a missing file and :class:`ImageReadError` for an
-    unsupported suffix or a file that cannot be decoded.
+    unsupported suffix, a file that cannot be decoded, or non-finite values.
     """
     p = _checked_path(path)
     if p.suffix.lower() in _TIFF_SUFFIXES:
         array = _read_tiff(p)
         if array.dtype == np.bool_:
             return array.astype(np.uint8) * np.uint8(255)
-        return np.ascontiguousarray(array, dtype=_tiff_image_dtype(array.dtype, p))
-    with _decoder_errors(p), Image.open(p) as im:
-        _check_single_frame(im, p)
-        convert_to, dtype_name, channels = _pillow_layout(im, p)
-        im.load()
-        if convert_to is not None:
-            im = im.convert(convert_to)
-        array = np.array(im)  # a writable copy, owned by the caller
-    return np.ascontiguousarray(array, dtype=dtype_name).reshape(array.shape[0], array.shape[1], channels)
+        array = np.ascontiguousarray(array, dtype=_tiff_image_dtype(array.dtype, p))
+    else:
+        with _decoder_errors(p), Image.open(p) as im:
+            _check_single_frame(im, p)
+            convert_to, dtype_name, channels = _pillow_layout(im, p)
+            im.load()
+            if convert_to is not None:
+                im = im.convert(convert_to)
+            decoded = np.array(im)  # a writable copy, owned by the caller
+        array = np.ascontiguousarray(decoded, dtype=dtype_name).reshape(decoded.shape[0], decoded.shape[1], channels)
+    if not allow_non_finite:
+        nan, inf = non_finite_counts(array)
+        if nan or inf:
+            raise ImageReadError(
+                f"cannot use {p}: it has {nan + inf:,} non-finite pixels (NaN {nan:,}, Inf {inf:,}) of "
+                f"{array.shape[0] * array.shape[1]:,}; replace them (e.g. by 0 or the image's minimum) or drop the file"
+            )
+    return array
+
+
+def non_finite_counts(image: np.ndarray) -> tuple[int, int]:
+    """``(nan, inf)``: pixels of an ``(H, W, C)`` image with a NaN in some channel, and pixels with
+    +Inf or -Inf (and no NaN); ``(0, 0)`` for integer images."""
+    a = np.asarray(image)
+    if a.dtype.kind not in "fc":
+        return 0, 0
+    a = a.reshape(a.shape[0], a.shape[1], -1) if a.ndim >= 2 else a.reshape(1, -1, 1)
+    nan = np.isnan(a).any(axis=-1)
+    inf = np.isinf(a).any(axis=-1) & ~nan
+    return int(nan.sum()), int(inf.sum())
 
 
 def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
@@ -179,57 +202,6 @@ def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
     if array.ndim == 3:
         array = _collapse_channels(array, has_alpha=mode in _PIL_MASK_ALPHA_MODES, path=p)
     return _as_label_dtype(array, p)
-
-
-def list_images(dir_or_glob: str | os.PathLike[str]) -> list[Path]:
-    """List the image files of a directory or a glob pattern, sorted by path.
-
-    A directory is listed non-recursively, skipping hidden files (leading ``.``) and files
-    whose suffix is not in :data:`IMAGE_SUFFIXES`. Anything else is a glob pattern
-    (``**`` recurses; a plain file path matches itself); its matches are filtered the same
-    way. Sorting is lexicographic (``img10`` before ``img2``). Raises :class:`NotFound` when
-    nothing matches.
-    """
-    target = Path(dir_or_glob)
-    if target.is_dir():
-        candidates = [child for child in target.iterdir() if not child.name.startswith(".")]
-        where = f"directory {target}"
-    else:
-        candidates = [Path(match) for match in glob.glob(os.fspath(dir_or_glob), recursive=True)]
-        where = f"pattern {os.fspath(dir_or_glob)!r}"
-    images = sorted(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
-        if not any(ch in os.fspath(dir_or_glob) for ch in "*?[") and not target.exists():
-            raise NotFound(f"{target} does not exist; give a directory of images or a glob pattern")
-        raise NotFound(
-            f"no image files in {where} (looked for {suffixes}; hidden files are skipped); "
-            "check the path and the file suffixes"
-        )
-    logger.debug("found %d image(s) in %s", len(images), where)
-    return images
-
-
-def image_id_for(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> str:
-    """Return the stable id of an image: its path relative to ``root`` without its suffix.
-
-    Separators are always ``/`` (``"sub/img-001"``); only the last suffix is removed
-    (``"a.ome.tif"`` -> ``"a.ome"``). With ``root=None`` the id is the file stem. Paths are made
-    absolute without following symlinks. Raises :class:`ConfigError` when ``path`` is not
-    inside ``root``.
-    """
-    p = Path(path)
-    if root is None:
-        return p.stem
-    absolute = Path(os.path.abspath(p))
-    base = Path(os.path.abspath(root))
-    try:
-        relative = absolute.relative_to(base)
-    except ValueError as exc:
-        raise ConfigError(f"image {p} is not inside the root folder {base}; pass the folder that holds it") from exc
-    if not relative.parts:
-        raise ConfigError(f"image path {p} is the root folder itself; pass the path of a file inside it")
-    return relative.with_suffix("").as_posix()
 
 
 def write_png(path: str | os.PathLike[str], array: np.ndarray) -> Path:
@@ -269,6 +241,8 @@ def _checked_path(path: str | os.PathLike[str]) -> Path:
     if p.suffix.lower() not in IMAGE_SUFFIXES:
         suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
         raise ImageReadError(f"cannot read {p}: unsupported suffix {p.suffix!r}; convert it to one of {suffixes}")
+    if p.stat().st_size == 0:
+        raise ImageReadError(f"cannot decode {p}: the file is empty (0 bytes); copy or export it again")
     return p
 
 
@@ -281,6 +255,9 @@ def _decoder_errors(path: Path) -> Iterator[None]:
         raise
     except FileNotFoundError as exc:  # removed between the check and the read
         raise NotFound(f"image file {path} does not exist; check the path") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(f"cannot decode {path}: its header claims more pixels than the decoder's safety limit "
+                             f"({exc}); a real image that large must be split into tiles first") from exc
     except _DECODER_ERRORS as exc:
         reason = str(exc) or type(exc).__name__
         raise ImageReadError(f"cannot decode {path}: {reason}; the file is corrupt, truncated or not an image") from exc
@@ -380,7 +357,10 @@ def _as_label_dtype(labels: np.ndarray, path: Path) -> np.ndarray:
         return np.ascontiguousarray(labels, dtype=np.uint8)
     if labels.dtype.kind not in "uif":
         raise ImageReadError(f"cannot read mask {path}: unsupported label type {labels.dtype}")
-    if labels.dtype.kind == "f" and not bool((np.isfinite(labels) & (labels == np.round(labels))).all()):
+    if labels.dtype.kind == "f" and not bool(np.isfinite(labels).all()):
+        raise ImageReadError(f"cannot read mask {path}: it holds {int((~np.isfinite(labels)).sum()):,} NaN or "
+                             "infinite values; labels must be whole numbers")
+    if labels.dtype.kind == "f" and not bool((labels == np.round(labels)).all()):
         raise ImageReadError(f"cannot read mask {path}: it holds non-integer values; labels must be whole numbers")
     if labels.size and labels.min() < 0:
         raise ImageReadError(

@@ -31,7 +31,7 @@ the staging directory at the end (:func:`segcore.collection.landing.remove_stagi
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -43,7 +43,7 @@ from segcore.collection.incremental import (append_groups, drop_unlisted_groups,
 from segcore.collection.landing import is_remote, staging_dir, unstage_rows
 from segcore.collection.resume import (IngestRecord, chunk_key, clear, differences, done_chunks, identity, read_plan,
                                        write_plan)
-from segcore.collection.sources import pair_sources
+from segcore.collection.sources import list_and_pair, pair_sources
 from segcore.collection.store import (GroupInfo, StoreInfo, chunk_rows, create_store, existing_store_matches,
                                       has_manifest, manifest_hashes_masks, open_store, plan_groups, read_manifest,
                                       spec_json, store_exists, write_manifest)
@@ -70,13 +70,18 @@ class IngestResult:
     reused: bool = False  # an existing store with the same files and options was kept
     resumed: int | None = None  # chunks an interrupted ingest had written, kept (None: not a resume)
     decoded: int | None = None  # files decoded by this run (None: not a resume; then all new files)
+    skipped: int = 0  # files of the image directory with other suffixes, left out (see list_sources)
+    constant_images: int = 0  # decoded images whose pixels all have one value (kept; see constant_note)
     note: str = field(default="", compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """The flow's return value: every field, less ``note`` and the optional ones left unset."""
+        """The flow's return value: every field, less ``note`` and the optional ones left unset (or 0)."""
         out = {k: v for k, v in asdict(self).items() if k != "note"}
         for k in ("superseded", "hashed", "batch", "resumed", "decoded"):
             if out[k] is None:
+                del out[k]
+        for k in ("skipped", "constant_images"):
+            if not out[k]:
                 del out[k]
         if not self.reused:
             del out["reused"]
@@ -94,6 +99,7 @@ class IngestStart:
     resume: IngestRecord | None = None  # set: continue the interrupted ingest recorded in the store
     notes: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    skipped: int = 0  # files with other suffixes in the image directory
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,7 @@ class IngestPlan:
     kept: tuple[Row, ...] = ()  # resuming: the rows of the chunks written before, as their writes returned them
     resumed: int | None = None  # resuming: how many chunks those are
     fingerprint: dict[str, Any] | None = None  # appending: the store's fingerprint before this batch
+    skipped: int = 0  # files with other suffixes in the image directory
 
 
 def _nothing(spec: IngestSpec, files: int, note: str) -> IngestResult:
@@ -144,28 +151,32 @@ def start_ingest(spec: IngestSpec) -> IngestStart:
     holds no image yet; raises StoreError when the store holds other sources or options (unless
     ``spec.overwrite``)."""
     try:
-        rows = tuple(pair_sources(spec.images, spec.masks))
+        paired = list_and_pair(spec.images, spec.masks)
     except NotFound as exc:
         if not spec.incremental or _has_images(spec.images):
             raise  # not a landing zone, or its masks are what is missing
         return IngestStart(rows=(), result=_nothing(spec, 0, f"the landing zone {spec.images} is empty ({exc}); "
                                                              "nothing to do"))
+    rows, skipped = tuple(paired.rows), len(paired.skipped)
     found = f"{len(rows)} files found in {spec.images}"
+    if skipped:
+        names = ", ".join(p.rsplit("/", 1)[-1] for p in paired.skipped[:5]) + (", ..." if skipped > 5 else "")
+        found += f"; {skipped} file(s) with other suffixes skipped ({names})"
     if store_exists(spec.store) and not has_manifest(spec.store):
-        return _unfinished(spec, rows, found)
+        return replace(_unfinished(spec, rows, found), skipped=skipped)
     if spec.incremental and store_exists(spec.store):
         resumed = _resume_append(spec, rows, found)
-        return resumed or IngestStart(rows=rows, append=True, notes=(found,))
+        return replace(resumed or IngestStart(rows=rows, append=True, notes=(found,)), skipped=skipped)
     if not spec.overwrite and existing_store_matches(spec.store, spec=spec_json(spec),
                                                      source_paths=[r["source_path"] for r in rows]):
         clear(spec.store)  # an ingest killed after writing its manifest left its plan behind
         n_ok = sum(1 for s in read_manifest(spec.store).column("status").to_pylist() if s == "ok")
         reused = IngestResult(store=spec.store, files=len(rows), new_files=0, images=n_ok, errors=len(rows) - n_ok,
-                              groups=len(open_store(spec.store).groups), chunks=None, reused=True,
+                              groups=len(open_store(spec.store).groups), chunks=None, reused=True, skipped=skipped,
                               note=f"{spec.store} already holds these {len(rows)} files with the same options; "
                                    "reusing it (pass --overwrite to decode them again)")
-        return IngestStart(rows=rows, result=reused, notes=(found,))
-    return IngestStart(rows=rows, overwrite=spec.overwrite, notes=(found,))
+        return IngestStart(rows=rows, result=reused, notes=(found,), skipped=skipped)
+    return IngestStart(rows=rows, overwrite=spec.overwrite, notes=(found,), skipped=skipped)
 
 
 _HOW = {"overwrite", "incremental"}  # how to ingest, not what the store holds
@@ -267,7 +278,7 @@ def plan_creation(spec: IngestSpec, start: IngestStart, probed: Sequence[Row]) -
     write_plan(spec.store, IngestRecord(kind="create", spec=spec_json(spec), listed=identity(start.rows),
                                         planned=tuple(planned), groups=tuple(asdict(g) for g in groups)))
     return IngestPlan(files=len(start.rows), groups=tuple(groups), planned=tuple(planned), batch=0,
-                      chunks=tuple(tuple(c) for c in chunk_rows(planned, groups)))
+                      chunks=tuple(tuple(c) for c in chunk_rows(planned, groups)), skipped=start.skipped)
 
 
 def open_append(spec: IngestSpec, start: IngestStart) -> AppendState:
@@ -299,7 +310,8 @@ def plan_append(spec: IngestSpec, start: IngestStart, state: AppendState, probed
         note = (f"nothing new in {spec.images}: all {len(start.rows)} file(s) are already in {spec.store} "
                 f"({state.unchanged} unchanged since their ingest, {len(probed)} hashed)")
         result = IngestResult(store=spec.store, files=len(start.rows), new_files=0, images=0, errors=0,
-                              groups=len(state.store.groups), chunks=0, superseded=0, hashed=len(probed), note=note)
+                              groups=len(state.store.groups), chunks=0, superseded=0, hashed=len(probed),
+                              skipped=start.skipped, note=note)
         return IngestPlan(files=len(start.rows), groups=(), planned=(), chunks=(), batch=next_batch(manifest),
                           hashed=len(probed), result=result, notes=notes)
     batch = next_batch(manifest)
@@ -314,7 +326,8 @@ def plan_append(spec: IngestSpec, start: IngestStart, state: AppendState, probed
                                         fingerprint=fingerprint))
     return IngestPlan(files=len(start.rows), groups=tuple(groups), planned=tuple(planned), batch=batch,
                       chunks=tuple(tuple(c) for c in chunk_rows(planned, groups)), old_manifest=manifest,
-                      groups_before=len(state.store.groups), hashed=len(probed), notes=notes, fingerprint=fingerprint)
+                      groups_before=len(state.store.groups), hashed=len(probed), notes=notes, fingerprint=fingerprint,
+                      skipped=start.skipped)
 
 
 def resume_plan(spec: IngestSpec, start: IngestStart) -> IngestPlan:
@@ -334,7 +347,8 @@ def resume_plan(spec: IngestSpec, start: IngestStart) -> IngestPlan:
         old = refresh_signatures(read_manifest(spec.store), record.probed, masks_unhashed=unhashed)[0]
     return IngestPlan(files=len(start.rows), groups=groups, planned=record.planned, chunks=todo, batch=record.batch,
                       old_manifest=old, groups_before=record.groups_before, hashed=0, kept=kept,
-                      resumed=len(chunks) - len(todo), fingerprint=record.fingerprint)
+                      resumed=len(chunks) - len(todo), fingerprint=record.fingerprint,
+                      skipped=start.skipped)
 
 
 def finish_ingest(spec: IngestSpec, plan: IngestPlan, written: Sequence[Row], *, seconds: float) -> IngestResult:
@@ -356,15 +370,31 @@ def finish_ingest(spec: IngestSpec, plan: IngestPlan, written: Sequence[Row], *,
     resume = {} if plan.resumed is None else {"resumed": plan.resumed, "decoded": decoded, "hashed": 0}
     how = "" if plan.resumed is None else (f"resumed an interrupted ingest: {plan.resumed} chunk(s) kept, {chunks} "
                                            f"written now ({decoded} file(s) decoded); ")
+    constant = [r for r in written if r["status"] == "ok" and r.get("value_min") is not None
+                and r["value_min"] == r["value_max"]]
+    extra = dict(skipped=plan.skipped, constant_images=len(constant))
+    also = constant_note(constant) + (f"; {plan.skipped} file(s) with other suffixes skipped" if plan.skipped else "")
     if plan.old_manifest is None:
         return IngestResult(store=spec.store, files=plan.files, new_files=plan.files, images=n_ok,
-                            errors=plan.files - n_ok, groups=len(plan.groups), chunks=chunks, **resume,
+                            errors=plan.files - n_ok, groups=len(plan.groups), chunks=chunks, **resume, **extra,
                             note=f"{how}{n_ok} images in {len(plan.groups)} group(s), {chunks + (plan.resumed or 0)} "
-                                 f"chunk(s); {plan.files - n_ok} error row(s); {seconds:.1f} s -> {spec.store}")
+                                 f"chunk(s); {plan.files - n_ok} error row(s){also}; {seconds:.1f} s -> {spec.store}")
     n_sup = plan.old_manifest.column("superseded_by").null_count - sum(1 for r in old if r["superseded_by"] is None)
     return IngestResult(store=spec.store, files=plan.files, new_files=n_new, images=n_ok, errors=n_new - n_ok,
                         groups=plan.groups_before + len(plan.groups), chunks=chunks, superseded=n_sup,
                         hashed=plan.hashed, batch=plan.batch, **{k: v for k, v in resume.items() if k != "hashed"},
+                        **extra,
                         note=f"{how}batch {plan.batch}: {n_new} new file(s) of {plan.files} in {spec.images}: {n_ok} "
                              f"image(s) in {len(plan.groups)} new group(s), {n_new - n_ok} error row(s), {n_sup} older "
-                             f"version(s) superseded; {seconds:.1f} s")
+                             f"version(s) superseded{also}; {seconds:.1f} s")
+
+
+def constant_note(rows: Sequence[Row]) -> str:
+    """``"; 2 constant image(s) kept (every pixel one value; 1 all zero): a, b"`` for decoded rows
+    whose ``value_min`` equals ``value_max`` (empty and flat images are valid input; the note
+    only says that their masks are likely empty); ``""`` for none."""
+    if not rows:
+        return ""
+    zero = sum(1 for r in rows if r["value_max"] == 0)
+    ids = ", ".join(str(r["image_id"]) for r in rows[:5]) + (", ..." if len(rows) > 5 else "")
+    return f"; {len(rows)} constant image(s) kept (every pixel one value; {zero} all zero): {ids}"

@@ -6,32 +6,56 @@ The rows made here are partial manifest rows (see :data:`segcore.collection.stor
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from segcore import fsio
 from segcore.errors import NotFound, SegflowError, StoreError
 from segcore.fsio import file_sha256
-from segcore.collection.imageio import image_id_for, list_images, probe_image
+from segcore.collection.imageio import probe_image
+from segcore.collection.listing import entry_problem, image_id_for, list_images, list_sources
 from segcore.collection.landing import is_remote, list_remote_images
 from segcore.collection.store import manifest_row
 
 
+@dataclass(frozen=True)
+class PairedSources:
+    """The rows of :func:`list_and_pair` and the source paths it skipped (other suffixes)."""
+
+    rows: list[dict[str, Any]]
+    skipped: tuple[str, ...]
+
+
 def pair_sources(images: str, masks: str | None = None) -> list[dict[str, Any]]:
+    """The rows of :func:`list_and_pair` (the skipped files left out)."""
+    return list_and_pair(images, masks).rows
+
+
+def list_and_pair(images: str, masks: str | None = None) -> PairedSources:
     """List image files and pair each with the mask of the same id; returns partial manifest rows
-    (with the :func:`segcore.fsio.signature` of each image and mask file).
+    (with the :func:`segcore.fsio.signature` of each image and mask file) and the skipped files.
 
     ``images`` is a directory or a glob; ``masks`` a directory whose files are named like the
     images (any supported suffix). Either may be an fsspec URL of a directory (see
     :mod:`segcore.collection.landing`). Local paths are recorded absolute (:func:`segcore.fsio.absolute`), so the
-    manifest and the lake say where a file is whatever the working directory was. Raises
-    :class:`NotFound` when nothing matches.
+    manifest and the lake say where a file is whatever the working directory was. An entry named
+    like an image that is not a readable file (a directory, a dangling symbolic link; see
+    :func:`segcore.collection.listing.list_sources`) is an error row with the reason; files of
+    the image directory with other suffixes are skipped, and returned. Raises :class:`NotFound`
+    when nothing matches.
     """
+    skipped: tuple[str, ...] = ()
+    problems: dict[str, str] = {}
     if is_remote(images):
         listed = list_remote_images(images)
     else:
         root = Path(images) if Path(images).is_dir() else None
-        listed = [(fsio.absolute(p), image_id_for(p, root), fsio.signature(p)) for p in list_images(images)]
+        listing = list_sources(images)
+        skipped = tuple(fsio.absolute(p) for p in listing.skipped)
+        problems = {fsio.absolute(p): reason for p, reason in listing.problems}
+        listed = [(fsio.absolute(p), image_id_for(p, root), fsio.signature(p)) for p in listing.files]
+        listed = sorted(listed + [(path, image_id_for(path, root), None) for path in problems])
     mask_index: dict[str, tuple[str, str | None]] = {}
     if masks is not None and is_remote(masks):
         for url, mask_id, sig in list_remote_images(masks):
@@ -50,10 +74,14 @@ def pair_sources(images: str, masks: str | None = None) -> list[dict[str, Any]]:
                                            "rename one", mask_status="missing"))
             continue
         seen.add(image_id)
+        if p in problems:
+            rows.append(manifest_row(image_id=image_id, source_path=str(p), status="error",
+                                     error=f"{p}: {problems[p]}", mask_status="missing"))
+            continue
         rows.append(manifest_row(image_id=image_id, source_path=str(p), status="pending",
                                  source_signature=signature, mask_path=str(mask) if mask else None,
                                  mask_signature=mask_signature, mask_status="pending" if mask else "missing"))
-    return rows
+    return PairedSources(rows=rows, skipped=skipped)
 
 
 def probe_sources(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -64,7 +92,8 @@ def probe_sources(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         row = dict(src)
         if row["status"] == "error":
             try:  # hashed all the same, so that an incremental ingest does not report it again
-                row["sha256"] = file_sha256(row["source_path"])
+                if entry_problem(row["source_path"]) is None:  # never open a directory or a FIFO
+                    row["sha256"] = file_sha256(row["source_path"])
             except OSError:
                 pass
             out.append(row)
@@ -73,6 +102,12 @@ def probe_sources(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             row["sha256"] = file_sha256(row["source_path"])
             info = probe_image(row["source_path"])
             row.update(height=info.height, width=info.width, channels=info.channels, dtype=info.dtype, status="ok")
+        except PermissionError as exc:
+            row.update(status="error", error=f"PermissionError: cannot read {row['source_path']} ({exc.strerror}); "
+                                             "give the user running segflow read access, or remove the file",
+                       mask_status="missing" if row["mask_path"] is None else "skipped")
+            out.append(row)
+            continue
         except (SegflowError, OSError, ValueError) as exc:
             row.update(status="error", error=f"{type(exc).__name__}: {exc}", mask_status="missing" if row["mask_path"] is None else "skipped")
             out.append(row)

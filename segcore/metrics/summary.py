@@ -7,13 +7,19 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+#: How the one evaluation policy (:mod:`segcore.run.evaluate`) begins the error of an image whose
+#: ground truth holds a label the model does not have.
+GT_LABEL_ERROR = "ground truth has label "
+
 
 def summarise_dice(dice: pa.Table, *, manifest: pa.Table | None = None, worst: int = 10) -> dict[str, Any]:
     """Summary dict of a Dice table (see :data:`segcore.run.tables.DICE_COLUMNS`).
 
     Per class: mean/median Dice over images where the class is in the ground truth (non-empty GT)
     and over all rows. Worst images by mean foreground Dice. Error counts from Dice rows and, when
-    given, from the store manifest (unreadable files and unusable masks).
+    given, from the store manifest (unreadable files and unusable masks). ``gt_label_errors``
+    counts the images whose ground truth holds a label outside the model's classes (error rows
+    too, already in ``error_images``).
     """
     rows = dice.to_pylist()
     ok = [r for r in rows if r["status"] == "ok"]
@@ -47,6 +53,8 @@ def summarise_dice(dice: pa.Table, *, manifest: pa.Table | None = None, worst: i
         "images_evaluated": len({r["image_id"] for r in ok}),
         "dice_rows": len(rows),
         "error_images": len({r["image_id"] for r in rows if r["status"] != "ok"}),
+        "gt_label_errors": len({r["image_id"] for r in rows
+                                if r["status"] != "ok" and (r["error"] or "").startswith(GT_LABEL_ERROR)}),
         "mean_foreground_dice": float(np.mean(fg)) if fg else None,
         "per_class": per_class,
         "worst_images": [{"image_id": k, "mean_foreground_dice": v} for v, k in worst_images],
@@ -91,7 +99,8 @@ def render_markdown(summary: dict[str, Any], *, title: str = "segflow run") -> s
         f"- mean foreground Dice: **{_fmt(summary['mean_foreground_dice'])}**",
         f"- images with errors: {summary['error_images']}; unreadable files: "
         f"{len(summary.get('unreadable_files', []))}; masks missing: {summary.get('masks_missing', '–')}; "
-        f"masks unusable: {summary.get('masks_unusable', '–')}",
+        f"masks unusable: {summary.get('masks_unusable', '–')}; ground truth with labels the model lacks: "
+        f"{summary.get('gt_label_errors', '–')}",
         "",
         "| class | images with class | mean Dice | median Dice |",
         "| --- | ---: | ---: | ---: |",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import struct
+import zlib
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -20,8 +22,7 @@ from segcore.collection.imageio import (
     IMAGE_SUFFIXES,
     ImageInfo,
     _pillow_layout,
-    image_id_for,
-    list_images,
+    non_finite_counts,
     probe_image,
     read_image,
     read_mask,
@@ -188,7 +189,10 @@ def test_corrupt_file_is_image_read_error(tmp_path: Path, name: str, reader: Cal
     with pytest.raises(ImageReadError, match=re.escape(str(path))) as info:
         reader(path)
     assert isinstance(info.value, OSError)
-    assert info.value.__cause__ is not None  # converted at the seam, original kept
+    if name.startswith("empty"):  # refused before any decoder sees it
+        assert "the file is empty (0 bytes)" in str(info.value)
+    else:
+        assert info.value.__cause__ is not None  # converted at the seam, original kept
 
 
 @pytest.mark.parametrize("suffix", [".png", ".tif"])
@@ -265,7 +269,7 @@ def test_read_mask_values_and_dtype(tmp_path: Path, writer: Callable[[Path], Pat
         (lambda d: _png(d / "alpha.png", np.dstack([GRAY8, GRAY8, GRAY8, 255 - GRAY8])), "single-channel"),
         (lambda d: _tiff(d / "neg.tif", np.array([[0, -1], [2, 3]], np.int32)), "negative"),
         (lambda d: _tiff(d / "frac.tif", np.array([[0, 0.5], [2, 3]], np.float32)), "non-integer"),
-        (lambda d: _tiff(d / "nan.tif", np.array([[0, np.nan], [2, 3]], np.float32)), "non-integer"),
+        (lambda d: _tiff(d / "nan.tif", np.array([[0, np.nan], [2, 3]], np.float32)), "holds 1 NaN or infinite"),
         (lambda d: _tiff(d / "huge.tif", np.array([[0, 2**32], [2, 3]], np.int64)), "exceeds"),
     ],
     ids=["rgb_colours", "rgba_varying_alpha", "negative", "fraction", "nan", "too_large"],
@@ -297,49 +301,6 @@ def test_real_nuclei_image_and_mask() -> None:
 
 
 # ---------------------------------------------------------------- listing and ids
-
-
-def _make_tree(root: Path) -> None:
-    for name in ("b.TIF", "a.png", "c.jpg", "img10.png", "img2.png", ".hidden.png", "notes.txt"):
-        (root / name).write_bytes(b"x")
-    (root / "dir.png").mkdir()
-    (root / "sub").mkdir()
-    (root / "sub" / "d.png").write_bytes(b"x")
-
-
-def test_list_images_in_directory(tmp_path: Path) -> None:
-    _make_tree(tmp_path)
-    names = [p.name for p in list_images(tmp_path)]
-    assert names == ["a.png", "b.TIF", "c.jpg", "img10.png", "img2.png"]
-
-
-def test_list_images_with_glob(tmp_path: Path) -> None:
-    _make_tree(tmp_path)
-    assert [p.name for p in list_images(str(tmp_path / "img*.png"))] == ["img10.png", "img2.png"]
-    recursive = list_images(str(tmp_path / "**" / "*.png"))
-    assert [p.relative_to(tmp_path).as_posix() for p in recursive] == ["a.png", "img10.png", "img2.png", "sub/d.png"]
-    assert list_images(tmp_path / "a.png") == [tmp_path / "a.png"]
-
-
-def test_list_images_without_match_is_not_found(tmp_path: Path) -> None:
-    (tmp_path / "notes.txt").write_bytes(b"x")
-    with pytest.raises(NotFound, match="no image files in directory"):
-        list_images(tmp_path)
-    with pytest.raises(NotFound, match="no image files in pattern"):
-        list_images(str(tmp_path / "*.png"))
-    with pytest.raises(NotFound, match="does not exist"):
-        list_images(tmp_path / "missing")
-
-
-def test_image_id_for(tmp_path: Path) -> None:
-    assert image_id_for(tmp_path / "sub" / "img-001.png", root=tmp_path) == "sub/img-001"
-    assert image_id_for(tmp_path / "a.ome.tif", root=tmp_path) == "a.ome"
-    assert image_id_for(tmp_path / "sub" / "img-001.png") == "img-001"
-    assert image_id_for("rel/dir/x.png", root="rel") == "dir/x"
-    with pytest.raises(ConfigError, match="not inside"):
-        image_id_for(tmp_path / "a.png", root=tmp_path / "other")
-    with pytest.raises(ConfigError, match="root folder itself"):
-        image_id_for(tmp_path, root=tmp_path)
 
 
 def test_image_suffixes_are_lower_case_with_dot() -> None:
@@ -389,3 +350,37 @@ def test_write_png_refuses_what_it_cannot_write(tmp_path: Path, name: str, array
 def test_errors_are_segflow_errors(tmp_path: Path) -> None:
     with pytest.raises(SegflowError):
         read_image(tmp_path / "missing.tif")
+
+
+def test_non_finite_pixels_are_counted_per_pixel() -> None:
+    image = np.zeros((2, 3, 2), np.float32)
+    image[0, 0, 0] = np.nan
+    image[0, 0, 1] = np.inf  # same pixel: counted once, as NaN
+    image[1, 2, 1] = -np.inf
+    image[1, 1, :] = np.inf
+    assert non_finite_counts(image) == (1, 2)
+    assert non_finite_counts(np.zeros((2, 2, 1), np.uint16)) == (0, 0)
+
+
+def test_an_image_with_non_finite_pixels_is_refused_with_the_counts(tmp_path: Path) -> None:
+    image = np.ones((64, 64), np.float32)
+    image[:2] = np.nan  # 128 pixels
+    image[2, :3] = -np.inf  # 3 pixels
+    path = tmp_path / "nan.tif"
+    tifffile.imwrite(path, image)
+    with pytest.raises(ImageReadError, match=r"it has 131 non-finite pixels \(NaN 128, Inf 3\) of 4,096; replace them"):
+        read_image(path)
+    np.testing.assert_array_equal(read_image(path, allow_non_finite=True)[..., 0], image)
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, type, data, CRC."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def test_a_decompression_bomb_header_is_refused_without_decoding(tmp_path: Path) -> None:
+    path = tmp_path / "bomb.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0))
+                     + png_chunk(b"IDAT", zlib.compress(bytes(100))) + png_chunk(b"IEND", b""))
+    with pytest.raises(ImageReadError, match="more pixels than the decoder's safety limit"):
+        probe_image(path)

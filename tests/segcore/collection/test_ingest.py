@@ -80,3 +80,20 @@ def test_an_empty_landing_zone_is_nothing_to_do_and_a_missing_directory_fails(tm
                                                    "errors": 0, "groups": 0, "chunks": 0, "superseded": 0}
     with pytest.raises(FileNotFoundError):
         start_ingest(spec.model_copy(update={"incremental": False}))
+
+
+def test_other_suffixes_and_constant_images_are_counted_and_problem_entries_are_error_rows(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    write_png(images / "zero.png", np.zeros((4, 6), np.uint8))
+    write_png(images / "flat.png", np.full((4, 6), 9, np.uint8))
+    write_png(images / "varied.png", np.arange(24, dtype=np.uint8).reshape(4, 6))
+    (images / "notes.txt").write_text("x")
+    (images / "folder.png").mkdir()
+    store = str(tmp_path / "s.zarr")
+    result = ingest_serially(IngestSpec(images=str(images), store=store))
+    assert (result.files, result.images, result.errors, result.skipped, result.constant_images) == (4, 3, 1, 1, 2)
+    assert "2 constant image(s) kept (every pixel one value; 1 all zero): flat, zero" in result.note
+    assert "1 file(s) with other suffixes skipped" in result.note
+    [bad] = [r for r in read_manifest(store).to_pylist() if r["status"] == "error"]
+    assert bad["image_id"] == "folder" and "a directory, not an image file" in bad["error"]

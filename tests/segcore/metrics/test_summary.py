@@ -149,3 +149,21 @@ def test_markdown_without_manifest_marks_unknowns() -> None:
     assert "- images ingested: –" in md
     assert "masks missing: –" in md
     assert "Unreadable files" not in md and "Outputs:" not in md
+
+
+def test_ground_truth_with_unknown_labels_is_counted_from_the_evaluation_policys_rows() -> None:
+    from segcore.models.checkpoint import ModelMeta
+    from segcore.normalise import Normalisation
+    from segcore.run.evaluate import count_against_gt, dice_rows
+
+    meta = ModelMeta(arch="unet", arch_kwargs={}, class_names=CLASSES, in_channels=1,
+                     normalisation=Normalisation(mode="range", scale=255.0))
+    gt = np.array([[[0, 1], [2, 0]], [[0, 5], [0, 0]], [[0, 3], [0, 0]]], dtype=np.uint32)  # labels 5, 3: unknown
+    ids = ("ok", "five", "three")
+    counts = dict(zip(ids, count_against_gt(np.zeros((3, 2, 2), np.int64), gt, mask_kind="class", meta=meta)))
+    rows = [{"image_id": i, "status": "ok", "error": None, "mask_status": "ok", "mask_error": None} for i in ids]
+    broken = {"image_id": "broken", "status": "ok", "error": None, "mask_status": "error", "mask_error": "30x30"}
+    table = dice_rows(rows + [broken], counts, meta=meta, checkpoint_sha256="0" * 64, unit="unit-00000")
+    s = summarise_dice(table)
+    assert (s["images_evaluated"], s["error_images"], s["gt_label_errors"]) == (1, 3, 2)
+    assert "ground truth with labels the model lacks: 2" in render_markdown(s)
