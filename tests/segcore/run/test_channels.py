@@ -6,8 +6,12 @@ import numpy as np
 import pytest
 
 from segcore.errors import SegflowError
+from segcore.models.checkpoint import ModelMeta
+from segcore.normalise import Normalisation
 from segcore.run.channels import (ChannelError, adapt_channels, adapt_images, alpha_varies, can_adapt,
                                   channel_note)
+from segcore.run.context import Counts
+from segcore.run.evaluate import dice_rows
 
 
 def test_same_channels_pass_through_untouched():
@@ -97,3 +101,26 @@ def test_adapt_images_without_refusals_equals_adapt_channels():
     expected, _ = adapt_channels(images, model_channels=1)
     assert refused == {} and note == "rgb->grey"
     np.testing.assert_array_equal(adapted, expected)
+
+
+META = ModelMeta(arch="unet", arch_kwargs={"base": 4, "depth": 2}, class_names=("bg", "fg"), in_channels=1,
+                 normalisation=Normalisation(mode="range", scale=255.0))
+
+
+def _row(image_id: str, channels: int | None, *, status: str = "ok", mask_status: str = "ok") -> dict:
+    return {"image_id": image_id, "channels": channels, "status": status, "error": None,
+            "mask_status": mask_status, "mask_error": None}
+
+
+def test_dice_rows_record_the_adaptation_and_refuse_what_cannot_be_adapted():
+    counts = {i: Counts(tp=(3, 1), fp=(0, 1), fn=(1, 0)) for i in ("grey", "rgb", "rgba", "five")}
+    rows = [_row("grey", 1), _row("rgb", 3), _row("rgba", 4), _row("five", 5), _row("two", 2, mask_status="missing")]
+    table = dice_rows(rows, counts, meta=META, checkpoint_sha256="c" * 64, unit="u").to_pylist()
+    by_image = {(r["image_id"], r["class_id"]): r for r in table}
+    assert [by_image[(i, 0)]["channels_adapted"] for i in ("grey", "rgb", "rgba")] == ["", "rgb->grey", "rgba->grey"]
+    assert by_image[("rgb", 1)]["dice"] == pytest.approx(2 / 3)  # 2*1 / (2*1 + 1 + 0)
+    # refused whether or not the image has ground truth, one error row per class
+    for image in ("five", "two"):
+        assert [by_image[(image, k)]["status"] for k in (0, 1)] == ["error", "error"]
+    assert "5-channel image but the model takes 1 channel(s)" in by_image[("five", 0)]["error"]
+    assert "2-channel image" in by_image[("two", 1)]["error"]
