@@ -109,7 +109,7 @@ def test_verbose_shows_prefects_lines_and_the_traceback(tiny_run) -> None:
     assert proc.returncode == 2
     assert "prefect.flow_runs" in proc.stderr and "Encountered exception during execution" in proc.stderr
     assert "Traceback" in proc.stderr
-    assert any(ln.startswith("segflow: error: store group") for ln in proc.stderr.splitlines())
+    assert any(ln.startswith("segflow: error: no image of the store") for ln in proc.stderr.splitlines())
 
 
 def test_an_invalid_option_value_is_one_line_naming_the_field(tiny_run, capsys, monkeypatch) -> None:
