@@ -29,6 +29,7 @@ import zarr
 from segcore import fsio
 from segcore.models.checkpoint import ModelMeta
 from segcore.normalise import Stats, percentile_stats
+from segcore.run.channels import adapt_images
 from segcore.run.context import BlockRecord, Counts, DetectRecord, RunContext, Timing
 from segcore.run.evaluate import count_against_gt, ground_truth_state
 from segcore.run.plan import WorkUnit
@@ -45,7 +46,9 @@ TILE_BATCH_PIXELS = 1 << 20
 
 def image_stats(store_path: str, group: str, index: int, meta: ModelMeta) -> Stats | None:
     """Percentile normalisation values of one stored image from a strided sample (read chunk by
-    chunk); ``None`` for other normalisations. Every block of the image uses them."""
+    chunk), of its pixels as the channel policy feeds them to the model (:mod:`segcore.run.channels`);
+    ``None`` for other normalisations, or when the policy refuses the sample. Every block of the
+    image uses them."""
     if meta.normalisation.mode != "percentile":
         return None
     arr = zarr.open_group(store_path, mode="r")[f"images/{group}"]
@@ -56,7 +59,8 @@ def image_stats(store_path: str, group: str, index: int, meta: ModelMeta) -> Sta
     for y in range(0, height, ch):
         block = arr[index, y:y + ch]
         samples.append(block[(-y) % step::step, ::step].reshape(-1, block.shape[-1]))
-    return percentile_stats(np.concatenate(samples), meta.normalisation)
+    pixels, _, refused = adapt_images(np.concatenate(samples)[None, :, None], model_channels=meta.in_channels)
+    return None if refused else percentile_stats(pixels[0, :, 0], meta.normalisation)
 
 
 def _counts_vs_gt(ctx: RunContext, unit: WorkUnit, pred: np.ndarray, meta: ModelMeta) -> Counts | None:
@@ -89,15 +93,20 @@ def segment_block(ctx: RunContext, unit: WorkUnit, *, stats: Stats | None = None
     tiles = tiles_for(core, height, width, tiling.tile, tiling.overlap)
     rw = read_window(tiles)
     raw = zarr.open_group(ctx.store, mode="r")[f"images/{unit.group}"][unit.start, rw.y0:rw.y1, rw.x0:rw.x1]
+    adapted, _, refused = adapt_images(raw[None], model_channels=predictor.meta.in_channels)  # channel policy
+    raw = adapted[0]
     with torch.inference_mode():
         logits = blend_block(flip_tta(predictor.logits) if tiling.tta else predictor.logits, raw, (rw.y0, rw.x0),
                              core, tiles, to_input=lambda b: predictor.prepare(b, stats=stats),
                              blend=tiling.blend, overlap=tiling.overlap,
                              batch_size=max(1, min(ctx.batch_size, TILE_BATCH_PIXELS // tiling.tile**2)))
     pred = logits.argmax(axis=0).astype(predictor.label_dtype)
+    if refused:  # fed as zeros: background, and the reason instead of counts
+        pred[:] = 0
     zarr.open_group(masks_path(ctx.run_dir), mode="r+")[unit.group][unit.start, core.y0:core.y1, core.x0:core.x1] = pred
     record = BlockRecord(unit=unit.name, group=unit.group, index=unit.start, window=_window(unit), key=ctx.key,
-                         tiles=len(tiles), counts=_counts_vs_gt(ctx, unit, pred, predictor.meta),
+                         tiles=len(tiles),
+                         counts=Counts(error=refused[0]) if refused else _counts_vs_gt(ctx, unit, pred, predictor.meta),
                          timing=Timing.since(t0, started, ctx.device))
     mark_done(ctx.run_dir, record)
     return record
@@ -152,6 +161,7 @@ def detect_block(ctx: RunContext, unit: WorkUnit, *, stats: Stats | None = None)
     outer = block.grow(tiling.overlap, height, width)
     raw = zarr.open_group(ctx.store, mode="r")[f"images/{unit.group}"][unit.start, outer.y0:outer.y1,
                                                                          outer.x0:outer.x1]
+    raw = adapt_images(raw[None], model_channels=predictor.meta.in_channels)[0][0]  # channel policy
     cap = predictor.detections_cap
     parts, capped = [], 0
     for sub in chunk_windows(block.y1 - block.y0, block.x1 - block.x0, tiling.tile or max(block.shape)):

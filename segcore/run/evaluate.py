@@ -5,10 +5,13 @@ whichever path segmented it:
 
 - an image that could not be decoded is an error row (one per class), whatever its prediction;
 - an image whose mask is unusable (``mask_status="error"``) is an error row naming the reason;
+- an image whose channels cannot be adapted to the model's (:mod:`segcore.run.channels`) is an
+  error row naming both channel counts;
 - an image without a mask is segmented but not scored (no row);
 - ground truth with a label the model does not have is an error row naming the label;
 - otherwise one row per class with its TP/FP/FN and Dice = 2TP / (2TP + FP + FN). An absent class
-  scores 1.0 when the prediction is empty too, else 0.0 (``empty_gt`` marks both cases).
+  scores 1.0 when the prediction is empty too, else 0.0 (``empty_gt`` marks both cases). Its
+  ``channels_adapted`` says how its channels were fed to the model (``""``: as they are).
 
 :func:`count_against_gt` turns predictions into :class:`~segcore.run.context.Counts`; a tiled
 image sums its blocks' counts with :func:`sum_counts`; :func:`dice_rows` makes the table.
@@ -23,6 +26,7 @@ import pyarrow as pa
 
 from segcore.metrics.dice import confusion_counts, dice_from_counts
 from segcore.models.checkpoint import ModelMeta
+from segcore.run.channels import ChannelError, channel_note
 from segcore.run.context import Counts
 from segcore.run.tables import dice_table
 
@@ -36,6 +40,18 @@ def ground_truth_state(row: Mapping[str, Any]) -> tuple[bool, str | None]:
     if row["mask_status"] == "error":
         return False, f"ground truth unusable: {row.get('mask_error')}"
     return False, None
+
+
+def channel_state(row: Mapping[str, Any], *, model_channels: int) -> tuple[str, str | None]:
+    """``(channels_adapted note, error message or None)`` of one decodable image's manifest row fed
+    to a ``model_channels`` model (:func:`segcore.run.channels.channel_note`); ``("", None)`` for
+    rows without a channel count."""
+    if row.get("channels") is None:
+        return "", None
+    try:
+        return channel_note(int(row["channels"]), model_channels=model_channels), None
+    except ChannelError as exc:
+        return "", str(exc)
 
 
 def gt_as_classes(gt: np.ndarray, *, mask_kind: str) -> np.ndarray:
@@ -91,22 +107,26 @@ def dice_rows(rows: Sequence[Mapping[str, Any]], counts: Mapping[str, Counts], *
         unit: the work unit (or tiled-image part) the rows belong to.
     """
     ids: list[str] = []
+    notes: list[str] = []
     scored: list[Counts] = []
     errors: list[tuple[str, str]] = []
     for row in rows:
         usable, problem = ground_truth_state(row)
+        note, refused = channel_state(row, model_channels=meta.in_channels) if row["status"] == "ok" else ("", None)
         got = counts.get(row["image_id"])
-        if problem is not None:
-            errors.append((row["image_id"], problem))
+        if problem is not None or refused is not None:
+            errors.append((row["image_id"], refused or problem))
         elif usable and got is not None:
             if got.error is not None:
                 errors.append((row["image_id"], got.error))
             else:
                 ids.append(row["image_id"])
+                notes.append(note)
                 scored.append(got)
     c = meta.num_classes
     tp, fp, fn = (np.asarray([getattr(s, name) for s in scored], dtype=np.int64).reshape(len(scored), c)
                   for name in ("tp", "fp", "fn"))
     dice, empty = dice_from_counts(tp, fp, fn)
     return dice_table(image_ids=ids, class_names=meta.class_names, tp=tp, fp=fp, fn=fn, dice=dice, empty_gt=empty,
-                      model=meta.arch, checkpoint_sha256=checkpoint_sha256, unit=unit, errors=errors)
+                      model=meta.arch, checkpoint_sha256=checkpoint_sha256, unit=unit, errors=errors,
+                      channels_adapted=notes)

@@ -11,6 +11,7 @@ to run units by hand::
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 from segcore.collection.store import StoreInfo, open_store
@@ -18,18 +19,22 @@ from segcore.errors import CheckpointError
 from segcore.models.checkpoint import ModelMeta
 from segcore.models.predict import open_predictor
 from segcore.models.record import model_sha256, read_model_meta
+from segcore.run.channels import can_adapt, channel_note
 from segcore.run.context import RunContext
 from segcore.errors import NotFound
 from segcore.run.plan import RunPlan, effective_precision, make_plan, output_shaping, resolve_tiling
 from segcore.run.rundir import done_records, prepare_run, read_plan, read_run_info
 from segcore.run.schedule import pending_steps
 
+log = logging.getLogger(__name__)
+
 
 def preflight(store_path: str, checkpoint: str) -> tuple[ModelMeta, str, StoreInfo]:
     """Fail fast, before fan-out: the model record (any runtime) readable and its model loading (weights
-    fitting the architecture, TorchScript/ONNX graph readable), its declared input axes and channels
-    those of the store. Returns the model's metadata, the record's sha256 (:func:`model_sha256`)
-    and the store."""
+    fitting the architecture, TorchScript/ONNX graph readable), its declared input axes those of
+    segflow, and at least one store group whose channels the channel policy can feed to the model
+    (:mod:`segcore.run.channels`; the images of the other groups become error rows). Returns the
+    model's metadata, the record's sha256 (:func:`model_sha256`) and the store."""
     meta = read_model_meta(checkpoint)
     open_predictor(checkpoint, device="cpu", precision="fp32")  # raises CheckpointError if it does not load
     sha = model_sha256(checkpoint)
@@ -37,18 +42,34 @@ def preflight(store_path: str, checkpoint: str) -> tuple[ModelMeta, str, StoreIn
     if meta.input_axes != "bcyx":
         raise CheckpointError(f"the model takes input axes {meta.input_axes!r}; segflow feeds 2-D images as bcyx "
                               "(batch, channel, y, x): re-export the model for that layout")
-    for g in store.groups:
-        if g.channels != meta.in_channels:
-            raise CheckpointError(
-                f"store group {g.name} has {g.channels}-channel images but the checkpoint expects "
-                f"{meta.in_channels} channel(s); use a checkpoint trained on such images"
-            )
+    check_channels(store, model_channels=meta.in_channels)
     if store.has_gt and store.mask_kind == "instance" and meta.num_classes != 2:
         raise CheckpointError(
             f"the store's ground truth is instance labels (foreground vs background) but the checkpoint has "
             f"{meta.num_classes} classes; ingest class masks with --mask-kind class"
         )
     return meta, sha, store
+
+
+def check_channels(store: StoreInfo, *, model_channels: int) -> None:
+    """Raise :class:`~segcore.errors.CheckpointError` (one line, naming the channel counts found and
+    the model's) when no image of ``store`` can be fed to a ``model_channels`` model; log the groups
+    that are adapted or refused otherwise."""
+    groups = [g for g in store.groups if g.count]
+    found = sorted({g.channels for g in groups})
+    usable = [g for g in groups if can_adapt(g.channels, model_channels=model_channels)]
+    if groups and not usable:
+        raise CheckpointError(
+            f"no image of the store can be fed to the model: the images have {', '.join(map(str, found))} "
+            f"channel(s) and the model takes {model_channels}; segflow adapts only grey <-> RGB and RGBA with a "
+            "constant alpha: use a checkpoint trained on such images")
+    for g in groups:
+        if g not in usable:
+            log.warning("store group %s: %d image(s) of %d channel(s) cannot be fed to the %d-channel model; "
+                        "they become error rows", g.name, g.count, g.channels, model_channels)
+        elif g.channels != model_channels:
+            log.info("store group %s: %d image(s) of %d channel(s) adapted to the model (%s)", g.name, g.count,
+                     g.channels, channel_note(g.channels, model_channels=model_channels))
 
 
 

@@ -36,6 +36,7 @@ DICE_SCHEMA = pa.schema(
         ("unit", pa.string()),
         ("status", pa.string()),
         ("error", pa.string()),
+        ("channels_adapted", pa.string()),
     ]
 )
 
@@ -61,12 +62,15 @@ SEAM_SCHEMA = pa.schema([
 
 def dice_table(*, image_ids: Sequence[str], class_names: Sequence[str], tp: np.ndarray, fp: np.ndarray,
                fn: np.ndarray, dice: np.ndarray, empty_gt: np.ndarray, model: str, checkpoint_sha256: str,
-               unit: str, errors: Sequence[tuple[str, str]] = ()) -> pa.Table:
+               unit: str, errors: Sequence[tuple[str, str]] = (),
+               channels_adapted: Sequence[str] | None = None) -> pa.Table:
     """Rows ``(image, class)`` for evaluated images plus ``status="error"`` rows.
 
     ``tp/fp/fn/dice/empty_gt`` are ``(len(image_ids), len(class_names))``; ``errors`` is a list of
     ``(image_id, message)`` for images of the unit that could not be evaluated (one row per class,
-    with null Dice and counts).
+    with null Dice and counts). ``channels_adapted``: per evaluated image, how its channels were
+    adapted to the model's (:func:`segcore.run.channels.channel_note`; default ``""``, none);
+    error rows get ``""``.
     """
     n, c = len(image_ids), len(class_names)
     ids = np.repeat(np.asarray(image_ids, dtype=object), c)
@@ -87,13 +91,16 @@ def dice_table(*, image_ids: Sequence[str], class_names: Sequence[str], tp: np.n
         "unit": [unit] * (n * c),
         "status": ["ok"] * (n * c),
         "error": [None] * (n * c),
+        "channels_adapted": np.repeat(np.asarray(channels_adapted if channels_adapted is not None else [""] * n,
+                                                 dtype=object), c).tolist(),
     }
     ok = pa.table(cols, schema=DICE_SCHEMA)
     if not errors:
         return ok
     err_rows = [
         {"image_id": image_id, "class_id": k, "class_name": class_names[k], "model": model,
-         "checkpoint_sha256": checkpoint_sha256, "unit": unit, "status": "error", "error": message}
+         "checkpoint_sha256": checkpoint_sha256, "unit": unit, "status": "error", "error": message,
+         "channels_adapted": ""}
         for image_id, message in errors
         for k in range(c)
     ]

@@ -21,6 +21,7 @@ from segcore.errors import ConfigError
 from segcore.metrics.instance import instance_scores
 from segcore.models.checkpoint import ModelMeta
 from segcore.models.instances import InstancePrediction
+from segcore.run.channels import adapt_images
 from segcore.run.context import RunContext, Timing, UnitRecord
 from segcore.run.evaluate import count_against_gt, dice_rows, ground_truth_state
 from segcore.run.plan import WorkUnit
@@ -60,6 +61,16 @@ def _write_instances(ctx: RunContext, unit: WorkUnit, meta: ModelMeta, rows: Seq
     return sum(len(p.records) for _, p in ok)
 
 
+def _blank_refused(preds: np.ndarray, instance_preds: list[InstancePrediction] | None, refused: dict[int, str]
+                   ) -> None:
+    """Background, in place, for the images the channel policy refused (they were fed as zeros)."""
+    preds[list(refused)] = 0
+    for i in refused if instance_preds is not None else ():
+        p = instance_preds[i]
+        instance_preds[i] = InstancePrediction(labels=np.zeros_like(p.labels), classes=np.zeros_like(p.classes),
+                                               records=[])
+
+
 def segment_unit(ctx: RunContext, unit: WorkUnit) -> UnitRecord:
     """Segment and evaluate one unit of whole images; returns its record (counts and timings, no arrays).
 
@@ -68,13 +79,15 @@ def segment_unit(ctx: RunContext, unit: WorkUnit) -> UnitRecord:
     Instance models also write ``instances.zarr/<group>[start:stop]`` (uint32 instance ids),
     ``instances/run_id=<id>/<unit>.parquet`` (one row per predicted instance) and, when the ground
     truth is instance labels, ``instance_metrics/run_id=<id>/<unit>.parquet``. The done-record is
-    written last.
+    written last. Images are fed through the channel policy (:mod:`segcore.run.channels`); an image
+    it refuses gets a background mask and error rows naming the reason.
     """
     t0, started = time.perf_counter(), time.time()
     predictor = ctx.predictor()
     meta = predictor.meta
     root = zarr.open_group(ctx.store, mode="r")
     images = root[f"images/{unit.group}"][unit.start:unit.stop]
+    images, _, refused = adapt_images(images, model_channels=meta.in_channels)
     t_read = time.perf_counter()
     instance_preds = None
     if predictor.kind == "instance":
@@ -83,9 +96,12 @@ def segment_unit(ctx: RunContext, unit: WorkUnit) -> UnitRecord:
     else:
         preds = predictor.labels(images, batch_size=ctx.batch_size)
     t_pred = time.perf_counter()
+    if refused:
+        _blank_refused(preds, instance_preds, refused)
     zarr.open_group(masks_path(ctx.run_dir), mode="r+")[unit.group][unit.start:unit.stop] = preds
 
     rows = unit_rows(ctx.store, unit.group, unit.start, unit.stop)
+    rows = [dict(r, status="error", error=refused[i]) if i in refused else r for i, r in enumerate(rows)]
     usable = [i for i, r in enumerate(rows) if ground_truth_state(r)[0]]
     gt_raw = dict(zip(usable, root[f"gt/{unit.group}"][unit.start:unit.stop][usable])) if usable else {}
     counts = dict(zip(usable, count_against_gt(preds[usable], np.asarray([gt_raw[i] for i in usable]),

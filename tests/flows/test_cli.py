@@ -57,12 +57,12 @@ def tiny_run(tmp_path_factory) -> dict:
     rng = np.random.default_rng(0)
     for i, (h, w) in enumerate([(40, 40)] * 3 + [(24, 48)] * 2):
         write_png(root / "col" / "images" / f"extra-{i}.png", rng.integers(0, 255, (h, w), dtype=np.uint8))
-    gray, rgb = _checkpoint(root / "gray.safetensors", in_channels=1), _checkpoint(root / "rgb.safetensors",
-                                                                                   in_channels=3)
+    gray, two = _checkpoint(root / "gray.safetensors", in_channels=1), _checkpoint(root / "two.safetensors",
+                                                                                   in_channels=2)
     store, out = str(root / "store.zarr"), str(root / "run")
     proc = segflow("run", "--images", str(root / "col" / "images"), "--masks", str(root / "col" / "masks"),
                    "--store", store, "--checkpoint", gray, "--out", out, "--workers", "1", "--threads-per-worker", "1")
-    return {"proc": proc, "store": store, "out": out, "gray": gray, "rgb": rgb, "root": root}
+    return {"proc": proc, "store": store, "out": out, "gray": gray, "two_channel": two, "root": root}
 
 
 def test_version_prints_the_package_version() -> None:
@@ -86,11 +86,11 @@ def test_run_off_a_terminal_prints_plain_progress_lines_to_the_end(tiny_run) -> 
 
 
 def test_a_checkpoint_that_does_not_fit_the_store_is_one_line_and_exit_2(tiny_run) -> None:
-    proc = segflow("segment", "--store", tiny_run["store"], "--checkpoint", tiny_run["rgb"],
+    proc = segflow("segment", "--store", tiny_run["store"], "--checkpoint", tiny_run["two_channel"],
                    "--out", str(tiny_run["root"] / "rgb-run"))
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("segflow: error: ")
-    assert "1-channel images but the checkpoint expects 3 channel(s)" in proc.stderr
+    assert "the images have 1 channel(s) and the model takes 2" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
@@ -104,12 +104,12 @@ def test_a_missing_checkpoint_is_one_line_and_exit_2(tiny_run) -> None:
 
 
 def test_verbose_shows_prefects_lines_and_the_traceback(tiny_run) -> None:
-    proc = segflow("-v", "segment", "--store", tiny_run["store"], "--checkpoint", tiny_run["rgb"],
+    proc = segflow("-v", "segment", "--store", tiny_run["store"], "--checkpoint", tiny_run["two_channel"],
                    "--out", str(tiny_run["root"] / "rgb-run-v"))
     assert proc.returncode == 2
     assert "prefect.flow_runs" in proc.stderr and "Encountered exception during execution" in proc.stderr
     assert "Traceback" in proc.stderr
-    assert any(ln.startswith("segflow: error: store group") for ln in proc.stderr.splitlines())
+    assert any(ln.startswith("segflow: error: no image of the store") for ln in proc.stderr.splitlines())
 
 
 def test_an_invalid_option_value_is_one_line_naming_the_field(tiny_run, capsys, monkeypatch) -> None:

@@ -142,10 +142,10 @@ def test_wrong_checkpoint_fails_before_fan_out(finished, tmp_path):
 
     from segcore.models.checkpoint import ModelMeta, save_checkpoint
     from segcore.models import create_model
-    three_channel = create_model("unet", in_channels=3, num_classes=3, base=4, depth=2)
-    ckpt = save_checkpoint(tmp_path / "rgb.safetensors", three_channel,
+    two_channel = create_model("unet", in_channels=2, num_classes=3, base=4, depth=2)
+    ckpt = save_checkpoint(tmp_path / "two.safetensors", two_channel,
                            ModelMeta(arch="unet", arch_kwargs={"base": 4, "depth": 2},
-                                     class_names=("bg", "a", "b"), in_channels=3))
+                                     class_names=("bg", "a", "b"), in_channels=2))
     bad = spec.segment.model_copy(update={"checkpoint": str(ckpt), "out": str(tmp_path / "never")})
     with pytest.raises(CheckpointError, match="channel"):
         with_runner(segment_flow, ONE_WORKER)(bad)

@@ -160,3 +160,18 @@ def test_a_reader_racing_a_writer_never_errors_duckdb(tmp_path):
 def test_a_reader_racing_a_writer_never_errors_pyarrow_on_s3(s3_server):
     bucket = s3_server.bucket()
     _race(f"{bucket}/lake", f"{bucket}/run", lambda: read_lake(f"{bucket}/lake").num_rows, n_parts=12)
+
+
+def test_lake_files_without_channels_adapted_read_alongside_new_ones(tmp_path):
+    run_dir, lake = str(tmp_path / "run"), str(tmp_path / "lake")
+    _write_unit(run_dir, 0, [0, 1])
+    publish(lake, run_dir=run_dir, run_info=_run_info(), manifest=_manifest(4), unit_groups=_groups(2),
+            now=dt.datetime(2026, 11, 23, tzinfo=dt.timezone.utc))
+    (path,) = (tmp_path / "lake" / "dice").rglob("*.parquet")  # rewritten as a lake of an older segflow
+    pq.write_table(pq.read_table(path).drop_columns(["channels_adapted"]), path)
+    _write_unit(run_dir, 1, [2, 3])
+    publish(lake, run_dir=run_dir, run_info=_run_info(), manifest=_manifest(4), unit_groups=_groups(2),
+            now=dt.datetime(2026, 11, 24, tzinfo=dt.timezone.utc))
+    dice = read_lake(lake).sort_by([("image_id", "ascending")])
+    assert dice.column("channels_adapted").to_pylist() == [None] * 4 + [""] * 4
+    assert dice_report(lake)["current"].num_rows > 0

@@ -153,3 +153,21 @@ def test_read_dice_filters_by_run(tmp_path: Path) -> None:
     only = read_dice(base, filter=pc.field("run_id") == "20261125")
     assert only.num_rows == 3
     assert set(only["run_id"].to_pylist()) == {"20261125"}
+
+
+def test_channels_adapted_is_per_image_and_empty_on_error_rows():
+    table = dice_table(image_ids=["a", "b"], class_names=CLASSES, tp=TP, fp=FP, fn=FN, dice=np.zeros((2, 3)),
+                       empty_gt=np.zeros((2, 3), bool), model="unet", checkpoint_sha256="ab" * 32, unit="u",
+                       errors=[("c", "5-channel image")], channels_adapted=["rgb->grey", ""])
+    assert table.column("channels_adapted").to_pylist() == ["rgb->grey"] * 3 + [""] * 3 + [""] * 3
+    assert _table().column("channels_adapted").to_pylist() == [""] * 6
+
+
+def test_parts_written_before_channels_adapted_existed_read_back_as_null(tmp_path):
+    old = _table("unit-00000").drop_columns(["channels_adapted"])
+    assert "channels_adapted" not in old.column_names
+    write_part(old, tmp_path / "dice" / "run_id=r1", "unit-00000.parquet")
+    write_part(_table("unit-00001", ids=("c",)), tmp_path / "dice" / "run_id=r1", "unit-00001.parquet")
+    back = read_dice(tmp_path / "dice").sort_by([("unit", "ascending")])
+    assert tuple(back.column_names) == DICE_COLUMNS
+    assert back.column("channels_adapted").to_pylist() == [None] * 6 + [""] * 3
