@@ -14,7 +14,6 @@ Without a Dask cluster, steps are retried but not timed out.
 
 from __future__ import annotations
 
-import concurrent.futures
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -78,19 +77,12 @@ def _stop(client: Any, step: _Step, log: Any) -> None:
 
 
 def _wait_some(futures: Sequence[Any]) -> None:
-    """Return when one of ``futures`` (their wrapped Dask or concurrent futures) is done, or after :data:`POLL_S`."""
+    """Return when one of ``futures`` (Prefect futures wrapping Dask or concurrent futures) is done, or after
+    :data:`POLL_S`."""
     wrapped = [f.wrapped_future for f in futures]
-    if not wrapped:
-        time.sleep(POLL_S)
-    elif all(isinstance(w, concurrent.futures.Future) for w in wrapped):
-        concurrent.futures.wait(wrapped, timeout=POLL_S, return_when=concurrent.futures.FIRST_COMPLETED)
-    else:
-        import distributed
-
-        try:
-            distributed.wait(wrapped, timeout=POLL_S, return_when="FIRST_COMPLETED")
-        except (TimeoutError, distributed.TimeoutError):
-            pass
+    until = time.monotonic() + POLL_S
+    while time.monotonic() < until and not any(w.done() for w in wrapped):
+        time.sleep(0.05)
 
 
 def _seconds(record: Any) -> float | None:
@@ -128,7 +120,7 @@ def gather_watched(submit: Callable[[Any], Any], items: Sequence[Any], *, name: 
             waiting.remove(step)
             step.future, step.started, step.worker = submit(step.item), None, None
             active.append(step)
-        _wait_some(active)
+        _wait_some([s.future for s in active])
         for step in [s for s in active if s.future.wrapped_future.done()]:
             active.remove(step)
             try:
