@@ -58,6 +58,16 @@ def _add_segment(p: argparse.ArgumentParser) -> None:
                    help="semantic models: average the logits over flips (4x compute)")
     p.add_argument("--lake", help="data-lake location (path or fsspec URL, e.g. s3://bucket/segflow): append the Dice, "
                                   "instance and manifest tables there, Hive-partitioned by run_date and model")
+    f = p.add_argument_group("failures inside a run")
+    f.add_argument("--unit-timeout-floor", type=float, metavar="SECONDS",
+                   help="least time a work unit is given before it counts as hung (default 60); its timeout is 5 x "
+                        "the median seconds per image of the run's finished units x its images")
+    f.add_argument("--unit-timeout-cap", type=float, metavar="SECONDS",
+                   help="most time a work unit is given, and the timeout before any unit has finished (default "
+                        "3600); a hung unit's Dask worker is restarted and the unit retried")
+    f.add_argument("--unit-retries", type=int, metavar="N",
+                   help="further attempts of a unit that fails or hangs, after 2 s, 4 s, ... (default 2); units "
+                        "that still fail are listed in RUN_DIR/failed/ and the command exits 2 naming them")
     _add_execution(p)
 
 
@@ -330,7 +340,8 @@ def _segment_spec(args: argparse.Namespace, store: str):
     return SegmentSpec(store=store, checkpoint=args.checkpoint, out=args.out, execution=_execution(args),
                        **_given(batch_size=args.batch_size, device=args.device, precision=args.precision,
                                 tile_size=args.tile_size, overlap=args.overlap, blend=args.blend, tta=args.tta,
-                                lake=args.lake))
+                                lake=args.lake, unit_timeout_floor=args.unit_timeout_floor,
+                                unit_timeout_cap=args.unit_timeout_cap, unit_retries=args.unit_retries))
 
 
 def _ingest_spec(args: argparse.Namespace, store: str):

@@ -17,6 +17,7 @@ from flows.artifacts import UnitProgress, publish_run_artifacts
 from flows.execution import task_runner, torch_threads
 from flows.ingest import ingest_steps
 from flows.names import ingest_run_name, run_run_name, segment_run_name
+from flows.watch import Failure, gather_watched
 from segcore import fsio
 from segcore.collection.versions import current_manifest, current_rows
 from segcore.collection.store import read_manifest, spec_json, store_exists
@@ -28,7 +29,8 @@ from segcore.models.record import model_sha256
 from segcore.run.context import RunContext
 from segcore.run.plan import RunPlan, check_alignment
 from segcore.run.results import open_run
-from segcore.run.rundir import done_records, mask_chunks, write_summary
+from segcore.run.deadlines import UnitTimeouts
+from segcore.run.rundir import clear_failed, done_records, failed_records, mark_failed, mask_chunks, write_summary
 from segcore.run.schedule import TiledSchedule
 from segcore.run.start import pending_work, start_run
 from tasks.lake import publish_lake_task
@@ -36,58 +38,72 @@ from tasks.segment import (detect_block_task, finish_image_task, image_stats_tas
                            segment_block_task, segment_unit_task)
 
 
-def _gather(futures: list, what: str, log: Any, *, count_images: bool = False,
-            progress: UnitProgress | None = None) -> tuple[list, list[str]]:
-    """Records of ``futures`` as they complete, with progress in the log (and in ``progress``, one
-    unit per successful future); failures are collected."""
+def _gather(futures: list, what: str, log: Any) -> tuple[list, list[str]]:
+    """Records of ``futures`` as they complete, with progress in the log; failures are collected."""
     results, failed = [], []
-    images_done, t0 = 0, time.perf_counter()
+    t0 = time.perf_counter()
     step = max(1, len(futures) // 20)
     for n, fut in enumerate(as_completed(futures), start=1):
         try:
-            rec = fut.result()
-            results.append(rec)
-            images_done += getattr(rec, "n_images", 0)
-            if progress is not None:
-                progress.advance(images=getattr(rec, "n_images", 0))
-        except Exception as exc:  # one unit failing loses nothing else; reported by the caller
+            results.append(fut.result())
+        except Exception as exc:  # one step failing loses nothing else; reported by the caller
             failed.append(f"{exc}")
-        if count_images:
-            log.info("segment: %d/%d %s, %d images, %.1f images/s", n, len(futures), what, images_done,
-                     images_done / max(time.perf_counter() - t0, 1e-9))
-        elif n % step == 0 or n == len(futures):
+        if n % step == 0 or n == len(futures):
             log.info("segment: %d/%d %s (%.1f s)", n, len(futures), what, time.perf_counter() - t0)
     return results, failed
 
 
+def _watched(submit: Any, todo: list, watch: dict[str, Any], log: Any, what: str,
+             progress: UnitProgress | None = None) -> tuple[list, list[Failure]]:
+    """``submit`` every unit of ``todo`` (or ``(unit, sources)`` pair) with timeouts and retries
+    (:func:`flows.watch.gather_watched`, settings ``watch``); progress in the log and in ``progress``."""
+    def unit_of(item: Any) -> Any:
+        return item[0] if isinstance(item, tuple) else item
+
+    step, done, t0 = max(1, len(todo) // 20), [0, 0], time.perf_counter()
+
+    def advance(record: Any) -> None:
+        done[0] += 1
+        done[1] += getattr(record, "n_images", 0)
+        if progress is not None:
+            progress.advance(images=getattr(record, "n_images", 0))
+        if done[0] % step == 0 or done[0] == len(todo):
+            log.info("segment: %d/%d %s, %d images, %.1f s", done[0], len(todo), what, done[1],
+                     time.perf_counter() - t0)
+
+    return gather_watched(submit, todo, name=lambda i: unit_of(i).name, weight=lambda i: unit_of(i).n_images,
+                          on_result=advance, log=log, **watch)
+
+
 def _tiled_steps(ctx: RunContext, schedule: TiledSchedule, meta: ModelMeta, log: Any,
-                 progress: UnitProgress) -> list[str]:
+                 progress: UnitProgress, watch: dict[str, Any]) -> list[Failure]:
     """Submit the steps the schedule says remain for the tiled images; returns failures."""
     stats = {key: image_stats_task.submit(ctx.store, key[0], key[1], meta) for key in schedule.stats_needed()}
     stats = {key: f.result() for key, f in stats.items()}
     done = schedule.done
     if meta.kind == "instance":
         detect = schedule.to_detect()
-        found, failed = _gather([detect_block_task.submit(ctx, u, stats=stats.get((u.group, u.start)))
-                                 for u in detect], "blocks detected", log)
+        found, failed = _watched(lambda u: detect_block_task.submit(ctx, u, stats=stats.get((u.group, u.start))),
+                                 detect, watch, log, "blocks detected")
         if failed:
             return failed
         detections = {**done, **{r.marker: r for r in found}}
         todo = schedule.to_paste(detections, redetected=detect)
-        results, failed = _gather([paste_block_task.submit(ctx, u, sources=sources, meta=meta) for u, sources in todo],
-                                  "blocks pasted", log, progress=progress)
+        results, failed = _watched(lambda j: paste_block_task.submit(ctx, j[0], sources=j[1], meta=meta), todo,
+                                   watch, log, "blocks pasted", progress)
         todo = [u for u, _ in todo]
     else:
         detections = None
         todo = schedule.to_segment()
-        results, failed = _gather([segment_block_task.submit(ctx, u, stats=stats.get((u.group, u.start)))
-                                   for u in todo], "blocks", log, progress=progress)
+        results, failed = _watched(lambda u: segment_block_task.submit(ctx, u, stats=stats.get((u.group, u.start))),
+                                   todo, watch, log, "blocks", progress)
     if failed:
         return failed
     records = {**done, **{r.marker: r for r in results}}
     jobs = schedule.to_finish(todo, records, detections)
-    return _gather([finish_image_task.submit(ctx, j.group, j.index, records=j.records, meta=meta, blocks=j.blocks)
-                    for j in jobs], "large images finished", log)[1]
+    return [Failure("finish-image", reason, 1) for reason in _gather(
+        [finish_image_task.submit(ctx, j.group, j.index, records=j.records, meta=meta, blocks=j.blocks)
+         for j in jobs], "large images finished", log)[1]]
 
 
 def segment_steps(spec: SegmentSpec) -> dict[str, Any]:
@@ -110,17 +126,24 @@ def segment_steps(spec: SegmentSpec) -> dict[str, Any]:
              f"; {len(plan.tiled_images)} large image(s) in {len(schedule.units)} blocks, tiles "
              f"{ctx.tiling.tile} px, overlap {ctx.tiling.overlap} px" if schedule.units else "")
     progress = UnitProgress(ctx.run_id, total=len(plan.units), done=n_done)
-    failed = _gather([segment_unit_task.submit(ctx, u) for u in todo], "units", log, count_images=True,
-                     progress=progress)[1]
+    watch = {"timeouts": UnitTimeouts(floor=spec.unit_timeout_floor, cap=spec.unit_timeout_cap),
+             "retries": spec.unit_retries}
+    earlier = failed_records(spec.out, ctx.key)
+    failed = _watched(lambda u: segment_unit_task.submit(ctx, u), todo, watch, log, "units", progress)[1]
     if schedule.units:
-        failed += _tiled_steps(ctx, schedule, meta, log, progress)
+        failed += _tiled_steps(ctx, schedule, meta, log, progress, watch)
+    for f in failed:
+        mark_failed(spec.out, key=ctx.key, unit=f.name, reason=f.reason, attempts=f.attempts)
+    clear_failed(spec.out, sorted(set(earlier) - {f.name for f in failed}))
     summary = summarise_run(spec, ctx, plan, meta, n_done=n_done, n_failed=len(failed), seconds=time.perf_counter() - t0)
     if spec.lake:  # after the summary: a lake that cannot be written loses nothing else
         published = publish_lake_task.submit(spec.lake, run_dir=spec.out).result()
         log.info("segment: appended %s to the lake %s", published or "nothing new", spec.lake)
     if failed:
-        raise SegflowError(f"{len(failed)} unit(s) failed (the others are saved; run the same command again to "
-                           f"retry only those): " + "; ".join(failed[:5]))
+        raise SegflowError(f"{len(failed)} unit(s) failed (the others are saved; the reasons are in "
+                           f"{fsio.join(spec.out, 'failed')}; run the same command again to retry only those): "
+                           + "; ".join(f"{f.name} ({f.reason}, {f.attempts} attempt(s))" for f in failed[:5])
+                           + (f"; and {len(failed) - 5} more" if len(failed) > 5 else ""))
     return summary
 
 

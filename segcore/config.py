@@ -128,7 +128,26 @@ class SegmentSpec(_Spec):
     lake: str | None = Field(
         None, description="Data-lake location (path or fsspec URL such as s3://bucket/segflow): the Dice, instance "
                           "and manifest tables of every run are appended there, Hive-partitioned by run_date and model.")
+    unit_timeout_floor: float = Field(
+        60.0, gt=0, description="Seconds a work unit (or block) is always given before it counts as hung. Its "
+                                "timeout is 5 x the median seconds per image of the run's finished units x its "
+                                "images, at least this floor and at most unit_timeout_cap.")
+    unit_timeout_cap: float = Field(
+        3600.0, gt=0, description="Most seconds a work unit (or block) is given; also the timeout of units that start "
+                                  "before any has finished. A hung unit is stopped (its Dask worker restarted) and "
+                                  "retried.")
+    unit_retries: int = Field(
+        2, ge=0, description="Further attempts of a unit that fails or times out, after 2 s, 4 s, ...; a unit that "
+                             "still fails is recorded in RUN_DIR/failed/ and the run fails naming it (the same "
+                             "command redoes only the failed units).")
     execution: ExecutionSpec = ExecutionSpec()
+
+    @model_validator(mode="after")
+    def _timeout_bounds(self) -> "SegmentSpec":
+        if self.unit_timeout_floor > self.unit_timeout_cap:
+            raise ValueError(f"unit_timeout_floor ({self.unit_timeout_floor} s) exceeds unit_timeout_cap "
+                             f"({self.unit_timeout_cap} s); raise the cap or lower the floor")
+        return self
 
 
 class RunSpec(_Spec):

@@ -12,7 +12,9 @@
 Every forward pass goes through the run's :class:`~segcore.models.predict.Predictor`; each step
 writes its done-record last. The image's tables are written by :mod:`segcore.run.images` once
 all its blocks are done; :mod:`segcore.run.schedule` says which steps remain. Memory is bounded
-by the block, its halo and the tile batch, never by the image.
+by the block, its halo and the tile batch, never by the image; a forward pass that runs out of memory is
+retried with half the tile batch, then half the tile (:mod:`segcore.run.memory`), and the sizes a
+block finished with are in its record.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from segcore.normalise import Stats, percentile_stats
 from segcore.run.channels import adapt_images
 from segcore.run.context import BlockRecord, Counts, DetectRecord, RunContext, Timing
 from segcore.run.evaluate import count_against_gt, ground_truth_state
+from segcore.run.memory import MIN_DETECT_TILE, smallest_tile, tile_multiple, with_backoff
 from segcore.run.plan import WorkUnit
 from segcore.run.rundir import instances_path, mark_done, masks_path
 from segcore.run.units import unit_rows
@@ -85,29 +88,41 @@ def _window(unit: WorkUnit) -> tuple[int, int, int, int]:
 def segment_block(ctx: RunContext, unit: WorkUnit, *, stats: Stats | None = None) -> BlockRecord:
     """Semantic model: blend the tiles over one block, write its mask chunk; returns the block's record
     (with ``counts`` against the ground truth, or ``None``). Writes the done-record last."""
+    ctx.faults.hang(unit.name)
     t0, started = time.perf_counter(), time.time()
     predictor = ctx.predictor()
     tiling = ctx.tiling
     height, width = _image_shape(ctx.store, unit.group)
     core = unit.window
-    tiles = tiles_for(core, height, width, tiling.tile, tiling.overlap)
-    rw = read_window(tiles)
-    raw = zarr.open_group(ctx.store, mode="r")[f"images/{unit.group}"][unit.start, rw.y0:rw.y1, rw.x0:rw.x1]
-    adapted, _, refused = adapt_images(raw[None], model_channels=predictor.meta.in_channels)  # channel policy
-    raw = adapted[0]
-    with torch.inference_mode():
-        logits = blend_block(flip_tta(predictor.logits) if tiling.tta else predictor.logits, raw, (rw.y0, rw.x0),
-                             core, tiles, to_input=lambda b: predictor.prepare(b, stats=stats),
-                             blend=tiling.blend, overlap=tiling.overlap,
-                             batch_size=max(1, min(ctx.batch_size, TILE_BATCH_PIXELS // tiling.tile**2)))
+    images = zarr.open_group(ctx.store, mode="r")[f"images/{unit.group}"]
+    logits_of = flip_tta(predictor.logits) if tiling.tta else predictor.logits
+    refused: dict[int, str] = {}
+
+    def blend(batch: int, tile: int | None) -> tuple[int, np.ndarray]:
+        tiles = tiles_for(core, height, width, tile, tiling.overlap)
+        rw = read_window(tiles)
+        raw = images[unit.start, rw.y0:rw.y1, rw.x0:rw.x1]
+        adapted, _, why = adapt_images(raw[None], model_channels=predictor.meta.in_channels)  # channel policy
+        refused.update(why)
+        ctx.faults.check_forward(images=min(batch, len(tiles)), height=tile, width=tile)
+        with torch.inference_mode():
+            return len(tiles), blend_block(logits_of, adapted[0], (rw.y0, rw.x0), core, tiles,
+                                           to_input=lambda b: predictor.prepare(b, stats=stats), blend=tiling.blend,
+                                           overlap=tiling.overlap, batch_size=batch)
+
+    multiple = tile_multiple(predictor.meta)
+    (n_tiles, logits), batch, tile = with_backoff(
+        blend, batch=max(1, min(ctx.batch_size, TILE_BATCH_PIXELS // tiling.tile**2)), tile=tiling.tile,
+        multiple=multiple, min_tile=min(tiling.tile, smallest_tile(multiple=multiple, overlap=tiling.overlap)),
+        device=ctx.device, what=f"block {unit.name}")
     pred = logits.argmax(axis=0).astype(predictor.label_dtype)
     if refused:  # fed as zeros: background, and the reason instead of counts
         pred[:] = 0
     zarr.open_group(masks_path(ctx.run_dir), mode="r+")[unit.group][unit.start, core.y0:core.y1, core.x0:core.x1] = pred
     record = BlockRecord(unit=unit.name, group=unit.group, index=unit.start, window=_window(unit), key=ctx.key,
-                         tiles=len(tiles),
+                         tiles=n_tiles,
                          counts=Counts(error=refused[0]) if refused else _counts_vs_gt(ctx, unit, pred, predictor.meta),
-                         timing=Timing.since(t0, started, ctx.device))
+                         timing=Timing.since(t0, started, ctx.device), batch_size=batch, tile=tile)
     mark_done(ctx.run_dir, record)
     return record
 
@@ -153,6 +168,7 @@ def detect_block(ctx: RunContext, unit: WorkUnit, *, stats: Stats | None = None)
     detections reach the model's per-window cap (``box_detections_per_img``) may have lost
     objects: it is counted in ``capped`` (saved, and reported in the seam table).
     """
+    ctx.faults.hang(unit.name)
     t0 = time.perf_counter()
     predictor = ctx.predictor()
     tiling = ctx.tiling
@@ -163,14 +179,22 @@ def detect_block(ctx: RunContext, unit: WorkUnit, *, stats: Stats | None = None)
                                                                          outer.x0:outer.x1]
     raw = adapt_images(raw[None], model_channels=predictor.meta.in_channels)[0][0]  # channel policy
     cap = predictor.detections_cap
-    parts, capped = [], 0
-    for sub in chunk_windows(block.y1 - block.y0, block.x1 - block.x0, tiling.tile or max(block.shape)):
-        core = Window(block.y0 + sub.y0, block.y0 + sub.y1, block.x0 + sub.x0, block.x0 + sub.x1)
-        window = core.grow(tiling.overlap, height, width)
-        pixels = raw[window.y0 - outer.y0:window.y1 - outer.y0, window.x0 - outer.x0:window.x1 - outer.x0]
-        pred = predictor.instances(pixels[None], stats=stats)[0]
-        capped += int(cap is not None and len(pred.records) >= cap)
-        parts.append(keep_core_objects(pred.labels, pred.records, window, core, height, width))
+
+    def detect(_batch: int, tile: int | None) -> tuple[list, int]:
+        parts, capped = [], 0
+        for sub in chunk_windows(block.y1 - block.y0, block.x1 - block.x0, tile):
+            core = Window(block.y0 + sub.y0, block.y0 + sub.y1, block.x0 + sub.x0, block.x0 + sub.x1)
+            window = core.grow(tiling.overlap, height, width)
+            pixels = raw[window.y0 - outer.y0:window.y1 - outer.y0, window.x0 - outer.x0:window.x1 - outer.x0]
+            ctx.faults.check_forward(images=1, height=pixels.shape[0], width=pixels.shape[1])
+            pred = predictor.instances(pixels[None], stats=stats)[0]
+            capped += int(cap is not None and len(pred.records) >= cap)
+            parts.append(keep_core_objects(pred.labels, pred.records, window, core, height, width))
+        return parts, capped
+
+    first = tiling.tile or max(block.shape)
+    (parts, capped), _, tile = with_backoff(detect, batch=1, tile=first, min_tile=min(first, MIN_DETECT_TILE),
+                                            device=ctx.device, what=f"block {unit.name}")
     objects = BlockObjects(
         boxes=np.concatenate([p.boxes for p in parts]), masks=[m for p in parts for m in p.masks],
         classes=np.concatenate([p.classes for p in parts]), scores=np.concatenate([p.scores for p in parts]),
@@ -179,7 +203,7 @@ def detect_block(ctx: RunContext, unit: WorkUnit, *, stats: Stats | None = None)
         on_seams=sum(p.on_seams for p in parts))
     save_block(ctx.run_dir, unit, objects)
     record = DetectRecord(unit=unit.name, key=ctx.key, objects=len(objects), windows=len(parts), capped=capped,
-                          seconds=round(time.perf_counter() - t0, 4))
+                          seconds=round(time.perf_counter() - t0, 4), tile=tile)
     mark_done(ctx.run_dir, record)
     return record
 

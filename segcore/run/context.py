@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 
 from segcore.models.predict import Predictor, load_predictor, resolve_device
+from segcore.run.memory import Faults
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class RunContext:
     precision: str = "bf16"
     num_threads: int | None = None
     tiling: Tiling | None = None
+    faults: Faults = Faults()
 
     def on_worker(self, worker_index: int | None = None) -> "RunContext":
         """This context with ``device`` resolved for the worker running it (one GPU per worker)."""
@@ -132,7 +134,8 @@ class Counts:
 
 @dataclass(frozen=True)
 class UnitRecord(Record):
-    """A unit of whole images: ``[start, stop)`` of store group ``group``."""
+    """A unit of whole images: ``[start, stop)`` of store group ``group``; ``batch_size``: images per forward
+    pass it finished with (see :mod:`segcore.run.memory`; None in older records)."""
 
     kind: ClassVar[str] = "unit"
     unit: str
@@ -146,6 +149,7 @@ class UnitRecord(Record):
     dice_rows: int
     instances: int | None
     timing: Timing
+    batch_size: int | None = None
 
     @property
     def marker(self) -> str:
@@ -158,7 +162,9 @@ class BlockRecord(Record):
 
     ``counts`` is None without usable ground truth. Instance models add ``objects`` (the pixels
     each object owns in the block: ``[id, area, y0, x0, y1, x1]`` in image coordinates) and the
-    seam figures of the block's own detections.
+    seam figures of the block's own detections. ``batch_size`` and ``tile`` are the tiles per forward
+    pass and the tile side the block was segmented with (smaller than the run's after an
+    out-of-memory back-off, :mod:`segcore.run.memory`; None for pasted blocks and older records).
     """
 
     kind: ClassVar[str] = "block"
@@ -176,6 +182,8 @@ class BlockRecord(Record):
     duplicates_dropped: int = 0
     cut_risk: int = 0
     capped: int = 0
+    batch_size: int | None = None
+    tile: int | None = None
 
     @property
     def marker(self) -> str:
@@ -194,7 +202,8 @@ class BlockRecord(Record):
 
 @dataclass(frozen=True)
 class DetectRecord(Record):
-    """Instance models, first pass over a block: how many objects it kept (saved in ``blocks/``)."""
+    """Instance models, first pass over a block: how many objects it kept (saved in ``blocks/``), and the
+    detector core it ran on (``tile``; None in older records)."""
 
     kind: ClassVar[str] = "detect"
     unit: str
@@ -203,6 +212,7 @@ class DetectRecord(Record):
     windows: int
     capped: int
     seconds: float
+    tile: int | None = None
 
     @property
     def marker(self) -> str:

@@ -16,6 +16,8 @@ Layout of ``RUN_DIR``::
     units/<marker>.json               done-records (segcore.run.context), each written last by its step:
                                       <unit>.json (a unit or a block), <unit>.detect.json (a block's
                                       detections), image-<group>-<index>.json (a tiled image's tables)
+    failed/<marker>.json              units (or blocks) the last run gave up on: which, why, how many attempts
+                                      (segcore.run.rundir.mark_failed); the next run retries them
     summary.json, summary.md          run summary
 
 Executing the same run again into the same directory *resumes*: steps with a done-record of the
@@ -35,6 +37,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Sequence
@@ -260,3 +263,30 @@ def done_records(run_dir: str, key: str) -> dict[str, Record]:
 def write_summary(run_dir: str, summary: dict[str, Any], markdown: str) -> None:
     fsio.write_json(fsio.join(run_dir, "summary.json"), summary)
     fsio.write_bytes(fsio.join(run_dir, "summary.md"), markdown.encode())
+
+
+def _failed_location(run_dir: str, marker: str) -> str:
+    return fsio.join(run_dir, "failed", f"{marker}.json")
+
+
+def mark_failed(run_dir: str, *, key: str, unit: str, reason: str, attempts: int) -> None:
+    """Record that run ``key`` gave up on step ``unit`` (a unit or block marker) after ``attempts`` attempts,
+    for ``reason`` (``RUN_DIR/failed/<unit>.json``). The step has no done-record, so the next run retries it."""
+    fsio.write_json(_failed_location(run_dir, unit), {"unit": unit, "key": key, "reason": reason,
+                                                       "attempts": attempts, "time": time.time()})
+
+
+def failed_records(run_dir: str, key: str) -> dict[str, dict[str, Any]]:
+    """The failed-records of run ``key`` by unit (``unit``, ``reason``, ``attempts``, ``time``: Unix seconds)."""
+    found = fsio.list_files(fsio.join(run_dir, "failed"), suffix=".json", recursive=False)
+    records = (json.loads(data) for data in fsio.read_many(found))
+    return {r["unit"]: r for r in records if isinstance(r, dict) and r.get("key") == key}
+
+
+def clear_failed(run_dir: str, units: Sequence[str]) -> None:
+    """Remove the failed-records of ``units`` (steps that are now done)."""
+    for unit in units:
+        location = _failed_location(run_dir, unit)
+        fs, path = fsio.url_to_fs(location)
+        if fs.exists(path):
+            fs.rm(path)

@@ -4,7 +4,8 @@
 on one unit): read the unit's image chunk, predict in batches through the run's
 :class:`~segcore.models.predict.Predictor`, write the mask chunk, score it against the
 ground-truth chunk while the mask is still in memory (:mod:`segcore.run.evaluate`), write one
-Parquet part, and write the unit's done-record last.
+Parquet part, and write the unit's done-record last. A forward pass that runs out of memory is
+retried with half the batch (:mod:`segcore.run.memory`); the batch it finished with is recorded.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from segcore.models.instances import InstancePrediction
 from segcore.run.channels import adapt_images
 from segcore.run.context import RunContext, Timing, UnitRecord
 from segcore.run.evaluate import count_against_gt, dice_rows, ground_truth_state
+from segcore.run.memory import with_backoff
 from segcore.run.plan import WorkUnit
 from segcore.run.rundir import dice_dir, instances_path, mark_done, masks_path, table_dir
 from segcore.run.tables import instance_metrics_table, instance_table, write_part
@@ -82,6 +84,7 @@ def segment_unit(ctx: RunContext, unit: WorkUnit) -> UnitRecord:
     written last. Images are fed through the channel policy (:mod:`segcore.run.channels`); an image
     it refuses gets a background mask and error rows naming the reason.
     """
+    ctx.faults.hang(unit.name)
     t0, started = time.perf_counter(), time.time()
     predictor = ctx.predictor()
     meta = predictor.meta
@@ -89,12 +92,16 @@ def segment_unit(ctx: RunContext, unit: WorkUnit) -> UnitRecord:
     images = root[f"images/{unit.group}"][unit.start:unit.stop]
     images, _, refused = adapt_images(images, model_channels=meta.in_channels)
     t_read = time.perf_counter()
-    instance_preds = None
-    if predictor.kind == "instance":
-        instance_preds = predictor.instances(images, batch_size=ctx.batch_size)
-        preds = np.stack([p.classes for p in instance_preds])
-    else:
-        preds = predictor.labels(images, batch_size=ctx.batch_size)
+
+    def predict(batch: int, _tile: int | None) -> Any:
+        ctx.faults.check_forward(images=min(batch, len(images)), height=images.shape[1], width=images.shape[2])
+        if predictor.kind == "instance":
+            return predictor.instances(images, batch_size=batch)
+        return predictor.labels(images, batch_size=batch)
+
+    out, batch, _ = with_backoff(predict, batch=ctx.batch_size, device=ctx.device, what=f"unit {unit.name}")
+    instance_preds = out if predictor.kind == "instance" else None
+    preds = np.stack([p.classes for p in out]) if instance_preds is not None else out
     t_pred = time.perf_counter()
     if refused:
         _blank_refused(preds, instance_preds, refused)
@@ -117,7 +124,7 @@ def segment_unit(ctx: RunContext, unit: WorkUnit) -> UnitRecord:
     record = UnitRecord(
         unit=unit.name, group=unit.group, start=unit.start, stop=unit.stop, key=ctx.key, n_images=unit.n_images,
         n_evaluated=len(scored), n_errors=statuses.count("error") // max(1, meta.num_classes),
-        dice_rows=table.num_rows, instances=n_instances,
+        dice_rows=table.num_rows, instances=n_instances, batch_size=batch,
         timing=Timing.since(t0, started, ctx.device, read_s=t_read - t0, predict_s=t_pred - t_read))
     mark_done(ctx.run_dir, record)
     return record
