@@ -57,6 +57,9 @@ class IngestSpec(_Spec):
         False, description="Treat 'images' as a landing zone: append to the store only files whose content "
                            "(sha256) it has not seen; a file whose content or mask changed supersedes its old "
                            "version.")
+    wait_for_lease: float = Field(
+        0, ge=0, description="Seconds to wait while another process ingests into the same store before refusing "
+                             "(0: refuse at once, naming it).")
 
     @model_validator(mode="after")
     def _one_mode(self) -> "IngestSpec":
@@ -128,6 +131,9 @@ class SegmentSpec(_Spec):
     lake: str | None = Field(
         None, description="Data-lake location (path or fsspec URL such as s3://bucket/segflow): the Dice, instance "
                           "and manifest tables of every run are appended there, Hive-partitioned by run_date and model.")
+    wait_for_lease: float = Field(
+        0, ge=0, description="Seconds to wait while another process writes into the same run directory before "
+                             "refusing (0: refuse at once, naming it).")
     execution: ExecutionSpec = ExecutionSpec()
 
 
