@@ -33,6 +33,13 @@ def _add_execution(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads-per-worker", type=int, help="torch threads per worker (default: cores / workers)")
 
 
+def _add_lease(p: argparse.ArgumentParser, *, written: str) -> None:
+    p.add_argument("--wait-for-lease", type=float, metavar="SECONDS",
+                   help=f"when another segflow process is writing {written}, wait up to this long for it to "
+                        "finish (default 0: refuse at once, naming it); a lease left by a crashed process is "
+                        "taken over")
+
+
 def _add_segment(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True,
                    help="model record: a segflow checkpoint (.safetensors) or a model directory made by "
@@ -109,15 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ingest", help="decode images (and masks) into a chunked Zarr store with a manifest")
     _add_ingest(p, store_required=True)
+    _add_lease(p, written="the store")
     _add_execution(p)
 
     p = sub.add_parser("segment", help="segment a store, write masks.zarr and the Dice Parquet dataset")
     p.add_argument("--store", required=True, help="Zarr collection store made by 'segflow ingest'")
     _add_segment(p)
+    _add_lease(p, written="the run directory")
 
     p = sub.add_parser("run", help="ingest + segment + evaluate in one flow run")
     _add_ingest(p, store_required=False)
     _add_segment(p)
+    _add_lease(p, written="the store or the run directory")
 
     p = sub.add_parser("report", help="per-model, per-class Dice over time from a data lake (DuckDB over Parquet)")
     p.add_argument("--lake", required=True, help="data-lake location written by 'segment/run --lake'")
@@ -187,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "PREFECT_API_URL to a Prefect server to see the deployment and start runs in its UI.")
     _add_ingest(p, store_required=False, landing_only=True)
     _add_segment(p)
+    _add_lease(p, written="the store or the run directory")
     p.add_argument("--cron", default="0 * * * *",
                    help="when to run: a cron expression, in UTC (default '0 * * * *': at the top of every hour)")
     p.add_argument("--name", default="incremental", help="deployment name (default incremental)")
@@ -341,14 +352,16 @@ def _segment_spec(args: argparse.Namespace, store: str):
                        **_given(batch_size=args.batch_size, device=args.device, precision=args.precision,
                                 tile_size=args.tile_size, overlap=args.overlap, blend=args.blend, tta=args.tta,
                                 lake=args.lake, unit_timeout_floor=args.unit_timeout_floor,
-                                unit_timeout_cap=args.unit_timeout_cap, unit_retries=args.unit_retries))
+                                unit_timeout_cap=args.unit_timeout_cap, unit_retries=args.unit_retries,
+                                wait_for_lease=args.wait_for_lease))
 
 
 def _ingest_spec(args: argparse.Namespace, store: str):
     from segcore.config import IngestSpec
 
     return IngestSpec(images=args.images, store=store, overwrite=args.overwrite, incremental=args.incremental,
-                      **_given(masks=args.masks, mask_kind=args.mask_kind, tile_chunk=args.tile_chunk))
+                      **_given(masks=args.masks, mask_kind=args.mask_kind, tile_chunk=args.tile_chunk,
+                               wait_for_lease=args.wait_for_lease))
 
 
 def train_summary(result: dict[str, Any]) -> str:

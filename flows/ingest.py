@@ -22,6 +22,7 @@ from segcore.collection.ingest import (IngestPlan, IngestResult, IngestStart, ch
                                        start_ingest)
 from segcore.collection.landing import remove_staging
 from segcore.config import IngestSpec
+from segcore.lease import Lease, store_lease
 from tasks.ingest import probe_files, write_chunk
 from tasks.progress import report
 
@@ -51,10 +52,12 @@ def ingest_steps(spec: IngestSpec) -> dict[str, Any]:
     With ``spec.incremental`` and an existing store, only files with new content are appended
     (see :mod:`segcore.collection.incremental`); the result's ``new_files`` says how many.
     """
-    try:
-        return _ingest(spec).to_dict()
-    finally:
-        remove_staging(spec.store)
+    with Lease(store_lease(spec.store), what=f"store {spec.store}", doing="ingested", option="--store",
+               wait_s=spec.wait_for_lease):  # one ingest per store; a refused one leaves the holder's staging alone
+        try:
+            return _ingest(spec).to_dict()
+        finally:
+            remove_staging(spec.store)
 
 
 def _plan(spec: IngestSpec, start: IngestStart) -> IngestPlan:

@@ -23,6 +23,7 @@ from segcore.collection.versions import current_manifest, current_rows
 from segcore.collection.store import read_manifest, spec_json, store_exists
 from segcore.config import ExecutionSpec, IngestSpec, RunSpec, SegmentSpec, flow_run_token, with_flow_run
 from segcore.errors import CheckpointError, SegflowError
+from segcore.lease import Lease, run_dir_lease
 from segcore.metrics.summary import render_markdown, summarise_dice, summarise_instances
 from segcore.models.checkpoint import ModelMeta
 from segcore.models.record import model_sha256
@@ -107,6 +108,13 @@ def _tiled_steps(ctx: RunContext, schedule: TiledSchedule, meta: ModelMeta, log:
 
 
 def segment_steps(spec: SegmentSpec) -> dict[str, Any]:
+    """Hold the run directory's lease (one writer at a time, see :mod:`segcore.lease`) and segment."""
+    with Lease(run_dir_lease(spec.out), what=f"run directory {spec.out}", option="--out", run=str(flow_run.id),
+               wait_s=spec.wait_for_lease):
+        return _segment_held(spec)
+
+
+def _segment_held(spec: SegmentSpec) -> dict[str, Any]:
     """Record the run, segment its unfinished units in parallel, summarise, publish."""
     log = get_run_logger()
     t0 = time.perf_counter()

@@ -57,6 +57,9 @@ class IngestSpec(_Spec):
         False, description="Treat 'images' as a landing zone: append to the store only files whose content "
                            "(sha256) it has not seen; a file whose content or mask changed supersedes its old "
                            "version.")
+    wait_for_lease: float = Field(
+        0, ge=0, description="Seconds to wait while another process ingests into the same store before refusing "
+                             "(0: refuse at once, naming it).")
 
     @model_validator(mode="after")
     def _one_mode(self) -> "IngestSpec":
@@ -140,6 +143,9 @@ class SegmentSpec(_Spec):
         2, ge=0, description="Further attempts of a unit that fails or times out, after 2 s, 4 s, ...; a unit that "
                              "still fails is recorded in RUN_DIR/failed/ and the run fails naming it (the same "
                              "command redoes only the failed units).")
+    wait_for_lease: float = Field(
+        0, ge=0, description="Seconds to wait while another process writes into the same run directory before "
+                             "refusing (0: refuse at once, naming it).")
     execution: ExecutionSpec = ExecutionSpec()
 
     @model_validator(mode="after")

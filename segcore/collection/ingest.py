@@ -179,7 +179,7 @@ def start_ingest(spec: IngestSpec) -> IngestStart:
     return IngestStart(rows=rows, overwrite=spec.overwrite, notes=(found,), skipped=skipped)
 
 
-_HOW = {"overwrite", "incremental"}  # how to ingest, not what the store holds
+_HOW = {"overwrite", "incremental", "wait_for_lease"}  # how to ingest, not what the store holds
 
 
 def _changed_options(recorded: dict[str, Any], spec: IngestSpec) -> list[str]:

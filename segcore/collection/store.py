@@ -194,7 +194,7 @@ def existing_store_matches(path: str, *, spec: dict[str, Any], source_paths: Seq
         return False
     p = Path(path)
     info = open_store(path)
-    ignore = {"overwrite", "incremental"}  # how to ingest, not what the store holds
+    ignore = {"overwrite", "incremental", "wait_for_lease"}  # how to ingest, not what the store holds
     same_spec = all(spec.get(k) == v for k, v in info.spec.items() if k not in ignore)  # keys newer than the store: defaults
     if same_spec and (p / MANIFEST_NAME).exists():
         recorded = (fsio.absolute(s) for s in read_manifest(path).column("source_path").to_pylist())

@@ -47,6 +47,7 @@ import zarr
 from segcore import fsio
 from segcore.collection.store import GroupInfo
 from segcore.errors import NotFound, StoreError
+from segcore.lease import is_lease_name
 from segcore.models.checkpoint import ModelMeta
 from segcore.ngff import label_image_attrs
 from segcore.run.context import Record, record_from_json, run_key
@@ -91,7 +92,7 @@ def read_run_info(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _foreign_entries(run_dir: str, store_abs: str) -> list[str]:
-    """Entries of ``run_dir`` other than the store (``segflow run`` may keep its store inside)."""
+    """Entries of ``run_dir`` other than the store (``segflow run`` may keep its store inside) and leases."""
     fs, root = fsio.url_to_fs(run_dir)
     fs.invalidate_cache(root)
     if not fs.exists(root):
@@ -99,7 +100,7 @@ def _foreign_entries(run_dir: str, store_abs: str) -> list[str]:
     entries = fs.ls(root, detail=False)
     if fsio.is_local(run_dir):
         entries = [e for e in entries if str(Path(e).resolve()) != store_abs]
-    return [e for e in entries if e.rstrip("/") != root.rstrip("/")]
+    return [e for e in entries if e.rstrip("/") != root.rstrip("/") and not is_lease_name(e.rstrip("/"))]
 
 
 def _image_source(run_dir: str, store_abs: str) -> str | None:
