@@ -20,8 +20,11 @@ from typing import Any, Callable, Sequence
 
 from segcore.run.deadlines import UnitTimeouts, retry_delay
 
-#: Seconds between two looks at the steps in flight.
+#: Seconds between two looks at the steps that finished.
 POLL_S = 0.5
+#: Seconds between two questions to the workers about what they execute (each costs every worker a
+#: message; timeouts are at least a floor of seconds, so a look every few seconds is enough).
+WATCH_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,7 @@ def gather_watched(submit: Callable[[Any], Any], items: Sequence[Any], *, name: 
     waiting: list[_Step] = []
     results: list[Any] = []
     failures: list[Failure] = []
+    watched = 0.0
 
     def attempt_failed(step: _Step, reason: str) -> None:
         if step.attempt > retries:
@@ -134,9 +138,10 @@ def gather_watched(submit: Callable[[Any], Any], items: Sequence[Any], *, name: 
                 timeouts.measured(seconds=seconds, images=step.weight)
             if on_result is not None:
                 on_result(record)
-        if client is None or not active:
+        if client is None or not active or time.monotonic() - watched < WATCH_S:
             continue
         running, now = _executing(client), time.monotonic()
+        watched = now
         for step in list(active):
             key = step.future.wrapped_future.key
             if key in running and running[key] != step.worker:  # started, or started again after a worker was lost

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.chaos
 
 def test_flow_killed_and_run_again_completes_exactly_once(chaos_collection, tmp_path):
     out, notes = tmp_path / "run", tmp_path / "worker-notes.log"
-    env = chaos_env(notes, delay_s=0.4)
+    env = chaos_env(notes, delay_s=0.25)
     args = segment_args(chaos_collection, out, "--workers", "2", "--threads-per-worker", "1")
     first = start_segflow(*args, env=env, log_to=tmp_path / "first.log")
     wait_until(lambda: done_units(out) >= 4, timeout=300, what="4 units done", proc=first)

@@ -24,7 +24,7 @@ def test_workers_killed_mid_write_leave_no_visible_half_file(chaos_collection, c
     address, notes = chaos_cluster
     out = tmp_path / "run"
     proc = start_segflow(*segment_args(chaos_collection, out, "--dask-address", address, "--threads-per-worker", "1"),
-                         env=chaos_env(notes, delay_s=0.4), log_to=tmp_path / "segflow.log")
+                         env=chaos_env(notes, delay_s=0.25), log_to=tmp_path / "segflow.log")
     kills = 0
     with Client(address, timeout=30) as client:
         for _ in range(2):

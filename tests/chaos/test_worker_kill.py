@@ -26,7 +26,7 @@ def test_workers_killed_mid_run_lose_and_repeat_nothing(chaos_collection, chaos_
     address, notes = chaos_cluster
     out = tmp_path / "run"
     proc = start_segflow(*segment_args(chaos_collection, out, "--dask-address", address, "--threads-per-worker", "1"),
-                         env=chaos_env(notes, delay_s=0.4), log_to=tmp_path / "segflow.log")
+                         env=chaos_env(notes, delay_s=0.25), log_to=tmp_path / "segflow.log")
     kills, done_at_kill = 0, []
     with Client(address, timeout=30) as client:
         for threshold in (2, 6, 10):

@@ -64,8 +64,6 @@ def test_every_file_named_like_an_image_is_in_the_manifest_and_other_files_are_n
     assert not names & {"notes.txt", "metadata.json", ".hidden.png"}
 
 
-@pytest.mark.xfail(strict=True, reason="a 1-channel model refuses the whole store while it holds colour groups, "
-                                       "until colour images are adapted per image at segmentation")
 def test_the_run_finishes_and_scores_every_valid_file_and_names_every_bad_one(corpus_run) -> None:
     proc = corpus_run["proc"]
     assert proc.returncode == 0, proc.stderr[-3000:]
