@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,9 +25,9 @@ from segcore.normalise import Normalisation
 from segcore.run.results import open_run
 from segcore.run.rundir import masks_path
 from segcore.synthetic import CLASS_NAMES, generate_collection
+from tests.external_cluster import external_cluster
 
 REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 PRELOAD = str(Path(__file__).with_name("slow_worker.py"))
 N_IMAGES, CHUNK = 300, 16
 N_UNITS = -(-N_IMAGES // CHUNK)  # 19
@@ -161,49 +160,12 @@ def report(name: str, figures: dict) -> None:
     print(f"\nchaos {name}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def chaos_cluster(tmp_path):
     """An external `dask scheduler` and two `dask worker` processes (each under a nanny that restarts
     it when it dies), with the slow-write preload; yields ``(address, log of the workers' notes)``."""
-    port = free_port()
-    address = f"tcp://127.0.0.1:{port}"
     notes = tmp_path / "worker-notes.log"
     # A unit may be on several of the workers killed in a test: let it be retried more than the default 3 times.
-    env = dict(chaos_env(notes, delay_s=0.4), DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES="20")
-    logs = [open(tmp_path / f"{n}.log", "w") for n in ("scheduler", "worker0", "worker1")]
-    procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                               "--no-dashboard"], stdout=logs[0], stderr=subprocess.STDOUT, env=env, cwd=tmp_path)]
-    for i in (1, 2):
-        procs.append(subprocess.Popen([str(BIN / "dask"), "worker", address, "--nthreads", "1", "--nworkers", "1",
-                                       "--no-dashboard", "--name", f"chaos-{i}", "--local-directory", str(tmp_path)],
-                                      stdout=logs[i], stderr=subprocess.STDOUT, env=env, cwd=tmp_path))
-    from distributed import Client
-
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with Client(address, timeout=5) as client:
-                    client.wait_for_workers(2, timeout=90)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+    env = dict(chaos_env(notes, delay_s=0.25), DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES="20")
+    with external_cluster(tmp_path, env=env, name="chaos") as address:
         yield address, notes
-    finally:
-        for p in procs[::-1]:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        for f in logs:
-            f.close()

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,54 +12,14 @@ import pytest
 from flows.pipeline import ingest_flow, segment_flow, with_runner
 from segcore.config import ExecutionSpec, IngestSpec, SegmentSpec
 from segcore.run.results import open_run
+from tests.external_cluster import external_cluster
 
-BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def dask_cluster(tmp_path):
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    logs = [open(tmp_path / f"{n}.log", "w") for n in ("scheduler", "worker0", "worker1")]
-    procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                               "--no-dashboard"], stdout=logs[0], stderr=subprocess.STDOUT, env=env, cwd=tmp_path)]
-    for i in (1, 2):
-        procs.append(subprocess.Popen([str(BIN / "dask"), "worker", address, "--nthreads", "1", "--nworkers", "1",
-                                       "--no-dashboard", "--name", f"ext-{i}", "--local-directory", str(tmp_path)],
-                                      stdout=logs[i], stderr=subprocess.STDOUT, env=env, cwd=tmp_path))
-    from distributed import Client
-
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with Client(address, timeout=5) as client:
-                    client.wait_for_workers(2, timeout=60)
-                    n = len(client.scheduler_info()["workers"])
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
-        assert n == 2
+    with external_cluster(tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), name="ext", timeout=60) as address:
         yield address
-    finally:
-        for p in procs[::-1]:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        for f in logs:
-            f.close()
 
 
 def test_existing_cluster_gives_the_same_outputs_as_the_default_path(collection, tmp_path, dask_cluster):
