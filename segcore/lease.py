@@ -134,6 +134,9 @@ class Lease:
         wait_s: how long :meth:`acquire` waits for a live holder before it raises :class:`LeaseBusy`.
         stale_after_s: a lease whose heartbeat is older than this is taken over.
         heartbeat_s: seconds between renewals (must be shorter than ``stale_after_s``).
+
+    A local directory the lease had to create (a new run directory) is removed again on release if
+    nothing else was written into it: a command refused before any work leaves nothing behind.
     """
 
     def __init__(self, location: str, *, what: str, doing: str = "written", option: str = "--out", run: str = "",
@@ -155,6 +158,7 @@ class Lease:
         self.lost = False  # another writer took the lease while this one held it
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._made_dir: str | None = None  # a local directory created for the lease file
 
     # -- reading and writing the file --------------------------------------------------------------
 
@@ -179,7 +183,9 @@ class Lease:
         self.holder = self._stamp()
         if self._local:
             directory, name = os.path.split(self._path)
-            os.makedirs(directory, exist_ok=True)
+            if not os.path.isdir(directory):
+                os.makedirs(directory, exist_ok=True)
+                self._made_dir = directory
             tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp")
             with open(tmp, "wb") as fh:
                 fh.write(self.holder.to_bytes())
@@ -268,6 +274,8 @@ class Lease:
             current = self.read()
             if current is not None and current.token == self.holder.token:
                 self._fs.rm_file(self._path)
+            if self._made_dir is not None and not os.listdir(self._made_dir):
+                os.rmdir(self._made_dir)  # created for the lease alone, and nothing came of it
         except OSError as exc:
             log.warning("%s: could not remove the lease %s (%s); the next writer takes it over as stale",
                         self.what, self.location, exc)
