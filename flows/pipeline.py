@@ -39,16 +39,18 @@ from tasks.segment import (detect_block_task, finish_image_task, image_stats_tas
                            segment_block_task, segment_unit_task)
 
 
-def _gather(futures: list, what: str, log: Any) -> tuple[list, list[str]]:
-    """Records of ``futures`` as they complete, with progress in the log; failures are collected."""
+def _gather(futures: list, what: str, log: Any, *, names: list[str] | None = None) -> tuple[list, list[Failure]]:
+    """Records of ``futures`` as they complete, with progress in the log; failures (named by ``names``,
+    one per future, else by ``what``) are collected."""
     results, failed = [], []
+    label = {id(f): n for f, n in zip(futures, names or [])}
     t0 = time.perf_counter()
     step = max(1, len(futures) // 20)
     for n, fut in enumerate(as_completed(futures), start=1):
         try:
             results.append(fut.result())
         except Exception as exc:  # one step failing loses nothing else; reported by the caller
-            failed.append(f"{exc}")
+            failed.append(Failure(label.get(id(fut), what), f"{exc}", 1))
         if n % step == 0 or n == len(futures):
             log.info("segment: %d/%d %s (%.1f s)", n, len(futures), what, time.perf_counter() - t0)
     return results, failed
@@ -102,16 +104,21 @@ def _tiled_steps(ctx: RunContext, schedule: TiledSchedule, meta: ModelMeta, log:
         return failed
     records = {**done, **{r.marker: r for r in results}}
     jobs = schedule.to_finish(todo, records, detections)
-    return [Failure("finish-image", reason, 1) for reason in _gather(
-        [finish_image_task.submit(ctx, j.group, j.index, records=j.records, meta=meta, blocks=j.blocks)
-         for j in jobs], "large images finished", log)[1]]
+    return _gather([finish_image_task.submit(ctx, j.group, j.index, records=j.records, meta=meta, blocks=j.blocks)
+                    for j in jobs], "large images finished", log,
+                   names=[f"finish-image-{j.group}-{j.index}" for j in jobs])[1]
 
 
 def segment_steps(spec: SegmentSpec) -> dict[str, Any]:
     """Hold the run directory's lease (one writer at a time, see :mod:`segcore.lease`) and segment."""
     with Lease(run_dir_lease(spec.out), what=f"run directory {spec.out}", option="--out", run=str(flow_run.id),
-               wait_s=spec.wait_for_lease):
-        return _segment_held(spec)
+               wait_s=spec.wait_for_lease) as lease:
+        summary = _segment_held(spec)
+    if lease.lost:
+        raise SegflowError(f"another process took over the lease of run directory {spec.out} while this run wrote "
+                           "into it; its outputs are complete, but check that no other command still writes there "
+                           "and run the same command again to verify")
+    return summary
 
 
 def _segment_held(spec: SegmentSpec) -> dict[str, Any]:
@@ -142,7 +149,8 @@ def _segment_held(spec: SegmentSpec) -> dict[str, Any]:
         failed += _tiled_steps(ctx, schedule, meta, log, progress, watch)
     for f in failed:
         mark_failed(spec.out, key=ctx.key, unit=f.name, reason=f.reason, attempts=f.attempts)
-    clear_failed(spec.out, sorted(set(earlier) - {f.name for f in failed}))
+    done_now = done_records(spec.out, ctx.key)  # a failed-record goes once its unit is done, not before
+    clear_failed(spec.out, sorted(n for n in set(earlier) - {f.name for f in failed} if n in done_now))
     summary = summarise_run(spec, ctx, plan, meta, n_done=n_done, n_failed=len(failed), seconds=time.perf_counter() - t0)
     if spec.lake:  # after the summary: a lake that cannot be written loses nothing else
         published = publish_lake_task.submit(spec.lake, run_dir=spec.out).result()

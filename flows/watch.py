@@ -36,7 +36,7 @@ class Failure:
     attempts: int
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: list.remove never compares the items' fields
 class _Step:
     item: Any
     name: str
@@ -146,8 +146,10 @@ def gather_watched(submit: Callable[[Any], Any], items: Sequence[Any], *, name: 
             key = step.future.wrapped_future.key
             if key in running and running[key] != step.worker:  # started, or started again after a worker was lost
                 step.started, step.worker = now, running[key]
+            if step.started is None:
+                continue
             limit = timeouts.timeout(step.weight)
-            if step.started is not None and now - step.started > limit:
+            if now - step.started > limit:
                 active.remove(step)
                 _stop(client, step, log)
                 attempt_failed(step, f"timed out after {limit:.0f} s")

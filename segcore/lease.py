@@ -114,11 +114,12 @@ class Holder:
                 f"(heartbeat {max(0, round(now - self.heartbeat))} s ago)")
 
     def stale_reason(self, *, now: float, stale_after_s: float) -> str | None:
-        """Why the lease may be taken over (no heartbeat for too long, holder gone), or None."""
+        """Why the lease may be taken over (holder gone, no heartbeat for too long), or None. A holder
+        on this host whose process is alive is never stale, however late its heartbeat (a busy machine)."""
+        if self.host == socket.gethostname():
+            return None if _alive(self.pid, self.pid_start) else f"its process {self.pid} on this host is gone"
         if now - self.heartbeat > stale_after_s:
             return f"no heartbeat for {now - self.heartbeat:.0f} s (stale after {stale_after_s:g} s)"
-        if self.host == socket.gethostname() and not _alive(self.pid, self.pid_start):
-            return f"its process {self.pid} on this host is gone"
         return None
 
 
@@ -261,7 +262,7 @@ class Lease:
                     return
                 self.holder = self._stamp()
                 fsio.write_bytes(self.location, self.holder.to_bytes())
-            except OSError as exc:  # a slow or flaky store: try again at the next beat
+            except Exception as exc:  # a slow or flaky store (any client's error): try again at the next beat
                 log.warning("%s: could not renew the lease: %s", self.what, exc)
 
     def release(self) -> None:

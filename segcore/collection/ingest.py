@@ -188,10 +188,6 @@ def _changed_options(recorded: dict[str, Any], spec: IngestSpec) -> list[str]:
     return sorted(k for k, v in recorded.items() if k not in _HOW and now.get(k) != v)
 
 
-def _same_spec(recorded: dict[str, Any], spec: IngestSpec) -> bool:
-    return not _changed_options(recorded, spec)
-
-
 def _staged_files_gone(record: IngestRecord, done: dict[str, Any]) -> bool:
     """Whether a file staged from a URL for a chunk still to write is no longer in the staging directory."""
     planned = [r for r in record.planned if r.get("group") is not None]
@@ -209,8 +205,12 @@ def _resuming(spec: IngestSpec, rows: tuple[Row, ...], found: str, record: Inges
 
 
 def _unfinished(spec: IngestSpec, rows: tuple[Row, ...], found: str) -> IngestStart:
-    """A store without a manifest: resume its ingest when it is one of the same files and options."""
+    """A store without a manifest: resume its ingest when it is one of the same files and options
+    (``--overwrite``: always start it again)."""
     info = open_store(spec.store)  # only ever resume or replace a segflow store
+    if spec.overwrite:
+        return IngestStart(rows=rows, overwrite=True, notes=(found,), warnings=(
+            f"{spec.store} holds an interrupted ingest; --overwrite: starting it again",))
     record = read_plan(spec.store)
     options = _changed_options(info.spec if record is None else record.spec, spec)
     diffs = [] if record is None else differences(record, rows)
@@ -240,7 +240,7 @@ def _resume_append(spec: IngestSpec, rows: tuple[Row, ...], found: str) -> Inges
     if record is None or record.kind != "append":
         return None
     if (record.batch != next_batch(read_manifest(spec.store)) or differences(record, rows)
-            or not _same_spec(record.spec, spec) or _staged_files_gone(record, done_chunks(spec.store))):
+            or _changed_options(record.spec, spec) or _staged_files_gone(record, done_chunks(spec.store))):
         return None
     return _resuming(spec, rows, found, record)
 

@@ -71,12 +71,15 @@ def identity(rows: Sequence[Row]) -> tuple[tuple[Any, ...], ...]:
 
 def differences(record: IngestRecord, rows: Sequence[Row]) -> list[str]:
     """What differs between the files of ``record`` and the listed ``rows``, in words (empty: the same
-    files, unchanged). A file without a modification stamp cannot be shown unchanged: it differs."""
+    files, unchanged). A file behind a URL without a modification stamp cannot be shown unchanged: it
+    differs. A local path without one (a dangling symlink, listed as an error row) is unchanged while
+    it stays without one."""
     before = {t[0]: t for t in record.listed}
     now = {t[0]: t for t in identity(rows)}
     added = sorted(set(now) - set(before))
     removed = sorted(set(before) - set(now))
-    changed = sorted(p for p in set(now) & set(before) if now[p] != before[p] or now[p][1] is None)
+    changed = sorted(p for p in set(now) & set(before)
+                     if now[p] != before[p] or (now[p][1] is None and "://" in str(p)))
     out = []
     for what, paths in (("new", added), ("gone", removed), ("changed", changed)):
         if paths:

@@ -71,7 +71,7 @@ def list_and_pair(images: str, masks: str | None = None) -> PairedSources:
         if image_id in seen:
             rows.append(manifest_row(image_id=image_id, source_path=str(p), status="error",
                                      error=f"duplicate image id {image_id!r}: another file has the same name; "
-                                           "rename one", mask_status="missing"))
+                                           "rename one", mask_status="missing", source_signature=signature))
             continue
         seen.add(image_id)
         if p in problems:

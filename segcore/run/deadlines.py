@@ -35,6 +35,7 @@ class UnitTimeouts:
     cap: float
     factor: float = TIMEOUT_FACTOR
     per_image: list[float] = field(default_factory=list)
+    _median: float | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0 < self.floor <= self.cap:
@@ -44,10 +45,13 @@ class UnitTimeouts:
         """Record a finished unit: its wall-clock ``seconds`` over ``images`` images (or blocks)."""
         if images > 0 and seconds >= 0:
             self.per_image.append(seconds / images)
+            self._median = None
 
     def timeout(self, images: int) -> float:
         """Seconds a unit of ``images`` images (or blocks) may run."""
         if not self.per_image:
             return self.cap
-        expected = self.factor * statistics.median(self.per_image) * max(1, images)
+        if self._median is None:  # asked about every step in flight at every look: computed once per change
+            self._median = statistics.median(self.per_image)
+        expected = self.factor * self._median * max(1, images)
         return min(self.cap, max(self.floor, expected))

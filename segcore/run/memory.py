@@ -79,8 +79,10 @@ def tile_multiple(meta: ModelMeta) -> int:
 
 
 def smallest_tile(*, multiple: int, overlap: int) -> int:
-    """Smallest tile a back-off goes down to: a multiple of ``multiple``, at least twice it, larger than ``overlap``."""
-    return max(2 * multiple, (overlap // multiple + 1) * multiple)
+    """Smallest tile a back-off goes down to: a multiple of ``multiple``, at least twice it, larger than twice
+    ``overlap`` (tiles start every ``tile - overlap`` px: a tile barely above the overlap would multiply the
+    tiles of a block many times over)."""
+    return max(2 * multiple, (2 * overlap // multiple + 1) * multiple)
 
 
 def halve(batch: int, tile: int | None, *, multiple: int = 1, min_tile: int = 1) -> tuple[int, int | None] | None:

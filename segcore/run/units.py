@@ -63,6 +63,15 @@ def _write_instances(ctx: RunContext, unit: WorkUnit, meta: ModelMeta, rows: Seq
     return sum(len(p.records) for _, p in ok)
 
 
+def blank_predictions(shape: tuple[int, int, int], *, instance: bool, dtype: np.dtype) -> Any:
+    """Background predictions for ``shape`` = ``(N, H, W)`` images: ``(N, H, W)`` labels of ``dtype``, or
+    (instance models) N empty :class:`InstancePrediction`."""
+    if not instance:
+        return np.zeros(shape, dtype=dtype)
+    return [InstancePrediction(labels=np.zeros(shape[1:], np.uint32), classes=np.zeros(shape[1:], dtype), records=[])
+            for _ in range(shape[0])]
+
+
 def _blank_refused(preds: np.ndarray, instance_preds: list[InstancePrediction] | None, refused: dict[int, str]
                    ) -> None:
     """Background, in place, for the images the channel policy refused (they were fed as zeros)."""
@@ -94,6 +103,9 @@ def segment_unit(ctx: RunContext, unit: WorkUnit) -> UnitRecord:
     t_read = time.perf_counter()
 
     def predict(batch: int, _tile: int | None) -> Any:
+        if len(refused) == len(images):  # no image the model can take: background for all, no forward pass
+            return blank_predictions(images.shape[:3], instance=predictor.kind == "instance",
+                                     dtype=predictor.label_dtype)
         ctx.faults.check_forward(images=min(batch, len(images)), height=images.shape[1], width=images.shape[2])
         if predictor.kind == "instance":
             return predictor.instances(images, batch_size=batch)

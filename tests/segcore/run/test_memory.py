@@ -53,7 +53,7 @@ def test_halve_goes_through_the_batch_then_the_tile() -> None:
     assert halve(1, 64, multiple=4, min_tile=12) == (1, 32)
     assert halve(1, 20, multiple=4, min_tile=12) == (1, 12)  # 10 -> 8 -> held at the minimum
     assert halve(1, 12, multiple=4, min_tile=12) is None
-    assert smallest_tile(multiple=4, overlap=8) == 12 and smallest_tile(multiple=16, overlap=4) == 32
+    assert smallest_tile(multiple=4, overlap=8) == 20 and smallest_tile(multiple=16, overlap=4) == 32
 
 
 def test_with_backoff_records_the_sizes_and_gives_up_at_the_bottom() -> None:
@@ -96,7 +96,7 @@ def test_a_block_out_of_memory_halves_the_batch_then_the_tile_bitwise_equal(tmp_
                                 batch_size=4, device="cpu")
     blocks = [u for u in plan.units if u.window is not None]
     assert len(blocks) == 4 and ctx.tiling.tile == 32
-    # Passes over more than 16 x 16 px fail: batch 4 -> 2 -> 1 at tile 32, then tile 16 (> overlap 4, 4 | 16).
+    # Passes over more than 16 x 16 px fail: batch 4 -> 2 -> 1 at tile 32, then tile 16 (> twice the overlap 4, 4 | 16).
     faulty = dataclasses.replace(ctx, faults=Faults(oom_pixels=16 * 16))
     records = [segment_block(faulty, u) for u in blocks]
     assert {(r.batch_size, r.tile) for r in records} == {(1, 16)}
