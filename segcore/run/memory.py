@@ -4,8 +4,10 @@ A unit or block whose forward raises ``torch.cuda.OutOfMemoryError`` or ``Memory
 cached memory and runs again with half the batch (down to 1 image or tile per pass), then, for
 tiled blocks, half the tile (down to :func:`smallest_tile`); the batch and tile it finished with
 are recorded in its done-record. The step's outputs are those of a run started with that batch and
-tile: a batch changes no value, and a tile halved keeps the overlap and stays a multiple of the
-model's size divisor.
+tile (on the CPU bit for bit: a batch changes no value there; on CUDA the kernels chosen for another
+batch size may differ in the last bits). A tile halved keeps the overlap and stays a multiple of
+the model's size divisor, so the block's values are those of a run with the smaller tile, not the
+run key's.
 
 :class:`Faults` is the test hook: a run context carrying one raises an out-of-memory error on
 purpose for every forward pass over more pixels than ``oom_pixels``, or sleeps in given units.
