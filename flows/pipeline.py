@@ -7,7 +7,7 @@ and are shared: ``run_flow`` calls both inside one flow run, on one Dask cluster
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
@@ -79,27 +79,28 @@ def _watched(submit: Any, todo: list, watch: dict[str, Any], log: Any, what: str
 
 
 def _tiled_steps(ctx: RunContext, schedule: TiledSchedule, meta: ModelMeta, log: Any,
-                 progress: UnitProgress, watch: dict[str, Any]) -> list[Failure]:
-    """Submit the steps the schedule says remain for the tiled images; returns failures."""
+                 progress: UnitProgress, watch: Callable[[], dict[str, Any]]) -> list[Failure]:
+    """Submit the steps the schedule says remain for the tiled images; returns failures. ``watch()``
+    gives the timeout and retry settings of one kind of step (each kind its own estimate)."""
     stats = {key: image_stats_task.submit(ctx.store, key[0], key[1], meta) for key in schedule.stats_needed()}
     stats = {key: f.result() for key, f in stats.items()}
     done = schedule.done
     if meta.kind == "instance":
         detect = schedule.to_detect()
         found, failed = _watched(lambda u: detect_block_task.submit(ctx, u, stats=stats.get((u.group, u.start))),
-                                 detect, watch, log, "blocks detected")
+                                 detect, watch(), log, "blocks detected")
         if failed:
             return failed
         detections = {**done, **{r.marker: r for r in found}}
         todo = schedule.to_paste(detections, redetected=detect)
         results, failed = _watched(lambda j: paste_block_task.submit(ctx, j[0], sources=j[1], meta=meta), todo,
-                                   watch, log, "blocks pasted", progress)
+                                   watch(), log, "blocks pasted", progress)
         todo = [u for u, _ in todo]
     else:
         detections = None
         todo = schedule.to_segment()
         results, failed = _watched(lambda u: segment_block_task.submit(ctx, u, stats=stats.get((u.group, u.start))),
-                                   todo, watch, log, "blocks", progress)
+                                   todo, watch(), log, "blocks", progress)
     if failed:
         return failed
     records = {**done, **{r.marker: r for r in results}}
@@ -141,10 +142,12 @@ def _segment_held(spec: SegmentSpec) -> dict[str, Any]:
              f"; {len(plan.tiled_images)} large image(s) in {len(schedule.units)} blocks, tiles "
              f"{ctx.tiling.tile} px, overlap {ctx.tiling.overlap} px" if schedule.units else "")
     progress = UnitProgress(ctx.run_id, total=len(plan.units), done=n_done)
-    watch = {"timeouts": UnitTimeouts(floor=spec.unit_timeout_floor, cap=spec.unit_timeout_cap),
-             "retries": spec.unit_retries}
+    def watch() -> dict[str, Any]:  # one timeout estimate per kind of step: a block is not an image
+        return {"timeouts": UnitTimeouts(floor=spec.unit_timeout_floor, cap=spec.unit_timeout_cap),
+                "retries": spec.unit_retries}
+
     earlier = failed_records(spec.out, ctx.key)
-    failed = _watched(lambda u: segment_unit_task.submit(ctx, u), todo, watch, log, "units", progress)[1]
+    failed = _watched(lambda u: segment_unit_task.submit(ctx, u), todo, watch(), log, "units", progress)[1]
     if schedule.units:
         failed += _tiled_steps(ctx, schedule, meta, log, progress, watch)
     for f in failed:
