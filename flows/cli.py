@@ -433,15 +433,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> str:
-    """Start the flow of ``args.command``; returns its result as text for stdout."""
-    from flows.execution import share_prefect_api
-    from flows.pipeline import ingest_flow, run_flow, segment_flow, with_runner
-    if not args.verbose:  # after the imports: distributed sets its loggers' levels when imported
+    """Start the flow of ``args.command``; returns its result as text for stdout.
+
+    The Prefect server (when none is configured) and the local cluster start first, side by side,
+    and boot while the flows are imported; the worker imports what the tasks need meanwhile."""
+    from flows.execution import started_cluster, wait_warm
+    from flows.server import start_api, wait_api
+
+    start_api()
+    import distributed  # noqa: F401 - sets its loggers' levels when imported
+    import prefect_dask  # noqa: F401
+
+    if not args.verbose:  # after those imports, before the cluster starts
         for name in ("distributed", "prefect_dask"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    with started_cluster(None if args.command == "serve" else _execution(args)):
+        import flows.pipeline  # noqa: F401 - imported while the server and the workers boot
+
+        wait_api()
+        wait_warm()
+        return _flow(args)
+
+
+def _flow(args: argparse.Namespace) -> str:
+    from flows.pipeline import ingest_flow, run_flow, segment_flow, with_runner
     from segcore.config import RunSpec
 
-    share_prefect_api()
     if args.command == "ingest":
         return json.dumps(with_runner(ingest_flow, _execution(args))(_ingest_spec(args, args.store)), indent=2)
     if args.command == "segment":

@@ -1,19 +1,29 @@
-"""Which Dask cluster a flow's tasks run on, from an ExecutionSpec."""
+"""Which Dask cluster a flow's tasks run on, from an ExecutionSpec.
+
+A flow given a local execution spec starts its own LocalCluster (:func:`task_runner`). A command
+can instead start that cluster ahead of its flow (:func:`started_cluster`), while the Prefect
+server boots and the flows are imported, and have its worker import what the tasks need in the
+meantime (:func:`warm_imports`); the flow then runs on that cluster.
+"""
 
 from __future__ import annotations
 
+import importlib
 import os
+import time
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator
 
 import dask
-from prefect_dask import DaskTaskRunner
+from distributed import WorkerPlugin
 
 from segcore.config import ExecutionSpec
-from segcore.errors import SegflowError
 
-#: Seconds to wait for the temporary Prefect server (Prefect's own default of 20 s is too short on a
-#: busy machine, where importing the server and opening its database can take longer).
-SERVER_START_TIMEOUT_S = 120
+if TYPE_CHECKING:
+    from prefect_dask import DaskTaskRunner
 
+#: What a worker's tasks import (torch, zarr, the segcore run and training paths, Prefect).
+WARM_MODULES = ("tasks.ingest", "tasks.segment", "tasks.train", "tasks.lake")
 
 #: Dask settings of segflow's local clusters: housekeeping intervals that leave the cores to torch
 #: (Dask's defaults: 20 ms, 500 ms, 100 ms). Memory is still checked every second.
@@ -48,8 +58,26 @@ def torch_threads(spec: ExecutionSpec) -> int | None:
     return max(1, (os.cpu_count() or 1) // local_workers(spec))
 
 
+def _configure_local() -> None:
+    dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None, **QUIET_HOUSEKEEPING})
+
+
+def _cluster_kwargs(spec: ExecutionSpec) -> dict:
+    return {
+        "n_workers": local_workers(spec),
+        "threads_per_worker": 1,  # one unit at a time per worker; torch parallelises inside
+        "processes": True,
+        "dashboard_address": ":0",  # any free port: several clusters may run on one host
+    }
+
+
+#: The local cluster a command started ahead of its flow: ``(spec, scheduler address)``.
+_started: tuple[ExecutionSpec, str] | None = None
+
+
 def task_runner(spec: ExecutionSpec) -> DaskTaskRunner:
-    """A DaskTaskRunner on ``spec.dask_address``, or on a new LocalCluster of worker processes.
+    """A DaskTaskRunner on ``spec.dask_address``, on the cluster :func:`started_cluster` started for
+    ``spec``, or on a new LocalCluster of worker processes.
 
     Local workers are spawned without Dask's default ``MALLOC_TRIM_THRESHOLD_=65536``: setting it
     disables glibc's dynamic mmap threshold, so every large tensor allocation becomes an mmap and
@@ -59,45 +87,91 @@ def task_runner(spec: ExecutionSpec) -> DaskTaskRunner:
     threads, and the default event-loop ticks (every 20 ms), resource samples (every 0.5 s) and
     worker memory checks (every 0.1 s) took about a quarter of that process's CPU time in a segment run.
     """
+    from prefect_dask import DaskTaskRunner
+
     if spec.dask_address:
         return DaskTaskRunner(address=spec.dask_address)
-    dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None, **QUIET_HOUSEKEEPING})
-    return DaskTaskRunner(
-        cluster_class="distributed.LocalCluster",
-        cluster_kwargs={
-            "n_workers": local_workers(spec),
-            "threads_per_worker": 1,  # one unit at a time per worker; torch parallelises inside
-            "processes": True,
-            "dashboard_address": ":0",  # any free port: several clusters may run on one host
-        },
-    )
+    if _started is not None and _started[0] == spec:
+        return DaskTaskRunner(address=_started[1])
+    _configure_local()
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=_cluster_kwargs(spec))
 
 
-def share_prefect_api() -> None:
-    """Make worker processes report to the same Prefect API as this process.
+def warm_imports() -> float:
+    """Import :data:`WARM_MODULES` (run on a worker before its first task); returns the seconds taken."""
+    t = time.perf_counter()
+    for name in WARM_MODULES:
+        importlib.import_module(name)
+    return time.perf_counter() - t
 
-    With no ``PREFECT_API_URL`` configured, Prefect starts a temporary local server inside the
-    process that runs the flow; Dask worker processes would not know it and would each start a
-    server of their own (seconds of start-up and CPU each, and their task runs would not show
-    in the flow's server). So start that temporary server here, once, and export its URL in the
-    environment that local workers inherit. A configured ``PREFECT_API_URL`` is left alone.
 
-    Raises :class:`SegflowError` (a one-line error on the command line) when the server does not
-    answer within :data:`SERVER_START_TIMEOUT_S` seconds.
+@contextmanager
+def started_cluster(spec: ExecutionSpec | None) -> Iterator[None]:
+    """Start the LocalCluster of a local ``spec`` now, and close it on leaving.
+
+    Inside, flows run with ``spec`` (:func:`task_runner`) use this cluster, and its workers import
+    :data:`WARM_MODULES` from the start, one task each in their single task thread (so the first
+    real task never imports alongside them); :func:`wait_warm` waits for that. With ``None`` or an
+    existing cluster's address, nothing is started.
     """
-    from prefect.settings import PREFECT_API_URL
+    global _started, _warming
+    if spec is None or spec.dask_address:
+        yield
+        return
+    import distributed
 
-    url = PREFECT_API_URL.value()
-    if not url:
-        from prefect.server.api.server import SubprocessASGIServer
-
-        server = SubprocessASGIServer()  # the same instance Prefect's client uses for ephemeral mode
+    _configure_local()
+    with distributed.LocalCluster(**_cluster_kwargs(spec)) as cluster, distributed.Client(cluster) as client:
+        client.register_plugin(QuickExit(), name="segflow-quick-exit")
+        workers = list(client.scheduler_info()["workers"])
+        _warming = [client.submit(warm_imports, pure=False, workers=[w], allow_other_workers=False) for w in workers]
+        _started = (spec, cluster.scheduler_address)
         try:
-            server.start(timeout=SERVER_START_TIMEOUT_S)
-        except RuntimeError as exc:
-            raise SegflowError(
-                f"the temporary Prefect server did not answer within {SERVER_START_TIMEOUT_S} s (a busy machine?); "
-                "run the command again, or start a server once (`prefect server start`) and set PREFECT_API_URL "
-                f"to it: {' '.join(str(exc).split())[:300]}") from exc
-        url = server.api_url
-    os.environ["PREFECT_API_URL"] = url
+            yield
+        finally:
+            _started, _warming = None, []
+
+
+class QuickExit(WorkerPlugin):
+    """A worker plugin: once the worker has closed normally and every exit handler has run (Prefect's
+    log and event flushes among them), end the process without tearing down the interpreter.
+
+    That teardown took about 1 s per worker with torch, torchvision and the segcore run path
+    loaded, and nothing remained to run. The exit handler is registered when the plugin is set up,
+    before the tasks import anything, so it runs last; a worker that did not close normally (a
+    failure, a restart) ends as it would without the plugin.
+    """
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def setup(self, worker) -> None:
+        import atexit
+
+        atexit.register(self._exit)
+
+    def teardown(self, worker) -> None:
+        self.closed = True
+
+    def _exit(self) -> None:
+        if self.closed:
+            import sys
+
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+
+
+#: The warm-up futures of the cluster :func:`started_cluster` started.
+_warming: list = []
+
+
+def wait_warm() -> None:
+    """Wait until the workers of the cluster :func:`started_cluster` started have warmed up; a
+    failed warm-up is left for the first task to report."""
+    import distributed
+
+    try:
+        distributed.wait(_warming)
+    except Exception:  # noqa: BLE001 - the tasks import the same modules and say what fails
+        pass

@@ -76,10 +76,10 @@ def _blank_refused(preds: np.ndarray, instance_preds: list[InstancePrediction] |
                    ) -> None:
     """Background, in place, for the images the channel policy refused (they were fed as zeros)."""
     preds[list(refused)] = 0
-    for i in refused if instance_preds is not None else ():
-        p = instance_preds[i]
-        instance_preds[i] = InstancePrediction(labels=np.zeros_like(p.labels), classes=np.zeros_like(p.classes),
-                                               records=[])
+    if instance_preds is not None:
+        blank = blank_predictions((len(refused), *preds.shape[1:]), instance=True, dtype=preds.dtype)
+        for i, b in zip(refused, blank):
+            instance_preds[i] = b
 
 
 def segment_unit(ctx: RunContext, unit: WorkUnit) -> UnitRecord:

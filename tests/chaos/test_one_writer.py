@@ -16,7 +16,7 @@ pytestmark = pytest.mark.chaos
 
 def test_a_second_writer_refuses_and_the_first_completes(chaos_collection, tmp_path):
     out, notes = tmp_path / "run", tmp_path / "worker-notes.log"
-    env = chaos_env(notes, delay_s=1.0)
+    env = chaos_env(notes, delay_s=3.0)  # slow enough that the second command (cluster start included) meets it
     args = segment_args(chaos_collection, out, "--workers", "2", "--threads-per-worker", "1")
     first = start_segflow(*args, env=env, log_to=tmp_path / "first.log")
     wait_until(lambda: done_units(out) >= 1, timeout=300, what="the first run's first unit", proc=first)

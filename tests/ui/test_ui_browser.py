@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,17 +22,12 @@ import numpy as np
 import pytest
 
 from tests.ui.browser import Browser, find_chromium
+from tests.external_cluster import free_port
 
 pytestmark = pytest.mark.browser
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _artifact_dir() -> Path:
@@ -53,7 +47,7 @@ def chromium() -> str:
 def prefect_server(tmp_path_factory):
     """``(api_url, env)``: a `prefect server start` of its own, and the environment of its clients."""
     home = tmp_path_factory.mktemp("prefect-server-home")
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",

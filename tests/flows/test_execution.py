@@ -1,0 +1,92 @@
+"""How a command starts what its flow needs: the temporary Prefect server (launched without importing
+it, answered before the flow starts, stopped at exit) and the local cluster started ahead of the
+flow (its workers warmed up, used by the flow's task runner, and closed with every exit handler run)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import httpx
+import pytest
+from prefect import flow, task
+
+from flows import execution
+from flows.execution import started_cluster, task_runner, wait_warm
+from segcore.config import ExecutionSpec
+
+REPO = Path(__file__).resolve().parents[2]
+ONE = ExecutionSpec(n_workers=1, threads_per_worker=1)
+
+
+def test_temporary_server_boots_without_importing_the_server_here(tmp_path):
+    script = textwrap.dedent("""
+        import sys
+        from flows.server import start_api, wait_api
+        start_api()
+        assert "prefect.server.api.server" not in sys.modules, "the server was imported into this process"
+        wait_api()
+        from prefect.settings import PREFECT_API_URL
+        import httpx, os
+        url = PREFECT_API_URL.value()
+        assert url == os.environ["PREFECT_API_URL"], (url, os.environ["PREFECT_API_URL"])
+        assert httpx.get(url + "/health").status_code == 200
+        print(url)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PYTHONPATH=str(REPO), PREFECT_HOME=str(tmp_path / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    url = proc.stdout.strip().splitlines()[-1]
+    with pytest.raises(httpx.TransportError):  # stopped when the process exited
+        httpx.get(url + "/health", timeout=2)
+
+
+def test_a_configured_api_is_left_alone(monkeypatch):
+    from flows import server
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    monkeypatch.setattr(server, "_server", None)
+    server.start_api()
+    assert server._server is None and os.environ["PREFECT_API_URL"] == "http://127.0.0.1:9/api"
+
+
+@task
+def _worker_state(marker: str) -> dict:
+    import atexit
+
+    def leave_mark() -> None:
+        Path(marker).write_text("ran")
+
+    atexit.register(leave_mark)  # registered after the quick-exit handler: must still run
+    return {"pid": os.getpid(), "warm": all(m in sys.modules for m in execution.WARM_MODULES)}
+
+
+@flow
+def _probe(marker: str) -> dict:
+    return _worker_state.submit(marker).result()
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_flow_runs_on_the_started_cluster_warmed_up_and_exit_handlers_still_run(tmp_path):
+    marker = tmp_path / "atexit-ran"
+    with started_cluster(ONE):
+        runner = task_runner(ONE)
+        assert runner.address == execution._started[1]  # the started cluster, not a new one
+        other = task_runner(ExecutionSpec(n_workers=2, threads_per_worker=1))
+        assert other.address is None and other.cluster_kwargs["n_workers"] == 2  # another spec: its own cluster
+        wait_warm()
+        state = _probe.with_options(task_runner=runner)(str(marker))
+    assert state["warm"] and state["pid"] != os.getpid()
+    assert execution._started is None  # left: flows start their own cluster again
+    assert marker.read_text() == "ran"  # the worker ended after its exit handlers, not before
+
+
+def test_no_cluster_is_started_for_an_existing_scheduler():
+    with started_cluster(ExecutionSpec(dask_address="tcp://127.0.0.1:9")):
+        assert execution._started is None
+    with started_cluster(None):
+        assert execution._started is None
