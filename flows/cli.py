@@ -62,7 +62,7 @@ def _add_segment(p: argparse.ArgumentParser) -> None:
                         "each detector core (default 64, must exceed the largest object)")
     g.add_argument("--blend", choices=["gaussian", "linear"], help="weights of overlapping tiles (default gaussian)")
     g.add_argument("--tta", action="store_true", default=None,
-                   help="semantic models: average the logits over flips (4x compute)")
+                   help="semantic models: average the logits over flips, for whole images and tiles alike (4x compute)")
     p.add_argument("--lake", help="data-lake location (path or fsspec URL, e.g. s3://bucket/segflow): append the Dice, "
                                   "instance and manifest tables there, Hive-partitioned by run_date and model")
     f = p.add_argument_group("failures inside a run")

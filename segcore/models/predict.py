@@ -32,6 +32,7 @@ from segcore.models.record import read_model_meta
 from segcore.models.instances import InstancePrediction, predict_instances
 from segcore.models.outputs import OutputRule, class_scores
 from segcore.normalise import Stats, normalise_batch
+from segcore.tiling import flip_tta
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +105,17 @@ class Predictor(abc.ABC):
         """One :class:`InstancePrediction` per image of a normalised batch. Instance models only."""
         raise ConfigError(f"model {self.meta.arch!r} is a semantic model; it gives logits, not detections")
 
-    def labels(self, images: np.ndarray, *, batch_size: int | None = None, stats: Stats | None = None
-               ) -> np.ndarray:
+    def labels(self, images: np.ndarray, *, batch_size: int | None = None, stats: Stats | None = None,
+               tta: bool = False) -> np.ndarray:
         """``(N, H, W)`` class labels (argmax of :meth:`logits`) of raw ``(N, H, W, C)`` images,
-        ``batch_size`` images per forward pass (default: all at once)."""
+        ``batch_size`` images per forward pass (default: all at once); ``tta``: of the logits
+        averaged over the flips (:func:`segcore.tiling.flip_tta`, 4x the forward passes)."""
         out = np.empty(images.shape[:3], dtype=self.label_dtype)
         step = batch_size or max(1, len(images))
+        logits_of = flip_tta(self.logits) if tta else self.logits
         with torch.inference_mode():
             for s in range(0, len(images), step):
-                logits = self.logits(self.prepare(images[s:s + step], stats=stats))
+                logits = logits_of(self.prepare(images[s:s + step], stats=stats))
                 out[s:s + step] = logits.argmax(dim=1).to("cpu").numpy()
         return out
 

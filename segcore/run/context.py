@@ -59,6 +59,7 @@ class RunContext:
     checkpoint: str
     checkpoint_sha256: str
     mask_kind: str = "class"
+    tta: bool = False
     batch_size: int = 8
     device: str = "cpu"
     precision: str = "bf16"

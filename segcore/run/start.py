@@ -15,13 +15,12 @@ import logging
 from typing import Any
 
 from segcore.collection.store import StoreInfo, open_store
-from segcore.errors import CheckpointError
+from segcore.errors import CheckpointError, ConfigError, NotFound
 from segcore.models.checkpoint import ModelMeta
 from segcore.models.predict import open_predictor
 from segcore.models.record import model_sha256, read_model_meta
 from segcore.run.channels import can_adapt, channel_note
 from segcore.run.context import RunContext
-from segcore.errors import NotFound
 from segcore.run.plan import RunPlan, effective_precision, make_plan, output_shaping, resolve_tiling
 from segcore.run.rundir import done_records, prepare_run, read_plan, read_run_info
 from segcore.run.schedule import pending_steps
@@ -85,17 +84,19 @@ def start_run(store_path: str, checkpoint: str, out: str, *, tile_size: int | No
     (another run, another setting) before anything is written to the images' outputs.
     """
     meta, sha, store = preflight(store_path, checkpoint)
+    if tta and meta.kind == "instance":
+        raise ConfigError("test-time augmentation (--tta) applies to semantic models only")
     tiling = resolve_tiling(meta, tile_size=tile_size, overlap=overlap, blend=blend, tta=tta)
     plan = make_plan(store, tiling)
     groups = store.groups if tiling else [dataclasses.replace(g, tile=0) for g in store.groups]
     info = prepare_run(out, store_path=store_path, store_id=store.store_id, checkpoint=checkpoint,
                        checkpoint_sha256=sha, meta=meta, groups=groups, plan=plan,
                        shaping=output_shaping(meta, tiling, precision=effective_precision(meta, precision,
-                                                                                          device=device)),
+                                                                                          device=device), tta=tta),
                        spec={**(spec or {}), "tile_size": tile_size, "overlap": overlap, "blend": blend, "tta": tta,
                              "precision": precision})
     ctx = RunContext(store=store_path, run_dir=out, run_id=info["run_id"], key=info["key"], checkpoint=checkpoint,
-                     checkpoint_sha256=sha, mask_kind=store.mask_kind, batch_size=batch_size, device=device,
+                     checkpoint_sha256=sha, mask_kind=store.mask_kind, tta=tta, batch_size=batch_size, device=device,
                      precision=precision, num_threads=num_threads, tiling=tiling)
     return ctx, plan, meta, store
 
@@ -116,7 +117,7 @@ def pending_work(store_path: str, checkpoint: str, out: str, *, tile_size: int |
         return None
     meta = read_model_meta(checkpoint)
     tiling = resolve_tiling(meta, tile_size=tile_size, overlap=overlap, blend=blend, tta=tta)
-    shaping = output_shaping(meta, tiling, precision=effective_precision(meta, precision, device=device))
+    shaping = output_shaping(meta, tiling, precision=effective_precision(meta, precision, device=device), tta=tta)
     if info.get("shaping") != shaping or plan.groups != tuple(g.name for g in open_store(store_path).groups):
         return None
     return pending_steps(plan, done_records(out, info["key"]))

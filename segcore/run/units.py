@@ -109,7 +109,7 @@ def segment_unit(ctx: RunContext, unit: WorkUnit) -> UnitRecord:
         ctx.faults.check_forward(images=min(batch, len(images)), height=images.shape[1], width=images.shape[2])
         if predictor.kind == "instance":
             return predictor.instances(images, batch_size=batch)
-        return predictor.labels(images, batch_size=batch)
+        return predictor.labels(images, batch_size=batch, tta=ctx.tta)
 
     out, batch, _ = with_backoff(predict, batch=ctx.batch_size, device=ctx.device, what=f"unit {unit.name}")
     instance_preds = out if predictor.kind == "instance" else None

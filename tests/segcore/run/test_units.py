@@ -232,3 +232,50 @@ def test_a_run_directory_of_an_earlier_segflow_is_read_and_resumed_without_redoi
     assert ctx2.run_id == ctx.run_id and read_plan(str(run_dir)) == plan2 == plan
     assert set(done_records(str(run_dir), ctx2.key)) == {u.name for u in plan.units[:2]}  # kept, not redone
     assert json.loads((run_dir / "run.json").read_text())["format"] == 2
+
+
+def test_tta_acts_on_whole_images_and_is_part_of_the_run_key(small_store, tmp_path):
+    import zarr
+
+    from segcore.run.rundir import masks_path
+
+    # A random UNet whose head is biased so that about half the pixels are each class: its labels
+    # then depend on the orientation, and TTA must change some.
+    root = zarr.open_group(small_store["store"], mode="r")
+    images = np.concatenate([root["images"][g][:] for g in sorted(root["images"].array_keys())])
+    torch.manual_seed(1)
+    model = create_model("unet", in_channels=1, num_classes=2, base=4, depth=2).eval()
+    with torch.inference_mode():
+        margin = TorchPredictor(model, META, device="cpu").logits(TorchPredictor(model, META).prepare(images))
+        model.head.bias[1] -= float((margin[:, 1] - margin[:, 0]).median())
+    ckpt = str(save_checkpoint(tmp_path / "balanced.safetensors", model, META))
+
+    def masks(run_dir: str, tta: bool) -> np.ndarray:
+        ctx, plan, _, _ = start_run(small_store["store"], ckpt, run_dir, device="cpu", tta=tta)
+        assert not plan.tiled_images  # 16x16 images: whole-image units only
+        for unit in plan.units:
+            segment_unit(ctx.on_worker(), unit)
+        root = zarr.open_group(masks_path(run_dir), mode="r")
+        return np.concatenate([root[g][:] for g in sorted(root.array_keys())]), ctx
+
+    plain, plain_ctx = masks(str(tmp_path / "plain"), False)
+    flipped, tta_ctx = masks(str(tmp_path / "tta"), True)
+    assert tta_ctx.key != plain_ctx.key
+    # By hand: the mean of the logits of the image and its three flips, flipped back.
+    predictor = load_predictor(ckpt, device="cpu", sha256=file_sha256(ckpt))
+    with torch.inference_mode():
+        x = predictor.prepare(images)
+        total = predictor.logits(x)
+        for dims in ((-1,), (-2,), (-2, -1)):
+            total = total + predictor.logits(x.flip(dims)).flip(dims)
+    np.testing.assert_array_equal(flipped, total.argmax(1).numpy())
+    assert (flipped != plain).any()  # the random UNet is not flip-symmetric: TTA changed some pixels
+
+
+def test_tta_of_an_instance_model_is_refused_even_without_tiling(small_store, tmp_path):
+    kwargs = {"score_threshold": 0.7}
+    meta = ModelMeta(arch="maskrcnn_r18", arch_kwargs=kwargs, class_names=("bg", "obj"), in_channels=1)
+    ckpt = save_checkpoint(tmp_path / "mrcnn.safetensors",
+                           create_model("maskrcnn_r18", in_channels=1, num_classes=2, **kwargs), meta)
+    with pytest.raises(ConfigError, match="semantic models only"):
+        start_run(small_store["store"], str(ckpt), str(tmp_path / "r"), device="cpu", tta=True, tile_size=0)
