@@ -138,8 +138,8 @@ class QuickExit(WorkerPlugin):
 
     That teardown took about 1 s per worker with torch, torchvision and the segcore run path
     loaded, and nothing remained to run. The exit handler is registered when the plugin is set up,
-    before the tasks import anything, so it runs last; a worker that did not close normally (a
-    failure, a restart) ends as it would without the plugin.
+    before the tasks import anything, so it runs last; a worker process that did not close normally
+    (it crashed, or its nanny killed it) ends as it would without the plugin.
     """
 
     def __init__(self) -> None:

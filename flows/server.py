@@ -11,7 +11,8 @@ and this process's Prefect settings are refreshed to it. A configured ``PREFECT_
 the environment or in a Prefect profile) is left alone.
 
 The server is the one Prefect would start (its ASGI application under uvicorn, on 127.0.0.1 with
-the UI off, the current Prefect settings in its environment) and stops when the process exits.
+the UI off, the current Prefect settings in its environment) and stops when the process exits
+(on Linux also when the process is killed).
 """
 
 from __future__ import annotations
@@ -30,6 +31,15 @@ from segcore.errors import SegflowError
 SERVER_START_TIMEOUT_S = 120
 #: Exit status of uvicorn when its port is taken (then another port is tried).
 _PORT_IN_USE = 3
+
+
+def _stop_with_parent() -> None:
+    """In the server's process before it runs (Linux): be sent SIGTERM when the command's process
+    ends, however it ends (a kill included), so that no server outlives its command."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def _free_port() -> int:
@@ -62,7 +72,8 @@ class TemporaryServer:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
              "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
-             "--log-level", "error", "--lifespan", "on"], env=env)
+             "--log-level", "error", "--lifespan", "on"], env=env,
+            preexec_fn=_stop_with_parent if sys.platform.startswith("linux") else None)
 
     def wait(self, timeout: float) -> None:
         """Wait until the server answers its health check; :class:`SegflowError` after ``timeout`` s

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import httpx
@@ -90,3 +91,33 @@ def test_no_cluster_is_started_for_an_existing_scheduler():
         assert execution._started is None
     with started_cluster(None):
         assert execution._started is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_the_temporary_server_ends_when_its_command_is_killed(tmp_path):
+    script = textwrap.dedent("""
+        import time
+        from flows.server import start_api, wait_api
+        from prefect.settings import PREFECT_API_URL
+        start_api()
+        wait_api()
+        print(PREFECT_API_URL.value(), flush=True)
+        time.sleep(600)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PYTHONPATH=str(REPO), PREFECT_HOME=str(tmp_path / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        url = proc.stdout.readline().strip()
+        assert httpx.get(url + "/health", timeout=10).status_code == 200
+    finally:
+        proc.kill()  # no exit handler runs
+        proc.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url + "/health", timeout=2)
+        except httpx.TransportError:
+            return
+        time.sleep(0.5)
+    pytest.fail(f"the server at {url} still answers 30 s after its command was killed")
