@@ -77,22 +77,19 @@ class TemporaryServer:
 
     def wait(self, timeout: float) -> None:
         """Wait until the server answers its health check; :class:`SegflowError` after ``timeout`` s
-        or when the server process ends (a port taken meanwhile is replaced by another once)."""
+        or when the server process ends. (Its port is exported before it answers, so a port taken
+        meanwhile by another program is an error, not a silent move to another port.)"""
         import httpx
 
         deadline = time.monotonic() + timeout
-        retried = False
         with httpx.Client(timeout=5) as client:
             while time.monotonic() < deadline:
                 code = self.process.poll()
-                if code == _PORT_IN_USE and not retried:
-                    retried = True
-                    self.start()
-                    continue
                 if code is not None:
-                    raise SegflowError(f"the temporary Prefect server exited with status {code} before answering; "
-                                       "run the command with -v to see its output, or start a server once "
-                                       "(`prefect server start`) and set PREFECT_API_URL to it")
+                    why = (f"port {self.port} was taken by another program meanwhile" if code == _PORT_IN_USE
+                           else f"it exited with status {code}; its error is printed above")
+                    raise SegflowError(f"the temporary Prefect server did not start: {why}; run the command again, "
+                                       "or start a server once (`prefect server start`) and set PREFECT_API_URL to it")
                 try:
                     if client.get(f"{self.api_url}/health").status_code == 200:
                         self.ready = True

@@ -121,3 +121,17 @@ def test_the_temporary_server_ends_when_its_command_is_killed(tmp_path):
             return
         time.sleep(0.5)
     pytest.fail(f"the server at {url} still answers 30 s after its command was killed")
+
+
+def test_a_server_that_ends_before_answering_is_a_one_line_error(tmp_path, monkeypatch):
+    from flows.server import TemporaryServer
+    from segcore.errors import SegflowError
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "home"))
+    server = TemporaryServer()
+    server.start()
+    server.process.kill()
+    server.process.wait()
+    with pytest.raises(SegflowError, match="did not start: it exited with status -9"):
+        server.wait(timeout=30)
+    server.stop()
