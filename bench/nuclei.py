@@ -4,6 +4,7 @@ bench/RESULTS.md.
 
     .venv/bin/python bench/nuclei.py [--epochs 150] [--crop 128]
     .venv/bin/python bench/nuclei.py --init pretrain --epochs 50   # fine-tuning
+    .venv/bin/python bench/nuclei.py --init pretrain --pretrain-epochs 10 --epochs 50 --lr 3e-4
 
 ``--init pretrain`` first trains ``maskrcnn_r18`` on the synthetic instance demo collection
 (:func:`segcore.synthetic.generate_instance_collection`, the demo's settings, percentile
@@ -48,6 +49,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=str(ROOT / "bench" / "out" / "nuclei"))
     ap.add_argument("--init", help="'pretrain' (train on the synthetic instance demo first) or a maskrcnn_r18 "
                                    "checkpoint to fine-tune")
+    ap.add_argument("--pretrain-epochs", type=int, help="epochs of the synthetic pre-training (default: the demo's)")
     args = ap.parse_args()
 
     work = Path(args.workdir)
@@ -76,7 +78,7 @@ def main() -> None:
             ["ingest", "--images", str(synthetic / "images"), "--masks", str(synthetic / "masks"),
              "--mask-kind", "instance", "--store", str(work / "synthetic.zarr")],
             ["train", "--store", str(work / "synthetic.zarr"), "--model", ti.DEMO_INSTANCE_ARCH, "--out", str(parent),
-             "--epochs", str(ti.DEMO_INSTANCE_EPOCHS), "--batch-size", str(ti.DEMO_INSTANCE_BATCH_SIZE),
+             "--epochs", str(args.pretrain_epochs or ti.DEMO_INSTANCE_EPOCHS), "--batch-size", str(ti.DEMO_INSTANCE_BATCH_SIZE),
              "--normalisation", "percentile", "--class-names", "background,nucleus", "--seed", str(args.seed)],
         ]
         for cmd in pretrain:
