@@ -152,10 +152,4 @@ def wait_api(timeout: float = SERVER_START_TIMEOUT_S) -> None:
         _server.wait(timeout)
 
 
-def share_prefect_api() -> None:
-    """:func:`start_api` and :func:`wait_api` in one call."""
-    start_api()
-    wait_api()
-
-
-__all__ = ["SERVER_START_TIMEOUT_S", "TemporaryServer", "share_prefect_api", "start_api", "wait_api"]
+__all__ = ["SERVER_START_TIMEOUT_S", "TemporaryServer", "start_api", "wait_api"]
