@@ -63,6 +63,10 @@ def _add_segment(p: argparse.ArgumentParser) -> None:
     g.add_argument("--blend", choices=["gaussian", "linear"], help="weights of overlapping tiles (default gaussian)")
     g.add_argument("--tta", action="store_true", default=None,
                    help="semantic models: average the logits over flips, for whole images and tiles alike (4x compute)")
+    p.add_argument("--volume-pattern", metavar="REGEX",
+                   help="also score 2-D images per volume: a regular expression on image ids whose first group (or "
+                        "whole match) names the volume, e.g. '^(.+)_z\\d+$'; ingested volumes (NIfTI, TIFF z-stacks) "
+                        "are always scored per volume (3-D Dice, IoU, HD95, ASSD in RUN_DIR/volumes)")
     p.add_argument("--lake", help="data-lake location (path or fsspec URL, e.g. s3://bucket/segflow): append the Dice, "
                                   "instance and manifest tables there, Hive-partitioned by run_date and model")
     f = p.add_argument_group("failures inside a run")
@@ -187,6 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_execution(p)
 
     _add_model(sub)
+
+    p = sub.add_parser("export", help="write a run's masks of volumes as NIfTI label files that overlay their images",
+                       description="Write one NIfTI label volume per volume (NIfTI or TIFF z-stack) the run segmented: "
+                                   "OUT/<volume id>.nii.gz, the source's voxel layout and affine (header kept when the "
+                                   "source file is still there). Reads the run directory only: no Prefect.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory of 'segflow segment' or 'segflow run'")
+    p.add_argument("--format", dest="fmt", choices=["nifti"], default="nifti", help="output format (default nifti)")
+    p.add_argument("--out", help="output folder (default RUN_DIR/export/nifti)")
 
     p = sub.add_parser(
         "serve", help="serve the scheduled incremental run from this process: a run on --cron, and whenever one is "
@@ -351,6 +363,7 @@ def _segment_spec(args: argparse.Namespace, store: str):
     return SegmentSpec(store=store, checkpoint=args.checkpoint, out=args.out, execution=_execution(args),
                        **_given(batch_size=args.batch_size, device=args.device, precision=args.precision,
                                 tile_size=args.tile_size, overlap=args.overlap, blend=args.blend, tta=args.tta,
+                                volume_pattern=args.volume_pattern,
                                 lake=args.lake, unit_timeout_floor=args.unit_timeout_floor,
                                 unit_timeout_cap=args.unit_timeout_cap, unit_retries=args.unit_retries,
                                 wait_for_lease=args.wait_for_lease))
@@ -409,10 +422,26 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from segcore.errors import SegflowError
+    from segcore.run.export import export_volumes
+
+    try:
+        written = export_volumes(args.run_dir, fmt=args.fmt, out=args.out)
+    except (SegflowError, OSError) as exc:
+        print(f"segflow: error: {console.one_line(exc)}", file=sys.stderr)
+        return 2
+    for w in written:
+        print(f"{w.volume_id}: {w.path} {'x'.join(map(str, w.shape))} (affine from the {w.affine_from})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "report":  # reads the lake only: no Prefect
         return _report(args)
+    if args.command == "export":  # reads the run directory only: no Prefect
+        return _export(args)
     if args.command == "model":  # plain segcore calls: no Prefect
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
         return _model(args)

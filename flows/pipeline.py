@@ -24,7 +24,7 @@ from segcore.collection.store import read_manifest, spec_json, store_exists
 from segcore.config import ExecutionSpec, IngestSpec, RunSpec, SegmentSpec, flow_run_token, with_flow_run
 from segcore.errors import CheckpointError, SegflowError
 from segcore.lease import Lease, run_dir_lease
-from segcore.metrics.summary import render_markdown, summarise_dice, summarise_instances
+from segcore.metrics.summary import render_markdown, summarise_dice, summarise_instances, summarise_volumes
 from segcore.models.checkpoint import ModelMeta
 from segcore.models.record import model_sha256
 from segcore.run.context import RunContext
@@ -34,7 +34,9 @@ from segcore.run.deadlines import UnitTimeouts
 from segcore.run.rundir import clear_failed, done_records, failed_records, mark_failed, mask_chunks, write_summary
 from segcore.run.schedule import TiledSchedule
 from segcore.run.start import pending_work, start_run
+from segcore.run.volumes import clear_volume_table, find_volumes, read_volume_table
 from tasks.lake import publish_lake_task
+from tasks.volumes import score_volumes_task
 from tasks.segment import (detect_block_task, finish_image_task, image_stats_task, paste_block_task,
                            segment_block_task, segment_unit_task)
 
@@ -154,7 +156,10 @@ def _segment_held(spec: SegmentSpec) -> dict[str, Any]:
         mark_failed(spec.out, key=ctx.key, unit=f.name, reason=f.reason, attempts=f.attempts)
     done_now = done_records(spec.out, ctx.key)  # a failed-record goes once its unit is done, not before
     clear_failed(spec.out, sorted(n for n in set(earlier) - {f.name for f in failed} if n in done_now))
+    volumes_failed = _score_volumes(spec, plan, log)
     summary = summarise_run(spec, ctx, plan, meta, n_done=n_done, n_failed=len(failed), seconds=time.perf_counter() - t0)
+    if volumes_failed:
+        summary["volumes_failed"] = [f"{f.name}: {f.reason}" for f in volumes_failed]
     if spec.lake:  # after the summary: a lake that cannot be written loses nothing else
         published = publish_lake_task.submit(spec.lake, run_dir=spec.out).result()
         log.info("segment: appended %s to the lake %s", published or "nothing new", spec.lake)
@@ -166,6 +171,28 @@ def _segment_held(spec: SegmentSpec) -> dict[str, Any]:
     return summary
 
 
+#: Volumes scored per task (a volume's distance transforms take seconds; never one task per volume).
+VOLUMES_PER_TASK = 8
+
+
+def _score_volumes(spec: SegmentSpec, plan: RunPlan, log: Any) -> list[Failure]:
+    """Score the run's volumes (ingested volumes, and 2-D images grouped by ``spec.volume_pattern``)
+    into the volume table, written anew; returns the batches that failed (the others are kept)."""
+    planned = set(plan.groups)
+    rows = [r for r in current_manifest(read_manifest(spec.store)).to_pylist() if r["group"] in planned]
+    volumes = find_volumes(rows, pattern=spec.volume_pattern)
+    clear_volume_table(spec.out)
+    if not volumes:
+        return []
+    batches = [volumes[i:i + VOLUMES_PER_TASK] for i in range(0, len(volumes), VOLUMES_PER_TASK)]
+    names = [f"volumes-{i:05d}" for i in range(len(batches))]
+    futures = [score_volumes_task.submit(spec.out, b, part=n) for b, n in zip(batches, names)]
+    failed = _gather(futures, "volume batches", log, names=names)[1]
+    for f in failed:
+        log.warning("segment: volume batch %s failed (%s); its volumes have no rows", f.name, f.reason)
+    return failed
+
+
 def summarise_run(spec: SegmentSpec, ctx: RunContext, plan: RunPlan, meta: ModelMeta, *, n_done: int, n_failed: int,
                   seconds: float) -> dict[str, Any]:
     """Summarise the current versions of the run's images; write and publish the summary."""
@@ -175,6 +202,9 @@ def summarise_run(spec: SegmentSpec, ctx: RunContext, plan: RunPlan, meta: Model
     current = current_manifest(manifest)  # changed files: newest version only
     dice = current_rows(run.dice_table(), manifest, part_groups)
     summary = summarise_dice(dice, manifest=current)
+    volumes = read_volume_table(spec.out)
+    if volumes.num_rows:
+        summary["volumes"] = summarise_volumes(volumes)
     if meta.kind == "instance":
         summary["instance"] = summarise_instances(current_rows(run.instance_metrics_table(), manifest, part_groups),
                                                   current_rows(run.instance_table(), manifest, part_groups))
@@ -182,6 +212,7 @@ def summarise_run(spec: SegmentSpec, ctx: RunContext, plan: RunPlan, meta: Model
                    units_skipped=n_done, units_failed=n_failed, seconds=round(seconds, 2),
                    outputs={"run directory": spec.out, "masks": f"{spec.out}/masks.zarr",
                             "dice table": f"{spec.out}/dice", "summary": f"{spec.out}/summary.md",
+                            **({"volume table": f"{spec.out}/volumes"} if volumes.num_rows else {}),
                             **({"data lake": spec.lake} if spec.lake else {})})
     markdown = render_markdown(summary, title=f"segflow run {ctx.run_id}")
     write_summary(spec.out, summary, markdown)

@@ -127,7 +127,12 @@ class SegmentSpec(_Spec):
     blend: Literal["gaussian", "linear"] = Field(
         "gaussian",
         description="How overlapping semantic tiles are weighted: gaussian (sigma = tile/8) or linear ramps.")
-    tta: bool = Field(False, description="Semantic models on large images: average logits over flips (4x compute).")
+    tta: bool = Field(False, description="Semantic models: average logits over flips, whole images and tiles alike "
+                                         "(4x compute).")
+    volume_pattern: str | None = Field(
+        None, description="Score 2-D images per volume too: a regular expression on image ids whose first group "
+                          "(or whole match) names the volume, e.g. '^(.+)_z\\d+$'. Ingested volumes (NIfTI, TIFF "
+                          "z-stacks) are always scored per volume.")
     lake: str | None = Field(
         None, description="Data-lake location (path or fsspec URL such as s3://bucket/segflow): the Dice, instance "
                           "and manifest tables of every run are appended there, Hive-partitioned by run_date and model.")
@@ -147,6 +152,15 @@ class SegmentSpec(_Spec):
         0, ge=0, description="Seconds to wait while another process writes into the same run directory before "
                              "refusing (0: refuse at once, naming it).")
     execution: ExecutionSpec = ExecutionSpec()
+
+    @model_validator(mode="after")
+    def _volume_pattern(self) -> "SegmentSpec":
+        if self.volume_pattern:
+            try:
+                re.compile(self.volume_pattern)
+            except re.error as exc:
+                raise ValueError(f"volume_pattern {self.volume_pattern!r} is not a valid regular expression: {exc}") from exc
+        return self
 
     @model_validator(mode="after")
     def _timeout_bounds(self) -> "SegmentSpec":

@@ -32,6 +32,12 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp"})
 """Lower-case file suffixes that :func:`read_image` and :func:`read_mask` accept."""
 
+VOLUME_SUFFIXES: frozenset[str] = frozenset({".nii", ".nii.gz"})
+"""Suffixes of files that are always volumes (:mod:`segcore.collection.volumes`); a TIFF may be one too."""
+
+SOURCE_SUFFIXES: frozenset[str] = IMAGE_SUFFIXES | VOLUME_SUFFIXES
+"""Suffixes a collection's listing takes: 2-D images and volumes."""
+
 _TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
 _MAX_CHANNELS = 4
 
@@ -81,6 +87,20 @@ _PIL_MASK_ALPHA_MODES = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})
 _LABEL_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32))
 
 
+def file_suffix(path: str | os.PathLike[str]) -> str:
+    """The lower-case suffix of a file name, ``".nii.gz"`` counted as one (``"a.NII.GZ"`` -> ``".nii.gz"``)."""
+    name = os.fspath(path).replace("\\", "/").rsplit("/", 1)[-1].lower()
+    if name.endswith(".nii.gz"):
+        return ".nii.gz"
+    return Path(name).suffix
+
+
+def without_suffix(name: str) -> str:
+    """``name`` less its :func:`file_suffix` (``"sub/ct.nii.gz"`` -> ``"sub/ct"``, ``"a.ome.tif"`` -> ``"a.ome"``)."""
+    suffix = file_suffix(name)
+    return name[: len(name) - len(suffix)] if suffix else name
+
+
 @dataclass(frozen=True, slots=True)
 class ImageInfo:
     """What :func:`read_image` would return for a file, known from its header alone.
@@ -108,12 +128,12 @@ def probe_image(path: str | os.PathLike[str]) -> ImageInfo:
     """
     p = _checked_path(path)
     if p.suffix.lower() in _TIFF_SUFFIXES:
-        with _decoder_errors(p), tifffile.TiffFile(p) as tif:
+        with decoder_errors(p), tifffile.TiffFile(p) as tif:
             series = tif.series[0]
             shape, axes, dtype = tuple(series.shape), series.axes, np.dtype(series.dtype)
         height, width, channels, _ = _tiff_layout(shape, axes, p)
         return ImageInfo(height, width, channels, _tiff_image_dtype(dtype, p).name)
-    with _decoder_errors(p), Image.open(p) as im:
+    with decoder_errors(p), Image.open(p) as im:
         _check_single_frame(im, p)
         width, height = im.size
         _, dtype_name, channels = _pillow_layout(im, p)
@@ -142,7 +162,7 @@ def read_image(path: str | os.PathLike[str], *, allow_non_finite: bool = False) 
             return array.astype(np.uint8) * np.uint8(255)
         array = np.ascontiguousarray(array, dtype=_tiff_image_dtype(array.dtype, p))
     else:
-        with _decoder_errors(p), Image.open(p) as im:
+        with decoder_errors(p), Image.open(p) as im:
             _check_single_frame(im, p)
             convert_to, dtype_name, channels = _pillow_layout(im, p)
             im.load()
@@ -188,8 +208,8 @@ def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
     if p.suffix.lower() in _TIFF_SUFFIXES:
         array = _read_tiff(p)
         labels = _collapse_channels(array, has_alpha=array.shape[2] in (2, 4), path=p)
-        return _as_label_dtype(labels, p)
-    with _decoder_errors(p), Image.open(p) as im:
+        return as_label_array(labels, p)
+    with decoder_errors(p), Image.open(p) as im:
         _check_single_frame(im, p)
         _pillow_layout(im, p)  # refuses modes read_image does not know either
         mode, fmt = im.mode, im.format
@@ -201,7 +221,7 @@ def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
         array = array.astype(np.uint16)
     if array.ndim == 3:
         array = _collapse_channels(array, has_alpha=mode in _PIL_MASK_ALPHA_MODES, path=p)
-    return _as_label_dtype(array, p)
+    return as_label_array(array, p)
 
 
 def write_png(path: str | os.PathLike[str], array: np.ndarray) -> Path:
@@ -247,7 +267,7 @@ def _checked_path(path: str | os.PathLike[str]) -> Path:
 
 
 @contextmanager
-def _decoder_errors(path: Path) -> Iterator[None]:
+def decoder_errors(path: Path) -> Iterator[None]:
     """Turn what Pillow/tifffile raise on a bad file into a segflow error naming the file."""
     try:
         yield
@@ -288,7 +308,7 @@ def _has_palette_transparency(im: Image.Image) -> bool:
 
 def _read_tiff(path: Path) -> np.ndarray:
     """The first series of a TIFF file as an ``(H, W, C)`` array in the stored dtype."""
-    with _decoder_errors(path), tifffile.TiffFile(path) as tif:
+    with decoder_errors(path), tifffile.TiffFile(path) as tif:
         series = tif.series[0]
         axes = series.axes
         array = series.asarray()
@@ -317,7 +337,8 @@ def _tiff_layout(shape: tuple[int, ...], axes: str, path: Path) -> tuple[int, in
         return dims[0], dims[1], dims[2], False
     raise ImageReadError(
         f"cannot read {path}: only 2-D images are supported (optionally with <= {_MAX_CHANNELS} channels), "
-        f"got a series of shape {tuple(shape)} (axes {axes!r}); split the stack into one file per plane"
+        f"got a series of shape {tuple(shape)} (axes {axes!r}), which is not a z-stack (a volume); split it into one "
+        "file per plane"
     )
 
 
@@ -348,7 +369,7 @@ def _collapse_channels(array: np.ndarray, *, has_alpha: bool, path: Path) -> np.
     return first
 
 
-def _as_label_dtype(labels: np.ndarray, path: Path) -> np.ndarray:
+def as_label_array(labels: np.ndarray, path: Path) -> np.ndarray:
     """Check and cast ``(H, W)`` labels to uint8/uint16/uint32 (native byte order)."""
     native = labels.dtype.newbyteorder("=")
     if native in _LABEL_DTYPES:

@@ -364,8 +364,10 @@ def finish_ingest(spec: IngestSpec, plan: IngestPlan, written: Sequence[Row], *,
     write_fingerprint(spec.store, fold(written, None if plan.old_manifest is None else plan.fingerprint))
     write_manifest(spec.store, old + unstage_rows(written + errors))
     clear(spec.store)
-    n_new = len(plan.planned)
+    n_new = _files(plan.planned)  # files: a volume has a row per slice
     n_ok = sum(1 for r in written if r["status"] == "ok")
+    ok_files = _files([r for r in written if r["status"] == "ok"])
+    slices = _volume_note(written)
     chunks = len(plan.chunks)
     resume = {} if plan.resumed is None else {"resumed": plan.resumed, "decoded": decoded, "hashed": 0}
     how = "" if plan.resumed is None else (f"resumed an interrupted ingest: {plan.resumed} chunk(s) kept, {chunks} "
@@ -376,17 +378,33 @@ def finish_ingest(spec: IngestSpec, plan: IngestPlan, written: Sequence[Row], *,
     also = constant_note(constant) + (f"; {plan.skipped} file(s) with other suffixes skipped" if plan.skipped else "")
     if plan.old_manifest is None:
         return IngestResult(store=spec.store, files=plan.files, new_files=plan.files, images=n_ok,
-                            errors=plan.files - n_ok, groups=len(plan.groups), chunks=chunks, **resume, **extra,
-                            note=f"{how}{n_ok} images in {len(plan.groups)} group(s), {chunks + (plan.resumed or 0)} "
-                                 f"chunk(s); {plan.files - n_ok} error row(s){also}; {seconds:.1f} s -> {spec.store}")
+                            errors=plan.files - ok_files, groups=len(plan.groups), chunks=chunks, **resume, **extra,
+                            note=f"{how}{n_ok} images{slices} in {len(plan.groups)} group(s), "
+                                 f"{chunks + (plan.resumed or 0)} chunk(s); {plan.files - ok_files} file(s) with errors"
+                                 f"{also}; {seconds:.1f} s -> {spec.store}")
     n_sup = plan.old_manifest.column("superseded_by").null_count - sum(1 for r in old if r["superseded_by"] is None)
-    return IngestResult(store=spec.store, files=plan.files, new_files=n_new, images=n_ok, errors=n_new - n_ok,
+    return IngestResult(store=spec.store, files=plan.files, new_files=n_new, images=n_ok, errors=n_new - ok_files,
                         groups=plan.groups_before + len(plan.groups), chunks=chunks, superseded=n_sup,
                         hashed=plan.hashed, batch=plan.batch, **{k: v for k, v in resume.items() if k != "hashed"},
                         **extra,
                         note=f"{how}batch {plan.batch}: {n_new} new file(s) of {plan.files} in {spec.images}: {n_ok} "
-                             f"image(s) in {len(plan.groups)} new group(s), {n_new - n_ok} error row(s), {n_sup} older "
+                             f"image(s){slices} in {len(plan.groups)} new group(s), {n_new - ok_files} file(s) with "
+                             f"errors, {n_sup} older "
                              f"version(s) superseded{also}; {seconds:.1f} s")
+
+
+def _files(rows: Sequence[Row]) -> int:
+    """Source files among ``rows`` (a volume has a row per slice)."""
+    return len({r["source_path"] for r in rows})
+
+
+def _volume_note(rows: Sequence[Row]) -> str:
+    """``" (96 slices of 1 volume)"`` for the readable volume slices among ``rows``; ``""`` for none."""
+    volumes = {r["volume_id"] for r in rows if r.get("volume_id") and r["status"] == "ok"}
+    if not volumes:
+        return ""
+    n = sum(1 for r in rows if r.get("volume_id") in volumes and r["status"] == "ok")
+    return f" ({n} slices of {len(volumes)} volume(s))"
 
 
 def constant_note(rows: Sequence[Row]) -> str:

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from segcore import fsio
 from segcore.errors import NotFound
-from segcore.collection.imageio import IMAGE_SUFFIXES
+from segcore.collection.imageio import SOURCE_SUFFIXES, file_suffix, without_suffix
 
 
 def is_remote(location: str | os.PathLike[str]) -> bool:
@@ -30,11 +30,11 @@ def list_remote_images(location: str) -> list[tuple[str, str, str | None]]:
     local directory: not recursive, hidden files skipped, image suffixes only), sorted by URL. The
     signatures (:func:`segcore.fsio.signature`) come from the listing: no request per file."""
     files = [(u, info) for u, info in fsio.list_entries(location, recursive=False)
-             if posixpath.splitext(u)[1].lower() in IMAGE_SUFFIXES]
+             if file_suffix(u) in SOURCE_SUFFIXES]
     if not files:
-        raise NotFound(f"no image files in {location} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}); "
+        raise NotFound(f"no image files in {location} (looked for {', '.join(sorted(SOURCE_SUFFIXES))}); "
                        "check the URL, the credentials in the environment and the file suffixes")
-    return [(u, posixpath.splitext(posixpath.basename(u))[0], fsio.info_signature(info)) for u, info in files]
+    return [(u, without_suffix(posixpath.basename(u)), fsio.info_signature(info)) for u, info in files]
 
 
 def staging_dir(store: str) -> Path:

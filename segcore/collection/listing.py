@@ -2,7 +2,7 @@
 
 A directory is listed non-recursively, hidden entries (leading ``.``) aside; anything else is a
 glob pattern (``**`` recurses; a plain file path matches itself). An entry whose suffix is in
-:data:`~segcore.collection.imageio.IMAGE_SUFFIXES` is either
+:data:`~segcore.collection.imageio.SOURCE_SUFFIXES` (2-D images and volumes) is either
 
 - an image *file*: a regular file, or a symbolic link to one, or
 - a *problem*: named like an image but not something a decoder can open (a directory, a
@@ -21,7 +21,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from segcore.collection.imageio import IMAGE_SUFFIXES
+from segcore.collection.imageio import SOURCE_SUFFIXES, file_suffix, without_suffix
 from segcore.errors import ConfigError, NotFound
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def list_sources(dir_or_glob: str | os.PathLike[str]) -> Listing:
         where = f"pattern {os.fspath(dir_or_glob)!r}"
     files, problems, skipped = [], [], []
     for p in sorted(candidates):
-        if p.suffix.lower() not in IMAGE_SUFFIXES:
+        if file_suffix(p) not in SOURCE_SUFFIXES:
             if is_dir and p.is_file():
                 skipped.append(p)
             continue
@@ -67,7 +67,7 @@ def list_sources(dir_or_glob: str | os.PathLike[str]) -> Listing:
         else:
             problems.append((p, reason))
     if not files and not problems:
-        suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+        suffixes = ", ".join(sorted(SOURCE_SUFFIXES))
         if not any(ch in os.fspath(dir_or_glob) for ch in "*?[") and not target.exists():
             raise NotFound(f"{target} does not exist; give a directory of images or a glob pattern")
         raise NotFound(
@@ -119,13 +119,13 @@ def image_id_for(path: str | os.PathLike[str], root: str | os.PathLike[str] | No
     """Return the stable id of an image: its path relative to ``root`` without its suffix.
 
     Separators are always ``/`` (``"sub/img-001"``); only the last suffix is removed
-    (``"a.ome.tif"`` -> ``"a.ome"``). With ``root=None`` the id is the file stem. Paths are made
+    (``"a.ome.tif"`` -> ``"a.ome"``; ``.nii.gz`` counts as one suffix). With ``root=None`` the id is the file stem. Paths are made
     absolute without following symlinks. Raises :class:`ConfigError` when ``path`` is not
     inside ``root``.
     """
     p = Path(path)
     if root is None:
-        return p.stem
+        return without_suffix(p.name)
     absolute = Path(os.path.abspath(p))
     base = Path(os.path.abspath(root))
     try:
@@ -134,4 +134,4 @@ def image_id_for(path: str | os.PathLike[str], root: str | os.PathLike[str] | No
         raise ConfigError(f"image {p} is not inside the root folder {base}; pass the folder that holds it") from exc
     if not relative.parts:
         raise ConfigError(f"image path {p} is the root folder itself; pass the path of a file inside it")
-    return relative.with_suffix("").as_posix()
+    return without_suffix(relative.as_posix())

@@ -17,6 +17,7 @@ from segcore.collection.imageio import probe_image
 from segcore.collection.listing import entry_problem, image_id_for, list_images, list_sources
 from segcore.collection.landing import is_remote, list_remote_images
 from segcore.collection.store import manifest_row
+from segcore.collection.volumes import VolumeInfo, is_volume_candidate, probe_volume, slice_id
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def list_and_pair(images: str, masks: str | None = None) -> PairedSources:
 
 def probe_sources(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Read headers (not pixels) and hash contents (image and mask); returns new rows with
-    shape/dtype and status."""
+    shape/dtype and status. A volume file becomes one row per slice (:func:`slice_rows`)."""
     out = []
     for src in rows:
         row = dict(src)
@@ -100,7 +101,8 @@ def probe_sources(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         try:
             row["sha256"] = file_sha256(row["source_path"])
-            info = probe_image(row["source_path"])
+            volume = probe_volume(row["source_path"]) if is_volume_candidate(row["source_path"]) else None
+            info = probe_image(row["source_path"]) if volume is None else volume
             row.update(height=info.height, width=info.width, channels=info.channels, dtype=info.dtype, status="ok")
         except PermissionError as exc:
             row.update(status="error", error=f"PermissionError: cannot read {row['source_path']} ({exc.strerror}); "
@@ -115,15 +117,34 @@ def probe_sources(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         if row["mask_path"] is not None:
             try:
                 row["mask_sha256"] = file_sha256(row["mask_path"])
-                minfo = probe_image(row["mask_path"])
-                if (minfo.height, minfo.width) != (info.height, info.width):
-                    raise StoreError(
-                        f"mask shape {minfo.height}x{minfo.width} differs from image shape {info.height}x{info.width}"
-                    )
+                _check_mask(row["mask_path"], info)
                 row["mask_status"] = "ok"
             except (SegflowError, OSError, ValueError) as exc:
                 row.update(mask_status="error", mask_error=f"{type(exc).__name__}: {exc}")
                 if row.get("mask_sha256") is None:  # not even read: no signature, so the next run reads it again
                     row["mask_signature"] = None
-        out.append(row)
+        out.extend([row] if volume is None else slice_rows(row, volume))
     return out
+
+
+def _check_mask(path: str, info: Any) -> None:
+    """Raise StoreError when the mask at ``path`` does not fit the image or volume ``info``."""
+    if isinstance(info, VolumeInfo):
+        minfo = probe_volume(path) if is_volume_candidate(path) else None
+        if minfo is None:
+            raise StoreError(f"the mask of a volume must be a volume (NIfTI or a TIFF z-stack); {path} is a 2-D image")
+        if (minfo.depth, minfo.height, minfo.width) != (info.depth, info.height, info.width):
+            raise StoreError(f"mask shape {minfo.depth}x{minfo.height}x{minfo.width} differs from volume shape "
+                             f"{info.depth}x{info.height}x{info.width}")
+        return
+    minfo = probe_image(path)
+    if (minfo.height, minfo.width) != (info.height, info.width):
+        raise StoreError(f"mask shape {minfo.height}x{minfo.width} differs from image shape {info.height}x{info.width}")
+
+
+def slice_rows(row: dict[str, Any], volume: VolumeInfo) -> list[dict[str, Any]]:
+    """The manifest rows of a probed volume file's slices: one per slice, with image id
+    :func:`~segcore.collection.volumes.slice_id` and the volume columns."""
+    fields = volume.manifest_fields()
+    return [dict(row, image_id=slice_id(row["image_id"], z, volume.depth), volume_id=row["image_id"], slice=z, **fields)
+            for z in range(volume.depth)]

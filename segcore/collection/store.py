@@ -46,6 +46,7 @@ from segcore.errors import NotFound, SegflowError, StoreError
 from segcore.fsio import atomic_path
 from segcore.collection.fingerprint import value_range
 from segcore.collection.imageio import read_image, read_mask
+from segcore.collection.volumes import decode_slab
 from segcore.collection.resume import mark_done
 from segcore.collection.versions import current_manifest
 
@@ -80,6 +81,17 @@ MANIFEST_SCHEMA = pa.schema(
         # The same two for the mask file (null without one): a corrected mask is a new version.
         ("mask_sha256", pa.string()),
         ("mask_signature", pa.string()),
+        # Volumes (see segcore.collection.volumes): one row per slice, null for 2-D images. The
+        # volume's id (its file's image id), the slice's index along the depth axis, the depth,
+        # the voxel spacing (z, y, x) in spacing_unit, and the NIfTI affine as JSON (4x4).
+        ("volume_id", pa.string()),
+        ("slice", pa.int64()),
+        ("depth", pa.int64()),
+        ("spacing_z", pa.float64()),
+        ("spacing_y", pa.float64()),
+        ("spacing_x", pa.float64()),
+        ("spacing_unit", pa.string()),
+        ("affine", pa.string()),
     ]
 )
 
@@ -97,6 +109,8 @@ class GroupInfo:
     chunk_images: int
     #: Side of the square spatial chunks of a tiled group (0: chunks hold whole images).
     tile: int = 0
+    #: The volume whose slices the group holds, in slice order (None: a group of 2-D images).
+    volume: str | None = None
 
     @property
     def n_chunks(self) -> int:
@@ -146,6 +160,10 @@ def plan_groups(rows: Sequence[dict[str, Any]], *, chunk_pixels: int, max_chunk_
                 tile_chunk: int = 0, first_group: int = 0) -> tuple[list[GroupInfo], list[dict[str, Any]]]:
     """Group readable images by (height, width, channels, dtype) and assign ``group``/``index``.
 
+    The slices of a volume (rows with a ``volume_id``) form a group of their own, in slice order,
+    so that a chunk of the group is a slab of the volume; 2-D images come first (``""`` sorts
+    first), then volumes by id.
+
     Chunks hold ``clamp(chunk_pixels // (H*W), 1, max_chunk_images)`` images. With
     ``tile_chunk > 0``, images of more than ``chunk_pixels`` pixels with a side longer than
     ``tile_chunk`` are chunked spatially instead, in ``tile_chunk`` squares (a tiled group).
@@ -157,17 +175,18 @@ def plan_groups(rows: Sequence[dict[str, Any]], *, chunk_pixels: int, max_chunk_
     errors = []
     for r in rows:
         if r["status"] == "ok":
-            keyed.setdefault((r["height"], r["width"], r["channels"], r["dtype"]), []).append(r)
+            volume = r.get("volume_id") or ""
+            keyed.setdefault((volume, r["height"], r["width"], r["channels"], r["dtype"]), []).append(r)
         else:
             errors.append(dict(r, group=None, index=-1))
     groups, out = [], []
     for gi, key in enumerate(sorted(keyed)):
-        h, w, c, dt = key
-        members = sorted(keyed[key], key=lambda r: r["image_id"])
+        volume, h, w, c, dt = key
+        members = sorted(keyed[key], key=lambda r: (r.get("slice") or 0, r["image_id"]))
         k = int(max(1, min(max_chunk_images, chunk_pixels // (h * w))))
         tile = tile_chunk if tile_chunk > 0 and h * w > chunk_pixels and max(h, w) > tile_chunk else 0
         g = GroupInfo(name=f"g{first_group + gi:03d}", height=h, width=w, channels=c, dtype=dt, count=len(members),
-                      chunk_images=1 if tile else k, tile=tile)
+                      chunk_images=1 if tile else k, tile=tile, volume=volume or None)
         groups.append(g)
         out.extend(dict(r, group=g.name, index=i) for i, r in enumerate(members))
     return groups, out + errors
@@ -197,8 +216,9 @@ def existing_store_matches(path: str, *, spec: dict[str, Any], source_paths: Seq
     ignore = {"overwrite", "incremental", "wait_for_lease"}  # how to ingest, not what the store holds
     same_spec = all(spec.get(k) == v for k, v in info.spec.items() if k not in ignore)  # keys newer than the store: defaults
     if same_spec and (p / MANIFEST_NAME).exists():
-        recorded = (fsio.absolute(s) for s in read_manifest(path).column("source_path").to_pylist())
-        if sorted(recorded) == sorted(map(fsio.absolute, source_paths)):  # manifests made before paths were absolute
+        # a set: a volume has a row per slice; absolute: manifests made before paths were absolute
+        recorded = {fsio.absolute(s) for s in read_manifest(path).column("source_path").to_pylist()}
+        if recorded == set(map(fsio.absolute, source_paths)):
             return True
     what = "a finished ingest of other sources or options" if (p / MANIFEST_NAME).exists() else "an unfinished ingest"
     raise StoreError(f"store {path!r} already exists and holds {what}; choose a new path or pass --overwrite to "
@@ -293,8 +313,11 @@ def write_store_chunk(store_path: str, rows: Sequence[dict[str, Any]], *, thread
                 row.update(mask_status="error", mask_error=f"{type(exc).__name__}: {exc}")
         return row
 
-    with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
-        out = list(pool.map(decode, range(len(rows)), rows))
+    if g.volume is not None:
+        out = decode_slab(rows, images, gts)
+    else:
+        with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
+            out = list(pool.map(decode, range(len(rows)), rows))
     root = zarr.open_group(str(store_path), mode="r+")
     root[f"images/{g.name}"][start:stop] = images
     if gts is not None:

@@ -84,6 +84,37 @@ def summarise_instances(metrics: pa.Table, instances: pa.Table) -> dict[str, Any
     return out
 
 
+def _mean(values: list[float]) -> float | None:
+    finite = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(finite)) if finite else None
+
+
+def summarise_volumes(volumes: pa.Table, *, worst: int = 10) -> dict[str, Any]:
+    """Summary of a volume table (see :data:`segcore.run.volumes.VOLUME_SCHEMA`): per foreground
+    class, the mean 3-D Dice over volumes whose ground truth has the class, and the mean HD95 and
+    ASSD over volumes where both masks have it (in ``unit``); the worst volumes by mean
+    foreground Dice; the volumes that could not be scored."""
+    rows = volumes.to_pylist()
+    ok = [r for r in rows if r["status"] == "ok" and r["class_id"] != 0]
+    per_class = []
+    for cid in sorted({r["class_id"] for r in ok}):
+        these = [r for r in ok if r["class_id"] == cid]
+        present = [r for r in these if not r["empty_gt"]]
+        surface = [r for r in these if r["surface_status"] == "ok"]
+        per_class.append({"class_id": cid, "class_name": these[0]["class_name"], "volumes_with_class": len(present),
+                          "mean_dice": _mean([r["dice"] for r in present]),
+                          "mean_hd95": _mean([r["hd95"] for r in surface]),
+                          "mean_assd": _mean([r["assd"] for r in surface])})
+    by_volume: dict[str, list[float]] = {}
+    for r in ok:
+        by_volume.setdefault(r["volume_id"], []).append(r["dice"])
+    ranked = sorted((float(np.mean(v)), k) for k, v in by_volume.items())[:worst]
+    units = sorted({r["spacing_unit"] or "voxel" for r in rows if r["status"] == "ok"})
+    return {"volumes_evaluated": len(by_volume), "unit": ", ".join(units) or "voxel", "per_class": per_class,
+            "worst_volumes": [{"volume_id": k, "mean_foreground_dice": v} for v, k in ranked],
+            "errors": [{"volume_id": r["volume_id"], "error": r["error"]} for r in rows if r["status"] != "ok"]}
+
+
 def _fmt(x: float | None) -> str:
     return "–" if x is None else f"{x:.4f}"
 
@@ -118,6 +149,16 @@ def render_markdown(summary: dict[str, Any], *, title: str = "segflow run") -> s
                 f"{_fmt(inst['mean_panoptic_quality'])}; AP@[.5:.95] {_fmt(inst['mean_ap'])}; pooled F1 "
                 f"{_fmt(inst['pooled_f1'])} (TP {inst['total_tp']}, FP {inst['total_fp']}, FN {inst['total_fn']})",
             ]
+    vol = summary.get("volumes")
+    if vol:
+        lines += ["", f"Volumes evaluated: {vol['volumes_evaluated']} (3-D metrics; distances in {vol['unit']})", "",
+                  "| class | volumes with class | mean 3-D Dice | mean HD95 | mean ASSD |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {c['class_id']} {c['class_name']} | {c['volumes_with_class']} | {_fmt(c['mean_dice'])} | "
+                  f"{_fmt(c['mean_hd95'])} | {_fmt(c['mean_assd'])} |" for c in vol["per_class"]]
+        lines += ["", "Worst volumes (mean foreground 3-D Dice):", "", "| volume | Dice |", "| --- | ---: |"]
+        lines += [f"| {w['volume_id']} | {_fmt(w['mean_foreground_dice'])} |" for w in vol["worst_volumes"]]
+        lines += [f"- volume `{e['volume_id']}` not scored: {e['error']}" for e in vol["errors"][:20]]
     lines += ["", "Worst images (mean foreground Dice):", "", "| image | Dice |", "| --- | ---: |"]
     lines += [f"| {w['image_id']} | {_fmt(w['mean_foreground_dice'])} |" for w in summary["worst_images"]]
     bad = summary.get("unreadable_files", [])

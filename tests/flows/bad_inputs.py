@@ -64,7 +64,7 @@ EXPECTED: dict[str, Expect] = {
     "bomb_header": Expect("error", "safety limit", dice=None),
     "float_nan": Expect("error", "non-finite pixels (NaN 1,024, Inf 0)", dice="error", dice_fragment="NaN 1,024"),
     "float_inf": Expect("error", "3 non-finite pixels (NaN 0, Inf 3)", dice="error", dice_fragment="Inf 3"),
-    "stack_3_pages": Expect("error", "split the stack", dice=None),
+    "time_series": Expect("error", "split it into one file per plane", dice=None),
     "five_channels": Expect("error", "<= 4 channels", dice=None),
     "dangling_symlink": Expect("error", "which does not exist", dice=None),
     "directory": Expect("error", "a directory, not an image file", dice=None),
@@ -156,7 +156,8 @@ def make_corpus(root: Path) -> dict[str, str]:
     inf = _grey(s, 18).astype(np.float32)
     inf[0, :2], inf[5, 5] = np.inf, -np.inf
     tifffile.imwrite(put("float_inf", "float_inf.tif", s), inf)
-    tifffile.imwrite(put("stack_3_pages", "stack_3_pages.tif"), np.stack([_grey(s, 19)] * 3), photometric="minisblack")
+    tifffile.imwrite(put("time_series", "time_series.tif"), np.stack([_grey(s, 19)] * 3), imagej=True,
+                     metadata={"axes": "TYX"})  # a z-stack would be a volume; a time series is refused
     tifffile.imwrite(put("five_channels", "five_channels.tif"), np.dstack([_grey(s, 20)] * 5), photometric="minisblack",
                      planarconfig="contig")
     os.symlink(images / "gone.png", put("dangling_symlink", "dangling_symlink.png"))

@@ -1,0 +1,163 @@
+"""Per-volume evaluation of a finished run: 3-D Dice, IoU, HD95 and ASSD per volume and class.
+
+A run scores every slice as an image (the Dice table, one row per image and class). This module
+scores whole volumes. The members of a volume are
+
+- the slices of an ingested volume file (manifest rows with a ``volume_id``; spacing from the
+  file), or
+- 2-D images grouped by a regular expression on their image ids (``volume_pattern``): the
+  volume's id is the expression's first group (or, without groups, the whole match), its slices
+  are the matching images in image-id order, and the spacing is unknown (1 per pixel, no unit).
+
+The metrics are those of :func:`segcore.metrics.surface.volume_metrics`, on the stacked
+``(D, H, W)`` prediction and ground truth, with the volume's ``(z, y, x)`` spacing; their empty
+policies are stated there. A volume without usable ground truth on every slice, or whose slices
+do not stack, is a row with ``status="error"`` and the reason; the others go on. The table is
+written to ``RUN_DIR/volumes/run_id=RUN_ID/`` (one Parquet part per batch of volumes) and read back with
+:func:`read_volume_table`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from segcore import fsio
+from segcore.errors import ConfigError
+from segcore.metrics.surface import volume_metrics
+from segcore.run.results import RunReader
+from segcore.run.rundir import table_dir
+from segcore.run.tables import read_table, write_part
+
+log = logging.getLogger(__name__)
+
+VOLUME_SCHEMA = pa.schema([
+    ("volume_id", pa.string()),
+    ("class_id", pa.int32()),
+    ("class_name", pa.string()),
+    ("slices", pa.int64()),
+    ("tp", pa.int64()),
+    ("fp", pa.int64()),
+    ("fn", pa.int64()),
+    ("dice", pa.float64()),
+    ("iou", pa.float64()),
+    ("empty_gt", pa.bool_()),
+    ("empty_pred", pa.bool_()),
+    ("hd95", pa.float64()),
+    ("assd", pa.float64()),
+    ("surface_status", pa.string()),
+    ("spacing_z", pa.float64()),
+    ("spacing_y", pa.float64()),
+    ("spacing_x", pa.float64()),
+    ("spacing_unit", pa.string()),
+    ("status", pa.string()),
+    ("error", pa.string()),
+    ("model", pa.string()),
+    ("checkpoint_sha256", pa.string()),
+])
+
+
+@dataclass(frozen=True)
+class Volume:
+    """One volume of a run: its id, its slices' image ids in order, and its ``(z, y, x)`` spacing."""
+
+    volume_id: str
+    slices: tuple[str, ...]
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    unit: str = ""
+
+
+def compile_volume_pattern(pattern: str | None) -> re.Pattern[str] | None:
+    """The compiled ``--volume-pattern``; raises :class:`ConfigError` for an invalid expression."""
+    if not pattern:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"--volume-pattern {pattern!r} is not a valid regular expression: {exc}") from exc
+
+
+def find_volumes(rows: Iterable[dict[str, Any]], *, pattern: str | None = None) -> list[Volume]:
+    """The volumes among manifest ``rows`` (the current versions of a run's images): ingested
+    volumes by ``volume_id``, and 2-D images grouped by ``pattern`` (see the module docstring)."""
+    regex = compile_volume_pattern(pattern)
+    members: dict[str, list[tuple[int, str, dict[str, Any]]]] = {}
+    for r in rows:
+        if r.get("volume_id"):
+            members.setdefault(r["volume_id"], []).append((int(r["slice"]), r["image_id"], r))
+        elif regex is not None and (m := regex.search(r["image_id"])):
+            key = m.group(1) if regex.groups else m.group(0)
+            members.setdefault(key, []).append((0, r["image_id"], r))
+    out = []
+    for vid, items in sorted(members.items()):
+        items.sort(key=lambda t: (t[0], t[1]))
+        first = items[0][2]
+        spacing = tuple(float(first.get(f"spacing_{a}") or 1.0) for a in "zyx") if first.get("volume_id") else (1.0,) * 3
+        out.append(Volume(volume_id=vid, slices=tuple(i for _, i, _ in items), spacing=spacing,  # type: ignore[arg-type]
+                          unit=(first.get("spacing_unit") or "") if first.get("volume_id") else ""))
+    return out
+
+
+def stack_volume(run: RunReader, volume: Volume) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(D, H, W)`` predicted classes and ground truth (None when a slice has none) of ``volume``."""
+    pred = np.stack([run.mask(i) for i in volume.slices])
+    gts = [run.ground_truth(i) for i in volume.slices]
+    return pred, None if any(g is None for g in gts) else np.stack(gts)
+
+
+def volume_rows(run: RunReader, volume: Volume) -> list[dict[str, Any]]:
+    """The rows of ``volume`` (see :data:`VOLUME_SCHEMA`): one per class, or one error row."""
+    model = run.info["model"]
+    names = list(model.get("class_names") or [])
+    base = {"volume_id": volume.volume_id, "slices": len(volume.slices), "spacing_z": volume.spacing[0],
+            "spacing_y": volume.spacing[1], "spacing_x": volume.spacing[2], "spacing_unit": volume.unit or None,
+            "model": model.get("arch"), "checkpoint_sha256": run.info["checkpoint_sha256"]}
+    try:
+        pred, gt = stack_volume(run, volume)
+    except ValueError as exc:  # slices of different shapes
+        return [dict(base, status="error", error=f"its slices do not stack into a volume: {exc}")]
+    if gt is None:
+        return [dict(base, status="error", error="not every slice has usable ground truth; nothing to score")]
+    num_classes = max(len(names), int(pred.max()) + 1, int(gt.max()) + 1)
+    m = volume_metrics(pred, gt, num_classes=num_classes, spacing=volume.spacing)
+    return [dict(base, class_id=int(c), class_name=names[c] if c < len(names) else f"class_{c}", tp=int(m["tp"][c]),
+                 fp=int(m["fp"][c]), fn=int(m["fn"][c]), dice=float(m["dice"][c]), iou=float(m["iou"][c]),
+                 empty_gt=bool(m["empty_gt"][c]), empty_pred=bool(m["empty_pred"][c]), hd95=float(m["hd95"][c]),
+                 assd=float(m["assd"][c]), surface_status=str(m["surface_status"][c]), status="ok", error=None)
+            for c in range(num_classes)]
+
+
+def score_volumes(run_dir: str, volumes: Sequence[Volume], *, part: str) -> int:
+    """Score ``volumes`` of the run at ``run_dir`` and write their rows as part ``part`` of the
+    volume table; returns the number of rows written."""
+    run = RunReader(run_dir)
+    rows = []
+    for v in volumes:
+        rows.extend(volume_rows(run, v))
+        log.info("volume %s: %d slices scored", v.volume_id, len(v.slices))
+    table = pa.Table.from_pylist([{k: r.get(k) for k in VOLUME_SCHEMA.names} for r in rows], schema=VOLUME_SCHEMA)
+    write_part(table, table_dir(run_dir, "volumes", run.run_id), f"{part}.parquet")
+    return table.num_rows
+
+
+def read_volume_table(run_dir: str) -> pa.Table:
+    """The run's volume table (:data:`VOLUME_SCHEMA`, ``run_id`` first); empty when it scored no volume."""
+    return read_table(table_dir(run_dir, "volumes"), VOLUME_SCHEMA)
+
+
+def clear_volume_table(run_dir: str) -> None:
+    """Remove the volume table's parts: it is written anew, whole, at the end of every run (a run
+    resumed or extended scores all its volumes again, so no stale row survives)."""
+    location = table_dir(run_dir, "volumes")
+    if fsio.exists(location):
+        fs, inner = fsio.url_to_fs(location)
+        fs.rm(inner, recursive=True)
+
+
+__all__ = ["VOLUME_SCHEMA", "Volume", "clear_volume_table", "compile_volume_pattern", "find_volumes",
+           "read_volume_table", "score_volumes", "stack_volume", "volume_rows"]

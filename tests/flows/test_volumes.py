@@ -1,0 +1,154 @@
+"""Volumes through the pipeline: NIfTI and TIFF z-stacks ingested slab by slab, segmented slice by
+slice, scored per volume (3-D Dice, IoU, HD95, ASSD) and exported as NIfTI labels that overlay
+their source exactly; 2-D slices grouped into volumes by a pattern."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import tifffile
+import zarr
+
+from flows.cli import main
+from flows.pipeline import ingest_flow, run_flow, with_runner
+from segcore.collection.imageio import write_png
+from segcore.collection.store import read_manifest
+from segcore.config import ExecutionSpec, IngestSpec, RunSpec, SegmentSpec
+from segcore.metrics.dice import dice_from_counts
+from segcore.run.results import open_run
+from segcore.run.volumes import read_volume_table
+
+nib = pytest.importorskip("nibabel")
+
+SLAB = Path(__file__).resolve().parents[1] / "data" / "ct-liver-slab"
+ONE_WORKER = ExecutionSpec(n_workers=1, threads_per_worker=1)
+#: A CT-like affine: anisotropic voxels, an origin away from 0 and a flipped axis.
+AFFINE = np.array([[-0.78125, 0, 0, 120.5], [0, 0.78125, 0, -99.25], [0, 0, 2.5, -310.0], [0, 0, 0, 1]])
+
+
+def _stack_ct(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The real CT slices stacked into ``folder/{images,masks}/ct.nii.gz``; returns the ``(D, H, W)``
+    HU voxels and labels."""
+    hu = np.stack([tifffile.imread(p) for p in sorted((SLAB / "images").glob("*.tif"))])
+    labels = np.stack([tifffile.imread(p) for p in sorted((SLAB / "masks").glob("*.tif"))])
+    for sub, data in (("images", hu), ("masks", labels)):
+        (folder / sub).mkdir(parents=True)
+        img = nib.Nifti1Image(np.moveaxis(data, 0, -1), AFFINE)
+        img.header.set_xyzt_units("mm")
+        nib.save(img, str(folder / sub / "ct.nii.gz"))
+    return hu, labels
+
+
+def test_real_ct_volume_ingest_train_segment_score_and_export(tmp_path, capsys):
+    hu, labels = _stack_ct(tmp_path)
+    store, ckpt, run_dir = tmp_path / "ct.zarr", tmp_path / "ct.safetensors", tmp_path / "run"
+    assert main(["ingest", "--images", str(tmp_path / "images"), "--masks", str(tmp_path / "masks"),
+                 "--store", str(store)]) == 0
+    rows = read_manifest(str(store)).to_pylist()
+    assert [r["image_id"] for r in rows] == [f"ct/z{k:04d}" for k in range(16)]
+    assert {r["volume_id"] for r in rows} == {"ct"} and [r["slice"] for r in rows] == list(range(16))
+    assert (rows[0]["spacing_z"], rows[0]["spacing_y"], rows[0]["spacing_x"]) == (2.5, 0.78125, 0.78125)
+    assert rows[0]["spacing_unit"] == "millimeter" and np.allclose(json.loads(rows[0]["affine"]), AFFINE)
+    root = zarr.open_group(str(store), mode="r")
+    np.testing.assert_array_equal(root[f"images/{rows[0]['group']}"][:][..., 0], hu)
+    np.testing.assert_array_equal(root[f"gt/{rows[0]['group']}"][:], labels)
+
+    assert main(["train", "--store", str(store), "--out", str(ckpt), "--epochs", "1", "--base", "4", "--depth", "2",
+                 "--class-names", "background,liver,tumour", "--val-fraction", "0.25"]) == 0
+    assert main(["segment", "--store", str(store), "--checkpoint", str(ckpt), "--out", str(run_dir),
+                 "--workers", "1", "--threads-per-worker", "1"]) == 0
+    assert "Volumes evaluated: 1" in (run_dir / "summary.md").read_text()
+
+    # Per-volume 3-D metrics: one row per class, counts and Dice equal to the per-slice Dice rows summed.
+    volumes = read_volume_table(str(run_dir)).to_pylist()
+    assert [(v["volume_id"], v["class_id"], v["slices"], v["status"]) for v in volumes] == [
+        ("ct", c, 16, "ok") for c in range(3)]
+    dice = open_run(str(run_dir)).dice_table().to_pylist()
+    for v in volumes:
+        per_slice = [d for d in dice if d["class_id"] == v["class_id"]]
+        assert len(per_slice) == 16
+        tp, fp, fn = (sum(d[k] for d in per_slice) for k in ("tp", "fp", "fn"))
+        assert (v["tp"], v["fp"], v["fn"]) == (tp, fp, fn)
+        assert v["dice"] == pytest.approx(float(dice_from_counts(np.array([tp]), np.array([fp]), np.array([fn]))[0][0]),
+                                          abs=1e-12)
+        assert v["spacing_unit"] == "millimeter" and v["spacing_z"] == 2.5
+    background = volumes[0]
+    assert background["surface_status"] == "skipped" and np.isnan(background["hd95"])
+
+    # Export: the labels overlay the source exactly (shape, affine, header units) and equal the run's masks.
+    capsys.readouterr()
+    assert main(["export", str(run_dir), "--format", "nifti", "--out", str(tmp_path / "nifti")]) == 0
+    assert "ct: " in capsys.readouterr().out
+    source, exported = nib.load(str(tmp_path / "images" / "ct.nii.gz")), nib.load(str(tmp_path / "nifti" / "ct.nii.gz"))
+    assert exported.shape == source.shape == (128, 128, 16)
+    np.testing.assert_array_equal(exported.affine, source.affine)
+    assert exported.header.get_xyzt_units()[0] == "mm" and exported.get_data_dtype() == np.uint8
+    run = open_run(str(run_dir))
+    masks = np.stack([run.mask(f"ct/z{k:04d}") for k in range(16)])
+    np.testing.assert_array_equal(np.asarray(exported.dataobj), np.moveaxis(masks, 0, -1))
+
+
+def test_volumes_mixed_with_images_slabs_errors_and_reuse(tmp_path):
+    rng = np.random.default_rng(0)
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    zyx = rng.integers(0, 4000, (10, 24, 20)).astype(np.uint16)
+    tifffile.imwrite(images / "stack.ome.tif", zyx, metadata={"axes": "ZYX", "PhysicalSizeZ": 2.0})
+    tifffile.imwrite(masks / "stack.ome.tif", (zyx > 2000).astype(np.uint8), metadata={"axes": "ZYX"})
+    nib.save(nib.Nifti1Image(np.zeros((24, 20, 5), np.int16), np.eye(4)), str(images / "short.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros((24, 20, 4), np.uint8), np.eye(4)), str(masks / "short.nii.gz"))  # 4 != 5
+    (images / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    write_png(images / "flat.png", rng.integers(0, 255, (24, 20)).astype(np.uint8))
+    store = str(tmp_path / "s.zarr")
+    spec = IngestSpec(images=str(images), masks=str(masks), store=store, chunk_pixels=24 * 20 * 4)
+    result = with_runner(ingest_flow, ONE_WORKER)(spec)
+    assert (result["files"], result["errors"], result["images"]) == (4, 1, 1 + 10 + 5)
+    rows = {r["image_id"]: r for r in read_manifest(store).to_pylist()}
+    assert rows["broken"]["status"] == "error" and "broken.nii.gz" in rows["broken"]["error"]
+    assert rows["flat"]["volume_id"] is None and rows["flat"]["group"] == "g000"
+    assert all(rows[f"short/z{k:04d}"]["mask_status"] == "error" for k in range(5))
+    assert "differs from volume shape" in rows["short/z0000"]["mask_error"]
+    stack = [rows[f"stack.ome/z{k:04d}"] for k in range(10)]
+    assert [r["index"] for r in stack] == list(range(10)) and len({r["group"] for r in stack}) == 1
+    root = zarr.open_group(store, mode="r")
+    group = root[f"images/{stack[0]['group']}"]
+    assert group.chunks[0] == 4  # slabs of 4 slices: 3 write units, the last one short
+    np.testing.assert_array_equal(group[:][..., 0], zyx)
+    np.testing.assert_array_equal(root[f"gt/{stack[0]['group']}"][:], (zyx > 2000).astype(np.uint32))
+
+    again = with_runner(ingest_flow, ONE_WORKER)(spec)  # the same files and options: the store is kept
+    assert again.get("reused") is True
+
+
+def test_2d_slices_grouped_into_volumes_by_pattern(tmp_path, collection):
+    rng = np.random.default_rng(3)
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    for case in ("case1", "case2"):
+        for z in range(4):
+            mask = np.zeros((48, 48), np.uint8)
+            mask[10 + z:30, 8:28 + z] = 1
+            write_png(images / f"{case}_z{z:02d}.png", (mask * 90 + rng.integers(0, 40, (48, 48))).astype(np.uint8))
+            write_png(masks / f"{case}_z{z:02d}.png", mask)
+    write_png(images / "other.png", np.zeros((48, 48), np.uint8))
+    store, out = str(tmp_path / "s.zarr"), str(tmp_path / "run")
+    spec = RunSpec(ingest=IngestSpec(images=str(images), masks=str(masks), store=store),
+                   segment=SegmentSpec(store=store, checkpoint=collection["checkpoint"], out=out,
+                                       execution=ONE_WORKER, volume_pattern=r"^(case\d)_z\d+$"))
+    summary = with_runner(run_flow, ONE_WORKER)(spec)
+    assert summary["volumes"]["volumes_evaluated"] == 2
+    table = read_volume_table(out)
+    rows = table.to_pylist()
+    assert sorted({r["volume_id"] for r in rows}) == ["case1", "case2"]
+    assert all(r["slices"] == 4 and r["spacing_unit"] is None and r["spacing_z"] == 1.0 for r in rows)
+    dice = open_run(out).dice_table().to_pylist()
+    for r in rows:
+        slices = [d for d in dice if d["image_id"].startswith(r["volume_id"] + "_") and d["class_id"] == r["class_id"]]
+        assert (r["tp"], r["fp"], r["fn"]) == tuple(sum(d[k] for d in slices) for k in ("tp", "fp", "fn"))
+    assert pq.read_table(next(Path(out, "volumes").rglob("*.parquet"))).num_rows == len(rows)

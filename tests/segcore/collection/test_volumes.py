@@ -1,0 +1,135 @@
+"""Tests for segcore.collection.volumes: NIfTI and TIFF z-stacks probed and read slab by slab."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import tifffile
+
+from segcore.collection.imageio import file_suffix, without_suffix
+from segcore.collection.listing import image_id_for, list_sources
+from segcore.collection.volumes import probe_volume, read_mask_slab, read_volume_slab, slice_id
+from segcore.errors import ImageReadError, NotFound
+
+nib = pytest.importorskip("nibabel")
+
+
+def _volume(shape=(7, 5, 6), dtype=np.int16, seed=0):
+    """``(D, H, W)`` random voxels."""
+    return np.random.default_rng(seed).integers(-1000, 1000, shape).astype(dtype)
+
+
+def _save_nifti(path, zyx: np.ndarray, affine=None, **header):
+    """Save ``(D, H, W)`` voxels as NIfTI with slice k = data[:, :, k]."""
+    affine = np.diag([0.8, 0.7, 2.5, 1.0]) if affine is None else affine
+    img = nib.Nifti1Image(np.moveaxis(zyx, 0, -1), affine)
+    for k, v in header.items():
+        img.header[k] = v
+    nib.save(img, str(path))
+    return img
+
+
+def test_suffixes_and_ids_count_nii_gz_as_one_suffix(tmp_path):
+    assert file_suffix("a/CT.NII.GZ") == ".nii.gz" and file_suffix("b.nii") == ".nii"
+    assert file_suffix("c.tar.gz") == ".gz" and file_suffix("x.ome.tif") == ".tif"
+    assert without_suffix("sub/ct.nii.gz") == "sub/ct" and without_suffix("a.ome.tif") == "a.ome"
+    (tmp_path / "sub").mkdir()
+    for name in ("sub/ct.nii.gz", "mr.nii", "notes.gz"):
+        (tmp_path / name).write_bytes(b"x")
+    assert image_id_for(tmp_path / "sub" / "ct.nii.gz", tmp_path) == "sub/ct"
+    assert image_id_for(tmp_path / "mr.nii") == "mr"
+    listing = list_sources(tmp_path)
+    assert [p.name for p in listing.files] == ["mr.nii"] and [p.name for p in listing.skipped] == ["notes.gz"]
+    assert slice_id("ct", 7, 96) == "ct/z0007" and slice_id("ct", 3, 12000) == "ct/z00003"
+
+
+def test_nifti_probe_and_slabs_keep_voxels_spacing_and_affine(tmp_path):
+    zyx = _volume()
+    affine = np.array([[0.8, 0, 0, -50.5], [0, 0.7, 0, 12.25], [0, 0, 2.5, 3.0], [0, 0, 0, 1]])
+    _save_nifti(tmp_path / "v.nii.gz", zyx, affine)
+    info = probe_volume(tmp_path / "v.nii.gz")
+    assert (info.depth, info.height, info.width, info.channels, info.dtype) == (7, 5, 6, 1, "int16")
+    assert info.spacing == pytest.approx((2.5, 0.8, 0.7)) and info.format == "nifti"
+    np.testing.assert_array_equal(np.asarray(info.affine), affine.astype(np.float32))
+    fields = info.manifest_fields()
+    assert fields["depth"] == 7 and np.allclose(json.loads(fields["affine"]), affine)
+    slab = read_volume_slab(tmp_path / "v.nii.gz", 2, 5)
+    assert slab.shape == (3, 5, 6, 1) and slab.dtype == np.int16
+    np.testing.assert_array_equal(slab[..., 0], zyx[2:5])
+
+
+def test_scaled_nifti_is_read_scaled_as_float32(tmp_path):
+    zyx = _volume(dtype=np.int16)
+    nib.save(nib.Nifti1Image(np.moveaxis(zyx, 0, -1), np.eye(4)), str(tmp_path / "s.nii"))
+    raw = bytearray((tmp_path / "s.nii").read_bytes())  # nibabel rescales arrays it saves: set the header's
+    raw[112:120] = struct.pack("<ff", 2.0, -1024.0)  # scl_slope and scl_inter (bytes 112-119) by hand
+    (tmp_path / "s.nii").write_bytes(bytes(raw))
+    info = probe_volume(tmp_path / "s.nii")
+    assert info.dtype == "float32"
+    slab = read_volume_slab(tmp_path / "s.nii", 0, 7)
+    np.testing.assert_allclose(slab[..., 0], zyx.astype(np.float32) * 2 - 1024)
+
+
+def test_nifti_masks_are_labels_and_bad_labels_are_refused(tmp_path):
+    labels = np.random.default_rng(1).integers(0, 3, (4, 5, 6)).astype(np.uint8)
+    _save_nifti(tmp_path / "m.nii.gz", labels)
+    np.testing.assert_array_equal(read_mask_slab(tmp_path / "m.nii.gz", 1, 3), labels[1:3])
+    _save_nifti(tmp_path / "neg.nii.gz", labels.astype(np.int16) - 1)
+    with pytest.raises(ImageReadError, match="negative values"):
+        read_mask_slab(tmp_path / "neg.nii.gz", 0, 4)
+
+
+def test_ome_tiff_z_stack_with_physical_sizes(tmp_path):
+    zyx = _volume(dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "s.ome.tif", zyx,
+                     metadata={"axes": "ZYX", "PhysicalSizeX": 0.3, "PhysicalSizeY": 0.4, "PhysicalSizeZ": 2.0})
+    info = probe_volume(tmp_path / "s.ome.tif")
+    assert (info.depth, info.height, info.width, info.dtype) == (7, 5, 6, "uint16")
+    assert info.spacing == (2.0, 0.4, 0.3) and info.unit == "micrometer" and info.affine is None
+    np.testing.assert_array_equal(read_volume_slab(tmp_path / "s.ome.tif", 3, 7)[..., 0], zyx[3:])
+
+
+def test_imagej_stack_spacing_and_channel_axis(tmp_path):
+    zcyx = np.random.default_rng(2).integers(0, 255, (4, 2, 5, 6)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "c.tif", zcyx, imagej=True, resolution=(1 / 0.5, 1 / 0.25),
+                     metadata={"axes": "ZCYX", "spacing": 3.0, "unit": "um"})
+    info = probe_volume(tmp_path / "c.tif")
+    assert (info.depth, info.height, info.width, info.channels) == (4, 5, 6, 2)
+    assert info.spacing == pytest.approx((3.0, 0.25, 0.5)) and info.unit == "micrometer"
+    slab = read_volume_slab(tmp_path / "c.tif", 1, 3)
+    np.testing.assert_array_equal(slab, np.moveaxis(zcyx[1:3], 1, -1))
+
+
+def test_plain_page_stack_is_a_volume_and_2d_tiffs_are_not(tmp_path):
+    pages = _volume(dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "p.tif", pages, photometric="minisblack")  # axes QYX
+    assert probe_volume(tmp_path / "p.tif").depth == 7
+    np.testing.assert_array_equal(read_volume_slab(tmp_path / "p.tif", 6, 7)[0, ..., 0], pages[6])
+    tifffile.imwrite(tmp_path / "flat.tif", pages[0])
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((5, 6, 3), np.uint8), photometric="rgb")
+    assert probe_volume(tmp_path / "flat.tif") is None and probe_volume(tmp_path / "rgb.tif") is None
+    with pytest.raises(ImageReadError, match="it is a 2-D image"):
+        read_volume_slab(tmp_path / "flat.tif", 0, 1)
+
+
+def test_bad_volumes_are_refused_naming_the_file(tmp_path):
+    tifffile.imwrite(tmp_path / "t.tif", np.zeros((2, 3, 5, 6), np.uint8), imagej=True, metadata={"axes": "TZYX"})
+    with pytest.raises(ImageReadError, match="split time series"):
+        probe_volume(tmp_path / "t.tif")
+    (tmp_path / "junk.nii.gz").write_bytes(b"not a nifti file at all")
+    with pytest.raises(ImageReadError, match="junk.nii.gz"):
+        probe_volume(tmp_path / "junk.nii.gz")
+    (tmp_path / "empty.nii").write_bytes(b"")
+    with pytest.raises(ImageReadError, match="empty"):
+        probe_volume(tmp_path / "empty.nii")
+    with pytest.raises(NotFound):
+        probe_volume(tmp_path / "missing.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 6, 7), np.uint8), np.eye(4)), str(tmp_path / "t4.nii"))
+    with pytest.raises(ImageReadError, match="time series"):
+        probe_volume(tmp_path / "t4.nii")
+    _save_nifti(tmp_path / "v.nii", _volume())
+    with pytest.raises(ImageReadError, match=r"slices \[5, 9\)"):
+        read_volume_slab(tmp_path / "v.nii", 5, 9)
