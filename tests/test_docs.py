@@ -130,7 +130,7 @@ def _parser_lacks(option: str) -> bool:
     return code not in (None, 0) and f"unrecognized arguments: {option}" in err
 
 
-SUBCOMMANDS = ("ingest", "segment", "run", "report", "train", "demo", "serve", "model")
+SUBCOMMANDS = ("ingest", "segment", "run", "report", "train", "demo", "serve", "model", "export")
 
 
 def _help_text(argv: tuple[str, ...]) -> str:

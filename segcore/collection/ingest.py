@@ -31,13 +31,14 @@ the staging directory at the end (:func:`segcore.collection.landing.remove_stagi
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import pyarrow as pa
 
 from segcore.collection.fingerprint import fold, read_fingerprint, write_fingerprint
+from segcore.collection.ingest_result import IngestResult, constant_note, count_files, volume_note
 from segcore.collection.incremental import (append_groups, drop_unlisted_groups, next_batch, refresh_signatures,
                                             select_new, supersede, unchanged_sources)
 from segcore.collection.landing import is_remote, staging_dir, unstage_rows
@@ -51,41 +52,6 @@ from segcore.config import IngestSpec
 from segcore.errors import NotFound, StoreError
 
 Row = dict[str, Any]
-
-
-@dataclass(frozen=True)
-class IngestResult:
-    """What an ingest did. ``note``: the same in words, for the log (not part of :meth:`to_dict`)."""
-
-    store: str
-    files: int  # files found (paired) in the source directory or landing zone
-    new_files: int  # files taken in: all of them when the store is created, the new ones when appending
-    images: int  # images decoded into new slots
-    errors: int  # new files that could not be decoded
-    groups: int  # groups of the store afterwards
-    chunks: int | None  # chunks written by this run (None: an identical store was reused)
-    superseded: int | None = None  # older versions superseded (None: not an incremental ingest)
-    hashed: int | None = None  # files read and hashed (None: neither an append nor a resume)
-    batch: int | None = None  # the batch appended (None: nothing was appended)
-    reused: bool = False  # an existing store with the same files and options was kept
-    resumed: int | None = None  # chunks an interrupted ingest had written, kept (None: not a resume)
-    decoded: int | None = None  # files decoded by this run (None: not a resume; then all new files)
-    skipped: int = 0  # files of the image directory with other suffixes, left out (see list_sources)
-    constant_images: int = 0  # decoded images whose pixels all have one value (kept; see constant_note)
-    note: str = field(default="", compare=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The flow's return value: every field, less ``note`` and the optional ones left unset (or 0)."""
-        out = {k: v for k, v in asdict(self).items() if k != "note"}
-        for k in ("superseded", "hashed", "batch", "resumed", "decoded"):
-            if out[k] is None:
-                del out[k]
-        for k in ("skipped", "constant_images"):
-            if not out[k]:
-                del out[k]
-        if not self.reused:
-            del out["reused"]
-        return out
 
 
 @dataclass(frozen=True)
@@ -170,8 +136,9 @@ def start_ingest(spec: IngestSpec) -> IngestStart:
     if not spec.overwrite and existing_store_matches(spec.store, spec=spec_json(spec),
                                                      source_paths=[r["source_path"] for r in rows]):
         clear(spec.store)  # an ingest killed after writing its manifest left its plan behind
-        n_ok = sum(1 for s in read_manifest(spec.store).column("status").to_pylist() if s == "ok")
-        reused = IngestResult(store=spec.store, files=len(rows), new_files=0, images=n_ok, errors=len(rows) - n_ok,
+        ok = [r for r in read_manifest(spec.store).select(["source_path", "status"]).to_pylist() if r["status"] == "ok"]
+        n_ok, errors = len(ok), len(rows) - count_files(ok)  # images (a volume's slices), files
+        reused = IngestResult(store=spec.store, files=len(rows), new_files=0, images=n_ok, errors=errors,
                               groups=len(open_store(spec.store).groups), chunks=None, reused=True, skipped=skipped,
                               note=f"{spec.store} already holds these {len(rows)} files with the same options; "
                                    "reusing it (pass --overwrite to decode them again)")
@@ -364,10 +331,10 @@ def finish_ingest(spec: IngestSpec, plan: IngestPlan, written: Sequence[Row], *,
     write_fingerprint(spec.store, fold(written, None if plan.old_manifest is None else plan.fingerprint))
     write_manifest(spec.store, old + unstage_rows(written + errors))
     clear(spec.store)
-    n_new = _files(plan.planned)  # files: a volume has a row per slice
+    n_new = count_files(plan.planned)  # files: a volume has a row per slice
     n_ok = sum(1 for r in written if r["status"] == "ok")
-    ok_files = _files([r for r in written if r["status"] == "ok"])
-    slices = _volume_note(written)
+    ok_files = count_files([r for r in written if r["status"] == "ok"])
+    slices = volume_note(written)
     chunks = len(plan.chunks)
     resume = {} if plan.resumed is None else {"resumed": plan.resumed, "decoded": decoded, "hashed": 0}
     how = "" if plan.resumed is None else (f"resumed an interrupted ingest: {plan.resumed} chunk(s) kept, {chunks} "
@@ -391,28 +358,3 @@ def finish_ingest(spec: IngestSpec, plan: IngestPlan, written: Sequence[Row], *,
                              f"image(s){slices} in {len(plan.groups)} new group(s), {n_new - ok_files} file(s) with "
                              f"errors, {n_sup} older "
                              f"version(s) superseded{also}; {seconds:.1f} s")
-
-
-def _files(rows: Sequence[Row]) -> int:
-    """Source files among ``rows`` (a volume has a row per slice)."""
-    return len({r["source_path"] for r in rows})
-
-
-def _volume_note(rows: Sequence[Row]) -> str:
-    """``" (96 slices of 1 volume)"`` for the readable volume slices among ``rows``; ``""`` for none."""
-    volumes = {r["volume_id"] for r in rows if r.get("volume_id") and r["status"] == "ok"}
-    if not volumes:
-        return ""
-    n = sum(1 for r in rows if r.get("volume_id") in volumes and r["status"] == "ok")
-    return f" ({n} slices of {len(volumes)} volume(s))"
-
-
-def constant_note(rows: Sequence[Row]) -> str:
-    """``"; 2 constant image(s) kept (every pixel one value; 1 all zero): a, b"`` for decoded rows
-    whose ``value_min`` equals ``value_max`` (empty and flat images are valid input; the note
-    only says that their masks are likely empty); ``""`` for none."""
-    if not rows:
-        return ""
-    zero = sum(1 for r in rows if r["value_max"] == 0)
-    ids = ", ".join(str(r["image_id"]) for r in rows[:5]) + (", ..." if len(rows) > 5 else "")
-    return f"; {len(rows)} constant image(s) kept (every pixel one value; {zero} all zero): {ids}"

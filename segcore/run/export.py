@@ -101,7 +101,7 @@ def export_nifti(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | 
     dtype = np.dtype(np.uint8 if len(names) <= 256 else np.uint16)
     written = []
     for volume in volumes:
-        labels = np.stack([run.mask(i) for i in volume.slices]).astype(dtype)  # (k, i, j)
+        labels = run.masks_of(volume.slices).astype(dtype, copy=False)  # (k, i, j)
         data = np.ascontiguousarray(np.moveaxis(labels, 0, -1))  # (i, j, k) as the source's voxels
         header, affine, origin = _header_and_affine(nib, rows[volume.volume_id], volume, dtype)
         image = nib.Nifti1Image(data, affine, header=header)

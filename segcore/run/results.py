@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from functools import cached_property
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -84,6 +84,29 @@ class RunReader:
         if not self.store.has_gt or row["mask_status"] != "ok":
             return None
         return self._images[f"gt/{g}"][i]
+
+    def masks_of(self, image_ids: Sequence[str]) -> np.ndarray:
+        """``(N, H, W)`` predicted class labels of ``image_ids`` (of one shape), in that order; the
+        consecutive slots of one group (a volume's slices) are read as one slab."""
+        return self._stacked(image_ids, lambda g: self._masks[g])
+
+    def ground_truths_of(self, image_ids: Sequence[str]) -> np.ndarray | None:
+        """``(N, H, W)`` ground truth of ``image_ids`` in the smallest unsigned dtype that holds its labels,
+        or None when one of them has no usable mask."""
+        if not self.store.has_gt or any(self._slot(i)[2]["mask_status"] != "ok" for i in image_ids):
+            return None
+        gt = self._stacked(image_ids, lambda g: self._images[f"gt/{g}"])
+        return gt.astype(np.min_scalar_type(int(gt.max()) if gt.size else 0), copy=False)
+
+    def _stacked(self, image_ids: Sequence[str], array_of: Any) -> np.ndarray:
+        slots = [self._slot(i)[:2] for i in image_ids]
+        runs: list[tuple[str, int, int]] = []  # (group, start, stop) of consecutive slots
+        for g, i in slots:
+            if runs and runs[-1][0] == g and runs[-1][2] == i:
+                runs[-1] = (g, runs[-1][1], i + 1)
+            else:
+                runs.append((g, i, i + 1))
+        return np.concatenate([array_of(g)[a:b] for g, a, b in runs])
 
     def instances(self, image_id: str) -> np.ndarray:
         """``(H, W)`` uint32 predicted instance ids (instance models only)."""

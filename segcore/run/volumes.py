@@ -105,9 +105,7 @@ def find_volumes(rows: Iterable[dict[str, Any]], *, pattern: str | None = None) 
 
 def stack_volume(run: RunReader, volume: Volume) -> tuple[np.ndarray, np.ndarray | None]:
     """``(D, H, W)`` predicted classes and ground truth (None when a slice has none) of ``volume``."""
-    pred = np.stack([run.mask(i) for i in volume.slices])
-    gts = [run.ground_truth(i) for i in volume.slices]
-    return pred, None if any(g is None for g in gts) else np.stack(gts)
+    return run.masks_of(volume.slices), run.ground_truths_of(volume.slices)
 
 
 def volume_rows(run: RunReader, volume: Volume) -> list[dict[str, Any]]:
