@@ -185,7 +185,8 @@ def _score_volumes(spec: SegmentSpec, plan: RunPlan, log: Any) -> list[Failure]:
     if not volumes:
         return []
     batches = [volumes[i:i + VOLUMES_PER_TASK] for i in range(0, len(volumes), VOLUMES_PER_TASK)]
-    names = [f"volumes-{i:05d}" for i in range(len(batches))]
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())  # each scoring pass: new part names, for the lake
+    names = [f"volumes-{stamp}-{i:05d}" for i in range(len(batches))]
     futures = [score_volumes_task.submit(spec.out, b, part=n) for b, n in zip(batches, names)]
     failed = _gather(futures, "volume batches", log, names=names)[1]
     for f in failed:

@@ -6,6 +6,7 @@ Layout of ``LAKE`` (a path or any fsspec URL)::
     instances/run_date=.../model=.../<run_id>-<part>.parquet          (instance models)
     instance_metrics/run_date=.../model=.../<run_id>-<part>.parquet   (instance ground truth)
     manifest/run_date=.../model=.../<run_id>-batch-00003.parquet      the files of one ingest batch
+    volumes/run_date=.../model=.../<run_id>-volumes-<stamp>-00000.parquet  per-volume 3-D metrics (volumes)
 
 ``run_date`` (UTC day of publication) and ``model`` (architecture name) live in the directory
 names only (the Hive convention): DuckDB (``hive_partitioning = true``), pyarrow.dataset
@@ -14,7 +15,9 @@ run tables (:mod:`segcore.run.tables`, less ``model``) plus lineage: ``run_id`` 
 ``ingest_batch``, ``source_path``, ``source_sha256``, ``mask_sha256`` (the ground truth the row
 was scored against) and ``published_at``; see :func:`lake_schema`.
 Manifest parts are snapshots of a batch as published (a later supersession shows as a newer row
-of the same ``image_id``).
+of the same ``image_id``). A run scores its volumes again at its end each time it runs (an incremental
+run: with the new slices), so the volume rows of a volume's latest ``published_at`` are current;
+their lineage is the volume's file.
 Every file's Parquet schema metadata holds ``segflow`` = JSON with the segflow version, lake
 format, table name, run id, checkpoint sha256 and the run's spec.
 
@@ -40,10 +43,12 @@ from segcore import fsio
 from segcore.run.rundir import read_plan, read_run_info
 from segcore.collection.store import MANIFEST_SCHEMA, read_manifest
 from segcore.run.tables import DICE_SCHEMA, INSTANCE_METRICS_SCHEMA, INSTANCE_SCHEMA, read_hive
+from segcore.run.volumes import VOLUME_SCHEMA
 
 LAKE_FORMAT = 1
 PARTITIONS = pa.schema([("run_date", pa.string()), ("model", pa.string())])
-RUN_TABLES = {"dice": DICE_SCHEMA, "instances": INSTANCE_SCHEMA, "instance_metrics": INSTANCE_METRICS_SCHEMA}
+RUN_TABLES = {"dice": DICE_SCHEMA, "instances": INSTANCE_SCHEMA, "instance_metrics": INSTANCE_METRICS_SCHEMA,
+              "volumes": VOLUME_SCHEMA}
 LAKE_TABLES = (*RUN_TABLES, "manifest")
 _LINEAGE = [("run_id", pa.string()), ("ingest_batch", pa.int64()), ("source_path", pa.string()),
             ("source_sha256", pa.string()), ("mask_sha256", pa.string()),
@@ -78,10 +83,9 @@ def _write(location: str, table: pa.Table, name: str, run_info: dict[str, Any]) 
     fsio.write_bytes(location, fsio.to_buffer(lambda f: pq.write_table(table, f)))
 
 
-def _lineage(table: pa.Table, groups: Sequence[str], manifest_rows: dict[tuple[str, str], dict[str, Any]], *,
-             run_id: str, published_at: dt.datetime, name: str) -> pa.Table:
-    keys = list(zip(groups, table.column("image_id").to_pylist()))
-    found = [manifest_rows.get(k, {}) for k in keys]
+def _lineage(table: pa.Table, found: Sequence[dict[str, Any]], *, run_id: str, published_at: dt.datetime,
+             name: str) -> pa.Table:
+    """``table`` with the lineage columns of the manifest rows ``found`` (one per row; ``{}``: none)."""
     extra = {
         "run_id": pa.array([run_id] * table.num_rows, pa.string()),
         "ingest_batch": pa.array([f.get("batch") for f in found], pa.int64()),
@@ -151,6 +155,8 @@ def publish(lake: str, *, run_dir: str, run_info: dict[str, Any], manifest: pa.T
                                              f"{run_id}-{key.split('/', 1)[1].removesuffix('.parquet')}.parquet"))
     _save_ledger(run_dir, lake, ledger)
     by_slot = {(r["group"], r["image_id"]): r for r in manifest.to_pylist() if r["group"] is not None}
+    by_volume = {r["volume_id"]: r for r in manifest.to_pylist()
+                 if r["group"] is not None and r["volume_id"] and r["slice"] == 0 and r["superseded_by"] is None}
     written: dict[str, int] = {}
     for key, part in pending.items():
         name = key.split("/")[0]
@@ -161,8 +167,13 @@ def publish(lake: str, *, run_dir: str, run_info: dict[str, Any], manifest: pa.T
                                          schema=lake_schema("manifest"))
         else:
             part_table = pq.read_table(pa.BufferReader(fsio.read_bytes(part)))
-            groups = [unit_groups[u] for u in part_table.column("unit").to_pylist()]
-            table = _lineage(part_table, groups, by_slot, run_id=run_id, published_at=now, name=name)
+            if name == "volumes":  # a volume's lineage: its file (the row of its first slice)
+                found = [by_volume.get(v, {}) for v in part_table.column("volume_id").to_pylist()]
+            else:
+                keys = zip((unit_groups[u] for u in part_table.column("unit").to_pylist()),
+                           part_table.column("image_id").to_pylist())
+                found = [by_slot.get(k, {}) for k in keys]
+            table = _lineage(part_table, found, run_id=run_id, published_at=now, name=name)
         _write(ledger["parts"][key]["target"], table, name, run_info)
         ledger["parts"][key]["done"] = True
         written[name] = written.get(name, 0) + 1

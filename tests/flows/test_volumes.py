@@ -152,3 +152,24 @@ def test_2d_slices_grouped_into_volumes_by_pattern(tmp_path, collection):
         slices = [d for d in dice if d["image_id"].startswith(r["volume_id"] + "_") and d["class_id"] == r["class_id"]]
         assert (r["tp"], r["fp"], r["fn"]) == tuple(sum(d[k] for d in slices) for k in ("tp", "fp", "fn"))
     assert pq.read_table(next(Path(out, "volumes").rglob("*.parquet"))).num_rows == len(rows)
+
+
+def test_volume_rows_reach_the_lake_with_their_file_as_lineage(tmp_path, collection):
+    from segcore.lake.publish import read_lake
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    labels = np.zeros((3, 48, 48), np.uint8)
+    labels[:, 10:30, 12:40] = 1
+    tifffile.imwrite(images / "stack.tif", (labels * 90 + 20).astype(np.uint8), photometric="minisblack")
+    tifffile.imwrite(masks / "stack.tif", labels, photometric="minisblack")
+    store, out, lake = str(tmp_path / "s.zarr"), str(tmp_path / "run"), str(tmp_path / "lake")
+    spec = RunSpec(ingest=IngestSpec(images=str(images), masks=str(masks), store=store),
+                   segment=SegmentSpec(store=store, checkpoint=collection["checkpoint"], out=out, lake=lake,
+                                       execution=ONE_WORKER))
+    with_runner(run_flow, ONE_WORKER)(spec)
+    rows = read_lake(lake, "volumes").to_pylist()
+    assert [(r["volume_id"], r["class_id"]) for r in rows] == [("stack", c) for c in range(3)]
+    assert {r["source_path"] for r in rows} == {str(images / "stack.tif")}
+    assert all(r["source_sha256"] and r["run_id"] and r["slices"] == 3 for r in rows)
