@@ -6,6 +6,8 @@ Every segment run publishes, keyed by its run id (keys: lowercase letters, digit
 - ``dice-table-<run>``: per-class Dice statistics (table);
 - ``dice-histogram-<run>``: per-image Dice of each foreground class (PNG in markdown);
 - ``worst-images-<run>``: image | ground truth | prediction thumbnails of the lowest-Dice images;
+- ``worst-volumes-<run>``: the same for three slices of each of the lowest-Dice volumes (runs
+  with volumes);
 - ``segment-progress-<run>``: units finished (progress, updated while the units complete);
 - one link per output location (run directory, masks, Dice dataset, summary).
 
@@ -34,6 +36,8 @@ from segcore import figures
 from tasks.progress import report
 
 GALLERY_IMAGES = 6
+#: Volumes in the gallery of worst volumes (three slices each).
+GALLERY_VOLUMES = 3
 PROGRESS_UPDATES = 20
 
 
@@ -144,6 +148,16 @@ def publish_run_artifacts(run: Any, summary: Mapping[str, Any], markdown: str, *
                              key=artifact_key(f"worst-images-{run_id}"),
                              description=f"The {GALLERY_IMAGES} images of run {run_id} with the lowest mean "
                                          "foreground Dice")
+    worst_volumes = summary.get("volumes", {}).get("worst_volumes", [])[:GALLERY_VOLUMES]
+    if worst_volumes:
+        picks = [{"image_id": i, "mean_foreground_dice": w["mean_foreground_dice"]}
+                 for w in worst_volumes for i in w["preview_slices"]]
+        gallery = figures.gallery_markdown(run, picks, class_names=names, n=len(picks))
+        create_markdown_artifact(
+            markdown=f"# Worst volumes of run {run_id}\n\nA few slices of each volume, with the volume's mean "
+                     f"foreground 3-D Dice.\n\n{gallery}",
+            key=artifact_key(f"worst-volumes-{run_id}"),
+            description=f"The {len(worst_volumes)} volumes of run {run_id} with the lowest mean foreground 3-D Dice")
     for name, location in summary.get("outputs", {}).items():
         create_link_artifact(link=location_href(str(location)), link_text=f"{name}: {location}",
                              description=f"Where the {name} of run {run_id} is: {location}")

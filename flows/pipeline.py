@@ -34,7 +34,7 @@ from segcore.run.deadlines import UnitTimeouts
 from segcore.run.rundir import clear_failed, done_records, failed_records, mark_failed, mask_chunks, write_summary
 from segcore.run.schedule import TiledSchedule
 from segcore.run.start import pending_work, start_run
-from segcore.run.volumes import clear_volume_table, find_volumes, read_volume_table
+from segcore.run.volumes import Volume, clear_volume_table, find_volumes, read_volume_table
 from tasks.lake import publish_lake_task
 from tasks.volumes import score_volumes_task
 from tasks.segment import (detect_block_task, finish_image_task, image_stats_task, paste_block_task,
@@ -156,8 +156,9 @@ def _segment_held(spec: SegmentSpec) -> dict[str, Any]:
         mark_failed(spec.out, key=ctx.key, unit=f.name, reason=f.reason, attempts=f.attempts)
     done_now = done_records(spec.out, ctx.key)  # a failed-record goes once its unit is done, not before
     clear_failed(spec.out, sorted(n for n in set(earlier) - {f.name for f in failed} if n in done_now))
-    volumes_failed = _score_volumes(spec, plan, log)
-    summary = summarise_run(spec, ctx, plan, meta, n_done=n_done, n_failed=len(failed), seconds=time.perf_counter() - t0)
+    volumes_failed, volumes = _score_volumes(spec, plan, log)
+    summary = summarise_run(spec, ctx, plan, meta, n_done=n_done, n_failed=len(failed), seconds=time.perf_counter() - t0,
+                            volume_slices={v.volume_id: v.slices for v in volumes})
     if volumes_failed:
         summary["volumes_failed"] = [f"{f.name}: {f.reason}" for f in volumes_failed]
     if spec.lake:  # after the summary: a lake that cannot be written loses nothing else
@@ -175,15 +176,16 @@ def _segment_held(spec: SegmentSpec) -> dict[str, Any]:
 VOLUMES_PER_TASK = 8
 
 
-def _score_volumes(spec: SegmentSpec, plan: RunPlan, log: Any) -> list[Failure]:
+def _score_volumes(spec: SegmentSpec, plan: RunPlan, log: Any) -> tuple[list[Failure], list[Volume]]:
     """Score the run's volumes (ingested volumes, and 2-D images grouped by ``spec.volume_pattern``)
-    into the volume table, written anew; returns the batches that failed (the others are kept)."""
+    into the volume table, written anew; returns the batches that failed (the others are kept) and
+    the volumes."""
     planned = set(plan.groups)
     rows = [r for r in current_manifest(read_manifest(spec.store)).to_pylist() if r["group"] in planned]
     volumes = find_volumes(rows, pattern=spec.volume_pattern)
     clear_volume_table(spec.out)
     if not volumes:
-        return []
+        return [], []
     batches = [volumes[i:i + VOLUMES_PER_TASK] for i in range(0, len(volumes), VOLUMES_PER_TASK)]
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())  # each scoring pass: new part names, for the lake
     names = [f"volumes-{stamp}-{i:05d}" for i in range(len(batches))]
@@ -191,12 +193,13 @@ def _score_volumes(spec: SegmentSpec, plan: RunPlan, log: Any) -> list[Failure]:
     failed = _gather(futures, "volume batches", log, names=names)[1]
     for f in failed:
         log.warning("segment: volume batch %s failed (%s); its volumes have no rows", f.name, f.reason)
-    return failed
+    return failed, volumes
 
 
 def summarise_run(spec: SegmentSpec, ctx: RunContext, plan: RunPlan, meta: ModelMeta, *, n_done: int, n_failed: int,
-                  seconds: float) -> dict[str, Any]:
-    """Summarise the current versions of the run's images; write and publish the summary."""
+                  seconds: float, volume_slices: dict[str, tuple[str, ...]] | None = None) -> dict[str, Any]:
+    """Summarise the current versions of the run's images (and volumes: ``volume_slices`` gives each
+    volume's slices, a few of which the gallery of worst volumes shows); write and publish the summary."""
     run = open_run(spec.out)
     manifest = read_manifest(spec.store)
     part_groups = plan.part_groups()
@@ -205,7 +208,7 @@ def summarise_run(spec: SegmentSpec, ctx: RunContext, plan: RunPlan, meta: Model
     summary = summarise_dice(dice, manifest=current)
     volumes = read_volume_table(spec.out)
     if volumes.num_rows:
-        summary["volumes"] = summarise_volumes(volumes)
+        summary["volumes"] = summarise_volumes(volumes, slices=volume_slices or {})
     if meta.kind == "instance":
         summary["instance"] = summarise_instances(current_rows(run.instance_metrics_table(), manifest, part_groups),
                                                   current_rows(run.instance_table(), manifest, part_groups))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -89,11 +89,19 @@ def _mean(values: list[float]) -> float | None:
     return float(np.mean(finite)) if finite else None
 
 
-def summarise_volumes(volumes: pa.Table, *, worst: int = 10) -> dict[str, Any]:
+def preview_slices(slices: Sequence[str], k: int = 3) -> list[str]:
+    """``k`` slices spread over a volume (at 1/4, 2/4, 3/4 of its depth for ``k=3``), in order."""
+    n = len(slices)
+    return [slices[i] for i in sorted({min(n - 1, (j + 1) * n // (k + 1)) for j in range(k)})] if n else []
+
+
+def summarise_volumes(volumes: pa.Table, *, worst: int = 10,
+                      slices: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
     """Summary of a volume table (see :data:`segcore.run.volumes.VOLUME_SCHEMA`): per foreground
     class, the mean 3-D Dice over volumes whose ground truth has the class, and the mean HD95 and
     ASSD over volumes where both masks have it (in ``unit``); the worst volumes by mean
-    foreground Dice; the volumes that could not be scored."""
+    foreground Dice, each with a few of its ``slices`` (volume id -> its slices' image ids) to show;
+    the volumes that could not be scored."""
     rows = volumes.to_pylist()
     ok = [r for r in rows if r["status"] == "ok" and r["class_id"] != 0]
     per_class = []
@@ -111,7 +119,8 @@ def summarise_volumes(volumes: pa.Table, *, worst: int = 10) -> dict[str, Any]:
     ranked = sorted((float(np.mean(v)), k) for k, v in by_volume.items())[:worst]
     units = sorted({r["spacing_unit"] or "voxel" for r in rows if r["status"] == "ok"})
     return {"volumes_evaluated": len(by_volume), "unit": ", ".join(units) or "voxel", "per_class": per_class,
-            "worst_volumes": [{"volume_id": k, "mean_foreground_dice": v} for v, k in ranked],
+            "worst_volumes": [{"volume_id": k, "mean_foreground_dice": v,
+                               "preview_slices": preview_slices((slices or {}).get(k, ()))} for v, k in ranked],
             "errors": [{"volume_id": r["volume_id"], "error": r["error"]} for r in rows if r["status"] != "ok"]}
 
 

@@ -7,12 +7,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import tifffile
 import zarr
+from prefect.settings import PREFECT_API_URL
 
+from flows.artifacts import artifact_key
 from flows.cli import main
 from flows.pipeline import ingest_flow, run_flow, with_runner
 from segcore.collection.imageio import write_png
@@ -152,6 +155,15 @@ def test_2d_slices_grouped_into_volumes_by_pattern(tmp_path, collection):
         slices = [d for d in dice if d["image_id"].startswith(r["volume_id"] + "_") and d["class_id"] == r["class_id"]]
         assert (r["tp"], r["fp"], r["fn"]) == tuple(sum(d[k] for d in slices) for k in ("tp", "fp", "fn"))
     assert pq.read_table(next(Path(out, "volumes").rglob("*.parquet"))).num_rows == len(rows)
+
+    # The UI's gallery of worst volumes: three slices of each volume (at 1/4, 2/4, 3/4 of its depth).
+    worst = summary["volumes"]["worst_volumes"]
+    assert sorted(w["volume_id"] for w in worst) == ["case1", "case2"]
+    assert all(w["preview_slices"] == [f"{w['volume_id']}_z{z:02d}" for z in (1, 2, 3)] for w in worst)
+    run_id = summary["run_id"]
+    found = httpx.post(f"{PREFECT_API_URL.value()}/artifacts/filter", timeout=30,
+                       json={"artifacts": {"key": {"any_": [artifact_key(f"worst-volumes-{run_id}")]}}}).json()
+    assert len(found) == 1 and found[0]["data"].count("data:image/png;base64,") == 3 * 3 * 2
 
 
 def test_volume_rows_reach_the_lake_with_their_file_as_lineage(tmp_path, collection):
