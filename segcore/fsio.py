@@ -31,12 +31,27 @@ from fsspec.implementations.local import LocalFileSystem
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file's bytes (read in 1 MiB blocks)."""
+    """Hex sha256 of a file's bytes (read in 1 MiB blocks). A directory (a Zarr source) hashes the
+    relative paths and contents of all its files, in sorted order."""
     h = hashlib.sha256()
+    if os.path.isdir(path):
+        for rel, full in _tree(path):
+            h.update(rel.encode() + b"\0" + file_sha256(full).encode())
+        return h.hexdigest()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _tree(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
+    """``(relative path, path)`` of every file under a directory, sorted."""
+    out = []
+    for root, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            out.append((os.path.relpath(full, path).replace(os.sep, "/"), full))
+    return sorted(out)
 
 
 @contextmanager
@@ -173,6 +188,9 @@ def signature(location: str | os.PathLike[str]) -> str | None:
     """
     fs, path = url_to_fs(location)
     try:
+        if isinstance(fs, LocalFileSystem) and os.path.isdir(path):  # a Zarr source: its files' sizes and stamps
+            stats = [os.stat(full) for _, full in _tree(path)]
+            return f"{sum(st.st_size for st in stats)}:{len(stats)}:{max((st.st_mtime_ns for st in stats), default=0)}"
         if isinstance(fs, LocalFileSystem):
             st = os.stat(path)
             return f"{st.st_size}:{st.st_mtime_ns}"

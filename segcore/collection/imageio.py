@@ -32,8 +32,9 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp"})
 """Lower-case file suffixes that :func:`read_image` and :func:`read_mask` accept."""
 
-VOLUME_SUFFIXES: frozenset[str] = frozenset({".nii", ".nii.gz"})
-"""Suffixes of files that are always volumes (:mod:`segcore.collection.volumes`); a TIFF may be one too."""
+VOLUME_SUFFIXES: frozenset[str] = frozenset({".nii", ".nii.gz", ".zarr"})
+"""Suffixes of sources that are always volumes (:mod:`segcore.collection.volumes`; ``.zarr``: a
+directory); a TIFF may be one too."""
 
 SOURCE_SUFFIXES: frozenset[str] = IMAGE_SUFFIXES | VOLUME_SUFFIXES
 """Suffixes a collection's listing takes: 2-D images and volumes."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from segcore.collection.imageio import SOURCE_SUFFIXES, file_suffix, without_suffix
+from segcore.collection.zarr_source import is_zarr_source
 from segcore.errors import ConfigError, NotFound
 
 logger = logging.getLogger(__name__)
@@ -110,6 +111,10 @@ def entry_problem(path: str | os.PathLike[str]) -> str | None:
         return f"cannot be opened: {exc.strerror or exc}; fix its permissions or remove it"
     if stat.S_ISREG(mode):
         return None
+    if stat.S_ISDIR(mode) and is_zarr_source(p):  # a Zarr array or OME-Zarr image: one source
+        return None
+    if stat.S_ISDIR(mode) and p.suffix.lower() == ".zarr":
+        return "a directory named .zarr without Zarr metadata (zarr.json, .zarray or .zgroup); fix or remove it"
     if stat.S_ISDIR(mode):
         return "a directory, not an image file; rename it or move it out of the image folder"
     return "not a regular file (a FIFO, socket or device); remove it from the image folder"

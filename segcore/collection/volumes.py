@@ -15,6 +15,8 @@ has to be in memory whole. Formats:
   sizes come from the OME metadata (``PhysicalSizeZ/Y/X``) or ImageJ's (``spacing``, the
   resolution tags), else 1 with no unit. A TIFF that is a 2-D image is not a volume
   (:func:`probe_volume` returns None) and goes through :mod:`segcore.collection.imageio`.
+- **Zarr arrays and OME-Zarr images** (a ``*.zarr`` directory), read in place: see
+  :mod:`segcore.collection.zarr_source`.
 
 Spacing is given in the order of the stored slices' axes: ``(z, y, x)`` = (NIfTI ``k``, ``i``,
 ``j``). Errors are :class:`~segcore.errors.ImageReadError` / :class:`~segcore.errors.NotFound`
@@ -36,6 +38,7 @@ import tifffile
 
 from segcore.collection.fingerprint import value_range
 from segcore.collection.imageio import as_label_array, decoder_errors, file_suffix
+from segcore.collection.zarr_source import is_zarr_source, probe_zarr, read_zarr_slab
 from segcore.errors import ConfigError, ImageReadError, NotFound, SegflowError, StoreError
 
 log = logging.getLogger(__name__)
@@ -80,14 +83,16 @@ def slice_id(volume_id: str, index: int, depth: int) -> str:
 
 
 def is_volume_candidate(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path``'s suffix may hold a volume (NIfTI always does; a TIFF may)."""
-    return file_suffix(path) in NIFTI_SUFFIXES | TIFF_SUFFIXES
+    """Whether ``path`` may hold a volume (NIfTI and Zarr always do; a TIFF may)."""
+    return file_suffix(path) in NIFTI_SUFFIXES | TIFF_SUFFIXES or is_zarr_source(path)
 
 
 def probe_volume(path: str | os.PathLike[str]) -> VolumeInfo | None:
     """The :class:`VolumeInfo` of a volume file, reading its header only; None for a TIFF that is a
     2-D image. Raises :class:`NotFound` / :class:`ImageReadError` (a bad file, a time series, more
     than one depth axis), and :class:`ConfigError` for NIfTI without nibabel installed."""
+    if is_zarr_source(path):
+        return VolumeInfo(**probe_zarr(path))
     p = _checked(path)
     if file_suffix(p) in NIFTI_SUFFIXES:
         return _nifti_info(p)
@@ -108,6 +113,8 @@ def probe_volume(path: str | os.PathLike[str]) -> VolumeInfo | None:
 def read_volume_slab(path: str | os.PathLike[str], z0: int, z1: int) -> np.ndarray:
     """Slices ``[z0, z1)`` of a volume as a ``(z1 - z0, H, W, C)`` array in its native dtype
     (float32 for scaled NIfTI data). Raises :class:`ImageReadError` for a bad file or range."""
+    if is_zarr_source(path):
+        return read_zarr_slab(path, z0, z1)
     p = _checked(path)
     if file_suffix(p) in NIFTI_SUFFIXES:
         img = _nifti_load(p)
