@@ -8,11 +8,13 @@ import struct
 import numpy as np
 import pytest
 import tifffile
+import zarr
 
 from segcore.collection.imageio import file_suffix, without_suffix
 from segcore.collection.listing import image_id_for, list_sources
 from segcore.collection.volumes import probe_volume, read_mask_slab, read_volume_slab, slice_id
 from segcore.errors import ImageReadError, NotFound
+from segcore.fsio import file_sha256, signature
 
 nib = pytest.importorskip("nibabel")
 
@@ -133,3 +135,58 @@ def test_bad_volumes_are_refused_naming_the_file(tmp_path):
     _save_nifti(tmp_path / "v.nii", _volume())
     with pytest.raises(ImageReadError, match=r"slices \[5, 9\)"):
         read_volume_slab(tmp_path / "v.nii", 5, 9)
+
+
+def _ome_zarr(path, data, axes, scale, unit="micrometer"):
+    group = zarr.open_group(str(path), mode="w")
+    group.create_array("0", shape=data.shape, dtype=data.dtype, chunks=(1,) * (data.ndim - 2) + data.shape[-2:])[:] = data
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [{
+        "axes": [{"name": a, "type": "channel" if a == "c" else ("time" if a == "t" else "space"),
+                  **({"unit": unit} if a in "zyx" else {})} for a in axes],
+        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": list(scale)}]}]}]}
+
+
+def test_ome_zarr_images_are_read_in_place_with_their_axes_and_scale(tmp_path):
+    czyx = np.random.default_rng(4).integers(0, 4000, (2, 5, 6, 7)).astype(np.uint16)
+    _ome_zarr(tmp_path / "img.zarr", czyx, "czyx", (1.0, 2.0, 0.5, 0.25))
+    info = probe_volume(tmp_path / "img.zarr")
+    assert (info.depth, info.height, info.width, info.channels, info.dtype) == (5, 6, 7, 2, "uint16")
+    assert info.spacing == (2.0, 0.5, 0.25) and info.unit == "micrometer" and info.format == "zarr"
+    np.testing.assert_array_equal(read_volume_slab(tmp_path / "img.zarr", 1, 4), np.moveaxis(czyx[:, 1:4], 0, -1))
+    _ome_zarr(tmp_path / "t.zarr", czyx[:, :2, None].astype(np.uint16), "tczyx", (1, 1, 1, 1, 1))  # 2 time points
+    with pytest.raises(ImageReadError, match="2 time points"):
+        probe_volume(tmp_path / "t.zarr")
+    zarr.open_group(str(tmp_path / "bare.zarr"), mode="w")
+    with pytest.raises(ImageReadError, match="without OME-Zarr 'multiscales'"):
+        probe_volume(tmp_path / "bare.zarr")
+
+
+def test_plain_zarr_arrays_v2_and_v3_and_2d(tmp_path):
+    zyx = _volume(dtype=np.int16)
+    v2 = zarr.open_array(str(tmp_path / "v2.zarr"), mode="w", shape=zyx.shape, dtype=zyx.dtype, zarr_format=2)
+    v2[:] = zyx
+    assert probe_volume(tmp_path / "v2.zarr").depth == 7
+    np.testing.assert_array_equal(read_volume_slab(tmp_path / "v2.zarr", 0, 7)[..., 0], zyx)
+    named = zarr.open_array(str(tmp_path / "yxz.zarr"), mode="w", shape=(5, 6, 7), dtype="uint8",
+                            dimension_names=("y", "x", "z"))
+    named[:] = np.moveaxis(zyx, 0, -1).astype(np.uint8)
+    np.testing.assert_array_equal(read_volume_slab(tmp_path / "yxz.zarr", 2, 3)[0, ..., 0], zyx[2].astype(np.uint8))
+    flat = zarr.open_array(str(tmp_path / "flat.zarr"), mode="w", shape=(5, 6), dtype="float32")
+    flat[:] = zyx[0]
+    info = probe_volume(tmp_path / "flat.zarr")
+    assert (info.depth, info.height, info.width) == (1, 5, 6)
+    np.testing.assert_array_equal(read_volume_slab(tmp_path / "flat.zarr", 0, 1)[0, ..., 0], zyx[0])
+
+
+def test_zarr_directories_are_listed_hashed_and_stamped_as_one_source(tmp_path):
+    arr = zarr.open_array(str(tmp_path / "a.zarr"), mode="w", shape=(4, 5, 6), dtype="uint8", chunks=(1, 5, 6))
+    arr[:] = 1
+    (tmp_path / "empty.zarr").mkdir()
+    listing = list_sources(tmp_path)
+    assert [p.name for p in listing.files] == ["a.zarr"]
+    assert [(p.name, "without Zarr metadata" in why) for p, why in listing.problems] == [("empty.zarr", True)]
+    assert image_id_for(tmp_path / "a.zarr", tmp_path) == "a"
+    before, stamp = file_sha256(tmp_path / "a.zarr"), signature(tmp_path / "a.zarr")
+    assert before == file_sha256(tmp_path / "a.zarr")
+    arr[2] = 7  # one chunk rewritten in place
+    assert file_sha256(tmp_path / "a.zarr") != before and signature(tmp_path / "a.zarr") != stamp
