@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from segcore.collection.imageio import SOURCE_SUFFIXES, file_suffix, without_suffix
+from segcore.collection.dicom import is_dicom_series
 from segcore.collection.zarr_source import is_zarr_source
 from segcore.errors import ConfigError, NotFound
 
@@ -58,7 +59,7 @@ def list_sources(dir_or_glob: str | os.PathLike[str]) -> Listing:
         where = f"pattern {os.fspath(dir_or_glob)!r}"
     files, problems, skipped = [], [], []
     for p in sorted(candidates):
-        if file_suffix(p) not in SOURCE_SUFFIXES:
+        if file_suffix(p) not in SOURCE_SUFFIXES and not is_dicom_series(p):
             if is_dir and p.is_file():
                 skipped.append(p)
             continue
@@ -111,7 +112,7 @@ def entry_problem(path: str | os.PathLike[str]) -> str | None:
         return f"cannot be opened: {exc.strerror or exc}; fix its permissions or remove it"
     if stat.S_ISREG(mode):
         return None
-    if stat.S_ISDIR(mode) and is_zarr_source(p):  # a Zarr array or OME-Zarr image: one source
+    if stat.S_ISDIR(mode) and (is_zarr_source(p) or is_dicom_series(p)):  # Zarr, or a DICOM series: one source
         return None
     if stat.S_ISDIR(mode) and p.suffix.lower() == ".zarr":
         return "a directory named .zarr without Zarr metadata (zarr.json, .zarray or .zgroup); fix or remove it"
@@ -130,7 +131,7 @@ def image_id_for(path: str | os.PathLike[str], root: str | os.PathLike[str] | No
     """
     p = Path(path)
     if root is None:
-        return without_suffix(p.name)
+        return p.name if is_dicom_series(p) else without_suffix(p.name)
     absolute = Path(os.path.abspath(p))
     base = Path(os.path.abspath(root))
     try:
@@ -139,4 +140,6 @@ def image_id_for(path: str | os.PathLike[str], root: str | os.PathLike[str] | No
         raise ConfigError(f"image {p} is not inside the root folder {base}; pass the folder that holds it") from exc
     if not relative.parts:
         raise ConfigError(f"image path {p} is the root folder itself; pass the path of a file inside it")
+    if is_dicom_series(p):  # a folder: its whole name
+        return relative.as_posix()
     return without_suffix(relative.as_posix())

@@ -17,6 +17,8 @@ has to be in memory whole. Formats:
   (:func:`probe_volume` returns None) and goes through :mod:`segcore.collection.imageio`.
 - **Zarr arrays and OME-Zarr images** (a ``*.zarr`` directory), read in place: see
   :mod:`segcore.collection.zarr_source`.
+- **DICOM series** (a directory of ``*.dcm`` files), through pydicom (the ``dicom`` extra): see
+  :mod:`segcore.collection.dicom`.
 
 Spacing is given in the order of the stored slices' axes: ``(z, y, x)`` = (NIfTI ``k``, ``i``,
 ``j``). Errors are :class:`~segcore.errors.ImageReadError` / :class:`~segcore.errors.NotFound`
@@ -36,6 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 import tifffile
 
+from segcore.collection.dicom import is_dicom_series, probe_dicom, read_dicom_slab
 from segcore.collection.fingerprint import value_range
 from segcore.collection.imageio import as_label_array, decoder_errors, file_suffix
 from segcore.collection.zarr_source import is_zarr_source, probe_zarr, read_zarr_slab
@@ -83,8 +86,8 @@ def slice_id(volume_id: str, index: int, depth: int) -> str:
 
 
 def is_volume_candidate(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` may hold a volume (NIfTI and Zarr always do; a TIFF may)."""
-    return file_suffix(path) in NIFTI_SUFFIXES | TIFF_SUFFIXES or is_zarr_source(path)
+    """Whether ``path`` may hold a volume (NIfTI, Zarr and DICOM series always do; a TIFF may)."""
+    return file_suffix(path) in NIFTI_SUFFIXES | TIFF_SUFFIXES or is_zarr_source(path) or is_dicom_series(path)
 
 
 def probe_volume(path: str | os.PathLike[str]) -> VolumeInfo | None:
@@ -93,6 +96,8 @@ def probe_volume(path: str | os.PathLike[str]) -> VolumeInfo | None:
     than one depth axis), and :class:`ConfigError` for NIfTI without nibabel installed."""
     if is_zarr_source(path):
         return VolumeInfo(**probe_zarr(path))
+    if is_dicom_series(path):
+        return VolumeInfo(**probe_dicom(path))
     p = _checked(path)
     if file_suffix(p) in NIFTI_SUFFIXES:
         return _nifti_info(p)
@@ -115,6 +120,8 @@ def read_volume_slab(path: str | os.PathLike[str], z0: int, z1: int) -> np.ndarr
     (float32 for scaled NIfTI data). Raises :class:`ImageReadError` for a bad file or range."""
     if is_zarr_source(path):
         return read_zarr_slab(path, z0, z1)
+    if is_dicom_series(path):
+        return read_dicom_slab(path, z0, z1)
     p = _checked(path)
     if file_suffix(p) in NIFTI_SUFFIXES:
         img = _nifti_load(p)
