@@ -102,7 +102,7 @@ def select_new(probed: Sequence[dict[str, Any]], manifest: pa.Table, *,
     new or changed mask; or when its id is unknown and no image of the store has its content (a
     renamed copy is not new, whatever its mask). A file that could not be hashed (unreadable) is
     kept, so it is reported; among files with the same new image and mask content only the first
-    (by image id) is kept. ``masks_unhashed``: the manifest was written before masks were hashed
+    (by image id) is kept (the slices of a volume, which share their file's hash, count apart). ``masks_unhashed``: the manifest was written before masks were hashed
     (:func:`segcore.collection.store.manifest_hashes_masks`), so its masks are taken as unchanged.
     """
     if not probed:
@@ -119,9 +119,10 @@ def select_new(probed: Sequence[dict[str, Any]], manifest: pa.Table, *,
                     continue
             elif sha in seen:
                 continue
-            if (sha, row.get("mask_sha256")) in taken:
+            content = (sha, row.get("mask_sha256"), row.get("slice"))  # the slices of a volume share its hash
+            if content in taken:
                 continue
-            taken.add((sha, row.get("mask_sha256")))
+            taken.add(content)
         out.append(row)
     return out
 
@@ -162,12 +163,18 @@ def refresh_signatures(manifest: pa.Table, probed: Sequence[dict[str, Any]], *,
 
 
 def supersede(manifest: pa.Table, new_rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The old manifest rows, with ``superseded_by`` set where a new readable row has the same image id."""
-    newer = {r["image_id"]: r["sha256"] for r in new_rows if r.get("status") == "ok" and r.get("group") is not None}
+    """The old manifest rows, with ``superseded_by`` set where a new readable row has the same image id,
+    or (a slice of a volume) belongs to the same volume: a new version of a volume replaces every
+    slice of the old one, also those beyond its new depth."""
+    readable = [r for r in new_rows if r.get("status") == "ok" and r.get("group") is not None]
+    newer = {r["image_id"]: r["sha256"] for r in readable}
+    volumes = {r["volume_id"]: r["sha256"] for r in readable if r.get("volume_id")}
     rows = manifest.to_pylist()
     for r in rows:
-        if r["superseded_by"] is None and r["status"] == "ok" and r["image_id"] in newer:
-            r["superseded_by"] = newer[r["image_id"]]
+        if r["superseded_by"] is None and r["status"] == "ok":
+            by = newer.get(r["image_id"]) or (volumes.get(r["volume_id"]) if r.get("volume_id") else None)
+            if by is not None:
+                r["superseded_by"] = by
     return rows
 
 

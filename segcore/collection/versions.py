@@ -7,7 +7,9 @@ row of that id in the same manifest write. The rule:
 
     a manifest row is current when its ``superseded_by`` is null; that is, unless it is readable
     (``status == "ok"``) and a newer readable version of its id exists (a row of a higher
-    ``batch``, null counting as 0, with ``status == "ok"`` and a slot, ``group`` not null).
+    ``batch``, null counting as 0, with ``status == "ok"`` and a slot, ``group`` not null). A
+    slice of a volume is also replaced by a newer readable slice of the same volume (a volume
+    file rewritten with fewer slices leaves none of its old slices current).
 
 Rows of run tables (Dice, instances) belong to the version of their slot ``(group of the unit,
 image_id)``. :func:`current_manifest` and :func:`current_rows` apply the rule in Python, from the
@@ -25,12 +27,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 #: The rule as a DuckDB predicate on a manifest row aliased ``{row}`` (columns ``image_id``,
-#: ``batch``, ``status``): it is not a readable version that a newer readable version of its image
+#: ``volume_id``, ``batch``, ``status``): it is not a readable version that a newer readable version of its image
 #: in the relation ``{versions}`` (manifest rows) replaced. ``{match}`` adds columns that must be
 #: equal too (over the lake: ``model``, so that each model is judged on the versions it was given).
 CURRENT_VERSION_SQL = """not ({row}.status = 'ok' and exists (
     select 1 from {versions} as newer
-    where newer.image_id = {row}.image_id{match} and newer.status = 'ok' and newer."group" is not null
+    where (newer.image_id = {row}.image_id or newer.volume_id = {row}.volume_id){match} and newer.status = 'ok'
+      and newer."group" is not null
       and coalesce(newer.batch, 0) > coalesce({row}.batch, 0)))"""
 
 

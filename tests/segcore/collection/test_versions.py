@@ -101,3 +101,31 @@ def test_the_lake_report_and_python_keep_the_same_dice_rows(versions, tmp_path):
     old = {(r["group"], r["image_id"]) for r in slots if r["superseded_by"] is not None}
     assert {i for _, i in old} == {"b", "c"} and not {(unit_groups[u], i) for u, i, _ in python} & old
     assert pc.sum(pc.equal(lake_rows["image_id"], "a")).as_py() == 4  # a@0 and the unreadable a@1 both stay
+
+
+def test_a_volume_rewritten_with_fewer_slices_supersedes_all_its_old_slices(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    images = tmp_path / "images"
+    images.mkdir()
+
+    def write(depth: int, stamp: int, name: str = "vol") -> None:
+        path = images / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(RNG.integers(0, 200, (6, 5, depth)).astype(np.uint8), np.eye(4)), str(path))
+        os.utime(path, (stamp, stamp))
+
+    write(4, 1_000)
+    spec = IngestSpec(images=str(images), store=str(tmp_path / "s.zarr"), incremental=True)
+    ingest_serially(spec)
+    write(2, 2_000)
+    write(3, 2_000, name="new")  # a new volume appended: every slice of it is taken in
+    ingest_serially(spec)
+    manifest = read_manifest(spec.store)
+    python = _key(current_manifest(manifest).to_pylist())
+    assert python == [("new/z0000", 1, "ok"), ("new/z0001", 1, "ok"), ("new/z0002", 1, "ok"),
+                      ("vol/z0000", 1, "ok"), ("vol/z0001", 1, "ok")]
+    con = duckdb.connect()
+    for table in (manifest, manifest.set_column(manifest.schema.get_field_index("superseded_by"), "superseded_by",
+                                                pa.nulls(manifest.num_rows, pa.string()))):
+        con.register("manifest", table)
+        sql = con.sql(f"select * from manifest as m where {current_version_sql(row='m')}").to_arrow_table()
+        assert _key(sql.to_pylist()) == python
