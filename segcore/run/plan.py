@@ -27,6 +27,8 @@ from segcore.tiling import BLENDS, Window, chunk_windows
 
 #: Default model tile of semantic models.
 DEFAULT_TILE = 512
+#: Default tile side of a volumetric model along each axis (3-D tiles; see segcore.run.volume_model).
+DEFAULT_VOLUME_TILE = 64
 #: Instance models: default detector core side and halo.
 DEFAULT_INSTANCE_TILE = 256
 DEFAULT_INSTANCE_OVERLAP = 64
@@ -198,7 +200,8 @@ def resolve_tiling(meta: ModelMeta, *, tile_size: int | None, overlap: int | Non
     """Tiling options for a model, defaults derived from it; None when ``tile_size`` is 0 (no tiling:
     large images are segmented whole).
 
-    Semantic models: the model tile defaults to :data:`DEFAULT_TILE` rounded up to the UNet's
+    Semantic models: the model tile defaults to :data:`DEFAULT_TILE` (a volumetric model:
+    :data:`DEFAULT_VOLUME_TILE` along each axis) rounded up to the UNet's
     divisor (``2**depth``), the overlap to a quarter of the tile (more than the receptive field of
     the default UNets). Instance models: the detector runs on cores of ``tile`` pixels (default
     :data:`DEFAULT_INSTANCE_TILE`) plus a halo of ``overlap`` pixels on each side (default
@@ -218,7 +221,8 @@ def resolve_tiling(meta: ModelMeta, *, tile_size: int | None, overlap: int | Non
             raise ConfigError("test-time augmentation applies to semantic models only")
         return Tiling(tile=tile, overlap=ov, blend=blend, tta=False)
     divisor = 2 ** int(meta.arch_kwargs.get("depth", 4))
-    tile = DEFAULT_TILE if tile_size is None else int(tile_size)
+    default = DEFAULT_VOLUME_TILE if meta.spatial_dims == 3 else DEFAULT_TILE  # a volumetric model: 3-D tiles
+    tile = default if tile_size is None else int(tile_size)
     if tile < 1:
         raise ConfigError(f"tile size must be >= 1 (or 0 to disable tiling), got {tile}")
     divisor = max(divisor, meta.input_multiple)

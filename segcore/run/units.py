@@ -6,6 +6,8 @@ on one unit): read the unit's image chunk, predict in batches through the run's
 ground-truth chunk while the mask is still in memory (:mod:`segcore.run.evaluate`), write one
 Parquet part, and write the unit's done-record last. A forward pass that runs out of memory is
 retried with half the batch (:mod:`segcore.run.memory`); the batch it finished with is recorded.
+A volumetric model segments a slab of a volume with the slices around it
+(:mod:`segcore.run.volume_model`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 import pyarrow.compute as pc
 import zarr
 
-from segcore.collection.store import read_manifest
+from segcore.collection.store import open_store, read_manifest
 from segcore.errors import ConfigError
 from segcore.metrics.instance import instance_scores
 from segcore.models.checkpoint import ModelMeta
@@ -29,6 +31,7 @@ from segcore.run.memory import with_backoff
 from segcore.run.plan import WorkUnit
 from segcore.run.rundir import dice_dir, instances_path, mark_done, masks_path, table_dir
 from segcore.run.tables import instance_metrics_table, instance_table, write_part
+from segcore.run.volume_model import volume_slab_labels
 
 
 def unit_rows(store_path: str, group: str, start: int, stop: int) -> list[dict[str, Any]]:
@@ -109,6 +112,11 @@ def segment_unit(ctx: RunContext, unit: WorkUnit) -> UnitRecord:
         ctx.faults.check_forward(images=min(batch, len(images)), height=images.shape[1], width=images.shape[2])
         if predictor.kind == "instance":
             return predictor.instances(images, batch_size=batch)
+        if predictor.spatial_dims == 3 and open_store(ctx.store).group(unit.group).volume is not None:
+            return volume_slab_labels(predictor, root[f"images/{unit.group}"], unit.start, unit.stop,
+                                      tiling=ctx.tiling, batch_size=batch)[0]
+        if predictor.spatial_dims == 3:  # 2-D images through a volumetric model: volumes of one slice
+            return predictor.labels(images[:, None], batch_size=batch, tta=ctx.tta)[:, 0]
         return predictor.labels(images, batch_size=batch, tta=ctx.tta)
 
     out, batch, _ = with_backoff(predict, batch=ctx.batch_size, device=ctx.device, what=f"unit {unit.name}")
