@@ -1,7 +1,8 @@
 """Input normalisation, described by data (it travels in a checkpoint's metadata).
 
 A batch of raw images ``(N, H, W, C)`` of any integer or float dtype becomes a float32 tensor
-``(N, C, H, W)`` ready for the model. Modes:
+``(N, C, H, W)`` ready for the model; a batch of volumes ``(N, D, H, W, C)`` becomes
+``(N, C, D, H, W)``, each volume treated as one image ("per image" below means per volume). Modes:
 
 - ``percentile``: per image and channel, values between the ``low`` and ``high`` percentiles
   map linearly to 0..1 (robust for 16-bit microscopy whose range is far below 65535);
@@ -243,7 +244,11 @@ def percentile_stats(pixels: np.ndarray, norm: Normalisation) -> Stats:
 
 def normalise_batch(images: np.ndarray, norm: Normalisation, *,
                     stats: Stats | None = None) -> torch.Tensor:
-    """Normalise ``(N, H, W, C)`` raw images into a float32 ``(N, C, H, W)`` tensor.
+    """Normalise ``(N, H, W, C)`` raw images into a float32 ``(N, C, H, W)`` tensor, or
+    ``(N, D, H, W, C)`` raw volumes into a float32 ``(N, C, D, H, W)`` tensor.
+
+    Per-image statistics of a volume are those of the whole volume: it is normalised as the
+    ``(D * H, W, C)`` image of its stacked slices, and every mode is per image (or per pixel).
 
     In mode ``steps``, statistics (percentiles, mean, std) are each image's own; ``stats`` is ignored.
 
@@ -251,8 +256,11 @@ def normalise_batch(images: np.ndarray, norm: Normalisation, *,
     instead of each image's own percentiles, e.g. those of the whole large image a tile comes
     from (:func:`percentile_stats`).
     """
+    if images.ndim == 5:
+        n, d, h, w, c = images.shape
+        return normalise_batch(images.reshape(n, d * h, w, c), norm, stats=stats).reshape(n, c, d, h, w)
     if images.ndim != 4:
-        raise ValueError(f"expected (N, H, W, C) images, got shape {images.shape}")
+        raise ValueError(f"expected (N, H, W, C) images or (N, D, H, W, C) volumes, got shape {images.shape}")
     x = torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32).permute(0, 3, 1, 2)
     if norm.mode == "steps":
         return apply_steps(x, norm.steps).contiguous()

@@ -2,9 +2,10 @@
 
 ``MODELS`` is a plain dict ``name -> builder`` and ``MODEL_KINDS`` ``name -> kind``
 (:mod:`segcore.models.registry`); :func:`create_model` builds one and, for an unknown name, raises
-:class:`~segcore.errors.ConfigError` listing the valid names. Registered here: segflow's own
-(``unet``, ``maskrcnn``, ``maskrcnn_r18``), torchvision's Mask R-CNNs keyed as torchvision
-distributes them (:mod:`segcore.models.detection`), the adapters of installed packages
+:class:`~segcore.errors.ConfigError` listing the valid names. A volumetric architecture says so
+with ``spatial_dims = 3`` on its builder (:func:`~segcore.models.registry.spatial_dims_of`).
+Registered here: segflow's own (``unet``; ``unet3d``, its volumetric twin; ``maskrcnn``,
+``maskrcnn_r18``), torchvision's Mask R-CNNs keyed as torchvision distributes them (:mod:`segcore.models.detection`), the adapters of installed packages
 (:mod:`segcore.models.adapters`: ``smp:Unet``, ``monai:*``) and the architectures of the
 ``segflow.models`` entry points of installed distributions.
 """
@@ -15,7 +16,7 @@ from segcore.models.adapters import register_available
 from segcore.models.detection import DETECTION_MODELS
 from segcore.models.maskrcnn import InstanceSegmenter, build_maskrcnn, build_maskrcnn_r18
 from segcore.models.registry import (ENTRY_POINT_GROUP, MODEL_KINDS, MODELS, create_model, load_entry_points,
-                                     register_model)
+                                     register_model, spatial_dims_of)
 from segcore.models.unet import UNet
 
 
@@ -24,9 +25,18 @@ def build_unet(*, in_channels: int = 1, num_classes: int = 2, base: int = 16, de
     return UNet(in_channels=in_channels, num_classes=num_classes, base=base, depth=depth)
 
 
+def build_unet3d(*, in_channels: int = 1, num_classes: int = 2, base: int = 16, depth: int = 4) -> UNet:
+    """Volumetric semantic UNet: ``(N, C, D, H, W)`` in, ``(N, num_classes, D, H, W)`` logits out; see
+    :class:`segcore.models.unet.UNet` (``spatial_dims=3``)."""
+    return UNet(in_channels=in_channels, num_classes=num_classes, base=base, depth=depth, spatial_dims=3)
+
+
+build_unet3d.spatial_dims = 3  # type: ignore[attr-defined]
+
+
 def _builtin() -> dict[str, tuple[object, str]]:
-    return {"unet": (build_unet, "semantic"), "maskrcnn": (build_maskrcnn, "instance"),
-            "maskrcnn_r18": (build_maskrcnn_r18, "instance"),
+    return {"unet": (build_unet, "semantic"), "unet3d": (build_unet3d, "semantic"),
+            "maskrcnn": (build_maskrcnn, "instance"), "maskrcnn_r18": (build_maskrcnn_r18, "instance"),
             **{name: (builder, "instance") for name, builder in DETECTION_MODELS.items()}}
 
 
@@ -36,4 +46,4 @@ register_available()
 load_entry_points()
 
 __all__ = ["ENTRY_POINT_GROUP", "MODELS", "MODEL_KINDS", "InstanceSegmenter", "UNet", "create_model",
-           "load_entry_points", "register_model"]
+           "load_entry_points", "register_model", "spatial_dims_of"]

@@ -25,7 +25,7 @@ from torch import nn
 
 from segcore.errors import CheckpointError, ConfigError, NotFound
 from segcore.fsio import atomic_path
-from segcore.models import MODEL_KINDS, create_model
+from segcore.models import MODEL_KINDS, create_model, spatial_dims_of
 from segcore.models.outputs import OutputRule
 from segcore.normalise import Normalisation
 
@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 #: defaulted: version 1 records read as torch-runtime models).
 FORMAT_VERSION = 2
 RUNTIMES = ("torch", "torchscript", "onnx")
+#: ``input_axes`` of a model by its number of spatial axes: images (``bcyx``) or volumes (``bczyx``).
+INPUT_AXES = {2: "bcyx", 3: "bczyx"}
 _META_KEY = "segflow"
 
 
@@ -49,8 +51,10 @@ class ModelMeta(BaseModel):
     the weights a safetensors state dict), ``torchscript`` or ``onnx`` (a directory record, see
     :mod:`segcore.models.record`; ``arch`` is then a label of where the model came from).
     ``source`` records the file a model was imported or exported from: ``file`` (name),
-    ``format`` and ``sha256`` (of that file's bytes). ``input_axes`` is the layout the model takes
-    (``bcyx``: batch, channel, y, x, the only one the pipeline feeds). ``input_multiple``: the
+    ``format`` and ``sha256`` (of that file's bytes). ``input_axes`` is the layout the model takes:
+    ``bcyx`` (batch, channel, y, x: an image model) or ``bczyx`` (batch, channel, z, y, x: a
+    volumetric model, e.g. ``unet3d``, see :attr:`spatial_dims`); a torch-runtime record's axes
+    must agree with its architecture's ``spatial_dims`` (:func:`build_model` checks). ``input_multiple``: the
     spatial sizes a torchscript/onnx graph accepts are multiples of it; inputs are padded (reflect)
     up to it and outputs cropped back (torch models pad themselves). ``output`` says how labels
     follow from the model's output (:class:`~segcore.models.outputs.OutputRule`: argmax of one
@@ -82,6 +86,11 @@ class ModelMeta(BaseModel):
     @property
     def kind(self) -> str:
         return MODEL_KINDS.get(self.arch, "semantic")
+
+    @property
+    def spatial_dims(self) -> int:
+        """3 for a volumetric model (a ``z`` axis in :attr:`input_axes`), else 2."""
+        return 3 if "z" in self.input_axes else 2
 
 
 def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: ModelMeta) -> Path:
@@ -146,9 +155,14 @@ def build_model(meta: ModelMeta) -> nn.Module:
                                   f"the record says {value}")
         kwargs[key] = value
     try:
-        return create_model(meta.arch, **kwargs)
+        model = create_model(meta.arch, **kwargs)
+        dims = spatial_dims_of(meta.arch)
     except (ConfigError, ValueError) as exc:
         raise CheckpointError(f"cannot build architecture {meta.arch!r} from checkpoint metadata: {exc}") from exc
+    if dims != meta.spatial_dims:
+        raise CheckpointError(f"checkpoint metadata is inconsistent: architecture {meta.arch!r} takes {dims}-D inputs "
+                              f"(input_axes {INPUT_AXES[dims]!r}) but the record says input_axes {meta.input_axes!r}")
+    return model
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelMeta]:

@@ -63,7 +63,9 @@ class Predictor(abc.ABC):
     Subclasses implement :meth:`logits` (semantic models) or :meth:`detect` (instance models);
     the batched helpers :meth:`labels` and :meth:`instances` are built on them. Inputs of
     :meth:`logits` and :meth:`detect` are normalised float32 ``(N, C, H, W)`` CPU tensors
-    (:meth:`prepare`); raw images are ``(N, H, W, C)`` arrays of any numeric dtype.
+    (:meth:`prepare`); raw images are ``(N, H, W, C)`` arrays of any numeric dtype. A volumetric
+    semantic model (:attr:`spatial_dims` 3) takes ``(N, D, H, W, C)`` raw volumes and
+    ``(N, C, D, H, W)`` tensors instead, and gives ``(N, K, D, H, W)`` logits.
     """
 
     def __init__(self, meta: ModelMeta, *, device: str = "cpu", precision: str = "bf16") -> None:
@@ -81,6 +83,11 @@ class Predictor(abc.ABC):
     @property
     def num_classes(self) -> int:
         return self.meta.num_classes
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 for an image model, 3 for a volumetric one (the record's ``input_axes``)."""
+        return self.meta.spatial_dims
 
     @property
     def label_dtype(self) -> np.dtype:
@@ -109,8 +116,13 @@ class Predictor(abc.ABC):
                tta: bool = False) -> np.ndarray:
         """``(N, H, W)`` class labels (argmax of :meth:`logits`) of raw ``(N, H, W, C)`` images,
         ``batch_size`` images per forward pass (default: all at once); ``tta``: of the logits
-        averaged over the flips (:func:`segcore.tiling.flip_tta`, 4x the forward passes)."""
-        out = np.empty(images.shape[:3], dtype=self.label_dtype)
+        averaged over the flips of the last two axes (:func:`segcore.tiling.flip_tta`, 4x the
+        forward passes). A volumetric model gives ``(N, D, H, W)`` labels of ``(N, D, H, W, C)``
+        volumes."""
+        if images.ndim != self.spatial_dims + 2:
+            layout = "(N, D, H, W, C) volumes" if self.spatial_dims == 3 else "(N, H, W, C) images"
+            raise ConfigError(f"model {self.meta.arch!r} takes {layout}, got an array of shape {images.shape}")
+        out = np.empty(images.shape[:-1], dtype=self.label_dtype)
         step = batch_size or max(1, len(images))
         logits_of = flip_tta(self.logits) if tta else self.logits
         with torch.inference_mode():
@@ -131,7 +143,7 @@ class Predictor(abc.ABC):
 
 class TorchPredictor(Predictor):
     """A torch ``nn.Module`` (segflow's registry models): on CUDA with pinned, non-blocking copies,
-    channels-last and autocast to ``precision`` (semantic models; detection post-processing is not
+    channels-last (channels-last-3d for a volumetric model) and autocast to ``precision`` (semantic models; detection post-processing is not
     autocast-safe, so instance models run fp32); on the CPU in fp32. The module's train/eval mode
     is the caller's (a checkpoint loaded by :func:`load_predictor` is in eval mode). On CUDA a semantic
     model's parameters are switched to channels-last in place (``Module.to`` converts them where
@@ -143,8 +155,9 @@ class TorchPredictor(Predictor):
         super().__init__(meta, device=device, precision=precision)
         self.model = model
         self._cuda = device.startswith("cuda")
+        self._memory_format = torch.channels_last_3d if meta.spatial_dims == 3 else torch.channels_last
         if self._cuda and meta.kind == "semantic":
-            self.model = model.to(memory_format=torch.channels_last)
+            self.model = model.to(memory_format=self._memory_format)
 
     @property
     def detections_cap(self) -> int | None:
@@ -161,7 +174,7 @@ class TorchPredictor(Predictor):
             return super().logits(x)
         if not self._cuda:
             return self._scores(self.model(x))
-        x = self._to_device(x).contiguous(memory_format=torch.channels_last)
+        x = self._to_device(x).contiguous(memory_format=self._memory_format)
         amp = (torch.autocast("cuda", dtype=AUTOCAST[self.precision]) if self.precision in AUTOCAST
                else contextlib.nullcontext())
         with amp:

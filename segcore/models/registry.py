@@ -8,6 +8,12 @@ named like the architecture and loads either a ``(builder, kind)`` pair or a bui
 ``num_classes`` (background included), and returns an ``nn.Module``: a semantic one maps
 ``(N, C, H, W)`` float batches to ``(N, num_classes, H, W)`` logits for any ``H`` and ``W``.
 
+A volumetric model declares itself with a ``spatial_dims = 3`` attribute on its builder (read by
+:func:`spatial_dims_of`; absent means 2, an image model) and on the module it builds; a semantic
+one maps ``(N, C, D, H, W)`` float batches to ``(N, num_classes, D, H, W)`` logits for any ``D``,
+``H`` and ``W``. Its checkpoints record ``input_axes="bczyx"``
+(:class:`~segcore.models.checkpoint.ModelMeta`).
+
 A builder may carry a ``normalisation`` attribute (:class:`~segcore.normalise.Normalisation`):
 the inputs its weights expect, used when a model is imported without one.
 """
@@ -27,6 +33,8 @@ log = logging.getLogger(__name__)
 #: Entry-point group through which other packages register architectures.
 ENTRY_POINT_GROUP = "segflow.models"
 KINDS = ("semantic", "instance")
+#: The spatial dimensionalities a model may declare: 2 (images) or 3 (volumes).
+SPATIAL_DIMS = (2, 3)
 
 #: name -> keyword-only builder returning an ``nn.Module``.
 MODELS: dict[str, Callable[..., nn.Module]] = {}
@@ -46,6 +54,20 @@ def register_model(name: str, builder: Callable[..., nn.Module], *, kind: str, r
                           "choose another name")
     MODELS[name] = builder
     MODEL_KINDS[name] = kind
+
+
+def spatial_dims_of(arch: str) -> int:
+    """2 for an image model, 3 for a volumetric one: the ``spatial_dims`` attribute of the builder
+    registered as ``arch`` (absent: 2). Raises :class:`ConfigError` for an unknown name or a value
+    other than 2 or 3."""
+    try:
+        builder = MODELS[arch]
+    except KeyError:
+        raise ConfigError(f"unknown model {arch!r}; valid names: {', '.join(sorted(MODELS))}") from None
+    dims = getattr(builder, "spatial_dims", 2)
+    if dims not in SPATIAL_DIMS:
+        raise ConfigError(f"model {arch!r} declares spatial_dims={dims!r}; a builder's spatial_dims must be 2 or 3")
+    return int(dims)
 
 
 def load_entry_points(entry_points: Iterable[metadata.EntryPoint] | None = None) -> list[str]:
@@ -79,5 +101,5 @@ def create_model(arch: str, **kwargs: Any) -> nn.Module:
         raise ConfigError(f"bad arguments for model {arch!r}: {exc}") from exc
 
 
-__all__ = ["ENTRY_POINT_GROUP", "KINDS", "MODELS", "MODEL_KINDS", "create_model", "load_entry_points",
-           "register_model"]
+__all__ = ["ENTRY_POINT_GROUP", "KINDS", "MODELS", "MODEL_KINDS", "SPATIAL_DIMS", "create_model",
+           "load_entry_points", "register_model", "spatial_dims_of"]

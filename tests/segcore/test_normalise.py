@@ -1,5 +1,6 @@
 """Tests for segcore.normalise: percentile/range modes and mean/std by hand on tiny arrays,
-layout (N, H, W, C) -> float32 (N, C, H, W), and validation of the description."""
+layout (N, H, W, C) -> float32 (N, C, H, W) and (N, D, H, W, C) -> (N, C, D, H, W), and validation
+of the description."""
 
 from __future__ import annotations
 
@@ -96,10 +97,33 @@ def test_non_contiguous_input() -> None:
     torch.testing.assert_close(out, torch.from_numpy(np.ascontiguousarray(view)).float().permute(0, 3, 1, 2))
 
 
-@pytest.mark.parametrize("shape", [(4, 4), (1, 4, 4), (1, 1, 4, 4, 1)])
+@pytest.mark.parametrize("shape", [(4, 4), (1, 4, 4), (1, 1, 1, 4, 4, 1)])
 def test_wrong_rank_is_refused(shape: tuple[int, ...]) -> None:
     with pytest.raises(ValueError, match=r"\(N, H, W, C\)"):
         normalise_batch(np.zeros(shape, np.uint8), Normalisation())
+
+
+def test_volume_percentiles_are_those_of_the_whole_volume_by_hand() -> None:
+    # Slice 0 holds 0..3, slice 1 holds 4..7: min 0 and max 7 of the volume, not of each slice.
+    volume = np.arange(8, dtype=np.uint8).reshape(1, 2, 2, 2, 1)
+    out = normalise_batch(volume, Normalisation(low=0.0, high=100.0))
+    assert out.shape == (1, 1, 2, 2, 2) and out.dtype == torch.float32
+    torch.testing.assert_close(out[0, 0], torch.arange(8.0).reshape(2, 2, 2) / 7.0)
+
+
+@pytest.mark.parametrize("norm", [
+    Normalisation(), Normalisation(mode="range", scale=255.0, mean=(0.5, 0.1), std=(0.2, 2.0)),
+    Normalisation(mode="window", window=(20.0, 200.0)),
+    Normalisation(mode="steps", steps=({"op": "scale_range", "low": 5.0, "high": 95.0},
+                                       {"op": "zero_mean_unit_variance", "per_channel": False})),
+])
+def test_a_volume_is_normalised_as_the_image_of_its_stacked_slices(norm: Normalisation) -> None:
+    volumes = np.random.default_rng(0).integers(0, 256, (2, 3, 4, 5, 2), dtype=np.uint8)
+    out = normalise_batch(volumes, norm)
+    assert out.shape == (2, 2, 3, 4, 5) and out.is_contiguous()
+    stacked = normalise_batch(volumes.reshape(2, 12, 5, 2), norm)
+    torch.testing.assert_close(out, stacked.reshape(2, 2, 3, 4, 5))
+    torch.testing.assert_close(out[1:], normalise_batch(volumes[1:], norm))  # per volume, not per batch
 
 
 @pytest.mark.parametrize(

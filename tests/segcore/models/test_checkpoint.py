@@ -261,3 +261,15 @@ def test_file_sha256_matches_hashlib(tmp_path: Path, size: int) -> None:
     path.write_bytes(data)
     assert file_sha256(path) == hashlib.sha256(data).hexdigest()
     assert file_sha256(str(path)) == hashlib.sha256(data).hexdigest()
+
+
+def test_a_volumetric_checkpoint_records_its_axes_and_they_must_fit_the_architecture(tmp_path: Path) -> None:
+    meta = _meta(arch="unet3d", input_axes="bczyx")
+    assert meta.spatial_dims == 3 and _meta().spatial_dims == 2
+    path = save_checkpoint(tmp_path / "v.safetensors", _trained_like_model(meta), meta)
+    assert read_meta(path).input_axes == "bczyx"
+    loaded, _ = load_checkpoint(path)
+    assert loaded.spatial_dims == 3
+    for arch, axes in (("unet3d", "bcyx"), ("unet", "bczyx")):
+        with pytest.raises(CheckpointError, match=f"architecture '{arch}' takes .-D inputs"):
+            build_model(_meta(arch=arch, input_axes=axes))

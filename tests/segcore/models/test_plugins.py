@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from segcore.errors import ConfigError
-from segcore.models import ENTRY_POINT_GROUP, MODEL_KINDS, MODELS, create_model, load_entry_points, register_model
+from segcore.models import (ENTRY_POINT_GROUP, MODEL_KINDS, MODELS, create_model, load_entry_points, register_model,
+                            spatial_dims_of)
 
 
 @pytest.fixture
@@ -49,3 +50,24 @@ def test_register_model_checks_kind_and_names(registry):
         register_model("ex:x", lambda **_: None, kind="panoptic")
     with pytest.raises(ConfigError, match="unknown model 'nope'.*unet"):
         create_model("nope")
+
+
+def test_a_builder_declares_volumes_by_its_spatial_dims(registry):
+    def build_flat(**_):
+        return torch.nn.Identity()
+
+    def build_volume(**_):
+        return torch.nn.Identity()
+
+    def build_odd(**_):
+        return torch.nn.Identity()
+
+    build_volume.spatial_dims = 3
+    build_odd.spatial_dims = 4
+    for name, builder in (("ex:flat", build_flat), ("ex:volume", build_volume), ("ex:odd", build_odd)):
+        register_model(name, builder, kind="semantic")
+    assert (spatial_dims_of("ex:flat"), spatial_dims_of("ex:volume"), spatial_dims_of("unet3d")) == (2, 3, 3)
+    with pytest.raises(ConfigError, match="spatial_dims must be 2 or 3"):
+        spatial_dims_of("ex:odd")
+    with pytest.raises(ConfigError, match="unknown model 'nope'"):
+        spatial_dims_of("nope")

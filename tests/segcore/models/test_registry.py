@@ -1,5 +1,5 @@
 """The one test every registered model must pass: build, forward, save, load, same outputs,
-prediction contract respected. A new entry in MODELS is tested here without further code: segflow's
+prediction contract respected (volumetric models, ``spatial_dims = 3`` on the builder, on volumes). A new entry in MODELS is tested here without further code: segflow's
 own, torchvision's, the adapters of the installed packages (smp, MONAI) and the architectures of
 ``segflow.models`` entry points (tests/plugins holds a distribution that registers one)."""
 
@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from segcore.models.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
+from segcore.models.checkpoint import INPUT_AXES, ModelMeta, load_checkpoint, save_checkpoint
 from segcore.models.predict import TorchPredictor
 from segcore.models.instances import InstancePrediction
-from segcore.models import MODEL_KINDS, MODELS
+from segcore.models import MODEL_KINDS, MODELS, spatial_dims_of
 from segcore.normalise import Normalisation
 
 #: Small builder arguments per architecture (defaults where absent; lists, as JSON gives them back).
 SMALL = {
     "unet": {"base": 4, "depth": 2},
+    "unet3d": {"base": 4, "depth": 2},
     "smp:Unet": {"encoder_name": "resnet18", "encoder_depth": 3, "decoder_channels": [16, 8, 4]},
     "monai:UNet": {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1},
     "monai:BasicUNet": {"features": [4, 4, 8, 8, 16, 4]},
@@ -42,17 +43,20 @@ def test_the_contract_covers_adapters_and_plugins():
 @pytest.mark.parametrize("arch", sorted(MODELS))
 def test_registered_model_contract(arch, tmp_path):
     torch.manual_seed(0)
+    dims = spatial_dims_of(arch)
     meta = ModelMeta(arch=arch, arch_kwargs=SMALL.get(arch, {}), class_names=("background", "a", "b"),
-                     in_channels=1, normalisation=NORM)
+                     in_channels=1, normalisation=NORM, input_axes=INPUT_AXES[dims])
     model = MODELS[arch](in_channels=1, num_classes=3, **SMALL.get(arch, {})).eval()
-    images = np.random.default_rng(0).integers(0, 256, (2, 40, 56, 1), dtype=np.uint8)
+    shape = (2, 40, 56) if dims == 2 else (2, 5, 40, 56)
+    images = np.random.default_rng(0).integers(0, 256, (*shape, 1), dtype=np.uint8)
     path = save_checkpoint(tmp_path / f"{arch}.safetensors", model, meta)
     loaded, loaded_meta = load_checkpoint(path)
     assert loaded_meta == meta and not loaded.training
+    assert meta.spatial_dims == dims == getattr(model, "spatial_dims", 2)
     if meta.kind == "semantic":
         a = TorchPredictor(model, meta).labels(images)
         b = TorchPredictor(loaded, loaded_meta).labels(images)
-        assert a.shape == (2, 40, 56) and a.dtype == np.uint8 and int(a.max()) < 3
+        assert a.shape == shape and a.dtype == np.uint8 and int(a.max()) < 3
         np.testing.assert_array_equal(a, b)
     else:
         a = TorchPredictor(model, meta).instances(images, batch_size=2)
