@@ -31,16 +31,25 @@ log = logging.getLogger(__name__)
 def preflight(store_path: str, checkpoint: str) -> tuple[ModelMeta, str, StoreInfo]:
     """Fail fast, before fan-out: the model record (any runtime) readable and its model loading (weights
     fitting the architecture, TorchScript/ONNX graph readable), its declared input axes those of
-    segflow, and at least one store group whose channels the channel policy can feed to the model
+    segflow (``bcyx``; ``bczyx`` for a volumetric model, whose store must hold no blocked groups), and
+    at least one store group whose channels the channel policy can feed to the model
     (:mod:`segcore.run.channels`; the images of the other groups become error rows). Returns the
     model's metadata, the record's sha256 (:func:`model_sha256`) and the store."""
     meta = read_model_meta(checkpoint)
     open_predictor(checkpoint, device="cpu", precision="fp32")  # raises CheckpointError if it does not load
     sha = model_sha256(checkpoint)
     store = open_store(store_path)
-    if meta.input_axes != "bcyx":
+    if meta.input_axes not in ("bcyx", "bczyx"):
         raise CheckpointError(f"the model takes input axes {meta.input_axes!r}; segflow feeds 2-D images as bcyx "
-                              "(batch, channel, y, x): re-export the model for that layout")
+                              "(batch, channel, y, x) and volumes to volumetric models as bczyx: re-export the "
+                              "model for one of those layouts")
+    blocked = [g.name for g in store.groups if g.tile and g.count]
+    if meta.input_axes == "bczyx" and (meta.kind != "semantic" or blocked):
+        raise CheckpointError(
+            f"the volumetric model {meta.arch!r} cannot segment this store: "
+            + ("only semantic volumetric models are supported" if meta.kind != "semantic" else
+               f"groups {', '.join(blocked)} store their images or slices in square blocks (larger than "
+               "--tile-chunk); ingest again with --tile-chunk 0"))
     check_channels(store, model_channels=meta.in_channels)
     if store.has_gt and store.mask_kind == "instance" and meta.num_classes != 2:
         raise CheckpointError(

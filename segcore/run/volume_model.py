@@ -23,6 +23,7 @@ import math
 from typing import Any
 
 import numpy as np
+import torch
 
 from segcore.models.predict import Predictor
 from segcore.normalise import Stats, percentile_stats
@@ -77,9 +78,10 @@ def volume_slab_labels(predictor: Predictor, images: Any, start: int, stop: int,
     raw, _, refused = adapt_images(images[window.start[0]:window.stop[0]], model_channels=predictor.meta.in_channels)
     stats = volume_stats(images, predictor)
     logits_of = flip_tta(predictor.logits) if tta else predictor.logits
-    logits = blend_block_nd(logits_of, raw[:, window.start[1]:window.stop[1], window.start[2]:window.stop[2]],
-                            window.start, core, tiles, to_input=lambda b: predictor.prepare(b, stats=stats),
-                            blend=blend, overlap=overlap, batch_size=batch_size)
+    with torch.inference_mode():
+        logits = blend_block_nd(logits_of, raw[:, window.start[1]:window.stop[1], window.start[2]:window.stop[2]],
+                                window.start, core, tiles, to_input=lambda b: predictor.prepare(b, stats=stats),
+                                blend=blend, overlap=overlap, batch_size=batch_size)
     labels = logits.argmax(axis=0).astype(predictor.label_dtype)
     in_slab = {i - (start - window.start[0]): why for i, why in refused.items()
                if start <= window.start[0] + i < stop}

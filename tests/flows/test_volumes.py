@@ -12,18 +12,23 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import tifffile
+import torch
 import zarr
 from prefect.settings import PREFECT_API_URL
 
 from flows.artifacts import artifact_key
 from flows.cli import main
-from flows.pipeline import ingest_flow, run_flow, with_runner
+from flows.pipeline import ingest_flow, run_flow, segment_flow, with_runner
 from segcore.collection.imageio import write_png
 from segcore.collection.store import read_manifest
 from segcore.config import ExecutionSpec, IngestSpec, RunSpec, SegmentSpec
 from segcore.metrics.dice import dice_from_counts
+from segcore.models import create_model
+from segcore.models.checkpoint import ModelMeta, save_checkpoint
+from segcore.normalise import Normalisation
 from segcore.run.results import open_run
 from segcore.run.volumes import read_volume_table
+from segcore.synthetic_volumes import generate_volume_collection
 
 nib = pytest.importorskip("nibabel")
 
@@ -185,3 +190,39 @@ def test_volume_rows_reach_the_lake_with_their_file_as_lineage(tmp_path, collect
     assert [(r["volume_id"], r["class_id"]) for r in rows] == [("stack", c) for c in range(3)]
     assert {r["source_path"] for r in rows} == {str(images / "stack.tif")}
     assert all(r["source_sha256"] and r["run_id"] and r["slices"] == 3 for r in rows)
+
+
+def _volumetric_checkpoint(path: Path, volume: np.ndarray) -> str:
+    """A small random unet3d whose output layer is biased so that its classes are balanced on
+    ``volume``: its labels then follow its features (a random model alone predicts one class)."""
+    torch.manual_seed(0)
+    model = create_model("unet3d", in_channels=1, num_classes=3, base=4, depth=2).eval()
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)][-1]
+    with torch.no_grad():
+        x = torch.from_numpy(volume[None, None].astype(np.float32))
+        head.bias -= model((x - x.mean()) / x.std()).mean(dim=(0, 2, 3, 4))
+    meta = ModelMeta(arch="unet3d", arch_kwargs={"base": 4, "depth": 2}, class_names=("background", "a", "b"),
+                     in_channels=1, input_axes="bczyx", normalisation=Normalisation(mode="percentile"))
+    return str(save_checkpoint(path, model, meta))
+
+
+def test_a_volumetric_model_tiled_in_3d_over_slabs_equals_whole_volume_inference(tmp_path):
+    ids = generate_volume_collection(tmp_path / "data", n_volumes=1, shape=(24, 48, 40), seed=3, file_format="tiff")
+    store = str(tmp_path / "s.zarr")
+    with_runner(ingest_flow, ONE_WORKER)(IngestSpec(images=str(tmp_path / "data" / "images"),
+                                                    masks=str(tmp_path / "data" / "masks"), store=store,
+                                                    chunk_pixels=4 * 48 * 40))  # slabs of 4 slices: 6 units
+    volume = tifffile.imread(tmp_path / "data" / "images" / f"{ids[0]}.tif")
+    ckpt = _volumetric_checkpoint(tmp_path / "u3.safetensors", volume)
+    masks = {}
+    for name, tile in (("tiled", 32), ("whole", 0)):
+        spec = SegmentSpec(store=store, checkpoint=ckpt, out=str(tmp_path / name), tile_size=tile, overlap=8,
+                           execution=ONE_WORKER)
+        with_runner(segment_flow, ONE_WORKER)(spec)
+        run = open_run(str(tmp_path / name))
+        masks[name] = run.masks_of([f"{ids[0]}/z{k:04d}" for k in range(24)])
+    counts = np.bincount(masks["whole"].ravel(), minlength=3)
+    assert counts.min() > 0.02 * masks["whole"].size  # every class is predicted somewhere
+    agreement = float((masks["tiled"] == masks["whole"]).mean())
+    assert agreement >= 0.999, agreement
+    assert read_volume_table(str(tmp_path / "tiled")).num_rows == 3
