@@ -132,7 +132,8 @@ def _check_mask(path: str, info: Any) -> None:
     if isinstance(info, VolumeInfo):
         minfo = probe_volume(path) if is_volume_candidate(path) else None
         if minfo is None:
-            raise StoreError(f"the mask of a volume must be a volume (NIfTI or a TIFF z-stack); {path} is a 2-D image")
+            raise StoreError(f"the mask of a volume must be a label volume (NIfTI, a TIFF z-stack or Zarr); {path} "
+                             "is a 2-D image")
         if (minfo.depth, minfo.height, minfo.width) != (info.depth, info.height, info.width):
             raise StoreError(f"mask shape {minfo.depth}x{minfo.height}x{minfo.width} differs from volume shape "
                              f"{info.depth}x{info.height}x{info.width}")
