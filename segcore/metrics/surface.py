@@ -87,14 +87,13 @@ def _as_masks(pred_mask: np.ndarray, gt_mask: np.ndarray) -> tuple[np.ndarray, n
 
 def _union_box(a: np.ndarray, b: np.ndarray) -> tuple[slice, ...] | None:
     """Bounding box of ``a | b`` plus one voxel on every side (clipped to the array), or None."""
-    union = a | b
-    if not union.any():
-        return None
     box = []
-    for axis in range(union.ndim):
-        others = tuple(i for i in range(union.ndim) if i != axis)
-        hit = np.flatnonzero(union.any(axis=others) if others else union)
-        box.append(slice(max(int(hit[0]) - 1, 0), min(int(hit[-1]) + 2, union.shape[axis])))
+    for axis in range(a.ndim):  # projections of each mask: no union array as large as the volume
+        others = tuple(i for i in range(a.ndim) if i != axis)
+        hit = np.flatnonzero((a.any(axis=others) | b.any(axis=others)) if others else (a | b))
+        if not hit.size:
+            return None
+        box.append(slice(max(int(hit[0]) - 1, 0), min(int(hit[-1]) + 2, a.shape[axis])))
     return tuple(box)
 
 

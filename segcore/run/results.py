@@ -95,10 +95,9 @@ class RunReader:
         or None when one of them has no usable mask."""
         if not self.store.has_gt or any(self._slot(i)[2]["mask_status"] != "ok" for i in image_ids):
             return None
-        gt = self._stacked(image_ids, lambda g: self._images[f"gt/{g}"])
-        return gt.astype(np.min_scalar_type(int(gt.max()) if gt.size else 0), copy=False)
+        return self._stacked(image_ids, lambda g: self._images[f"gt/{g}"], narrow=True)
 
-    def _stacked(self, image_ids: Sequence[str], array_of: Any) -> np.ndarray:
+    def _stacked(self, image_ids: Sequence[str], array_of: Any, *, narrow: bool = False) -> np.ndarray:
         slots = [self._slot(i)[:2] for i in image_ids]
         runs: list[tuple[str, int, int]] = []  # (group, start, stop) of consecutive slots
         for g, i in slots:
@@ -106,7 +105,13 @@ class RunReader:
                 runs[-1] = (g, runs[-1][1], i + 1)
             else:
                 runs.append((g, i, i + 1))
-        return np.concatenate([array_of(g)[a:b] for g, a, b in runs])
+        pieces = []
+        for g, a, b in runs:
+            piece = array_of(g)[a:b]
+            if narrow and piece.size:  # each slab narrowed as read: a volume never sits in memory as uint32
+                piece = piece.astype(np.min_scalar_type(int(piece.max())), copy=False)
+            pieces.append(piece)
+        return np.concatenate(pieces)
 
     def instances(self, image_id: str) -> np.ndarray:
         """``(H, W)`` uint32 predicted instance ids (instance models only)."""
