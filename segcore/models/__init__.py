@@ -5,7 +5,8 @@
 :class:`~segcore.errors.ConfigError` listing the valid names. A volumetric architecture says so
 with ``spatial_dims = 3`` on its builder (:func:`~segcore.models.registry.spatial_dims_of`).
 Registered here: segflow's own (``unet``; ``unet3d``, its volumetric twin; ``maskrcnn``,
-``maskrcnn_r18``), torchvision's Mask R-CNNs keyed as torchvision distributes them (:mod:`segcore.models.detection`), the adapters of installed packages
+``maskrcnn_r18``), torchvision's Mask R-CNNs keyed as torchvision distributes them
+(:mod:`segcore.models.detection`), the adapters of installed packages
 (:mod:`segcore.models.adapters`: ``smp:Unet``, ``monai:*``) and the architectures of the
 ``segflow.models`` entry points of installed distributions.
 """

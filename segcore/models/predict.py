@@ -143,12 +143,12 @@ class Predictor(abc.ABC):
 
 class TorchPredictor(Predictor):
     """A torch ``nn.Module`` (segflow's registry models): on CUDA with pinned, non-blocking copies,
-    channels-last (channels-last-3d for a volumetric model) and autocast to ``precision`` (semantic models; detection post-processing is not
-    autocast-safe, so instance models run fp32); on the CPU in fp32. The module's train/eval mode
-    is the caller's (a checkpoint loaded by :func:`load_predictor` is in eval mode). On CUDA a semantic
-    model's parameters are switched to channels-last in place (``Module.to`` converts them where
-    they are), which changes no value: training that goes on with the module afterwards is
-    unaffected."""
+    channels-last (channels-last-3d for a volumetric model) and autocast to ``precision`` (semantic
+    models; detection post-processing is not autocast-safe, so instance models run fp32); on the
+    CPU in fp32. The module's train/eval mode is the caller's (a checkpoint loaded by
+    :func:`load_predictor` is in eval mode). On CUDA a semantic model's parameters are switched to
+    channels-last in place (``Module.to`` converts them where they are), which changes no value:
+    training that goes on with the module afterwards is unaffected."""
 
     def __init__(self, model: torch.nn.Module, meta: ModelMeta, *, device: str = "cpu",
                  precision: str = "bf16") -> None:

@@ -10,7 +10,8 @@ their ``3d`` counterparts (3x3x3 kernels, 2x2x2 pooling and upsampling) for ``(N
 volumes (``unet3d``). The state dict's keys do not depend on ``spatial_dims``.
 
 Any size works: the input is padded (reflect) to a multiple of ``2**depth`` on every spatial
-axis (:class:`~segcore.models.padding.PaddedForward`) and the logits are cropped back, so the output always has the input's spatial size.
+axis (:class:`~segcore.models.padding.PaddedForward`) and the logits are cropped back, so the
+output always has the input's spatial size.
 """
 
 from __future__ import annotations

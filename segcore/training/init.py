@@ -3,7 +3,7 @@
 :func:`load_init` reads a torch-runtime model record (a segflow checkpoint, or a model imported
 with ``segflow model import``), checks it fits the training run (architecture, input channels) and,
 when the run's classes differ from the parent's, replaces the class-specific head with a freshly
-initialised one (seeded): the UNet's final 1x1 convolution; Mask R-CNN's box predictor (class
+initialised one (seeded): the UNet's final 1x1 (or 1x1x1) convolution; Mask R-CNN's box predictor (class
 scores and per-class box deltas) and mask predictor. Everything else keeps the parent's weights.
 The returned provenance names the parent by its content hash.
 """
@@ -42,10 +42,11 @@ class InitModel:
 
 def replace_head(model: nn.Module, *, arch: str, num_classes: int) -> None:
     """Give ``model`` a new, randomly initialised (torch's global generator) head of ``num_classes``
-    outputs, background included: the UNet's 1x1 ``head``; Mask R-CNN's box and mask predictors."""
-    if hasattr(model, "head") and isinstance(model.head, nn.Conv2d):
+    outputs, background included: the UNet's 1x1 (1x1x1 for ``unet3d``) ``head``; Mask R-CNN's box
+    and mask predictors."""
+    if hasattr(model, "head") and isinstance(model.head, (nn.Conv2d, nn.Conv3d)):
         old = model.head
-        model.head = nn.Conv2d(old.in_channels, num_classes, kernel_size=1)
+        model.head = type(old)(old.in_channels, num_classes, kernel_size=1)
         model.num_classes = num_classes
         return
     detector = getattr(model, "detector", None)

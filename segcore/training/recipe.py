@@ -3,11 +3,12 @@
 - :func:`split_indices`: hold out images for validation at random, as a contiguous tail (in
   natural order of the image ids), or by *group* (a regular expression on the image ids names the
   volume or source an image comes from; a group never straddles the split);
-- :class:`PatchSampler`: training patches of ``patch`` pixels; in every batch a share
+- :class:`PatchSampler`: training patches of ``patch`` pixels (of images or volumes); in every batch a share
   (``fg_fraction``, default a third) is centred on a labelled pixel of a foreground class drawn
   uniformly, so that small classes are seen; images no larger than the patch are taken whole
   (the foreground draw then picks an image that holds the class);
-- :func:`augment`: flips and 90-degree turns, intensity scale/shift, a small random affine;
+- :func:`augment`: flips and 90-degree turns, intensity scale/shift, a small random affine (images);
+  :func:`flip_axes`: flips along every spatial axis (volumes);
 - :func:`lr_factor`: linear warm-up, then poly or cosine decay.
 
 Everything random draws from a :class:`numpy.random.Generator` the caller seeds.
@@ -99,22 +100,30 @@ def split_indices(ids: Sequence[str], *, n_val: int, rng: np.random.Generator, h
 
 
 class PatchSampler:
-    """Draws training patches ``(image, y0, x0)`` of a ``(N, H, W)`` label set.
+    """Draws training patches ``(image, y0, x0)`` of a ``(N, H, W)`` label set, or
+    ``(volume, z0, y0, x0)`` of a ``(N, D, H, W)`` one.
 
     Args:
-        masks: ``(N, H, W)`` integer labels of the training images (0 = background).
-        patch: patch side in pixels; an image side no larger than it is taken whole.
+        masks: ``(N, H, W)`` or ``(N, D, H, W)`` integer labels of the training images or volumes
+            (0 = background).
+        patch: patch side in pixels (every spatial axis), or one side per spatial axis; a side of
+            the images no larger than the patch's is taken whole.
         num_classes: number of classes, background included.
         fg_fraction: share of each batch centred on a foreground pixel (rounded per batch).
     """
 
-    def __init__(self, masks: np.ndarray, *, patch: int, num_classes: int, fg_fraction: float = FG_FRACTION) -> None:
-        if masks.ndim != 3 or masks.shape[0] == 0:
-            raise ConfigError(f"a patch sampler needs (N, H, W) labels with N > 0, got {masks.shape}")
-        if patch < 1 or not 0.0 <= fg_fraction <= 1.0:
-            raise ConfigError(f"patch must be positive and fg_fraction in [0, 1], got {patch}, {fg_fraction}")
-        self.n, self.height, self.width = masks.shape
-        self.ph, self.pw = min(patch, self.height), min(patch, self.width)
+    def __init__(self, masks: np.ndarray, *, patch: int | Sequence[int], num_classes: int,
+                 fg_fraction: float = FG_FRACTION) -> None:
+        if masks.ndim not in (3, 4) or masks.shape[0] == 0:
+            raise ConfigError(f"a patch sampler needs (N, H, W) or (N, D, H, W) labels with N > 0, got {masks.shape}")
+        sides = (patch,) * (masks.ndim - 1) if isinstance(patch, (int, np.integer)) else tuple(patch)
+        if len(sides) != masks.ndim - 1 or min(sides) < 1 or not 0.0 <= fg_fraction <= 1.0:
+            raise ConfigError(f"patch must be positive (one side, or one per spatial axis of {masks.shape[1:]}) and "
+                              f"fg_fraction in [0, 1], got {patch}, {fg_fraction}")
+        self.n = masks.shape[0]
+        #: Spatial size of the images and of the patches (``(H, W)`` or ``(D, H, W)``).
+        self.size = tuple(int(s) for s in masks.shape[1:])
+        self.patch = tuple(min(int(p), s) for p, s in zip(sides, self.size))
         self.fg_fraction = fg_fraction
         flat = masks.reshape(-1)
         #: Flat pixel indices per foreground class present (at most a million each, evenly strided).
@@ -124,28 +133,45 @@ class PatchSampler:
             if where.size:
                 self.pixels[c] = where[:: max(1, -(-where.size // 1_000_000))]
 
+    @property
+    def ph(self) -> int:
+        """Patch height (pixels)."""
+        return self.patch[-2]
+
+    @property
+    def pw(self) -> int:
+        """Patch width (pixels)."""
+        return self.patch[-1]
+
     def _corner(self, centre: int, side: int, size: int) -> int:
         return int(min(max(centre - side // 2, 0), size - side))
 
-    def batch(self, rng: np.random.Generator, size: int) -> list[tuple[int, int, int, bool]]:
-        """``size`` patches ``(image, y0, x0, centred_on_foreground)``; the last
-        ``round(size * fg_fraction)`` are centred on foreground (when the set has any)."""
+    def batch(self, rng: np.random.Generator, size: int) -> list[tuple]:
+        """``size`` patches ``(image, *corner, centred_on_foreground)`` (corner ``y0, x0`` or
+        ``z0, y0, x0``); the last ``round(size * fg_fraction)`` are centred on foreground (when the
+        set has any)."""
         n_fg = int(round(size * self.fg_fraction)) if self.pixels else 0
-        out = []
+        out: list[tuple] = []
         for i in range(size):
             if i >= size - n_fg:
                 classes = sorted(self.pixels)
                 c = classes[int(rng.integers(len(classes)))]
                 p = int(self.pixels[c][int(rng.integers(self.pixels[c].size))])
-                img, rest = divmod(p, self.height * self.width)
-                y, x = divmod(rest, self.width)
-                out.append((img, self._corner(y, self.ph, self.height), self._corner(x, self.pw, self.width), True))
+                img, *centre = (int(v) for v in np.unravel_index(p, (self.n, *self.size)))
+                corner = [self._corner(m, side, s) for m, side, s in zip(centre, self.patch, self.size)]
+                out.append((img, *corner, True))
             else:
                 img = int(rng.integers(self.n))
-                y0 = int(rng.integers(self.height - self.ph + 1))
-                x0 = int(rng.integers(self.width - self.pw + 1))
-                out.append((img, y0, x0, False))
+                corner = [int(rng.integers(s - side + 1)) for side, s in zip(self.patch, self.size)]
+                out.append((img, *corner, False))
         return out
+
+    def crop(self, x: torch.Tensor, y: torch.Tensor, picks: Sequence[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The patches ``picks`` (from :meth:`batch`) of ``x (N, C, *size)`` inputs and ``y (N, *size)``
+        labels: ``(B, C, *patch)`` and ``(B, *patch)``."""
+        windows = [(pick[0], tuple(slice(a, a + side) for a, side in zip(pick[1:-1], self.patch))) for pick in picks]
+        return (torch.stack([x[(i, slice(None), *w)] for i, w in windows]),
+                torch.stack([y[(i, *w)] for i, w in windows]))
 
 
 def _affine(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,6 +215,21 @@ def augment(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, *, full:
     return torch.stack(xs), torch.stack(ys)
 
 
+def flip_axes(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip each sample of a batch along each spatial axis with probability 1/2 (inputs and
+    labels alike): ``x (B, C, *S)`` float inputs, ``y (B, *S)`` labels, any number of spatial axes
+    (three for volumes: z, y and x)."""
+    spatial = y.ndim - 1
+    xs, ys = [], []
+    for xi, yi in zip(x, y):
+        dims = [a for a, flip in enumerate(rng.integers(0, 2, size=spatial)) if flip]
+        if dims:
+            xi, yi = xi.flip([d + 1 for d in dims]), yi.flip(dims)
+        xs.append(xi)
+        ys.append(yi)
+    return torch.stack(xs), torch.stack(ys)
+
+
 def lr_factor(step: int, *, total: int, warmup: int, kind: Literal["poly", "cosine"]) -> float:
     """Multiplier of the peak learning rate at optimiser step ``step`` (0-based) of ``total``.
 
@@ -206,5 +247,5 @@ def lr_factor(step: int, *, total: int, warmup: int, kind: Literal["poly", "cosi
     raise ConfigError(f"unknown schedule {kind!r}; choose poly or cosine")
 
 
-__all__ = ["FG_FRACTION", "PatchSampler", "SplitKind", "augment", "groups_of", "lr_factor", "natural_key",
-           "split_indices"]
+__all__ = ["FG_FRACTION", "PatchSampler", "SplitKind", "augment", "flip_axes", "groups_of", "lr_factor",
+           "natural_key", "split_indices"]

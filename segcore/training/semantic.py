@@ -11,6 +11,10 @@ are returned, with a :class:`~segcore.models.checkpoint.ModelMeta` that describe
 
 Same inputs, same seed and same number of torch threads give the same weights.
 
+:func:`fit_semantic_arrays` is that recipe without its 2-D parts (patch sampling, augmentation,
+the architecture): :func:`train_semantic` and :func:`segcore.training.volumes.train_volumes` (3-D
+volumes, a volumetric architecture) each call it with their own.
+
 The ``DEMO_*`` constants are the settings ``segflow demo`` uses with the synthetic collection of
 :mod:`segcore.synthetic`; they were chosen to reach a held-out mean foreground Dice well above
 0.90 in about a minute of training on 2 CPU cores (see :data:`DEMO_EPOCHS`).
@@ -31,8 +35,8 @@ from torch import nn
 
 from segcore.errors import ConfigError
 from segcore.metrics.dice import confusion_counts, dice_from_counts
-from segcore.models import create_model
-from segcore.models.checkpoint import ModelMeta
+from segcore.models import MODEL_KINDS, create_model, spatial_dims_of
+from segcore.models.checkpoint import INPUT_AXES, ModelMeta
 from segcore.models.predict import TorchPredictor
 from segcore.normalise import Normalisation, normalise_batch
 from segcore.normalise_fit import describe, fit_normalisation
@@ -72,13 +76,17 @@ def _check_inputs(
     lr: float,
     val_fraction: float,
     time_budget_s: float | None,
+    noun: str = "image",
 ) -> tuple[int, int]:
-    """Validate the arguments of :func:`train_semantic`; returns ``(n_train, n_val)``."""
+    """Validate the arguments of :func:`fit_semantic_arrays`; returns ``(n_train, n_val)``.
+    ``images`` are channel-last, ``(N, H, W, C)`` images or ``(N, D, H, W, C)`` volumes (``noun``)."""
     n = images.shape[0]
-    if masks.shape != images.shape[:3]:
+    if masks.shape != images.shape[:-1]:
+        layout, sides = (("(N, H, W)", "height and width") if images.ndim == 4
+                         else ("(N, D, H, W)", "depth, height and width"))
         raise ConfigError(
-            f"masks must be (N, H, W) matching images {images.shape[:3]}, got {masks.shape}; "
-            "give one class map per image, same height and width"
+            f"masks must be {layout} matching {noun}s {images.shape[:-1]}, got {masks.shape}; "
+            f"give one class map per {noun}, same {sides}"
         )
     if not np.issubdtype(masks.dtype, np.integer):
         raise ConfigError(f"masks must hold integer class labels, got dtype {masks.dtype}")
@@ -106,8 +114,8 @@ def _check_inputs(
     n_train = n - n_val
     if n_train < 1:
         raise ConfigError(
-            f"{n} image(s) leave none for training after a validation split of {val_fraction}; "
-            "give at least 2 images or lower val_fraction"
+            f"{n} {noun}(s) leave none for training after a validation split of {val_fraction}; "
+            f"give at least 2 {noun}s or lower val_fraction"
         )
     return n_train, n_val
 
@@ -116,16 +124,21 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     """Cross-entropy + (1 - mean soft Dice of the foreground classes), over the whole batch.
 
     Args:
-        logits: ``(B, K, H, W)`` float scores.
-        target: ``(B, H, W)`` int64 labels in ``[0, K)``; class 0 is background.
+        logits: ``(B, K, H, W)`` (or ``(B, K, D, H, W)``) float scores.
+        target: ``(B, H, W)`` (or ``(B, D, H, W)``) int64 labels in ``[0, K)``; class 0 is background.
     """
     ce = F.cross_entropy(logits, target)
     probs = logits.softmax(dim=1)[:, 1:]
-    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].to(probs.dtype)
-    inter = (probs * onehot).sum(dim=(0, 2, 3))
-    total = probs.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
+    onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1)[:, 1:].to(probs.dtype)
+    dims = (0, *range(2, logits.ndim))
+    inter = (probs * onehot).sum(dim=dims)
+    total = probs.sum(dim=dims) + onehot.sum(dim=dims)
     soft_dice = (2 * inter + 1.0) / (total + 1.0)
     return ce + (1.0 - soft_dice.mean())
+
+
+#: Draws one training batch on the CPU: ``(rng, size) -> (x (B, C, *patch) float32, y (B, *patch) int64)``.
+BatchDraw = Callable[[np.random.Generator, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 def train_semantic(
@@ -181,17 +194,93 @@ def train_semantic(
         "loss", "val_dice" (name -> pooled Dice), "val_dice_mean_fg", "lr", "seconds",
         "elapsed_s"}`` (seconds are wall-clock).
     """
-    images = as_nhwc(images)
+    full = recipe.augmentation == "full"
+
+    def draws(x_train: torch.Tensor, y_train: torch.Tensor, train_masks: np.ndarray) -> BatchDraw:
+        sampler = PatchSampler(train_masks, patch=recipe.patch_size, num_classes=len(class_names),
+                               fg_fraction=recipe.fg_fraction)
+
+        def draw(rng: np.random.Generator, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+            x, y = sampler.crop(x_train, y_train, sampler.batch(rng, size))
+            return augment(x, y, rng, full=full)
+
+        return draw
+
+    return fit_semantic_arrays(
+        as_nhwc(images), masks, arch="unet", draws=draws, class_names=class_names, arch_kwargs=arch_kwargs,
+        normalisation=normalisation, epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction,
+        seed=seed, progress=progress, time_budget_s=time_budget_s, init=init, ids=ids, val_split=val_split,
+        group_pattern=group_pattern, recipe=recipe,
+        provenance={"trainer": "segcore.training.semantic.train_semantic",
+                    "augmentation": AUGMENTATIONS[recipe.augmentation]},
+    )
+
+
+def fit_semantic_arrays(
+    images: np.ndarray,
+    masks: np.ndarray,
+    *,
+    arch: str,
+    draws: Callable[[torch.Tensor, torch.Tensor, np.ndarray], BatchDraw],
+    provenance: Mapping[str, Any],
+    class_names: Sequence[str],
+    arch_kwargs: Mapping[str, Any],
+    normalisation: Normalisation,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    val_fraction: float,
+    seed: int,
+    progress: Callable[[dict], None] | None,
+    time_budget_s: float | None,
+    init: nn.Module | None,
+    ids: Sequence[str] | None,
+    val_split: SplitKind,
+    group_pattern: str | None,
+    recipe: Recipe,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> tuple[nn.Module, ModelMeta, list[dict]]:
+    """What :func:`train_semantic` (images) and :func:`segcore.training.volumes.train_volumes`
+    (volumes) share: validation of the arguments, the split, the normalisation (fitted on the
+    training split; a volume's statistics are its own), the model (registered semantic ``arch``,
+    seeded), :func:`segcore.training.loop.fit` with :func:`segmentation_loss`, validation through
+    :class:`~segcore.models.predict.TorchPredictor` (pooled Dice per class, best epoch kept), the
+    meta (``input_axes`` ``bcyx`` or ``bczyx`` by the architecture's ``spatial_dims``) and the
+    provenance. Returns ``(model, meta, history)`` as :func:`train_semantic` does.
+
+    Args:
+        images: channel-last raw ``(N, H, W, C)`` images, or ``(N, D, H, W, C)`` volumes for a
+            volumetric ``arch`` (:func:`segcore.models.spatial_dims_of`).
+        masks: ``(N, H, W)`` or ``(N, D, H, W)`` integer class labels.
+        arch: a registered semantic architecture whose spatial dimensionality is that of ``images``.
+        draws: ``(x_train (N, C, *S) normalised float32, y_train (N, *S) int64, train masks
+            (N, *S) as given) -> draw``: the patch sampling and augmentation of the trainer; the
+            split's generator (seeded with ``seed``) is passed to each call of ``draw``.
+        provenance: entries the trainer adds to the record (at least ``trainer`` and ``augmentation``).
+        memory_format: layout of the model's weights and of the batches while training (e.g.
+            ``torch.channels_last_3d``, faster for 3-D convolutions on the CPU); values are unchanged.
+        Other arguments: see :func:`train_semantic` (``recipe.patch_size`` and
+            ``recipe.augmentation`` matter only to ``draws``).
+    """
     masks = np.asarray(masks)
     arch_kwargs = dict(arch_kwargs)
     class_names = tuple(class_names)
+    if MODEL_KINDS.get(arch) != "semantic":
+        names = sorted(k for k, v in MODEL_KINDS.items() if v == "semantic")
+        raise ConfigError(f"{arch!r} is not a registered semantic model; choose one of {', '.join(names)}")
+    dims = spatial_dims_of(arch)
+    noun = "image" if dims == 2 else "volume"
+    if images.ndim != dims + 2:
+        layout = "(N, H, W, C) images" if dims == 2 else "(N, D, H, W, C) volumes"
+        raise ConfigError(f"model {arch!r} trains on {layout}, got an array of shape {images.shape}")
     n_train, n_val = _check_inputs(
         images, masks, class_names=class_names, arch_kwargs=arch_kwargs, epochs=epochs, batch_size=batch_size,
-        lr=lr, val_fraction=val_fraction, time_budget_s=time_budget_s,
+        lr=lr, val_fraction=val_fraction, time_budget_s=time_budget_s, noun=noun,
     )
-    ids = [f"img_{i}" for i in range(images.shape[0])] if ids is None else list(ids)
+    prefix = "img" if dims == 2 else "vol"
+    ids = [f"{prefix}_{i}" for i in range(images.shape[0])] if ids is None else list(ids)
     if len(ids) != images.shape[0]:
-        raise ConfigError(f"{len(ids)} ids for {images.shape[0]} images; give one id per image")
+        raise ConfigError(f"{len(ids)} ids for {images.shape[0]} {noun}s; give one id per {noun}")
     num_classes, in_channels = len(class_names), images.shape[-1]
     device = torch.device(recipe.device)
     t0 = time.perf_counter()
@@ -202,24 +291,23 @@ def train_semantic(
         rng = np.random.default_rng(seed)
         train_idx, val_idx = split_indices(ids, n_val=n_val, rng=rng, how=val_split, group_pattern=group_pattern)
     n_train = len(train_idx)
-    normalisation = fit_normalisation(normalisation, images[train_idx], masks[train_idx])
+    # Fitted per pixel: a volume enters as the image of its stacked slices.
+    width = images.shape[-2]
+    normalisation = fit_normalisation(normalisation, images[train_idx].reshape(n_train, -1, width, in_channels),
+                                      masks[train_idx].reshape(n_train, -1, width))
     log.info("normalisation: %s", describe(normalisation))
     x_train = normalise_batch(images[train_idx], normalisation)
     y_train = torch.from_numpy(masks[train_idx].astype(np.int64))
     x_val, y_val = images[val_idx], masks[val_idx]
-    meta = ModelMeta(arch="unet", arch_kwargs=arch_kwargs, class_names=class_names, in_channels=in_channels,
-                     normalisation=normalisation)
-    sampler = PatchSampler(masks[train_idx], patch=recipe.patch_size, num_classes=num_classes,
-                           fg_fraction=recipe.fg_fraction)
+    meta = ModelMeta(arch=arch, arch_kwargs=arch_kwargs, class_names=class_names, in_channels=in_channels,
+                     normalisation=normalisation, input_axes=INPUT_AXES[dims])
+    draw = draws(x_train, y_train, masks[train_idx])
     steps = math.ceil(n_train / batch_size)
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for step in range(steps):
-            size = min(batch_size, n_train - step * batch_size)
-            picks = sampler.batch(rng, size)
-            x = torch.stack([x_train[i, :, y0:y0 + sampler.ph, x0:x0 + sampler.pw] for i, y0, x0, _ in picks])
-            y = torch.stack([y_train[i, y0:y0 + sampler.ph, x0:x0 + sampler.pw] for i, y0, x0, _ in picks])
-            x, y = augment(x, y, rng, full=recipe.augmentation == "full")
+            x, y = draw(rng, min(batch_size, n_train - step * batch_size))
+            x = x.contiguous(memory_format=memory_format)
             if device.type == "cuda":
                 x, y = x.pin_memory(), y.pin_memory()
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -230,8 +318,10 @@ def train_semantic(
 
     def validate(model: nn.Module) -> Validation:
         predictor = TorchPredictor(model, meta, device=str(device), precision="fp32")
-        pred = predictor.labels(x_val, batch_size=max(batch_size, 32))
-        tp, fp, fn = (c.sum(axis=0) for c in confusion_counts(pred, y_val, num_classes))
+        pred = predictor.labels(x_val, batch_size=max(batch_size, 32) if dims == 2 else 1)
+        # Counts per image; a volume counts as the image of its stacked slices.
+        tp, fp, fn = (c.sum(axis=0) for c in confusion_counts(pred.reshape(len(pred), -1, width),
+                                                              y_val.reshape(len(y_val), -1, width), num_classes))
         per_class, _ = dice_from_counts(tp, fp, fn)
         scores = {"val_dice": {name: float(d) for name, d in zip(class_names, per_class)},
                   "val_dice_mean_fg": float(per_class[1:].mean())}
@@ -241,12 +331,12 @@ def train_semantic(
 
     with seeded_torch(seed):  # the weights; the loop itself draws nothing from torch's generator
         model = (init if init is not None
-                 else create_model("unet", in_channels=in_channels, num_classes=num_classes, **arch_kwargs)).to(device)
+                 else create_model(arch, in_channels=in_channels, num_classes=num_classes, **arch_kwargs))
+        model = model.to(device, memory_format=memory_format)
         result = fit(model, epochs=epochs, steps_per_epoch=steps, batches=batches, loss=loss, validate=validate,
                      lr=lr, time_budget_s=time_budget_s, progress=progress, started=t0, schedule=recipe.schedule,
                      warmup_fraction=recipe.warmup_fraction, device=device, precision=recipe.precision)
-    provenance = {
-        "trainer": "segcore.training.semantic.train_semantic",
+    record = {
         "epochs": int(epochs),
         "epochs_run": len(result.history),
         "stopped_early": result.stopped_early,
@@ -256,7 +346,7 @@ def train_semantic(
         "lr": float(lr),
         "loss": "cross_entropy + soft_dice(foreground)",
         "recipe": recipe.model_dump(mode="json"),
-        "augmentation": AUGMENTATIONS[recipe.augmentation],
+        **provenance,
         "normalisation": describe(normalisation),
         "val_split": val_split,
         "group_pattern": group_pattern,
@@ -271,10 +361,11 @@ def train_semantic(
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
     }
-    return model.cpu().eval(), meta.model_copy(update={"provenance": provenance}), result.history
+    return model.cpu().eval(), meta.model_copy(update={"provenance": record}), result.history
 
 
 __all__ = [
+    "BatchDraw",
     "DEMO_ARCH_KWARGS",
     "DEMO_BATCH_SIZE",
     "DEMO_EPOCHS",
@@ -285,6 +376,7 @@ __all__ = [
     "DEMO_N_TRAIN",
     "DEMO_TIME_BUDGET_S",
     "Recipe",
+    "fit_semantic_arrays",
     "segmentation_loss",
     "train_semantic",
 ]

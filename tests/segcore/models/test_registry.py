@@ -1,6 +1,7 @@
 """The one test every registered model must pass: build, forward, save, load, same outputs,
-prediction contract respected (volumetric models, ``spatial_dims = 3`` on the builder, on volumes). A new entry in MODELS is tested here without further code: segflow's
-own, torchvision's, the adapters of the installed packages (smp, MONAI) and the architectures of
+prediction contract respected (volumetric models, ``spatial_dims = 3`` on the builder, on
+volumes). A new entry in MODELS is tested here without further code: segflow's own,
+torchvision's, the adapters of the installed packages (smp, MONAI) and the architectures of
 ``segflow.models`` entry points (tests/plugins holds a distribution that registers one)."""
 
 from __future__ import annotations

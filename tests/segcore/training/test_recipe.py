@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from segcore.errors import ConfigError
-from segcore.training.recipe import PatchSampler, augment, groups_of, lr_factor, natural_key, split_indices
+from segcore.training.recipe import (PatchSampler, augment, flip_axes, groups_of, lr_factor, natural_key,
+                                    split_indices)
 
 
 @settings(max_examples=60, deadline=None)
@@ -69,6 +70,47 @@ def test_images_no_larger_than_the_patch_are_taken_whole() -> None:
     batch = sampler.batch(np.random.default_rng(0), 3)
     assert (sampler.ph, sampler.pw) == (8, 8) and all(b[1:3] == (0, 0) for b in batch)
     assert batch[-1][0] == 3  # the foreground draw picks the image that holds the class
+
+
+def test_volume_patches_hold_the_foreground_voxel_they_are_centred_on() -> None:
+    masks = np.zeros((2, 10, 20, 30), dtype=np.int64)
+    masks[1, 9, 3, 28] = 1  # one voxel in a corner: centred 9 - 2 -> clipped 6, 3 - 4 -> 0, 28 - 5 -> clipped 20
+    sampler = PatchSampler(masks, patch=(4, 8, 10), num_classes=2, fg_fraction=0.5)
+    assert sampler.patch == (4, 8, 10) and sampler.size == (10, 20, 30) and (sampler.ph, sampler.pw) == (8, 10)
+    batch = sampler.batch(np.random.default_rng(0), 4)
+    assert [b[-1] for b in batch] == [False, False, True, True]
+    assert all(b[:4] == (1, 6, 0, 20) for b in batch[2:])
+    for img, z0, y0, x0, _ in batch:
+        assert 0 <= z0 <= 6 and 0 <= y0 <= 12 and 0 <= x0 <= 20
+    x = torch.arange(2 * 10 * 20 * 30, dtype=torch.float32).reshape(2, 1, 10, 20, 30)
+    y = torch.from_numpy(masks)
+    xp, yp = sampler.crop(x, y, batch)
+    assert xp.shape == (4, 1, 4, 8, 10) and yp.shape == (4, 4, 8, 10)
+    assert xp[2, 0, 0, 0, 0] == x[1, 0, 6, 0, 20] and int(yp[2].sum()) == 1 and yp[2, 3, 3, 8] == 1
+    whole = PatchSampler(masks, patch=64, num_classes=2)
+    assert whole.patch == (10, 20, 30) and all(b[1:4] == (0, 0, 0) for b in whole.batch(np.random.default_rng(1), 5))
+
+
+@pytest.mark.parametrize("patch", [0, (4, 8), (4, 0, 8)])
+def test_bad_patches_are_refused(patch) -> None:
+    with pytest.raises(ConfigError, match="patch must be positive"):
+        PatchSampler(np.zeros((1, 8, 8, 8), dtype=np.int64), patch=patch, num_classes=2)
+
+
+def test_flips_move_volumes_and_labels_alike_along_every_axis() -> None:
+    x = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(1, 1, 2, 3, 4).repeat(64, 2, 1, 1, 1)
+    y = torch.arange(2 * 3 * 4).reshape(1, 2, 3, 4).repeat(64, 1, 1, 1)
+    xf, yf = flip_axes(x, y, np.random.default_rng(0))
+    assert xf.shape == x.shape and yf.dtype == y.dtype
+    torch.testing.assert_close(xf[:, 0], yf.float())
+    torch.testing.assert_close(xf[:, 1], yf.float())
+    seen = set()
+    for yi in yf:  # each sample is one of the 8 flip combinations, and all 8 occur in 64 draws
+        combos = [dims for dims in ([], [0], [1], [2], [0, 1], [0, 2], [1, 2], [0, 1, 2])
+                  if torch.equal(yi, y[0].flip(dims) if dims else y[0])]
+        assert len(combos) == 1
+        seen.add(tuple(combos[0]))
+    assert len(seen) == 8
 
 
 def test_schedule_values_by_hand() -> None:
