@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a UNet or Mask R-CNN on a store's labelled images, write a checkpoint")
     p.add_argument("--store", required=True, help="Zarr collection store with ground truth")
-    p.add_argument("--model", default="unet", help="registered architecture: unet (default), maskrcnn, maskrcnn_r18")
+    p.add_argument("--model", default="unet", help="registered architecture: unet (default), unet3d (volumes: "
+                                                   "trains on the store's labelled volumes), maskrcnn, maskrcnn_r18")
     p.add_argument("--out", required=True, help="checkpoint to write (.safetensors)")
     p.add_argument("--epochs", type=int, help="passes over the training split (default 50)")
     p.add_argument("--val-fraction", type=float,
@@ -167,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-pattern", metavar="REGEX",
                    help="regular expression on image ids naming an image's volume or source (first capture group "
                         "or the match); one group never straddles the validation split")
-    p.add_argument("--patch-size", type=int, help="UNet: training patch side (default 256; smaller images whole)")
+    p.add_argument("--patch-size", type=int, help="UNet: training patch side (default 256; smaller images whole); "
+                                                 "unet3d: the side of its cubic 3-D patches (default 32x64x64)")
     p.add_argument("--schedule", choices=["poly", "cosine", "onecycle"],
                    help="UNet learning-rate schedule (default poly after a 5%% warm-up)")
     p.add_argument("--device", help="UNet training device: auto (default: CUDA when present), cpu, cuda, cuda:N")

@@ -241,7 +241,8 @@ class TrainSpec(_Spec):
         None, description="Regular expression on image ids naming an image's volume or source (its first capture "
                           "group, or the match); images of one group never straddle the validation split.")
     patch_size: int | None = Field(None, gt=0, description="UNet: training patch side (default 256; smaller images "
-                                                           "are taken whole).")
+                                                           "are taken whole); unet3d: the side of its cubic 3-D "
+                                                           "patches (default 32x64x64).")
     schedule: Literal["onecycle", "poly", "cosine"] | None = Field(
         None, description="UNet learning-rate schedule (default poly with a 5 % linear warm-up).")
     device: Annotated[str, AfterValidator(_device)] = Field(

@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+import zarr
 
-from segcore.collection.store import open_store, read_labelled
+from segcore.collection.store import open_store, read_labelled, read_manifest
+from segcore.collection.versions import current_manifest
 from segcore.config import train_defaults
-from segcore.errors import ConfigError
+from segcore.errors import ConfigError, StoreError
 from segcore.fsio import file_sha256
-from segcore.models import MODEL_KINDS
+from segcore.models import MODEL_KINDS, spatial_dims_of
 from segcore.models.checkpoint import save_checkpoint
 from segcore.collection.fingerprint import of_images, read_fingerprint
 from segcore.normalise import Normalisation
@@ -27,6 +29,7 @@ from segcore.normalise_fit import choose_normalisation, describe, parse_normalis
 from segcore.training.init import load_init
 from segcore.training.instance import train_instance
 from segcore.training.semantic import train_semantic
+from segcore.training.volumes import DEFAULT_VOLUME_PATCH, train_volumes
 from segcore.training.settings import Recipe
 
 log = logging.getLogger(__name__)
@@ -90,6 +93,37 @@ def _resolve_normalisation(norm: Normalisation | str, store: str, images: np.nda
     return chosen, {"asked": "auto", "chose": chosen.mode, "reason": reason, "fingerprint": fp, "source": source}
 
 
+#: Defaults of a volumetric model (``unet3d``): a lighter UNet and small batches of 3-D patches.
+VOLUME_DEFAULTS: dict[str, Any] = {"arch_kwargs": {"base": 8, "depth": 3}, "batch_size": 2, "lr": 3e-3}
+
+
+def labelled_volumes(store: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Every volume of ``store`` whose slices all have usable ground truth: ``(N, D, H, W, C)``
+    voxels, ``(N, D, H, W)`` labels and the volume ids. Training takes volumes of one shape: a store
+    whose labelled volumes differ in shape (or that holds none) raises :class:`StoreError`."""
+    info = open_store(store)
+    if not info.has_gt:
+        raise StoreError(f"store {store!r} has no ground truth; ingest it with --masks to train on it")
+    rows = [r for r in current_manifest(read_manifest(store)).to_pylist() if r["volume_id"] and r["status"] == "ok"]
+    by_volume: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_volume.setdefault(r["volume_id"], []).append(r)
+    usable = {v: sorted(rs, key=lambda r: r["slice"]) for v, rs in sorted(by_volume.items())
+              if all(r["mask_status"] == "ok" for r in rs) and len(rs) == rs[0]["depth"]}
+    if not usable:
+        raise StoreError(f"store {store!r} holds no volume with ground truth on every slice; a volumetric model "
+                         "trains on volumes (NIfTI, TIFF z-stacks, Zarr, DICOM) ingested with their masks")
+    groups = {v: info.group(rs[0]["group"]) for v, rs in usable.items()}
+    shapes = {(g.count, g.height, g.width, g.channels) for g in groups.values()}
+    if len(shapes) != 1:
+        raise StoreError(f"training needs volumes of one shape; store {store!r} has labelled volumes of shapes "
+                         f"{sorted(shapes)} (depth, height, width, channels)")
+    root = zarr.open_group(str(store), mode="r")
+    images = np.stack([root[f"images/{g.name}"][:] for g in groups.values()])
+    labels = np.stack([root[f"gt/{g.name}"][:] for g in groups.values()])
+    return images, labels, list(groups)
+
+
 def train_from_store(
     *,
     store: str,
@@ -122,7 +156,10 @@ def train_from_store(
             Instance models need ``mask_kind="instance"``; a semantic model trained on instance
             labels learns foreground (any id > 0 = class 1).
         out: checkpoint file to write (.safetensors).
-        model: a registered architecture (``unet``, ``maskrcnn``, ``maskrcnn_r18``).
+        model: a registered architecture (``unet``, ``unet3d``, ``maskrcnn``, ``maskrcnn_r18``). A
+            volumetric one (``unet3d``) trains on the store's labelled volumes
+            (:func:`labelled_volumes`) in 3-D patches (``patch_size`` voxels per side, default
+            :data:`~segcore.training.volumes.DEFAULT_VOLUME_PATCH`), with :data:`VOLUME_DEFAULTS`.
         class_names: background first; ``None``: background plus ``class_<k>`` per label value up
             to the largest in the store (semantic), or ``("background", "object")`` (instance).
         arch_kwargs: builder options merged over the kind's defaults (``None``: the defaults).
@@ -153,21 +190,22 @@ def train_from_store(
         raise ConfigError(f"unknown model {model!r}; valid names: {', '.join(sorted(MODEL_KINDS))}")
     if crop_size is not None and kind != "instance":
         raise ConfigError(f"crop_size applies to instance models only; leave it out for {model!r}")
-    defaults = train_defaults(kind)
+    volumetric = kind == "semantic" and spatial_dims_of(model) == 3
+    defaults = VOLUME_DEFAULTS if volumetric else train_defaults(kind)
     mask_kind = open_store(store).mask_kind
-    images, labels, ids = read_labelled(store)
+    images, labels, ids = labelled_volumes(store) if volumetric else read_labelled(store)
     start = None
     if init is not None:
         if arch_kwargs:
             raise ConfigError("with --init the architecture and its options are the parent model's; leave out "
                               f"the architecture options {sorted(arch_kwargs)}")
-        start = load_init(init, arch=model, in_channels=int(images.shape[-1]) if images.ndim == 4 else 1,
+        start = load_init(init, arch=model, in_channels=int(images.shape[-1]) if images.ndim >= 4 else 1,
                           class_names=class_names, seed=seed)
         class_names = class_names or start.parent.class_names
         arch_kwargs = dict(start.parent.arch_kwargs)
         normalisation = start.parent.normalisation if normalisation is None else normalisation
     normalisation, choice = _resolve_normalisation("auto" if normalisation is None else normalisation, store,
-                                                   images)
+                                                   images.reshape((-1,) + images.shape[-3:]))  # volumes: slices
     common = dict(
         normalisation=normalisation, epochs=epochs, init=None if start is None else start.model,
         val_fraction=val_fraction, seed=seed, progress=on_epoch,
@@ -188,10 +226,16 @@ def train_from_store(
         names = tuple(class_names or ("background",) + tuple(f"class_{k}" for k in range(1, int(labels.max()) + 1)))
         split = val_split if val_split != "auto" else ("group" if group_pattern else "tail")
         recipe = Recipe(device=device, precision=precision, **{k: v for k, v in
-                                                                (("patch_size", patch_size), ("schedule", schedule))
-                                                                if v is not None})
-        net, meta, history = train_semantic(images, labels.astype(np.int64), class_names=names, ids=ids,
-                                            val_split=split, group_pattern=group_pattern, recipe=recipe, **common)
+                                                                (("patch_size", None if volumetric else patch_size),
+                                                                 ("schedule", schedule)) if v is not None})
+        if volumetric:
+            net, meta, history = train_volumes(images, labels.astype(np.int64), arch=model, class_names=names,
+                                               ids=ids, val_split=split, group_pattern=group_pattern, recipe=recipe,
+                                               patch_size=DEFAULT_VOLUME_PATCH if patch_size is None else patch_size,
+                                               **common)
+        else:
+            net, meta, history = train_semantic(images, labels.astype(np.int64), class_names=names, ids=ids,
+                                                val_split=split, group_pattern=group_pattern, recipe=recipe, **common)
         best = meta.provenance.get("val_dice_mean_fg")
     provenance = dict(meta.provenance, command=command, store=store, images=len(ids), normalisation_choice=choice,
                       **({} if start is None else {"init": start.provenance}))
@@ -204,4 +248,4 @@ def train_from_store(
                        normalisation=describe(meta.normalisation), normalisation_choice=choice)
 
 
-__all__ = ["TrainResult", "epoch_line", "train_from_store"]
+__all__ = ["TrainResult", "VOLUME_DEFAULTS", "epoch_line", "labelled_volumes", "train_from_store"]

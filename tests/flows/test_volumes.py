@@ -24,11 +24,13 @@ from segcore.collection.store import read_manifest
 from segcore.config import ExecutionSpec, IngestSpec, RunSpec, SegmentSpec
 from segcore.metrics.dice import dice_from_counts
 from segcore.models import create_model
-from segcore.models.checkpoint import ModelMeta, save_checkpoint
+from segcore.errors import StoreError
+from segcore.models.checkpoint import ModelMeta, read_meta, save_checkpoint
 from segcore.normalise import Normalisation
 from segcore.run.results import open_run
 from segcore.run.volumes import read_volume_table
 from segcore.synthetic_volumes import generate_volume_collection
+from segcore.training.from_store import labelled_volumes
 
 nib = pytest.importorskip("nibabel")
 
@@ -226,3 +228,28 @@ def test_a_volumetric_model_tiled_in_3d_over_slabs_equals_whole_volume_inference
     agreement = float((masks["tiled"] == masks["whole"]).mean())
     assert agreement >= 0.999, agreement
     assert read_volume_table(str(tmp_path / "tiled")).num_rows == 3
+
+
+def test_segflow_train_trains_unet3d_on_the_stores_volumes(tmp_path, capsys):
+    generate_volume_collection(tmp_path / "data", n_volumes=4, shape=(16, 24, 24), seed=5, file_format="tiff")
+    store, ckpt = tmp_path / "v.zarr", tmp_path / "u3.safetensors"
+    assert main(["ingest", "--images", str(tmp_path / "data" / "images"), "--masks", str(tmp_path / "data" / "masks"),
+                 "--store", str(store)]) == 0
+    assert main(["train", "--store", str(store), "--out", str(ckpt), "--model", "unet3d", "--epochs", "2",
+                 "--base", "4", "--depth", "2", "--patch-size", "12", "--val-fraction", "0.25"]) == 0
+    meta = read_meta(ckpt)
+    assert meta.arch == "unet3d" and meta.input_axes == "bczyx" and meta.provenance["images"] == 4
+    assert meta.provenance["patch_size"] == [12, 12, 12] and len(meta.provenance["val_ids"]) == 1
+    with pytest.raises(StoreError, match="holds no volume with ground truth"):
+        labelled_volumes(str(_two_dimensional_store(tmp_path)))
+
+
+def _two_dimensional_store(tmp_path: Path) -> Path:
+    images, masks = tmp_path / "flat" / "images", tmp_path / "flat" / "masks"
+    images.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    write_png(images / "a.png", np.zeros((16, 16), np.uint8))
+    write_png(masks / "a.png", np.zeros((16, 16), np.uint8))
+    store = tmp_path / "flat.zarr"
+    with_runner(ingest_flow, ONE_WORKER)(IngestSpec(images=str(images), masks=str(masks), store=str(store)))
+    return store
