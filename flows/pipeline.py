@@ -31,14 +31,15 @@ from segcore.run.context import RunContext
 from segcore.run.plan import RunPlan, check_alignment
 from segcore.run.results import open_run
 from segcore.run.deadlines import UnitTimeouts
-from segcore.run.rundir import clear_failed, done_records, failed_records, mark_failed, mask_chunks, write_summary
+from segcore.run.rundir import (clear_failed, done_records, failed_records, mark_failed, mask_chunks, pyramid_jobs,
+                                unlist_pyramids, write_summary)
 from segcore.run.schedule import TiledSchedule
 from segcore.run.start import pending_work, start_run
 from segcore.run.volumes import Volume, clear_volume_table, find_volumes, read_volume_table
 from tasks.lake import publish_lake_task
+from tasks.segment import (detect_block_task, finish_image_task, image_stats_task, label_pyramid_task,
+                           paste_block_task, segment_block_task, segment_unit_task)
 from tasks.volumes import score_volumes_task
-from tasks.segment import (detect_block_task, finish_image_task, image_stats_task, paste_block_task,
-                           segment_block_task, segment_unit_task)
 
 
 def _gather(futures: list, what: str, log: Any, *, names: list[str] | None = None) -> tuple[list, list[Failure]]:
@@ -156,6 +157,12 @@ def _segment_held(spec: SegmentSpec) -> dict[str, Any]:
         mark_failed(spec.out, key=ctx.key, unit=f.name, reason=f.reason, attempts=f.attempts)
     done_now = done_records(spec.out, ctx.key)  # a failed-record goes once its unit is done, not before
     clear_failed(spec.out, sorted(n for n in set(earlier) - {f.name for f in failed} if n in done_now))
+    # Pyramids once every unit is done; those of the groups written now (a new done-record) are rewritten,
+    # or, when some unit failed, left out of date until then.
+    written = {u.group for u in plan.units if u.name in done_now and done_now[u.name] != done.get(u.name)}
+    if failed:
+        unlist_pyramids(spec.out, written)
+    pyramids_failed = [] if failed else _pyramids(spec.out, written, log)
     volumes_failed, volumes = _score_volumes(spec, plan, log)
     summary = summarise_run(spec, ctx, plan, meta, n_done=n_done, n_failed=len(failed), seconds=time.perf_counter() - t0,
                             volume_slices={v.volume_id: v.slices for v in volumes})
@@ -169,10 +176,14 @@ def _segment_held(spec: SegmentSpec) -> dict[str, Any]:
                            f"{fsio.join(spec.out, 'failed')}; run the same command again to retry only those): "
                            + "; ".join(f"{f.name} ({f.reason}, {f.attempts} attempt(s))" for f in failed[:5])
                            + (f"; and {len(failed) - 5} more" if len(failed) > 5 else ""))
+    if pyramids_failed:
+        raise SegflowError("the masks are complete, but the pyramid levels of " + "; ".join(
+            f"{f.name} ({f.reason})" for f in pyramids_failed) + " could not be written; run the same command "
+                           "again to write them")
     return summary
 
 
-#: Volumes scored per task (a volume's distance transforms take seconds; never one task per volume).
+#: Volumes scored per task (a volume's surface distances take seconds; never one task per volume).
 VOLUMES_PER_TASK = 8
 
 
@@ -194,6 +205,14 @@ def _score_volumes(spec: SegmentSpec, plan: RunPlan, log: Any) -> tuple[list[Fai
     for f in failed:
         log.warning("segment: volume batch %s failed (%s); its volumes have no rows", f.name, f.reason)
     return failed, volumes
+
+
+def _pyramids(run_dir: str, changed: set[str], log: Any) -> list[Failure]:
+    """Write the pyramid levels of every label image of the run that lacks them, and rewrite those of
+    the groups in ``changed``; returns the failures."""
+    jobs = pyramid_jobs(run_dir, changed=changed)
+    return _gather([label_pyramid_task.submit(location, overwrite=overwrite) for location, overwrite in jobs],
+                   "label images with pyramids", log, names=[location for location, _ in jobs])[1]
 
 
 def summarise_run(spec: SegmentSpec, ctx: RunContext, plan: RunPlan, meta: ModelMeta, *, n_done: int, n_failed: int,

@@ -4,7 +4,8 @@ Each resolves the run context's device on its worker (one GPU per worker where t
 and calls one segcore function. Units of tiled groups (large images) go through the block tasks
 (:mod:`segcore.run.blocks`) and are finished image by image (:mod:`segcore.run.images`).
 Units and blocks are retried (and stopped when they hang) by the flow (:mod:`flows.watch`), not by
-Prefect; the other steps retry once.
+Prefect; the other steps retry once. Once every unit is done, the pyramid levels of each label
+image are written (:mod:`segcore.pyramid`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from segcore.models.checkpoint import ModelMeta
 from segcore.normalise import Stats
+from segcore.pyramid import write_label_pyramid
 from segcore.run.blocks import detect_block, image_stats, paste_block, segment_block
 from segcore.run.images import finish_image
 from segcore.run.context import BlockRecord, DetectRecord, ImageRecord, RunContext, UnitRecord
@@ -87,3 +89,10 @@ def finish_image_task(ctx: RunContext, group: str, index: int, *, records: Seque
                       meta: ModelMeta, blocks: Sequence[tuple[str, int]]) -> ImageRecord:
     """Write the Dice, instance and seam rows of one large image from its blocks' records."""
     return finish_image(ctx, group, index, records=records, meta=meta, blocks=blocks)
+
+
+@task(name="label-pyramid", task_run_name="pyramid [{location}]", **_OPTS)
+def label_pyramid_task(location: str, *, overwrite: bool) -> int:
+    """Write the pyramid levels of one complete label image (``RUN_DIR/masks.zarr/<group>``); returns
+    the number of levels."""
+    return write_label_pyramid(location, overwrite=overwrite)

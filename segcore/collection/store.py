@@ -109,8 +109,11 @@ class GroupInfo:
     chunk_images: int
     #: Side of the square spatial chunks of a tiled group (0: chunks hold whole images).
     tile: int = 0
-    #: The volume whose slices the group holds, in slice order (None: a group of 2-D images).
+    #: The volume whose slices the group holds, in slice order (None: a group of 2-D images), and
+    #: its voxel size ``(z, y, x)`` in ``unit`` (None / "" when unknown).
     volume: str | None = None
+    spacing: tuple[float, float, float] | None = None
+    unit: str | None = None
 
     @property
     def n_chunks(self) -> int:
@@ -185,8 +188,11 @@ def plan_groups(rows: Sequence[dict[str, Any]], *, chunk_pixels: int, max_chunk_
         members = sorted(keyed[key], key=lambda r: (r.get("slice") or 0, r["image_id"]))
         k = int(max(1, min(max_chunk_images, chunk_pixels // (h * w))))
         tile = tile_chunk if tile_chunk > 0 and h * w > chunk_pixels and max(h, w) > tile_chunk else 0
+        first = members[0]
+        spacing = tuple(float(first[f"spacing_{a}"]) for a in "zyx") if volume and first.get("spacing_z") else None
         g = GroupInfo(name=f"g{first_group + gi:03d}", height=h, width=w, channels=c, dtype=dt, count=len(members),
-                      chunk_images=1 if tile else k, tile=tile, volume=volume or None)
+                      chunk_images=1 if tile else k, tile=tile, volume=volume or None, spacing=spacing,
+                      unit=(first.get("spacing_unit") or None) if volume else None)
         groups.append(g)
         out.extend(dict(r, group=g.name, index=i) for i, r in enumerate(members))
     return groups, out + errors

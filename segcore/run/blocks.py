@@ -36,7 +36,7 @@ from segcore.run.context import BlockRecord, Counts, DetectRecord, RunContext, T
 from segcore.run.evaluate import count_against_gt, ground_truth_state
 from segcore.run.memory import MIN_DETECT_TILE, smallest_tile, tile_multiple, with_backoff
 from segcore.run.plan import WorkUnit
-from segcore.run.rundir import instances_path, mark_done, masks_path
+from segcore.run.rundir import instances_path, label_array, mark_done, masks_path
 from segcore.run.units import unit_rows
 from segcore.tiling import (BlockObjects, Window, blend_block, chunk_windows, flip_tta, keep_core_objects,
                             paste_objects, read_window, tiles_for)
@@ -118,7 +118,7 @@ def segment_block(ctx: RunContext, unit: WorkUnit, *, stats: Stats | None = None
     pred = logits.argmax(axis=0).astype(predictor.label_dtype)
     if refused:  # fed as zeros: background, and the reason instead of counts
         pred[:] = 0
-    zarr.open_group(masks_path(ctx.run_dir), mode="r+")[unit.group][unit.start, core.y0:core.y1, core.x0:core.x1] = pred
+    label_array(masks_path(ctx.run_dir), unit.group, mode="r+")[unit.start, core.y0:core.y1, core.x0:core.x1] = pred
     record = BlockRecord(unit=unit.name, group=unit.group, index=unit.start, window=_window(unit), key=ctx.key,
                          tiles=n_tiles,
                          counts=Counts(error=refused[0]) if refused else _counts_vs_gt(ctx, unit, pred, predictor.meta),
@@ -225,10 +225,8 @@ def paste_block(ctx: RunContext, unit: WorkUnit, *, sources: Sequence[tuple[str,
     core = unit.window
     blocks = {name: load_block(ctx.run_dir, name) for name, _ in sources}
     ids, classes = paste_objects(core, [(first, blocks[name]) for name, first in sources])
-    zarr.open_group(instances_path(ctx.run_dir), mode="r+")[unit.group][
-        unit.start, core.y0:core.y1, core.x0:core.x1] = ids
-    zarr.open_group(masks_path(ctx.run_dir), mode="r+")[unit.group][
-        unit.start, core.y0:core.y1, core.x0:core.x1] = classes
+    label_array(instances_path(ctx.run_dir), unit.group, mode="r+")[unit.start, core.y0:core.y1, core.x0:core.x1] = ids
+    label_array(masks_path(ctx.run_dir), unit.group, mode="r+")[unit.start, core.y0:core.y1, core.x0:core.x1] = classes
     owned = []
     present, inverse, areas = np.unique(ids, return_inverse=True, return_counts=True)
     inverse = inverse.reshape(ids.shape)

@@ -19,7 +19,7 @@ from segcore.run.blocks import load_block
 from segcore.run.context import BlockRecord, ImageRecord, RunContext
 from segcore.run.evaluate import dice_rows, sum_counts
 from segcore.run.plan import image_part
-from segcore.run.rundir import dice_dir, instances_path, mark_done, table_dir
+from segcore.run.rundir import dice_dir, instances_path, label_array, mark_done, table_dir
 from segcore.run.tables import SEAM_SCHEMA, instance_metrics_table, instance_table, write_part
 from segcore.run.units import unit_rows
 
@@ -75,7 +75,7 @@ def finish_image(ctx: RunContext, group: str, index: int, *, records: Sequence[B
                 "model": meta.arch, "checkpoint_sha256": ctx.checkpoint_sha256}
         write_part(pa.Table.from_pylist([seam], schema=SEAM_SCHEMA), table_dir(ctx.run_dir, "seams", ctx.run_id),
                    f"{part}.parquet")
-        arr = zarr.open_group(instances_path(ctx.run_dir), mode="r")[group]
+        arr = label_array(instances_path(ctx.run_dir), group)
         scored = table.num_rows and table.column("status")[0].as_py() == "ok"
         if ctx.mask_kind == "instance" and scored and arr.shape[1] * arr.shape[2] <= MAX_METRIC_PIXELS:
             gt = zarr.open_group(ctx.store, mode="r")[f"gt/{group}"][index]

@@ -21,7 +21,8 @@ import zarr
 
 from segcore import fsio
 from segcore.errors import NotFound
-from segcore.run.rundir import dice_dir, instances_path, masks_path, read_plan, read_run_info, table_dir
+from segcore.run.rundir import (dice_dir, instances_path, label_array, masks_path, read_plan, read_run_info,
+                                table_dir)
 from segcore.collection.store import open_store, read_manifest
 from segcore.collection.versions import current_manifest
 from segcore.run.tables import INSTANCE_METRICS_SCHEMA, INSTANCE_SCHEMA, SEAM_SCHEMA, read_dice, read_table
@@ -35,8 +36,14 @@ class RunReader:
         self.info = read_run_info(self.path)
         self.run_id: str = self.info["run_id"]
         self.store = open_store(self.info["store"])
-        self._masks = zarr.open_group(masks_path(self.path), mode="r")
         self._images = zarr.open_group(self.store.path, mode="r")
+        self._labels: dict[tuple[str, str], zarr.Array] = {}
+
+    def _label_array(self, location: str, group: str) -> zarr.Array:
+        """The full-resolution label array of ``group`` in ``masks.zarr`` or ``instances.zarr``, opened once."""
+        if (location, group) not in self._labels:
+            self._labels[location, group] = label_array(location, group)
+        return self._labels[location, group]
 
     @cached_property
     def manifest(self) -> pa.Table:
@@ -76,7 +83,7 @@ class RunReader:
     def mask(self, image_id: str) -> np.ndarray:
         """``(H, W)`` predicted class labels."""
         g, i, _ = self._slot(image_id)
-        return self._masks[g][i]
+        return self._label_array(masks_path(self.path), g)[i]
 
     def ground_truth(self, image_id: str) -> np.ndarray | None:
         """``(H, W)`` uint32 ground-truth labels, or None when the image has no usable mask."""
@@ -88,7 +95,7 @@ class RunReader:
     def masks_of(self, image_ids: Sequence[str]) -> np.ndarray:
         """``(N, H, W)`` predicted class labels of ``image_ids`` (of one shape), in that order; the
         consecutive slots of one group (a volume's slices) are read as one slab."""
-        return self._stacked(image_ids, lambda g: self._masks[g])
+        return self._stacked(image_ids, lambda g: self._label_array(masks_path(self.path), g))
 
     def ground_truths_of(self, image_ids: Sequence[str]) -> np.ndarray | None:
         """``(N, H, W)`` ground truth of ``image_ids`` in the smallest unsigned dtype that holds its labels,
@@ -118,7 +125,7 @@ class RunReader:
         g, i, _ = self._slot(image_id)
         if not fsio.exists(fsio.join(instances_path(self.path), "zarr.json")):
             raise NotFound(f"run {self.run_id} was made by a semantic model and has no instance labels")
-        return zarr.open_group(instances_path(self.path), mode="r")[g][i]
+        return self._label_array(instances_path(self.path), g)[i]
 
     def instance_table(self) -> pa.Table:
         """One row per predicted instance (empty for semantic models)."""

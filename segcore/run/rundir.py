@@ -5,9 +5,10 @@ Layout of ``RUN_DIR``::
     run.json                          run_id, key, created, store, checkpoint + sha256, model meta, spec,
                                       the output-shaping parameters
     plan.json                         the run plan: work units, tiled images, tiling (segcore.run.plan)
-    masks.zarr/<group>                (N, H, W) uint8 predicted class labels, chunks = work units
-                                      (tiled groups: (1, tile, tile) blocks)
-    instances.zarr/<group>            (N, H, W) uint32 instance ids (instance models only), same chunks
+    masks.zarr/<group>/0              (N, H, W) uint8 predicted class labels, chunks = work units
+                                      (tiled groups: (1, tile, tile) blocks); <group> is an OME-Zarr
+                                      label image, <group>/1, <group>/2, ... its pyramid levels
+    instances.zarr/<group>/0          (N, H, W) uint32 instance ids (instance models only), same chunks
     dice/run_id=<run_id>/<unit>.parquet   Dice rows of one unit (Hive-partitioned dataset)
     instances/run_id=<run_id>/<unit>.parquet         predicted instances (instance models only)
     instance_metrics/run_id=<run_id>/<unit>.parquet  per-image instance metrics (instance ground truth)
@@ -29,18 +30,24 @@ is refused with a message naming what differs, so one run directory never mixes 
 
 ``RUN_DIR`` is a local path or any fsspec URL (``s3://bucket/runs/r1``, ``file://...``); every
 location below is then a string in the same form (see :mod:`segcore.fsio`). ``masks.zarr`` and
-``instances.zarr`` also carry OME-Zarr label metadata (:mod:`segcore.ngff`).
+``instances.zarr`` are OME-Zarr labels groups (:mod:`segcore.ngff`); :func:`label_array` opens the
+full-resolution array of a group (also in run directories of an earlier segflow, which kept it at
+``masks.zarr/<group>``), :func:`pyramid_jobs` lists the label images whose pyramids
+:func:`segcore.pyramid.write_label_pyramid` writes once a run's masks are complete (and
+:func:`unlist_pyramids` marks those of groups written again as out of date when a run ends without).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
+import posixpath
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import zarr
 
@@ -49,7 +56,8 @@ from segcore.collection.store import GroupInfo
 from segcore.errors import NotFound, StoreError
 from segcore.lease import is_lease_name
 from segcore.models.checkpoint import ModelMeta
-from segcore.ngff import label_image_attrs
+from segcore.ngff import IMAGE_AXES, LEVEL0, SPACE_UNITS, create_label_image, labels_group_attrs
+from segcore.pyramid import list_levels, plan_levels
 from segcore.run.context import Record, record_from_json, run_key
 from segcore.run.legacy import legacy_plan, setting_differences, upgrade
 from segcore.run.plan import RunPlan
@@ -57,6 +65,8 @@ from segcore.run.plan import RunPlan
 #: Format 2 records the run key, the output-shaping parameters and the plan; a format-1 directory
 #: is upgraded when it is resumed with its settings (:mod:`segcore.run.legacy`).
 RUN_FORMAT = 2
+
+log = logging.getLogger(__name__)
 
 
 def masks_path(run_dir: str | os.PathLike[str]) -> str:
@@ -110,21 +120,73 @@ def _image_source(run_dir: str, store_abs: str) -> str | None:
     return os.path.relpath(os.path.join(store_abs, "images"), absolute_location(masks_path(run_dir)))
 
 
-def _add_arrays(root: zarr.Group, groups: Sequence[GroupInfo], dtype: str) -> list[str]:
-    """Create the ``(N, H, W)`` label arrays of ``groups`` that ``root`` lacks; returns their names."""
+def label_array(location: str, group: str, *, mode: str = "r") -> zarr.Array:
+    """The full-resolution label array of store group ``group`` in ``masks.zarr`` or ``instances.zarr``
+    (``location``): ``<location>/<group>/0``, or ``<location>/<group>`` in a run directory of an earlier
+    segflow. ``mode`` ``"r+"`` to write."""
+    node = zarr.open_group(location, mode=mode)[group]
+    return node if isinstance(node, zarr.Array) else node[LEVEL0]
+
+
+def label_arrays(location: str) -> dict[str, zarr.Array]:
+    """Every full-resolution label array of ``masks.zarr`` or ``instances.zarr`` (``location``), by group."""
+    root = zarr.open_group(location, mode="r")
+    found = dict(root.arrays())  # an earlier segflow's layout
+    found.update({name: image[LEVEL0] for name, image in root.groups()})
+    return dict(sorted(found.items()))
+
+
+def pyramid_jobs(run_dir: str, *, changed: Collection[str] = ()) -> list[tuple[str, bool]]:
+    """``(location, overwrite)`` of each label image of the run (``masks.zarr/<group>``,
+    ``instances.zarr/<group>``) whose pyramid is to be written: its labels need more than one level
+    (:func:`segcore.pyramid.plan_levels`) and it lacks them, or its group is in ``changed`` (its labels
+    were written again: ``overwrite``)."""
+    jobs = []
+    for location in (masks_path(run_dir), instances_path(run_dir)):
+        if not fsio.exists(fsio.join(location, "zarr.json")):
+            continue
+        for name, image in sorted(zarr.open_group(location, mode="r").groups()):
+            level0 = image[LEVEL0]
+            planned = [lv.path for lv in plan_levels(level0.shape, level0.metadata.dimension_names)]
+            listed = [d["path"] for d in image.attrs["ome"]["multiscales"][0]["datasets"]]
+            if len(planned) > 1 and (name in changed or listed != planned):
+                jobs.append((fsio.join(location, name), name in changed))
+    return jobs
+
+
+def unlist_pyramids(run_dir: str, groups: Collection[str]) -> None:
+    """List only the full resolution of the label images of ``groups`` (their labels were written again
+    and their pyramids are out of date), so that :func:`pyramid_jobs` writes them again."""
+    for location in (masks_path(run_dir), instances_path(run_dir)):
+        if not fsio.exists(fsio.join(location, "zarr.json")):
+            continue
+        root = zarr.open_group(location, mode="r+")
+        for name in sorted(set(groups) & set(root.group_keys())):
+            image = root[name]
+            if len(image.attrs["ome"]["multiscales"][0]["datasets"]) > 1:
+                list_levels(image, [(1,) * image[LEVEL0].ndim])
+
+
+def _add_arrays(root: zarr.Group, groups: Sequence[GroupInfo], *, dtype: str, class_names: list[str] | None,
+                source: str | None) -> list[str]:
+    """Create the label images (``(N, H, W)`` level 0) of ``groups`` that ``root`` lacks; returns their names."""
     added = []
     for g in groups:
         if g.name in root:
             continue
-        root.create_array(g.name, shape=(g.count, g.height, g.width), chunks=g.chunk_shape, dtype=dtype,
-                          fill_value=0, dimension_names=("image", "y", "x"))
+        image = None if source is None else posixpath.join("..", source, g.name)  # from masks.zarr/<group>
+        known = g.volume is not None and g.spacing is not None and g.unit in SPACE_UNITS  # a volume's voxel size
+        create_label_image(root, g.name, shape=(g.count, g.height, g.width), chunks=g.chunk_shape, dtype=dtype,
+                           class_names=class_names, source=image,
+                           dimension_names=("z", "y", "x") if g.volume is not None else IMAGE_AXES,
+                           spacing=tuple(g.spacing) if known else None, unit=g.unit if known else None)
         added.append(g.name)
     return added
 
 
 def _label_arrays(run_dir: str, groups: Sequence[GroupInfo], *, meta: ModelMeta, segflow_attrs: dict[str, Any],
                   source: str | None, create: bool) -> None:
-    """Create (``create``) or complete the mask (and instance) arrays of ``groups``, with their metadata."""
+    """Create (``create``) or complete the mask (and instance) label images of ``groups``, and list them."""
     targets = [(masks_path(run_dir), "uint8" if meta.num_classes <= 256 else "uint16", list(meta.class_names))]
     if meta.kind == "instance":
         targets.append((instances_path(run_dir), "uint32", None))
@@ -132,9 +194,12 @@ def _label_arrays(run_dir: str, groups: Sequence[GroupInfo], *, meta: ModelMeta,
         root = zarr.open_group(location, mode="w" if create else "r+")
         if create:
             root.attrs["segflow"] = segflow_attrs
-        if _add_arrays(root, groups, dtype) or create or "ome" not in root.attrs:
-            names = sorted(set(root.array_keys()) | {g.name for g in groups})
-            root.attrs["ome"] = label_image_attrs(names, class_names=class_names, source=source)
+        if _add_arrays(root, groups, dtype=dtype, class_names=class_names, source=source) or create:
+            if any(True for _ in root.array_keys()):  # an earlier segflow's layout: its metadata stays
+                log.warning("%s holds label arrays of an earlier segflow (no pyramids); only its new groups are "
+                            "OME-Zarr label images", location)
+            else:
+                root.attrs["ome"] = labels_group_attrs(list(root.group_keys()))
 
 
 def _shaping_differences(recorded: dict[str, Any], asked: dict[str, Any]) -> list[str]:
@@ -234,10 +299,9 @@ def read_plan(run_dir: str | os.PathLike[str]) -> RunPlan:
 
 
 def mask_chunks(run_dir: str) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
-    """``(chunk shape, array shape)`` of every mask array, by group name (both ``(images, h, w)``)."""
-    root = zarr.open_group(masks_path(run_dir), mode="r")
+    """``(chunk shape, array shape)`` of every full-resolution mask array, by group name (both ``(images, h, w)``)."""
     chunks, counts = {}, {}
-    for name, arr in root.arrays():
+    for name, arr in label_arrays(masks_path(run_dir)).items():
         chunks[name] = tuple(arr.chunks)
         counts[name] = tuple(arr.shape)
     return chunks, counts

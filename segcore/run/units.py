@@ -29,7 +29,7 @@ from segcore.run.context import RunContext, Timing, UnitRecord
 from segcore.run.evaluate import count_against_gt, dice_rows, ground_truth_state
 from segcore.run.memory import with_backoff
 from segcore.run.plan import WorkUnit
-from segcore.run.rundir import dice_dir, instances_path, mark_done, masks_path, table_dir
+from segcore.run.rundir import dice_dir, instances_path, label_array, mark_done, masks_path, table_dir
 from segcore.run.tables import instance_metrics_table, instance_table, write_part
 from segcore.run.volume_model import volume_slab_labels
 
@@ -51,7 +51,7 @@ def _write_instances(ctx: RunContext, unit: WorkUnit, meta: ModelMeta, rows: Seq
     """Instance labels, instance rows and (instance ground truth) instance metrics of a unit; returns
     the number of instances of its decodable images."""
     common = {"model": meta.arch, "checkpoint_sha256": ctx.checkpoint_sha256, "unit": unit.name}
-    zarr.open_group(instances_path(ctx.run_dir), mode="r+")[unit.group][unit.start:unit.stop] = (
+    label_array(instances_path(ctx.run_dir), unit.group, mode="r+")[unit.start:unit.stop] = (
         np.stack([p.labels for p in preds]))
     ok = [(r, p) for r, p in zip(rows, preds) if r["status"] == "ok"]
     write_part(instance_table([(r["image_id"], p.records) for r, p in ok], class_names=meta.class_names, **common),
@@ -88,9 +88,9 @@ def _blank_refused(preds: np.ndarray, instance_preds: list[InstancePrediction] |
 def segment_unit(ctx: RunContext, unit: WorkUnit) -> UnitRecord:
     """Segment and evaluate one unit of whole images; returns its record (counts and timings, no arrays).
 
-    Writes ``masks.zarr/<group>[start:stop]`` (exactly one chunk of class labels) and
+    Writes ``masks.zarr/<group>/0[start:stop]`` (exactly one chunk of class labels) and
     ``dice/run_id=<id>/<unit>.parquet`` (rows as :func:`segcore.run.evaluate.dice_rows` makes them).
-    Instance models also write ``instances.zarr/<group>[start:stop]`` (uint32 instance ids),
+    Instance models also write ``instances.zarr/<group>/0[start:stop]`` (uint32 instance ids),
     ``instances/run_id=<id>/<unit>.parquet`` (one row per predicted instance) and, when the ground
     truth is instance labels, ``instance_metrics/run_id=<id>/<unit>.parquet``. The done-record is
     written last. Images are fed through the channel policy (:mod:`segcore.run.channels`); an image
@@ -125,7 +125,7 @@ def segment_unit(ctx: RunContext, unit: WorkUnit) -> UnitRecord:
     t_pred = time.perf_counter()
     if refused:
         _blank_refused(preds, instance_preds, refused)
-    zarr.open_group(masks_path(ctx.run_dir), mode="r+")[unit.group][unit.start:unit.stop] = preds
+    label_array(masks_path(ctx.run_dir), unit.group, mode="r+")[unit.start:unit.stop] = preds
 
     rows = unit_rows(ctx.store, unit.group, unit.start, unit.stop)
     rows = [dict(r, status="error", error=refused[i]) if i in refused else r for i, r in enumerate(rows)]

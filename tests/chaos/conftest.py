@@ -16,14 +16,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-import zarr
 
 from segcore import fsio
 from segcore.models import create_model
 from segcore.models.checkpoint import ModelMeta, save_checkpoint
 from segcore.normalise import Normalisation
 from segcore.run.results import open_run
-from segcore.run.rundir import masks_path
+from segcore.run.rundir import label_arrays, masks_path
 from segcore.synthetic import CLASS_NAMES, generate_collection
 from tests.external_cluster import external_cluster
 
@@ -118,8 +117,7 @@ def segment_args(col: dict, out: Path, *extra: str) -> list[str]:
 
 
 def _masks(run_dir: Path) -> dict[str, np.ndarray]:
-    root = zarr.open_group(masks_path(str(run_dir)), mode="r")
-    return {name: arr[...] for name, arr in root.arrays()}
+    return {name: arr[...] for name, arr in label_arrays(masks_path(str(run_dir))).items()}
 
 
 def check_against_clean(run_dir: Path, clean: Path, *, units: int = N_UNITS, same_chunking: bool = True) -> dict:

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import zarr
 
 from flows.pipeline import run_flow, segment_flow, with_runner
 from segcore.collection.imageio import write_png
@@ -20,6 +19,7 @@ from segcore.models.checkpoint import ModelMeta, save_checkpoint
 from segcore.models.predict import open_predictor
 from segcore.normalise import Normalisation
 from segcore.run.results import open_run
+from segcore.run.rundir import label_array
 
 ONE_WORKER = ExecutionSpec(n_workers=1, threads_per_worker=1)
 SMALL, BIG = (32, 32), (160, 160)
@@ -86,7 +86,7 @@ def _rows(run_dir: Path) -> dict[str, dict]:
 
 def _mask(mixed: dict, run: str, image_id: str) -> np.ndarray:
     row = next(r for r in read_manifest(mixed["store"]).to_pylist() if r["image_id"] == image_id)
-    return zarr.open_group(str(mixed["root"] / run / "masks.zarr"), mode="r")[row["group"]][row["index"]]
+    return label_array(str(mixed["root"] / run / "masks.zarr"), row["group"])[row["index"]]
 
 
 def test_a_one_channel_model_segments_every_adaptable_image_and_records_how(mixed):

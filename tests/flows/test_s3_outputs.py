@@ -19,7 +19,7 @@ from segcore.collection.imageio import write_png
 from segcore.models import create_model
 from segcore.normalise import Normalisation
 from segcore.run.results import open_run
-from segcore.run.rundir import instances_path, masks_path
+from segcore.run.rundir import instances_path, label_arrays, masks_path
 from segcore.synthetic_large import make_large_sample
 from segcore.run.blocks import load_block
 
@@ -33,18 +33,21 @@ def _chunk_objects(array_group: str) -> dict[str, bytes]:
 
 
 def _assert_same_arrays(local: str, remote: str) -> None:
-    a, b = zarr.open_group(local, mode="r"), zarr.open_group(remote, mode="r")
-    assert sorted(a.array_keys()) == sorted(b.array_keys()) and list(a.array_keys())
-    for name in a.array_keys():
+    a, b = label_arrays(local), label_arrays(remote)
+    assert sorted(a) == sorted(b) and a
+    for name in a:
         assert a[name].chunks == b[name].chunks and a[name].dtype == b[name].dtype
         np.testing.assert_array_equal(a[name][:], b[name][:])
     local_chunks, remote_chunks = _chunk_objects(local), _chunk_objects(remote)
     assert local_chunks and sorted(local_chunks) == sorted(remote_chunks)
     assert all(local_chunks[k] == remote_chunks[k] for k in local_chunks)
     # the same OME-Zarr metadata, but only a local run can point at the (local) store's images
-    ome = dict(a.attrs["ome"])
-    ome["image-label"] = {k: v for k, v in ome["image-label"].items() if k != "source"}
-    assert "source" in a.attrs["ome"]["image-label"] and ome == b.attrs["ome"]
+    assert zarr.open_group(local, mode="r").attrs["ome"] == zarr.open_group(remote, mode="r").attrs["ome"]
+    for name in a:
+        ome = dict(zarr.open_group(fsio.join(local, name), mode="r").attrs["ome"])
+        assert "source" in ome["image-label"]
+        ome["image-label"] = {k: v for k, v in ome["image-label"].items() if k != "source"}
+        assert ome == zarr.open_group(fsio.join(remote, name), mode="r").attrs["ome"]
 
 
 def _same_table(local: pd.DataFrame, remote: pd.DataFrame, keys: list[str]) -> None:

@@ -18,9 +18,12 @@ from segcore.models.predict import TorchPredictor
 from segcore.models import create_model
 from segcore.normalise import Normalisation, normalise_batch
 from segcore.run.results import open_run
+from segcore.pyramid import downsample_mode
+from segcore.run.rundir import label_array
 from segcore.collection.store import open_store
 from segcore.synthetic_large import make_large_sample
 from segcore.tiling import Window, blend_block, lattice
+from tests.ngff_validation import read_levels, validate_labels_group
 
 EXECUTION = ExecutionSpec(n_workers=1, threads_per_worker=2)
 LARGE = (300, 420)
@@ -68,7 +71,7 @@ def test_large_image_is_stored_in_blocks_and_small_ones_batched(semantic) -> Non
     assert [(g.height, g.width, g.count) for g in small] == [(48, 48, 3)]
     arr = zarr.open_group(str(semantic["root"] / "store.zarr"), mode="r")[f"images/{tiled[0].name}"]
     assert arr.chunks == (1, 128, 128, 1)
-    masks = zarr.open_group(str(semantic["root"] / "run" / "masks.zarr"), mode="r")[tiled[0].name]
+    masks = label_array(str(semantic["root"] / "run" / "masks.zarr"), tiled[0].name)
     assert masks.chunks == (1, 128, 128)  # output chunks = work units
     assert semantic["summary"]["units"] == 3 * 4 + 1
 
@@ -99,13 +102,36 @@ def test_dice_rows_of_the_large_image_match_its_mask(semantic) -> None:
         assert (r.tp, r.fp, r.fn) == ((p & g).sum(), (p & ~g).sum(), (~p & g).sum())
 
 
+def _mtimes(folder: Path, pattern: str) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in folder.rglob(pattern) if p.is_file()}
+
+
+def test_every_label_image_of_the_run_is_valid_ngff_with_its_pyramid(semantic) -> None:
+    masks = str(semantic["root"] / "run" / "masks.zarr")
+    images = validate_labels_group(masks)  # OME-NGFF 0.5, by ome-zarr-models
+    big = next(g.name for g in open_store(str(semantic["root"] / "store.zarr")).groups if g.tile)
+    levels = {name: [d.path for d in image.attributes.ome.multiscales[0].datasets] for name, image in images.items()}
+    assert levels == {name: (["0", "1"] if name == big else ["0"]) for name in images} and len(images) == 2
+    scales = [d.coordinateTransformations[0].scale for d in images[big].attributes.ome.multiscales[0].datasets]
+    assert scales == [[1.0, 1.0, 1.0], [1.0, 2.0, 2.0]]
+    # read back headless by ome-zarr-py: level 0 is the run's masks, level 1 their mode per 2 x 2 block
+    read, meta = read_levels(f"{masks}/{big}")
+    np.testing.assert_array_equal(read[0], label_array(masks, big)[:])
+    assert [a.shape for a in read] == [(1, *LARGE), (1, LARGE[0] // 2, LARGE[1] // 2)]
+    np.testing.assert_array_equal(read[1], downsample_mode(read[0], (1, 2, 2)))
+    assert meta["properties"][1] == {"class": "disc"}
+
+
 def test_rerun_skips_every_block_and_tiling_off_segments_whole(semantic) -> None:
     spec = semantic["spec"].segment
-    parts = {p: p.stat().st_mtime_ns for p in Path(spec.out, "dice").rglob("*.parquet")}
+    parts = _mtimes(Path(spec.out, "dice"), "*.parquet")
+    masks = _mtimes(Path(spec.out, "masks.zarr"), "*")
     again = with_runner(segment_flow, EXECUTION)(spec)
     assert again["units_skipped"] == again["units"]
-    # nothing is evaluated twice: the large image's Dice part (and every other) is left as it was
-    assert {p: p.stat().st_mtime_ns for p in Path(spec.out, "dice").rglob("*.parquet")} == parts
+    # nothing is evaluated twice: the large image's Dice part (and every other) is left as it was,
+    # and so are the masks and their pyramids
+    assert _mtimes(Path(spec.out, "dice"), "*.parquet") == parts
+    assert _mtimes(Path(spec.out, "masks.zarr"), "*") == masks and any("/1/" in str(p) for p in masks)
     assert any("-" in p.stem and p.stem.startswith("g") for p in parts)
     whole_spec = spec.model_copy(update={"out": str(semantic["root"] / "whole"), "tile_size": 0})
     summary = with_runner(segment_flow, EXECUTION)(whole_spec)
@@ -145,6 +171,17 @@ def test_instance_model_stitches_blocks(tmp_path: Path) -> None:
     assert seams.objects.iloc[0] == len(rows)
     metrics = run.instance_metrics_table().to_pandas()
     assert sorted(metrics.image_id) == ["big", "small-0", "small-1", "small-2"]
+    for location in (f"{out}/masks.zarr", f"{out}/instances.zarr"):  # OME-NGFF 0.5, by ome-zarr-models
+        images = validate_labels_group(location)
+        assert sorted(len(i.attributes.ome.multiscales[0].datasets) for i in images.values()) == [1, 2]
+    # a block pasted again (its done-record lost) rewrites the pyramid of its image's group
+    (Path(out) / "units" / "unit-00012.json").unlink()
+    (big,) = {r["group"] for r in run.manifest.to_pylist() if r["image_id"] == "big"}
+    Path(out, "instances.zarr", big, "1", "c", "0", "0", "0").write_bytes(b"stale")
+    with_runner(segment_flow, EXECUTION)(spec.segment)
+    np.testing.assert_array_equal(open_run(out).instances("big"), labels)
+    read, _ = read_levels(f"{out}/instances.zarr/{big}")
+    np.testing.assert_array_equal(read[1], downsample_mode(labels[None], (1, 2, 2)))
     # resuming after a lost block redoes that block's detection and every paste of its image
     (Path(out) / "blocks" / "unit-00005.npz").unlink()
     with_runner(segment_flow, EXECUTION)(spec.segment)

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import zarr
 
 from segcore.collection.imageio import write_png
 from segcore.collection.sources import pair_sources, probe_sources
@@ -20,7 +19,7 @@ from segcore.normalise import Normalisation
 from segcore.run.blocks import segment_block
 from segcore.run.context import BlockRecord, UnitRecord, record_from_json
 from segcore.run.memory import Faults, OutOfMemory, halve, smallest_tile, with_backoff
-from segcore.run.rundir import done_records, masks_path
+from segcore.run.rundir import done_records, label_array, masks_path
 from segcore.run.start import start_run
 from segcore.run.units import segment_unit
 
@@ -85,7 +84,7 @@ def test_a_unit_out_of_memory_finishes_with_half_the_batch_bitwise_equal(tmp_pat
     ref, plan2, _, _ = start_run(data["store"], data["ckpt"], str(tmp_path / "ref"), batch_size=2, device="cpu")
     assert segment_unit(ref, plan2.units[0]).batch_size == 2
     group = plan.units[0].group
-    got, want = (zarr.open_group(masks_path(d), mode="r")[group][:] for d in (ctx.run_dir, ref.run_dir))
+    got, want = (label_array(masks_path(d), group)[:] for d in (ctx.run_dir, ref.run_dir))
     assert len(np.unique(want)) > 1  # the model predicts more than one class on these images
     np.testing.assert_array_equal(got, want)
 
@@ -107,12 +106,12 @@ def test_a_block_out_of_memory_halves_the_batch_then_the_tile_bitwise_equal(tmp_
                                  batch_size=1, device="cpu")
     assert all((r.batch_size, r.tile) == (1, 16) for r in (segment_block(ref, u) for u in plan2.units))
     group = blocks[0].group
-    got, want = (zarr.open_group(masks_path(d), mode="r")[group][:] for d in (ctx.run_dir, ref.run_dir))
+    got, want = (label_array(masks_path(d), group)[:] for d in (ctx.run_dir, ref.run_dir))
     np.testing.assert_array_equal(got, want)
     untouched, plan3, _, _ = start_run(data["store"], data["ckpt"], str(tmp_path / "t32"), tile_size=32, overlap=4,
                                        batch_size=4, device="cpu")
     [segment_block(untouched, u) for u in plan3.units]
-    assert not np.array_equal(zarr.open_group(masks_path(untouched.run_dir), mode="r")[group][:], got)
+    assert not np.array_equal(label_array(masks_path(untouched.run_dir), group)[:], got)
 
 
 def test_records_written_before_the_new_fields_still_parse() -> None:

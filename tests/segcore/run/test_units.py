@@ -237,7 +237,7 @@ def test_a_run_directory_of_an_earlier_segflow_is_read_and_resumed_without_redoi
 def test_tta_acts_on_whole_images_and_is_part_of_the_run_key(small_store, tmp_path):
     import zarr
 
-    from segcore.run.rundir import masks_path
+    from segcore.run.rundir import label_arrays, masks_path
 
     # A random UNet whose head is biased so that about half the pixels are each class: its labels
     # then depend on the orientation, and TTA must change some.
@@ -255,8 +255,7 @@ def test_tta_acts_on_whole_images_and_is_part_of_the_run_key(small_store, tmp_pa
         assert not plan.tiled_images  # 16x16 images: whole-image units only
         for unit in plan.units:
             segment_unit(ctx.on_worker(), unit)
-        root = zarr.open_group(masks_path(run_dir), mode="r")
-        return np.concatenate([root[g][:] for g in sorted(root.array_keys())]), ctx
+        return np.concatenate([a[:] for a in label_arrays(masks_path(run_dir)).values()]), ctx
 
     plain, plain_ctx = masks(str(tmp_path / "plain"), False)
     flipped, tta_ctx = masks(str(tmp_path / "tta"), True)
