@@ -48,7 +48,6 @@ from segcore.collection.fingerprint import value_range
 from segcore.collection.imageio import read_image, read_mask
 from segcore.collection.volumes import decode_slab
 from segcore.collection.resume import mark_done
-from segcore.collection.versions import current_manifest
 
 log = logging.getLogger(__name__)
 
@@ -381,25 +380,3 @@ def spec_json(spec: Any) -> dict[str, Any]:
     if hasattr(spec, "model_dump"):
         return json.loads(spec.model_dump_json())
     return json.loads(json.dumps(spec))
-
-
-def read_labelled(store_path: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """All images that have usable ground truth: ``(N, H, W, C)`` images, ``(N, H, W)`` labels, ids.
-
-    Training needs one image shape; a store with several shape groups raises :class:`StoreError`.
-    """
-    info = open_store(store_path)
-    if not info.has_gt:
-        raise StoreError(f"store {store_path!r} has no ground truth; ingest it with --masks to train on it")
-    rows = [r for r in current_manifest(read_manifest(store_path)).to_pylist()
-            if r["status"] == "ok" and r["mask_status"] == "ok"]
-    groups = sorted({r["group"] for r in rows})
-    if len(groups) != 1:
-        raise StoreError(f"training needs images of one shape; store {store_path!r} has labelled images in groups "
-                         f"{groups} ({[(g.name, g.height, g.width) for g in info.groups]})")
-    rows.sort(key=lambda r: r["index"])
-    idx = [r["index"] for r in rows]
-    root = zarr.open_group(str(store_path), mode="r")
-    images = root[f"images/{groups[0]}"][:][idx]
-    labels = root[f"gt/{groups[0]}"][:][idx]
-    return images, labels, [r["image_id"] for r in rows]

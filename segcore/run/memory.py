@@ -77,7 +77,7 @@ def free_memory(device: str) -> None:
 
 def tile_multiple(meta: ModelMeta) -> int:
     """The side every semantic tile must be a multiple of (the UNet's divisor, or the model's input multiple)."""
-    return max(2 ** int(meta.arch_kwargs.get("depth", 4)) if meta.arch == "unet" else 1, meta.input_multiple)
+    return max(2 ** int(meta.arch_kwargs.get("depth", 4)) if meta.arch in ("unet", "unet3d") else 1, meta.input_multiple)
 
 
 def smallest_tile(*, multiple: int, overlap: int) -> int:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import zarr
 
-from segcore.collection.store import open_store, read_labelled, read_manifest
+from segcore.collection.store import open_store, read_manifest
 from segcore.collection.versions import current_manifest
 from segcore.config import train_defaults
 from segcore.errors import ConfigError, StoreError
@@ -91,6 +91,28 @@ def _resolve_normalisation(norm: Normalisation | str, store: str, images: np.nda
     chosen, reason = choose_normalisation(fp)
     log.info("normalisation auto -> %s: %s (from the %s)", chosen.mode, reason, source)
     return chosen, {"asked": "auto", "chose": chosen.mode, "reason": reason, "fingerprint": fp, "source": source}
+
+
+def read_labelled(store_path: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """All images that have usable ground truth: ``(N, H, W, C)`` images, ``(N, H, W)`` labels, ids.
+
+    Training needs one image shape; a store with several shape groups raises :class:`StoreError`.
+    """
+    info = open_store(store_path)
+    if not info.has_gt:
+        raise StoreError(f"store {store_path!r} has no ground truth; ingest it with --masks to train on it")
+    rows = [r for r in current_manifest(read_manifest(store_path)).to_pylist()
+            if r["status"] == "ok" and r["mask_status"] == "ok"]
+    groups = sorted({r["group"] for r in rows})
+    if len(groups) != 1:
+        raise StoreError(f"training needs images of one shape; store {store_path!r} has labelled images in groups "
+                         f"{groups} ({[(g.name, g.height, g.width) for g in info.groups]})")
+    rows.sort(key=lambda r: r["index"])
+    idx = [r["index"] for r in rows]
+    root = zarr.open_group(str(store_path), mode="r")
+    images = root[f"images/{groups[0]}"][:][idx]
+    labels = root[f"gt/{groups[0]}"][:][idx]
+    return images, labels, [r["image_id"] for r in rows]
 
 
 #: Defaults of a volumetric model (``unet3d``): a lighter UNet and small batches of 3-D patches.
@@ -248,4 +270,4 @@ def train_from_store(
                        normalisation=describe(meta.normalisation), normalisation_choice=choice)
 
 
-__all__ = ["TrainResult", "VOLUME_DEFAULTS", "epoch_line", "labelled_volumes", "train_from_store"]
+__all__ = ["TrainResult", "VOLUME_DEFAULTS", "epoch_line", "labelled_volumes", "read_labelled", "train_from_store"]

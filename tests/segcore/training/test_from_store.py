@@ -13,7 +13,6 @@ from segcore.collection.store import (
     chunk_rows,
     create_store,
     plan_groups,
-    read_labelled,
     write_manifest,
     write_store_chunk,
 )
@@ -22,7 +21,7 @@ from segcore.fsio import file_sha256
 from segcore.models.checkpoint import load_checkpoint
 from segcore.normalise import Normalisation
 from segcore.synthetic import generate_collection
-from segcore.training.from_store import TrainResult, epoch_line, train_from_store
+from segcore.training.from_store import TrainResult, epoch_line, read_labelled, train_from_store
 from segcore.training.semantic import train_semantic
 
 NORM = Normalisation(mode="range", scale=255.0)
