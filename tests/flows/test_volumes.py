@@ -31,6 +31,7 @@ from segcore.run.results import open_run
 from segcore.run.volumes import read_volume_table
 from segcore.synthetic_volumes import generate_volume_collection
 from segcore.training.from_store import labelled_volumes
+from tests.ngff_validation import read_levels, validate_labels_group
 
 nib = pytest.importorskip("nibabel")
 
@@ -88,6 +89,16 @@ def test_real_ct_volume_ingest_train_segment_score_and_export(tmp_path, capsys):
         assert v["spacing_unit"] == "millimeter" and v["spacing_z"] == 2.5
     background = volumes[0]
     assert background["surface_status"] == "skipped" and np.isnan(background["hd95"])
+
+    # The masks are an OME-NGFF 0.5 label image of the volume: axes z, y, x in millimetres, scale = spacing,
+    # valid for the validator, read back headless with the same labels at full resolution.
+    group = rows[0]["group"]
+    images = validate_labels_group(str(run_dir / "masks.zarr"))
+    axes = [(a.name, a.type, a.unit) for a in images[group].attributes.ome.multiscales[0].axes]
+    assert axes == [("z", "space", "millimeter"), ("y", "space", "millimeter"), ("x", "space", "millimeter")]
+    levels, meta = read_levels(str(run_dir / "masks.zarr" / group))
+    assert meta["coordinateTransformations"][0] == [{"type": "scale", "scale": [2.5, 0.78125, 0.78125]}]
+    np.testing.assert_array_equal(levels[0], open_run(str(run_dir)).masks_of([f"ct/z{k:04d}" for k in range(16)]))
 
     # Export: the labels overlay the source exactly (shape, affine, header units) and equal the run's masks.
     capsys.readouterr()
