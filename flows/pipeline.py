@@ -163,7 +163,9 @@ def _segment_held(spec: SegmentSpec) -> dict[str, Any]:
     if failed:
         unlist_pyramids(spec.out, written)
     pyramids_failed = [] if failed else _pyramids(spec.out, written, log)
-    volumes_failed, volumes = _score_volumes(spec, plan, log)
+    if failed:  # a volume with a failed slab would be scored against a blank slab: scored on the next run
+        clear_volume_table(spec.out)
+    volumes_failed, volumes = ([], []) if failed else _score_volumes(spec, plan, log)
     summary = summarise_run(spec, ctx, plan, meta, n_done=n_done, n_failed=len(failed), seconds=time.perf_counter() - t0,
                             volume_slices={v.volume_id: v.slices for v in volumes})
     if volumes_failed:

@@ -24,7 +24,7 @@ from segcore.collection.store import read_manifest
 from segcore.config import ExecutionSpec, IngestSpec, RunSpec, SegmentSpec
 from segcore.metrics.dice import dice_from_counts
 from segcore.models import create_model
-from segcore.errors import StoreError
+from segcore.errors import SegflowError, StoreError
 from segcore.models.checkpoint import ModelMeta, read_meta, save_checkpoint
 from segcore.normalise import Normalisation
 from segcore.run.results import open_run
@@ -264,3 +264,25 @@ def _two_dimensional_store(tmp_path: Path) -> Path:
     store = tmp_path / "flat.zarr"
     with_runner(ingest_flow, ONE_WORKER)(IngestSpec(images=str(images), masks=str(masks), store=str(store)))
     return store
+
+
+def test_a_run_with_failed_slabs_scores_no_volume_until_they_are_redone(tmp_path, collection, monkeypatch):
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    labels = np.zeros((4, 48, 48), np.uint8)
+    labels[:, 8:30, 10:40] = 1
+    tifffile.imwrite(images / "stack.tif", (labels * 90 + 20).astype(np.uint8), photometric="minisblack")
+    tifffile.imwrite(masks / "stack.tif", labels, photometric="minisblack")
+    store, out = str(tmp_path / "s.zarr"), str(tmp_path / "run")
+    with_runner(ingest_flow, ONE_WORKER)(IngestSpec(images=str(images), masks=str(masks), store=store))
+    spec = SegmentSpec(store=store, checkpoint=collection["checkpoint"], out=out, execution=ONE_WORKER,
+                       unit_retries=0)
+    monkeypatch.setenv("SEGFLOW_FAULTS", json.dumps({"oom_pixels": 1}))  # every forward pass runs out of memory
+    with pytest.raises(SegflowError, match="unit"):
+        with_runner(segment_flow, ONE_WORKER)(spec)
+    assert read_volume_table(out).num_rows == 0  # never scored against the blank masks of failed slabs
+    monkeypatch.delenv("SEGFLOW_FAULTS")
+    with_runner(segment_flow, ONE_WORKER)(spec)
+    rows = read_volume_table(out).to_pylist()
+    assert [(r["volume_id"], r["status"]) for r in rows] == [("stack", "ok")] * 3
