@@ -31,7 +31,7 @@ from segcore.run.memory import with_backoff
 from segcore.run.plan import WorkUnit
 from segcore.run.rundir import dice_dir, instances_path, label_array, mark_done, masks_path, table_dir
 from segcore.run.tables import instance_metrics_table, instance_table, write_part
-from segcore.run.volume_model import volume_slab_labels
+from segcore.run.volume_model import group_stats, volume_slab_labels
 
 
 def unit_rows(store_path: str, group: str, start: int, stop: int) -> list[dict[str, Any]]:
@@ -103,6 +103,8 @@ def segment_unit(ctx: RunContext, unit: WorkUnit) -> UnitRecord:
     root = zarr.open_group(ctx.store, mode="r")
     images = root[f"images/{unit.group}"][unit.start:unit.stop]
     images, _, refused = adapt_images(images, model_channels=meta.in_channels)
+    store = open_store(ctx.store) if predictor.spatial_dims == 3 else None  # a volumetric model: volume groups
+    volume = store is not None and store.group(unit.group).volume is not None
     t_read = time.perf_counter()
 
     def predict(batch: int, _tile: int | None) -> Any:
@@ -112,9 +114,10 @@ def segment_unit(ctx: RunContext, unit: WorkUnit) -> UnitRecord:
         ctx.faults.check_forward(images=min(batch, len(images)), height=images.shape[1], width=images.shape[2])
         if predictor.kind == "instance":
             return predictor.instances(images, batch_size=batch)
-        if predictor.spatial_dims == 3 and open_store(ctx.store).group(unit.group).volume is not None:
+        if volume:
             return volume_slab_labels(predictor, root[f"images/{unit.group}"], unit.start, unit.stop,
-                                      tiling=ctx.tiling, batch_size=batch)[0]
+                                      tiling=ctx.tiling, batch_size=batch,
+                                      stats=group_stats(store, unit.group, predictor))[0]
         if predictor.spatial_dims == 3:  # 2-D images through a volumetric model: volumes of one slice
             return predictor.labels(images[:, None], batch_size=batch, tta=ctx.tta)[:, 0]
         return predictor.labels(images, batch_size=batch, tta=ctx.tta)

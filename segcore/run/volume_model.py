@@ -20,11 +20,14 @@ of up to :data:`STATS_SLICES` slices), the same in every unit. ``--tta`` average
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import torch
+import zarr
 
+from segcore.collection.store import StoreInfo
 from segcore.models.predict import Predictor
 from segcore.normalise import Stats, percentile_stats
 from segcore.run.channels import adapt_images
@@ -64,11 +67,26 @@ def volume_stats(images: Any, predictor: Predictor) -> Stats | None:
     return None if refused else percentile_stats(pixels[0, :, 0], meta.normalisation)
 
 
+@lru_cache(maxsize=32)
+def _cached_stats(store_path: str, store_id: str | None, group: str, predictor: Predictor) -> Stats | None:
+    return volume_stats(zarr.open_group(store_path, mode="r")[f"images/{group}"], predictor)
+
+
+def group_stats(store: StoreInfo, group: str, predictor: Predictor) -> Stats | None:
+    """:func:`volume_stats` of a store group, computed once per worker process (every slab of a volume
+    needs the same values; the sample spans the whole volume, so it is not read again per slab).
+    Keyed by the store's id too: a store created anew at the same path is sampled anew."""
+    if predictor.meta.normalisation.mode != "percentile":
+        return None
+    return _cached_stats(store.path, store.store_id, group, predictor)
+
+
 def volume_slab_labels(predictor: Predictor, images: Any, start: int, stop: int, *, tiling: Tiling | None,
-                       batch_size: int) -> tuple[np.ndarray, dict[int, str]]:
+                       batch_size: int, stats: Stats | None) -> tuple[np.ndarray, dict[int, str]]:
     """``(stop - start, H, W)`` class labels of slices ``[start, stop)`` of a volume whose slices are
     ``images`` (the group's ``(D, H, W, C)`` Zarr array), and the slices the channel policy refused
-    (index in the slab -> reason; their labels are background). ``batch_size`` tiles per forward pass.
+    (index in the slab -> reason; their labels are background). ``batch_size`` tiles per forward pass;
+    ``stats``: the volume's percentile values (:func:`group_stats`), None for other normalisations.
     """
     depth, height, width, _ = images.shape
     tile, overlap, blend, tta = volume_tiles(tiling, (depth, height, width))
@@ -76,7 +94,6 @@ def volume_slab_labels(predictor: Predictor, images: Any, start: int, stop: int,
     tiles = tiles_for_nd(core, (depth, height, width), tile, overlap)
     window = read_window_nd(tiles)
     raw, _, refused = adapt_images(images[window.start[0]:window.stop[0]], model_channels=predictor.meta.in_channels)
-    stats = volume_stats(images, predictor)
     logits_of = flip_tta(predictor.logits) if tta else predictor.logits
     with torch.inference_mode():
         logits = blend_block_nd(logits_of, raw[:, window.start[1]:window.stop[1], window.start[2]:window.stop[2]],
@@ -89,4 +106,4 @@ def volume_slab_labels(predictor: Predictor, images: Any, start: int, stop: int,
     return labels, in_slab
 
 
-__all__ = ["DEFAULT_VOLUME_TILE", "STATS_SLICES", "volume_slab_labels", "volume_stats", "volume_tiles"]
+__all__ = ["DEFAULT_VOLUME_TILE", "STATS_SLICES", "group_stats", "volume_slab_labels", "volume_stats", "volume_tiles"]
