@@ -60,7 +60,7 @@ _NIFTI_UNITS = {"mm": "millimeter", "micron": "micrometer", "meter": "meter"}
 class VolumeInfo:
     """What a volume file holds, from its header: ``depth`` slices of ``height x width x channels``
     in ``dtype``; ``spacing`` ``(z, y, x)`` in ``unit`` per voxel (``unit`` "" when unknown);
-    ``affine`` the NIfTI 4×4 voxel-to-world matrix (None for TIFF)."""
+    ``affine`` the 4×4 voxel-to-world (RAS, millimetre) matrix of NIfTI and DICOM (None for TIFF and Zarr)."""
 
     depth: int
     height: int
@@ -210,12 +210,19 @@ def _check_range(p: Path, z0: int, z1: int, depth: int) -> None:
         raise ImageReadError(f"cannot read slices [{z0}, {z1}) of {p}: it has {depth} slices")
 
 
-def _nifti_load(p: Path) -> Any:
+def require_nibabel(what: str) -> Any:
+    """The nibabel module; :class:`ConfigError` naming ``what`` needs it (e.g. ``"reading NIfTI (x.nii)"``)
+    and the extra that installs it, when it is not installed."""
     try:
         import nibabel
     except ImportError as exc:
-        raise ConfigError(f"reading NIfTI ({p}) needs nibabel: install segflow with the 'volumes' extra "
+        raise ConfigError(f"{what} needs nibabel: install segflow with the 'volumes' extra "
                           "(pip install 'segflow[volumes]')") from exc
+    return nibabel
+
+
+def _nifti_load(p: Path) -> Any:
+    nibabel = require_nibabel(f"reading NIfTI ({p})")
     with decoder_errors(p):
         try:
             return nibabel.load(str(p))
@@ -309,5 +316,5 @@ def _tiff_spacing(tif: tifffile.TiffFile) -> tuple[tuple[float, float, float], s
     return (1.0, 1.0, 1.0), ""
 
 
-__all__ = ["NIFTI_SUFFIXES", "TIFF_SUFFIXES", "VolumeInfo", "is_volume_candidate", "slice_id", "probe_volume",
+__all__ = ["NIFTI_SUFFIXES", "TIFF_SUFFIXES", "VolumeInfo", "require_nibabel", "is_volume_candidate", "slice_id", "probe_volume",
            "decode_slab", "read_mask_slab", "read_volume_slab"]

@@ -26,6 +26,7 @@ import numpy as np
 
 from segcore import fsio
 from segcore.collection.imageio import file_suffix
+from segcore.collection.volumes import require_nibabel
 from segcore.collection.versions import current_manifest
 from segcore.errors import ConfigError, NotFound
 from segcore.run.results import RunReader
@@ -49,23 +50,6 @@ class ExportedVolume:
     affine_from: str
 
 
-def _nibabel() -> Any:
-    try:
-        import nibabel
-    except ImportError as exc:
-        raise ConfigError("exporting NIfTI needs nibabel: install segflow with the 'volumes' extra "
-                          "(pip install 'segflow[volumes]')") from exc
-    return nibabel
-
-
-def _volume_rows(run: RunReader) -> dict[str, dict[str, Any]]:
-    """Volume id -> the manifest row of its first slice (current versions in the run's groups)."""
-    planned = set(read_plan(run.path).groups)
-    first: dict[str, dict[str, Any]] = {}
-    for r in current_manifest(run.manifest).to_pylist():
-        if r["group"] in planned and r.get("volume_id") and r["slice"] == 0:
-            first[r["volume_id"]] = r
-    return first
 
 
 def _header_and_affine(nib: Any, row: dict[str, Any], volume: Volume, dtype: np.dtype) -> tuple[Any, np.ndarray, str]:
@@ -89,10 +73,12 @@ def export_nifti(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | 
     """Write one NIfTI label volume per ingested volume of the run at ``run_dir`` into ``out``
     (default ``RUN_DIR/export/nifti``, local paths only); returns what was written. Raises
     :class:`NotFound` when the run segmented no volume."""
-    nib = _nibabel()
+    nib = require_nibabel("exporting NIfTI")
     run = RunReader(run_dir)
-    rows = _volume_rows(run)
-    volumes = [v for v in find_volumes(current_manifest(run.manifest).to_pylist()) if v.volume_id in rows]
+    planned = set(read_plan(run.path).groups)
+    current = [r for r in current_manifest(run.manifest).to_pylist() if r["group"] in planned]
+    rows = {r["volume_id"]: r for r in current if r["volume_id"] and r["slice"] == 0}  # a volume's first slice
+    volumes = find_volumes([r for r in current if r["volume_id"]])
     if not volumes:
         raise NotFound(f"run {run.run_id} at {run.path} segmented no volume (NIfTI or TIFF z-stack); there is "
                        "nothing to export as NIfTI")
