@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from segcore.collection.grouping import compile_pattern
 from segcore.normalise import Normalisation
 from segcore.normalise_fit import parse_normalisation
 
@@ -156,10 +157,7 @@ class SegmentSpec(_Spec):
     @model_validator(mode="after")
     def _volume_pattern(self) -> "SegmentSpec":
         if self.volume_pattern:
-            try:
-                re.compile(self.volume_pattern)
-            except re.error as exc:
-                raise ValueError(f"volume_pattern {self.volume_pattern!r} is not a valid regular expression: {exc}") from exc
+            compile_pattern(self.volume_pattern, what="volume_pattern")  # a ConfigError is a ValueError
         return self
 
     @model_validator(mode="after")

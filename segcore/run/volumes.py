@@ -7,7 +7,8 @@ scores whole volumes. The members of a volume are
   file), or
 - 2-D images grouped by a regular expression on their image ids (``volume_pattern``): the
   volume's id is the expression's first group (or, without groups, the whole match), its slices
-  are the matching images in image-id order, and the spacing is unknown (1 per pixel, no unit).
+  are the matching images in natural id order (``z9`` before ``z10``), and the spacing is unknown (1
+  per pixel, no unit).
 
 The metrics are those of :func:`segcore.metrics.surface.volume_metrics`, on the stacked
 ``(D, H, W)`` prediction and ground truth, with the volume's ``(z, y, x)`` spacing; their empty
@@ -20,7 +21,6 @@ written to ``RUN_DIR/volumes/run_id=RUN_ID/`` (one Parquet part per batch of vol
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from segcore import fsio
-from segcore.errors import ConfigError
+from segcore.collection.grouping import compile_pattern, group_of, natural_key
 from segcore.metrics.surface import volume_metrics
 from segcore.run.results import RunReader
 from segcore.run.rundir import table_dir
@@ -72,34 +72,25 @@ class Volume:
     unit: str = ""
 
 
-def compile_volume_pattern(pattern: str | None) -> re.Pattern[str] | None:
-    """The compiled ``--volume-pattern``; raises :class:`ConfigError` for an invalid expression."""
-    if not pattern:
-        return None
-    try:
-        return re.compile(pattern)
-    except re.error as exc:
-        raise ConfigError(f"--volume-pattern {pattern!r} is not a valid regular expression: {exc}") from exc
-
-
 def find_volumes(rows: Iterable[dict[str, Any]], *, pattern: str | None = None) -> list[Volume]:
     """The volumes among manifest ``rows`` (the current versions of a run's images): ingested
-    volumes by ``volume_id``, and 2-D images grouped by ``pattern`` (see the module docstring)."""
-    regex = compile_volume_pattern(pattern)
-    members: dict[str, list[tuple[int, str, dict[str, Any]]]] = {}
+    volumes by ``volume_id`` in slice order, and 2-D images grouped by ``pattern``
+    (:mod:`segcore.collection.grouping`: first group or whole match, ids in natural order)."""
+    regex = compile_pattern(pattern, what="--volume-pattern") if pattern else None
+    members: dict[str, list[tuple[tuple, dict[str, Any]]]] = {}
     for r in rows:
         if r.get("volume_id"):
-            members.setdefault(r["volume_id"], []).append((int(r["slice"]), r["image_id"], r))
-        elif regex is not None and (m := regex.search(r["image_id"])):
-            key = m.group(1) if regex.groups else m.group(0)
-            members.setdefault(key, []).append((0, r["image_id"], r))
+            members.setdefault(r["volume_id"], []).append(((int(r["slice"]),), r))
+        elif regex is not None and (key := group_of(regex, r["image_id"])) is not None:
+            members.setdefault(key, []).append((natural_key(r["image_id"]), r))
     out = []
     for vid, items in sorted(members.items()):
-        items.sort(key=lambda t: (t[0], t[1]))
-        first = items[0][2]
-        spacing = tuple(float(first.get(f"spacing_{a}") or 1.0) for a in "zyx") if first.get("volume_id") else (1.0,) * 3
-        out.append(Volume(volume_id=vid, slices=tuple(i for _, i, _ in items), spacing=spacing,  # type: ignore[arg-type]
-                          unit=(first.get("spacing_unit") or "") if first.get("volume_id") else ""))
+        items.sort(key=lambda t: t[0])
+        first = items[0][1]
+        ingested = bool(first.get("volume_id"))
+        spacing = tuple(float(first.get(f"spacing_{a}") or 1.0) for a in "zyx") if ingested else (1.0,) * 3
+        out.append(Volume(volume_id=vid, slices=tuple(r["image_id"] for _, r in items), spacing=spacing,  # type: ignore[arg-type]
+                          unit=(first.get("spacing_unit") or "") if ingested else ""))
     return out
 
 
@@ -157,5 +148,5 @@ def clear_volume_table(run_dir: str) -> None:
         fs.rm(inner, recursive=True)
 
 
-__all__ = ["VOLUME_SCHEMA", "Volume", "clear_volume_table", "compile_volume_pattern", "find_volumes",
+__all__ = ["VOLUME_SCHEMA", "Volume", "clear_volume_table", "find_volumes",
            "read_volume_table", "score_volumes", "stack_volume", "volume_rows"]

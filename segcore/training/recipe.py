@@ -17,13 +17,13 @@ Everything random draws from a :class:`numpy.random.Generator` the caller seeds.
 from __future__ import annotations
 
 import math
-import re
 from typing import Literal, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from segcore.collection.grouping import compile_pattern, group_of, natural_key
 from segcore.errors import ConfigError
 
 #: How the validation images are chosen.
@@ -41,23 +41,12 @@ INTENSITY_SCALE = 0.1
 INTENSITY_SHIFT = 0.1
 
 
-def natural_key(text: str) -> tuple:
-    """Sort key that orders digit runs by value: ``z9`` before ``z10``."""
-    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text))
-
-
 def groups_of(ids: Sequence[str], pattern: str) -> list[str]:
     """The group of each image id: the pattern's first capture group (or whole match) found in the
-    id by :func:`re.search`; an id it does not match is a group of its own."""
-    try:
-        rx = re.compile(pattern)
-    except re.error as exc:
-        raise ConfigError(f"group pattern {pattern!r} is not a regular expression: {exc}") from exc
-    out = []
-    for image_id in ids:
-        m = rx.search(image_id)
-        out.append(image_id if m is None else (m.group(1) if rx.groups else m.group(0)))
-    return out
+    id by :func:`re.search` (:mod:`segcore.collection.grouping`); an id it does not match is a group
+    of its own."""
+    rx = compile_pattern(pattern)
+    return [group_of(rx, image_id) or image_id for image_id in ids]
 
 
 def split_indices(ids: Sequence[str], *, n_val: int, rng: np.random.Generator, how: SplitKind,

@@ -31,7 +31,9 @@ def test_a_pattern_groups_2d_images_by_its_first_group_or_whole_match():
         ("p1", ("p1_z01", "p1_z02", "p1_z10"), (1.0, 1.0, 1.0), ""), ("p2", ("p2_z01",), (1.0, 1.0, 1.0), "")]
     assert [v.volume_id for v in find_volumes(rows, pattern=r"p\d")] == ["p1", "p2", "p3"]
     assert find_volumes(rows) == []
-    with pytest.raises(ConfigError, match="not a valid regular expression"):
+    unpadded = [{"image_id": i, "volume_id": None} for i in ("s_z10", "s_z9", "s_z1")]  # natural order, not text
+    assert find_volumes(unpadded, pattern=r"^(s)_z")[0].slices == ("s_z1", "s_z9", "s_z10")
+    with pytest.raises(ConfigError, match="not a regular expression"):
         find_volumes(rows, pattern="(unclosed")
 
 
