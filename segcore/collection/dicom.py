@@ -17,12 +17,14 @@ negated), so labels exported as NIfTI overlay the series in a viewer.
 from __future__ import annotations
 
 import logging
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from segcore.errors import ConfigError, ImageReadError
+from segcore.fsio import signature
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,15 @@ def _headers(p: Path) -> list[tuple[Path, Any]]:
 
 
 def _sorted_series(p: Path) -> tuple[list[Path], list[Any], np.ndarray | None]:
-    """Files and headers in slice order, and the slices' LPS positions (None without positions)."""
+    """Files and headers in slice order, and the slices' LPS positions (None without positions);
+    read once per process while the folder's files keep their sizes and stamps (every slab of a
+    series needs them)."""
+    return _sorted_series_of(str(p), signature(p))
+
+
+@lru_cache(maxsize=8)
+def _sorted_series_of(path: str, _stamp: str | None) -> tuple[list[Path], list[Any], np.ndarray | None]:
+    p = Path(path)
     items = _headers(p)
     first = items[0][1]
     orientation = getattr(first, "ImageOrientationPatient", None)
