@@ -21,21 +21,16 @@ Not a test: figures go to bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import psutil
 from scipy.ndimage import gaussian_filter
 
+from tiling import segflow  # bench/tiling.py: a command in a child process, with the peak RSS of its tree
+
 ROOT = Path(__file__).resolve().parents[1]
-SEGFLOW = str(Path(sys.executable).with_name("segflow"))
 
 
 def synthetic_volume(depth: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -62,43 +57,6 @@ def write_case(folder: Path, depth: int, size: int, seed: int) -> None:
         nib.save(nib.Nifti1Image(data, affine), str(folder / sub / "vol.nii.gz"))
 
 
-def run_measured(args: list[str]) -> tuple[float, float, float]:
-    """Run ``segflow ARGS``; returns (seconds, peak summed RSS of its process tree, peak RSS of its
-    largest process), in GiB."""
-    proc = subprocess.Popen([SEGFLOW, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    peak_sum = peak_one = 0.0
-    stop = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak_sum, peak_one
-        root = psutil.Process(proc.pid)
-        while not stop.is_set():
-            try:
-                procs = [root] + root.children(recursive=True)
-                rss = []
-                for p in procs:
-                    try:
-                        rss.append(p.memory_info().rss)
-                    except psutil.Error:
-                        pass
-                peak_sum = max(peak_sum, sum(rss) / 2**30)
-                peak_one = max(peak_one, max(rss, default=0) / 2**30)
-            except psutil.Error:
-                pass
-            time.sleep(0.1)
-
-    t0 = time.perf_counter()
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    _, err = proc.communicate()
-    stop.set()
-    sampler.join()
-    if proc.returncode:
-        raise SystemExit(f"segflow {' '.join(args)} failed:\n{err[-3000:]}")
-    return time.perf_counter() - t0, peak_sum, peak_one
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[100, 200, 400])
@@ -113,7 +71,7 @@ def main() -> None:
                  "--store", str(train / "store.zarr")],
                 ["train", "--store", str(train / "store.zarr"), "--out", str(train / "model.safetensors"),
                  "--epochs", "2", "--base", "8", "--depth", "3", "--class-names", "background,bright,dark"]):
-        run_measured(cmd)
+        segflow(*cmd)
     print(f"{'slices':>6} {'command':>8} {'seconds':>8} {'peak tree RSS GiB':>18} {'peak process RSS GiB':>21}")
     for depth in args.depths:
         case = out / f"d{depth}"
@@ -123,8 +81,9 @@ def main() -> None:
                                       "--store", store]),
                           ("segment", ["segment", "--store", store, "--checkpoint", str(train / "model.safetensors"),
                                        "--out", str(case / "run")])):
-            seconds, tree, one = run_measured(cmd)
-            print(f"{depth:>6} {name:>8} {seconds:>8.1f} {tree:>18.2f} {one:>21.2f}", flush=True)
+            m = segflow(*cmd)
+            print(f"{depth:>6} {name:>8} {m['seconds']:>8.1f} {m['peak_rss_tree_gib']:>18.2f} "
+                  f"{m['peak_rss_largest_process_gib']:>21.2f}", flush=True)
         shutil.rmtree(case / "images")
         shutil.rmtree(case / "masks")
 

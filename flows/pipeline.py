@@ -160,11 +160,11 @@ def _segment_held(spec: SegmentSpec) -> dict[str, Any]:
     # Pyramids once every unit is done; those of the groups written now (a new done-record) are rewritten,
     # or, when some unit failed, left out of date until then.
     written = {u.group for u in plan.units if u.name in done_now and done_now[u.name] != done.get(u.name)}
+    # Volumes likewise: one with a failed slab would be scored against a blank slab; scored on the next run.
     if failed:
         unlist_pyramids(spec.out, written)
-    pyramids_failed = [] if failed else _pyramids(spec.out, written, log)
-    if failed:  # a volume with a failed slab would be scored against a blank slab: scored on the next run
         clear_volume_table(spec.out)
+    pyramids_failed = [] if failed else _pyramids(spec.out, written, log)
     volumes_failed, volumes = ([], []) if failed else _score_volumes(spec, plan, log)
     summary = summarise_run(spec, ctx, plan, meta, n_done=n_done, n_failed=len(failed), seconds=time.perf_counter() - t0,
                             volume_slices={v.volume_id: v.slices for v in volumes})

@@ -184,16 +184,22 @@ def test_2d_slices_grouped_into_volumes_by_pattern(tmp_path, collection):
     assert len(found) == 1 and found[0]["data"].count("data:image/png;base64,") == 3 * 3 * 2
 
 
-def test_volume_rows_reach_the_lake_with_their_file_as_lineage(tmp_path, collection):
-    from segcore.lake.publish import read_lake
-
+def _tiff_stack(tmp_path: Path, *, depth: int) -> tuple[Path, Path]:
+    """``images/stack.tif`` and ``masks/stack.tif``: a ``depth``-slice 48x48 z-stack with one bright box."""
     images, masks = tmp_path / "images", tmp_path / "masks"
     images.mkdir()
     masks.mkdir()
-    labels = np.zeros((3, 48, 48), np.uint8)
+    labels = np.zeros((depth, 48, 48), np.uint8)
     labels[:, 10:30, 12:40] = 1
     tifffile.imwrite(images / "stack.tif", (labels * 90 + 20).astype(np.uint8), photometric="minisblack")
     tifffile.imwrite(masks / "stack.tif", labels, photometric="minisblack")
+    return images, masks
+
+
+def test_volume_rows_reach_the_lake_with_their_file_as_lineage(tmp_path, collection):
+    from segcore.lake.publish import read_lake
+
+    images, masks = _tiff_stack(tmp_path, depth=3)
     store, out, lake = str(tmp_path / "s.zarr"), str(tmp_path / "run"), str(tmp_path / "lake")
     spec = RunSpec(ingest=IngestSpec(images=str(images), masks=str(masks), store=store),
                    segment=SegmentSpec(store=store, checkpoint=collection["checkpoint"], out=out, lake=lake,
@@ -267,13 +273,7 @@ def _two_dimensional_store(tmp_path: Path) -> Path:
 
 
 def test_a_run_with_failed_slabs_scores_no_volume_until_they_are_redone(tmp_path, collection, monkeypatch):
-    images, masks = tmp_path / "images", tmp_path / "masks"
-    images.mkdir()
-    masks.mkdir()
-    labels = np.zeros((4, 48, 48), np.uint8)
-    labels[:, 8:30, 10:40] = 1
-    tifffile.imwrite(images / "stack.tif", (labels * 90 + 20).astype(np.uint8), photometric="minisblack")
-    tifffile.imwrite(masks / "stack.tif", labels, photometric="minisblack")
+    images, masks = _tiff_stack(tmp_path, depth=4)
     store, out = str(tmp_path / "s.zarr"), str(tmp_path / "run")
     with_runner(ingest_flow, ONE_WORKER)(IngestSpec(images=str(images), masks=str(masks), store=store))
     spec = SegmentSpec(store=store, checkpoint=collection["checkpoint"], out=out, execution=ONE_WORKER,
