@@ -32,7 +32,7 @@ from segcore.models.record import read_model_meta
 from segcore.models.instances import InstancePrediction, predict_instances
 from segcore.models.outputs import OutputRule, class_scores
 from segcore.normalise import Stats, normalise_batch
-from segcore.tiling import flip_tta
+from segcore.models.stream import stream_labels
 
 log = logging.getLogger(__name__)
 
@@ -112,24 +112,22 @@ class Predictor(abc.ABC):
         """One :class:`InstancePrediction` per image of a normalised batch. Instance models only."""
         raise ConfigError(f"model {self.meta.arch!r} is a semantic model; it gives logits, not detections")
 
+    def stage(self, x: torch.Tensor) -> torch.Tensor:
+        """A prepared batch (or any host tensor) moved to where :meth:`logits` runs it; the host
+        tensor itself for runtimes that take host memory (the default)."""
+        return x
+
     def labels(self, images: np.ndarray, *, batch_size: int | None = None, stats: Stats | None = None,
                tta: bool = False) -> np.ndarray:
         """``(N, H, W)`` class labels (argmax of :meth:`logits`) of raw ``(N, H, W, C)`` images,
         ``batch_size`` images per forward pass (default: all at once); ``tta``: of the logits
         averaged over the flips of the last two axes (:func:`segcore.tiling.flip_tta`, 4x the
         forward passes). A volumetric model gives ``(N, D, H, W)`` labels of ``(N, D, H, W, C)``
-        volumes."""
+        volumes. Batches are pipelined (:mod:`segcore.models.stream`)."""
         if images.ndim != self.spatial_dims + 2:
             layout = "(N, D, H, W, C) volumes" if self.spatial_dims == 3 else "(N, H, W, C) images"
             raise ConfigError(f"model {self.meta.arch!r} takes {layout}, got an array of shape {images.shape}")
-        out = np.empty(images.shape[:-1], dtype=self.label_dtype)
-        step = batch_size or max(1, len(images))
-        logits_of = flip_tta(self.logits) if tta else self.logits
-        with torch.inference_mode():
-            for s in range(0, len(images), step):
-                logits = logits_of(self.prepare(images[s:s + step], stats=stats))
-                out[s:s + step] = logits.argmax(dim=1).to("cpu").numpy()
-        return out
+        return stream_labels(self, images, batch_size=batch_size, stats=stats, tta=tta).labels
 
     def instances(self, images: np.ndarray, *, batch_size: int | None = None, stats: Stats | None = None
                   ) -> list[InstancePrediction]:
@@ -155,6 +153,7 @@ class TorchPredictor(Predictor):
         super().__init__(meta, device=device, precision=precision)
         self.model = model
         self._cuda = device.startswith("cuda")
+        self._copy_stream: torch.cuda.Stream | None = None
         self._memory_format = torch.channels_last_3d if meta.spatial_dims == 3 else torch.channels_last
         if self._cuda and meta.kind == "semantic":
             self.model = model.to(memory_format=self._memory_format)
@@ -165,9 +164,24 @@ class TorchPredictor(Predictor):
         return int(detector.roi_heads.detections_per_img) if detector is not None else None
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._cuda:
+        if not self._cuda or x.is_cuda:
             return x
         return x.pin_memory().to(self.device, non_blocking=True)
+
+    def stage(self, x: torch.Tensor) -> torch.Tensor:
+        """On CUDA: ``x`` copied to the device on a side stream (from pinned memory, without blocking
+        the host), which the compute stream waits for; so the copy of the next batch overlaps the
+        forward pass of the current one. On the CPU: ``x`` itself."""
+        if not self._cuda or x.is_cuda:
+            return x
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(device=self.device)
+        compute = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._copy_stream):
+            y = (x if x.is_pinned() else x.pin_memory()).to(self.device, non_blocking=True)
+        compute.wait_stream(self._copy_stream)
+        y.record_stream(compute)  # the caching allocator must not reuse y's memory before compute is done
+        return y
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind != "semantic":

@@ -61,23 +61,45 @@ def gt_as_classes(gt: np.ndarray, *, mask_kind: str) -> np.ndarray:
     return gt.astype(np.int64, copy=False)
 
 
+def checked_gt(gt: np.ndarray, *, mask_kind: str, meta: ModelMeta) -> tuple[np.ndarray, dict[int, str]]:
+    """Raw ``(N, H, W)`` ground truth (class ids, or instance ids when ``mask_kind="instance"``) as
+    class labels in the smallest unsigned dtype that holds them, and, by index, the images whose
+    ground truth holds a label the model lacks (they must not be scored)."""
+    c = meta.num_classes
+    gt = np.asarray(gt)
+    if mask_kind == "instance":
+        classes = (gt > 0).astype(np.uint8)
+    else:
+        classes = gt if gt.dtype.kind == "u" else gt_as_classes(gt, mask_kind=mask_kind)
+    errors: dict[int, str] = {}
+    for i, g in enumerate(classes):
+        top = int(g.max(initial=0))
+        if classes.dtype.kind == "i" and int(g.min(initial=0)) < 0:
+            errors[i] = f"ground truth has a negative label ({int(g.min())}); class labels start at 0"
+        elif top >= c:
+            errors[i] = (f"ground truth has label {top} but the model has {c} classes "
+                         f"({', '.join(meta.class_names)}); check --mask-kind or the checkpoint")
+    return classes, errors
+
+
+def counts_from_confusion(cm: np.ndarray) -> list[Counts]:
+    """One :class:`Counts` per ``(K, K)`` ``[gt, pred]`` confusion matrix of ``(N, K, K)`` ``cm``."""
+    tp = np.diagonal(cm, axis1=1, axis2=2)
+    fp = cm.sum(axis=1) - tp
+    fn = cm.sum(axis=2) - tp
+    return [Counts(tp=tuple(int(v) for v in tp[i]), fp=tuple(int(v) for v in fp[i]),
+                   fn=tuple(int(v) for v in fn[i])) for i in range(len(cm))]
+
+
 def count_against_gt(pred: np.ndarray, gt: np.ndarray, *, mask_kind: str, meta: ModelMeta) -> list[Counts]:
     """Per-image :class:`Counts` of ``(N, H, W)`` predicted classes against ``(N, H, W)`` raw ground
     truth (class ids, or instance ids when ``mask_kind="instance"``). An image whose ground truth
     holds a label the model lacks gets a Counts with only ``error`` set."""
-    c = meta.num_classes
-    gt = gt_as_classes(np.asarray(gt), mask_kind=mask_kind)
-    out: list[Counts | None] = [None] * len(gt)
-    good = []
-    for i, g in enumerate(gt):
-        top = int(g.max(initial=0))
-        if top >= c:
-            out[i] = Counts(error=f"ground truth has label {top} but the model has {c} classes "
-                                  f"({', '.join(meta.class_names)}); check --mask-kind or the checkpoint")
-        else:
-            good.append(i)
+    classes, errors = checked_gt(gt, mask_kind=mask_kind, meta=meta)
+    out: list[Counts | None] = [Counts(error=errors[i]) if i in errors else None for i in range(len(classes))]
+    good = [i for i in range(len(classes)) if i not in errors]
     if good:
-        tp, fp, fn = confusion_counts(np.asarray(pred)[good], gt[good], c)
+        tp, fp, fn = confusion_counts(np.asarray(pred)[good], classes[good], meta.num_classes)
         for k, i in enumerate(good):
             out[i] = Counts(tp=tuple(int(v) for v in tp[k]), fp=tuple(int(v) for v in fp[k]),
                             fn=tuple(int(v) for v in fn[k]))

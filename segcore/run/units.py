@@ -25,8 +25,9 @@ from segcore.metrics.instance import instance_scores
 from segcore.models.checkpoint import ModelMeta
 from segcore.models.instances import InstancePrediction
 from segcore.run.channels import adapt_images
-from segcore.run.context import RunContext, Timing, UnitRecord
-from segcore.run.evaluate import count_against_gt, dice_rows, ground_truth_state
+from segcore.models.stream import Labelled, stream_labels
+from segcore.run.context import Counts, RunContext, Timing, UnitRecord
+from segcore.run.evaluate import checked_gt, count_against_gt, counts_from_confusion, dice_rows, ground_truth_state
 from segcore.run.memory import with_backoff
 from segcore.run.plan import WorkUnit
 from segcore.run.rundir import dice_dir, instances_path, label_array, mark_done, masks_path, table_dir
@@ -85,6 +86,24 @@ def _blank_refused(preds: np.ndarray, instance_preds: list[InstancePrediction] |
             instance_preds[i] = b
 
 
+def _truth_to_stream(gt_raw: dict[int, np.ndarray], shape: tuple[int, int, int], *, mask_kind: str,
+                     meta: ModelMeta) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """The ground truth of a unit's ``gt_raw`` images (by index) as :func:`stream_labels` scores it:
+    ``(N, H, W)`` class labels (zeros where there is none), ``(N,)`` bool which images to score, and
+    by index the images whose ground truth cannot be scored (:func:`checked_gt`)."""
+    usable = sorted(gt_raw)
+    truth = np.zeros(shape, dtype=np.uint8)
+    errors: dict[int, str] = {}
+    if usable:
+        classes, problems = checked_gt(np.asarray([gt_raw[i] for i in usable]), mask_kind=mask_kind, meta=meta)
+        errors = {usable[j]: msg for j, msg in problems.items()}
+        truth = truth.astype(np.promote_types(truth.dtype, classes.dtype), copy=False)
+        truth[usable] = classes
+    to_score = np.zeros(shape[0], dtype=bool)
+    to_score[[i for i in usable if i not in errors]] = True
+    return truth, to_score, errors
+
+
 def segment_unit(ctx: RunContext, unit: WorkUnit) -> UnitRecord:
     """Segment and evaluate one unit of whole images; returns its record (counts and timings, no arrays).
 
@@ -105,6 +124,13 @@ def segment_unit(ctx: RunContext, unit: WorkUnit) -> UnitRecord:
     images, _, refused = adapt_images(images, model_channels=meta.in_channels)
     store = open_store(ctx.store) if predictor.spatial_dims == 3 else None  # a volumetric model: volume groups
     volume = store is not None and store.group(unit.group).volume is not None
+    rows = unit_rows(ctx.store, unit.group, unit.start, unit.stop)
+    rows = [dict(r, status="error", error=refused[i]) if i in refused else r for i, r in enumerate(rows)]
+    usable = [i for i, r in enumerate(rows) if ground_truth_state(r)[0]]
+    gt_raw = dict(zip(usable, root[f"gt/{unit.group}"][unit.start:unit.stop][usable])) if usable else {}
+    streamed = predictor.kind == "semantic" and predictor.spatial_dims == 2  # scored batch by batch
+    truth, to_score, gt_errors = (_truth_to_stream(gt_raw, images.shape[:3], mask_kind=ctx.mask_kind, meta=meta)
+                                  if streamed else (None, None, {}))
     t_read = time.perf_counter()
 
     def predict(batch: int, _tile: int | None) -> Any:
@@ -120,22 +146,24 @@ def segment_unit(ctx: RunContext, unit: WorkUnit) -> UnitRecord:
                                       stats=group_stats(store, unit.group, predictor))[0]
         if predictor.spatial_dims == 3:  # 2-D images through a volumetric model: volumes of one slice
             return predictor.labels(images[:, None], batch_size=batch, tta=ctx.tta)[:, 0]
-        return predictor.labels(images, batch_size=batch, tta=ctx.tta)
+        return stream_labels(predictor, images, batch_size=batch, tta=ctx.tta, gt=truth, scored=to_score)
 
     out, batch, _ = with_backoff(predict, batch=ctx.batch_size, device=ctx.device, what=f"unit {unit.name}")
+    counts: dict[int, Counts] = {}
+    if isinstance(out, Labelled):  # counted batch by batch where the model ran
+        counts = {i: Counts(error=msg) for i, msg in gt_errors.items()}
+        counts.update(zip(np.flatnonzero(to_score).tolist(), counts_from_confusion(out.confusion[to_score])))
+        out = out.labels
+    elif usable:
+        preds = np.stack([p.classes for p in out]) if predictor.kind == "instance" else out
+        counts = dict(zip(usable, count_against_gt(preds[usable], np.asarray([gt_raw[i] for i in usable]),
+                                                   mask_kind=ctx.mask_kind, meta=meta)))
     instance_preds = out if predictor.kind == "instance" else None
     preds = np.stack([p.classes for p in out]) if instance_preds is not None else out
     t_pred = time.perf_counter()
     if refused:
         _blank_refused(preds, instance_preds, refused)
     label_array(masks_path(ctx.run_dir), unit.group, mode="r+")[unit.start:unit.stop] = preds
-
-    rows = unit_rows(ctx.store, unit.group, unit.start, unit.stop)
-    rows = [dict(r, status="error", error=refused[i]) if i in refused else r for i, r in enumerate(rows)]
-    usable = [i for i, r in enumerate(rows) if ground_truth_state(r)[0]]
-    gt_raw = dict(zip(usable, root[f"gt/{unit.group}"][unit.start:unit.stop][usable])) if usable else {}
-    counts = dict(zip(usable, count_against_gt(preds[usable], np.asarray([gt_raw[i] for i in usable]),
-                                               mask_kind=ctx.mask_kind, meta=meta))) if usable else {}
     table = dice_rows(rows, {rows[i]["image_id"]: c for i, c in counts.items()}, meta=meta,
                       checkpoint_sha256=ctx.checkpoint_sha256, unit=unit.name)
     write_part(table, dice_dir(ctx.run_dir, ctx.run_id), f"{unit.name}.parquet")
