@@ -23,36 +23,18 @@ import json
 import os
 import platform
 import shutil
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import zarr
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from flows.cli import main as segflow  # noqa: E402
-from segcore.models.checkpoint import ModelMeta, load_checkpoint, save_checkpoint  # noqa: E402
-from segcore.collection.imageio import write_png  # noqa: E402
-from segcore.models import create_model  # noqa: E402
-from segcore.models.predict import TorchPredictor  # noqa: E402
-from segcore.run.plan import make_plan  # noqa: E402
-from segcore.collection.store import open_store  # noqa: E402
-from segcore.synthetic import CLASS_NAMES, make_sample  # noqa: E402
-from segcore.training.semantic import DEMO_NORMALISATION  # noqa: E402
-
-
-def make_collection(root: Path, n: int, size: int) -> None:
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "masks").mkdir(parents=True, exist_ok=True)
-    streams = np.random.SeedSequence(7).spawn(n)
-    for i, s in enumerate(streams):
-        img, mask = make_sample(np.random.default_rng(s), size=size)
-        write_png(root / "images" / f"img-{i:05d}.png", img)
-        write_png(root / "masks" / f"img-{i:05d}.png", mask)
+from workload import ensure_store, make_checkpoint, segflow  # bench/workload.py: collection, store, UNet; puts
+                                                              # the repository on sys.path
+from segcore.collection.store import open_store
+from segcore.models.checkpoint import load_checkpoint
+from segcore.models.predict import TorchPredictor
+from segcore.run.plan import make_plan
 
 
 def bare_loop(store_path: str, checkpoint: str, batch_size: int) -> tuple[int, float]:
@@ -80,31 +62,12 @@ def main() -> None:
     ap.add_argument("--checkpoint", help="checkpoint to use (default: an untrained UNet of --base/--depth)")
     ap.add_argument("--base", type=int, default=32, help="UNet width (default 32, the reference UNet)")
     ap.add_argument("--depth", type=int, default=4, help="UNet depth (default 4)")
-    ap.add_argument("--workdir", default=str(ROOT / "bench" / "out"))
+    ap.add_argument("--workdir", default=str(Path(__file__).resolve().parent / "out"))
     args = ap.parse_args()
 
     work = Path(args.workdir)
-    coll = work / f"collection-{args.images}-{args.size}"
-    store = work / f"store-{args.images}-{args.size}.zarr"
-    if not (coll / "images").exists() or len(list((coll / "images").glob("*.png"))) != args.images:
-        shutil.rmtree(coll, ignore_errors=True)
-        t = time.perf_counter()
-        make_collection(coll, args.images, args.size)
-        print(f"generated {args.images} images of {args.size}x{args.size} in {time.perf_counter() - t:.1f} s")
-    if not store.exists():
-        t = time.perf_counter()
-        rc = segflow(["ingest", "--images", str(coll / "images"), "--masks", str(coll / "masks"), "--store", str(store)])
-        assert rc == 0, "ingest failed"
-        print(f"ingest: {time.perf_counter() - t:.1f} s ({args.images / (time.perf_counter() - t):.1f} images/s)")
-    checkpoint = args.checkpoint
-    if checkpoint is None:
-        checkpoint = str(work / f"bench-unet-{args.base}-{args.depth}.safetensors")
-        torch.manual_seed(0)
-        arch = {"base": args.base, "depth": args.depth}
-        model = create_model("unet", in_channels=1, num_classes=len(CLASS_NAMES), **arch)
-        save_checkpoint(checkpoint, model, ModelMeta(arch="unet", arch_kwargs=arch,
-                                                     class_names=CLASS_NAMES, in_channels=1,
-                                                     normalisation=DEMO_NORMALISATION))
+    store = ensure_store(work, args.images, args.size)
+    checkpoint = args.checkpoint or make_checkpoint(work, args.base, args.depth)
 
     n, bare_s = bare_loop(str(store), checkpoint, args.batch_size)
     print(f"bare model(x) loop, before: {n} images in {bare_s:.1f} s = {n / bare_s:.2f} images/s "
