@@ -10,6 +10,7 @@ directory and reused by later runs of the same size.
 
 from __future__ import annotations
 
+import multiprocessing
 import shutil
 import sys
 import time
@@ -31,31 +32,46 @@ from segcore.synthetic import CLASS_NAMES, make_sample  # noqa: E402
 from segcore.training.semantic import DEMO_NORMALISATION  # noqa: E402
 
 
-def make_collection(root: Path, n: int, size: int) -> None:
-    """``root/images/img-00000.png`` ... and the masks of the same names under ``root/masks``."""
+def _write_sample(root: Path, i: int, stream: np.random.SeedSequence, size: int) -> None:
+    img, mask = make_sample(np.random.default_rng(stream), size=size)
+    write_png(root / "images" / f"img-{i:05d}.png", img)
+    write_png(root / "masks" / f"img-{i:05d}.png", mask)
+
+
+def make_collection(root: Path, n: int, size: int, jobs: int = 1) -> None:
+    """``root/images/img-00000.png`` ... and the masks of the same names under ``root/masks``; image
+    ``i`` is the same whatever the number of ``jobs`` (processes) that make them."""
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(parents=True, exist_ok=True)
     streams = np.random.SeedSequence(7).spawn(n)
-    for i, s in enumerate(streams):
-        img, mask = make_sample(np.random.default_rng(s), size=size)
-        write_png(root / "images" / f"img-{i:05d}.png", img)
-        write_png(root / "masks" / f"img-{i:05d}.png", mask)
+    if jobs <= 1:
+        for i, s in enumerate(streams):
+            _write_sample(root, i, s, size)
+        return
+    # fork: the children need only numpy and the PNG writer, and CUDA is not initialised yet.
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        pool.starmap(_write_sample, [(root, i, s, size) for i, s in enumerate(streams)], chunksize=4)
 
 
-def ensure_store(work: Path, n: int, size: int) -> Path:
-    """The ingested store of ``n`` images of ``size`` x ``size`` under ``work`` (made when missing)."""
+def ensure_store(work: Path, n: int, size: int, *, jobs: int = 1, timings: dict | None = None) -> Path:
+    """The ingested store of ``n`` images of ``size`` x ``size`` under ``work`` (made when missing, the
+    collection by ``jobs`` processes); the seconds each step took go into ``timings``
+    (``generate_s``, ``ingest_s``) when given."""
+    timings = {} if timings is None else timings
     coll = work / f"collection-{n}-{size}"
     store = work / f"store-{n}-{size}.zarr"
     if not (coll / "images").exists() or len(list((coll / "images").glob("*.png"))) != n:
         shutil.rmtree(coll, ignore_errors=True)
         shutil.rmtree(store, ignore_errors=True)
         t = time.perf_counter()
-        make_collection(coll, n, size)
+        make_collection(coll, n, size, jobs=jobs)
+        timings["generate_s"] = time.perf_counter() - t
         print(f"generated {n} images of {size}x{size} in {time.perf_counter() - t:.1f} s")
     if not store.exists():
         t = time.perf_counter()
         rc = segflow(["ingest", "--images", str(coll / "images"), "--masks", str(coll / "masks"), "--store", str(store)])
         assert rc == 0, "ingest failed"
+        timings["ingest_s"] = time.perf_counter() - t
         print(f"ingest: {time.perf_counter() - t:.1f} s ({n / (time.perf_counter() - t):.1f} images/s)")
     return store
 
