@@ -86,22 +86,17 @@ def _blank_refused(preds: np.ndarray, instance_preds: list[InstancePrediction] |
             instance_preds[i] = b
 
 
-def _truth_to_stream(gt_raw: dict[int, np.ndarray], shape: tuple[int, int, int], *, mask_kind: str,
-                     meta: ModelMeta) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
-    """The ground truth of a unit's ``gt_raw`` images (by index) as :func:`stream_labels` scores it:
-    ``(N, H, W)`` class labels (zeros where there is none), ``(N,)`` bool which images to score, and
-    by index the images whose ground truth cannot be scored (:func:`checked_gt`)."""
-    usable = sorted(gt_raw)
-    truth = np.zeros(shape, dtype=np.uint8)
-    errors: dict[int, str] = {}
-    if usable:
-        classes, problems = checked_gt(np.asarray([gt_raw[i] for i in usable]), mask_kind=mask_kind, meta=meta)
-        errors = {usable[j]: msg for j, msg in problems.items()}
-        truth = truth.astype(np.promote_types(truth.dtype, classes.dtype), copy=False)
-        truth[usable] = classes
-    to_score = np.zeros(shape[0], dtype=bool)
+def _truth_to_stream(gt: np.ndarray, usable: list[int], *, mask_kind: str, meta: ModelMeta
+                     ) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """A unit's ``(N, H, W)`` raw ground truth as :func:`stream_labels` scores it: class labels (the
+    array itself when it already is, no copy), ``(N,)`` bool which images to score (those in ``usable``
+    whose ground truth can be scored), and by index the ``usable`` images whose ground truth cannot be
+    scored (:func:`checked_gt`)."""
+    classes, problems = checked_gt(gt, mask_kind=mask_kind, meta=meta)
+    errors = {i: problems[i] for i in usable if i in problems}
+    to_score = np.zeros(len(gt), dtype=bool)
     to_score[[i for i in usable if i not in errors]] = True
-    return truth, to_score, errors
+    return classes, to_score, errors
 
 
 def segment_unit(ctx: RunContext, unit: WorkUnit) -> UnitRecord:
@@ -127,10 +122,11 @@ def segment_unit(ctx: RunContext, unit: WorkUnit) -> UnitRecord:
     rows = unit_rows(ctx.store, unit.group, unit.start, unit.stop)
     rows = [dict(r, status="error", error=refused[i]) if i in refused else r for i, r in enumerate(rows)]
     usable = [i for i, r in enumerate(rows) if ground_truth_state(r)[0]]
-    gt_raw = dict(zip(usable, root[f"gt/{unit.group}"][unit.start:unit.stop][usable])) if usable else {}
-    streamed = predictor.kind == "semantic" and predictor.spatial_dims == 2  # scored batch by batch
-    truth, to_score, gt_errors = (_truth_to_stream(gt_raw, images.shape[:3], mask_kind=ctx.mask_kind, meta=meta)
-                                  if streamed else (None, None, {}))
+    gt = root[f"gt/{unit.group}"][unit.start:unit.stop] if usable else None  # (N, H, W) raw ground truth
+    gt_raw = {i: gt[i] for i in usable}
+    truth, to_score, gt_errors = None, None, {}
+    if usable and predictor.kind == "semantic" and predictor.spatial_dims == 2:  # scored batch by batch
+        truth, to_score, gt_errors = _truth_to_stream(gt, usable, mask_kind=ctx.mask_kind, meta=meta)
     t_read = time.perf_counter()
 
     def predict(batch: int, _tile: int | None) -> Any:
@@ -151,15 +147,14 @@ def segment_unit(ctx: RunContext, unit: WorkUnit) -> UnitRecord:
     out, batch, _ = with_backoff(predict, batch=ctx.batch_size, device=ctx.device, what=f"unit {unit.name}")
     counts: dict[int, Counts] = {}
     if isinstance(out, Labelled):  # counted batch by batch where the model ran
-        counts = {i: Counts(error=msg) for i, msg in gt_errors.items()}
-        counts.update(zip(np.flatnonzero(to_score).tolist(), counts_from_confusion(out.confusion[to_score])))
+        if out.confusion is not None:
+            counts = {i: Counts(error=msg) for i, msg in gt_errors.items()}
+            counts.update(zip(np.flatnonzero(to_score).tolist(), counts_from_confusion(out.confusion[to_score])))
         out = out.labels
-    elif usable:
-        preds = np.stack([p.classes for p in out]) if predictor.kind == "instance" else out
-        counts = dict(zip(usable, count_against_gt(preds[usable], np.asarray([gt_raw[i] for i in usable]),
-                                                   mask_kind=ctx.mask_kind, meta=meta)))
     instance_preds = out if predictor.kind == "instance" else None
     preds = np.stack([p.classes for p in out]) if instance_preds is not None else out
+    if usable and truth is None:  # instance and volumetric models: counted over the whole unit
+        counts = dict(zip(usable, count_against_gt(preds[usable], gt[usable], mask_kind=ctx.mask_kind, meta=meta)))
     t_pred = time.perf_counter()
     if refused:
         _blank_refused(preds, instance_preds, refused)
