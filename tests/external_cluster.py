@@ -40,16 +40,18 @@ def external_cluster(directory: Path, *, env: Mapping[str, str], name: str, work
     from distributed import Client
 
     try:  # started inside: a process started before a later one fails to start is stopped too
+        # Should this process be killed outright (no finally), the scheduler ends after 10 idle minutes
+        # and its workers a minute after losing it.
         procs.append(subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                                       "--no-dashboard"], stdout=logs[0], stderr=subprocess.STDOUT, env=dict(env),
-                                      cwd=directory))
+                                       "--no-dashboard", "--idle-timeout", "600"], stdout=logs[0],
+                                      stderr=subprocess.STDOUT, env=dict(env), cwd=directory))
         for i in range(1, workers + 1):
             home = directory if own_dirs is None else own_dirs[i - 1]
             worker_env = dict(env) if own_dirs is None else dict(env, HOME=str(home), TMPDIR=str(home),
                                                                  PREFECT_HOME=str(home / ".prefect"))
             procs.append(subprocess.Popen([str(BIN / "dask"), "worker", address, "--nthreads", "1", "--nworkers",
-                                           "1", "--no-dashboard", "--name", f"{name}-{i}", "--local-directory",
-                                           str(home)], stdout=logs[i], stderr=subprocess.STDOUT, env=worker_env,
+                                           "1", "--no-dashboard", "--name", f"{name}-{i}", "--death-timeout", "60",
+                                           "--local-directory", str(home)], stdout=logs[i], stderr=subprocess.STDOUT, env=worker_env,
                                           cwd=home))
         deadline = time.monotonic() + timeout
         while True:
