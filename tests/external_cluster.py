@@ -51,8 +51,8 @@ def external_cluster(directory: Path, *, env: Mapping[str, str], name: str, work
                                                                  PREFECT_HOME=str(home / ".prefect"))
             procs.append(subprocess.Popen([str(BIN / "dask"), "worker", address, "--nthreads", "1", "--nworkers",
                                            "1", "--no-dashboard", "--name", f"{name}-{i}", "--death-timeout", "60",
-                                           "--local-directory", str(home)], stdout=logs[i], stderr=subprocess.STDOUT, env=worker_env,
-                                          cwd=home))
+                                           "--local-directory", str(home)],
+                                          stdout=logs[i], stderr=subprocess.STDOUT, env=worker_env, cwd=home))
         deadline = time.monotonic() + timeout
         while True:
             try:

@@ -78,7 +78,8 @@ def test_a_store_at_a_url_reads_as_its_local_copy(on_s3) -> None:
     assert unit_rows(url, "g001", 1, 3) == unit_rows(local, "g001", 1, 3)
     for g in open_store(local).groups:
         for kind in ("images", "gt"):
-            np.testing.assert_array_equal(store_root(url)[f"{kind}/{g.name}"][:], store_root(local)[f"{kind}/{g.name}"][:])
+            name = f"{kind}/{g.name}"
+            np.testing.assert_array_equal(store_root(url)[name][:], store_root(local)[name][:])
 
 
 def test_units_segmented_from_a_store_and_checkpoint_at_urls_equal_local_units(on_s3) -> None:
