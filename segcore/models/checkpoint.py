@@ -118,7 +118,7 @@ def read_meta(path: str | os.PathLike[str]) -> ModelMeta:
         return _meta_of(_remote_header(where), where=where)
     path = Path(local)
     if not path.is_file():
-        raise NotFound(f"checkpoint {str(path)!r} does not exist; train one with 'segflow demo' or pass a local file")
+        raise NotFound(f"checkpoint {str(path)!r} does not exist; train one with 'segflow demo' or pass an existing file or URL")
     try:
         from safetensors import safe_open
 
