@@ -43,7 +43,7 @@ def _add_lease(p: argparse.ArgumentParser, *, written: str) -> None:
 def _add_segment(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True,
                    help="model record: a segflow checkpoint (.safetensors) or a model directory made by "
-                        "'segflow model import/export'")
+                        "'segflow model import/export'; a path or an fsspec URL (s3://bucket/unet.safetensors)")
     p.add_argument("--out", required=True, help="run directory (created; re-running into it resumes); {flow_run} in "
                                                 "it is replaced by the run's UTC start time and flow run id: a new "
                                                 "run directory per run (not with --incremental)")
@@ -89,9 +89,9 @@ def _add_ingest(p: argparse.ArgumentParser, *, store_required: bool, landing_onl
     p.add_argument("--images", required=True, help="directory of images or a quoted glob pattern")
     p.add_argument("--masks", help="directory of ground-truth masks named like the images")
     p.add_argument("--mask-kind", choices=["class", "instance"], help="mask values are class ids (default) or object ids")
-    store_help = ("Zarr collection store to create or append to" if landing_only else
-                  "Zarr collection store to create ({flow_run} in it is replaced by the run's UTC start time and "
-                  "flow run id: a new store per run)")
+    store_help = ("Zarr collection store to create or append to, a path or fsspec URL" if landing_only else
+                  "Zarr collection store to create, a path or fsspec URL (s3://bucket/collection.zarr); {flow_run} "
+                  "in it is replaced by the run's UTC start time and flow run id: a new store per run")
     p.add_argument("--store", required=store_required,
                    help=store_help if store_required else f"{store_help} (default: store.zarr in --out)")
     if landing_only:
@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_execution(p)
 
     p = sub.add_parser("segment", help="segment a store, write masks.zarr and the Dice Parquet dataset")
-    p.add_argument("--store", required=True, help="Zarr collection store made by 'segflow ingest'")
+    p.add_argument("--store", required=True, help="Zarr collection store made by 'segflow ingest' (a path or fsspec "
+                                                  "URL, read by the workers directly)")
     _add_segment(p)
     _add_lease(p, written="the run directory")
 

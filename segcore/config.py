@@ -17,15 +17,15 @@ from segcore.normalise import Normalisation
 from segcore.normalise_fit import parse_normalisation
 
 
-def _local_store(path: str) -> str:
-    if "://" in path:
-        raise ValueError(f"the collection store must be a local or shared-file-system path, not {path!r} (with "
-                         "'segflow run --out URL', pass --store PATH); run directories and lakes may be fsspec URLs")
-    return path
+def _store_location(location: str) -> str:
+    if not location.strip():
+        raise ValueError("the collection store's location is empty; pass a path or an fsspec URL")
+    return location
 
 
-#: Path of a collection store (local or on a shared file system; not an object-store URL).
-StorePath = Annotated[str, AfterValidator(_local_store)]
+#: Location of a collection store: a path, or an fsspec URL (``s3://bucket/collection.zarr``) that the
+#: Dask workers read directly (no shared file system needed).
+StorePath = Annotated[str, AfterValidator(_store_location)]
 
 
 class _Spec(BaseModel):
@@ -40,8 +40,9 @@ class IngestSpec(_Spec):
 
     images: str = Field(description="Directory of images, a glob pattern (quote it in a shell), or the fsspec URL of "
                                     "a directory (s3://bucket/landing; its files are staged locally to be decoded).")
-    store: StorePath = Field(description="Path of the Zarr collection store to create, e.g. collection.zarr; "
-                                         "{flow_run} in it is replaced by the run's UTC start time and flow run id.")
+    store: StorePath = Field(description="Path or fsspec URL (s3://bucket/collection.zarr) of the Zarr collection "
+                                         "store to create, e.g. collection.zarr; {flow_run} in it is replaced by the "
+                                         "run's UTC start time and flow run id.")
     masks: str | None = Field(None, description="Directory (or directory URL) of ground-truth masks; a mask pairs with "
                                                 "the image of the same id.")
     mask_kind: Literal["class", "instance"] = Field(
@@ -108,8 +109,10 @@ class ExecutionSpec(_Spec):
 class SegmentSpec(_Spec):
     """Segment every work unit of a store with one checkpoint and evaluate Dice where GT exists."""
 
-    store: StorePath = Field(description="Zarr collection store made by 'segflow ingest'.")
-    checkpoint: str = Field(description="segflow checkpoint (.safetensors) to segment with.")
+    store: StorePath = Field(description="Zarr collection store made by 'segflow ingest': a path or an fsspec URL "
+                                         "(s3://bucket/collection.zarr), read by the workers directly.")
+    checkpoint: str = Field(description="Model record to segment with: a segflow checkpoint (.safetensors) or a "
+                                        "model directory, at a path or an fsspec URL (s3://bucket/unet.safetensors).")
     out: str = Field(description="Run directory, a path or fsspec URL (s3://bucket/runs/r1): masks.zarr, dice/ "
                                   "Parquet dataset, summary. {flow_run} in it (and in a store path) is replaced by "
                                   "the run's UTC start time and flow run id: a new directory per run.")
@@ -207,7 +210,7 @@ class TrainSpec(_Spec):
     as ``None`` take the model kind's defaults (see :func:`train_defaults`).
     """
 
-    store: StorePath = Field(description="Zarr collection store with ground truth.")
+    store: StorePath = Field(description="Zarr collection store with ground truth (a path or an fsspec URL).")
     out: str = Field(description="Checkpoint file to write (.safetensors).")
     model: str = Field("unet", description="Registered architecture: unet, maskrcnn or maskrcnn_r18.")
     class_names: tuple[str, ...] | None = Field(

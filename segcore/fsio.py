@@ -30,28 +30,47 @@ from fsspec.implementations.local import LocalFileSystem
 
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file's bytes (read in 1 MiB blocks). A directory (a Zarr source) hashes the
-    relative paths and contents of all its files, in sorted order."""
+def file_sha256(location: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB blocks), at a path or an fsspec URL. A directory
+    (a Zarr source) hashes the relative paths and contents of all its files, in sorted order."""
+    fs, path = url_to_fs(location)
+    local = isinstance(fs, LocalFileSystem)
     h = hashlib.sha256()
-    if os.path.isdir(path):
-        for rel, full in _tree(path):
+    if os.path.isdir(path) if local else fs.isdir(path):
+        for rel, full in tree(location):
             h.update(rel.encode() + b"\0" + file_sha256(full).encode())
         return h.hexdigest()
-    with open(path, "rb") as fh:
+    with (open(path, "rb") if local else fs.open(path, "rb")) as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
 
 
+def tree(location: str | os.PathLike[str]) -> list[tuple[str, str]]:
+    """``(relative path, location)`` of every file below a directory (hidden names included), sorted by
+    relative path; the locations are plain paths for a local directory, URLs otherwise."""
+    fs, path = url_to_fs(location)
+    if isinstance(fs, LocalFileSystem):
+        return _tree(path)
+    root = path.rstrip("/")
+    found = [p[len(root):].lstrip("/") for p in fs.find(root)]
+    return sorted((rel, join(location, rel)) for rel in found if rel)
+
+
 def _tree(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
-    """``(relative path, path)`` of every file under a directory, sorted."""
+    """``(relative path, path)`` of every file under a local directory, sorted."""
     out = []
     for root, _, files in os.walk(path):
         for name in files:
             full = os.path.join(root, name)
             out.append((os.path.relpath(full, path).replace(os.sep, "/"), full))
     return sorted(out)
+
+
+def local_path(location: str | os.PathLike[str]) -> str | None:
+    """The plain path of a local location (a path or a ``file://`` URL); None for other filesystems."""
+    fs, path = url_to_fs(location)
+    return path if isinstance(fs, LocalFileSystem) else None
 
 
 @contextmanager

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from segcore import fsio
-from segcore.errors import SegflowError
+from segcore.errors import ConfigError, SegflowError
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,15 @@ def run_dir_lease(run_dir: str | os.PathLike[str]) -> str:
 
 
 def store_lease(store: str | os.PathLike[str]) -> str:
-    """Location of the lease file of a local collection store (beside it: ``--overwrite`` replaces the store)."""
-    path = os.path.abspath(os.fspath(store).rstrip("/"))
+    """Location of the lease file of a collection store, a path or URL (beside it: ``--overwrite``
+    replaces the store)."""
+    text = os.fspath(store).rstrip("/")
+    if "://" in text and not fsio.is_local(text):
+        parent, name = text.rsplit("/", 1)
+        if parent.endswith(":/"):
+            raise ConfigError(f"store {text!r} is a bucket; put the store below it (e.g. {text}/collection.zarr)")
+        return fsio.join(parent, f".{LEASE_PREFIX}.{name}.json")
+    path = os.path.abspath(fsio.local_path(text) or text)
     return os.path.join(os.path.dirname(path), f".{LEASE_PREFIX}.{os.path.basename(path)}.json")
 
 

@@ -1,5 +1,6 @@
 """An external Dask cluster for tests: a `dask scheduler` and `dask worker` processes (each under a
-nanny), started as the command line would start them, each in the test's directory."""
+nanny), started as the command line would start them, each in the test's directory or each in a
+directory of its own."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 BIN = Path(sys.executable).parent
 
@@ -22,23 +23,36 @@ def free_port() -> int:
 
 @contextmanager
 def external_cluster(directory: Path, *, env: Mapping[str, str], name: str, workers: int = 2,
-                     timeout: float = 90) -> Iterator[str]:
+                     timeout: float = 90, own_dirs: Sequence[Path] | None = None) -> Iterator[str]:
     """Start a scheduler and ``workers`` one-thread workers named ``<name>-1``, ``<name>-2``, ...;
     yield the scheduler's address once every worker has joined; stop them all afterwards. The
-    processes' output goes to ``directory/scheduler.log`` and ``directory/worker<i>.log``."""
+    processes' output goes to ``directory/scheduler.log`` and ``directory/worker<i>.log``.
+
+    With ``own_dirs`` (one empty directory per worker), worker *i* starts in ``own_dirs[i]``, keeps its
+    scratch space there, and has it as its ``HOME``, ``TMPDIR`` and ``PREFECT_HOME``: it shares no
+    directory with the test or the other worker."""
+    if own_dirs is not None:
+        assert len(own_dirs) == workers and all(not any(d.iterdir()) for d in own_dirs), "one empty directory each"
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     logs = [open(directory / f"{n}.log", "w") for n in ("scheduler", *(f"worker{i}" for i in range(workers)))]
-    procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                               "--no-dashboard"], stdout=logs[0], stderr=subprocess.STDOUT, env=dict(env),
-                              cwd=directory)]
-    for i in range(1, workers + 1):
-        procs.append(subprocess.Popen([str(BIN / "dask"), "worker", address, "--nthreads", "1", "--nworkers", "1",
-                                       "--no-dashboard", "--name", f"{name}-{i}", "--local-directory", str(directory)],
-                                      stdout=logs[i], stderr=subprocess.STDOUT, env=dict(env), cwd=directory))
+    procs: list[subprocess.Popen] = []
     from distributed import Client
 
-    try:
+    try:  # started inside: a process started before a later one fails to start is stopped too
+        # Should this process be killed outright (no finally), the scheduler ends after 10 idle minutes
+        # and its workers a minute after losing it.
+        procs.append(subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                                       "--no-dashboard", "--idle-timeout", "600"], stdout=logs[0],
+                                      stderr=subprocess.STDOUT, env=dict(env), cwd=directory))
+        for i in range(1, workers + 1):
+            home = directory if own_dirs is None else own_dirs[i - 1]
+            worker_env = dict(env) if own_dirs is None else dict(env, HOME=str(home), TMPDIR=str(home),
+                                                                 PREFECT_HOME=str(home / ".prefect"))
+            procs.append(subprocess.Popen([str(BIN / "dask"), "worker", address, "--nthreads", "1", "--nworkers",
+                                           "1", "--no-dashboard", "--name", f"{name}-{i}", "--death-timeout", "60",
+                                           "--local-directory", str(home)],
+                                          stdout=logs[i], stderr=subprocess.STDOUT, env=worker_env, cwd=home))
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -60,5 +74,6 @@ def external_cluster(directory: Path, *, env: Mapping[str, str], name: str, work
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
         for f in logs:
             f.close()

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping
 
 import numpy as np
-import zarr
 
 ATTR = "fingerprint"
 
@@ -51,7 +50,9 @@ def of_images(images: np.ndarray) -> dict[str, Any]:
 
 def read_fingerprint(store_path: str) -> dict[str, Any] | None:
     """The fingerprint recorded in a store's attributes; ``None`` for stores made before it existed."""
-    root = zarr.open_group(str(store_path), mode="r")
+    from segcore.collection.store import store_root  # the store module imports this one
+
+    root = store_root(store_path)
     return dict(root.attrs).get("segflow", {}).get(ATTR)
 
 
@@ -59,7 +60,9 @@ def write_fingerprint(store_path: str, fingerprint: Mapping[str, Any] | None) ->
     """Record ``fingerprint`` in the store's attributes (nothing to do for ``None``)."""
     if fingerprint is None:
         return
-    root = zarr.open_group(str(store_path), mode="r+")
+    from segcore.collection.store import store_root
+
+    root = store_root(store_path, mode="r+")
     attrs = dict(root.attrs)["segflow"]
     root.attrs["segflow"] = {**attrs, ATTR: dict(fingerprint)}
 

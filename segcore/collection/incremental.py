@@ -31,11 +31,10 @@ from dataclasses import asdict
 from typing import Any, Sequence
 
 import pyarrow as pa
-import zarr
 
 from segcore import fsio
 from segcore.errors import StoreError
-from segcore.collection.store import GroupInfo, StoreInfo, create_group_arrays, open_store
+from segcore.collection.store import GroupInfo, StoreInfo, create_group_arrays, open_store, store_root
 
 
 def next_batch(manifest: pa.Table) -> int:
@@ -186,7 +185,7 @@ def drop_unlisted_groups(path: str, manifest: pa.Table) -> StoreInfo:
     orphans = [g for g in info.groups if g.name not in used]
     if not orphans:
         return info
-    root = zarr.open_group(str(path), mode="r+")
+    root = store_root(path, mode="r+")
     attrs = dict(root.attrs["segflow"])
     attrs["groups"] = [asdict(g) for g in info.groups if g.name in used]
     root.attrs["segflow"] = attrs
@@ -208,7 +207,7 @@ def append_groups(path: str, groups: Sequence[GroupInfo]) -> StoreInfo:
     clash = sorted({g.name for g in info.groups} & {g.name for g in groups})
     if clash:
         raise StoreError(f"store {path!r} already has group(s) {clash}; new groups must have new names")
-    root = zarr.open_group(str(path), mode="r+")
+    root = store_root(path, mode="r+")
     for g in groups:  # arrays left by an interrupted append that were never listed
         for kind in ("images", "gt"):
             if f"{kind}/{g.name}" in root:

@@ -9,9 +9,11 @@ modification stamp are unchanged since their ingest are not staged at all
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -38,8 +40,12 @@ def list_remote_images(location: str) -> list[tuple[str, str, str | None]]:
 
 
 def staging_dir(store: str) -> Path:
-    """Local directory where the files of an ingest into ``store`` are staged."""
-    return Path(f"{os.path.abspath(store)}.staging")
+    """Local directory where the files of an ingest into ``store`` are staged: ``<store>.staging`` beside a
+    local store; for a store at a URL, a directory of the system's temporary directory named after it."""
+    if fsio.is_local(store):
+        return Path(f"{fsio.local_path(store)}.staging")
+    digest = hashlib.sha256(os.fspath(store).rstrip("/").encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"segflow-staging-{digest}"
 
 
 def stage_rows(rows: Sequence[dict[str, Any]], directory: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 from segcore import fsio
@@ -87,8 +85,8 @@ def differences(record: IngestRecord, rows: Sequence[Row]) -> list[str]:
     return out
 
 
-def _dir(store: str) -> Path:
-    return Path(store) / RECORD_DIR
+def _dir(store: str) -> str:
+    return fsio.join(store, RECORD_DIR)
 
 
 def write_plan(store: str, record: IngestRecord) -> None:
@@ -98,14 +96,14 @@ def write_plan(store: str, record: IngestRecord) -> None:
                "listed": [list(t) for t in record.listed], "planned": list(record.planned),
                "groups": list(record.groups), "batch": record.batch, "groups_before": record.groups_before,
                "probed": list(record.probed), "fingerprint": record.fingerprint}
-    fsio.write_bytes(str(_dir(store) / PLAN_NAME), json.dumps(payload).encode())
+    fsio.write_bytes(fsio.join(_dir(store), PLAN_NAME), json.dumps(payload).encode())
 
 
 def read_plan(store: str) -> IngestRecord | None:
     """The recorded plan of an unfinished ingest into ``store``; None when there is none (or it cannot be read)."""
-    path = _dir(store) / PLAN_NAME
+    path = fsio.join(_dir(store), PLAN_NAME)
     try:
-        payload = json.loads(path.read_bytes())
+        payload = json.loads(fsio.read_bytes(path))
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
@@ -127,19 +125,19 @@ def chunk_key(rows: Sequence[Row]) -> str:
 def mark_done(store: str, rows: Sequence[Row]) -> None:
     """Record that the chunk of ``rows`` (the rows its write returned) is written; nothing without a plan
     (a chunk written outside an ingest)."""
-    if not rows or not (_dir(store) / PLAN_NAME).exists():
+    if not rows or not fsio.exists(fsio.join(_dir(store), PLAN_NAME)):
         return
-    fsio.write_bytes(str(_dir(store) / DONE_DIR / f"{chunk_key(rows)}.json"), json.dumps(list(rows)).encode())
+    fsio.write_bytes(fsio.join(_dir(store), DONE_DIR, f"{chunk_key(rows)}.json"), json.dumps(list(rows)).encode())
 
 
 def done_chunks(store: str) -> dict[str, list[Row]]:
     """``{chunk key: rows}`` of the chunks marked written (hidden temporary files are not markers)."""
-    out = {}
-    for path in sorted((_dir(store) / DONE_DIR).glob("[!.]*.json")):
-        out[path.stem] = json.loads(path.read_bytes())
-    return out
+    found = fsio.list_files(fsio.join(_dir(store), DONE_DIR), suffix=".json", recursive=False)
+    return {loc.rsplit("/", 1)[-1][:-len(".json")]: json.loads(data) for loc, data in zip(found, fsio.read_many(found))}
 
 
 def clear(store: str) -> None:
     """Forget the plan and markers (the ingest finished, or starts again)."""
-    shutil.rmtree(_dir(store), ignore_errors=True)
+    fs, path = fsio.url_to_fs(_dir(store))
+    if fs.exists(path):
+        fs.rm(path, recursive=True)

@@ -29,11 +29,9 @@ import json
 import logging
 import math
 import os
-import shutil
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -43,7 +41,6 @@ import zarr
 
 from segcore import fsio
 from segcore.errors import NotFound, SegflowError, StoreError
-from segcore.fsio import atomic_path
 from segcore.collection.fingerprint import value_range
 from segcore.collection.imageio import read_image, read_mask
 from segcore.collection.volumes import decode_slab
@@ -197,15 +194,25 @@ def plan_groups(rows: Sequence[dict[str, Any]], *, chunk_pixels: int, max_chunk_
     return groups, out + errors
 
 
+def store_root(location: str, *, mode: str = "r") -> zarr.Group:
+    """The root Zarr group of the store at ``location``: a path, or an fsspec URL such as
+    ``s3://bucket/collection.zarr`` (read with Zarr v3 over fsspec; credentials and endpoint as
+    :mod:`segcore.fsio` says). Every reader and writer of the store's arrays opens it here.
+    ``mode``: ``"r"``, ``"r+"`` or ``"w"`` (create, replacing)."""
+    return zarr.open_group(fsio.local_path(location) or os.fspath(location), mode=mode)
+
+
 def store_exists(path: str) -> bool:
-    """True when ``path`` exists and is not an empty directory."""
-    p = Path(path)
-    return p.exists() and not (p.is_dir() and not any(p.iterdir()))
+    """True when ``path`` (a path or URL) exists and is not an empty directory."""
+    fs, where = fsio.url_to_fs(path)
+    if not fs.exists(where):
+        return False
+    return not fs.isdir(where) or bool(fs.ls(where, detail=False))
 
 
 def has_manifest(path: str) -> bool:
     """True when the store's ingest finished (its manifest was written last)."""
-    return (Path(path) / MANIFEST_NAME).exists()
+    return fsio.exists(fsio.join(path, MANIFEST_NAME))
 
 
 def existing_store_matches(path: str, *, spec: dict[str, Any], source_paths: Sequence[str]) -> bool:
@@ -216,30 +223,31 @@ def existing_store_matches(path: str, *, spec: dict[str, Any], source_paths: Seq
     """
     if not store_exists(path):
         return False
-    p = Path(path)
     info = open_store(path)
     ignore = {"overwrite", "incremental", "wait_for_lease"}  # how to ingest, not what the store holds
     same_spec = all(spec.get(k) == v for k, v in info.spec.items() if k not in ignore)  # keys newer than the store: defaults
-    if same_spec and (p / MANIFEST_NAME).exists():
+    finished = has_manifest(path)
+    if same_spec and finished:
         # a set: a volume has a row per slice; absolute: manifests made before paths were absolute
         recorded = {fsio.absolute(s) for s in read_manifest(path).column("source_path").to_pylist()}
         if recorded == set(map(fsio.absolute, source_paths)):
             return True
-    what = "a finished ingest of other sources or options" if (p / MANIFEST_NAME).exists() else "an unfinished ingest"
+    what = "a finished ingest of other sources or options" if finished else "an unfinished ingest"
     raise StoreError(f"store {path!r} already exists and holds {what}; choose a new path or pass --overwrite to "
                      "replace it")
 
 
 def create_store(path: str, groups: Sequence[GroupInfo], *, with_gt: bool, mask_kind: str,
                  spec: dict[str, Any], overwrite: bool = False) -> None:
-    """Create the store's arrays (empty) and attributes. Refuses to replace a store unless ``overwrite``."""
-    p = Path(path)
-    if p.exists() and not (p.is_dir() and not any(p.iterdir())):
+    """Create the store's arrays (empty) and attributes at a path or URL. Refuses to replace a store
+    unless ``overwrite``."""
+    if store_exists(path):
         if not overwrite:
             raise StoreError(f"store {path!r} already exists; choose a new path or pass --overwrite to replace it")
         open_store(path)  # only ever delete a segflow store, never another directory
-        shutil.rmtree(p)
-    root = zarr.open_group(str(p), mode="w")
+        fs, where = fsio.url_to_fs(path)
+        fs.rm(where, recursive=True)
+    root = store_root(path, mode="w")
     root.attrs["segflow"] = {
         "format": STORE_FORMAT,
         "store_id": uuid.uuid4().hex,  # a new id each time the store is (re)created
@@ -262,11 +270,13 @@ def create_group_arrays(root: zarr.Group, groups: Sequence[GroupInfo], *, with_g
 
 
 def open_store(path: str) -> StoreInfo:
-    """Open a store made by :func:`create_store`; raises NotFound/StoreError with what to do."""
-    if not Path(path).exists():
-        raise NotFound(f"store {path!r} does not exist; create it with 'segflow ingest'")
+    """Open a store made by :func:`create_store` at a path or fsspec URL; raises NotFound/StoreError
+    with what to do."""
+    if not fsio.exists(path):
+        raise NotFound(f"store {path!r} does not exist; create it with 'segflow ingest' (a store at a URL: check "
+                       "the URL and the credentials in the environment)")
     try:
-        root = zarr.open_group(str(path), mode="r")
+        root = store_root(path)
         attrs = dict(root.attrs)["segflow"]
     except (KeyError, ValueError, OSError, zarr.errors.BaseZarrError) as exc:
         raise StoreError(f"{path!r} is not a segflow store (made by 'segflow ingest'): {exc}") from exc
@@ -323,7 +333,7 @@ def write_store_chunk(store_path: str, rows: Sequence[dict[str, Any]], *, thread
     else:
         with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
             out = list(pool.map(decode, range(len(rows)), rows))
-    root = zarr.open_group(str(store_path), mode="r+")
+    root = store_root(store_path, mode="r+")
     root[f"images/{g.name}"][start:stop] = images
     if gts is not None:
         root[f"gt/{g.name}"][start:stop] = gts
@@ -331,28 +341,34 @@ def write_store_chunk(store_path: str, rows: Sequence[dict[str, Any]], *, thread
     return out
 
 
-def write_manifest(store_path: str, rows: Iterable[dict[str, Any]]) -> Path:
-    """Write the manifest Parquet atomically (write, then rename)."""
+def write_manifest(store_path: str, rows: Iterable[dict[str, Any]]) -> str:
+    """Write the manifest Parquet whole (locally: write, then rename); returns its location."""
     table = pa.Table.from_pylist([manifest_row(**{k: r.get(k) for k in MANIFEST_SCHEMA.names}) for r in rows],
                                  schema=MANIFEST_SCHEMA)
-    dest = Path(store_path) / MANIFEST_NAME
-    with atomic_path(dest) as tmp:
-        pq.write_table(table, tmp)
+    dest = fsio.join(store_path, MANIFEST_NAME)
+    fsio.write_bytes(dest, fsio.to_buffer(lambda fh: pq.write_table(table, fh)))
     return dest
 
 
 def manifest_hashes_masks(store_path: str) -> bool:
     """Whether the store's manifest records mask hashes (``mask_sha256``); manifests written before
     that column existed recorded masks without them."""
-    return "mask_sha256" in pq.read_schema(Path(store_path) / MANIFEST_NAME).names
+    return "mask_sha256" in _manifest_file(store_path).schema_arrow.names
+
+
+def _manifest_file(store_path: str) -> pq.ParquetFile:
+    location = fsio.join(store_path, MANIFEST_NAME)
+    try:
+        data = fsio.read_bytes(location)
+    except FileNotFoundError:
+        raise StoreError(f"store {store_path!r} has no manifest; its ingest did not finish - run 'segflow ingest' "
+                         "again") from None
+    return pq.ParquetFile(pa.BufferReader(data))
 
 
 def read_manifest(store_path: str) -> pa.Table:
-    """The store's manifest table (see MANIFEST_SCHEMA)."""
-    path = Path(store_path) / MANIFEST_NAME
-    if not path.exists():
-        raise StoreError(f"store {store_path!r} has no manifest; its ingest did not finish - run 'segflow ingest' again")
-    table = pq.read_table(path)
+    """The store's manifest table (see MANIFEST_SCHEMA), at a path or URL (one read of its file)."""
+    table = _manifest_file(store_path).read()
     for field in MANIFEST_SCHEMA:  # stores ingested before a column existed
         if field.name not in table.column_names:
             fill = pa.array([0] * table.num_rows if field.name == "batch" else [None] * table.num_rows, field.type)

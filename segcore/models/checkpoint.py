@@ -14,15 +14,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import struct
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 from torch import nn
 
+from segcore import fsio
 from segcore.errors import CheckpointError, ConfigError, NotFound
 from segcore.fsio import atomic_path
 from segcore.models import MODEL_KINDS, create_model, spatial_dims_of
@@ -38,6 +40,8 @@ RUNTIMES = ("torch", "torchscript", "onnx")
 #: ``input_axes`` of a model by its number of spatial axes: images (``bcyx``) or volumes (``bczyx``).
 INPUT_AXES = {2: "bcyx", 3: "bczyx"}
 _META_KEY = "segflow"
+#: Largest safetensors header read (the limit of the safetensors library itself).
+_MAX_HEADER = 100_000_000
 
 
 class ModelMeta(BaseModel):
@@ -106,10 +110,15 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: ModelM
 
 
 def read_meta(path: str | os.PathLike[str]) -> ModelMeta:
-    """Read only the metadata record of a checkpoint (cheap: no tensors are loaded)."""
-    path = Path(path)
+    """Read only the metadata record of a checkpoint (cheap: no tensors are loaded), at a path or an
+    fsspec URL (``s3://bucket/models/unet.safetensors``: only the file's header is fetched)."""
+    local = fsio.local_path(path)
+    if local is None:
+        where = os.fspath(path)
+        return _meta_of(_remote_header(where), where=where)
+    path = Path(local)
     if not path.is_file():
-        raise NotFound(f"checkpoint {str(path)!r} does not exist; train one with 'segflow demo' or pass a local file")
+        raise NotFound(f"checkpoint {str(path)!r} does not exist; train one with 'segflow demo' or pass an existing file or URL")
     try:
         from safetensors import safe_open
 
@@ -119,14 +128,50 @@ def read_meta(path: str | os.PathLike[str]) -> ModelMeta:
         raise CheckpointError(
             f"{str(path)!r} is not a segflow checkpoint (a safetensors file with segflow metadata): {exc}"
         ) from exc
+    return _meta_of(raw, where=str(path))
+
+
+def _meta_of(raw: str | None, *, where: str) -> ModelMeta:
+    """The :class:`ModelMeta` of a checkpoint's ``segflow`` header entry (None: the entry is missing)."""
     if raw is None:
-        raise CheckpointError(f"{str(path)!r} has no segflow metadata; it was not written by segflow.save_checkpoint; "
+        raise CheckpointError(f"{where!r} has no segflow metadata; it was not written by segflow.save_checkpoint; "
                               "import a plain state dict with 'segflow model import'")
-    meta = parse_meta(raw, where=str(path))
+    meta = parse_meta(raw, where=where)
     if meta.runtime != "torch":
-        raise CheckpointError(f"{str(path)!r} is a safetensors file but its metadata names runtime "
+        raise CheckpointError(f"{where!r} is a safetensors file but its metadata names runtime "
                               f"{meta.runtime!r}; such models are directory records (model.json beside the model)")
     return meta
+
+
+def _header_entry(head: bytes, *, where: str, read_more: Callable[[int], bytes] | None = None) -> str | None:
+    """The ``segflow`` entry of a safetensors header: ``head`` holds the file's first bytes (the 8-byte
+    little-endian header length, then the JSON header); ``read_more(n)`` gives the first ``n`` bytes when
+    ``head`` is shorter than the header."""
+    bad = f"{where!r} is not a segflow checkpoint (a safetensors file with segflow metadata)"
+    if len(head) < 8:
+        raise CheckpointError(f"{bad}: it holds {len(head)} bytes")
+    (size,) = struct.unpack("<Q", head[:8])
+    if size > _MAX_HEADER:
+        raise CheckpointError(f"{bad}: its header claims {size} bytes")
+    if len(head) < 8 + size and read_more is not None:
+        head = read_more(8 + size)
+    try:
+        header = json.loads(head[8:8 + size])
+        entries = header.get("__metadata__") or {}
+    except (ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{bad}: its header is not JSON ({exc})") from exc
+    return entries.get(_META_KEY) if isinstance(entries, dict) else None
+
+
+def _remote_header(location: str) -> str | None:
+    """The ``segflow`` header entry of the checkpoint at a URL (two ranged reads: length, then header)."""
+    fs, path = fsio.url_to_fs(location)
+    try:
+        head = fs.cat_file(path, start=0, end=8)
+        return _header_entry(head, where=location, read_more=lambda n: fs.cat_file(path, start=0, end=n))
+    except FileNotFoundError:
+        raise NotFound(f"checkpoint {location!r} does not exist; check the URL and the credentials in the "
+                       "environment") from None
 
 
 def parse_meta(raw: str | bytes, *, where: str) -> ModelMeta:
@@ -166,15 +211,26 @@ def build_model(meta: ModelMeta) -> nn.Module:
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelMeta]:
-    """Load a checkpoint into its architecture; returns ``(model in eval mode, meta)``.
+    """Load a checkpoint (a path or an fsspec URL) into its architecture; returns ``(model in eval
+    mode, meta)``.
 
     Raises :class:`CheckpointError` when the weights do not fit the architecture named in the
     metadata (missing/unexpected keys or shape mismatches), before any work is fanned out.
     """
-    meta = read_meta(path)
+    local = fsio.local_path(path)
+    if local is None:  # a URL: the file is read once, into memory
+        where = os.fspath(path)
+        try:
+            data = fsio.read_bytes(where)
+        except FileNotFoundError:
+            raise NotFound(f"checkpoint {where!r} does not exist; check the URL and the credentials in the "
+                           "environment") from None
+        meta = _meta_of(_header_entry(data, where=where), where=where)
+    else:
+        meta = read_meta(local)
     model = build_model(meta)
     try:
-        state = load_file(str(path), device="cpu")
+        state = load_file(str(local), device="cpu") if local is not None else load(data)
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"cannot read tensors of {str(path)!r}: {exc}") from exc
     try:

@@ -22,6 +22,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+from segcore import fsio
 from segcore.errors import CheckpointError, NotFound
 from segcore.fsio import file_sha256
 from segcore.models.checkpoint import ModelMeta, parse_meta, read_meta
@@ -38,8 +39,11 @@ RECORD_SUFFIX = ".segflow"
 
 def read_model_meta(path: str | os.PathLike[str]) -> ModelMeta:
     """The :class:`ModelMeta` of a model record: a ``.safetensors`` checkpoint or a directory
-    record (``model.json`` + model file). Raises :class:`~segcore.errors.NotFound` for a missing
-    path and :class:`~segcore.errors.CheckpointError` for anything else that is not a record."""
+    record (``model.json`` + model file), at a path or an fsspec URL. Raises
+    :class:`~segcore.errors.NotFound` for a missing record and :class:`~segcore.errors.CheckpointError`
+    for anything else that is not a record."""
+    if fsio.local_path(path) is None:
+        return _remote_meta(os.fspath(path))
     path = Path(path)
     if path.is_file():
         return read_meta(path)
@@ -50,36 +54,59 @@ def read_model_meta(path: str | os.PathLike[str]) -> ModelMeta:
     if not meta_path.is_file():
         raise CheckpointError(f"{str(path)!r} is a directory without {META_FILE}; it is not a segflow model record "
                               "(make one with 'segflow model import')")
-    meta = parse_meta(meta_path.read_bytes(), where=str(meta_path))
-    if meta.runtime not in MODEL_FILES:
-        raise CheckpointError(f"{str(meta_path)!r} names runtime {meta.runtime!r}, whose models are single "
-                              ".safetensors files, not directories")
-    model = path / MODEL_FILES[meta.runtime]
-    if not model.is_file():
+    meta = _directory_meta(meta_path.read_bytes(), where=str(meta_path))
+    if not (path / MODEL_FILES[meta.runtime]).is_file():
         raise CheckpointError(f"model record {str(path)!r} ({meta.runtime}) lacks its model file "
                               f"{MODEL_FILES[meta.runtime]}")
     return meta
 
 
-def model_file(path: str | os.PathLike[str]) -> Path:
-    """The file holding the model of a record: the checkpoint itself, or a directory record's
-    ``model.ts`` / ``model.onnx``."""
-    path = Path(path)
+def _directory_meta(raw: bytes, *, where: str) -> ModelMeta:
+    meta = parse_meta(raw, where=where)
+    if meta.runtime not in MODEL_FILES:
+        raise CheckpointError(f"{where!r} names runtime {meta.runtime!r}, whose models are single "
+                              ".safetensors files, not directories")
+    return meta
+
+
+def _remote_meta(location: str) -> ModelMeta:
+    """:func:`read_model_meta` of a record at a URL (a checkpoint: its header only)."""
+    fs, path = fsio.url_to_fs(location)
+    if fs.isfile(path):
+        return read_meta(location)
+    if not fs.isdir(path):
+        raise NotFound(f"model {location!r} does not exist; check the URL and the credentials in the environment")
+    meta_location = fsio.join(location, META_FILE)
+    try:
+        meta = _directory_meta(fsio.read_bytes(meta_location), where=meta_location)
+    except FileNotFoundError:
+        raise CheckpointError(f"{location!r} is a directory without {META_FILE}; it is not a segflow model record "
+                              "(make one with 'segflow model import')") from None
+    if not fsio.exists(fsio.join(location, MODEL_FILES[meta.runtime])):
+        raise CheckpointError(f"model record {location!r} ({meta.runtime}) lacks its model file "
+                              f"{MODEL_FILES[meta.runtime]}")
+    return meta
+
+
+def model_file(path: str | os.PathLike[str]) -> str:
+    """The location of the file holding the model of a record (a path or URL, as ``path``): the
+    checkpoint itself, or a directory record's ``model.ts`` / ``model.onnx``."""
     meta = read_model_meta(path)
-    return path if meta.runtime == "torch" else path / MODEL_FILES[meta.runtime]
+    return os.fspath(path) if meta.runtime == "torch" else fsio.join(path, MODEL_FILES[meta.runtime])
 
 
 def model_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 naming a record's content: a file's sha256, or for a directory the sha256 of its
-    files' ``relative/path NUL sha256`` lines in sorted order (stable across copies and machines)."""
-    path = Path(path)
-    if path.is_file():
+    """Hex sha256 naming a record's content (at a path or URL: the same bytes give the same hash): a
+    file's sha256, or for a directory the sha256 of its files' ``relative/path NUL sha256`` lines in
+    sorted order (stable across copies and machines)."""
+    fs, where = fsio.url_to_fs(path)
+    if fs.isfile(where):
         return file_sha256(path)
-    if not path.is_dir():
+    if not fs.isdir(where):
         raise NotFound(f"model {str(path)!r} does not exist")
     h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(f"{f.relative_to(path).as_posix()}\0{file_sha256(f)}\n".encode())
+    for rel, location in sorted(fsio.tree(path), key=lambda entry: entry[0].split("/")):  # as pathlib sorts
+        h.update(f"{rel}\0{file_sha256(location)}\n".encode())
     return h.hexdigest()
 
 

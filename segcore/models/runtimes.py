@@ -16,13 +16,14 @@ cropped back.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from segcore import fsio
 from segcore.errors import CheckpointError, ConfigError
 from segcore.models.checkpoint import ModelMeta
 from segcore.models.outputs import class_scores
@@ -52,7 +53,7 @@ class TorchScriptPredictor(Predictor):
     @classmethod
     def from_record(cls, path: str | os.PathLike[str], meta: ModelMeta, *, device: str = "cpu",
                     precision: str = "bf16") -> "TorchScriptPredictor":
-        return cls(load_torchscript(Path(path) / MODEL_FILES["torchscript"], device=device), meta, device=device,
+        return cls(load_torchscript(fsio.join(path, MODEL_FILES["torchscript"]), device=device), meta, device=device,
                    precision=precision)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,10 +67,13 @@ class TorchScriptPredictor(Predictor):
 
 
 def load_torchscript(path: str | os.PathLike[str], *, device: str = "cpu") -> torch.jit.ScriptModule:
-    """``torch.jit.load`` of a TorchScript archive, in eval mode (its code runs in TorchScript's
-    interpreter; no Python object is unpickled). Raises :class:`CheckpointError`."""
+    """``torch.jit.load`` of a TorchScript archive (a path, or a URL whose bytes are read into memory), in
+    eval mode (its code runs in TorchScript's interpreter; no Python object is unpickled). Raises
+    :class:`CheckpointError`."""
+    local = fsio.local_path(path)
     try:
-        module = torch.jit.load(str(path), map_location=device)
+        module = torch.jit.load(local if local is not None else io.BytesIO(fsio.read_bytes(path)),
+                                map_location=device)
     except (RuntimeError, ValueError, OSError) as exc:
         raise CheckpointError(f"cannot load TorchScript model {str(path)!r}: {' '.join(str(exc).split())[:300]}"
                               ) from exc
@@ -88,7 +92,7 @@ class OnnxPredictor(Predictor):
     @classmethod
     def from_record(cls, path: str | os.PathLike[str], meta: ModelMeta, *, device: str = "cpu",
                     precision: str = "fp32") -> "OnnxPredictor":
-        return cls(onnx_session(Path(path) / MODEL_FILES["onnx"], device=device), meta, device=device,
+        return cls(onnx_session(fsio.join(path, MODEL_FILES["onnx"]), device=device), meta, device=device,
                    precision=precision)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,7 +117,9 @@ def onnx_session(path: str | os.PathLike[str], *, device: str = "cpu") -> Any:
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        local = fsio.local_path(path)  # a URL: the graph's bytes, read into memory
+        return ort.InferenceSession(local if local is not None else fsio.read_bytes(path), sess_options=options,
+                                    providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
         raise CheckpointError(f"cannot load ONNX model {str(path)!r}: {' '.join(str(exc).split())[:300]}") from exc
 

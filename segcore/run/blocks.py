@@ -26,9 +26,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import zarr
 
 from segcore import fsio
+from segcore.collection.store import store_root
 from segcore.models.checkpoint import ModelMeta
 from segcore.normalise import Stats, percentile_stats
 from segcore.run.channels import adapt_images
@@ -54,7 +54,7 @@ def image_stats(store_path: str, group: str, index: int, meta: ModelMeta) -> Sta
     image uses them."""
     if meta.normalisation.mode != "percentile":
         return None
-    arr = zarr.open_group(store_path, mode="r")[f"images/{group}"]
+    arr = store_root(store_path)[f"images/{group}"]
     _, height, width, _ = arr.shape
     step = max(1, math.ceil(math.sqrt(height * width / STATS_SAMPLES)))
     ch = arr.chunks[1]
@@ -72,12 +72,12 @@ def _counts_vs_gt(ctx: RunContext, unit: WorkUnit, pred: np.ndarray, meta: Model
     if not ground_truth_state(row)[0]:
         return None
     w = unit.window
-    gt = zarr.open_group(ctx.store, mode="r")[f"gt/{unit.group}"][unit.start, w.y0:w.y1, w.x0:w.x1]
+    gt = store_root(ctx.store)[f"gt/{unit.group}"][unit.start, w.y0:w.y1, w.x0:w.x1]
     return count_against_gt(pred[None], gt[None], mask_kind=ctx.mask_kind, meta=meta)[0]
 
 
 def _image_shape(store_path: str, group: str) -> tuple[int, int]:
-    return tuple(zarr.open_group(store_path, mode="r")[f"images/{group}"].shape[1:3])  # type: ignore[return-value]
+    return tuple(store_root(store_path)[f"images/{group}"].shape[1:3])  # type: ignore[return-value]
 
 
 def _window(unit: WorkUnit) -> tuple[int, int, int, int]:
@@ -94,7 +94,7 @@ def segment_block(ctx: RunContext, unit: WorkUnit, *, stats: Stats | None = None
     tiling = ctx.tiling
     height, width = _image_shape(ctx.store, unit.group)
     core = unit.window
-    images = zarr.open_group(ctx.store, mode="r")[f"images/{unit.group}"]
+    images = store_root(ctx.store)[f"images/{unit.group}"]
     logits_of = flip_tta(predictor.logits) if tiling.tta else predictor.logits
     refused: dict[int, str] = {}
 
@@ -175,7 +175,7 @@ def detect_block(ctx: RunContext, unit: WorkUnit, *, stats: Stats | None = None)
     height, width = _image_shape(ctx.store, unit.group)
     block = unit.window
     outer = block.grow(tiling.overlap, height, width)
-    raw = zarr.open_group(ctx.store, mode="r")[f"images/{unit.group}"][unit.start, outer.y0:outer.y1,
+    raw = store_root(ctx.store)[f"images/{unit.group}"][unit.start, outer.y0:outer.y1,
                                                                          outer.x0:outer.x1]
     raw = adapt_images(raw[None], model_channels=predictor.meta.in_channels)[0][0]  # channel policy
     cap = predictor.detections_cap

@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import pyarrow as pa
-import zarr
 
+from segcore.collection.store import store_root
 from segcore.metrics.instance import instance_scores
 from segcore.models.checkpoint import ModelMeta
 from segcore.run.blocks import load_block
@@ -78,7 +78,7 @@ def finish_image(ctx: RunContext, group: str, index: int, *, records: Sequence[B
         arr = label_array(instances_path(ctx.run_dir), group)
         scored = table.num_rows and table.column("status")[0].as_py() == "ok"
         if ctx.mask_kind == "instance" and scored and arr.shape[1] * arr.shape[2] <= MAX_METRIC_PIXELS:
-            gt = zarr.open_group(ctx.store, mode="r")[f"gt/{group}"][index]
+            gt = store_root(ctx.store)[f"gt/{group}"][index]
             scores = instance_scores(arr[index], gt, scores={r["instance_id"]: r["score"] for r in inst})
             write_part(instance_metrics_table([(row["image_id"], scores)], **common),
                        table_dir(ctx.run_dir, "instance_metrics", ctx.run_id), f"{part}.parquet")

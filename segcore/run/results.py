@@ -23,7 +23,7 @@ from segcore import fsio
 from segcore.errors import NotFound
 from segcore.run.rundir import (dice_dir, instances_path, label_array, masks_path, read_plan, read_run_info,
                                 table_dir)
-from segcore.collection.store import open_store, read_manifest
+from segcore.collection.store import open_store, read_manifest, store_root
 from segcore.collection.versions import current_manifest
 from segcore.run.tables import INSTANCE_METRICS_SCHEMA, INSTANCE_SCHEMA, SEAM_SCHEMA, read_dice, read_table
 
@@ -36,7 +36,7 @@ class RunReader:
         self.info = read_run_info(self.path)
         self.run_id: str = self.info["run_id"]
         self.store = open_store(self.info["store"])
-        self._images = zarr.open_group(self.store.path, mode="r")
+        self._images = store_root(self.store.path)
         self._labels: dict[tuple[str, str], zarr.Array] = {}
 
     def _label_array(self, location: str, group: str) -> zarr.Array:

@@ -110,6 +110,9 @@ def _foreign_entries(run_dir: str, store_abs: str) -> list[str]:
     entries = fs.ls(root, detail=False)
     if fsio.is_local(run_dir):
         entries = [e for e in entries if str(Path(e).resolve()) != store_abs]
+    elif not fsio.is_local(store_abs):  # a store inside a run directory on the same object store
+        inside = fsio.url_to_fs(store_abs)[1].rstrip("/")
+        entries = [e for e in entries if e.rstrip("/") != inside]
     return [e for e in entries if e.rstrip("/") != root.rstrip("/") and not is_lease_name(e.rstrip("/"))]
 
 
@@ -272,7 +275,7 @@ def prepare_run(run_dir: str, *, store_path: str, checkpoint: str, checkpoint_sh
         "created": now.isoformat(),
         "store": store_abs,
         "store_id": store_id,
-        "checkpoint": str(Path(checkpoint).resolve()),
+        "checkpoint": absolute_location(checkpoint),
         "checkpoint_sha256": checkpoint_sha256,
         "model": json.loads(meta.model_dump_json()),
         "shaping": shaping,

@@ -17,9 +17,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import pyarrow.compute as pc
-import zarr
 
-from segcore.collection.store import open_store, read_manifest
+from segcore.collection.store import open_store, read_manifest, store_root
 from segcore.errors import ConfigError
 from segcore.metrics.instance import instance_scores
 from segcore.models.checkpoint import ModelMeta
@@ -114,7 +113,7 @@ def segment_unit(ctx: RunContext, unit: WorkUnit) -> UnitRecord:
     t0, started = time.perf_counter(), time.time()
     predictor = ctx.predictor()
     meta = predictor.meta
-    root = zarr.open_group(ctx.store, mode="r")
+    root = store_root(ctx.store)
     images = root[f"images/{unit.group}"][unit.start:unit.stop]
     images, _, refused = adapt_images(images, model_channels=meta.in_channels)
     store = open_store(ctx.store) if predictor.spatial_dims == 3 else None  # a volumetric model: volume groups

@@ -25,9 +25,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import zarr
 
-from segcore.collection.store import StoreInfo
+from segcore.collection.store import StoreInfo, store_root
 from segcore.models.predict import Predictor
 from segcore.normalise import Stats, percentile_stats
 from segcore.run.channels import adapt_images
@@ -69,7 +68,7 @@ def volume_stats(images: Any, predictor: Predictor) -> Stats | None:
 
 @lru_cache(maxsize=32)
 def _cached_stats(store_path: str, store_id: str | None, group: str, predictor: Predictor) -> Stats | None:
-    return volume_stats(zarr.open_group(store_path, mode="r")[f"images/{group}"], predictor)
+    return volume_stats(store_root(store_path)[f"images/{group}"], predictor)
 
 
 def group_stats(store: StoreInfo, group: str, predictor: Predictor) -> Stats | None:

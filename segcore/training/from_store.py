@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-import zarr
 
-from segcore.collection.store import open_store, read_manifest
+from segcore.collection.store import open_store, read_manifest, store_root
 from segcore.collection.versions import current_manifest
 from segcore.config import train_defaults
 from segcore.errors import ConfigError, StoreError
@@ -109,7 +108,7 @@ def read_labelled(store_path: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
                          f"{groups} ({[(g.name, g.height, g.width) for g in info.groups]})")
     rows.sort(key=lambda r: r["index"])
     idx = [r["index"] for r in rows]
-    root = zarr.open_group(str(store_path), mode="r")
+    root = store_root(store_path)
     images = root[f"images/{groups[0]}"][:][idx]
     labels = root[f"gt/{groups[0]}"][:][idx]
     return images, labels, [r["image_id"] for r in rows]
@@ -140,7 +139,7 @@ def labelled_volumes(store: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     if len(shapes) != 1:
         raise StoreError(f"training needs volumes of one shape; store {store!r} has labelled volumes of shapes "
                          f"{sorted(shapes)} (depth, height, width, channels)")
-    root = zarr.open_group(str(store), mode="r")
+    root = store_root(store)
     images = np.stack([root[f"images/{g.name}"][:] for g in groups.values()])
     labels = np.stack([root[f"gt/{g.name}"][:] for g in groups.values()])
     return images, labels, list(groups)

@@ -50,3 +50,36 @@ def collection(tmp_path_factory) -> dict:
     ckpt = save_checkpoint(root / "model.safetensors", model, meta)
     return {"root": root, "images": str(root / "images"), "masks": str(root / "masks"), "checkpoint": str(ckpt),
             "n_ok": N_SMALL + N_LARGE + 1}
+
+
+@pytest.fixture(scope="session")
+def fitted_checkpoint(tmp_path_factory) -> str:
+    """A small UNet (base 4, depth 2, 3 classes) fitted for a few seconds to images like the collection's
+    (intensity = class * 90 + noise), so that its masks have foreground and their chunks are written
+    (all-background chunks are not stored)."""
+    rng = np.random.default_rng(2)
+    images, masks = [], []
+    yy, xx = np.ogrid[:48, :48]
+    for _ in range(16):
+        mask = np.zeros((48, 48), np.int64)
+        for _ in range(3):
+            y, x, r = rng.integers(0, 48), rng.integers(0, 48), rng.integers(4, 12)
+            mask[(yy - y) ** 2 + (xx - x) ** 2 < r * r] = rng.integers(1, 3)
+        images.append((mask * 90 + rng.integers(0, 40, (48, 48))).astype(np.float32) / 255.0)
+        masks.append(mask)
+    torch.manual_seed(0)
+    model = create_model("unet", in_channels=1, num_classes=3, base=4, depth=2)
+    x, y = torch.from_numpy(np.stack(images)[:, None]), torch.from_numpy(np.stack(masks))
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is fastest, and ten times faster on a busy machine
+    try:
+        for _ in range(60):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    meta = ModelMeta(arch="unet", arch_kwargs={"base": 4, "depth": 2}, class_names=("background", "a", "b"),
+                     in_channels=1, normalisation=Normalisation(mode="range", scale=255.0))
+    return str(save_checkpoint(tmp_path_factory.mktemp("fitted") / "fitted.safetensors", model.eval(), meta))

@@ -58,37 +58,10 @@ def _same_table(local: pd.DataFrame, remote: pd.DataFrame, keys: list[str]) -> N
     pd.testing.assert_frame_equal(left, right)
 
 
-def _fitted_unet(path: Path) -> str:
-    """A small UNet fitted for a few seconds to images like the collection's (intensity = class * 90 +
-    noise), so that its masks have foreground and their chunks are written (all-background chunks
-    are not stored)."""
-    rng = np.random.default_rng(2)
-    images, masks = [], []
-    yy, xx = np.ogrid[:48, :48]
-    for _ in range(16):
-        mask = np.zeros((48, 48), np.int64)
-        for _ in range(3):
-            y, x, r = rng.integers(0, 48), rng.integers(0, 48), rng.integers(4, 12)
-            mask[(yy - y) ** 2 + (xx - x) ** 2 < r * r] = rng.integers(1, 3)
-        images.append((mask * 90 + rng.integers(0, 40, (48, 48))).astype(np.float32) / 255.0)
-        masks.append(mask)
-    torch.manual_seed(0)
-    model = create_model("unet", in_channels=1, num_classes=3, base=4, depth=2)
-    x, y = torch.from_numpy(np.stack(images)[:, None]), torch.from_numpy(np.stack(masks))
-    opt = torch.optim.Adam(model.parameters(), lr=0.02)
-    for _ in range(60):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    meta = ModelMeta(arch="unet", arch_kwargs={"base": 4, "depth": 2}, class_names=("background", "a", "b"),
-                     in_channels=1, normalisation=Normalisation(mode="range", scale=255.0))
-    return str(save_checkpoint(path, model.eval(), meta))
-
-
 @pytest.fixture(scope="module")
-def semantic_runs(prefect_harness, collection, s3_server, tmp_path_factory) -> dict:
+def semantic_runs(prefect_harness, collection, fitted_checkpoint, s3_server, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("s3-semantic")
-    checkpoint = _fitted_unet(tmp / "fitted.safetensors")
+    checkpoint = fitted_checkpoint
     store = str(tmp / "store.zarr")
     with_runner(ingest_flow, ONE_WORKER)(IngestSpec(images=collection["images"], masks=collection["masks"],
                                                     store=store, max_chunk_images=16))

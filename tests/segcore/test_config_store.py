@@ -1,4 +1,4 @@
-"""The collection store is a local path; run directories and lakes may be URLs."""
+"""Collection stores, model records, run directories and lakes may be paths or fsspec URLs."""
 
 import pytest
 from pydantic import ValidationError
@@ -6,12 +6,19 @@ from pydantic import ValidationError
 from segcore.config import IngestSpec, SegmentSpec, TrainSpec
 
 
-@pytest.mark.parametrize("store", ["s3://bucket/store.zarr", "file:///data/store.zarr", "memory://x"])
-def test_a_store_url_is_refused_with_what_to_do(store):
-    for make in (lambda: IngestSpec(images="imgs", store=store),
-                 lambda: SegmentSpec(store=store, checkpoint="m.safetensors", out="s3://bucket/run"),
-                 lambda: TrainSpec(store=store, out="m.safetensors")):
-        with pytest.raises(ValidationError, match="--store PATH"):
+@pytest.mark.parametrize("store", ["s3://bucket/store.zarr", "file:///data/store.zarr", "memory://x", "store.zarr"])
+def test_a_store_may_be_a_path_or_a_url(store):
+    assert IngestSpec(images="imgs", store=store).store == store
+    spec = SegmentSpec(store=store, checkpoint="s3://bucket/models/m.safetensors", out="s3://bucket/run")
+    assert spec.store == store and spec.checkpoint == "s3://bucket/models/m.safetensors"
+    assert TrainSpec(store=store, out="m.safetensors").store == store
+
+
+def test_an_empty_store_location_is_refused():
+    for make in (lambda: IngestSpec(images="imgs", store=" "),
+                 lambda: SegmentSpec(store="", checkpoint="m.safetensors", out="run"),
+                 lambda: TrainSpec(store="", out="m.safetensors")):
+        with pytest.raises(ValidationError, match="location is empty"):
             make()
 
 

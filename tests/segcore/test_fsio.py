@@ -149,3 +149,19 @@ def test_a_landing_zone_on_s3_is_listed_with_its_signatures_in_a_few_requests(s3
     for r in rows[:3]:  # the same signatures as asking for each file
         assert r["source_signature"] == fsio.signature(r["source_path"]) is not None
         assert r["mask_signature"] == fsio.signature(r["mask_path"]) is not None
+
+
+def test_file_sha256_and_tree_are_the_same_for_every_kind(base: str, tmp_path: Path) -> None:
+    """A file's (and a directory's) sha256 names its bytes wherever they are; ``tree`` lists a directory's files."""
+    import hashlib
+
+    payload = {"a.bin": b"alpha", "sub/b.bin": b"beta" * 300_000, ".hidden": b"h"}
+    for name, data in payload.items():
+        fsio.write_bytes(fsio.join(base, "d", name), data)
+        fsio.write_bytes(str(tmp_path / "ref" / name), data)
+    assert fsio.file_sha256(fsio.join(base, "d", "sub/b.bin")) == hashlib.sha256(b"beta" * 300_000).hexdigest()
+    assert fsio.file_sha256(fsio.join(base, "d")) == fsio.file_sha256(tmp_path / "ref")
+    listed = fsio.tree(fsio.join(base, "d"))
+    assert [rel for rel, _ in listed] == [".hidden", "a.bin", "sub/b.bin"]
+    assert [fsio.read_bytes(loc) for _, loc in listed] == [b"h", b"alpha", b"beta" * 300_000]
+    assert fsio.local_path(base) == (None if base.startswith(("memory:", "s3:")) else base.removeprefix("file://"))
