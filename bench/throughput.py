@@ -46,18 +46,19 @@ from segcore.run.plan import make_plan
 
 
 def bare_loop(store_path: str, checkpoint: str, batch_size: int, device: str = "cpu",
-              precision: str = "bf16") -> tuple[int, float]:
+              precision: str = "bf16", compile: bool = False) -> tuple[int, float]:
     model, meta = load_checkpoint(checkpoint, device=device)
-    predictor = TorchPredictor(model, meta, device=device, precision=precision)
+    predictor = TorchPredictor(model, meta, device=device, precision=precision, compile=compile)
     store = open_store(store_path)
     root = zarr.open_group(store_path, mode="r")
     units = make_plan(store, None).units
     cuda = device.startswith("cuda")
-    if cuda:  # CUDA context, kernels and allocator warmed up outside the clock, as in a worker's first unit
+    if cuda or compile:  # CUDA context, kernels, allocator and compilation warmed up outside the clock
         with torch.inference_mode():
             first = units[0]
             predictor.logits(predictor.prepare(root[f"images/{first.group}"][first.start:first.start + batch_size]))
-        torch.cuda.synchronize(device)
+        if cuda:
+            torch.cuda.synchronize(device)
     n = 0
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -108,6 +109,9 @@ def main() -> None:
     ap.add_argument("--prepare-only", action="store_true",
                     help="make the collection, the store and the checkpoint, then stop")
     ap.add_argument("--json", help="also write the figures to this JSON file")
+    ap.add_argument("--compile", action="store_true",
+                    help="both sides through torch.compile (the bare loop compiles on a warm-up batch outside its "
+                         "clock; for the pipeline, the steady state after its first unit is printed too)")
     args = ap.parse_args()
     if args.device not in ("cpu", "cuda") and not (args.device.startswith("cuda:") and args.device[5:].isdigit()):
         ap.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
@@ -125,6 +129,7 @@ def main() -> None:
 
     bare_device, pipeline_device = pick_device(args.device)
     precision = {"precision": args.precision} if args.precision else {}
+    precision.update({"compile": True} if args.compile else {})
     figures["gpu"] = gpu_name(bare_device)
     windows = figures["windows"] = {}
     w0 = time.time()
@@ -141,6 +146,8 @@ def main() -> None:
            "--batch-size", str(args.batch_size), "--device", pipeline_device]
     if args.precision:
         cmd += ["--precision", args.precision]
+    if args.compile:
+        cmd += ["--compile"]
     if args.workers:
         cmd += ["--workers", str(args.workers)]
     t = time.perf_counter()
@@ -167,6 +174,13 @@ def main() -> None:
     steady_s = max(u["timing"]["finished"] for u in units) - min(u["timing"]["started"] for u in units)
     print(f"  steady state (first unit start to last unit end): {steady_s:.1f} s = {n / steady_s:.2f} images/s; "
           f"fixed start-up/teardown {pipe_s - steady_s:.1f} s")
+    if args.compile and len(units) > 1:  # the first unit of each worker compiles the model
+        first_end = min(u["timing"]["finished"] for u in units)
+        later = [u for u in units if u["timing"]["started"] >= first_end]
+        rest_s = max(u["timing"]["finished"] for u in later) - first_end if later else float("nan")
+        n_rest = sum(u["n_images"] for u in later)
+        print(f"  steady state after the first unit (compilation excluded): {n_rest} images in {rest_s:.1f} s "
+              f"= {n_rest / rest_s:.2f} images/s; RATIO {(n_rest / rest_s) / bare_ips:.3f}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"checkpoint {Path(checkpoint).name}, batch {args.batch_size}")
     print(f"RATIO pipeline/bare (end to end) = {pipe_ips / bare_ips:.3f}")

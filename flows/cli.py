@@ -49,7 +49,11 @@ def _add_segment(p: argparse.ArgumentParser) -> None:
                                                 "run directory per run (not with --incremental)")
     p.add_argument("--batch-size", type=int,
                    help="images per forward pass (default 8; tiles of large images: at most 1 Mpx per pass)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: CUDA when present")
+    p.add_argument("--device", help="auto (default: CUDA when present, one GPU per worker), cpu, cuda, or cuda:N "
+                                     "(every worker on GPU N)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="semantic torch models: run the model through torch.compile (a warm-up per worker; the "
+                        "model runs eagerly when compiling fails)")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
                    help="autocast dtype of semantic models on CUDA (default bf16; instance models run fp32)")
     g = p.add_argument_group("large images (tiled groups of the store)")
@@ -365,7 +369,7 @@ def _segment_spec(args: argparse.Namespace, store: str):
 
     return SegmentSpec(store=store, checkpoint=args.checkpoint, out=args.out, execution=_execution(args),
                        **_given(batch_size=args.batch_size, device=args.device, precision=args.precision,
-                                tile_size=args.tile_size, overlap=args.overlap, blend=args.blend, tta=args.tta,
+                                compile=args.compile, tile_size=args.tile_size, overlap=args.overlap, blend=args.blend, tta=args.tta,
                                 volume_pattern=args.volume_pattern,
                                 lake=args.lake, unit_timeout_floor=args.unit_timeout_floor,
                                 unit_timeout_cap=args.unit_timeout_cap, unit_retries=args.unit_retries,

@@ -132,7 +132,7 @@ def _segment_held(spec: SegmentSpec) -> dict[str, Any]:
     ctx, plan, meta, store = start_run(
         spec.store, spec.checkpoint, spec.out, tile_size=spec.tile_size, overlap=spec.overlap, blend=spec.blend,
         tta=spec.tta, precision=spec.precision, batch_size=spec.batch_size, device=spec.device,
-        num_threads=torch_threads(spec.execution), spec=spec_json(spec))
+        num_threads=torch_threads(spec.execution), compile=spec.compile, spec=spec_json(spec))
     chunks, counts = mask_chunks(spec.out)
     check_alignment(plan.units, chunks=chunks, counts=counts)
     done = done_records(spec.out, ctx.key)
@@ -275,7 +275,8 @@ def run_flow(spec: RunSpec) -> dict[str, Any]:
         segment = segment.model_copy(update={"out": incremental_run_dir(segment.out, segment.checkpoint)})
         if ingested["new_files"] == 0 and (not store_exists(segment.store) or pending_work(
                 segment.store, segment.checkpoint, segment.out, tile_size=segment.tile_size, overlap=segment.overlap,
-                blend=segment.blend, tta=segment.tta, precision=segment.precision, device=segment.device) == 0):
+                blend=segment.blend, tta=segment.tta, precision=segment.precision, device=segment.device,
+                compile=segment.compile) == 0):
             get_run_logger().info("run: nothing new in %s and every image of %s is segmented in %s; no inference "
                                   "this time", spec.ingest.images, segment.store, segment.out)
             if segment.lake and fsio.exists(fsio.join(segment.out, "run.json")):  # parts a failed publication left

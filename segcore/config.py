@@ -96,6 +96,16 @@ def with_flow_run(spec: _S, token: str) -> _S:
     return spec.model_copy(update={f: getattr(spec, f).replace(FLOW_RUN, token) for f in fields})
 
 
+def _device(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise ValueError(f"device {text!r} is not one of auto, cpu, cuda, cuda:N")
+    return text
+
+
+#: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+DeviceChoice = Annotated[str, AfterValidator(_device)]
+
+
 class ExecutionSpec(_Spec):
     """Where the work runs: an existing Dask scheduler, or a local cluster of worker processes."""
 
@@ -118,8 +128,12 @@ class SegmentSpec(_Spec):
                                   "the run's UTC start time and flow run id: a new directory per run.")
     batch_size: int = Field(8, gt=0, description="Images per forward pass (tiles of large images: at most 1 Mpx "
                                                   "per pass).")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA when present.")
+    device: DeviceChoice = Field("auto", description="auto (CUDA when present, one GPU per worker), cpu, cuda, or "
+                                                     "cuda:N (every worker on GPU N).")
     precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Autocast dtype on CUDA (CPU runs fp32).")
+    compile: bool = Field(False, description="Semantic torch models: run the model through torch.compile (its "
+                                             "warm-up is paid once per worker; the model runs eagerly when "
+                                             "compiling fails).")
     tile_size: int | None = Field(
         None, ge=0, description="Large images: model tile in pixels (semantic models: default 512, rounded up to "
                                 "the UNet's divisor; instance models: detector core, default 256); 0 disables "
@@ -196,12 +210,6 @@ def _normalisation_choice(text: str) -> str:
 NormalisationChoice = Annotated[str, AfterValidator(_normalisation_choice)]
 
 
-def _device(text: str) -> str:
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
-        raise ValueError(f"device {text!r} is not one of auto, cpu, cuda, cuda:N")
-    return text
-
-
 class TrainSpec(_Spec):
     """Train a registered model on the labelled images of a store; the best epoch is saved.
 
@@ -246,7 +254,7 @@ class TrainSpec(_Spec):
                                                            "patches (default 32x64x64).")
     schedule: Literal["onecycle", "poly", "cosine"] | None = Field(
         None, description="UNet learning-rate schedule (default poly with a 5 % linear warm-up).")
-    device: Annotated[str, AfterValidator(_device)] = Field(
+    device: DeviceChoice = Field(
         "auto", description="UNet training device: auto (CUDA when present), cpu, cuda or cuda:N.")
     precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Autocast dtype on CUDA (CPU runs fp32).")
     init: str | None = Field(

@@ -139,6 +139,11 @@ class Predictor(abc.ABC):
         return out
 
 
+def compiles(meta: ModelMeta) -> bool:
+    """Whether ``torch.compile`` applies to the model of ``meta``: semantic models of the torch runtime."""
+    return meta.runtime == "torch" and meta.kind == "semantic"
+
+
 class TorchPredictor(Predictor):
     """A torch ``nn.Module`` (segflow's registry models): on CUDA with pinned, non-blocking copies,
     channels-last (channels-last-3d for a volumetric model) and autocast to ``precision`` (semantic
@@ -146,12 +151,18 @@ class TorchPredictor(Predictor):
     CPU in fp32. The module's train/eval mode is the caller's (a checkpoint loaded by
     :func:`load_predictor` is in eval mode). On CUDA a semantic model's parameters are switched to
     channels-last in place (``Module.to`` converts them where they are), which changes no value:
-    training that goes on with the module afterwards is unaffected."""
+    training that goes on with the module afterwards is unaffected.
+
+    ``compile``: the forward pass goes through ``torch.compile`` (semantic models). Compiling happens
+    on the first batch of each new shape (seconds to minutes; a warm-up the caller should exclude
+    from per-image figures); if it fails, a warning says why and the model runs eagerly from then on.
+    """
 
     def __init__(self, model: torch.nn.Module, meta: ModelMeta, *, device: str = "cpu",
-                 precision: str = "bf16") -> None:
+                 precision: str = "bf16", compile: bool = False) -> None:
         super().__init__(meta, device=device, precision=precision)
         self.model = model
+        self._compiled = torch.compile(model) if compile and compiles(meta) else None
         self._cuda = device.startswith("cuda")
         self._copy_stream: torch.cuda.Stream | None = None
         self._memory_format = torch.channels_last_3d if meta.spatial_dims == 3 else torch.channels_last
@@ -187,12 +198,25 @@ class TorchPredictor(Predictor):
         if self.kind != "semantic":
             return super().logits(x)
         if not self._cuda:
-            return self._scores(self.model(x))
+            return self._scores(self._forward(x))
         x = self._to_device(x).contiguous(memory_format=self._memory_format)
         amp = (torch.autocast("cuda", dtype=AUTOCAST[self.precision]) if self.precision in AUTOCAST
                else contextlib.nullcontext())
         with amp:
-            return self._scores(self.model(x))
+            return self._scores(self._forward(x))
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._compiled is None:
+            return self.model(x)
+        try:
+            return self._compiled(x)
+        except (torch.cuda.OutOfMemoryError, MemoryError):  # the caller halves the batch (segcore.run.memory)
+            raise
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager model computes the same
+            log.warning("torch.compile of %s failed, running it eagerly: %s", self.meta.arch,
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            self._compiled = None
+            return self.model(x)
 
     def _scores(self, out: torch.Tensor) -> torch.Tensor:
         """The model's output as class scores (:func:`~segcore.models.outputs.class_scores`); segflow's
@@ -205,8 +229,10 @@ class TorchPredictor(Predictor):
         return predict_instances(self.model, self._to_device(x))
 
 
-def open_predictor(checkpoint: str | os.PathLike[str], *, device: str = "cpu", precision: str = "bf16") -> Predictor:
-    """The predictor of the model record ``checkpoint`` on ``device`` (uncached), by its runtime.
+def open_predictor(checkpoint: str | os.PathLike[str], *, device: str = "cpu", precision: str = "bf16",
+                   compile: bool = False) -> Predictor:
+    """The predictor of the model record ``checkpoint`` on ``device`` (uncached), by its runtime;
+    ``compile``: through ``torch.compile`` (:class:`TorchPredictor`; ignored by other runtimes).
 
     Raises :class:`~segcore.errors.CheckpointError` when the record is malformed or its model does
     not load (weights that do not fit the architecture, an unreadable TorchScript or ONNX file).
@@ -214,7 +240,7 @@ def open_predictor(checkpoint: str | os.PathLike[str], *, device: str = "cpu", p
     meta = read_model_meta(checkpoint)
     if meta.runtime == "torch":
         model, meta = load_checkpoint(checkpoint, device=device)
-        return TorchPredictor(model, meta, device=device, precision=precision)
+        return TorchPredictor(model, meta, device=device, precision=precision, compile=compile)
     from segcore.models.runtimes import OnnxPredictor, TorchScriptPredictor
 
     cls = TorchScriptPredictor if meta.runtime == "torchscript" else OnnxPredictor
@@ -225,18 +251,21 @@ _cache_lock = threading.Lock()
 
 
 @lru_cache(maxsize=4)
-def _cached(checkpoint: str, sha256: str, device: str, precision: str) -> Predictor:
+def _cached(checkpoint: str, sha256: str, device: str, precision: str, compile: bool) -> Predictor:
     log.info("loading %s on %s", checkpoint, device)
-    return open_predictor(checkpoint, device=device, precision=precision)
+    if device.startswith("cuda"):  # runs segment images of one shape per group: let cuDNN pick its fastest kernels
+        torch.backends.cudnn.benchmark = True
+    return open_predictor(checkpoint, device=device, precision=precision, compile=compile)
 
 
-def load_predictor(checkpoint: str, *, sha256: str, device: str = "cpu", precision: str = "bf16") -> Predictor:
+def load_predictor(checkpoint: str, *, sha256: str, device: str = "cpu", precision: str = "bf16",
+                   compile: bool = False) -> Predictor:
     """The predictor of the model record ``checkpoint`` on ``device``, built once per process (keyed
     by the content hash, :func:`segcore.models.record.model_sha256`, so a record replaced in place is
     loaded again)."""
     with _cache_lock:
-        return _cached(str(checkpoint), sha256, device, precision)
+        return _cached(str(checkpoint), sha256, device, precision, compile)
 
 
-__all__ = ["AUTOCAST", "PRECISIONS", "Predictor", "TorchPredictor", "load_predictor", "open_predictor",
+__all__ = ["AUTOCAST", "PRECISIONS", "Predictor", "compiles", "TorchPredictor", "load_predictor", "open_predictor",
            "resolve_device"]

@@ -53,10 +53,13 @@ class Labelled:
 
 def confusion_matrices(pred: torch.Tensor, gt: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``(n, K, K)`` int64 ``[image, gt, pred]`` counts of ``(n, ...)`` integer labels in ``[0, K)``,
-    on the labels' device (one bincount over the batch)."""
+    on the labels' device: one bincount over the batch, of int32 codes (4 bytes per pixel) built in
+    place, int64 when ``n * K * K`` does not fit in int32."""
     n, k = pred.shape[0], int(num_classes)
-    codes = (torch.arange(n, device=pred.device, dtype=torch.int64).view(-1, *([1] * (pred.dim() - 1))) * (k * k)
-             + gt.to(torch.int64) * k + pred.to(torch.int64))
+    dtype = torch.int32 if n * k * k < 2 ** 31 else torch.int64
+    codes = gt.to(dtype, copy=True).mul_(k)
+    codes += pred
+    codes += (torch.arange(n, device=pred.device, dtype=dtype) * (k * k)).view(-1, *([1] * (pred.dim() - 1)))
     return torch.bincount(codes.reshape(-1), minlength=n * k * k).reshape(n, k, k)
 
 

@@ -66,6 +66,7 @@ class RunContext:
     num_threads: int | None = None
     tiling: Tiling | None = None
     faults: Faults = Faults()
+    compile: bool = False
 
     def on_worker(self, worker_index: int | None = None) -> "RunContext":
         """This context with ``device`` resolved for the worker running it (one GPU per worker)."""
@@ -76,7 +77,7 @@ class RunContext:
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
         return load_predictor(self.checkpoint, sha256=self.checkpoint_sha256, device=self.device,
-                              precision=self.precision)
+                              precision=self.precision, compile=self.compile)
 
 
 class Record:

@@ -244,15 +244,18 @@ def effective_precision(meta: ModelMeta, precision: str, *, device: str) -> str:
     return precision
 
 
-def output_shaping(meta: ModelMeta, tiling: Tiling | None, *, precision: str, tta: bool = False) -> dict[str, Any]:
+def output_shaping(meta: ModelMeta, tiling: Tiling | None, *, precision: str, tta: bool = False,
+                   compiled: bool = False) -> dict[str, Any]:
     """The parameters besides the store and the checkpoint that shape a run's outputs: the tiling of
     large images (tile size, overlap, blend, TTA), the precision (give :func:`effective_precision`),
     TTA of whole images (``tta_whole_images``, present only when on: runs recorded before whole images
     had TTA keep their key, and a TTA run recorded then, whose whole images had none, is not
-    resumed as if they had), and, from the checkpoint, its normalisation and score threshold
+    resumed as if they had), ``compiled`` (present only when on: ``torch.compile``'s kernels may
+    differ from eager ones in the last bits), and, from the checkpoint, its normalisation and score threshold
     (recorded to name them in messages; the checkpoint's sha256 already pins them)."""
     return {
         **({"tta_whole_images": True} if tta else {}),
+        **({"compiled": True} if compiled else {}),
         "tile_size": None if tiling is None else tiling.tile,
         "overlap": None if tiling is None else tiling.overlap,
         "blend": None if tiling is None else tiling.blend,

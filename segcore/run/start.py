@@ -17,7 +17,7 @@ from typing import Any
 from segcore.collection.store import StoreInfo, open_store
 from segcore.errors import CheckpointError, ConfigError, NotFound
 from segcore.models.checkpoint import ModelMeta
-from segcore.models.predict import open_predictor
+from segcore.models.predict import compiles, open_predictor
 from segcore.models.record import model_sha256, read_model_meta
 from segcore.run.channels import can_adapt, channel_note
 from segcore.run.context import RunContext
@@ -83,12 +83,13 @@ def check_channels(store: StoreInfo, *, model_channels: int) -> None:
 
 def start_run(store_path: str, checkpoint: str, out: str, *, tile_size: int | None = None, overlap: int | None = None,
               blend: str = "gaussian", tta: bool = False, precision: str = "bf16", batch_size: int = 8,
-              device: str = "auto", num_threads: int | None = None, spec: dict[str, Any] | None = None
-              ) -> tuple[RunContext, RunPlan, ModelMeta, StoreInfo]:
+              device: str = "auto", num_threads: int | None = None, compile: bool = False,
+              spec: dict[str, Any] | None = None) -> tuple[RunContext, RunPlan, ModelMeta, StoreInfo]:
     """Preflight, then create or reopen the run directory ``out`` with its plan and output-shaping
     parameters (:func:`segcore.run.rundir.prepare_run`), and build the run's context.
 
-    ``tile_size`` 0 segments large images whole; ``spec`` is the resolved run spec saved with the
+    ``tile_size`` 0 segments large images whole; ``compile``: through ``torch.compile`` (semantic
+    torch models; a different kernel path, so part of the run's key); ``spec`` is the resolved run spec saved with the
     outputs. Raises :class:`~segcore.errors.CheckpointError` or :class:`~segcore.errors.StoreError`
     (another run, another setting) before anything is written to the images' outputs.
     """
@@ -101,18 +102,20 @@ def start_run(store_path: str, checkpoint: str, out: str, *, tile_size: int | No
     info = prepare_run(out, store_path=store_path, store_id=store.store_id, checkpoint=checkpoint,
                        checkpoint_sha256=sha, meta=meta, groups=groups, plan=plan,
                        shaping=output_shaping(meta, tiling, precision=effective_precision(meta, precision,
-                                                                                          device=device), tta=tta),
+                                                                                          device=device), tta=tta,
+                                             compiled=compile and compiles(meta)),
                        spec={**(spec or {}), "tile_size": tile_size, "overlap": overlap, "blend": blend, "tta": tta,
-                             "precision": precision})
+                             "precision": precision, "compile": compile})
     ctx = RunContext(store=store_path, run_dir=out, run_id=info["run_id"], key=info["key"], checkpoint=checkpoint,
                      checkpoint_sha256=sha, mask_kind=store.mask_kind, tta=tta, batch_size=batch_size, device=device,
-                     precision=precision, num_threads=num_threads, tiling=tiling)
+                     precision=precision, num_threads=num_threads, tiling=tiling,
+                     compile=compile and compiles(meta))
     return ctx, plan, meta, store
 
 
 def pending_work(store_path: str, checkpoint: str, out: str, *, tile_size: int | None = None,
                  overlap: int | None = None, blend: str = "gaussian", tta: bool = False, precision: str = "bf16",
-                 device: str = "auto") -> int | None:
+                 device: str = "auto", compile: bool = False) -> int | None:
     """How many steps of the run in ``out`` remain with these settings (units, blocks and tiled
     images without a done-record), reading only metadata: no model is loaded.
 
@@ -126,7 +129,8 @@ def pending_work(store_path: str, checkpoint: str, out: str, *, tile_size: int |
         return None
     meta = read_model_meta(checkpoint)
     tiling = resolve_tiling(meta, tile_size=tile_size, overlap=overlap, blend=blend, tta=tta)
-    shaping = output_shaping(meta, tiling, precision=effective_precision(meta, precision, device=device), tta=tta)
+    shaping = output_shaping(meta, tiling, precision=effective_precision(meta, precision, device=device), tta=tta,
+                             compiled=compile and compiles(meta))
     if info.get("shaping") != shaping or plan.groups != tuple(g.name for g in open_store(store_path).groups):
         return None
     return pending_steps(plan, done_records(out, info["key"]))

@@ -48,3 +48,14 @@ def test_flow_run_placeholder_is_filled_in_store_and_run_directory_and_refused_f
                 segment=SegmentSpec(store="s.zarr", checkpoint="c.safetensors", out=f"runs/{FLOW_RUN}"))
     with pytest.raises(ValueError, match="incremental ingest appends to the same store"):
         IngestSpec(images="in", store=f"runs/{FLOW_RUN}/s.zarr", incremental=True)
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:3"])
+def test_a_segment_run_takes_any_device_a_worker_can_resolve(device):
+    assert SegmentSpec(store="s.zarr", checkpoint="m.safetensors", out="r", device=device).device == device
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:", "cuda:x", "CPU"])
+def test_an_unknown_device_is_refused_with_the_choices(device):
+    with pytest.raises(ValueError, match="auto, cpu, cuda, cuda:N"):
+        SegmentSpec(store="s.zarr", checkpoint="m.safetensors", out="r", device=device)

@@ -125,3 +125,44 @@ def test_cuda_stream_counts_on_the_device_and_agrees_with_the_cpu():
     agree = got.labels == want.labels
     if agree.all():
         assert np.array_equal(got.confusion, want.confusion)
+
+
+def test_a_model_that_fails_to_compile_runs_eagerly_with_a_warning(monkeypatch, caplog):
+    base = _predictor()
+
+    def broken_compile(model, **_):
+        def run(x):
+            raise RuntimeError("inductor: no C++ compiler found\nmore detail")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    compiled = TorchPredictor(base.model, base.meta, device="cpu", compile=True)
+    images = _images(4)
+    with caplog.at_level("WARNING", logger="segcore.models.predict"):
+        got = compiled.labels(images, batch_size=2)
+    assert np.array_equal(got, base.labels(images, batch_size=2))
+    assert "running it eagerly: inductor: no C++ compiler found" in caplog.text
+    assert compiled._compiled is None  # compiled once, failed once: eager from then on
+    assert caplog.text.count("failed") == 1
+
+
+def test_out_of_memory_in_a_compiled_model_is_not_taken_for_a_compiler_failure(monkeypatch):
+    def oom_compile(model, **_):
+        def run(x):
+            raise MemoryError("no memory")
+        return run
+
+    monkeypatch.setattr(torch, "compile", oom_compile)
+    base = _predictor()
+    with pytest.raises(MemoryError):
+        TorchPredictor(base.model, base.meta, device="cpu", compile=True).labels(_images(2))
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_eager_labels():
+    base = _predictor()
+    images = _images(4)
+    compiled = TorchPredictor(base.model, base.meta, device="cpu", compile=True)
+    got = compiled.labels(images, batch_size=2)
+    assert compiled._compiled is not None  # it really compiled
+    assert (got == base.labels(images, batch_size=2)).mean() >= 0.999

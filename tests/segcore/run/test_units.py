@@ -124,6 +124,7 @@ OTHER_SETTINGS = {
     "tta": {"tta": True},
     "precision": {"precision": "fp32"},
     "tiling off": {"tile_size": 0},
+    "compile": {"compile": True},
 }
 
 
@@ -136,7 +137,7 @@ def test_another_output_shaping_setting_into_the_same_run_directory_is_refused(s
     before = {p.name: p.read_bytes() for p in (tmp_path / "r" / "units").iterdir()}
     with pytest.raises(StoreError, match="other settings") as err:
         start_run(small_store["store"], small_store["ckpt"], run_dir, **base, **OTHER_SETTINGS[name])
-    changed = {**{k: k for k in OTHER_SETTINGS}, "tiling off": "tile_size"}[name]
+    changed = {**{k: k for k in OTHER_SETTINGS}, "tiling off": "tile_size", "compile": "compiled"}[name]
     assert f"{changed}:" in str(err.value) and "new --out" in str(err.value)
     assert {p.name: p.read_bytes() for p in (tmp_path / "r" / "units").iterdir()} == before  # nothing touched
     assert start_run(small_store["store"], small_store["ckpt"], run_dir, **base)[0] == ctx  # same: resumes
