@@ -78,17 +78,18 @@ class Row:
 @contextmanager
 def worker_paths() -> Iterator[None]:
     """The repository and bench/ on ``PYTHONPATH`` inside, so that the Dask and Ray worker processes
-    started there import the same segcore and bench/peer_work.py as this process."""
-    before = os.environ.get("PYTHONPATH")
-    have = [p for p in (before or "").split(os.pathsep) if p]
+    started there import the same segcore and bench/peer_work.py as this process; on leaving, this
+    process's environment as it was. (Dask's nannies export their pre-spawn variables, among them
+    ``MALLOC_TRIM_THRESHOLD_=65536``, into the environment of the process that starts them and leave
+    them there: every process started later, the next rows' workers included, would inherit them.)"""
+    before = dict(os.environ)
+    have = [p for p in (before.get("PYTHONPATH") or "").split(os.pathsep) if p]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([str(ROOT), str(BENCH), *have]))
     try:
         yield
     finally:
-        if before is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = before
+        os.environ.clear()
+        os.environ.update(before)
 
 
 def steady(done: Sequence[tuple[int, float, float]]) -> float:

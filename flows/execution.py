@@ -9,6 +9,7 @@ meantime (:func:`warm_imports`); the flow then runs on that cluster.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import time
 from contextlib import contextmanager
@@ -60,6 +61,12 @@ def torch_threads(spec: ExecutionSpec) -> int | None:
 
 def _configure_local() -> None:
     dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None, **QUIET_HOUSEKEEPING})
+    # Dask's nannies export their pre-spawn variables into the environment of the process that
+    # starts them, and never take them back: after any Dask cluster started with its defaults in
+    # this process (or with the variable in the environment), segflow's workers would inherit it.
+    if os.environ.pop("MALLOC_TRIM_THRESHOLD_", None) is not None:
+        logging.getLogger(__name__).info("MALLOC_TRIM_THRESHOLD_ removed from this process's environment: "
+                                         "segflow's local workers run without it (it slows torch on the CPU)")
 
 
 def _cluster_kwargs(spec: ExecutionSpec) -> dict:
@@ -82,6 +89,9 @@ def task_runner(spec: ExecutionSpec) -> DaskTaskRunner:
     Local workers are spawned without Dask's default ``MALLOC_TRIM_THRESHOLD_=65536``: setting it
     disables glibc's dynamic mmap threshold, so every large tensor allocation becomes an mmap and
     page faults cost torch about 20 % of its CPU throughput (measured, see bench/RESULTS.md). The
+    variable is also removed from this process's environment when present, since workers inherit
+    it from there: Dask's nannies leave it behind in any process that started a cluster with
+    Dask's defaults. The
     cluster's housekeeping runs less often than Dask's defaults (:data:`QUIET_HOUSEKEEPING`): its
     scheduler and nannies live in the flow's process and share the cores with the workers' torch
     threads, and the default event-loop ticks (every 20 ms), resource samples (every 0.5 s) and

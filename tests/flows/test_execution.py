@@ -86,6 +86,18 @@ def test_flow_runs_on_the_started_cluster_warmed_up_and_exit_handlers_still_run(
     assert marker.read_text() == "ran"  # the worker ended after its exit handlers, not before
 
 
+def test_local_workers_never_inherit_a_malloc_trim_threshold(monkeypatch):
+    # Dask's nannies leave MALLOC_TRIM_THRESHOLD_=65536 in the environment of a process that started a
+    # cluster with Dask's defaults; torch then runs about 15 % slower in workers spawned from it.
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    import distributed
+
+    with started_cluster(ONE), distributed.Client(execution._started[1]) as client:
+        seen = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+    assert list(seen.values()) == [None]
+    assert "MALLOC_TRIM_THRESHOLD_" not in os.environ
+
+
 def test_no_cluster_is_started_for_an_existing_scheduler():
     with started_cluster(ExecutionSpec(dask_address="tcp://127.0.0.1:9")):
         assert execution._started is None
