@@ -223,7 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--depth", type=int, default=4, help="UNet depth (default 4)")
     ap.add_argument("--checkpoint", help="checkpoint to use (default: an untrained UNet of --base/--depth)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of every row")
-    ap.add_argument("--peers", default=",".join(PEERS), help=f"rows to run, of {','.join(PEERS)} (default all)")
+    ap.add_argument("--peers", default=",".join(PEERS), help=f"rows to run, in this order (the bare loop first and again last), of {','.join(PEERS)} "
+                         "(default all, in that order)")
     ap.add_argument("--dask-tuned", action="store_true",
                     help="run the Dask row with segflow's local-cluster settings instead of Dask's own")
     ap.add_argument("--workdir", default=str(BENCH / "out"))
@@ -247,14 +248,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{row.name}: {row.images} images in {row.seconds:.1f} s = {row.images / row.seconds:.2f} images/s "
               f"(steady {row.images / row.steady:.2f} images/s, fixed {row.seconds - row.steady:.1f} s)", flush=True)
 
-    if "bare" in asked:
-        report(run_bare(job["bare"], units))
-    if "dask" in asked:
-        report(run_dask(job["dask"], units, tuned=args.dask_tuned))
-    if "ray" in asked:
-        report(run_ray(job["ray"], units))
-    if "segflow" in asked:
-        report(run_segflow(store, checkpoint, out / "segflow", batch_size=args.batch_size, threads=args.threads))
+    run = {"bare": lambda: run_bare(job["bare"], units),
+           "dask": lambda: run_dask(job["dask"], units, tuned=args.dask_tuned),
+           "ray": lambda: run_ray(job["ray"], units),
+           "segflow": lambda: run_segflow(store, checkpoint, out / "segflow", batch_size=args.batch_size,
+                                          threads=args.threads)}
+    for name in (["bare"] if "bare" in asked else []) + [a for a in asked if a != "bare"]:  # as given, bare first
+        report(run[name]())
     if "bare" in asked:
         report(run_bare(job["bare-after"], units, name="bare-after"))
 
