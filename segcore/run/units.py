@@ -1,10 +1,11 @@
 """One work unit of whole images: predict, write the mask chunk, score, mark done.
 
 :func:`segment_unit` is the per-unit function every worker runs (and that anyone can run by hand
-on one unit): read the unit's image chunk, predict in batches through the run's
-:class:`~segcore.models.predict.Predictor`, write the mask chunk, score it against the
-ground-truth chunk while the mask is still in memory (:mod:`segcore.run.evaluate`), write one
-Parquet part, and write the unit's done-record last. A forward pass that runs out of memory is
+on one unit): read the unit's image and ground-truth chunks, predict in batches through the run's
+:class:`~segcore.models.predict.Predictor` (a semantic image model's batches are pipelined and
+scored as each one finishes, where the model runs: :mod:`segcore.models.stream`; other models'
+masks are scored against the chunk afterwards), write the mask chunk, write one Parquet part of
+Dice rows (:mod:`segcore.run.evaluate`), and write the unit's done-record last. A forward pass that runs out of memory is
 retried with half the batch (:mod:`segcore.run.memory`); the batch it finished with is recorded.
 A volumetric model segments a slab of a volume with the slices around it
 (:mod:`segcore.run.volume_model`).
