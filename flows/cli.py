@@ -369,7 +369,8 @@ def _segment_spec(args: argparse.Namespace, store: str):
 
     return SegmentSpec(store=store, checkpoint=args.checkpoint, out=args.out, execution=_execution(args),
                        **_given(batch_size=args.batch_size, device=args.device, precision=args.precision,
-                                compile=args.compile, tile_size=args.tile_size, overlap=args.overlap, blend=args.blend, tta=args.tta,
+                                compile=args.compile, tile_size=args.tile_size, overlap=args.overlap,
+                                blend=args.blend, tta=args.tta,
                                 volume_pattern=args.volume_pattern,
                                 lake=args.lake, unit_timeout_floor=args.unit_timeout_floor,
                                 unit_timeout_cap=args.unit_timeout_cap, unit_retries=args.unit_retries,

@@ -91,11 +91,11 @@ def task_runner(spec: ExecutionSpec) -> DaskTaskRunner:
     page faults cost torch about 20 % of its CPU throughput (measured, see bench/RESULTS.md). The
     variable is also removed from this process's environment when present, since workers inherit
     it from there: Dask's nannies leave it behind in any process that started a cluster with
-    Dask's defaults. The
-    cluster's housekeeping runs less often than Dask's defaults (:data:`QUIET_HOUSEKEEPING`): its
-    scheduler and nannies live in the flow's process and share the cores with the workers' torch
-    threads, and the default event-loop ticks (every 20 ms), resource samples (every 0.5 s) and
-    worker memory checks (every 0.1 s) took about a quarter of that process's CPU time in a segment run.
+    Dask's defaults. The cluster's housekeeping runs less often than Dask's defaults
+    (:data:`QUIET_HOUSEKEEPING`): its scheduler and nannies live in the flow's process and share the
+    cores with the workers' torch threads, and the default event-loop ticks (every 20 ms), resource
+    samples (every 0.5 s) and worker memory checks (every 0.1 s) took about a quarter of that
+    process's CPU time in a segment run.
     """
     from prefect_dask import DaskTaskRunner
 

@@ -162,22 +162,17 @@ class TorchPredictor(Predictor):
                  precision: str = "bf16", compile: bool = False) -> None:
         super().__init__(meta, device=device, precision=precision)
         self.model = model
-        self._compiled = torch.compile(model) if compile and compiles(meta) else None
         self._cuda = device.startswith("cuda")
         self._copy_stream: torch.cuda.Stream | None = None
         self._memory_format = torch.channels_last_3d if meta.spatial_dims == 3 else torch.channels_last
         if self._cuda and meta.kind == "semantic":
             self.model = model.to(memory_format=self._memory_format)
+        self._compiled = torch.compile(self.model) if compile and compiles(meta) else None
 
     @property
     def detections_cap(self) -> int | None:
         detector = getattr(self.model, "detector", None)
         return int(detector.roi_heads.detections_per_img) if detector is not None else None
-
-    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._cuda or x.is_cuda:
-            return x
-        return x.pin_memory().to(self.device, non_blocking=True)
 
     def stage(self, x: torch.Tensor) -> torch.Tensor:
         """On CUDA: ``x`` copied to the device on a side stream (from pinned memory, without blocking
@@ -199,7 +194,7 @@ class TorchPredictor(Predictor):
             return super().logits(x)
         if not self._cuda:
             return self._scores(self._forward(x))
-        x = self._to_device(x).contiguous(memory_format=self._memory_format)
+        x = self.stage(x).contiguous(memory_format=self._memory_format)
         amp = (torch.autocast("cuda", dtype=AUTOCAST[self.precision]) if self.precision in AUTOCAST
                else contextlib.nullcontext())
         with amp:
@@ -226,7 +221,7 @@ class TorchPredictor(Predictor):
     def detect(self, x: torch.Tensor) -> list[InstancePrediction]:
         if self.kind != "instance":
             return super().detect(x)
-        return predict_instances(self.model, self._to_device(x))
+        return predict_instances(self.model, self.stage(x))
 
 
 def open_predictor(checkpoint: str | os.PathLike[str], *, device: str = "cpu", precision: str = "bf16",

@@ -251,8 +251,8 @@ def output_shaping(meta: ModelMeta, tiling: Tiling | None, *, precision: str, tt
     TTA of whole images (``tta_whole_images``, present only when on: runs recorded before whole images
     had TTA keep their key, and a TTA run recorded then, whose whole images had none, is not
     resumed as if they had), ``compiled`` (present only when on: ``torch.compile``'s kernels may
-    differ from eager ones in the last bits), and, from the checkpoint, its normalisation and score threshold
-    (recorded to name them in messages; the checkpoint's sha256 already pins them)."""
+    differ from eager ones in the last bits), and, from the checkpoint, its normalisation and score
+    threshold (recorded to name them in messages; the checkpoint's sha256 already pins them)."""
     return {
         **({"tta_whole_images": True} if tta else {}),
         **({"compiled": True} if compiled else {}),

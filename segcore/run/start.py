@@ -89,8 +89,8 @@ def start_run(store_path: str, checkpoint: str, out: str, *, tile_size: int | No
     parameters (:func:`segcore.run.rundir.prepare_run`), and build the run's context.
 
     ``tile_size`` 0 segments large images whole; ``compile``: through ``torch.compile`` (semantic
-    torch models; a different kernel path, so part of the run's key); ``spec`` is the resolved run spec saved with the
-    outputs. Raises :class:`~segcore.errors.CheckpointError` or :class:`~segcore.errors.StoreError`
+    torch models; a different kernel path, so part of the run's key); ``spec`` is the resolved run
+    spec saved with the outputs. Raises :class:`~segcore.errors.CheckpointError` or :class:`~segcore.errors.StoreError`
     (another run, another setting) before anything is written to the images' outputs.
     """
     meta, sha, store = preflight(store_path, checkpoint)
@@ -99,17 +99,17 @@ def start_run(store_path: str, checkpoint: str, out: str, *, tile_size: int | No
     tiling = resolve_tiling(meta, tile_size=tile_size, overlap=overlap, blend=blend, tta=tta)
     plan = make_plan(store, tiling)
     groups = store.groups if tiling else [dataclasses.replace(g, tile=0) for g in store.groups]
+    compiled = compile and compiles(meta)
     info = prepare_run(out, store_path=store_path, store_id=store.store_id, checkpoint=checkpoint,
                        checkpoint_sha256=sha, meta=meta, groups=groups, plan=plan,
                        shaping=output_shaping(meta, tiling, precision=effective_precision(meta, precision,
                                                                                           device=device), tta=tta,
-                                             compiled=compile and compiles(meta)),
+                                             compiled=compiled),
                        spec={**(spec or {}), "tile_size": tile_size, "overlap": overlap, "blend": blend, "tta": tta,
                              "precision": precision, "compile": compile})
     ctx = RunContext(store=store_path, run_dir=out, run_id=info["run_id"], key=info["key"], checkpoint=checkpoint,
                      checkpoint_sha256=sha, mask_kind=store.mask_kind, tta=tta, batch_size=batch_size, device=device,
-                     precision=precision, num_threads=num_threads, tiling=tiling,
-                     compile=compile and compiles(meta))
+                     precision=precision, num_threads=num_threads, tiling=tiling, compile=compiled)
     return ctx, plan, meta, store
 
 
