@@ -38,11 +38,15 @@ def confusion_counts(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> tupl
     # One bincount over (image, gt, pred) codes gives every image's confusion matrix at once.
     codes = (np.arange(n, dtype=np.int64)[:, None, None] * (c * c)
              + gt.astype(np.int64) * c + pred.astype(np.int64))
-    cm = np.bincount(codes.ravel(), minlength=n * c * c).reshape(n, c, c)  # [image, gt, pred]
+    return counts_from_matrices(np.bincount(codes.ravel(), minlength=n * c * c).reshape(n, c, c))
+
+
+def counts_from_matrices(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-image, per-class ``(tp, fp, fn)``, each ``(N, K)`` int64, of ``(N, K, K)`` confusion
+    matrices ``[image, gt class, predicted class]`` (pixel counts)."""
+    cm = np.asarray(cm, dtype=np.int64)
     tp = np.diagonal(cm, axis1=1, axis2=2).copy()
-    fp = cm.sum(axis=1) - tp
-    fn = cm.sum(axis=2) - tp
-    return tp, fp, fn
+    return tp, cm.sum(axis=1) - tp, cm.sum(axis=2) - tp
 
 
 def dice_from_counts(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -78,7 +78,9 @@ def _batches(predictor: Predictor, images: np.ndarray, gt: np.ndarray | None, sc
         e = min(s + step, len(images))
         x = predictor.prepare(images[s:e], stats=stats)
         idx = np.flatnonzero(scored[s:e]) if gt is not None else np.empty(0, np.int64)
-        g = torch.from_numpy(np.ascontiguousarray(gt[s:e][idx])) if len(idx) else None
+        g = None
+        if len(idx):  # the batch's ground truth itself (a view) when every image is scored, else a copy
+            g = torch.from_numpy(np.ascontiguousarray(gt[s:e] if len(idx) == e - s else gt[s:e][idx]))
         if pin:
             x = x.pin_memory()
             g = g.pin_memory() if g is not None else None
@@ -182,7 +184,9 @@ def stream_labels(predictor: Predictor, images: np.ndarray, *, batch_size: int |
                 labels = logits.argmax(dim=1).to(torch.int32 if wide else torch.uint8)
                 cm = None
                 if batch.gt is not None:
-                    cm = confusion_matrices(labels[torch.as_tensor(batch.scored, device=labels.device)],
+                    every = len(batch.scored) == len(labels)
+                    cm = confusion_matrices(labels if every else labels[torch.as_tensor(batch.scored,
+                                                                                        device=labels.device)],
                                             predictor.stage(batch.gt), k)
                 done = None
                 if labels.is_cuda:  # both copies queued behind this batch's forward pass; collected next turn

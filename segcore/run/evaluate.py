@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-from segcore.metrics.dice import confusion_counts, dice_from_counts
+from segcore.metrics.dice import confusion_counts, counts_from_matrices, dice_from_counts
 from segcore.models.checkpoint import ModelMeta
 from segcore.run.channels import ChannelError, channel_note
 from segcore.run.context import Counts
@@ -63,8 +63,9 @@ def gt_as_classes(gt: np.ndarray, *, mask_kind: str) -> np.ndarray:
 
 def checked_gt(gt: np.ndarray, *, mask_kind: str, meta: ModelMeta) -> tuple[np.ndarray, dict[int, str]]:
     """Raw ``(N, H, W)`` ground truth (class ids, or instance ids when ``mask_kind="instance"``) as
-    class labels in the smallest unsigned dtype that holds them, and, by index, the images whose
-    ground truth holds a label the model lacks (they must not be scored)."""
+    class labels, and, by index, the images that must not be scored: ground truth with a label the
+    model lacks, or a negative one. The labels are the array itself when it holds unsigned class ids
+    (no copy), uint8 foreground for instance ids, int64 otherwise (:func:`gt_as_classes`)."""
     c = meta.num_classes
     gt = np.asarray(gt)
     if mask_kind == "instance":
@@ -82,13 +83,15 @@ def checked_gt(gt: np.ndarray, *, mask_kind: str, meta: ModelMeta) -> tuple[np.n
     return classes, errors
 
 
+def _as_counts(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> list[Counts]:
+    """One :class:`Counts` per row of ``(N, K)`` TP, FP and FN."""
+    return [Counts(tp=tuple(int(v) for v in tp[i]), fp=tuple(int(v) for v in fp[i]),
+                   fn=tuple(int(v) for v in fn[i])) for i in range(len(tp))]
+
+
 def counts_from_confusion(cm: np.ndarray) -> list[Counts]:
     """One :class:`Counts` per ``(K, K)`` ``[gt, pred]`` confusion matrix of ``(N, K, K)`` ``cm``."""
-    tp = np.diagonal(cm, axis1=1, axis2=2)
-    fp = cm.sum(axis=1) - tp
-    fn = cm.sum(axis=2) - tp
-    return [Counts(tp=tuple(int(v) for v in tp[i]), fp=tuple(int(v) for v in fp[i]),
-                   fn=tuple(int(v) for v in fn[i])) for i in range(len(cm))]
+    return _as_counts(*counts_from_matrices(cm))
 
 
 def count_against_gt(pred: np.ndarray, gt: np.ndarray, *, mask_kind: str, meta: ModelMeta) -> list[Counts]:
@@ -99,10 +102,9 @@ def count_against_gt(pred: np.ndarray, gt: np.ndarray, *, mask_kind: str, meta: 
     out: list[Counts | None] = [Counts(error=errors[i]) if i in errors else None for i in range(len(classes))]
     good = [i for i in range(len(classes)) if i not in errors]
     if good:
-        tp, fp, fn = confusion_counts(np.asarray(pred)[good], classes[good], meta.num_classes)
-        for k, i in enumerate(good):
-            out[i] = Counts(tp=tuple(int(v) for v in tp[k]), fp=tuple(int(v) for v in fp[k]),
-                            fn=tuple(int(v) for v in fn[k]))
+        for i, counts in zip(good, _as_counts(*confusion_counts(np.asarray(pred)[good], classes[good],
+                                                               meta.num_classes))):
+            out[i] = counts
     return out  # type: ignore[return-value]
 
 

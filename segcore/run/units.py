@@ -48,9 +48,10 @@ def unit_rows(store_path: str, group: str, start: int, stop: int) -> list[dict[s
 
 
 def _write_instances(ctx: RunContext, unit: WorkUnit, meta: ModelMeta, rows: Sequence[dict[str, Any]],
-                     preds: Sequence[InstancePrediction], gt_raw: dict[int, np.ndarray], scored: set[int]) -> int:
-    """Instance labels, instance rows and (instance ground truth) instance metrics of a unit; returns
-    the number of instances of its decodable images."""
+                     preds: Sequence[InstancePrediction], gt: np.ndarray | None, scored: set[int]) -> int:
+    """Instance labels, instance rows and (instance ground truth ``gt``, the unit's ``(N, H, W)`` raw
+    chunk, scored for the images in ``scored``) instance metrics of a unit; returns the number of
+    instances of its decodable images."""
     common = {"model": meta.arch, "checkpoint_sha256": ctx.checkpoint_sha256, "unit": unit.name}
     label_array(instances_path(ctx.run_dir), unit.group, mode="r+")[unit.start:unit.stop] = (
         np.stack([p.labels for p in preds]))
@@ -58,7 +59,7 @@ def _write_instances(ctx: RunContext, unit: WorkUnit, meta: ModelMeta, rows: Seq
     write_part(instance_table([(r["image_id"], p.records) for r, p in ok], class_names=meta.class_names, **common),
                table_dir(ctx.run_dir, "instances", ctx.run_id), f"{unit.name}.parquet")
     if ctx.mask_kind == "instance" and scored:
-        scores = [(rows[i]["image_id"], instance_scores(preds[i].labels, gt_raw[i],
+        scores = [(rows[i]["image_id"], instance_scores(preds[i].labels, gt[i],
                                                         scores={rec["instance_id"]: rec["score"]
                                                                 for rec in preds[i].records}))
                   for i in sorted(scored)]
@@ -123,7 +124,6 @@ def segment_unit(ctx: RunContext, unit: WorkUnit) -> UnitRecord:
     rows = [dict(r, status="error", error=refused[i]) if i in refused else r for i, r in enumerate(rows)]
     usable = [i for i, r in enumerate(rows) if ground_truth_state(r)[0]]
     gt = root[f"gt/{unit.group}"][unit.start:unit.stop] if usable else None  # (N, H, W) raw ground truth
-    gt_raw = {i: gt[i] for i in usable}
     truth, to_score, gt_errors = None, None, {}
     if usable and predictor.kind == "semantic" and predictor.spatial_dims == 2:  # scored batch by batch
         truth, to_score, gt_errors = _truth_to_stream(gt, usable, mask_kind=ctx.mask_kind, meta=meta)
@@ -165,7 +165,7 @@ def segment_unit(ctx: RunContext, unit: WorkUnit) -> UnitRecord:
     scored = {i for i, c in counts.items() if c.error is None}
     n_instances = None
     if instance_preds is not None:
-        n_instances = _write_instances(ctx, unit, meta, rows, instance_preds, gt_raw, scored)
+        n_instances = _write_instances(ctx, unit, meta, rows, instance_preds, gt, scored)
     statuses = table.column("status").to_pylist()
     record = UnitRecord(
         unit=unit.name, group=unit.group, start=unit.start, stop=unit.stop, key=ctx.key, n_images=unit.n_images,
