@@ -3,7 +3,7 @@
 # runs, every figure in one file. Each stage has its own time limit; together at most 8 minutes.
 #
 #   bench/gpu_check.sh [--out FILE] [--logs DIR] [--device cuda|cuda:N] [--images N] [--wheels DIR] ...
-#   bench/gpu_check.sh --cpu            # the same stages on the CPU with tiny sizes (about a minute)
+#   bench/gpu_check.sh --cpu            # the same stages on the CPU with tiny sizes (one to two minutes)
 #
 # Defaults: UNet base 32, depth 4, 640 synthetic images of 512x512, batch 8, bf16, work folder
 # bench/out/gpu-check (--work), figures to WORK/gpu_check.txt (--out); --logs DIR copies the

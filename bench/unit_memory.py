@@ -60,20 +60,14 @@ def child(store: str, ckpt: str, out: str, batch: int) -> None:
 
 
 def make_store(folder: Path, n: int, size: int, per_chunk: int) -> str:
-    import numpy as np
-
-    sys.path.insert(0, str(ROOT))
-    from segcore.collection.imageio import write_png
+    """The store of ``n`` synthetic images (:func:`workload.make_collection`) with ``per_chunk`` images
+    per chunk, i.e. per work unit (written directly: ``segflow ingest`` sizes chunks by pixels)."""
     from segcore.collection.sources import pair_sources, probe_sources
     from segcore.collection.store import chunk_rows, create_store, plan_groups, write_manifest, write_store_chunk
-    from segcore.synthetic import make_sample
+    from workload import make_collection
 
-    if not (folder / "images").exists():
-        streams = np.random.SeedSequence(11).spawn(n)
-        for i, s in enumerate(streams):
-            img, mask = make_sample(np.random.default_rng(s), size=size)
-            write_png(folder / "images" / f"img-{i:03d}.png", img)
-            write_png(folder / "masks" / f"img-{i:03d}.png", mask)
+    if len(list((folder / "images").glob("*.png"))) != n:
+        make_collection(folder, n, size)
     store = folder / f"store-{per_chunk}.zarr"
     if not store.exists():
         rows = probe_sources(pair_sources(str(folder / "images"), str(folder / "masks")))
@@ -82,24 +76,6 @@ def make_store(folder: Path, n: int, size: int, per_chunk: int) -> str:
         write_manifest(str(store), [r for c in chunk_rows(planned, groups)
                                     for r in write_store_chunk(str(store), c, threads=2)])
     return str(store)
-
-
-def make_checkpoint(path: Path, base: int) -> str:
-    import torch
-
-    sys.path.insert(0, str(ROOT))
-    from segcore.models import create_model
-    from segcore.models.checkpoint import ModelMeta, save_checkpoint
-    from segcore.synthetic import CLASS_NAMES
-    from segcore.training.semantic import DEMO_NORMALISATION
-
-    if not path.exists():
-        torch.manual_seed(0)
-        model = create_model("unet", in_channels=1, num_classes=len(CLASS_NAMES), base=base, depth=4)
-        save_checkpoint(path, model, ModelMeta(arch="unet", arch_kwargs={"base": base, "depth": 4},
-                                               class_names=CLASS_NAMES, in_channels=1,
-                                               normalisation=DEMO_NORMALISATION))
-    return str(path)
 
 
 def main() -> None:
@@ -118,7 +94,9 @@ def main() -> None:
         return
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    ckpt = make_checkpoint(work / f"unet-{args.base}.safetensors", args.base)
+    from workload import make_checkpoint  # bench/workload.py: the benchmarks' UNet (puts the repository on sys.path)
+
+    ckpt = make_checkpoint(work, args.base, 4)
     code = str(Path(args.code).resolve())
     print(f"code: {code}; images {args.size}x{args.size} uint8, 3 classes; UNet base {args.base} depth 4; CPU")
     print("| images per unit | batch | RSS before the unit (MiB) | growth over the unit (MiB) | seconds |")
