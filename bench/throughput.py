@@ -8,7 +8,7 @@ Both sides use the same checkpoint and the same ingested Zarr store:
             model load per worker, mask writes, Dice against ground truth, Parquet parts, summary).
 
 The bare loop runs once before the pipeline and once after it, and the ratio is taken against the
-mean of the two, so that a shared machine slowing down or speeding up during the ~10-minute
+mean of the two, so that a shared machine slowing down or speeding up during the ~17-minute
 measurement weighs on both sides alike (both bare figures are printed).
 
 Prints images/s of each and the ratio pipeline/bare. Not a test: figures go to bench/RESULTS.md.
@@ -19,7 +19,9 @@ On a GPU both sides run on ``--device`` (``cuda`` or ``cuda:N``) with the autoca
 of the pipeline (bf16 unless given); the bare loop then warms up on one batch and waits for the
 device before it stops its clock. ``--json`` writes the figures (and the wall-clock windows of the
 bare loops and the pipeline) to a file; ``--prepare-only`` makes the collection, the store and the
-checkpoint and stops (``bench/gpu_check.sh`` times that apart from the measurement).
+checkpoint and stops (``bench/gpu_check.sh`` times that apart from the measurement). ``--compile``
+runs both sides through ``torch.compile`` (the bare loop compiles on a warm-up batch outside its
+clock; the pipeline's steady state after its first unit is printed too).
 
     python bench/throughput.py --device cuda --precision bf16 --images 1000 --size 512 --jobs 16
 """
