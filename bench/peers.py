@@ -1,4 +1,4 @@
-"""The same work four ways, in one process run: a bare loop, plain Dask, Ray Data and `segflow segment`.
+"""The same work four ways, in one run of this script: a bare loop, plain Dask, Ray Data and `segflow segment`.
 
 The work, for every unit of the run plan (one Zarr chunk of the ingested store,
 :func:`segcore.run.plan.make_plan`): read the image chunk, normalise, forward in batches through
@@ -16,10 +16,14 @@ write it without segflow). It runs:
 - segflow: ``segflow segment --device cpu`` end to end (Prefect, its Dask cluster, done-records,
            summary, artifacts).
 
-Every row's torch uses the same number of threads (``--threads``, default all cores, as
-segflow's single local worker does). Images/s are end to end (cluster start, model load and
-shutdown included); *steady* is first unit start to last unit end. Afterwards every row's masks
-and Dice rows are compared with segflow's: they must be equal, bit for bit.
+Each row runs in a new Python process of its own (``--one-process``: all in this one, one after the
+other), so that no row inherits what an earlier one left behind: environment variables, thread
+pools, allocator state. Every row's torch uses the same number of threads (``--threads``, default
+all cores, as segflow's single local worker does). Images/s are end to end (cluster start, model
+load and shutdown included, and the import of Ray for its row and of Prefect for segflow's; torch,
+zarr, Dask and segcore are imported before the clock starts); *steady* is first unit start to last
+unit end. Afterwards every row's masks and Dice rows are compared with segflow's: they must be
+equal, bit for bit.
 
     .venv/bin/python bench/peers.py --images 1000 --size 256
 """
@@ -31,6 +35,8 @@ import json
 import os
 import platform
 import shutil
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -214,6 +220,29 @@ def check_identical(rows: Sequence[Row], reference: Row) -> list[str]:
     return lines
 
 
+def read_row(name: str, result: dict, out: Path) -> Row:
+    """The row ``name`` from the figures its process reported and the outputs it left under ``out``."""
+    if name == "segflow":
+        masks, dice = label_arrays(masks_path(str(out / name))), read_dice(dice_dir(str(out / name)))
+    else:
+        masks = dict(zarr.open_group(str(out / name / "masks.zarr"), mode="r").arrays())
+        dice = read_dice(Path(dice_dir(str(out / name), name)).parent)
+    return Row(name, int(result["images"]), float(result["seconds"]), float(result["steady"]), masks, dice)
+
+
+def run_in_child(name: str, argv: Sequence[str], out: Path) -> Row:
+    """Row ``name`` in a new Python process of its own (``--row``), which reports its figures in a
+    JSON file; nothing a row leaves in a process (environment, threads, allocator state, imports)
+    reaches the next."""
+    result = out / f"{name}.json"
+    result.unlink(missing_ok=True)
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--row", name,
+                           "--result", str(result)], check=False)
+    if proc.returncode != 0 or not result.exists():
+        raise SystemExit(f"the {name} row failed (exit status {proc.returncode})")
+    return read_row(name, json.loads(result.read_text()), out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=1000)
@@ -227,7 +256,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "(default all, in that order)")
     ap.add_argument("--dask-tuned", action="store_true",
                     help="run the Dask row with segflow's local-cluster settings instead of Dask's own")
+    ap.add_argument("--one-process", action="store_true",
+                    help="run every row in this process, one after the other (default: each row in a new "
+                         "process of its own, so that no row inherits what an earlier one left behind)")
     ap.add_argument("--workdir", default=str(BENCH / "out"))
+    ap.add_argument("--row", choices=(*PEERS, "bare-after"), help=argparse.SUPPRESS)  # a child: this row only
+    ap.add_argument("--result", help=argparse.SUPPRESS)  # a child: where to write its figures (JSON)
     args = ap.parse_args(argv)
     asked = [p.strip() for p in args.peers.split(",") if p.strip()]
     if unknown := set(asked) - set(PEERS):
@@ -238,30 +272,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     checkpoint = args.checkpoint or make_checkpoint(work, args.base, args.depth)
     units = make_plan(open_store(store), None).units
     out = work / "peers"
-    job = {name: peer_job(out, name, store=store, checkpoint=checkpoint, batch_size=args.batch_size,
-                          threads=args.threads) for name in ("bare", "dask", "ray", "bare-after")}
+    common = dict(store=store, checkpoint=checkpoint, batch_size=args.batch_size, threads=args.threads)
     torch.set_num_threads(args.threads)
-    rows: list[Row] = []
+    run = {"bare": lambda: run_bare(peer_job(out, "bare", **common), units),
+           "dask": lambda: run_dask(peer_job(out, "dask", **common), units, tuned=args.dask_tuned),
+           "ray": lambda: run_ray(peer_job(out, "ray", **common), units),
+           "segflow": lambda: run_segflow(store, checkpoint, out / "segflow", batch_size=args.batch_size,
+                                          threads=args.threads),
+           "bare-after": lambda: run_bare(peer_job(out, "bare-after", **common), units, name="bare-after")}
+    if args.row:  # a child of the run below: one row, its figures to --result
+        row = run[args.row]()
+        Path(args.result).write_text(json.dumps({"images": row.images, "seconds": row.seconds,
+                                                 "steady": row.steady}))
+        return 0
 
-    def report(row: Row) -> None:
+    order = (["bare"] if "bare" in asked else []) + [a for a in asked if a != "bare"]  # as given, bare first
+    order += ["bare-after"] if "bare" in asked else []
+    child_argv = ["--images", str(args.images), "--size", str(args.size), "--batch-size", str(args.batch_size),
+                  "--checkpoint", checkpoint, "--threads", str(args.threads), "--workdir", str(work),
+                  *(["--dask-tuned"] if args.dask_tuned else [])]
+    rows: list[Row] = []
+    for name in order:
+        row = run[name]() if args.one_process else run_in_child(name, child_argv, out)
         rows.append(row)
         print(f"{row.name}: {row.images} images in {row.seconds:.1f} s = {row.images / row.seconds:.2f} images/s "
               f"(steady {row.images / row.steady:.2f} images/s, fixed {row.seconds - row.steady:.1f} s)", flush=True)
 
-    run = {"bare": lambda: run_bare(job["bare"], units),
-           "dask": lambda: run_dask(job["dask"], units, tuned=args.dask_tuned),
-           "ray": lambda: run_ray(job["ray"], units),
-           "segflow": lambda: run_segflow(store, checkpoint, out / "segflow", batch_size=args.batch_size,
-                                          threads=args.threads)}
-    for name in (["bare"] if "bare" in asked else []) + [a for a in asked if a != "bare"]:  # as given, bare first
-        report(run[name]())
-    if "bare" in asked:
-        report(run_bare(job["bare-after"], units, name="bare-after"))
-
     by = {r.name: r for r in rows}
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} with {args.threads} "
           f"threads in every row, {Path(checkpoint).name}, batch {args.batch_size}, {len(units)} units, "
-          f"dask settings {'segflow' if args.dask_tuned else 'Dask defaults'}")
+          f"dask settings {'segflow' if args.dask_tuned else 'Dask defaults'}, "
+          f"{'one process' if args.one_process else 'each row in a process of its own'}")
     ips = {r.name: r.images / r.seconds for r in rows}
     if "bare" in by:
         ips["bare"] = 2 * by["bare"].images / (by["bare"].seconds + by["bare-after"].seconds)

@@ -82,3 +82,24 @@ def test_the_comparisons_see_a_flipped_pixel_and_a_changed_dice() -> None:
     u = u.set_column(3, "dice", pa.array([1.0, 0.25]))
     assert peers.dice_difference(t, u) == "columns ['dice'] differ"
     assert peers.dice_difference(t, u.slice(0, 1)) == "1 rows instead of 2"
+
+
+def test_a_run_puts_each_row_in_a_process_of_its_own(setup, capsys) -> None:
+    """The script as a user runs it: each row in a child process that reports its figures; the parent
+    reads every row's outputs back from disk and compares them."""
+    threads = torch.get_num_threads()
+    try:
+        rc = peers.main(["--images", str(N_IMAGES), "--size", str(SIZE), "--checkpoint", setup["checkpoint"],
+                         "--threads", str(THREADS), "--workdir", str(setup["work"]), "--peers", "bare,segflow"])
+    finally:
+        torch.set_num_threads(threads)  # the script sets this process's
+    printed = capsys.readouterr().out
+    assert rc == 0
+    for name in ("bare", "segflow", "bare-after"):
+        assert f"{name}: {N_IMAGES} images in " in printed
+    assert "each row in a process of its own" in printed
+    for name in ("bare", "bare-after"):
+        assert f"{name} vs segflow: masks identical, Dice rows identical ({N_IMAGES * 3} rows)" in printed
+    assert "RATIO segflow/bare = " in printed
+    assert sorted(p.name for p in (setup["work"] / "peers").glob("*.json")) == [
+        "bare-after.json", "bare.json", "segflow.json"]
