@@ -7,7 +7,7 @@ the mask chunk to a Zarr array, Dice per image and class against the ground-trut
 segflow's evaluation functions, one Parquet part (bench/peer_work.py holds it, as a user would
 write it without segflow). It runs:
 
-- bare:    a loop in this process (once first and once last; ratios are taken against the mean);
+- bare:    a plain loop over the units;
 - dask:    ``client.map`` over a ``distributed.LocalCluster`` of 1 worker process with 1 task
            thread (as segflow's local cluster), the model cached per worker; Dask's own settings
            unless ``--dask-tuned`` (then segflow's local-cluster settings, flows/execution.py);
@@ -16,9 +16,12 @@ write it without segflow). It runs:
 - segflow: ``segflow segment --device cpu`` end to end (Prefect, its Dask cluster, done-records,
            summary, artifacts).
 
-Each row runs in a new Python process of its own (``--one-process``: all in this one, one after the
-other), so that no row inherits what an earlier one left behind: environment variables, thread
-pools, allocator state. Every row's torch uses the same number of threads (``--threads``, default
+The rows run in the order of ``--peers`` (the bare loop first), then again in reverse
+(``--once``: one pass), and each row's images/s are taken over both its runs: a machine that grows
+slower or faster during the run (shared machines do, by several per cent in a quarter of an hour)
+then weighs on every row alike. Each run is a new Python process of its own (``--one-process``: all
+in this one), so that no row inherits what an earlier one left behind: environment variables,
+thread pools, allocator state. Every row's torch uses the same number of threads (``--threads``, default
 all cores, as segflow's single local worker does). Images/s are end to end (cluster start, model
 load and shutdown included, and the import of Ray for its row and of Prefect for segflow's; torch,
 zarr, Dask and segcore are imported before the clock starts); *steady* is first unit start to last
@@ -125,7 +128,7 @@ def run_bare(job: Job, units: Sequence[WorkUnit], name: str = "bare") -> Row:
     return finish(name, job, time.perf_counter() - t0, done)
 
 
-def run_dask(job: Job, units: Sequence[WorkUnit], *, tuned: bool = False) -> Row:
+def run_dask(job: Job, units: Sequence[WorkUnit], *, tuned: bool = False, name: str = "dask") -> Row:
     """``client.map`` of the units over a new LocalCluster of one worker process, one task thread."""
     import distributed
 
@@ -137,10 +140,10 @@ def run_dask(job: Job, units: Sequence[WorkUnit], *, tuned: bool = False) -> Row
         futures = client.map(segment_chunk, [job] * len(units), [u.group for u in units], [u.start for u in units],
                              [u.stop for u in units], [u.name for u in units], pure=False)
         done = client.gather(futures)
-    return finish("dask", job, time.perf_counter() - t0, done)
+    return finish(name, job, time.perf_counter() - t0, done)
 
 
-def run_ray(job: Job, units: Sequence[WorkUnit]) -> Row:
+def run_ray(job: Job, units: Sequence[WorkUnit], name: str = "ray") -> Row:
     """Ray Data over the units: ``map_batches`` with :class:`ChunkSegmenter`, one actor, every CPU."""
     import logging
 
@@ -162,10 +165,11 @@ def run_ray(job: Job, units: Sequence[WorkUnit]) -> Row:
     finally:
         ray.shutdown()
     done = [(int(r["images"]), float(r["started"]), float(r["finished"])) for r in out]
-    return finish("ray", job, time.perf_counter() - t0, done)
+    return finish(name, job, time.perf_counter() - t0, done)
 
 
-def run_segflow(store: str, checkpoint: str, run_dir: Path, *, batch_size: int, threads: int) -> Row:
+def run_segflow(store: str, checkpoint: str, run_dir: Path, *, batch_size: int, threads: int,
+                name: str = "segflow") -> Row:
     """``segflow segment`` end to end on the CPU, one local worker with ``threads`` torch threads."""
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.perf_counter()
@@ -175,7 +179,7 @@ def run_segflow(store: str, checkpoint: str, run_dir: Path, *, batch_size: int, 
     assert rc == 0, "segflow segment failed"
     records = [json.loads(p.read_text()) for p in (run_dir / "units").glob("*.json")]
     done = [(r["n_images"], r["timing"]["started"], r["timing"]["finished"]) for r in records]
-    return Row("segflow", sum(d[0] for d in done), seconds, steady(done), label_arrays(masks_path(str(run_dir))),
+    return Row(name, sum(d[0] for d in done), seconds, steady(done), label_arrays(masks_path(str(run_dir))),
                read_dice(dice_dir(str(run_dir))))
 
 
@@ -220,9 +224,14 @@ def check_identical(rows: Sequence[Row], reference: Row) -> list[str]:
     return lines
 
 
+def peer_of(name: str) -> str:
+    """The peer a row name stands for: ``ray-2`` (the second run of the Ray row) -> ``ray``."""
+    return name.removesuffix("-2")
+
+
 def read_row(name: str, result: dict, out: Path) -> Row:
     """The row ``name`` from the figures its process reported and the outputs it left under ``out``."""
-    if name == "segflow":
+    if peer_of(name) == "segflow":
         masks, dice = label_arrays(masks_path(str(out / name))), read_dice(dice_dir(str(out / name)))
     else:
         masks = dict(zarr.open_group(str(out / name / "masks.zarr"), mode="r").arrays())
@@ -252,16 +261,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--depth", type=int, default=4, help="UNet depth (default 4)")
     ap.add_argument("--checkpoint", help="checkpoint to use (default: an untrained UNet of --base/--depth)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of every row")
-    ap.add_argument("--peers", default=",".join(PEERS), help=f"rows to run, in this order (the bare loop first and again last), of {','.join(PEERS)} "
-                         "(default all, in that order)")
+    ap.add_argument("--peers", default=",".join(PEERS), help=f"rows to run, in this order (the bare loop first), of "
+                         f"{','.join(PEERS)} (default all, in that order)")
     ap.add_argument("--dask-tuned", action="store_true",
                     help="run the Dask row with segflow's local-cluster settings instead of Dask's own")
     ap.add_argument("--one-process", action="store_true",
                     help="run every row in this process, one after the other (default: each row in a new "
                          "process of its own, so that no row inherits what an earlier one left behind)")
     ap.add_argument("--workdir", default=str(BENCH / "out"))
-    ap.add_argument("--row", choices=(*PEERS, "bare-after"), help=argparse.SUPPRESS)  # a child: this row only
-    ap.add_argument("--result", help=argparse.SUPPRESS)  # a child: where to write its figures (JSON)
+    ap.add_argument("--once", action="store_true",
+                    help="run each row once (default: twice, in the given order and then in reverse, so that a "
+                         "machine growing slower or faster during the run weighs on every row alike)")
+    # a child of a run: this row only, its figures to --result (JSON)
+    ap.add_argument("--row", choices=(*PEERS, *(f"{p}-2" for p in PEERS)), help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     asked = [p.strip() for p in args.peers.split(",") if p.strip()]
     if unknown := set(asked) - set(PEERS):
@@ -274,47 +287,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = work / "peers"
     common = dict(store=store, checkpoint=checkpoint, batch_size=args.batch_size, threads=args.threads)
     torch.set_num_threads(args.threads)
-    run = {"bare": lambda: run_bare(peer_job(out, "bare", **common), units),
-           "dask": lambda: run_dask(peer_job(out, "dask", **common), units, tuned=args.dask_tuned),
-           "ray": lambda: run_ray(peer_job(out, "ray", **common), units),
-           "segflow": lambda: run_segflow(store, checkpoint, out / "segflow", batch_size=args.batch_size,
-                                          threads=args.threads),
-           "bare-after": lambda: run_bare(peer_job(out, "bare-after", **common), units, name="bare-after")}
+
+    def run_row(name: str) -> Row:
+        """Row ``name`` (a peer, or ``<peer>-2`` for its second run) in this process."""
+        peer = peer_of(name)
+        if peer == "segflow":
+            return run_segflow(store, checkpoint, out / name, batch_size=args.batch_size, threads=args.threads,
+                               name=name)
+        job = peer_job(out, name, **common)
+        if peer == "dask":
+            return run_dask(job, units, tuned=args.dask_tuned, name=name)
+        return (run_ray if peer == "ray" else run_bare)(job, units, name=name)
+
     if args.row:  # a child of the run below: one row, its figures to --result
-        row = run[args.row]()
+        row = run_row(args.row)
         Path(args.result).write_text(json.dumps({"images": row.images, "seconds": row.seconds,
                                                  "steady": row.steady}))
         return 0
 
     order = (["bare"] if "bare" in asked else []) + [a for a in asked if a != "bare"]  # as given, bare first
-    order += ["bare-after"] if "bare" in asked else []
+    order += [] if args.once else [f"{name}-2" for name in reversed(order)]  # then in reverse
     child_argv = ["--images", str(args.images), "--size", str(args.size), "--batch-size", str(args.batch_size),
                   "--checkpoint", checkpoint, "--threads", str(args.threads), "--workdir", str(work),
                   *(["--dask-tuned"] if args.dask_tuned else [])]
     rows: list[Row] = []
     for name in order:
-        row = run[name]() if args.one_process else run_in_child(name, child_argv, out)
+        row = run_row(name) if args.one_process else run_in_child(name, child_argv, out)
         rows.append(row)
         print(f"{row.name}: {row.images} images in {row.seconds:.1f} s = {row.images / row.seconds:.2f} images/s "
               f"(steady {row.images / row.steady:.2f} images/s, fixed {row.seconds - row.steady:.1f} s)", flush=True)
 
-    by = {r.name: r for r in rows}
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} with {args.threads} "
           f"threads in every row, {Path(checkpoint).name}, batch {args.batch_size}, {len(units)} units, "
           f"dask settings {'segflow' if args.dask_tuned else 'Dask defaults'}, "
-          f"{'one process' if args.one_process else 'each row in a process of its own'}")
-    ips = {r.name: r.images / r.seconds for r in rows}
-    if "bare" in by:
-        ips["bare"] = 2 * by["bare"].images / (by["bare"].seconds + by["bare-after"].seconds)
-        print(f"bare, mean of the two: {ips['bare']:.2f} images/s")
-    reference = by.get("segflow") or rows[0]
+          f"{'one process' if args.one_process else 'each row in a process of its own'}, "
+          f"{'once' if args.once else 'each row twice (in the given order, then in reverse)'}")
+    ips, steady_ips = {}, {}
+    for peer in dict.fromkeys(peer_of(r.name) for r in rows):  # images/s over every run of the row
+        runs = [r for r in rows if peer_of(r.name) == peer]
+        ips[peer] = sum(r.images for r in runs) / sum(r.seconds for r in runs)
+        steady_ips[peer] = sum(r.images for r in runs) / sum(r.steady for r in runs)
+        if len(runs) > 1:
+            print(f"{peer}, both runs: {ips[peer]:.2f} images/s (steady {steady_ips[peer]:.2f})")
+    reference = next((r for r in rows if r.name == "segflow"), rows[0])
     for line in check_identical(rows, reference):
         print(line)
-    if "segflow" in by:
-        steady_ips = {r.name: r.images / r.steady for r in rows}
-        if "bare" in by:
-            steady_ips["bare"] = 2 * by["bare"].images / (by["bare"].steady + by["bare-after"].steady)
-        for peer in [p for p in ("bare", "dask", "ray") if p in by]:
+    if "segflow" in ips:
+        for peer in [p for p in ("bare", "dask", "ray") if p in ips]:
             print(f"RATIO segflow/{peer} = {ips['segflow'] / ips[peer]:.3f} end to end "
                   f"({steady_ips['segflow'] / steady_ips[peer]:.3f} steady)")
     return 0

@@ -84,9 +84,9 @@ def test_the_comparisons_see_a_flipped_pixel_and_a_changed_dice() -> None:
     assert peers.dice_difference(t, u.slice(0, 1)) == "1 rows instead of 2"
 
 
-def test_a_run_puts_each_row_in_a_process_of_its_own(setup, capsys) -> None:
-    """The script as a user runs it: each row in a child process that reports its figures; the parent
-    reads every row's outputs back from disk and compares them."""
+def test_a_run_puts_each_row_in_a_process_of_its_own_twice(setup, capsys) -> None:
+    """The script as a user runs it: each row in a child process that reports its figures, in the given
+    order and then in reverse; the parent reads every run's outputs back from disk and compares them."""
     threads = torch.get_num_threads()
     try:
         rc = peers.main(["--images", str(N_IMAGES), "--size", str(SIZE), "--checkpoint", setup["checkpoint"],
@@ -95,11 +95,18 @@ def test_a_run_puts_each_row_in_a_process_of_its_own(setup, capsys) -> None:
         torch.set_num_threads(threads)  # the script sets this process's
     printed = capsys.readouterr().out
     assert rc == 0
-    for name in ("bare", "segflow", "bare-after"):
-        assert f"{name}: {N_IMAGES} images in " in printed
-    assert "each row in a process of its own" in printed
-    for name in ("bare", "bare-after"):
+    runs = [line.split(":")[0] for line in printed.splitlines() if f": {N_IMAGES} images in " in line]
+    assert runs == ["bare", "segflow", "segflow-2", "bare-2"]
+    assert "each row in a process of its own, each row twice" in printed
+    for name in ("bare", "segflow-2", "bare-2"):
         assert f"{name} vs segflow: masks identical, Dice rows identical ({N_IMAGES * 3} rows)" in printed
+    assert "bare, both runs: " in printed and "segflow, both runs: " in printed
     assert "RATIO segflow/bare = " in printed
     assert sorted(p.name for p in (setup["work"] / "peers").glob("*.json")) == [
-        "bare-after.json", "bare.json", "segflow.json"]
+        "bare-2.json", "bare.json", "segflow-2.json", "segflow.json"]
+
+
+def test_a_failing_row_stops_the_run_with_its_name(setup) -> None:
+    with pytest.raises(SystemExit, match="the bare row failed"):
+        peers.main(["--images", str(N_IMAGES), "--size", str(SIZE),
+                    "--checkpoint", str(setup["work"] / "missing.safetensors"), "--threads", str(THREADS), "--workdir", str(setup["work"]), "--peers", "bare", "--once"])
