@@ -27,11 +27,15 @@ if TYPE_CHECKING:
 WARM_MODULES = ("tasks.ingest", "tasks.segment", "tasks.train", "tasks.lake")
 
 #: Dask settings of segflow's local clusters: housekeeping intervals that leave the cores to torch
-#: (Dask's defaults: 20 ms, 500 ms, 100 ms). Memory is still checked every second.
+#: (Dask's defaults: 20 ms, 500 ms, 100 ms), and no statistical profiler in the workers (Dask's
+#: default wakes each worker's event loop every 10 ms to sample its task threads' stacks, for the
+#: Dask dashboard's profile page: about 3 % of a core taken from torch). Memory is still checked
+#: every second.
 QUIET_HOUSEKEEPING = {
     "distributed.admin.tick.interval": "1s",
     "distributed.admin.system-monitor.interval": "5s",
     "distributed.worker.memory.monitor-interval": "1s",
+    "distributed.worker.profile.enabled": False,
 }
 
 
