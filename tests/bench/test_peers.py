@@ -109,4 +109,5 @@ def test_a_run_puts_each_row_in_a_process_of_its_own_twice(setup, capsys) -> Non
 def test_a_failing_row_stops_the_run_with_its_name(setup) -> None:
     with pytest.raises(SystemExit, match="the bare row failed"):
         peers.main(["--images", str(N_IMAGES), "--size", str(SIZE),
-                    "--checkpoint", str(setup["work"] / "missing.safetensors"), "--threads", str(THREADS), "--workdir", str(setup["work"]), "--peers", "bare", "--once"])
+                    "--checkpoint", str(setup["work"] / "missing.safetensors"), "--threads", str(THREADS),
+                    "--workdir", str(setup["work"]), "--peers", "bare", "--once"])
