@@ -158,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-threshold", type=float,
                    help="instance models: detections scoring at or below this are dropped, in validation and in "
                         "every later use of the checkpoint (default 0.7)")
+    p.add_argument("--overlap-threshold", type=float,
+                   help="instance models: a detection is dropped when higher-scoring ones already hold more than "
+                        "this share of its mask (a part or a duplicate of an object already found), in validation "
+                        "and in every later use of the checkpoint (default 0.5; 1 keeps every detection)")
     p.add_argument("--batch-size", type=int, help="samples per step (default 16 UNet, 4 Mask R-CNN)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 3e-3 UNet, 1e-3 Mask R-CNN)")
     p.add_argument("--crop-size", type=int, help="instance models: train on random square crops of this size")
@@ -513,7 +517,8 @@ def _flow(args: argparse.Namespace) -> str:
         from segcore.config import TrainSpec
 
         names = tuple(n.strip() for n in args.class_names.split(",")) if args.class_names else None
-        arch = _given(base=args.base, depth=args.depth, score_threshold=args.score_threshold) or None
+        arch = _given(base=args.base, depth=args.depth, score_threshold=args.score_threshold,
+                      overlap_threshold=args.overlap_threshold) or None
         spec = TrainSpec(store=args.store, out=args.out, model=args.model, execution=_execution(args),
                          **_given(epochs=args.epochs, val_fraction=args.val_fraction, class_names=names,
                                   arch_kwargs=arch, seed=args.seed, batch_size=args.batch_size, lr=args.lr,

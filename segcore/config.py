@@ -296,5 +296,5 @@ class TrainSpec(_Spec):
 def train_defaults(kind: str) -> dict[str, Any]:
     """Defaults of TrainSpec options left as None, by model kind."""
     if kind == "instance":
-        return {"arch_kwargs": {"score_threshold": 0.7}, "batch_size": 4, "lr": 1e-3}
+        return {"arch_kwargs": {"score_threshold": 0.7, "overlap_threshold": 0.5}, "batch_size": 4, "lr": 1e-3}
     return {"arch_kwargs": {"base": 16, "depth": 3}, "batch_size": 16, "lr": 3e-3}

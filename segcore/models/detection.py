@@ -55,39 +55,44 @@ class TorchvisionMaskRCNN(InstanceSegmenter):
 
 def _build(factory: Any, *, in_channels: int, num_classes: int, min_size: int | None, max_size: int | None,
            box_detections_per_img: int, score_threshold: float, mask_threshold: float,
-           proposals_per_img: int) -> TorchvisionMaskRCNN:
+           proposals_per_img: int, overlap_threshold: float | None) -> TorchvisionMaskRCNN:
     check_detector_args(in_channels=in_channels, num_classes=num_classes, min_size=min_size, max_size=max_size,
                         box_detections_per_img=box_detections_per_img, score_threshold=score_threshold,
-                        mask_threshold=mask_threshold, proposals_per_img=proposals_per_img)
+                        mask_threshold=mask_threshold, proposals_per_img=proposals_per_img,
+                        overlap_threshold=overlap_threshold)
     detector = factory(weights=None, weights_backbone=None, num_classes=num_classes,
                        box_detections_per_img=box_detections_per_img, box_score_thresh=score_threshold,
                        rpn_pre_nms_top_n_test=proposals_per_img, rpn_post_nms_top_n_test=proposals_per_img)
     model = wrap_detector(detector, in_channels=in_channels, num_classes=num_classes, min_size=min_size,
                           max_size=max_size, mask_threshold=mask_threshold, cls=TorchvisionMaskRCNN,
-                          image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+                          image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, overlap_threshold=overlap_threshold)
     return model  # type: ignore[return-value]
 
 
 def build_torchvision_maskrcnn(*, in_channels: int = 3, num_classes: int = 91, min_size: int | None = 800,
                                max_size: int | None = 1333, box_detections_per_img: int = 100,
                                score_threshold: float = 0.05, mask_threshold: float = 0.5,
-                               proposals_per_img: int = 1000) -> TorchvisionMaskRCNN:
+                               proposals_per_img: int = 1000,
+                               overlap_threshold: float | None = None) -> TorchvisionMaskRCNN:
     """torchvision's ``maskrcnn_resnet50_fpn`` with its defaults (91 COCO classes, resizing to
-    800/1333, score floor 0.05, 100 detections, 1000 proposals); the arguments mean what they mean
-    for :func:`segcore.models.maskrcnn.build_maskrcnn`."""
+    800/1333, score floor 0.05, 100 detections, 1000 proposals, every detection kept); the
+    arguments mean what they mean for :func:`segcore.models.maskrcnn.build_maskrcnn`."""
     return _build(maskrcnn_resnet50_fpn, in_channels=in_channels, num_classes=num_classes, min_size=min_size,
                   max_size=max_size, box_detections_per_img=box_detections_per_img, score_threshold=score_threshold,
-                  mask_threshold=mask_threshold, proposals_per_img=proposals_per_img)
+                  mask_threshold=mask_threshold, proposals_per_img=proposals_per_img,
+                  overlap_threshold=overlap_threshold)
 
 
 def build_torchvision_maskrcnn_v2(*, in_channels: int = 3, num_classes: int = 91, min_size: int | None = 800,
                                   max_size: int | None = 1333, box_detections_per_img: int = 100,
                                   score_threshold: float = 0.05, mask_threshold: float = 0.5,
-                                  proposals_per_img: int = 1000) -> TorchvisionMaskRCNN:
+                                  proposals_per_img: int = 1000,
+                                  overlap_threshold: float | None = None) -> TorchvisionMaskRCNN:
     """torchvision's ``maskrcnn_resnet50_fpn_v2``; arguments as :func:`build_torchvision_maskrcnn`."""
     return _build(maskrcnn_resnet50_fpn_v2, in_channels=in_channels, num_classes=num_classes, min_size=min_size,
                   max_size=max_size, box_detections_per_img=box_detections_per_img, score_threshold=score_threshold,
-                  mask_threshold=mask_threshold, proposals_per_img=proposals_per_img)
+                  mask_threshold=mask_threshold, proposals_per_img=proposals_per_img,
+                  overlap_threshold=overlap_threshold)
 
 
 build_torchvision_maskrcnn.normalisation = TORCHVISION_NORMALISATION  # type: ignore[attr-defined]

@@ -13,7 +13,8 @@ transform leaves masks unpasted (see :mod:`segcore.models.maskrcnn`).
 
 Conventions: boxes are ``(x0, y0, x1, y1)`` with ``x1``/``y1`` exclusive in records and targets
 (``labels[y0:y1, x0:x1]`` holds the whole instance); a pixel is foreground when its probability
-is ``> mask_threshold``; where instances overlap the higher score wins (ties: earlier detection).
+is ``> mask_threshold``; where instances overlap the higher score wins (ties: earlier detection),
+and with an ``overlap_threshold`` a detection mostly covered by higher-scoring ones is dropped.
 """
 
 from __future__ import annotations
@@ -76,8 +77,8 @@ def _paste_window(mask: Tensor, box: Tensor, height: int, width: int
 
 
 def instances_to_labels(*, boxes: Any, scores: Any, labels: Any, masks: Any, image_size: tuple[int, int],
-                        mask_threshold: float = 0.5, mask_form: Literal["roi", "image"] = "roi"
-                        ) -> InstancePrediction:
+                        mask_threshold: float = 0.5, mask_form: Literal["roi", "image"] = "roi",
+                        overlap_threshold: float | None = None) -> InstancePrediction:
     """Fold ``K`` detections into one instance label image, pasting one detection at a time.
 
     Args (tensors or arrays, any device; keyword names match torchvision's output dict):
@@ -89,6 +90,11 @@ def instances_to_labels(*, boxes: Any, scores: Any, labels: Any, masks: Any, ima
             (``mask_form="image"``, torchvision's eval output).
         image_size: ``(H, W)`` of the output.
         mask_threshold: a pixel is foreground where its probability is ``> mask_threshold``.
+        overlap_threshold: ``None`` keeps whatever is left of every detection (torchvision's
+            behaviour). A share in ``(0, 1]`` drops a detection when higher-scoring detections
+            already kept hold more than that share of its own mask (a part or duplicate of an
+            object already found, the rule of panoptic merging); its pixels stay with their
+            owners or the background.
 
     Returns an :class:`InstancePrediction`. Higher scores win overlaps; detections left with no
     pixel are dropped and the remaining ids stay consecutive.
@@ -98,6 +104,7 @@ def instances_to_labels(*, boxes: Any, scores: Any, labels: Any, masks: Any, ima
         raise ConfigError(f"image_size must be positive (H, W), got {image_size}")
     if mask_form not in ("roi", "image"):
         raise ConfigError(f"mask_form must be 'roi' or 'image', got {mask_form!r}")
+    check_overlap_threshold(overlap_threshold)
     boxes_t = _as_tensor(boxes, dtype=torch.float32)
     scores_np = _as_tensor(scores, dtype=torch.float32).numpy()
     classes_np = _as_tensor(labels, dtype=torch.int64).numpy()
@@ -135,9 +142,22 @@ def instances_to_labels(*, boxes: Any, scores: Any, labels: Any, masks: Any, ima
             win = (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)
             fg = full[win[0]:win[1], win[2]:win[3]]
         view = label_img[win[0]:win[1], win[2]:win[3]]
-        view[fg & (view == 0)] = rank + 1
+        free = fg & (view == 0)
+        if overlap_threshold is not None:
+            area = int(np.count_nonzero(fg))
+            if area and area - int(np.count_nonzero(free)) > overlap_threshold * area:
+                windows.append(None)
+                continue
+        view[free] = rank + 1
         windows.append(win)
     return _finish(label_img, windows, order, scores_np, classes_np)
+
+
+def check_overlap_threshold(value: float | None) -> None:
+    """Refuse an ``overlap_threshold`` that is neither ``None`` nor a share in ``(0, 1]``."""
+    if value is not None and not 0.0 < value <= 1.0:
+        raise ConfigError(f"overlap_threshold is a share of a detection's mask in (0, 1] (or None: never drop), "
+                          f"got {value}")
 
 
 def _finish(label_img: np.ndarray, windows: list[tuple[int, int, int, int] | None], order: np.ndarray,
@@ -209,7 +229,8 @@ def predict_instances(model: InstanceSegmenter, x: Tensor, *, score_threshold: f
     """Run an eval-mode :class:`InstanceSegmenter` on a normalised ``(N, C, H, W)`` float batch
     under ``torch.inference_mode`` and return one :class:`InstancePrediction` per image.
 
-    ``score_threshold`` (keep ``score > t``) and ``mask_threshold`` default to the model's own.
+    ``score_threshold`` (keep ``score > t``) and ``mask_threshold`` default to the model's own;
+    the model's ``overlap_threshold`` applies (see :func:`instances_to_labels`).
     A score threshold below the model's cannot bring back detections the model already dropped
     and is refused. Masks are pasted one box at a time (see the module docstring).
     """
@@ -229,9 +250,11 @@ def predict_instances(model: InstanceSegmenter, x: Tensor, *, score_threshold: f
         keep = det["scores"] > score_t
         out.append(instances_to_labels(boxes=det["boxes"][keep], scores=det["scores"][keep],
                                        labels=det["labels"][keep], masks=det["masks"][keep],
-                                       image_size=(height, width), mask_threshold=mask_t))
+                                       image_size=(height, width), mask_threshold=mask_t,
+                                       overlap_threshold=model.overlap_threshold))
     log.debug("predicted %s instances", [len(p.records) for p in out])
     return out
 
 
-__all__ = ["InstancePrediction", "instances_to_labels", "predict_instances", "targets_from_instance_labels"]
+__all__ = ["InstancePrediction", "check_overlap_threshold", "instances_to_labels", "predict_instances",
+           "targets_from_instance_labels"]

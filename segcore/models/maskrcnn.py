@@ -39,6 +39,7 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 
 from segcore.errors import ConfigError
+from segcore.models.instances import check_overlap_threshold
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,8 @@ class InstanceSegmenter(nn.Module):
     :func:`segcore.models.instances.predict_instances` instead of the full-size pasted masks.
     """
 
-    def __init__(self, detector: MaskRCNN, *, in_channels: int, num_classes: int, mask_threshold: float) -> None:
+    def __init__(self, detector: MaskRCNN, *, in_channels: int, num_classes: int, mask_threshold: float,
+                 overlap_threshold: float | None = None) -> None:
         super().__init__()
         if not isinstance(detector.transform, InputTransform):
             raise ConfigError("InstanceSegmenter needs a detector whose transform is segcore's InputTransform; "
@@ -102,6 +104,7 @@ class InstanceSegmenter(nn.Module):
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.mask_threshold = mask_threshold
+        self.overlap_threshold = overlap_threshold
 
     @property
     def score_threshold(self) -> float:
@@ -146,7 +149,8 @@ class InstanceSegmenter(nn.Module):
 
 def check_detector_args(*, in_channels: int, num_classes: int, min_size: int | None, max_size: int | None,
                   box_detections_per_img: int, score_threshold: float, mask_threshold: float,
-                  proposals_per_img: int = 1000) -> None:
+                  proposals_per_img: int = 1000, overlap_threshold: float | None = None) -> None:
+    check_overlap_threshold(overlap_threshold)
     if in_channels not in (1, 3):
         raise ConfigError(f"Mask R-CNN needs in_channels 1 or 3, got {in_channels}")
     if not 2 <= num_classes <= _MAX_CLASSES:
@@ -175,34 +179,41 @@ def _anchor_generator(anchor_sizes: Sequence[int]) -> AnchorGenerator:
 
 def wrap_detector(detector: MaskRCNN, *, in_channels: int, num_classes: int, min_size: int | None,
                   max_size: int | None, mask_threshold: float, cls: type[InstanceSegmenter] = InstanceSegmenter,
-                  image_mean: Sequence[float] = (0.0, 0.0, 0.0), image_std: Sequence[float] = (1.0, 1.0, 1.0)
-                  ) -> InstanceSegmenter:
+                  image_mean: Sequence[float] = (0.0, 0.0, 0.0), image_std: Sequence[float] = (1.0, 1.0, 1.0),
+                  overlap_threshold: float | None = None) -> InstanceSegmenter:
     """``detector`` with segcore's :class:`InputTransform` (no resizing when ``min_size`` is None;
-    normalisation by ``image_mean``/``image_std``, identity by default) inside a ``cls``."""
+    normalisation by ``image_mean``/``image_std``, identity by default) inside a ``cls``, which
+    pastes its detections with ``overlap_threshold`` (see
+    :func:`segcore.models.instances.instances_to_labels`)."""
     keep = min_size is None
     detector.transform = InputTransform(keep_size=keep, min_size=800 if keep else min_size,  # type: ignore[arg-type]
                                         max_size=1333 if keep else max_size,  # type: ignore[arg-type]
                                         image_mean=image_mean, image_std=image_std)
-    return cls(detector, in_channels=in_channels, num_classes=num_classes, mask_threshold=mask_threshold)
+    return cls(detector, in_channels=in_channels, num_classes=num_classes, mask_threshold=mask_threshold,
+               overlap_threshold=overlap_threshold)
 
 
 def build_maskrcnn(*, in_channels: int = 1, num_classes: int = 2, min_size: int | None = None,
                    max_size: int | None = None, box_detections_per_img: int = 100,
                    anchor_sizes: Sequence[int] | None = None, score_threshold: float = 0.05,
-                   mask_threshold: float = 0.5, proposals_per_img: int = 1000) -> InstanceSegmenter:
+                   mask_threshold: float = 0.5, proposals_per_img: int = 1000,
+                   overlap_threshold: float | None = None) -> InstanceSegmenter:
     """Mask R-CNN with a ResNet-50 FPN backbone (torchvision's ``maskrcnn_resnet50_fpn``), untrained.
 
     ``num_classes`` includes the background. ``anchor_sizes`` (px, one per FPN level) defaults
     to torchvision's ``(32, 64, 128, 256, 512)``. ``score_threshold`` is the floor on detection
     scores (kept: ``score > score_threshold``); ``mask_threshold`` is the default probability
-    above which a mask pixel is foreground. ``box_detections_per_img`` caps the detections and
-    ``proposals_per_img`` the region proposals (before and after their NMS) per image at
+    above which a mask pixel is foreground. ``overlap_threshold`` (``None``: keep every detection,
+    as torchvision does) drops a detection when higher-scoring ones already hold more than that
+    share of its mask (:func:`segcore.models.instances.instances_to_labels`).
+    ``box_detections_per_img`` caps the detections and ``proposals_per_img`` the region proposals (before and after their NMS) per image at
     inference; neither changes the weights, so a checkpoint can be rebuilt with larger caps for
     images holding more objects. See the module docstring for resizing.
     """
     check_detector_args(in_channels=in_channels, num_classes=num_classes, min_size=min_size, max_size=max_size,
                   box_detections_per_img=box_detections_per_img, score_threshold=score_threshold,
-                  mask_threshold=mask_threshold, proposals_per_img=proposals_per_img)
+                  mask_threshold=mask_threshold, proposals_per_img=proposals_per_img,
+                  overlap_threshold=overlap_threshold)
     extra: dict[str, Any] = {"rpn_pre_nms_top_n_test": proposals_per_img, "rpn_post_nms_top_n_test": proposals_per_img}
     if anchor_sizes is not None:
         extra["rpn_anchor_generator"] = _anchor_generator(anchor_sizes)
@@ -210,13 +221,14 @@ def build_maskrcnn(*, in_channels: int = 1, num_classes: int = 2, min_size: int 
                                      box_detections_per_img=box_detections_per_img,
                                      box_score_thresh=score_threshold, **extra)
     return wrap_detector(detector, in_channels=in_channels, num_classes=num_classes, min_size=min_size,
-                 max_size=max_size, mask_threshold=mask_threshold)
+                 max_size=max_size, mask_threshold=mask_threshold, overlap_threshold=overlap_threshold)
 
 
 def build_maskrcnn_r18(*, in_channels: int = 1, num_classes: int = 2, min_size: int | None = None,
                        max_size: int | None = None, box_detections_per_img: int = 100,
                        anchor_sizes: Sequence[int] = SMALL_OBJECT_ANCHORS, score_threshold: float = 0.05,
-                       mask_threshold: float = 0.5, proposals_per_img: int = 1000) -> InstanceSegmenter:
+                       mask_threshold: float = 0.5, proposals_per_img: int = 1000,
+                       overlap_threshold: float | None = None) -> InstanceSegmenter:
     """Mask R-CNN with a ResNet-18 FPN backbone (all layers trainable), untrained; lighter on CPUs.
 
     Same arguments as :func:`build_maskrcnn`; ``anchor_sizes`` defaults to
@@ -224,14 +236,15 @@ def build_maskrcnn_r18(*, in_channels: int = 1, num_classes: int = 2, min_size: 
     """
     check_detector_args(in_channels=in_channels, num_classes=num_classes, min_size=min_size, max_size=max_size,
                   box_detections_per_img=box_detections_per_img, score_threshold=score_threshold,
-                  mask_threshold=mask_threshold, proposals_per_img=proposals_per_img)
+                  mask_threshold=mask_threshold, proposals_per_img=proposals_per_img,
+                  overlap_threshold=overlap_threshold)
     backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, norm_layer=nn.BatchNorm2d,
                                    trainable_layers=5)
     detector = MaskRCNN(backbone, num_classes=num_classes, rpn_anchor_generator=_anchor_generator(anchor_sizes),
                         box_detections_per_img=box_detections_per_img, box_score_thresh=score_threshold,
                         rpn_pre_nms_top_n_test=proposals_per_img, rpn_post_nms_top_n_test=proposals_per_img)
     return wrap_detector(detector, in_channels=in_channels, num_classes=num_classes, min_size=min_size,
-                 max_size=max_size, mask_threshold=mask_threshold)
+                 max_size=max_size, mask_threshold=mask_threshold, overlap_threshold=overlap_threshold)
 
 
 __all__ = ["SMALL_OBJECT_ANCHORS", "InputTransform", "InstanceSegmenter", "build_maskrcnn", "build_maskrcnn_r18",

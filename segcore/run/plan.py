@@ -251,8 +251,9 @@ def output_shaping(meta: ModelMeta, tiling: Tiling | None, *, precision: str, tt
     TTA of whole images (``tta_whole_images``, present only when on: runs recorded before whole images
     had TTA keep their key, and a TTA run recorded then, whose whole images had none, is not
     resumed as if they had), ``compiled`` (present only when on: ``torch.compile``'s kernels may
-    differ from eager ones in the last bits), and, from the checkpoint, its normalisation and score
-    threshold (recorded to name them in messages; the checkpoint's sha256 already pins them)."""
+    differ from eager ones in the last bits), and, from the checkpoint, its normalisation, score
+    threshold and overlap threshold (the last present only when set; recorded to name them in
+    messages, the checkpoint's sha256 already pins them)."""
     return {
         **({"tta_whole_images": True} if tta else {}),
         **({"compiled": True} if compiled else {}),
@@ -263,4 +264,6 @@ def output_shaping(meta: ModelMeta, tiling: Tiling | None, *, precision: str, tt
         "precision": precision,
         "normalisation": meta.normalisation.model_dump(mode="json"),
         "score_threshold": meta.arch_kwargs.get("score_threshold"),
+        **({"overlap_threshold": meta.arch_kwargs["overlap_threshold"]}
+           if meta.arch_kwargs.get("overlap_threshold") is not None else {}),
     }

@@ -54,8 +54,9 @@ log = logging.getLogger(__name__)
 
 #: Demo settings (synthetic nuclei of :func:`segcore.synthetic.make_instance_sample`).
 DEMO_INSTANCE_ARCH = "maskrcnn_r18"
-#: Detections scoring 0.7 or less are dropped by the model itself (also in inference).
-DEMO_INSTANCE_ARCH_KWARGS: Mapping[str, Any] = MappingProxyType({"score_threshold": 0.7})
+#: Detections scoring 0.7 or less are dropped by the model itself (also in inference), and so is a
+#: detection whose mask higher-scoring ones already hold more than half of.
+DEMO_INSTANCE_ARCH_KWARGS: Mapping[str, Any] = MappingProxyType({"score_threshold": 0.7, "overlap_threshold": 0.5})
 DEMO_INSTANCE_IMAGE_SIZE = 128
 #: Images generated (training part and held-out part together) and, of those, trained on.
 DEMO_INSTANCE_N_IMAGES = 240

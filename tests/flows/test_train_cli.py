@@ -37,7 +37,7 @@ def test_instance_model_trains_on_everything_with_the_default_score_floor(stores
     assert main(["train", "--store", stores["inst"], "--model", "maskrcnn_r18", "--out", str(out), "--epochs", "1",
                  "--val-fraction", "0", "--crop-size", "48", "--class-names", "background,nucleus"]) == 0
     meta = read_meta(out)
-    assert meta.arch_kwargs == {"score_threshold": 0.7}
+    assert meta.arch_kwargs == {"score_threshold": 0.7, "overlap_threshold": 0.5}
     assert meta.provenance["n_val"] == 0 and meta.class_names == ("background", "nucleus")
 
 

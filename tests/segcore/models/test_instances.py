@@ -54,6 +54,42 @@ def test_overlaps_go_to_the_higher_score_and_empty_instances_are_dropped() -> No
     ]
 
 
+def test_an_overlap_threshold_drops_detections_mostly_held_by_higher_scores() -> None:
+    # B (0.9) holds columns 2-5; A (0.6, columns 0-3) has 6 of its 12 pixels under B; F (0.5) is
+    # columns 0-1, which only A would have held; C (0.3) lies inside B; D (0.2) is one pixel.
+    masks = _image_masks(4, 6, [(slice(0, 3), slice(0, 4)), (slice(0, 3), slice(2, 6)),
+                                (slice(1, 3), slice(3, 5)), (slice(3, 4), slice(0, 1)), (slice(0, 3), slice(0, 2))])
+    args = dict(boxes=torch.tensor([[0, 0, 4, 3], [2, 0, 6, 3], [3, 1, 5, 3], [0, 3, 1, 4], [0, 0, 2, 3.0]]),
+                scores=torch.tensor([0.6, 0.9, 0.3, 0.2, 0.5]), labels=torch.tensor([1, 2, 1, 2, 2]), masks=masks,
+                image_size=(4, 6), mask_form="image")
+    # A's share held is exactly 0.5: kept at 0.5 (only a larger share drops), F then finds its pixels taken.
+    at_half = instances_to_labels(**args, overlap_threshold=0.5)
+    np.testing.assert_array_equal(at_half.labels, [[2, 2, 1, 1, 1, 1],
+                                                   [2, 2, 1, 1, 1, 1],
+                                                   [2, 2, 1, 1, 1, 1],
+                                                   [3, 0, 0, 0, 0, 0]])
+    assert [round(r["score"], 4) for r in at_half.records] == [0.9, 0.6, 0.2]
+    # Below A's share A is dropped and holds nothing, so F (none of it under B) keeps columns 0-1.
+    lower = instances_to_labels(**args, overlap_threshold=0.4)
+    np.testing.assert_array_equal(lower.labels, [[2, 2, 1, 1, 1, 1],
+                                                 [2, 2, 1, 1, 1, 1],
+                                                 [2, 2, 1, 1, 1, 1],
+                                                 [3, 0, 0, 0, 0, 0]])
+    assert [(round(r["score"], 4), r["class_id"], r["area"]) for r in lower.records] == [(0.9, 2, 12), (0.5, 2, 6),
+                                                                                         (0.2, 2, 1)]
+    np.testing.assert_array_equal(lower.classes[:3, :2], 2)
+    # None (the default) keeps what is left of every detection, as before.
+    kept = instances_to_labels(**args)
+    assert [round(r["score"], 4) for r in kept.records] == [0.9, 0.6, 0.2]
+
+
+@pytest.mark.parametrize("value", [0.0, -0.1, 1.5])
+def test_an_overlap_threshold_outside_zero_to_one_is_refused(value: float) -> None:
+    with pytest.raises(ConfigError, match="overlap_threshold"):
+        instances_to_labels(boxes=torch.tensor([[1.0, 1, 4, 4]]), scores=torch.tensor([0.9]), labels=torch.tensor([1]),
+                            masks=torch.ones(1, 1, 28, 28), image_size=(8, 8), overlap_threshold=value)
+
+
 def test_no_detections_give_an_empty_prediction() -> None:
     pred = instances_to_labels(boxes=torch.zeros(0, 4), scores=torch.zeros(0), labels=torch.zeros(0, dtype=torch.int64),
                                masks=torch.zeros(0, 1, 28, 28), image_size=(5, 7))

@@ -12,7 +12,7 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from segcore.models.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
 from segcore.errors import ConfigError
-from segcore.models.instances import predict_instances, targets_from_instance_labels
+from segcore.models.instances import instances_to_labels, predict_instances, targets_from_instance_labels
 from segcore.models import MODEL_KINDS, create_model
 from segcore.models.maskrcnn import InputTransform, InstanceSegmenter
 
@@ -60,7 +60,7 @@ def test_r18_anchors_suit_small_objects() -> None:
 @pytest.mark.parametrize("kwargs", [
     {"in_channels": 2}, {"num_classes": 1}, {"num_classes": 300}, {"min_size": 32},
     {"min_size": 64, "max_size": 32}, {"box_detections_per_img": 0}, {"score_threshold": 1.0},
-    {"mask_threshold": -0.1}, {"anchor_sizes": (8, 16)}, {"bogus": 1},
+    {"mask_threshold": -0.1}, {"anchor_sizes": (8, 16)}, {"bogus": 1}, {"overlap_threshold": 0.0},
 ])
 def test_bad_arguments_are_config_errors(kwargs: dict) -> None:
     with pytest.raises(ConfigError, match="maskrcnn_r18"):
@@ -132,6 +132,24 @@ def test_predict_instances_contract(r18: InstanceSegmenter, batch: torch.Tensor)
     assert all(r["score"] > 0.4 for p in strict for r in p.records)
     with pytest.raises(ConfigError, match="below the model"):
         predict_instances(r18, batch, score_threshold=0.01)
+
+
+def test_a_checkpoints_overlap_threshold_applies_in_predict_instances(tmp_path, r18: InstanceSegmenter,
+                                                                      batch: torch.Tensor) -> None:
+    meta = ModelMeta(arch="maskrcnn_r18", arch_kwargs={**SMALL, "overlap_threshold": 0.2},
+                     class_names=("background", "nucleus", "other"), in_channels=1)
+    loaded, _ = load_checkpoint(save_checkpoint(tmp_path / "m.safetensors", r18, meta))
+    assert r18.overlap_threshold is None and loaded.overlap_threshold == 0.2
+    with torch.no_grad():
+        detections = loaded.detect(batch)
+    dropped = 0
+    for det, pred, every in zip(detections, predict_instances(loaded, batch), predict_instances(r18, batch)):
+        want = instances_to_labels(**{k: det[k] for k in ("boxes", "scores", "labels", "masks")},
+                                   image_size=(64, 48), overlap_threshold=0.2)
+        np.testing.assert_array_equal(pred.labels, want.labels)
+        assert pred.records == want.records
+        dropped += len(every.records) - len(pred.records)
+    assert dropped > 0  # the random model's detections overlap, so the rule had something to drop
 
 
 def test_predict_instances_needs_eval_mode() -> None:
