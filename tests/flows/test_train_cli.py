@@ -41,6 +41,17 @@ def test_instance_model_trains_on_everything_with_the_default_score_floor(stores
     assert meta.provenance["n_val"] == 0 and meta.class_names == ("background", "nucleus")
 
 
+def test_the_overlap_threshold_option_is_stored_and_checked(stores, capsys) -> None:
+    out = Path(stores["root"]) / "every-detection.safetensors"
+    assert main(["train", "--store", stores["inst"], "--model", "maskrcnn_r18", "--out", str(out), "--epochs", "1",
+                 "--val-fraction", "0", "--crop-size", "48", "--overlap-threshold", "1"]) == 0
+    assert read_meta(out).arch_kwargs == {"score_threshold": 0.7, "overlap_threshold": 1.0}
+    bad = Path(stores["root"]) / "bad-overlap.safetensors"
+    assert main(["train", "--store", stores["inst"], "--model", "maskrcnn_r18", "--out", str(bad), "--epochs", "1",
+                 "--val-fraction", "0", "--crop-size", "48", "--overlap-threshold", "0"]) == 2
+    assert "overlap_threshold" in capsys.readouterr().err and not bad.exists()
+
+
 def test_options_a_model_does_not_take_are_refused(stores, capsys) -> None:
     out = Path(stores["root"]) / "bad.safetensors"
     assert main(["train", "--store", stores["sem"], "--model", "unet", "--out", str(out),
