@@ -5,11 +5,14 @@ bench/RESULTS.md.
     .venv/bin/python bench/nuclei.py [--epochs 150] [--crop 128]
     .venv/bin/python bench/nuclei.py --init pretrain --epochs 50   # fine-tuning
     .venv/bin/python bench/nuclei.py --init pretrain --pretrain-epochs 10 --epochs 50 --lr 3e-4
+    .venv/bin/python bench/nuclei.py --init pretrain --pretrain-epochs 10 --pretrain-scale auto --epochs 50 --lr 3e-4
 
 ``--init pretrain`` first trains ``maskrcnn_r18`` on the synthetic instance demo collection
 (:func:`segcore.synthetic.generate_instance_collection`, the demo's settings, percentile
 normalisation as here) and fine-tunes that model on the left half (``segflow train --init``);
-``--init PATH`` fine-tunes an existing instance checkpoint instead.
+``--init PATH`` fine-tunes an existing instance checkpoint instead. ``--pretrain-scale`` enlarges the
+synthetic nuclei (:func:`segcore.synthetic.make_instance_sample`'s ``scale``); ``auto`` matches their
+median area to that of the left half's nuclei (the training labels; the right half is not looked at).
 
 Data: tests/data/nuclei (512x512 uint16, 125 nuclei; see its README). Left = columns 0-255,
 right = columns 256-511, each stored whole (512x256) so that percentile normalisation sees the
@@ -27,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import tifffile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +39,19 @@ sys.path.insert(0, str(ROOT))
 from flows.cli import main as segflow  # noqa: E402
 from segcore.collection.imageio import read_image, read_mask  # noqa: E402
 from segcore.run.results import open_run  # noqa: E402
+
+
+def matching_scale(labels: np.ndarray, *, seed: int, samples: int = 60) -> float:
+    """The ``scale`` at which the synthetic nuclei's median area equals that of ``labels``' objects."""
+    from segcore.synthetic import make_instance_sample
+    from segcore.training import instance as ti
+
+    def areas(lab: np.ndarray) -> np.ndarray:
+        return np.unique(lab[lab > 0], return_counts=True)[1]
+
+    synthetic = np.concatenate([areas(make_instance_sample(np.random.default_rng(s), size=ti.DEMO_INSTANCE_IMAGE_SIZE)[1])
+                                for s in np.random.SeedSequence(seed).spawn(samples)])
+    return float(np.sqrt(np.median(areas(labels)) / np.median(synthetic)))
 
 
 def main() -> None:
@@ -50,6 +67,9 @@ def main() -> None:
     ap.add_argument("--init", help="'pretrain' (train on the synthetic instance demo first) or a maskrcnn_r18 "
                                    "checkpoint to fine-tune")
     ap.add_argument("--pretrain-epochs", type=int, help="epochs of the synthetic pre-training (default: the demo's)")
+    ap.add_argument("--pretrain-scale", default="1",
+                    help="size of the synthetic nuclei (segcore.synthetic's scale): a number, or 'auto' (their "
+                         "median area matched to the left half's nuclei); default 1, the demo's")
     args = ap.parse_args()
 
     work = Path(args.workdir)
@@ -71,8 +91,11 @@ def main() -> None:
         from segcore.training import instance as ti
 
         synthetic = work / "synthetic"
+        scale = (matching_scale(mask[:, :half], seed=args.seed) if args.pretrain_scale == "auto"
+                 else float(args.pretrain_scale))
+        print(f"synthetic nuclei at scale {scale:.3f}", flush=True)
         generate_instance_collection(synthetic, n_images=ti.DEMO_INSTANCE_N_IMAGES,
-                                     size=ti.DEMO_INSTANCE_IMAGE_SIZE, seed=args.seed)
+                                     size=ti.DEMO_INSTANCE_IMAGE_SIZE, seed=args.seed, scale=scale)
         parent = work / "synthetic-maskrcnn.safetensors"
         pretrain = [
             ["ingest", "--images", str(synthetic / "images"), "--masks", str(synthetic / "masks"),

@@ -21,6 +21,8 @@ A second, instance-labelled kind of sample (:func:`make_instance_sample`,
 
 from __future__ import annotations
 
+import functools
+
 import logging
 import os
 from pathlib import Path
@@ -206,13 +208,19 @@ def _ellipse_radius(obj: dict, angle: float) -> float:
     return float(obj["a"] * obj["b"] / np.hypot(obj["b"] * np.cos(phi), obj["a"] * np.sin(phi)))
 
 
-def _plan_nuclei(rng: np.random.Generator, size: int) -> list[dict]:
+def _check_scale(scale: float) -> float:
+    if not 0.25 <= scale <= 8.0:
+        raise ConfigError(f"scale (of the nuclei's size) must lie in [0.25, 8], got {scale}")
+    return float(scale)
+
+
+def _plan_nuclei(rng: np.random.Generator, size: int, scale: float = 1.0) -> list[dict]:
     """Nuclei to draw, in drawing order: centre, semi-axes ``a >= b`` (pixels), angle, brightness."""
     low, high = _NUCLEI_PER_128
-    n = max(2, int(round(int(rng.integers(low, high + 1)) * (size / 128) ** 2)))
+    n = max(2, int(round(int(rng.integers(low, high + 1)) * (size / 128) ** 2 / scale)))
     objects: list[dict] = []
     for i in range(n):
-        a = rng.uniform(*NUCLEUS_AXES)
+        a = rng.uniform(*NUCLEUS_AXES) * scale
         b = a * rng.uniform(0.6, 1.0)
         obj = {"a": a, "b": b, "theta": rng.uniform(0, np.pi), "level": rng.uniform(145.0, 220.0)}
         if i == 0:
@@ -248,7 +256,8 @@ def _paint_nuclei(objects: list[dict], size: int) -> tuple[np.ndarray, list[np.n
     return owner, domes
 
 
-def make_instance_sample(rng: np.random.Generator, *, size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+def make_instance_sample(rng: np.random.Generator, *, size: int = 128, scale: float = 1.0
+                         ) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic image of nuclei-like blobs and its exact instance labels.
 
     Each nucleus is a filled ellipse (semi-axes 5-11 px) with a smooth dome of intensity
@@ -262,14 +271,19 @@ def make_instance_sample(rng: np.random.Generator, *, size: int = 128) -> tuple[
     Args:
         rng: the random source (the sample is a pure function of its state).
         size: side length in pixels (>= 32).
+        scale: size of the nuclei: semi-axes times ``scale`` and nuclei per image divided by
+            ``scale``, so larger nuclei also cover more of the image (about ``scale`` times as
+            much), as crowded real nuclei do; for matching the size of real nuclei. 1 draws
+            exactly what earlier versions drew.
 
     Returns:
         ``(image, labels)``: ``(size, size)`` uint8 grey levels and ``(size, size)`` uint16
         instance ids, 0 = background and ``1..K`` in drawing order (consecutive).
     """
     size = _check_size(size)
+    scale = _check_scale(scale)
     background = _background(rng, size)
-    objects = _plan_nuclei(rng, size)
+    objects = _plan_nuclei(rng, size, scale)
     while True:
         owner, domes = _paint_nuclei(objects, size)
         visible = np.bincount(owner[owner >= 0], minlength=len(objects))
@@ -288,14 +302,14 @@ def make_instance_sample(rng: np.random.Generator, *, size: int = 128) -> tuple[
 
 
 def generate_instance_collection(
-    out_dir: str | os.PathLike[str], *, n_images: int = 200, size: int = 128, seed: int = 0
+    out_dir: str | os.PathLike[str], *, n_images: int = 200, size: int = 128, seed: int = 0, scale: float = 1.0
 ) -> list[str]:
     """Write a synthetic instance collection: ``out_dir/images/<id>.png`` and ``out_dir/masks/<id>.png``.
 
     Images are ``(size, size)`` 8-bit grey PNGs; masks are ``(size, size)`` 16-bit grey PNGs of
     instance ids (0 = background, ``1..K``; every object is class 1, see
     :data:`INSTANCE_CLASS_NAMES`). Ids and determinism as in :func:`generate_collection`: image
-    ``i`` is a pure function of ``seed``, ``size`` and ``i``.
+    ``i`` is a pure function of ``seed``, ``size``, ``scale`` (see :func:`make_instance_sample`) and ``i``.
 
     Returns:
         The image ids (``img-00000``, ...), in order.
@@ -304,7 +318,8 @@ def generate_instance_collection(
         raise ConfigError(f"n_images must be a positive integer, got {n_images!r}")
     size = _check_size(size)
     out = Path(out_dir)
-    return _write_collection(out, make_instance_sample, n_images=n_images, size=size, seed=seed, what="instance ")
+    make = functools.partial(make_instance_sample, scale=_check_scale(scale))
+    return _write_collection(out, make, n_images=n_images, size=size, seed=seed, what="instance ")
 
 
 __all__ = [
