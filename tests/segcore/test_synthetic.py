@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -206,7 +208,40 @@ def test_generate_instance_collection_writes_16_bit_instance_masks(tmp_path):
         assert mask.dtype == np.uint16
 
 
-@pytest.mark.parametrize("kwargs", [{"size": 16}, {"n_images": 0}, {"n_images": 2.5}])
+def test_scale_enlarges_the_nuclei_and_thins_them_out() -> None:
+    def stats(scale: float) -> tuple[float, float]:
+        areas, counts = [], []
+        for stream in np.random.SeedSequence(3).spawn(30):
+            labels = make_instance_sample(np.random.default_rng(stream), size=128, scale=scale)[1]
+            per = np.bincount(labels.ravel())[1:]
+            areas += per.tolist()
+            counts.append(per.size)
+        return float(np.median(areas)), float(np.mean(counts))
+
+    (area1, count1), (area2, count2) = stats(1.0), stats(2.0)
+    assert 3.0 < area2 / area1 < 5.0  # semi-axes doubled: about four times the area
+    assert 0.35 < count2 / count1 < 0.65  # half as many nuclei per image
+
+
+def test_scale_one_draws_what_versions_without_a_scale_drew() -> None:
+    """The demo's and the benchmarks' collections stay the same: the digest is of three samples drawn
+    before ``scale`` existed (seed sequence 4, 64 px)."""
+    digest = hashlib.sha256()
+    for stream in np.random.SeedSequence(4).spawn(3):
+        for array in make_instance_sample(np.random.default_rng(stream), size=64, scale=1.0):
+            digest.update(array.tobytes())
+    assert digest.hexdigest() == "236a6c1cf23f28707e72fbe8d1de76a062fd35b6fe8c8237a31481a3aec3ac86"
+
+
+def test_generate_instance_collection_passes_the_scale_on(tmp_path) -> None:
+    ids = generate_instance_collection(tmp_path / "big", n_images=2, size=64, seed=5, scale=1.5)
+    for image_id, stream in zip(ids, np.random.SeedSequence(5).spawn(2)):
+        expected = make_instance_sample(np.random.default_rng(stream), size=64, scale=1.5)[1]
+        np.testing.assert_array_equal(read_mask(tmp_path / "big" / "masks" / f"{image_id}.png"), expected)
+
+
+@pytest.mark.parametrize("kwargs", [{"size": 16}, {"n_images": 0}, {"n_images": 2.5}, {"scale": 0.1},
+                                    {"scale": 9.0}])
 def test_generate_instance_collection_rejects_bad_arguments(tmp_path, kwargs):
     with pytest.raises(ConfigError):
         generate_instance_collection(tmp_path / "bad", **kwargs)
