@@ -49,7 +49,8 @@ def matching_scale(labels: np.ndarray, *, seed: int, samples: int = 60) -> float
     def areas(lab: np.ndarray) -> np.ndarray:
         return np.unique(lab[lab > 0], return_counts=True)[1]
 
-    synthetic = np.concatenate([areas(make_instance_sample(np.random.default_rng(s), size=ti.DEMO_INSTANCE_IMAGE_SIZE)[1])
+    size = ti.DEMO_INSTANCE_IMAGE_SIZE
+    synthetic = np.concatenate([areas(make_instance_sample(np.random.default_rng(s), size=size)[1])
                                 for s in np.random.SeedSequence(seed).spawn(samples)])
     return float(np.sqrt(np.median(areas(labels)) / np.median(synthetic)))
 

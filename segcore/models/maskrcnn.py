@@ -206,9 +206,10 @@ def build_maskrcnn(*, in_channels: int = 1, num_classes: int = 2, min_size: int 
     above which a mask pixel is foreground. ``overlap_threshold`` (``None``: keep every detection,
     as torchvision does) drops a detection when higher-scoring ones already hold more than that
     share of its mask (:func:`segcore.models.instances.instances_to_labels`).
-    ``box_detections_per_img`` caps the detections and ``proposals_per_img`` the region proposals (before and after their NMS) per image at
-    inference; neither changes the weights, so a checkpoint can be rebuilt with larger caps for
-    images holding more objects. See the module docstring for resizing.
+    ``box_detections_per_img`` caps the detections and ``proposals_per_img`` the region proposals
+    (before and after their NMS) per image at inference; neither changes the weights, so a
+    checkpoint can be rebuilt with larger caps for images holding more objects. See the module
+    docstring for resizing.
     """
     check_detector_args(in_channels=in_channels, num_classes=num_classes, min_size=min_size, max_size=max_size,
                   box_detections_per_img=box_detections_per_img, score_threshold=score_threshold,
