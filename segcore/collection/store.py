@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -347,6 +348,8 @@ def write_manifest(store_path: str, rows: Iterable[dict[str, Any]]) -> str:
                                  schema=MANIFEST_SCHEMA)
     dest = fsio.join(store_path, MANIFEST_NAME)
     fsio.write_bytes(dest, fsio.to_buffer(lambda fh: pq.write_table(table, fh)))
+    with _MANIFESTS_LOCK:
+        _MANIFESTS.pop(fsio.absolute(dest), None)
     return dest
 
 
@@ -366,14 +369,50 @@ def _manifest_file(store_path: str) -> pq.ParquetFile:
     return pq.ParquetFile(pa.BufferReader(data))
 
 
+#: The manifests this process read last, by absolute location: ``(identity, table)``. Every work unit
+#: looks up its rows in the manifest; with this a worker reads the file once per run, not once per
+#: unit (a manifest of 100,000 images is about 17 MB), and again only when the file has changed.
+_MANIFESTS: dict[str, tuple[Any, pa.Table]] = {}
+_MANIFESTS_KEPT = 2
+_MANIFESTS_LOCK = threading.Lock()
+
+
+def _manifest_identity(location: str) -> Any:
+    """What changes whenever the manifest file is replaced: inode, size and modification time of a
+    local file (written by rename, so every write is a new inode); the size and ETag or stamp on
+    other filesystems. None when it cannot be told (the file is then read every time)."""
+    local = fsio.local_path(location)
+    if local is None:
+        return fsio.signature(location)
+    try:
+        st = os.stat(local)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def read_manifest(store_path: str) -> pa.Table:
-    """The store's manifest table (see MANIFEST_SCHEMA), at a path or URL (one read of its file)."""
+    """The store's manifest table (see MANIFEST_SCHEMA), at a path or URL: one read of its file, or
+    none when this process read the same file before (see :data:`_MANIFESTS`)."""
+    location = fsio.absolute(fsio.join(store_path, MANIFEST_NAME))
+    identity = _manifest_identity(location)
+    with _MANIFESTS_LOCK:
+        kept = _MANIFESTS.get(location)
+    if identity is not None and kept is not None and kept[0] == identity:
+        return kept[1]
     table = _manifest_file(store_path).read()
     for field in MANIFEST_SCHEMA:  # stores ingested before a column existed
         if field.name not in table.column_names:
             fill = pa.array([0] * table.num_rows if field.name == "batch" else [None] * table.num_rows, field.type)
             table = table.append_column(field, fill)
-    return table.select(MANIFEST_SCHEMA.names)
+    table = table.select(MANIFEST_SCHEMA.names)
+    if identity is not None:
+        with _MANIFESTS_LOCK:
+            _MANIFESTS.pop(location, None)
+            _MANIFESTS[location] = (identity, table)
+            while len(_MANIFESTS) > _MANIFESTS_KEPT:
+                _MANIFESTS.pop(next(iter(_MANIFESTS)))
+    return table
 
 
 def chunk_rows(rows: Sequence[dict[str, Any]], groups: Sequence[GroupInfo]) -> list[list[dict[str, Any]]]:

@@ -3,13 +3,17 @@ reading back a store built from small PNGs under tmp_path."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import tifffile
 import zarr
 
+from segcore import fsio
 from segcore.config import IngestSpec
 from segcore.errors import NotFound, StoreError
 from segcore.collection.imageio import write_png
@@ -217,6 +221,31 @@ def test_manifest_round_trip(tmp_path: Path, sources: tuple[Path, Path]) -> None
     assert table.num_rows == 7
     assert table.to_pylist() == [{k: r[k] for k in MANIFEST_SCHEMA.names} for r in final]
     assert not [p for p in Path(store).iterdir() if p.name.startswith(".")]
+
+
+def test_a_manifest_is_read_once_until_its_file_changes(tmp_path: Path, sources: tuple[Path, Path],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every work unit looks up its rows in the manifest: a worker reads the file once, and again only
+    when the file was replaced (by another process, which cannot tell this one, or by this one)."""
+    store, _, final = _ingest(tmp_path, *sources)
+    reads: list[str] = []
+    real = fsio.read_bytes
+    monkeypatch.setattr(fsio, "read_bytes", lambda location: reads.append(str(location)) or real(location))
+    first = read_manifest(store)
+    assert read_manifest(store).equals(first) and len(reads) == 1
+    assert read_manifest(store + "/").equals(first) and len(reads) == 1  # the same file, however named
+    changed = [{**r, "status": "error" if r["status"] == "ok" else "ok"} for r in final]
+    replacement = tmp_path / "elsewhere.parquet"
+    pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in MANIFEST_SCHEMA.names} for r in changed],
+                                        schema=MANIFEST_SCHEMA), replacement)
+    os.replace(replacement, Path(store) / "manifest.parquet")
+    again = read_manifest(store)
+    assert len(reads) == 2 and again.column("status").to_pylist() == [r["status"] for r in changed]
+    write_manifest(store, final)  # in this process
+    assert read_manifest(store).equals(first) and len(reads) == 3
+    (Path(store) / "manifest.parquet").unlink()
+    with pytest.raises(StoreError, match="no manifest"):
+        read_manifest(store)
 
 
 def test_read_manifest_missing(tmp_path: Path) -> None:
