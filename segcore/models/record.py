@@ -145,9 +145,13 @@ def describe_model(path: str | os.PathLike[str]) -> dict[str, object]:
         contract = (f"(N, {meta.num_classes}, H, W) float logits for (N, {meta.in_channels}, H, W) float32 inputs; "
                     f"masks are their argmax: (H, W) {'uint8' if meta.num_classes <= 256 else 'uint16'} class ids")
     else:
+        overlap = meta.arch_kwargs.get("overlap_threshold")
+        pasting = ("higher scores win overlaps" if overlap is None else
+                   f"higher scores win overlaps, and a detection whose mask higher-scoring ones hold more than "
+                   f"{overlap:g} of is dropped")
         contract = ("per image: boxes (K, 4) x0 y0 x1 y1 px, labels (K,) class ids 1.."
                     f"{meta.num_classes - 1}, scores (K,), masks (K, 1, 28, 28) probabilities over each box; "
-                    "written as (H, W) uint32 instance labels and one row per instance")
+                    f"written as (H, W) uint32 instance labels ({pasting}) and one row per instance")
     return {"model": str(path), "sha256": model_sha256(path), "runtime": meta.runtime, "arch": meta.arch,
             "arch_kwargs": meta.arch_kwargs, "kind": meta.kind,
             "input": {"axes": meta.input_axes, "channels": meta.in_channels, "multiple": meta.input_multiple,

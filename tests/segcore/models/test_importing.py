@@ -114,6 +114,7 @@ def test_model_info_says_what_the_record_holds(tmp_path, capsys):
     assert info["classes"][:2] == ["__background__", "person"] and info["input"]["channels"] == 3
     assert info["normalisation"]["mode"] == "range" and info["normalisation"]["scale"] == 255.0
     assert info["source"]["sha256"] == model_sha256(tmp_path / "v2.pth") and info["source"]["file"] == "v2.pth"
+    assert "(higher scores win overlaps)" in info["output"]  # torchvision's pasting: every detection kept
     assert main(["model", "export", str(tmp_path / "v2.safetensors"), "--to", "onnx", "--out",
                  str(tmp_path / "v2.segflow")]) == 2
     assert "instance model" in capsys.readouterr().err

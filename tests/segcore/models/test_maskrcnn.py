@@ -11,6 +11,7 @@ import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from segcore.models.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
+from segcore.models.record import describe_model
 from segcore.errors import ConfigError
 from segcore.models.instances import instances_to_labels, predict_instances, targets_from_instance_labels
 from segcore.models import MODEL_KINDS, create_model
@@ -140,6 +141,7 @@ def test_a_checkpoints_overlap_threshold_applies_in_predict_instances(tmp_path, 
                      class_names=("background", "nucleus", "other"), in_channels=1)
     loaded, _ = load_checkpoint(save_checkpoint(tmp_path / "m.safetensors", r18, meta))
     assert r18.overlap_threshold is None and loaded.overlap_threshold == 0.2
+    assert "hold more than 0.2 of is dropped" in describe_model(tmp_path / "m.safetensors")["output"]
     with torch.no_grad():
         detections = loaded.detect(batch)
     dropped = 0
