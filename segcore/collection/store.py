@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import os
-import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -45,52 +44,16 @@ from segcore.errors import NotFound, SegflowError, StoreError
 from segcore.collection.fingerprint import value_range
 from segcore.collection.imageio import read_image, read_mask
 from segcore.collection.volumes import decode_slab
+# manifest_hashes_masks and read_manifest are also this module's names (their home is manifest.py).
+from segcore.collection.manifest import (MANIFEST_NAME, MANIFEST_SCHEMA, forget_manifest,  # noqa: F401
+                                         manifest_hashes_masks, read_manifest)
 from segcore.collection.resume import mark_done
 
 log = logging.getLogger(__name__)
 
 STORE_FORMAT = 1
-MANIFEST_NAME = "manifest.parquet"
 GT_DTYPE = "uint32"
 
-MANIFEST_SCHEMA = pa.schema(
-    [
-        ("image_id", pa.string()),
-        ("source_path", pa.string()),
-        ("sha256", pa.string()),
-        ("height", pa.int64()),
-        ("width", pa.int64()),
-        ("channels", pa.int64()),
-        ("dtype", pa.string()),
-        ("group", pa.string()),
-        ("index", pa.int64()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("mask_path", pa.string()),
-        ("mask_status", pa.string()),
-        ("mask_error", pa.string()),
-        # Incremental ingest (see segcore.collection.incremental): 0 for the first ingest, then 1, 2, ...
-        ("batch", pa.int64()),
-        # sha256 of the newer content of the same image id, once a changed file was ingested again.
-        ("superseded_by", pa.string()),
-        # Size and modification stamp of the source file when it was hashed (see fsio.signature).
-        ("source_signature", pa.string()),
-        # The same two for the mask file (null without one): a corrected mask is a new version.
-        ("mask_sha256", pa.string()),
-        ("mask_signature", pa.string()),
-        # Volumes (see segcore.collection.volumes): one row per slice, null for 2-D images. The
-        # volume's id (its file's image id), the slice's index along the depth axis, the depth,
-        # the voxel spacing (z, y, x) in spacing_unit, and the NIfTI affine as JSON (4x4).
-        ("volume_id", pa.string()),
-        ("slice", pa.int64()),
-        ("depth", pa.int64()),
-        ("spacing_z", pa.float64()),
-        ("spacing_y", pa.float64()),
-        ("spacing_x", pa.float64()),
-        ("spacing_unit", pa.string()),
-        ("affine", pa.string()),
-    ]
-)
 
 
 @dataclass(frozen=True)
@@ -348,71 +311,8 @@ def write_manifest(store_path: str, rows: Iterable[dict[str, Any]]) -> str:
                                  schema=MANIFEST_SCHEMA)
     dest = fsio.join(store_path, MANIFEST_NAME)
     fsio.write_bytes(dest, fsio.to_buffer(lambda fh: pq.write_table(table, fh)))
-    with _MANIFESTS_LOCK:
-        _MANIFESTS.pop(fsio.absolute(dest), None)
+    forget_manifest(dest)
     return dest
-
-
-def manifest_hashes_masks(store_path: str) -> bool:
-    """Whether the store's manifest records mask hashes (``mask_sha256``); manifests written before
-    that column existed recorded masks without them."""
-    return "mask_sha256" in _manifest_file(store_path).schema_arrow.names
-
-
-def _manifest_file(store_path: str) -> pq.ParquetFile:
-    location = fsio.join(store_path, MANIFEST_NAME)
-    try:
-        data = fsio.read_bytes(location)
-    except FileNotFoundError:
-        raise StoreError(f"store {store_path!r} has no manifest; its ingest did not finish - run 'segflow ingest' "
-                         "again") from None
-    return pq.ParquetFile(pa.BufferReader(data))
-
-
-#: The manifests this process read last, by absolute location: ``(identity, table)``. Every work unit
-#: looks up its rows in the manifest; with this a worker reads the file once per run, not once per
-#: unit (a manifest of 100,000 images is about 17 MB), and again only when the file has changed.
-_MANIFESTS: dict[str, tuple[Any, pa.Table]] = {}
-_MANIFESTS_KEPT = 2
-_MANIFESTS_LOCK = threading.Lock()
-
-
-def _manifest_identity(location: str) -> Any:
-    """What changes whenever the manifest file is replaced: inode, size and modification time of a
-    local file (written by rename, so every write is a new inode); the size and ETag or stamp on
-    other filesystems. None when it cannot be told (the file is then read every time)."""
-    local = fsio.local_path(location)
-    if local is None:
-        return fsio.signature(location)
-    try:
-        st = os.stat(local)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def read_manifest(store_path: str) -> pa.Table:
-    """The store's manifest table (see MANIFEST_SCHEMA), at a path or URL: one read of its file, or
-    none when this process read the same file before (see :data:`_MANIFESTS`)."""
-    location = fsio.absolute(fsio.join(store_path, MANIFEST_NAME))
-    identity = _manifest_identity(location)
-    with _MANIFESTS_LOCK:
-        kept = _MANIFESTS.get(location)
-    if identity is not None and kept is not None and kept[0] == identity:
-        return kept[1]
-    table = _manifest_file(store_path).read()
-    for field in MANIFEST_SCHEMA:  # stores ingested before a column existed
-        if field.name not in table.column_names:
-            fill = pa.array([0] * table.num_rows if field.name == "batch" else [None] * table.num_rows, field.type)
-            table = table.append_column(field, fill)
-    table = table.select(MANIFEST_SCHEMA.names)
-    if identity is not None:
-        with _MANIFESTS_LOCK:
-            _MANIFESTS.pop(location, None)
-            _MANIFESTS[location] = (identity, table)
-            while len(_MANIFESTS) > _MANIFESTS_KEPT:
-                _MANIFESTS.pop(next(iter(_MANIFESTS)))
-    return table
 
 
 def chunk_rows(rows: Sequence[dict[str, Any]], groups: Sequence[GroupInfo]) -> list[list[dict[str, Any]]]:
