@@ -6,13 +6,15 @@ bench/RESULTS.md.
     .venv/bin/python bench/nuclei.py --init pretrain --epochs 50   # fine-tuning
     .venv/bin/python bench/nuclei.py --init pretrain --pretrain-epochs 10 --epochs 50 --lr 3e-4
     .venv/bin/python bench/nuclei.py --init pretrain --pretrain-epochs 10 --pretrain-scale auto --epochs 50 --lr 3e-4
+    .venv/bin/python bench/nuclei.py --init pretrain --pretrain-epochs 10 --pretrain-scale 1:auto --epochs 50 --lr 3e-4
 
 ``--init pretrain`` first trains ``maskrcnn_r18`` on the synthetic instance demo collection
 (:func:`segcore.synthetic.generate_instance_collection`, the demo's settings, percentile
 normalisation as here) and fine-tunes that model on the left half (``segflow train --init``);
 ``--init PATH`` fine-tunes an existing instance checkpoint instead. ``--pretrain-scale`` enlarges the
 synthetic nuclei (:func:`segcore.synthetic.make_instance_sample`'s ``scale``); ``auto`` matches their
-median area to that of the left half's nuclei (the training labels; the right half is not looked at).
+median area to that of the left half's nuclei (the training labels; the right half is not looked at);
+``LO:HI`` (e.g. ``1:auto``) gives each nucleus its own size from that range.
 
 Data: tests/data/nuclei (512x512 uint16, 125 nuclei; see its README). Left = columns 0-255,
 right = columns 256-511, each stored whole (512x256) so that percentile normalisation sees the
@@ -69,8 +71,9 @@ def main() -> None:
                                    "checkpoint to fine-tune")
     ap.add_argument("--pretrain-epochs", type=int, help="epochs of the synthetic pre-training (default: the demo's)")
     ap.add_argument("--pretrain-scale", default="1",
-                    help="size of the synthetic nuclei (segcore.synthetic's scale): a number, or 'auto' (their "
-                         "median area matched to the left half's nuclei); default 1, the demo's")
+                    help="size of the synthetic nuclei (segcore.synthetic's scale): a number, 'auto' (their "
+                         "median area matched to the left half's nuclei), or a range LO:HI of those (each "
+                         "nucleus draws its own size, e.g. 1:auto); default 1, the demo's")
     args = ap.parse_args()
 
     work = Path(args.workdir)
@@ -92,9 +95,10 @@ def main() -> None:
         from segcore.training import instance as ti
 
         synthetic = work / "synthetic"
-        scale = (matching_scale(mask[:, :half], seed=args.seed) if args.pretrain_scale == "auto"
-                 else float(args.pretrain_scale))
-        print(f"synthetic nuclei at scale {scale:.3f}", flush=True)
+        ends = [matching_scale(mask[:, :half], seed=args.seed) if end == "auto" else float(end)
+                for end in args.pretrain_scale.split(":")]
+        scale = ends[0] if len(ends) == 1 else tuple(ends)
+        print("synthetic nuclei at scale " + " to ".join(f"{end:.3f}" for end in ends), flush=True)
         generate_instance_collection(synthetic, n_images=ti.DEMO_INSTANCE_N_IMAGES,
                                      size=ti.DEMO_INSTANCE_IMAGE_SIZE, seed=args.seed, scale=scale)
         parent = work / "synthetic-maskrcnn.safetensors"

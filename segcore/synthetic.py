@@ -208,19 +208,28 @@ def _ellipse_radius(obj: dict, angle: float) -> float:
     return float(obj["a"] * obj["b"] / np.hypot(obj["b"] * np.cos(phi), obj["a"] * np.sin(phi)))
 
 
-def _check_scale(scale: float) -> float:
-    if not 0.25 <= scale <= 8.0:
-        raise ConfigError(f"scale (of the nuclei's size) must lie in [0.25, 8], got {scale}")
-    return float(scale)
+Scale = float | tuple[float, float]
 
 
-def _plan_nuclei(rng: np.random.Generator, size: int, scale: float = 1.0) -> list[dict]:
-    """Nuclei to draw, in drawing order: centre, semi-axes ``a >= b`` (pixels), angle, brightness."""
+def _check_scale(scale: Scale) -> tuple[float, float]:
+    """``(lo, hi)`` of a scale given as one number or as a range; refused outside [0.25, 8]."""
+    lo, hi = (scale, scale) if np.isscalar(scale) else tuple(scale)
+    if not (0.25 <= lo <= hi <= 8.0):
+        raise ConfigError(f"scale (of the nuclei's size) must be a number or a range (lo, hi) with "
+                          f"0.25 <= lo <= hi <= 8, got {scale}")
+    return float(lo), float(hi)
+
+
+def _plan_nuclei(rng: np.random.Generator, size: int, scale: tuple[float, float] = (1.0, 1.0)) -> list[dict]:
+    """Nuclei to draw, in drawing order: centre, semi-axes ``a >= b`` (pixels), angle, brightness.
+    With a range of scales each nucleus draws its own, log-uniformly (one number: no draw)."""
     low, high = _NUCLEI_PER_128
-    n = max(2, int(round(int(rng.integers(low, high + 1)) * (size / 128) ** 2 / scale)))
+    lo, hi = scale
+    n = max(2, int(round(int(rng.integers(low, high + 1)) * (size / 128) ** 2 / np.sqrt(lo * hi))))
     objects: list[dict] = []
     for i in range(n):
-        a = rng.uniform(*NUCLEUS_AXES) * scale
+        own = lo if lo == hi else float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+        a = rng.uniform(*NUCLEUS_AXES) * own
         b = a * rng.uniform(0.6, 1.0)
         obj = {"a": a, "b": b, "theta": rng.uniform(0, np.pi), "level": rng.uniform(145.0, 220.0)}
         if i == 0:
@@ -256,7 +265,7 @@ def _paint_nuclei(objects: list[dict], size: int) -> tuple[np.ndarray, list[np.n
     return owner, domes
 
 
-def make_instance_sample(rng: np.random.Generator, *, size: int = 128, scale: float = 1.0
+def make_instance_sample(rng: np.random.Generator, *, size: int = 128, scale: Scale = 1.0
                          ) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic image of nuclei-like blobs and its exact instance labels.
 
@@ -274,7 +283,9 @@ def make_instance_sample(rng: np.random.Generator, *, size: int = 128, scale: fl
         scale: size of the nuclei: semi-axes times ``scale`` and nuclei per image divided by
             ``scale``, so larger nuclei also cover more of the image (about ``scale`` times as
             much), as crowded real nuclei do; for matching the size of real nuclei. 1 draws
-            exactly what earlier versions drew.
+            exactly what earlier versions drew. A range ``(lo, hi)`` gives each nucleus its own
+            scale, drawn log-uniformly from it, and divides the count by ``sqrt(lo * hi)``:
+            nuclei of mixed sizes in one image.
 
     Returns:
         ``(image, labels)``: ``(size, size)`` uint8 grey levels and ``(size, size)`` uint16
@@ -302,7 +313,7 @@ def make_instance_sample(rng: np.random.Generator, *, size: int = 128, scale: fl
 
 
 def generate_instance_collection(
-    out_dir: str | os.PathLike[str], *, n_images: int = 200, size: int = 128, seed: int = 0, scale: float = 1.0
+    out_dir: str | os.PathLike[str], *, n_images: int = 200, size: int = 128, seed: int = 0, scale: Scale = 1.0
 ) -> list[str]:
     """Write a synthetic instance collection: ``out_dir/images/<id>.png`` and ``out_dir/masks/<id>.png``.
 

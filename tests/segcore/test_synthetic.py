@@ -223,6 +223,26 @@ def test_scale_enlarges_the_nuclei_and_thins_them_out() -> None:
     assert 0.35 < count2 / count1 < 0.65  # half as many nuclei per image
 
 
+def test_a_range_of_scales_mixes_small_and_large_nuclei() -> None:
+    def areas(scale) -> tuple[np.ndarray, float]:
+        found, counts = [], []
+        for stream in np.random.SeedSequence(3).spawn(30):
+            labels = make_instance_sample(np.random.default_rng(stream), size=128, scale=scale)[1]
+            per = np.bincount(labels.ravel())[1:]
+            found += per.tolist()
+            counts.append(per.size)
+        return np.asarray(found), float(np.mean(counts))
+
+    (one, count1), (two, count2), (mixed, count_mixed) = areas(1.0), areas(2.0), areas((1.0, 2.0))
+    # Each nucleus draws its own size: the range's median lies between the ends' medians, and its
+    # small and large quantiles reach towards those of scale 1 and scale 2.
+    assert np.median(one) < np.median(mixed) < np.median(two)
+    assert np.percentile(mixed, 10) < np.percentile(two, 10) * 0.7
+    assert np.percentile(mixed, 90) > np.percentile(one, 90) * 1.4
+    assert count2 < count_mixed < count1  # divided by sqrt(1 * 2)
+    np.testing.assert_array_equal(areas((1.0, 1.0))[0], one)  # an empty range is the number
+
+
 def test_scale_one_draws_what_versions_without_a_scale_drew() -> None:
     """The demo's and the benchmarks' collections stay the same: the digest is of three samples drawn
     before ``scale`` existed (seed sequence 4, 64 px)."""
@@ -233,15 +253,17 @@ def test_scale_one_draws_what_versions_without_a_scale_drew() -> None:
     assert digest.hexdigest() == "236a6c1cf23f28707e72fbe8d1de76a062fd35b6fe8c8237a31481a3aec3ac86"
 
 
-def test_generate_instance_collection_passes_the_scale_on(tmp_path) -> None:
-    ids = generate_instance_collection(tmp_path / "big", n_images=2, size=64, seed=5, scale=1.5)
+@pytest.mark.parametrize("scale", [1.5, (1.0, 1.5)])
+def test_generate_instance_collection_passes_the_scale_on(tmp_path, scale) -> None:
+    ids = generate_instance_collection(tmp_path / "big", n_images=2, size=64, seed=5, scale=scale)
     for image_id, stream in zip(ids, np.random.SeedSequence(5).spawn(2)):
-        expected = make_instance_sample(np.random.default_rng(stream), size=64, scale=1.5)[1]
+        expected = make_instance_sample(np.random.default_rng(stream), size=64, scale=scale)[1]
         np.testing.assert_array_equal(read_mask(tmp_path / "big" / "masks" / f"{image_id}.png"), expected)
 
 
 @pytest.mark.parametrize("kwargs", [{"size": 16}, {"n_images": 0}, {"n_images": 2.5}, {"scale": 0.1},
-                                    {"scale": 9.0}])
+                                    {"scale": 9.0}, {"scale": (2.0, 1.0)}, {"scale": (0.1, 2.0)},
+                                    {"scale": (1.0, 9.0)}])
 def test_generate_instance_collection_rejects_bad_arguments(tmp_path, kwargs):
     with pytest.raises(ConfigError):
         generate_instance_collection(tmp_path / "bad", **kwargs)
