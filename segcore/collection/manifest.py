@@ -62,16 +62,25 @@ MANIFEST_SCHEMA = pa.schema(
 def manifest_hashes_masks(store_path: str) -> bool:
     """Whether the store's manifest records mask hashes (``mask_sha256``); manifests written before
     that column existed recorded masks without them."""
-    return "mask_sha256" in _manifest_file(store_path).schema_arrow.names
+    fs, path = fsio.url_to_fs(fsio.join(store_path, MANIFEST_NAME))
+    try:
+        with fs.open(path, "rb") as f:  # the footer only, not the rows
+            names = pq.read_schema(f).names
+    except FileNotFoundError:
+        raise _no_manifest(store_path) from None
+    return "mask_sha256" in names
+
+
+def _no_manifest(store_path: str) -> StoreError:
+    return StoreError(f"store {store_path!r} has no manifest; its ingest did not finish - run 'segflow ingest' "
+                      "again")
 
 
 def _manifest_file(store_path: str) -> pq.ParquetFile:
-    location = fsio.join(store_path, MANIFEST_NAME)
     try:
-        data = fsio.read_bytes(location)
+        data = fsio.read_bytes(fsio.join(store_path, MANIFEST_NAME))
     except FileNotFoundError:
-        raise StoreError(f"store {store_path!r} has no manifest; its ingest did not finish - run 'segflow ingest' "
-                         "again") from None
+        raise _no_manifest(store_path) from None
     return pq.ParquetFile(pa.BufferReader(data))
 
 

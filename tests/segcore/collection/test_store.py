@@ -23,6 +23,7 @@ from segcore.collection.store import (
     GroupInfo,
     chunk_rows,
     create_store,
+    manifest_hashes_masks,
     open_store,
     plan_groups,
     read_manifest,
@@ -252,6 +253,20 @@ def test_read_manifest_missing(tmp_path: Path) -> None:
     create_store(str(tmp_path / "s.zarr"), [], with_gt=False, mask_kind="class", spec={})
     with pytest.raises(StoreError, match="no manifest"):
         read_manifest(str(tmp_path / "s.zarr"))
+    with pytest.raises(StoreError, match="no manifest"):
+        manifest_hashes_masks(str(tmp_path / "s.zarr"))
+
+
+def test_whether_a_manifest_hashes_masks_is_read_from_its_schema(tmp_path: Path, sources: tuple[Path, Path],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    store, _, final = _ingest(tmp_path, *sources)
+    monkeypatch.setattr(fsio, "read_bytes", lambda location: pytest.fail("the whole manifest was read"))
+    assert manifest_hashes_masks(store)
+    older = [name for name in MANIFEST_SCHEMA.names if not name.startswith("mask_sha256")]
+    pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in older} for r in final],
+                                        schema=pa.schema([MANIFEST_SCHEMA.field(k) for k in older])),
+                   Path(store) / "manifest.parquet")
+    assert not manifest_hashes_masks(store)  # written before masks were hashed
 
 
 def test_store_without_masks(tmp_path: Path, sources: tuple[Path, Path]) -> None:
