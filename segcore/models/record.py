@@ -19,7 +19,10 @@ import hashlib
 import logging
 import os
 import shutil
+import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from segcore import fsio
@@ -95,6 +98,30 @@ def model_file(path: str | os.PathLike[str]) -> str:
     return os.fspath(path) if meta.runtime == "torch" else fsio.join(path, MODEL_FILES[meta.runtime])
 
 
+@contextmanager
+def local_record(path: str | os.PathLike[str]) -> Iterator[str]:
+    """A local path holding the model record ``path``: ``path`` itself when it is local, else a
+    temporary copy (its file, or every file of a directory record, fetched once; removed on exit),
+    so that loading it and hashing it read the object store once, not once each. The record is
+    checked first (:func:`read_model_meta`: a missing one is :class:`~segcore.errors.NotFound`)."""
+    read_model_meta(path)
+    local = fsio.local_path(path)
+    if local is not None:
+        yield local
+        return
+    location = os.fspath(path)
+    with tempfile.TemporaryDirectory(prefix="segflow-model-") as tmp:
+        copy = Path(tmp) / (location.rstrip("/").rsplit("/", 1)[-1] or "model")
+        fs, where = fsio.url_to_fs(location)
+        if fs.isfile(where):
+            copy.write_bytes(fsio.read_bytes(location))
+        else:
+            for rel, source in fsio.tree(location):
+                (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+                (copy / rel).write_bytes(fsio.read_bytes(source))
+        yield str(copy)
+
+
 def model_sha256(path: str | os.PathLike[str]) -> str:
     """Hex sha256 naming a record's content (at a path or URL: the same bytes give the same hash): a
     file's sha256, or for a directory the sha256 of its files' ``relative/path NUL sha256`` lines in
@@ -161,5 +188,5 @@ def describe_model(path: str | os.PathLike[str]) -> dict[str, object]:
             "format_version": meta.format_version}
 
 
-__all__ = ["META_FILE", "MODEL_FILES", "RECORD_SUFFIX", "describe_model", "model_file", "model_sha256",
-           "read_model_meta", "save_model_record"]
+__all__ = ["META_FILE", "MODEL_FILES", "RECORD_SUFFIX", "describe_model", "local_record", "model_file",
+           "model_sha256", "read_model_meta", "save_model_record"]

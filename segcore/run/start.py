@@ -18,7 +18,7 @@ from segcore.collection.store import StoreInfo, open_store
 from segcore.errors import CheckpointError, ConfigError, NotFound
 from segcore.models.checkpoint import ModelMeta
 from segcore.models.predict import compiles, open_predictor
-from segcore.models.record import model_sha256, read_model_meta
+from segcore.models.record import local_record, model_sha256, read_model_meta
 from segcore.run.channels import can_adapt, channel_note
 from segcore.run.context import RunContext
 from segcore.run.plan import RunPlan, effective_precision, make_plan, output_shaping, resolve_tiling
@@ -36,8 +36,13 @@ def preflight(store_path: str, checkpoint: str) -> tuple[ModelMeta, str, StoreIn
     (:mod:`segcore.run.channels`; the images of the other groups become error rows). Returns the
     model's metadata, the record's sha256 (:func:`model_sha256`) and the store."""
     meta = read_model_meta(checkpoint)
-    open_predictor(checkpoint, device="cpu", precision="fp32")  # raises CheckpointError if it does not load
-    sha = model_sha256(checkpoint)
+    with local_record(checkpoint) as local:  # a model at a URL is fetched once for both
+        try:
+            open_predictor(local, device="cpu", precision="fp32")  # raises CheckpointError if it does not load
+        except CheckpointError as exc:  # named as the user named it, not as the copy
+            exc.args = (str(exc).replace(local, str(checkpoint)),)
+            raise
+        sha = model_sha256(local)  # the content's hash: the same for the copy
     store = open_store(store_path)
     if meta.input_axes not in ("bcyx", "bczyx"):
         raise CheckpointError(f"the model takes input axes {meta.input_axes!r}; segflow feeds 2-D images as bcyx "

@@ -26,10 +26,10 @@ from segcore.models import create_model
 from segcore.models.checkpoint import ModelMeta, load_checkpoint, read_meta, save_checkpoint
 from segcore.models.importing import import_model
 from segcore.models.predict import open_predictor
-from segcore.models.record import model_sha256, read_model_meta
+from segcore.models.record import local_record, model_sha256, read_model_meta
 from segcore.normalise import Normalisation
 from segcore.run.results import open_run
-from segcore.run.start import start_run
+from segcore.run.start import preflight, start_run
 from segcore.run.units import segment_unit, unit_rows
 
 META = ModelMeta(arch="unet", arch_kwargs={"base": 4, "depth": 2}, class_names=("bg", "a", "b"), in_channels=1,
@@ -127,6 +127,26 @@ def test_a_checkpoint_at_a_url_reads_hashes_and_loads_as_its_local_copy(on_s3) -
     np.testing.assert_array_equal(open_predictor(url).labels(images), open_predictor(local).labels(images))
 
 
+def test_preflight_fetches_a_model_at_a_url_once(on_s3, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading the model and hashing it both need its bytes: the object is read once for both."""
+    import segcore.models.record as record
+    url, fetched = on_s3["ckpt_url"], []
+    real_read, real_hash = fsio.read_bytes, record.file_sha256
+    monkeypatch.setattr(fsio, "read_bytes", lambda where: fetched.append(str(where)) or real_read(where))
+    monkeypatch.setattr(record, "file_sha256", lambda where: fetched.append(str(where)) or real_hash(where))
+    meta, sha, _ = preflight(on_s3["store_url"], url)
+    assert fetched.count(url) == 1
+    assert meta == META and sha == fsio.file_sha256(on_s3["ckpt"])
+    broken = f"{on_s3['bucket']}/models/broken.safetensors"  # a record whose weights do not fit its metadata
+    save_checkpoint(on_s3["tmp"] / "b.safetensors", create_model("unet", in_channels=1, num_classes=3, base=8,
+                                                                  depth=2), META)
+    _upload(on_s3["tmp"] / "b.safetensors", broken)
+    with pytest.raises(CheckpointError, match=f"weights in '{broken}' do not fit"):
+        preflight(on_s3["store_url"], broken)
+    with pytest.raises(NotFound, match="does not exist"):
+        preflight(on_s3["store_url"], f"{on_s3['bucket']}/models/none.safetensors")
+
+
 def test_a_directory_record_at_a_url_reads_hashes_and_predicts_as_its_local_copy(on_s3) -> None:
     tmp = on_s3["tmp"]
     torch.jit.trace(torch.nn.Conv2d(1, 2, 3, padding=1).eval(), torch.zeros(1, 1, 8, 8)).save(str(tmp / "n.pt"))
@@ -134,6 +154,9 @@ def test_a_directory_record_at_a_url_reads_hashes_and_predicts_as_its_local_copy
     url = _upload(tmp / "n.segflow", f"{on_s3['bucket']}/models/n.segflow")
     assert read_model_meta(url) == read_model_meta(tmp / "n.segflow")
     assert model_sha256(url) == model_sha256(tmp / "n.segflow")
+    with local_record(url) as copy:
+        assert model_sha256(copy) == model_sha256(url) and read_model_meta(copy) == read_model_meta(url)
+    assert not Path(copy).exists()  # the copy is removed
     images = np.random.default_rng(1).integers(0, 256, (2, 9, 7, 1), dtype=np.uint8)
     np.testing.assert_array_equal(open_predictor(url, precision="fp32").labels(images),
                                   open_predictor(tmp / "n.segflow", precision="fp32").labels(images))
