@@ -55,6 +55,7 @@ def preflight(store_path: str, checkpoint: str) -> tuple[ModelMeta, str, StoreIn
             + ("only semantic volumetric models are supported" if meta.kind != "semantic" else
                f"groups {', '.join(blocked)} store their images or slices in square blocks (larger than "
                "--tile-chunk); ingest again with --tile-chunk 0"))
+    check_normalisation(meta)
     check_channels(store, model_channels=meta.in_channels)
     if store.has_gt and store.mask_kind == "instance" and meta.num_classes != 2:
         raise CheckpointError(
@@ -62,6 +63,24 @@ def preflight(store_path: str, checkpoint: str) -> tuple[ModelMeta, str, StoreIn
             f"{meta.num_classes} classes; ingest class masks with --mask-kind class"
         )
     return meta, sha, store
+
+
+def check_normalisation(meta: ModelMeta) -> None:
+    """Raise :class:`~segcore.errors.CheckpointError` when the model's stored normalisation could not
+    be applied to any image: a ``zscore`` or ``ct`` scheme without its fitted values (a
+    record made through the Python API without fitting), or per-channel values for another number of
+    channels than the model takes."""
+    norm = meta.normalisation
+    if not norm.fitted:
+        raise CheckpointError(
+            f"the model's {norm.mode!r} normalisation has no fitted values (mean/std"
+            + (", clip bounds" if norm.mode == "ct" else "") + "); every image would fail. Fit it on the "
+            "training images (segcore.normalise_fit.fit_normalisation, as 'segflow train' does) and save "
+            "the model again")
+    for name, values in (("mean/std", norm.mean), ("clip bound", norm.clip_low)):
+        if values is not None and len(values) != meta.in_channels:
+            raise CheckpointError(f"the model's normalisation has {len(values)} {name} value(s) per pixel but the "
+                                  f"model takes {meta.in_channels} channel(s); the record is inconsistent")
 
 
 def check_channels(store: StoreInfo, *, model_channels: int) -> None:

@@ -12,7 +12,7 @@ import torch
 
 from segcore.models.checkpoint import ModelMeta, save_checkpoint
 from segcore.fsio import file_sha256
-from segcore.errors import ConfigError, StoreError
+from segcore.errors import CheckpointError, ConfigError, StoreError
 from segcore.collection.imageio import write_png
 from segcore.models import create_model
 from segcore.models.predict import TorchPredictor, load_predictor, resolve_device
@@ -279,3 +279,21 @@ def test_tta_of_an_instance_model_is_refused_even_without_tiling(small_store, tm
                            create_model("maskrcnn_r18", in_channels=1, num_classes=2, **kwargs), meta)
     with pytest.raises(ConfigError, match="semantic models only"):
         start_run(small_store["store"], str(ckpt), str(tmp_path / "r"), device="cpu", tta=True, tile_size=0)
+
+
+@pytest.mark.parametrize("norm, match", [
+    (Normalisation(mode="zscore"), "'zscore' normalisation has no fitted values"),
+    (Normalisation(mode="ct", mean=(50.0,), std=(20.0,)), "'ct' normalisation has no fitted values"),
+    (Normalisation(mode="zscore", mean=(1.0, 2.0), std=(1.0, 1.0)), "2 mean/std value.*takes 1 channel"),
+    (Normalisation(mode="ct", mean=(1.0,), std=(1.0,), clip_low=(0.0, 0.0), clip_high=(9.0, 9.0)),
+     "2 clip bound value.*takes 1 channel"),
+])
+def test_a_model_whose_normalisation_cannot_be_applied_is_refused_before_any_work(small_store, tmp_path, norm,
+                                                                                  match):
+    """A record made through the Python API without fitting its normalisation would turn every image
+    into an error row: it is refused up front, and no run directory is made."""
+    ckpt = save_checkpoint(tmp_path / "unfit.safetensors", create_model("unet", in_channels=1, num_classes=2, base=4,
+                                                                        depth=2), META.model_copy(update={"normalisation": norm}))
+    with pytest.raises(CheckpointError, match=match):
+        start_run(small_store["store"], str(ckpt), str(tmp_path / "run"), device="cpu")
+    assert not (tmp_path / "run").exists()
