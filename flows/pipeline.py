@@ -27,6 +27,7 @@ from segcore.lease import Lease, run_dir_lease
 from segcore.metrics.summary import render_markdown, summarise_dice, summarise_instances, summarise_volumes
 from segcore.models.checkpoint import ModelMeta
 from segcore.models.record import model_sha256
+from segcore.run.blocks import saved_blocks
 from segcore.run.context import RunContext
 from segcore.run.plan import RunPlan, check_alignment
 from segcore.run.results import open_run
@@ -139,7 +140,8 @@ def _segment_held(spec: SegmentSpec) -> dict[str, Any]:
     n_done = sum(u.name in done for u in plan.units)
     todo = [u for u in plan.units if u.window is None and u.name not in done]
     schedule = TiledSchedule(plan, done, instance=meta.kind == "instance",
-                             shapes={g.name: (g.height, g.width) for g in store.groups})
+                             shapes={g.name: (g.height, g.width) for g in store.groups},
+                             saved=saved_blocks(spec.out) if meta.kind == "instance" and plan.tiled_images else None)
     log.info("segment: run %s, %d unit(s), %d already done, %d to do (%d images)%s", ctx.run_id, len(plan.units),
              n_done, len(plan.units) - n_done, sum(u.n_images for u in todo),
              f"; {len(plan.tiled_images)} large image(s) in {len(schedule.units)} blocks, tiles "

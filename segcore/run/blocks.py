@@ -144,6 +144,12 @@ def save_block(run_dir: str, unit: WorkUnit, block: BlockObjects) -> str:
     return path
 
 
+def saved_blocks(run_dir: str) -> set[str]:
+    """The units whose objects :func:`save_block` wrote into ``run_dir`` (one listing)."""
+    return {loc.rsplit("/", 1)[-1][:-len(".npz")]
+            for loc in fsio.list_files(fsio.join(run_dir, "blocks"), suffix=".npz", recursive=False)}
+
+
 def load_block(run_dir: str, unit_name: str) -> BlockObjects:
     """The objects :func:`save_block` wrote for ``unit_name``."""
     with np.load(io.BytesIO(fsio.read_bytes(_block_location(run_dir, unit_name)))) as z:

@@ -5,7 +5,9 @@ lives here:
 
 - semantic models: every block without a done-record is segmented; an image is finished when a
   block of it was segmented now, or when it has no done-record;
-- instance models: every block without a detection record is detected; a block detected anew
+- instance models: every block without a detection record is detected (or whose saved objects
+  are gone while its image still needs them: a block of it to paste, or the image to finish); a
+  block detected anew
   changes the instance ids of its image, so every block of that image is pasted again; ids are
   handed out block by block in plan order (:func:`first_ids`); a block is pasted from the saved
   objects of every block that can reach into it (:func:`reaching_units`).
@@ -14,7 +16,7 @@ lives here:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 from segcore.run.context import BlockRecord, DetectRecord, Record
 from segcore.run.plan import RunPlan, WorkUnit, image_part
@@ -58,18 +60,29 @@ class TiledSchedule:
         done: the run's done-records by marker (:func:`segcore.run.rundir.done_records`).
         instance: whether the model is an instance model (two passes per block).
         shapes: ``(height, width)`` of the images of each tiled group.
+        saved: instance models: the units whose objects are saved in the run directory
+            (:func:`segcore.run.blocks.saved_blocks`); None takes every detection record's as saved.
     """
 
     def __init__(self, plan: RunPlan, done: Mapping[str, Record], *, instance: bool,
-                 shapes: Mapping[str, tuple[int, int]]) -> None:
+                 shapes: Mapping[str, tuple[int, int]], saved: Collection[str] | None = None) -> None:
         self.plan = plan
         self.units = [u for u in plan.units if u.window is not None]
         self.done = done
         self.instance = instance
         self.shapes = shapes
+        self.saved = saved
 
     def _detected(self, unit: WorkUnit) -> bool:
-        return isinstance(self.done.get(f"{unit.name}.detect"), DetectRecord)
+        """A detection record, and its saved objects while its image still needs them."""
+        if not isinstance(self.done.get(f"{unit.name}.detect"), DetectRecord):
+            return False
+        return self.saved is None or unit.name in self.saved or self._image_complete(unit)
+
+    def _image_complete(self, unit: WorkUnit) -> bool:
+        """Every block of ``unit``'s image pasted and the image finished: its saved objects are not read again."""
+        return (f"image-{image_part(unit.group, unit.start)}" in self.done
+                and all(self._block_done(v) for v in self.plan.blocks_of(unit.group, unit.start)))
 
     def _block_done(self, unit: WorkUnit) -> bool:
         return isinstance(self.done.get(unit.name), BlockRecord)

@@ -182,7 +182,20 @@ def test_instance_model_stitches_blocks(tmp_path: Path) -> None:
     np.testing.assert_array_equal(open_run(out).instances("big"), labels)
     read, _ = read_levels(f"{out}/instances.zarr/{big}")
     np.testing.assert_array_equal(read[1], downsample_mode(labels[None], (1, 2, 2)))
-    # resuming after a lost block redoes that block's detection and every paste of its image
-    (Path(out) / "blocks" / "unit-00005.npz").unlink()
+    # a lost block's objects are not needed once its image is finished: nothing is redone
+    lost = Path(out) / "blocks" / "unit-00005.npz"
+    lost.unlink()
     with_runner(segment_flow, EXECUTION)(spec.segment)
+    assert not lost.exists()
     np.testing.assert_array_equal(open_run(out).instances("big"), labels)
+    # while the image still needs them (here: to be finished again), that block is detected again,
+    # every block of its image pasted again, and the image finished
+    (image_record,) = Path(out, "units").glob(f"image-{big}-*.json")
+    image_record.unlink()
+    with_runner(segment_flow, EXECUTION)(spec.segment)
+    assert lost.exists() and image_record.exists()
+    np.testing.assert_array_equal(open_run(out).instances("big"), labels)
+    again = open_run(out).instance_table().to_pandas()
+    again = again[again.image_id == "big"].sort_values("instance_id")
+    assert again.instance_id.tolist() == sorted(rows.instance_id) and again.area.tolist() == \
+        rows.sort_values("instance_id").area.tolist()
