@@ -181,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "unet3d: the side of its cubic 3-D patches (default 32x64x64)")
     p.add_argument("--schedule", choices=["poly", "cosine", "onecycle"],
                    help="UNet learning-rate schedule (default poly after a 5%% warm-up)")
+    p.add_argument("--largest-region", choices=["auto", "on", "off"],
+                   help="UNet: keep only each image's largest connected foreground region in the model's masks (for "
+                        "one object per image, such as an organ); auto (default) turns it on when it raises the "
+                        "validation mean foreground Dice; stored with the model")
     p.add_argument("--device", help="UNet training device: auto (default: CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
                    help="autocast dtype when training on CUDA (default bf16; fp16 adds a gradient scaler)")
@@ -403,6 +407,11 @@ def train_summary(result: dict[str, Any]) -> str:
     if result.get("normalisation"):
         why = f" [auto: {choice['reason']}]" if choice.get("asked") == "auto" else ""
         lines.append(f"normalisation: {result['normalisation']}{why}")
+    largest = result.get("largest_region") or {}
+    if "val_dice_mean_fg_with" in largest:
+        lines.append(f"largest foreground region of each image: {'kept' if largest['kept'] else 'not kept'} "
+                     f"(validation mean foreground Dice {largest['val_dice_mean_fg_with']:.4f} with it, "
+                     f"{largest['val_dice_mean_fg_without']:.4f} without; --largest-region {largest['choice']})")
     return "\n".join(lines)
 
 
@@ -525,7 +534,8 @@ def _flow(args: argparse.Namespace) -> str:
                                   crop_size=args.crop_size, normalisation=args.normalisation,
                                   time_budget_s=args.time_budget, val_split=args.val_split,
                                   group_pattern=args.group_pattern, patch_size=args.patch_size,
-                                  schedule=args.schedule, device=args.device, precision=args.precision,
+                                  schedule=args.schedule, largest_region=args.largest_region,
+                                  device=args.device, precision=args.precision,
                                   init=args.init))
         return train_summary(with_runner(train_flow, spec.execution)(spec))
     if args.command == "demo":

@@ -254,6 +254,9 @@ class TrainSpec(_Spec):
                                                            "patches (default 32x64x64).")
     schedule: Literal["onecycle", "poly", "cosine"] | None = Field(
         None, description="UNet learning-rate schedule (default poly with a 5 % linear warm-up).")
+    largest_region: Literal["auto", "on", "off"] | None = Field(
+        None, description="UNet: keep only each image's largest connected foreground region in the model's masks; "
+                          "auto (default) turns it on when it raises the validation mean foreground Dice.")
     device: DeviceChoice = Field(
         "auto", description="UNet training device: auto (CUDA when present), cpu, cuda or cuda:N.")
     precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Autocast dtype on CUDA (CPU runs fp32).")
@@ -281,6 +284,8 @@ class TrainSpec(_Spec):
             raise ValueError("val_split 'group' needs a group_pattern (a regular expression on the image ids)")
         if self.kind == "instance" and self.val_split not in ("auto", "random"):
             raise ValueError("instance models hold out a random validation split; leave val_split at auto")
+        if self.largest_region is not None and self.kind == "instance":
+            raise ValueError("largest_region applies to semantic models only")
         if self.val_fraction == 0 and self.kind != "instance":
             raise ValueError("val_fraction 0 (no validation) applies to instance models only; "
                              "the UNet keeps its best epoch by validation Dice")

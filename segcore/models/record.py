@@ -169,8 +169,19 @@ def describe_model(path: str | os.PathLike[str]) -> dict[str, object]:
     output contract and the record's own sha256. JSON-able."""
     meta = read_model_meta(path)
     if meta.kind == "semantic":
-        contract = (f"(N, {meta.num_classes}, H, W) float logits for (N, {meta.in_channels}, H, W) float32 inputs; "
-                    f"masks are their argmax: (H, W) {'uint8' if meta.num_classes <= 256 else 'uint16'} class ids")
+        rule = meta.output
+        dtype = "uint8" if meta.num_classes <= 256 else "uint16"
+        if rule.rule == "threshold":
+            contract = (f"(N, 1, H, W) float output for (N, {meta.in_channels}, H, W) float32 inputs"
+                        + (f", then {len(rule.steps)} postprocessing step(s)" if rule.steps else "")
+                        + f"; masks are class 1 where it exceeds {rule.threshold:g}: (H, W) {dtype} class ids")
+        else:
+            contract = (f"(N, {meta.num_classes}, H, W) float logits for (N, {meta.in_channels}, H, W) float32 inputs"
+                        + (f", then {len(rule.steps)} postprocessing step(s)" if rule.steps else "")
+                        + f"; masks are their argmax: (H, W) {dtype} class ids")
+        if rule.largest_region:
+            contract += ("; only the largest connected foreground region of each image is kept (whole images; "
+                         "blocks of tiled images without it)")
     else:
         overlap = meta.arch_kwargs.get("overlap_threshold")
         pasting = ("higher scores win overlaps" if overlap is None else

@@ -7,7 +7,9 @@ A semantic model's images go through three stages, batch by batch:
 2. **forward**: :meth:`Predictor.stage` puts the batch on the device (on CUDA: a non-blocking copy
    on a side stream), :meth:`Predictor.logits` runs the model, and the argmax and, for images with
    ground truth, the confusion matrix (``[image, gt class, predicted class]`` pixel counts) are
-   computed where the logits are, so that only the labels and a few integers leave the device;
+   computed where the logits are, so that only the labels and a few integers leave the device (a
+   model whose output rule keeps each image's largest foreground region has its labels go through
+   that on the host first, :func:`segcore.models.outputs.keep_largest_region`);
 3. **collect**: the labels and counts of batch *k-1* are copied back (on CUDA asynchronously, into
    pinned buffers) and stored while batch *k* is still running on the device.
 
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 import torch
 
+from segcore.models.outputs import keep_largest_region
 from segcore.normalise import Stats
 from segcore.tiling import flip_tta
 
@@ -166,6 +169,7 @@ def stream_labels(predictor: Predictor, images: np.ndarray, *, batch_size: int |
     out = np.empty(images.shape[:-1], dtype=predictor.label_dtype)
     confusion = np.zeros((n, k, k), dtype=np.int64) if gt is not None else None
     logits_of = flip_tta(predictor.logits) if tta else predictor.logits
+    largest = predictor.meta.output.largest_region and predictor.spatial_dims == 2
     source = _batches(predictor, images, gt, scored, step, stats, pin=cuda)
     reader = _ReadAhead(source, depth) if depth > 0 else None
     pending: _Pending | None = None
@@ -182,6 +186,8 @@ def stream_labels(predictor: Predictor, images: np.ndarray, *, batch_size: int |
             for batch in (reader if reader is not None else source):
                 logits = logits_of(predictor.stage(batch.x))
                 labels = logits.argmax(dim=1).to(torch.int32 if wide else torch.uint8)
+                if largest:  # on the host (a connected-component pass), then back where the logits are
+                    labels = torch.from_numpy(keep_largest_region(labels.cpu().numpy())).to(labels.device)
                 cm = None
                 if batch.gt is not None:
                     every = len(batch.scored) == len(labels)

@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 def preflight(store_path: str, checkpoint: str) -> tuple[ModelMeta, str, StoreInfo]:
     """Fail fast, before fan-out: the model record (any runtime) readable and its model loading (weights
     fitting the architecture, TorchScript/ONNX graph readable), its declared input axes those of
-    segflow (``bcyx``; ``bczyx`` for a volumetric model, whose store must hold no blocked groups), and
+    segflow (``bcyx``; ``bczyx`` for a volumetric model, whose store must hold no blocked groups), its
+    normalisation applicable (:func:`check_normalisation`) and its output rule one segflow applies, and
     at least one store group whose channels the channel policy can feed to the model
     (:mod:`segcore.run.channels`; the images of the other groups become error rows). Returns the
     model's metadata, the record's sha256 (:func:`model_sha256`) and the store."""
@@ -43,6 +44,10 @@ def preflight(store_path: str, checkpoint: str) -> tuple[ModelMeta, str, StoreIn
             exc.args = (str(exc).replace(local, str(checkpoint)),)
             raise
         sha = model_sha256(local)  # the content's hash: the same for the copy
+    check_normalisation(meta)
+    if meta.output.largest_region and meta.spatial_dims != 2:
+        raise CheckpointError("the model's output rule keeps the largest foreground region of each image, which "
+                              "segflow applies to 2-D models only; this one is volumetric")
     store = open_store(store_path)
     if meta.input_axes not in ("bcyx", "bczyx"):
         raise CheckpointError(f"the model takes input axes {meta.input_axes!r}; segflow feeds 2-D images as bcyx "
@@ -55,7 +60,6 @@ def preflight(store_path: str, checkpoint: str) -> tuple[ModelMeta, str, StoreIn
             + ("only semantic volumetric models are supported" if meta.kind != "semantic" else
                f"groups {', '.join(blocked)} store their images or slices in square blocks (larger than "
                "--tile-chunk); ingest again with --tile-chunk 0"))
-    check_normalisation(meta)
     check_channels(store, model_channels=meta.in_channels)
     if store.has_gt and store.mask_kind == "instance" and meta.num_classes != 2:
         raise CheckpointError(
@@ -104,7 +108,6 @@ def check_channels(store: StoreInfo, *, model_channels: int) -> None:
                      g.channels, channel_note(g.channels, model_channels=model_channels))
 
 
-
 def start_run(store_path: str, checkpoint: str, out: str, *, tile_size: int | None = None, overlap: int | None = None,
               blend: str = "gaussian", tta: bool = False, precision: str = "bf16", batch_size: int = 8,
               device: str = "auto", num_threads: int | None = None, compile: bool = False,
@@ -122,6 +125,10 @@ def start_run(store_path: str, checkpoint: str, out: str, *, tile_size: int | No
         raise ConfigError("test-time augmentation (--tta) applies to semantic models only")
     tiling = resolve_tiling(meta, tile_size=tile_size, overlap=overlap, blend=blend, tta=tta)
     plan = make_plan(store, tiling)
+    if meta.output.largest_region and plan.tiled_images:
+        log.warning("%d large image(s) are segmented in blocks, without the model's rule of keeping each image's "
+                    "largest foreground region (it applies to whole images); --tile-size 0 segments them whole",
+                    len(plan.tiled_images))
     groups = store.groups if tiling else [dataclasses.replace(g, tile=0) for g in store.groups]
     compiled = compile and compiles(meta)
     info = prepare_run(out, store_path=store_path, store_id=store.store_id, checkpoint=checkpoint,

@@ -49,6 +49,8 @@ class TrainResult:
         best_val: the best epoch's validation figures (e.g. ``{"val_dice": {class: Dice}}``).
         normalisation: how inputs are normalised, in words (fitted values included), and how it
             was chosen (``normalisation_choice``).
+        largest_region: semantic 2-D models: whether the masks keep only each image's largest
+            foreground region, and the validation figures it was decided by (the provenance's record).
     """
 
     checkpoint: str
@@ -60,6 +62,7 @@ class TrainResult:
     best_val: dict[str, Any] | None = None
     normalisation: str = ""
     normalisation_choice: dict[str, Any] | None = None
+    largest_region: dict[str, Any] | None = None
 
 
 def epoch_line(record: Mapping[str, Any], *, epochs: int) -> str:
@@ -169,6 +172,7 @@ def train_from_store(
     schedule: str | None = None,
     device: str = "cpu",
     precision: str = "fp32",
+    largest_region: str | None = None,
 ) -> TrainResult:
     """Train ``model`` on every labelled image of ``store`` and write the best epoch to ``out``.
 
@@ -199,7 +203,8 @@ def train_from_store(
             provenance records it under ``init`` (path, sha256, classes, ``head_replaced``).
         val_split, group_pattern: semantic models: ``auto`` (``group`` with a pattern, else ``tail``),
             ``random``, ``tail`` or ``group`` (see :func:`segcore.training.recipe.split_indices`).
-        patch_size, schedule: semantic models: the :class:`Recipe` values (``None``: its defaults).
+        patch_size, schedule, largest_region: semantic models: the :class:`Recipe` values (``None``: its
+            defaults).
         device, precision: semantic models: a resolved device (cpu, cuda, cuda:N) and CUDA autocast dtype.
 
     Returns:
@@ -248,7 +253,8 @@ def train_from_store(
         split = val_split if val_split != "auto" else ("group" if group_pattern else "tail")
         recipe = Recipe(device=device, precision=precision, **{k: v for k, v in
                                                                 (("patch_size", None if volumetric else patch_size),
-                                                                 ("schedule", schedule)) if v is not None})
+                                                                 ("schedule", schedule),
+                                                                 ("largest_region", largest_region)) if v is not None})
         if volumetric:
             net, meta, history = train_volumes(images, labels.astype(np.int64), arch=model, class_names=names,
                                                ids=ids, val_split=split, group_pattern=group_pattern, recipe=recipe,
@@ -266,7 +272,8 @@ def train_from_store(
     best_val = {k: v for k, v in meta.provenance.items() if k.startswith("val_") and k not in ("val_ids", "val_split")}
     return TrainResult(checkpoint=str(path), sha256=file_sha256(path), history=history, kind=kind,
                        best_val_score=best, best_epoch=best_epoch, best_val=best_val,
-                       normalisation=describe(meta.normalisation), normalisation_choice=choice)
+                       normalisation=describe(meta.normalisation), normalisation_choice=choice,
+                       largest_region=meta.provenance.get("largest_region"))
 
 
 __all__ = ["TrainResult", "VOLUME_DEFAULTS", "epoch_line", "labelled_volumes", "read_labelled", "train_from_store"]

@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from segcore.errors import ConfigError
-from segcore.metrics.dice import confusion_counts, dice_from_counts
 from segcore.models import MODEL_KINDS, create_model, spatial_dims_of
 from segcore.models.checkpoint import INPUT_AXES, ModelMeta
 from segcore.models.predict import TorchPredictor
@@ -44,6 +43,7 @@ from segcore.training.inputs import RESERVED_ARCH_KEYS, as_nhwc, seeded_split
 from segcore.training.loop import Validation, fit, seeded_torch
 from segcore.training.recipe import PatchSampler, SplitKind, augment, split_indices
 from segcore.training.settings import AUGMENTATIONS, Recipe
+from segcore.training.validation import decide_largest_region, pooled_dice
 
 log = logging.getLogger(__name__)
 
@@ -319,10 +319,7 @@ def fit_semantic_arrays(
     def validate(model: nn.Module) -> Validation:
         predictor = TorchPredictor(model, meta, device=str(device), precision="fp32")
         pred = predictor.labels(x_val, batch_size=max(batch_size, 32) if dims == 2 else 1)
-        # Counts per image; a volume counts as the image of its stacked slices.
-        tp, fp, fn = (c.sum(axis=0) for c in confusion_counts(pred.reshape(len(pred), -1, width),
-                                                              y_val.reshape(len(y_val), -1, width), num_classes))
-        per_class, _ = dice_from_counts(tp, fp, fn)
+        per_class = pooled_dice(pred, y_val, num_classes)
         scores = {"val_dice": {name: float(d) for name, d in zip(class_names, per_class)},
                   "val_dice_mean_fg": float(per_class[1:].mean())}
         summary = ", ".join(f"{name} {d:.3f}" for name, d in zip(class_names[1:], per_class[1:]))
@@ -336,6 +333,8 @@ def fit_semantic_arrays(
         result = fit(model, epochs=epochs, steps_per_epoch=steps, batches=batches, loss=loss, validate=validate,
                      lr=lr, time_budget_s=time_budget_s, progress=progress, started=t0, schedule=recipe.schedule,
                      warmup_fraction=recipe.warmup_fraction, device=device, precision=recipe.precision)
+    meta, largest = decide_largest_region(model, meta, recipe.largest_region, result.best.details["val_dice_mean_fg"],
+                                          x_val=x_val, y_val=y_val, device=device, batch_size=batch_size, dims=dims)
     record = {
         "epochs": int(epochs),
         "epochs_run": len(result.history),
@@ -356,6 +355,7 @@ def fit_semantic_arrays(
         "best_epoch": result.best_epoch,
         "val_dice": result.best.details["val_dice"],
         "val_dice_mean_fg": result.best.details["val_dice_mean_fg"],
+        "largest_region": largest,
         "seconds": round(time.perf_counter() - t0, 3),
         "torch_version": torch.__version__,
         "torch_threads": torch.get_num_threads(),

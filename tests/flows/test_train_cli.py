@@ -32,6 +32,28 @@ def test_unet_options_merge_over_the_defaults(stores) -> None:
     assert meta.provenance["command"].startswith("segflow") and meta.provenance["n_val"] == 1
 
 
+def test_the_largest_region_option_is_stored_decided_and_reported(stores, capsys) -> None:
+    out = Path(stores["root"]) / "largest.safetensors"
+    assert main(["train", "--store", stores["sem"], "--model", "unet", "--out", str(out), "--epochs", "1",
+                 "--base", "4", "--batch-size", "4", "--largest-region", "on"]) == 0
+    meta = read_meta(out)
+    decided = meta.provenance["largest_region"]
+    assert meta.output.largest_region and decided["choice"] == "on" and decided["kept"]
+    assert f"largest foreground region of each image: kept (validation mean foreground Dice " \
+           f"{decided['val_dice_mean_fg_with']:.4f} with it" in capsys.readouterr().out
+    auto = Path(stores["root"]) / "largest-auto.safetensors"
+    assert main(["train", "--store", stores["sem"], "--model", "unet", "--out", str(auto), "--epochs", "1",
+                 "--base", "4", "--batch-size", "4"]) == 0
+    decided = read_meta(auto).provenance["largest_region"]
+    assert decided["choice"] == "auto"
+    assert decided["kept"] == (decided["val_dice_mean_fg_with"] > decided["val_dice_mean_fg_without"])
+    assert read_meta(auto).output.largest_region == decided["kept"]
+    bad = Path(stores["root"]) / "largest-instance.safetensors"
+    assert main(["train", "--store", stores["inst"], "--model", "maskrcnn_r18", "--out", str(bad), "--epochs", "1",
+                 "--val-fraction", "0", "--largest-region", "on"]) == 2
+    assert "largest_region applies to semantic models only" in capsys.readouterr().err and not bad.exists()
+
+
 def test_instance_model_trains_on_everything_with_the_default_score_floor(stores) -> None:
     out = Path(stores["root"]) / "mrcnn.safetensors"
     assert main(["train", "--store", stores["inst"], "--model", "maskrcnn_r18", "--out", str(out), "--epochs", "1",

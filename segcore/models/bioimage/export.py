@@ -94,7 +94,9 @@ def _readme(name: str, meta: Any, sha256: str) -> str:
             f"- classes (output channels, background first): {classes}\n"
             f"- input: {meta.in_channels} channel(s), any size that is a multiple of "
             f"{2 ** int(meta.arch_kwargs.get('depth', 4))} pixels\n"
-            f"- labels: the argmax over the output channels\n"
+            f"- labels: the argmax over the output channels"
+            + (", then only the largest connected foreground region of each image (segflow applies this; "
+               "the package's tensors are the logits before it)" if meta.output.largest_region else "") + "\n"
             f"- segflow checkpoint sha256: {sha256}\n\n"
             "## Validation\n\nThe test tensors were computed by segflow; the package passes bioimageio.spec "
             "validation and the bioimageio.core model test.\n\n"
@@ -171,7 +173,8 @@ def build_package_folder(checkpoint: str | os.PathLike[str], folder: Path, *, au
         "config": {"segflow": {"arch": meta.arch, "arch_kwargs": dict(meta.arch_kwargs),
                                "class_names": list(meta.class_names), "in_channels": meta.in_channels,
                                "normalisation": meta.normalisation.model_dump(mode="json"),
-                               "checkpoint_sha256": sha, "output": "argmax"}},
+                               "checkpoint_sha256": sha, "output": "argmax",
+                               "largest_region": meta.output.largest_region}},
     }
     (folder / "rdf.yaml").write_text(yaml.safe_dump(rdf, sort_keys=False))
     return rdf

@@ -163,12 +163,18 @@ def _halo(descr: Any) -> int | None:
     return max(halos) if halos else None
 
 
+def _own_record(descr: Any) -> dict[str, Any]:
+    """``config.segflow`` of a package segflow exported (empty for others)."""
+    config = getattr(descr, "config", None)
+    own = (getattr(config, "model_extra", None) or {}).get("segflow") if config is not None else None
+    return own if isinstance(own, dict) else {}
+
+
 def _normalisation(descr: Any, prescribed: Normalisation) -> Normalisation:
     """A package segflow exported carries its record in ``config.segflow``: its normalisation is
     used when it prescribes the same operations (it differs only by the spec's 1e-6 ``eps``)."""
-    config = getattr(descr, "config", None)
-    own = (getattr(config, "model_extra", None) or {}).get("segflow") if config is not None else None
-    if isinstance(own, dict) and "normalisation" in own:
+    own = _own_record(descr)
+    if "normalisation" in own:
         recorded = Normalisation.model_validate(own["normalisation"])
         if steps_of(recorded) == prescribed.steps:
             return recorded
@@ -191,6 +197,8 @@ def import_bioimageio(package: str | os.PathLike[str], out: str | os.PathLike[st
         descr = load_model_description(rdf)
         prescribed, channels = normalisation_from_inputs(descr.inputs)
         rule, class_names = output_rule_from_outputs(descr.outputs)
+        if _own_record(descr).get("largest_region") is True:  # segflow's own rule, applied after the argmax
+            rule = rule.model_copy(update={"largest_region": True})
         fmt = choose_weights(descr, weights)
         entry = getattr(descr.weights, fmt)
         path = _local_file(entry, rdf.parent, what=fmt)

@@ -19,7 +19,7 @@ from segcore.fsio import file_sha256  # noqa: E402
 from segcore.models.bioimage.export import build_package_folder, export_bioimageio  # noqa: E402
 from segcore.models.bioimage.importer import UnsafeWeights, import_bioimageio  # noqa: E402
 from segcore.models.bioimage.prescribe import UnsupportedPackage  # noqa: E402
-from segcore.models.checkpoint import save_checkpoint  # noqa: E402
+from segcore.models.checkpoint import read_meta, save_checkpoint  # noqa: E402
 from segcore.models.outputs import OutputRule, class_scores  # noqa: E402
 from segcore.models.predict import open_predictor  # noqa: E402
 from segcore.normalise import Normalisation, ScaleRange, ZeroMeanUnitVariance  # noqa: E402
@@ -56,12 +56,32 @@ def test_export_passes_the_zoo_checks_and_imports_back_bitwise(trained: Path, tm
     original = open_predictor(trained).labels(images)
     assert len(np.unique(original)) > 1  # the comparison below is not between empty masks
     record, meta = import_bioimageio(package, tmp_path / "back.safetensors")
-    assert meta.runtime == "torch" and meta.normalisation == Normalisation() and meta.output == OutputRule()
+    assert meta.runtime == "torch" and meta.normalisation == Normalisation()
+    assert meta.output == read_meta(trained).output  # argmax, and the trained model's largest-region rule
     assert meta.source["format"] == "bioimageio:pytorch_state_dict"
     np.testing.assert_array_equal(open_predictor(record).labels(images), original)
     scripted, meta_ts = import_bioimageio(package, tmp_path / "back.segflow", weights="torchscript")
     assert meta_ts.runtime == "torchscript" and meta_ts.input_multiple == 4
     np.testing.assert_array_equal(open_predictor(scripted).labels(images), original)
+
+
+def test_the_largest_region_rule_travels_in_segflows_own_record(trained: Path, tmp_path: Path) -> None:
+    from segcore.models.checkpoint import load_checkpoint
+
+    net, meta = load_checkpoint(trained)
+    ruled = save_checkpoint(tmp_path / "ruled.safetensors", net,
+                            meta.model_copy(update={"output": OutputRule(largest_region=True)}))
+    folder = tmp_path / "pkg"
+    folder.mkdir()
+    rdf = build_package_folder(ruled, folder, authors=["Jane Doe"], license="CC-BY-4.0", name=None,
+                               description=None, sample=None)
+    assert rdf["config"]["segflow"]["largest_region"] is True
+    assert "largest connected foreground region" in (folder / "README.md").read_text()
+    _, back = import_bioimageio(folder, tmp_path / "back.safetensors")
+    assert back.output == OutputRule(largest_region=True)
+    del rdf["config"]  # a package made elsewhere: argmax only
+    (folder / "rdf.yaml").write_text(yaml.safe_dump(rdf, sort_keys=False))
+    assert import_bioimageio(folder, tmp_path / "other.safetensors")[1].output == OutputRule()
 
 
 def _package_with(trained: Path, tmp_path: Path, norm: Normalisation) -> Path:

@@ -1,0 +1,64 @@
+"""Scoring a semantic model on its validation images, and what the scores decide after training.
+
+:func:`pooled_dice` is the figure the semantic trainers keep their best epoch by; after the last
+epoch, :func:`decide_largest_region` uses it to decide whether the model's masks keep only each
+image's largest foreground region (:attr:`segcore.models.outputs.OutputRule.largest_region`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from segcore.errors import ConfigError
+from segcore.metrics.dice import confusion_counts, dice_from_counts
+from segcore.models.checkpoint import ModelMeta
+from segcore.models.predict import TorchPredictor
+
+log = logging.getLogger(__name__)
+
+
+def pooled_dice(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
+    """``(num_classes,)`` Dice per class of ``(N, *spatial)`` predicted labels against the truth,
+    pooled over the images (2 ΣTP / (2 ΣTP + ΣFP + ΣFN)); a volume counts as the image of its
+    stacked slices."""
+    width = truth.shape[-1]
+    tp, fp, fn = (c.sum(axis=0) for c in confusion_counts(pred.reshape(len(pred), -1, width),
+                                                          truth.reshape(len(truth), -1, width), num_classes))
+    return dice_from_counts(tp, fp, fn)[0]
+
+
+def decide_largest_region(model: nn.Module, meta: ModelMeta, choice: str, without: float, *, x_val: np.ndarray,
+                          y_val: np.ndarray, device: torch.device, batch_size: int, dims: int
+                          ) -> tuple[ModelMeta, dict[str, Any]]:
+    """The meta with :attr:`~segcore.models.outputs.OutputRule.largest_region` as ``choice`` says, and
+    what was decided and measured (for the provenance).
+
+    ``auto`` turns the rule on when ``model`` with it scores a higher mean foreground Dice on the
+    validation images (``x_val`` raw, ``y_val`` labels) than ``without`` (the same model's score
+    without it); ``on`` and ``off`` force it. Volumetric models (``dims`` 3) never have it.
+    """
+    if dims != 2:
+        if choice == "on":
+            raise ConfigError("keeping the largest foreground region applies to 2-D models only")
+        return meta, {"choice": choice, "kept": False, "reason": "volumetric model"}
+    if choice == "off":
+        return meta, {"choice": choice, "kept": False}
+    ruled = meta.model_copy(update={"output": meta.output.model_copy(update={"largest_region": True})})
+    pred = TorchPredictor(model, ruled, device=str(device), precision="fp32").labels(x_val,
+                                                                                     batch_size=max(batch_size, 32))
+    per_class = pooled_dice(pred, y_val, meta.num_classes)
+    with_rule = float(per_class[1:].mean())
+    kept = choice == "on" or with_rule > without
+    log.info("largest foreground region of each image: validation mean foreground Dice %.4f with it, %.4f "
+             "without; %s", with_rule, without, "kept" if kept else "not kept")
+    return (ruled if kept else meta), {
+        "choice": choice, "kept": kept, "val_dice_mean_fg_with": with_rule, "val_dice_mean_fg_without": without,
+        "val_dice_with": {name: float(d) for name, d in zip(meta.class_names, per_class)}}
+
+
+__all__ = ["decide_largest_region", "pooled_dice"]
