@@ -95,8 +95,8 @@ def main() -> None:
         from segcore.training import instance as ti
 
         synthetic = work / "synthetic"
-        ends = [matching_scale(mask[:, :half], seed=args.seed) if end == "auto" else float(end)
-                for end in args.pretrain_scale.split(":")]
+        ends = sorted(matching_scale(mask[:, :half], seed=args.seed) if end == "auto" else float(end)
+                      for end in args.pretrain_scale.split(":"))  # 1:auto with auto < 1 is auto:1
         scale = ends[0] if len(ends) == 1 else tuple(ends)
         print("synthetic nuclei at scale " + " to ".join(f"{end:.3f}" for end in ends), flush=True)
         generate_instance_collection(synthetic, n_images=ti.DEMO_INSTANCE_N_IMAGES,

@@ -299,7 +299,8 @@ def _model(args: argparse.Namespace) -> int:
 
             record, meta = import_bioimageio(args.source, args.out, weights=args.weights)
             print(f"model: {record} ({meta.runtime}, {meta.arch}, {meta.num_classes} classes, labels by "
-                  f"{meta.output.rule})\nsource: {meta.source['file']} ({meta.source['format']}) sha256 "
+                  f"{meta.output.rule}{', largest foreground region kept' if meta.output.largest_region else ''})"
+                  f"\nsource: {meta.source['file']} ({meta.source['format']}) sha256 "
                   f"{meta.source['sha256']}")
         elif args.model_command == "import":
             try:

@@ -268,7 +268,7 @@ class TrainSpec(_Spec):
 
     @model_validator(mode="after")
     def _known_model(self) -> "TrainSpec":
-        from segcore.models import MODELS
+        from segcore.models import MODELS, spatial_dims_of
 
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; valid names: {', '.join(sorted(MODELS))}")
@@ -286,6 +286,9 @@ class TrainSpec(_Spec):
             raise ValueError("instance models hold out a random validation split; leave val_split at auto")
         if self.largest_region is not None and self.kind == "instance":
             raise ValueError("largest_region applies to semantic models only")
+        if self.largest_region == "on" and spatial_dims_of(self.model) == 3:
+            raise ValueError("largest_region 'on' applies to 2-D models only; a volumetric model keeps every "
+                             "foreground region")
         if self.val_fraction == 0 and self.kind != "instance":
             raise ValueError("val_fraction 0 (no validation) applies to instance models only; "
                              "the UNet keeps its best epoch by validation Dice")

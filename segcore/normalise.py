@@ -212,6 +212,8 @@ class Normalisation(BaseModel):
             raise ValueError(f"scale must be > 0, got {self.scale}")
         if (self.mean is None) != (self.std is None):
             raise ValueError("give both mean and std, or neither")
+        if self.mean is not None and len(self.mean) != len(self.std):
+            raise ValueError(f"give one std value per mean value, got {len(self.mean)} and {len(self.std)}")
         if self.std is not None and any(s <= 0 for s in self.std):
             raise ValueError(f"std values must be > 0, got {self.std}")
         if self.mode == "window" and (self.window is None or not self.window[0] < self.window[1]):

@@ -213,7 +213,12 @@ Scale = float | tuple[float, float]
 
 def _check_scale(scale: Scale) -> tuple[float, float]:
     """``(lo, hi)`` of a scale given as one number or as a range; refused outside [0.25, 8]."""
-    lo, hi = (scale, scale) if np.isscalar(scale) else tuple(scale)
+    try:
+        lo, hi = (float(scale), float(scale)) if np.isscalar(scale) else (float(scale[0]), float(scale[1]))
+        if not np.isscalar(scale) and len(scale) != 2:
+            raise ValueError
+    except (TypeError, ValueError, IndexError):
+        raise ConfigError(f"scale (of the nuclei's size) must be a number or a range (lo, hi), got {scale!r}") from None
     if not (0.25 <= lo <= hi <= 8.0):
         raise ConfigError(f"scale (of the nuclei's size) must be a number or a range (lo, hi) with "
                           f"0.25 <= lo <= hi <= 8, got {scale}")
@@ -225,7 +230,8 @@ def _plan_nuclei(rng: np.random.Generator, size: int, scale: tuple[float, float]
     With a range of scales each nucleus draws its own, log-uniformly (one number: no draw)."""
     low, high = _NUCLEI_PER_128
     lo, hi = scale
-    n = max(2, int(round(int(rng.integers(low, high + 1)) * (size / 128) ** 2 / np.sqrt(lo * hi))))
+    typical = lo if lo == hi else float(np.sqrt(lo * hi))
+    n = max(2, int(round(int(rng.integers(low, high + 1)) * (size / 128) ** 2 / typical)))
     objects: list[dict] = []
     for i in range(n):
         own = lo if lo == hi else float(np.exp(rng.uniform(np.log(lo), np.log(hi))))

@@ -34,8 +34,9 @@ from segcore.normalise import Normalisation
 log = logging.getLogger(__name__)
 
 #: 2 added ``runtime``, ``source``, ``input_axes``, ``input_multiple``, ``output`` and ``halo`` (all
-#: defaulted: version 1 records read as torch-runtime models).
-FORMAT_VERSION = 2
+#: defaulted: version 1 records read as torch-runtime models); 3 added ``output.largest_region``
+#: (defaulted: earlier records keep every foreground region).
+FORMAT_VERSION = 3
 RUNTIMES = ("torch", "torchscript", "onnx")
 #: ``input_axes`` of a model by its number of spatial axes: images (``bcyx``) or volumes (``bczyx``).
 INPUT_AXES = {2: "bcyx", 3: "bczyx"}

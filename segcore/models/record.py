@@ -111,7 +111,7 @@ def local_record(path: str | os.PathLike[str]) -> Iterator[str]:
         return
     location = os.fspath(path)
     with tempfile.TemporaryDirectory(prefix="segflow-model-") as tmp:
-        copy = Path(tmp) / (location.rstrip("/").rsplit("/", 1)[-1] or "model")
+        copy = Path(tmp) / "model"  # a fixed name: a URL's last part may hold a query string
         fs, where = fsio.url_to_fs(location)
         if fs.isfile(where):
             copy.write_bytes(fsio.read_bytes(location))

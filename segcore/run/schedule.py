@@ -72,17 +72,23 @@ class TiledSchedule:
         self.instance = instance
         self.shapes = shapes
         self.saved = saved
+        blocks: dict[tuple[str, int], list[WorkUnit]] = {}
+        for u in self.units:
+            blocks.setdefault((u.group, u.start), []).append(u)
+        #: Images whose saved objects are read no more: finished, every block pasted and detected.
+        self._complete = {image for image, mine in blocks.items()
+                          if f"image-{image_part(*image)}" in done
+                          and all(self._block_done(u) and self._recorded(u) for u in mine)}
+
+    def _recorded(self, unit: WorkUnit) -> bool:
+        return isinstance(self.done.get(f"{unit.name}.detect"), DetectRecord)
 
     def _detected(self, unit: WorkUnit) -> bool:
-        """A detection record, and its saved objects while its image still needs them."""
-        if not isinstance(self.done.get(f"{unit.name}.detect"), DetectRecord):
+        """A detection record, and its saved objects while its image still needs them (any step of
+        the image left to do: a block to detect or paste, or the image to finish)."""
+        if not self._recorded(unit):
             return False
-        return self.saved is None or unit.name in self.saved or self._image_complete(unit)
-
-    def _image_complete(self, unit: WorkUnit) -> bool:
-        """Every block of ``unit``'s image pasted and the image finished: its saved objects are not read again."""
-        return (f"image-{image_part(unit.group, unit.start)}" in self.done
-                and all(self._block_done(v) for v in self.plan.blocks_of(unit.group, unit.start)))
+        return self.saved is None or unit.name in self.saved or (unit.group, unit.start) in self._complete
 
     def _block_done(self, unit: WorkUnit) -> bool:
         return isinstance(self.done.get(unit.name), BlockRecord)

@@ -37,17 +37,18 @@ def preflight(store_path: str, checkpoint: str) -> tuple[ModelMeta, str, StoreIn
     (:mod:`segcore.run.channels`; the images of the other groups become error rows). Returns the
     model's metadata, the record's sha256 (:func:`model_sha256`) and the store."""
     meta = read_model_meta(checkpoint)
+    check_normalisation(meta)
+    if meta.output.largest_region and (meta.spatial_dims != 2 or meta.kind != "semantic"):
+        raise CheckpointError("the model's output rule keeps the largest foreground region of each image, which "
+                              "segflow applies to 2-D semantic models only; this one is "
+                              + ("volumetric" if meta.spatial_dims != 2 else "an instance model"))
     with local_record(checkpoint) as local:  # a model at a URL is fetched once for both
         try:
             open_predictor(local, device="cpu", precision="fp32")  # raises CheckpointError if it does not load
-        except CheckpointError as exc:  # named as the user named it, not as the copy
-            exc.args = (str(exc).replace(local, str(checkpoint)),)
+            sha = model_sha256(local)  # the content's hash: the same for the copy
+        except (CheckpointError, OSError) as exc:  # named as the user named it, not as the copy
+            exc.args = tuple(a.replace(local, str(checkpoint)) if isinstance(a, str) else a for a in exc.args)
             raise
-        sha = model_sha256(local)  # the content's hash: the same for the copy
-    check_normalisation(meta)
-    if meta.output.largest_region and meta.spatial_dims != 2:
-        raise CheckpointError("the model's output rule keeps the largest foreground region of each image, which "
-                              "segflow applies to 2-D models only; this one is volumetric")
     store = open_store(store_path)
     if meta.input_axes not in ("bcyx", "bczyx"):
         raise CheckpointError(f"the model takes input axes {meta.input_axes!r}; segflow feeds 2-D images as bcyx "
@@ -81,10 +82,12 @@ def check_normalisation(meta: ModelMeta) -> None:
             + (", clip bounds" if norm.mode == "ct" else "") + "); every image would fail. Fit it on the "
             "training images (segcore.normalise_fit.fit_normalisation, as 'segflow train' does) and save "
             "the model again")
-    for name, values in (("mean/std", norm.mean), ("clip bound", norm.clip_low)):
+    for name, values in (("mean", norm.mean), ("std", norm.std), ("clip_low", norm.clip_low),
+                         ("clip_high", norm.clip_high)):
         if values is not None and len(values) != meta.in_channels:
-            raise CheckpointError(f"the model's normalisation has {len(values)} {name} value(s) per pixel but the "
-                                  f"model takes {meta.in_channels} channel(s); the record is inconsistent")
+            raise CheckpointError(f"the model's normalisation has {len(values)} {name} value(s), one per input "
+                                  f"channel is needed, and the model takes {meta.in_channels} channel(s); the record "
+                                  "is inconsistent")
 
 
 def check_channels(store: StoreInfo, *, model_channels: int) -> None:

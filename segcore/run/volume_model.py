@@ -28,7 +28,6 @@ import torch
 
 from segcore.collection.store import StoreInfo, store_root
 from segcore.models.predict import Predictor
-from segcore.models.outputs import keep_largest_region
 from segcore.normalise import Stats, percentile_stats
 from segcore.run.channels import adapt_images
 from segcore.run.context import Tiling
@@ -100,8 +99,6 @@ def volume_slab_labels(predictor: Predictor, images: Any, start: int, stop: int,
                                 window.start, core, tiles, to_input=lambda b: predictor.prepare(b, stats=stats),
                                 blend=blend, overlap=overlap, batch_size=batch_size)
     labels = logits.argmax(axis=0).astype(predictor.label_dtype)
-    if predictor.meta.output.largest_region and predictor.spatial_dims == 2:  # each slice is an image of the model
-        labels = keep_largest_region(labels)
     in_slab = {i - (start - window.start[0]): why for i, why in refused.items()
                if start <= window.start[0] + i < stop}
     labels[list(in_slab)] = 0

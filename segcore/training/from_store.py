@@ -49,8 +49,9 @@ class TrainResult:
         best_val: the best epoch's validation figures (e.g. ``{"val_dice": {class: Dice}}``).
         normalisation: how inputs are normalised, in words (fitted values included), and how it
             was chosen (``normalisation_choice``).
-        largest_region: semantic 2-D models: whether the masks keep only each image's largest
-            foreground region, and the validation figures it was decided by (the provenance's record).
+        largest_region: semantic models: whether the masks keep only each image's largest
+            foreground region, and the validation figures it was decided by (the provenance's record;
+            volumetric models never keep it).
     """
 
     checkpoint: str

@@ -277,6 +277,8 @@ def fit_semantic_arrays(
         images, masks, class_names=class_names, arch_kwargs=arch_kwargs, epochs=epochs, batch_size=batch_size,
         lr=lr, val_fraction=val_fraction, time_budget_s=time_budget_s, noun=noun,
     )
+    if dims != 2 and recipe.largest_region == "on":  # before training, not after it
+        raise ConfigError("keeping the largest foreground region applies to 2-D models only")
     prefix = "img" if dims == 2 else "vol"
     ids = [f"{prefix}_{i}" for i in range(images.shape[0])] if ids is None else list(ids)
     if len(ids) != images.shape[0]:

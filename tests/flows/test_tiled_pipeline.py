@@ -195,6 +195,14 @@ def test_instance_model_stitches_blocks(tmp_path: Path) -> None:
     with_runner(segment_flow, EXECUTION)(spec.segment)
     assert lost.exists() and image_record.exists()
     np.testing.assert_array_equal(open_run(out).instances("big"), labels)
+    # a finished image with one block's objects gone and another block's detection record lost: that
+    # block is detected again, so every block of the image is pasted again, and the gone objects are
+    # needed after all: they are detected again too
+    lost.unlink()
+    (Path(out) / "units" / "unit-00006.detect.json").unlink()
+    with_runner(segment_flow, EXECUTION)(spec.segment)
+    assert lost.exists() and (Path(out) / "units" / "unit-00006.detect.json").exists()
+    np.testing.assert_array_equal(open_run(out).instances("big"), labels)
     again = open_run(out).instance_table().to_pandas()
     again = again[again.image_id == "big"].sort_values("instance_id")
     assert again.instance_id.tolist() == sorted(rows.instance_id) and again.area.tolist() == \

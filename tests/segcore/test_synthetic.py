@@ -257,7 +257,8 @@ def test_generate_instance_collection_passes_the_scale_on(tmp_path, scale) -> No
 
 @pytest.mark.parametrize("kwargs", [{"size": 16}, {"n_images": 0}, {"n_images": 2.5}, {"scale": 0.1},
                                     {"scale": 9.0}, {"scale": (2.0, 1.0)}, {"scale": (0.1, 2.0)},
-                                    {"scale": (1.0, 9.0)}])
+                                    {"scale": (1.0, 9.0)}, {"scale": "big"}, {"scale": (1.0, 1.5, 2.0)},
+                                    {"scale": None}])
 def test_generate_instance_collection_rejects_bad_arguments(tmp_path, kwargs):
     with pytest.raises(ConfigError):
         generate_instance_collection(tmp_path / "bad", **kwargs)

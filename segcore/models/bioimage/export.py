@@ -33,6 +33,7 @@ from segcore.fsio import file_sha256
 from segcore.models.bioimage.prescribe import preprocessing_of
 from segcore.models.bioimage.zoo import zoo, zoo_core
 from segcore.models.checkpoint import load_checkpoint
+from segcore.models.outputs import keep_largest_region
 from segcore.normalise import normalise_batch
 from segcore.synthetic import make_sample
 
@@ -121,7 +122,8 @@ def build_package_folder(checkpoint: str | os.PathLike[str], folder: Path, *, au
     raw = np.ascontiguousarray(image.transpose(2, 0, 1)[None].astype(np.float32))
     np.save(folder / "test_input.npy", raw)
     np.save(folder / "test_output.npy", logits.numpy().astype(np.float32))
-    labels = logits.argmax(dim=1)[0].numpy()
+    labels = logits.argmax(dim=1).numpy()
+    labels = (keep_largest_region(labels) if meta.output.largest_region else labels)[0]  # as segflow's masks
     cover = np.concatenate([display_rgb(image), overlay_rgb(image, labels)], axis=1)
     (folder / "cover.png").write_bytes(png_bytes(cover, colours=None))
     torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, folder / "weights.pt")

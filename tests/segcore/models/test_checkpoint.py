@@ -240,6 +240,15 @@ def test_future_format_version_is_refused(tmp_path: Path) -> None:
         load_checkpoint(path)
 
 
+def test_a_version_2_record_reads_with_every_foreground_region_kept() -> None:
+    from segcore.models.checkpoint import parse_meta
+
+    older = {"format_version": 2, "arch": "unet", "arch_kwargs": {"base": 4, "depth": 2}, "class_names": ["bg", "fg"],
+             "in_channels": 1, "output": {"rule": "argmax", "threshold": 0.5, "steps": []}}
+    meta = parse_meta(json.dumps(older), where="older.safetensors")
+    assert meta.format_version == 2 and not meta.output.largest_region
+
+
 def test_meta_is_frozen_and_strict() -> None:
     meta = _meta()
     with pytest.raises(ValidationError):

@@ -134,18 +134,61 @@ def test_model_info_states_the_rule_and_a_volumetric_model_with_it_is_refused(tm
                            input_axes="bczyx", output=OutputRule(largest_region=True))
     ckpt3 = save_checkpoint(tmp_path / "ruled3d.safetensors", create_model("unet3d", in_channels=1, num_classes=2,
                                                                            base=4, depth=2), volumetric)
-    with pytest.raises(CheckpointError, match="2-D models only"):
+    with pytest.raises(CheckpointError, match="2-D semantic models only; this one is volumetric"):
         preflight(str(tmp_path / "no-store.zarr"), str(ckpt3))
 
 
-def test_slices_of_a_volume_segmented_by_a_2d_model_get_the_rule_slice_by_slice() -> None:
-    from segcore.run.volume_model import volume_slab_labels
+def test_slices_of_a_volume_segmented_by_a_2d_model_get_the_rule_slice_by_slice(tmp_path: Path) -> None:
+    """Through the run seam: a TIFF z-stack ingested as a volume group, segmented by hand unit by unit by
+    a 2-D UNet with the rule and by the same weights without it."""
+    import tifffile
 
-    volume = np.stack([_scene(s, specks=2)[0] for s in range(6)])  # (D, H, W, 1)
-    plain, _ = volume_slab_labels(TorchPredictor(Bright(), META), volume, 1, 5, tiling=None, batch_size=4,
-                                  stats=None)
-    ruled, _ = volume_slab_labels(TorchPredictor(Bright(), RULED), volume, 1, 5, tiling=None, batch_size=4,
-                                  stats=None)
-    assert (plain[:, 20] > 0).sum() == 8
-    np.testing.assert_array_equal(ruled, keep_largest_region(plain))
-    np.testing.assert_array_equal(ruled, np.stack([_scene(s, specks=0)[1] for s in range(1, 5)]))
+    from segcore.collection.sources import pair_sources, probe_sources
+    from segcore.collection.store import chunk_rows, create_store, plan_groups, write_manifest, write_store_chunk
+    from segcore.run.results import open_run
+    from segcore.run.start import start_run
+    from segcore.run.units import segment_unit
+
+    rng = np.random.default_rng(4)
+    (tmp_path / "img").mkdir()
+    tifffile.imwrite(tmp_path / "img" / "stack.ome.tif", rng.integers(0, 255, (6, 32, 32)).astype(np.uint8),
+                     metadata={"axes": "ZYX"})
+    rows = probe_sources(pair_sources(str(tmp_path / "img"), None))
+    groups, planned = plan_groups(rows, chunk_pixels=4 * 32 * 32, max_chunk_images=64)
+    store = str(tmp_path / "s.zarr")
+    create_store(store, groups, with_gt=False, mask_kind="class", spec={})
+    write_manifest(store, [r for c in chunk_rows(planned, groups) for r in write_store_chunk(store, c, threads=1)])
+    torch.manual_seed(3)
+    net = create_model("unet", in_channels=1, num_classes=3, base=4, depth=2).eval()
+    with torch.no_grad():  # a random head labels everything alike: move the background logit so that
+        x = torch.from_numpy(tifffile.imread(tmp_path / "img" / "stack.ome.tif")[:, None] / 255.0).float()
+        logits = net(x)  # about half of the pixels, scattered, are foreground
+        net.head.bias[0] -= float((logits[:, 0] - logits[:, 1:].amax(dim=1)).median())
+    masks = {}
+    for name, meta in (("plain", META), ("ruled", RULED)):
+        meta = meta.model_copy(update={"normalisation": Normalisation(mode="range", scale=255.0)})
+        ckpt = save_checkpoint(tmp_path / f"{name}.safetensors", net, meta)
+        ctx, plan, _, _ = start_run(store, str(ckpt), str(tmp_path / name), batch_size=4, device="cpu")
+        for unit in plan.units:
+            segment_unit(ctx, unit)
+        run = open_run(str(tmp_path / name))
+        masks[name] = np.stack([run.mask(f"stack.ome/z{k:04d}") for k in range(6)])
+    from scipy import ndimage
+    assert max(ndimage.label(m > 0)[1] for m in masks["plain"]) > 1  # several regions: the rule has work to do
+    np.testing.assert_array_equal(masks["ruled"], keep_largest_region(masks["plain"]))
+    assert not np.array_equal(masks["ruled"], masks["plain"])
+
+
+def test_the_rule_on_is_refused_for_a_volumetric_model_before_training() -> None:
+    from segcore.config import TrainSpec
+    from segcore.training.settings import Recipe
+    from segcore.training.volumes import train_volumes
+
+    with pytest.raises(ValueError, match="2-D models only"):
+        TrainSpec(store="s.zarr", out="m.safetensors", model="unet3d", largest_region="on")
+    volumes = np.zeros((2, 8, 16, 16, 1), np.float32)
+    labels = np.zeros((2, 8, 16, 16), np.int64)
+    with pytest.raises(ConfigError, match="2-D models only"):  # refused before any epoch runs
+        train_volumes(volumes, labels, arch="unet3d", class_names=("bg", "a"), arch_kwargs={"base": 4, "depth": 1},
+                      normalisation=Normalisation(), epochs=1, val_fraction=0.5, recipe=Recipe(largest_region="on"),
+                      progress=lambda rec: pytest.fail("an epoch ran"))

@@ -284,9 +284,9 @@ def test_tta_of_an_instance_model_is_refused_even_without_tiling(small_store, tm
 @pytest.mark.parametrize("norm, match", [
     (Normalisation(mode="zscore"), "'zscore' normalisation has no fitted values"),
     (Normalisation(mode="ct", mean=(50.0,), std=(20.0,)), "'ct' normalisation has no fitted values"),
-    (Normalisation(mode="zscore", mean=(1.0, 2.0), std=(1.0, 1.0)), "2 mean/std value.*takes 1 channel"),
+    (Normalisation(mode="zscore", mean=(1.0, 2.0), std=(1.0, 1.0)), "2 mean value.*takes 1 channel"),
     (Normalisation(mode="ct", mean=(1.0,), std=(1.0,), clip_low=(0.0, 0.0), clip_high=(9.0, 9.0)),
-     "2 clip bound value.*takes 1 channel"),
+     "2 clip_low value.*takes 1 channel"),
 ])
 def test_a_model_whose_normalisation_cannot_be_applied_is_refused_before_any_work(small_store, tmp_path, norm,
                                                                                   match):
