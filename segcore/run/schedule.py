@@ -5,12 +5,12 @@ lives here:
 
 - semantic models: every block without a done-record is segmented; an image is finished when a
   block of it was segmented now, or when it has no done-record;
-- instance models: every block without a detection record is detected (or whose saved objects
-  are gone while its image still needs them: a block of it to paste, or the image to finish); a
-  block detected anew
-  changes the instance ids of its image, so every block of that image is pasted again; ids are
-  handed out block by block in plan order (:func:`first_ids`); a block is pasted from the saved
-  objects of every block that can reach into it (:func:`reaching_units`).
+- instance models: every block without a detection record is detected, and so is one whose saved
+  objects are gone while its image still needs them (a block of it to detect or paste, or the
+  image to finish); a block detected anew changes the instance ids of its image, so every block
+  of that image is pasted again; ids are handed out block by block in plan order
+  (:func:`first_ids`); a block is pasted from the saved objects of every block that can reach into
+  it (:func:`reaching_units`).
 """
 
 from __future__ import annotations
