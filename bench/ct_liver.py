@@ -80,7 +80,8 @@ def main() -> None:
         "training_seconds": p.get("seconds"), "train_command_seconds": round(seconds["train"], 1),
         "epochs_run": p.get("epochs_run"), "best_epoch": p.get("best_epoch"),
         "val_split": p.get("val_split"), "val_ids": [p["val_ids"][0], p["val_ids"][-1]],
-        "val_dice_best_epoch": p.get("val_dice"), "torch_threads": p.get("torch_threads"),
+        "val_dice_best_epoch": p.get("val_dice"), "largest_region": p.get("largest_region"),
+        "torch_threads": p.get("torch_threads"),
     }, indent=2))
 
 
