@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="unet", help="registered architecture: unet (default), unet3d (volumes: "
                                                    "trains on the store's labelled volumes), maskrcnn, maskrcnn_r18")
     p.add_argument("--out", required=True, help="checkpoint to write (.safetensors)")
-    p.add_argument("--epochs", type=int, help="passes over the training split (default 50)")
+    p.add_argument("--epochs", type=int, help="passes over the training split (default 50; UNet: each at least "
+                                               "--epoch-patches patches)")
     p.add_argument("--val-fraction", type=float,
                    help="fraction held out for validation (default 0.15; instance models: 0 = none, keep the "
                         "last epoch)")
@@ -181,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "unet3d: the side of its cubic 3-D patches (default 32x64x64)")
     p.add_argument("--schedule", choices=["poly", "cosine", "onecycle"],
                    help="UNet learning-rate schedule (default poly after a 5%% warm-up)")
+    p.add_argument("--epoch-patches", type=int, metavar="N", dest="min_epoch_patches",
+                   help="UNet: patches drawn per epoch at least (default 256, so that a small collection still gets "
+                        "16 optimiser steps per epoch; an epoch draws one patch per training image when they are "
+                        "more; 0: always one per training image)")
     p.add_argument("--largest-region", choices=["auto", "on", "off"],
                    help="UNet: keep only each image's largest connected foreground region in the model's masks (for "
                         "one object per image, such as an organ); auto (default) turns it on when it raises the "
@@ -536,6 +541,7 @@ def _flow(args: argparse.Namespace) -> str:
                                   time_budget_s=args.time_budget, val_split=args.val_split,
                                   group_pattern=args.group_pattern, patch_size=args.patch_size,
                                   schedule=args.schedule, largest_region=args.largest_region,
+                                  min_epoch_patches=args.min_epoch_patches,
                                   device=args.device, precision=args.precision,
                                   init=args.init))
         return train_summary(with_runner(train_flow, spec.execution)(spec))

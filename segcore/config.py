@@ -228,7 +228,8 @@ class TrainSpec(_Spec):
     arch_kwargs: dict[str, Any] | None = Field(
         None, description="Builder options, merged over the kind's defaults, e.g. {'base': 32} for the UNet "
                           "or {'score_threshold': 0.5} for Mask R-CNN.")
-    epochs: int = Field(50, gt=0, description="Passes over the training split (UNet: each as many patches as training images).")
+    epochs: int = Field(50, gt=0, description="Passes over the training split (UNet: each as many patches as training "
+                                              "images, and at least min_epoch_patches).")
     batch_size: int | None = Field(None, gt=0, description="Default 16 (UNet) or 4 (instance models).")
     lr: float | None = Field(None, gt=0, description="Peak learning rate (AdamW, one-cycle schedule).")
     val_fraction: float = Field(
@@ -254,6 +255,10 @@ class TrainSpec(_Spec):
                                                            "patches (default 32x64x64).")
     schedule: Literal["onecycle", "poly", "cosine"] | None = Field(
         None, description="UNet learning-rate schedule (default poly with a 5 % linear warm-up).")
+    min_epoch_patches: int | None = Field(
+        None, ge=0, description="UNet: patches drawn per epoch at least (default 256: a small collection still gets "
+                                "16 optimiser steps per epoch); an epoch draws one per training image when they "
+                                "are more; 0: always one per training image.")
     largest_region: Literal["auto", "on", "off"] | None = Field(
         None, description="UNet: keep only each image's largest connected foreground region in the model's masks; "
                           "auto (default) turns it on when it raises the validation mean foreground Dice.")
@@ -286,6 +291,8 @@ class TrainSpec(_Spec):
             raise ValueError("instance models hold out a random validation split; leave val_split at auto")
         if self.largest_region is not None and self.kind == "instance":
             raise ValueError("largest_region applies to semantic models only")
+        if self.min_epoch_patches is not None and (self.kind == "instance" or spatial_dims_of(self.model) == 3):
+            raise ValueError("min_epoch_patches applies to 2-D semantic models (unet) only")
         if self.largest_region == "on" and spatial_dims_of(self.model) == 3:
             raise ValueError("largest_region 'on' applies to 2-D models only; a volumetric model keeps every "
                              "foreground region")

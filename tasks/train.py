@@ -34,6 +34,6 @@ def train_model(spec: TrainSpec, *, num_threads: int | None, command: str) -> di
         crop_size=spec.crop_size, seed=spec.seed, time_budget_s=spec.time_budget_s,
         normalisation=spec.normalisation, command=command, on_epoch=on_epoch, init=spec.init, val_split=spec.val_split,
         group_pattern=spec.group_pattern, patch_size=spec.patch_size, schedule=spec.schedule,
-        largest_region=spec.largest_region,
+        largest_region=spec.largest_region, min_epoch_patches=spec.min_epoch_patches,
         device=resolve_device(spec.device), precision=spec.precision)
     return dataclasses.asdict(result)

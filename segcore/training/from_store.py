@@ -29,7 +29,7 @@ from segcore.training.init import load_init
 from segcore.training.instance import train_instance
 from segcore.training.semantic import train_semantic
 from segcore.training.volumes import DEFAULT_VOLUME_PATCH, train_volumes
-from segcore.training.settings import Recipe
+from segcore.training.settings import DEFAULT_MIN_EPOCH_PATCHES, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,7 @@ def train_from_store(
     device: str = "cpu",
     precision: str = "fp32",
     largest_region: str | None = None,
+    min_epoch_patches: int | None = None,
 ) -> TrainResult:
     """Train ``model`` on every labelled image of ``store`` and write the best epoch to ``out``.
 
@@ -206,6 +207,8 @@ def train_from_store(
             ``random``, ``tail`` or ``group`` (see :func:`segcore.training.recipe.split_indices`).
         patch_size, schedule, largest_region: semantic models: the :class:`Recipe` values (``None``: its
             defaults).
+        min_epoch_patches: 2-D semantic models: patches drawn per epoch at least (``None``:
+            :data:`~segcore.training.settings.DEFAULT_MIN_EPOCH_PATCHES`; 0: one per training image).
         device, precision: semantic models: a resolved device (cpu, cuda, cuda:N) and CUDA autocast dtype.
 
     Returns:
@@ -255,7 +258,10 @@ def train_from_store(
         recipe = Recipe(device=device, precision=precision, **{k: v for k, v in
                                                                 (("patch_size", None if volumetric else patch_size),
                                                                  ("schedule", schedule),
-                                                                 ("largest_region", largest_region)) if v is not None})
+                                                                 ("largest_region", largest_region),
+                                                                 ("min_epoch_patches", None if volumetric else
+                                                                  DEFAULT_MIN_EPOCH_PATCHES if min_epoch_patches is None
+                                                                  else min_epoch_patches)) if v is not None})
         if volumetric:
             net, meta, history = train_volumes(images, labels.astype(np.int64), arch=model, class_names=names,
                                                ids=ids, val_split=split, group_pattern=group_pattern, recipe=recipe,

@@ -304,11 +304,12 @@ def fit_semantic_arrays(
     meta = ModelMeta(arch=arch, arch_kwargs=arch_kwargs, class_names=class_names, in_channels=in_channels,
                      normalisation=normalisation, input_axes=INPUT_AXES[dims])
     draw = draws(x_train, y_train, masks[train_idx])
-    steps = math.ceil(n_train / batch_size)
+    per_epoch = max(n_train, recipe.min_epoch_patches)  # patches drawn per epoch
+    steps = math.ceil(per_epoch / batch_size)
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for step in range(steps):
-            x, y = draw(rng, min(batch_size, n_train - step * batch_size))
+            x, y = draw(rng, min(batch_size, per_epoch - step * batch_size))
             x = x.contiguous(memory_format=memory_format)
             if device.type == "cuda":
                 x, y = x.pin_memory(), y.pin_memory()

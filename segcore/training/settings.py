@@ -14,6 +14,9 @@ AUGMENTATIONS: Mapping[str, str] = {
 }
 #: Default training patch side: larger images are sampled in patches, smaller ones taken whole.
 DEFAULT_PATCH_SIZE = 256
+#: Patches per epoch at least, for ``segflow train``'s UNet: a collection of a few dozen images
+#: still gets 16 optimiser steps of 16 patches per epoch (50 epochs: 800 steps).
+DEFAULT_MIN_EPOCH_PATCHES = 256
 
 
 class Recipe(BaseModel):
@@ -23,6 +26,8 @@ class Recipe(BaseModel):
 
     patch_size: int = Field(DEFAULT_PATCH_SIZE, gt=0, description="Training patch side in pixels.")
     fg_fraction: float = Field(1 / 3, ge=0, le=1, description="Share of each batch centred on a foreground pixel.")
+    min_epoch_patches: int = Field(0, ge=0, description="Patches drawn per epoch at least (an epoch draws as many "
+                                                        "as there are training images, or this many if more).")
     augmentation: Literal["flip_rot90", "full"] = "full"
     schedule: Literal["onecycle", "poly", "cosine"] = "poly"
     warmup_fraction: float = Field(0.05, ge=0, lt=1, description="Share of the steps spent warming up.")
@@ -34,4 +39,4 @@ class Recipe(BaseModel):
                             "the validation split's mean foreground Dice (2-D models; volumetric ones: off).")
 
 
-__all__ = ["AUGMENTATIONS", "DEFAULT_PATCH_SIZE", "Recipe"]
+__all__ = ["AUGMENTATIONS", "DEFAULT_MIN_EPOCH_PATCHES", "DEFAULT_PATCH_SIZE", "Recipe"]

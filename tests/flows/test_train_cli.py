@@ -30,6 +30,11 @@ def test_unet_options_merge_over_the_defaults(stores) -> None:
     meta = read_meta(out)
     assert meta.arch_kwargs == {"base": 4, "depth": 3}
     assert meta.provenance["command"].startswith("segflow") and meta.provenance["n_val"] == 1
+    assert meta.provenance["recipe"]["min_epoch_patches"] == 256  # 5 training images: 256 patches an epoch
+    one_pass = Path(stores["root"]) / "unet-one-pass.safetensors"
+    assert main(["train", "--store", stores["sem"], "--model", "unet", "--out", str(one_pass), "--epochs", "1",
+                 "--base", "4", "--batch-size", "4", "--epoch-patches", "0"]) == 0
+    assert read_meta(one_pass).provenance["recipe"]["min_epoch_patches"] == 0
 
 
 def test_the_largest_region_option_is_stored_decided_and_reported(stores, capsys) -> None:

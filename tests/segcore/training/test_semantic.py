@@ -125,6 +125,19 @@ def test_returned_weights_are_those_of_the_best_epoch(tiny_data, tmp_path):
     np.testing.assert_array_equal(TorchPredictor(loaded.eval(), meta).labels(images[val_idx]), pred)
 
 
+@pytest.mark.parametrize("floor, patches", [(0, 7), (5, 7), (10, 10)])
+def test_an_epoch_draws_a_patch_per_training_image_or_the_floor(tiny_data, monkeypatch, floor, patches):
+    import segcore.training.semantic as semantic
+    from segcore.training.settings import Recipe
+
+    drawn = []
+    real = semantic.augment
+    monkeypatch.setattr(semantic, "augment", lambda x, y, rng, full: drawn.append(len(x)) or real(x, y, rng, full=full))
+    _, meta, _ = _train(*tiny_data, epochs=2, recipe=Recipe(min_epoch_patches=floor))  # 7 training images, 1 held out
+    assert meta.provenance["n_train"] == 7 and sum(drawn) == 2 * patches
+    assert max(drawn) <= 4 and meta.provenance["recipe"]["min_epoch_patches"] == floor
+
+
 def test_time_budget_stops_after_the_current_epoch(tiny_data):
     _, meta, history = _train(*tiny_data, epochs=5, time_budget_s=1e-6)
     assert len(history) == 1
