@@ -23,6 +23,7 @@ from segcore.normalise import Normalisation
 from segcore.synthetic import generate_collection
 from segcore.training.from_store import TrainResult, epoch_line, read_labelled, train_from_store
 from segcore.training.semantic import train_semantic
+from segcore.training.settings import DEFAULT_MIN_EPOCH_PATCHES, Recipe
 
 NORM = Normalisation(mode="range", scale=255.0)
 
@@ -74,7 +75,9 @@ def test_trains_the_stores_images_and_writes_a_described_checkpoint(semantic_sto
     images, labels, ids = read_labelled(semantic_store)
     direct, _, _ = train_semantic(images, labels.astype(np.int64), class_names=meta.class_names,
                                   arch_kwargs={"base": 4, "depth": 3}, normalisation=NORM, epochs=2, batch_size=4,
-                                  lr=3e-3, val_fraction=0.34, seed=0, ids=ids, val_split="tail")
+                                  lr=3e-3, val_fraction=0.34, seed=0, ids=ids, val_split="tail",
+                                  recipe=Recipe(min_epoch_patches=DEFAULT_MIN_EPOCH_PATCHES))  # segflow train's floor
+    assert p["recipe"]["min_epoch_patches"] == DEFAULT_MIN_EPOCH_PATCHES
     assert p["val_split"] == "tail" and p["val_ids"] == sorted(ids)[-2:]  # the default: a contiguous hold-out
     expected = direct.state_dict()
     assert all(torch.equal(t, expected[k]) for k, t in model.state_dict().items())
