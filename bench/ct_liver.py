@@ -3,7 +3,10 @@
 per-class Dice pooled over the evaluated slices, what `--normalisation auto` chose and the
 training time, for bench/RESULTS.md.
 
-    .venv/bin/python bench/ct_liver.py [--data ../shared/data/ct-liver] [--workdir DIR]
+    .venv/bin/python bench/ct_liver.py [--data ../shared/data/ct-liver] [--workdir DIR] [-- TRAIN OPTIONS]
+
+Options after ``--`` are added to `segflow train` (recipe experiments, e.g. ``-- --depth 4``); the
+bar's figure is the run without any.
 
 Pooled Dice of a class = 2 sum TP / (2 sum TP + sum FP + sum FN) over the evaluated slices, from
 the run's Dice table (per image and class counts).
@@ -44,7 +47,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "ct-liver"))
     ap.add_argument("--workdir", default=str(ROOT / "bench" / "out" / "ct-liver"))
+    ap.add_argument("train_args", nargs=argparse.REMAINDER,
+                    help="after --: options added to segflow train (default: none, the defaults-only figure)")
     args = ap.parse_args()
+    extra = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
 
     data, work = Path(args.data), Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
@@ -57,7 +63,7 @@ def main() -> None:
     steps = [
         ["ingest", "--images", str(work / "train" / "images"), "--masks", str(work / "train" / "masks"),
          "--store", str(work / "train.zarr")],
-        ["train", "--store", str(work / "train.zarr"), "--out", str(ckpt)],
+        ["train", "--store", str(work / "train.zarr"), "--out", str(ckpt), *extra],
         ["run", "--images", str(work / "eval" / "images"), "--masks", str(work / "eval" / "masks"),
          "--checkpoint", str(ckpt), "--out", str(work / "run")],
     ]
@@ -74,6 +80,7 @@ def main() -> None:
     rows = open_run(str(work / "run")).dice_table().to_pylist()
     pooled = pooled_dice([r for r in rows if r["class_id"] > 0])
     print(json.dumps({
+        "train_options": extra,
         "pooled_dice_z64_95": {k: round(v, 4) for k, v in pooled.items()},
         "normalisation_auto": p.get("normalisation_choice"),
         "normalisation": p.get("normalisation"),
