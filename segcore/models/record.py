@@ -102,18 +102,21 @@ def model_file(path: str | os.PathLike[str]) -> str:
 def local_record(path: str | os.PathLike[str]) -> Iterator[str]:
     """A local path holding the model record ``path``: ``path`` itself when it is local, else a
     temporary copy (its file, or every file of a directory record, fetched once; removed on exit),
-    so that loading it and hashing it read the object store once, not once each. The record is
-    checked first (:func:`read_model_meta`: a missing one is :class:`~segcore.errors.NotFound`)."""
-    read_model_meta(path)
+    so that loading it and hashing it read the object store once, not once each. A missing record
+    is :class:`~segcore.errors.NotFound`; its content is not checked here (callers read its metadata
+    with :func:`read_model_meta` first)."""
+    location = os.fspath(path)
+    fs, where = fsio.url_to_fs(location)
+    is_file = fs.isfile(where)
+    if not is_file and not fs.isdir(where):
+        raise NotFound(f"model {location!r} does not exist")
     local = fsio.local_path(path)
     if local is not None:
         yield local
         return
-    location = os.fspath(path)
     with tempfile.TemporaryDirectory(prefix="segflow-model-") as tmp:
         copy = Path(tmp) / "model"  # a fixed name: a URL's last part may hold a query string
-        fs, where = fsio.url_to_fs(location)
-        if fs.isfile(where):
+        if is_file:
             copy.write_bytes(fsio.read_bytes(location))
         else:
             for rel, source in fsio.tree(location):

@@ -12,7 +12,7 @@ import torch
 from flows.cli import main
 from segcore.errors import CheckpointError, ConfigError, NotFound
 from segcore.models.importing import detect_format, import_model
-from segcore.models.record import META_FILE, model_sha256, read_model_meta
+from segcore.models.record import META_FILE, local_record, model_sha256, read_model_meta
 from segcore.models.predict import open_predictor
 
 
@@ -99,6 +99,10 @@ def test_records_are_read_and_hashed_with_clear_errors(tmp_path):
         read_model_meta(rec)
     with pytest.raises(NotFound):
         read_model_meta(tmp_path / "none")
+    with pytest.raises(NotFound, match="does not exist"), local_record(tmp_path / "none"):
+        pass
+    with local_record(rec) as local:  # a local record is used where it is, whatever it holds
+        assert local == str(rec)
 
 
 def test_model_info_says_what_the_record_holds(tmp_path, capsys):
