@@ -82,8 +82,8 @@ def check_normalisation(meta: ModelMeta) -> None:
             + (", clip bounds" if norm.mode == "ct" else "") + "); every image would fail. Fit it on the "
             "training images (segcore.normalise_fit.fit_normalisation, as 'segflow train' does) and save "
             "the model again")
-    for name, values in (("mean", norm.mean), ("std", norm.std), ("clip_low", norm.clip_low),
-                         ("clip_high", norm.clip_high)):
+    # Normalisation itself refuses std/clip_high of another length than mean/clip_low
+    for name, values in (("mean", norm.mean), ("clip_low", norm.clip_low)):
         if values is not None and len(values) != meta.in_channels:
             raise CheckpointError(f"the model's normalisation has {len(values)} {name} value(s), one per input "
                                   f"channel is needed, and the model takes {meta.in_channels} channel(s); the record "
