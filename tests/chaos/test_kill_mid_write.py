@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.chaos.conftest import (N_UNITS, check_against_clean, chaos_env, done_units, report, segment_args,
+from tests.chaos.conftest import (N_UNITS, check_against_clean, chaos_env, report, segment_args,
                                   start_segflow, unit_starts, wait_until)
 
 pytestmark = pytest.mark.chaos

@@ -124,8 +124,6 @@ def test_a_run_directory_of_another_checkpoint_is_refused(finished, tmp_path):
     spec, _ = finished
     other = tmp_path / "other.safetensors"
     other.write_bytes(Path(spec.segment.checkpoint).read_bytes() + b"")
-    import shutil
-
     from segcore.models.checkpoint import load_checkpoint, save_checkpoint
     model, meta = load_checkpoint(spec.segment.checkpoint)
     for p in model.parameters():
@@ -138,8 +136,6 @@ def test_a_run_directory_of_another_checkpoint_is_refused(finished, tmp_path):
 
 def test_wrong_checkpoint_fails_before_fan_out(finished, tmp_path):
     spec, _ = finished
-    import torch
-
     from segcore.models.checkpoint import ModelMeta, save_checkpoint
     from segcore.models import create_model
     two_channel = create_model("unet", in_channels=2, num_classes=3, base=4, depth=2)

@@ -14,7 +14,6 @@ from PIL import Image
 
 from segcore import figures
 from segcore.models.checkpoint import ModelMeta, save_checkpoint
-from segcore.fsio import file_sha256
 from segcore.collection.imageio import write_png
 from segcore.run.start import start_run
 from segcore.run.units import segment_unit

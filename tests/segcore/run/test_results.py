@@ -8,7 +8,6 @@ import numpy as np
 import pyarrow.compute as pc
 
 from segcore.models.checkpoint import ModelMeta, save_checkpoint
-from segcore.fsio import file_sha256
 from segcore.collection.imageio import write_png
 from segcore.run.start import start_run
 from segcore.run.units import segment_unit

@@ -24,7 +24,7 @@ from segcore.run.rundir import done_records, mask_chunks, read_plan
 from segcore.run.start import start_run
 from segcore.run.units import segment_unit
 from segcore.collection.sources import pair_sources, probe_sources
-from segcore.collection.store import chunk_rows, create_store, open_store, plan_groups, write_manifest, write_store_chunk
+from segcore.collection.store import chunk_rows, create_store, plan_groups, write_manifest, write_store_chunk
 
 META = ModelMeta(arch="unet", arch_kwargs={"base": 4, "depth": 2}, class_names=("bg", "fg"), in_channels=1,
                  normalisation=Normalisation(mode="range", scale=255.0))
