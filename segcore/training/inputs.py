@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any, Mapping, Sequence
+
 import numpy as np
 
 from segcore.errors import ConfigError
@@ -38,4 +41,59 @@ def seeded_split(n: int, n_val: int, seed: int) -> tuple[np.random.Generator, np
     return rng, np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-__all__ = ["RESERVED_ARCH_KEYS", "as_ndhwc", "as_nhwc", "seeded_split"]
+def check_semantic_inputs(
+    images: np.ndarray,
+    masks: np.ndarray,
+    *,
+    class_names: Sequence[str],
+    arch_kwargs: Mapping[str, Any],
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    val_fraction: float,
+    time_budget_s: float | None,
+    noun: str = "image",
+) -> tuple[int, int]:
+    """Validate the arguments of :func:`segcore.training.semantic.fit_semantic_arrays`; returns ``(n_train, n_val)``.
+    ``images`` are channel-last, ``(N, H, W, C)`` images or ``(N, D, H, W, C)`` volumes (``noun``)."""
+    n = images.shape[0]
+    if masks.shape != images.shape[:-1]:
+        layout, sides = (("(N, H, W)", "height and width") if images.ndim == 4
+                         else ("(N, D, H, W)", "depth, height and width"))
+        raise ConfigError(
+            f"masks must be {layout} matching {noun}s {images.shape[:-1]}, got {masks.shape}; "
+            f"give one class map per {noun}, same {sides}"
+        )
+    if not np.issubdtype(masks.dtype, np.integer):
+        raise ConfigError(f"masks must hold integer class labels, got dtype {masks.dtype}")
+    if len(class_names) < 2:
+        raise ConfigError(f"class_names needs background plus at least one class, got {tuple(class_names)}")
+    if masks.size and (int(masks.min()) < 0 or int(masks.max()) >= len(class_names)):
+        raise ConfigError(
+            f"mask labels must lie in [0, {len(class_names)}) for class_names {tuple(class_names)}, "
+            f"got min {int(masks.min())}, max {int(masks.max())}; add the missing class names or fix the masks"
+        )
+    clash = sorted(set(arch_kwargs) & set(RESERVED_ARCH_KEYS))
+    if clash:
+        raise ConfigError(f"arch_kwargs must not set {clash}: they follow from the images and class_names")
+    if int(epochs) != epochs or epochs < 1:
+        raise ConfigError(f"epochs must be a positive integer, got {epochs!r}")
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"lr must be a positive number, got {lr!r}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction!r}")
+    if time_budget_s is not None and not time_budget_s > 0:
+        raise ConfigError(f"time_budget_s must be > 0 seconds or None (no limit), got {time_budget_s!r}")
+    n_val = max(1, int(round(n * val_fraction)))
+    n_train = n - n_val
+    if n_train < 1:
+        raise ConfigError(
+            f"{n} {noun}(s) leave none for training after a validation split of {val_fraction}; "
+            f"give at least 2 {noun}s or lower val_fraction"
+        )
+    return n_train, n_val
+
+
+__all__ = ["RESERVED_ARCH_KEYS", "as_ndhwc", "as_nhwc", "check_semantic_inputs", "seeded_split"]

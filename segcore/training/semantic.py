@@ -39,7 +39,7 @@ from segcore.models.checkpoint import INPUT_AXES, ModelMeta
 from segcore.models.predict import TorchPredictor
 from segcore.normalise import Normalisation, normalise_batch
 from segcore.normalise_fit import describe, fit_normalisation
-from segcore.training.inputs import RESERVED_ARCH_KEYS, as_nhwc, seeded_split
+from segcore.training.inputs import as_nhwc, check_semantic_inputs, seeded_split
 from segcore.training.loop import Validation, fit, seeded_torch
 from segcore.training.recipe import PatchSampler, SplitKind, augment, split_indices
 from segcore.training.settings import AUGMENTATIONS, Recipe
@@ -64,60 +64,6 @@ DEMO_LR = 3e-3
 DEMO_NORMALISATION = Normalisation(mode="range", scale=255.0)
 #: Training stops after the epoch that passes this many seconds.
 DEMO_TIME_BUDGET_S = 120.0
-
-def _check_inputs(
-    images: np.ndarray,
-    masks: np.ndarray,
-    *,
-    class_names: Sequence[str],
-    arch_kwargs: Mapping[str, Any],
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    val_fraction: float,
-    time_budget_s: float | None,
-    noun: str = "image",
-) -> tuple[int, int]:
-    """Validate the arguments of :func:`fit_semantic_arrays`; returns ``(n_train, n_val)``.
-    ``images`` are channel-last, ``(N, H, W, C)`` images or ``(N, D, H, W, C)`` volumes (``noun``)."""
-    n = images.shape[0]
-    if masks.shape != images.shape[:-1]:
-        layout, sides = (("(N, H, W)", "height and width") if images.ndim == 4
-                         else ("(N, D, H, W)", "depth, height and width"))
-        raise ConfigError(
-            f"masks must be {layout} matching {noun}s {images.shape[:-1]}, got {masks.shape}; "
-            f"give one class map per {noun}, same {sides}"
-        )
-    if not np.issubdtype(masks.dtype, np.integer):
-        raise ConfigError(f"masks must hold integer class labels, got dtype {masks.dtype}")
-    if len(class_names) < 2:
-        raise ConfigError(f"class_names needs background plus at least one class, got {tuple(class_names)}")
-    if masks.size and (int(masks.min()) < 0 or int(masks.max()) >= len(class_names)):
-        raise ConfigError(
-            f"mask labels must lie in [0, {len(class_names)}) for class_names {tuple(class_names)}, "
-            f"got min {int(masks.min())}, max {int(masks.max())}; add the missing class names or fix the masks"
-        )
-    clash = sorted(set(arch_kwargs) & set(RESERVED_ARCH_KEYS))
-    if clash:
-        raise ConfigError(f"arch_kwargs must not set {clash}: they follow from the images and class_names")
-    if int(epochs) != epochs or epochs < 1:
-        raise ConfigError(f"epochs must be a positive integer, got {epochs!r}")
-    if int(batch_size) != batch_size or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if not (math.isfinite(lr) and lr > 0):
-        raise ConfigError(f"lr must be a positive number, got {lr!r}")
-    if not 0.0 < val_fraction < 1.0:
-        raise ConfigError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction!r}")
-    if time_budget_s is not None and not time_budget_s > 0:
-        raise ConfigError(f"time_budget_s must be > 0 seconds or None (no limit), got {time_budget_s!r}")
-    n_val = max(1, int(round(n * val_fraction)))
-    n_train = n - n_val
-    if n_train < 1:
-        raise ConfigError(
-            f"{n} {noun}(s) leave none for training after a validation split of {val_fraction}; "
-            f"give at least 2 {noun}s or lower val_fraction"
-        )
-    return n_train, n_val
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -273,7 +219,7 @@ def fit_semantic_arrays(
     if images.ndim != dims + 2:
         layout = "(N, H, W, C) images" if dims == 2 else "(N, D, H, W, C) volumes"
         raise ConfigError(f"model {arch!r} trains on {layout}, got an array of shape {images.shape}")
-    n_train, n_val = _check_inputs(
+    n_train, n_val = check_semantic_inputs(
         images, masks, class_names=class_names, arch_kwargs=arch_kwargs, epochs=epochs, batch_size=batch_size,
         lr=lr, val_fraction=val_fraction, time_budget_s=time_budget_s, noun=noun,
     )
