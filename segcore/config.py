@@ -262,6 +262,11 @@ class TrainSpec(_Spec):
     largest_region: Literal["auto", "on", "off"] | None = Field(
         None, description="UNet: keep only each image's largest connected foreground region in the model's masks; "
                           "auto (default) turns it on when it raises the validation mean foreground Dice.")
+    refit: bool = Field(
+        False, description="UNet: after training with the validation split, train again on every image for the "
+                           "best epoch's number of epochs and keep that model (the validation figures, "
+                           "normalisation and largest-region decision stay those of the split run; training "
+                           "takes about twice as long).")
     device: DeviceChoice = Field(
         "auto", description="UNet training device: auto (CUDA when present), cpu, cuda or cuda:N.")
     precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Autocast dtype on CUDA (CPU runs fp32).")
@@ -291,6 +296,8 @@ class TrainSpec(_Spec):
             raise ValueError("instance models hold out a random validation split; leave val_split at auto")
         if self.largest_region is not None and self.kind == "instance":
             raise ValueError("largest_region applies to semantic models only")
+        if self.refit and self.kind == "instance":
+            raise ValueError("refit applies to semantic models only")
         if self.min_epoch_patches is not None and (self.kind == "instance" or spatial_dims_of(self.model) == 3):
             raise ValueError("min_epoch_patches applies to 2-D semantic models (unet) only")
         if self.largest_region == "on" and spatial_dims_of(self.model) == 3:

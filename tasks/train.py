@@ -23,10 +23,11 @@ def train_model(spec: TrainSpec, *, num_threads: int | None, command: str) -> di
     if num_threads:
         torch.set_num_threads(num_threads)
 
-    def on_epoch(rec: dict) -> None:
-        message = epoch_line(rec, epochs=spec.epochs)
+    def on_epoch(rec: dict) -> None:  # a refit's records say so, with the refit's own epoch count
+        total = rec.get("epochs", spec.epochs)
+        message = epoch_line(rec, epochs=total)
         log.info("%s", message)
-        report("train", rec["epoch"], spec.epochs, message)
+        report(rec.get("stage", "train"), rec["epoch"], total, message)
 
     result = train_from_store(
         store=spec.store, out=spec.out, model=spec.model, class_names=spec.class_names, arch_kwargs=spec.arch_kwargs,
@@ -34,6 +35,6 @@ def train_model(spec: TrainSpec, *, num_threads: int | None, command: str) -> di
         crop_size=spec.crop_size, seed=spec.seed, time_budget_s=spec.time_budget_s,
         normalisation=spec.normalisation, command=command, on_epoch=on_epoch, init=spec.init, val_split=spec.val_split,
         group_pattern=spec.group_pattern, patch_size=spec.patch_size, schedule=spec.schedule,
-        largest_region=spec.largest_region, min_epoch_patches=spec.min_epoch_patches,
+        largest_region=spec.largest_region, min_epoch_patches=spec.min_epoch_patches, refit=spec.refit,
         device=resolve_device(spec.device), precision=spec.precision)
     return dataclasses.asdict(result)

@@ -52,6 +52,8 @@ class TrainResult:
         largest_region: semantic models: whether the masks keep only each image's largest
             foreground region, and the validation figures it was decided by (the provenance's record;
             volumetric models never keep it).
+        refit: semantic models trained with ``refit``: what the refit on every image did (the
+            provenance's record, :func:`segcore.training.validation.refit_on_all`); else ``None``.
     """
 
     checkpoint: str
@@ -64,12 +66,15 @@ class TrainResult:
     normalisation: str = ""
     normalisation_choice: dict[str, Any] | None = None
     largest_region: dict[str, Any] | None = None
+    refit: dict[str, Any] | None = None
 
 
 def epoch_line(record: Mapping[str, Any], *, epochs: int) -> str:
     """One line about a history record: ``epoch 2/10: loss 0.4123, val_f1 0.812, ... (3.1 s)``
     (every float ``val_*`` entry, three decimals; a per-class mapping such as ``val_dice`` as
-    ``val_dice liver 0.912/tumour 0.701``, its first class (background) left out)."""
+    ``val_dice liver 0.912/tumour 0.701``, its first class (background) left out). A refit epoch's
+    record (``"stage": "refit"``, see :func:`segcore.training.validation.refit_on_all`) reads
+    ``refit epoch 2/8: loss 0.3012 (3.0 s)``."""
     parts = []
     for k, v in record.items():
         if k.startswith("val_") and isinstance(v, float):
@@ -77,7 +82,9 @@ def epoch_line(record: Mapping[str, Any], *, epochs: int) -> str:
         elif k.startswith("val_") and isinstance(v, Mapping) and len(v) > 1:  # e.g. val_dice per class, background left out
             parts.append(f"{k} " + "/".join(f"{name} {x:.3f}" for name, x in list(v.items())[1:]))
     scores = ", ".join(parts)
-    return f"epoch {record['epoch']}/{epochs}: loss {record['loss']:.4f}, {scores} ({record['seconds']:.1f} s)"
+    stage = "refit epoch" if record.get("stage") == "refit" else "epoch"
+    return (f"{stage} {record['epoch']}/{epochs}: loss {record['loss']:.4f}{', ' if scores else ''}{scores} "
+            f"({record['seconds']:.1f} s)")
 
 
 def _resolve_normalisation(norm: Normalisation | str, store: str, images: np.ndarray
@@ -175,6 +182,7 @@ def train_from_store(
     precision: str = "fp32",
     largest_region: str | None = None,
     min_epoch_patches: int | None = None,
+    refit: bool = False,
 ) -> TrainResult:
     """Train ``model`` on every labelled image of ``store`` and write the best epoch to ``out``.
 
@@ -209,6 +217,8 @@ def train_from_store(
             defaults).
         min_epoch_patches: 2-D semantic models: patches drawn per epoch at least (``None``:
             :data:`~segcore.training.settings.DEFAULT_MIN_EPOCH_PATCHES`; 0: one per training image).
+        refit: semantic models: after training with the validation split, train again on every image
+            for the best epoch's number of epochs and save that model (``Recipe.refit``).
         device, precision: semantic models: a resolved device (cpu, cuda, cuda:N) and CUDA autocast dtype.
 
     Returns:
@@ -220,6 +230,8 @@ def train_from_store(
         raise ConfigError(f"unknown model {model!r}; valid names: {', '.join(sorted(MODEL_KINDS))}")
     if crop_size is not None and kind != "instance":
         raise ConfigError(f"crop_size applies to instance models only; leave it out for {model!r}")
+    if refit and kind == "instance":
+        raise ConfigError(f"refit applies to semantic models only; leave it out for {model!r}")
     volumetric = kind == "semantic" and spatial_dims_of(model) == 3
     defaults = VOLUME_DEFAULTS if volumetric else train_defaults(kind)
     mask_kind = open_store(store).mask_kind
@@ -255,7 +267,7 @@ def train_from_store(
             labels = (labels > 0).astype(labels.dtype)
         names = tuple(class_names or ("background",) + tuple(f"class_{k}" for k in range(1, int(labels.max()) + 1)))
         split = val_split if val_split != "auto" else ("group" if group_pattern else "tail")
-        recipe = Recipe(device=device, precision=precision, **{k: v for k, v in
+        recipe = Recipe(device=device, precision=precision, refit=refit, **{k: v for k, v in
                                                                 (("patch_size", None if volumetric else patch_size),
                                                                  ("schedule", schedule),
                                                                  ("largest_region", largest_region),
@@ -280,7 +292,7 @@ def train_from_store(
     return TrainResult(checkpoint=str(path), sha256=file_sha256(path), history=history, kind=kind,
                        best_val_score=best, best_epoch=best_epoch, best_val=best_val,
                        normalisation=describe(meta.normalisation), normalisation_choice=choice,
-                       largest_region=meta.provenance.get("largest_region"))
+                       largest_region=meta.provenance.get("largest_region"), refit=meta.provenance.get("refit"))
 
 
 __all__ = ["TrainResult", "VOLUME_DEFAULTS", "epoch_line", "labelled_volumes", "read_labelled", "train_from_store"]

@@ -22,6 +22,7 @@ The ``DEMO_*`` constants are the settings ``segflow demo`` uses with the synthet
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -40,10 +41,10 @@ from segcore.models.predict import TorchPredictor
 from segcore.normalise import Normalisation, normalise_batch
 from segcore.normalise_fit import describe, fit_normalisation
 from segcore.training.inputs import as_nhwc, check_semantic_inputs, seeded_split
-from segcore.training.loop import Validation, fit, seeded_torch
+from segcore.training.loop import FitResult, Validation, fit, seeded_torch
 from segcore.training.recipe import PatchSampler, SplitKind, augment, split_indices
 from segcore.training.settings import AUGMENTATIONS, Recipe
-from segcore.training.validation import decide_largest_region, pooled_dice
+from segcore.training.validation import decide_largest_region, no_validation, pooled_dice, refit_on_all
 
 log = logging.getLogger(__name__)
 
@@ -249,17 +250,21 @@ def fit_semantic_arrays(
     x_val, y_val = images[val_idx], masks[val_idx]
     meta = ModelMeta(arch=arch, arch_kwargs=arch_kwargs, class_names=class_names, in_channels=in_channels,
                      normalisation=normalisation, input_axes=INPUT_AXES[dims])
-    draw = draws(x_train, y_train, masks[train_idx])
-    per_epoch = max(n_train, recipe.min_epoch_patches)  # patches drawn per epoch
-    steps = math.ceil(per_epoch / batch_size)
+    def batches_of(draw: BatchDraw, n_images: int) -> tuple[int, Callable[[], Iterator[Any]]]:
+        """``(steps per epoch, batches)`` for an epoch of ``n_images`` images (at least
+        ``recipe.min_epoch_patches`` patches) drawn by ``draw``."""
+        per_epoch = max(n_images, recipe.min_epoch_patches)  # patches drawn per epoch
+        steps = math.ceil(per_epoch / batch_size)
 
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for step in range(steps):
-            x, y = draw(rng, min(batch_size, per_epoch - step * batch_size))
-            x = x.contiguous(memory_format=memory_format)
-            if device.type == "cuda":
-                x, y = x.pin_memory(), y.pin_memory()
-            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for step in range(steps):
+                x, y = draw(rng, min(batch_size, per_epoch - step * batch_size))
+                x = x.contiguous(memory_format=memory_format)
+                if device.type == "cuda":
+                    x, y = x.pin_memory(), y.pin_memory()
+                yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+        return steps, batches
 
     def loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         x, y = batch
@@ -275,15 +280,32 @@ def fit_semantic_arrays(
         return Validation(fields=scores, score=scores["val_dice_mean_fg"], details=scores,
                           summary=f"val mean foreground Dice {scores['val_dice_mean_fg']:.4f} ({summary})")
 
-    with seeded_torch(seed):  # the weights; the loop itself draws nothing from torch's generator
-        model = (init if init is not None
-                 else create_model(arch, in_channels=in_channels, num_classes=num_classes, **arch_kwargs))
-        model = model.to(device, memory_format=memory_format)
-        result = fit(model, epochs=epochs, steps_per_epoch=steps, batches=batches, loss=loss, validate=validate,
-                     lr=lr, time_budget_s=time_budget_s, progress=progress, started=t0, schedule=recipe.schedule,
-                     warmup_fraction=recipe.warmup_fraction, device=device, precision=recipe.precision)
+    def train(model: nn.Module | None, draw: BatchDraw, n_images: int, n_epochs: int,
+              check: Callable[[nn.Module], Validation], report: Callable[[dict], None] | None
+              ) -> tuple[nn.Module, FitResult]:
+        """``model`` (``None``: a new one, seeded) trained on ``n_images`` drawn by ``draw``."""
+        with seeded_torch(seed):  # the weights; the loop itself draws nothing from torch's generator
+            if model is None:
+                model = create_model(arch, in_channels=in_channels, num_classes=num_classes, **arch_kwargs)
+            model = model.to(device, memory_format=memory_format)
+            steps, batches = batches_of(draw, n_images)
+            return model, fit(model, epochs=n_epochs, steps_per_epoch=steps, batches=batches, loss=loss,
+                              validate=check, lr=lr, time_budget_s=time_budget_s, progress=report, started=t0,
+                              schedule=recipe.schedule, warmup_fraction=recipe.warmup_fraction, device=device,
+                              precision=recipe.precision)
+
+    start = copy.deepcopy(init) if init is not None and recipe.refit else None  # the refit starts there too
+    model, result = train(init, draws(x_train, y_train, masks[train_idx]), n_train, epochs, validate, progress)
     meta, largest = decide_largest_region(model, meta, recipe.largest_region, result.best.details["val_dice_mean_fg"],
                                           x_val=x_val, y_val=y_val, device=device, batch_size=batch_size, dims=dims)
+    refit = None
+    if recipe.refit:
+        model, refit = refit_on_all(
+            model, result, lambda report: train(start, draws(normalise_batch(images, normalisation),
+                                                             torch.from_numpy(masks.astype(np.int64)), masks),
+                                                images.shape[0], result.best_epoch, no_validation, report),
+            n_images=images.shape[0], progress=progress,
+            spent=result.stopped_early or (time_budget_s is not None and time.perf_counter() - t0 >= time_budget_s))
     record = {
         "epochs": int(epochs),
         "epochs_run": len(result.history),
@@ -305,6 +327,7 @@ def fit_semantic_arrays(
         "val_dice": result.best.details["val_dice"],
         "val_dice_mean_fg": result.best.details["val_dice_mean_fg"],
         "largest_region": largest,
+        **({} if refit is None else {"refit": refit}),
         "seconds": round(time.perf_counter() - t0, 3),
         "torch_version": torch.__version__,
         "torch_threads": torch.get_num_threads(),

@@ -37,6 +37,10 @@ class Recipe(BaseModel):
         "auto", description="Keep only each image's largest connected foreground region in the model's masks "
                             "(segcore.models.outputs.OutputRule.largest_region): auto turns it on when it raises "
                             "the validation split's mean foreground Dice (2-D models; volumetric ones: off).")
+    refit: bool = Field(False, description="After training with the validation split, train again from the same "
+                                           "start on every image, split included, for the best epoch's number of "
+                                           "epochs, and keep that model (the normalisation, the largest-region "
+                                           "decision and the validation figures stay those of the split run).")
 
 
 __all__ = ["AUGMENTATIONS", "DEFAULT_MIN_EPOCH_PATCHES", "DEFAULT_PATCH_SIZE", "Recipe"]

@@ -2,13 +2,16 @@
 
 :func:`pooled_dice` is the figure the semantic trainers keep their best epoch by; after the last
 epoch, :func:`decide_largest_region` uses it to decide whether the model's masks keep only each
-image's largest foreground region (:attr:`segcore.models.outputs.OutputRule.largest_region`).
+image's largest foreground region (:attr:`segcore.models.outputs.OutputRule.largest_region`), and
+:func:`refit_on_all` trains again on every image for the best epoch's number of epochs
+(``Recipe.refit``).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+import time
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -18,6 +21,7 @@ from segcore.errors import ConfigError
 from segcore.metrics.dice import confusion_counts, dice_from_counts
 from segcore.models.checkpoint import ModelMeta
 from segcore.models.predict import TorchPredictor
+from segcore.training.loop import FitResult, Validation
 
 log = logging.getLogger(__name__)
 
@@ -61,4 +65,50 @@ def decide_largest_region(model: nn.Module, meta: ModelMeta, choice: str, withou
         "val_dice_with": {name: float(d) for name, d in zip(meta.class_names, per_class)}}
 
 
-__all__ = ["decide_largest_region", "pooled_dice"]
+def no_validation(model: nn.Module) -> Validation:
+    """The check of a refit: nothing is held out, so every epoch replaces the kept one and the last is kept."""
+    return Validation(fields={}, score=None, summary="refit on every image")
+
+
+def refit_on_all(model: nn.Module, result: FitResult,
+                 train_all: Callable[[Callable[[dict], None] | None], tuple[nn.Module, FitResult]], *,
+                 n_images: int, spent: bool, progress: Callable[[dict], None] | None
+                 ) -> tuple[nn.Module, dict[str, Any]]:
+    """Train again on every image, validation split included, for as many epochs as the run with the
+    split kept (``result.best_epoch``, under a schedule sized to them), and keep the last epoch.
+
+    Args:
+        model: the run's best model (kept when the refit cannot be done).
+        result: that run's :class:`FitResult`.
+        train_all: ``report -> (model, FitResult)``: the same recipe on every image, fresh from the
+            run's starting weights, ``report`` called with each epoch's record.
+        n_images: how many images that is (for the record).
+        spent: the run's time budget is spent: no refit.
+        progress: called with each refit epoch's record, marked ``"stage": "refit"`` with the refit's
+            ``"epochs"``.
+
+    Returns:
+        The model to keep and the provenance's ``refit`` record: ``done``, ``epochs``, ``images``, the
+        last epoch's ``loss`` and ``seconds``; or ``done`` False with the ``reason`` the run's model
+        was kept (a time budget spent before the refit or during it).
+    """
+    epochs = int(result.best_epoch)
+    if spent:
+        log.warning("the time budget was spent before the refit on every image; the validated model is kept")
+        return model, {"done": False, "epochs": epochs, "reason": "time budget spent before the refit"}
+    t0 = time.perf_counter()
+    report = None if progress is None else (lambda rec: progress({**rec, "stage": "refit", "epochs": epochs}))
+    refitted, fitted = train_all(report)
+    if fitted.stopped_early:
+        log.warning("the time budget ran out after %d of %d refit epochs; the validated model is kept",
+                    len(fitted.history), epochs)
+        return model, {"done": False, "epochs": epochs, "epochs_run": len(fitted.history),
+                       "reason": "time budget spent during the refit"}
+    seconds = round(time.perf_counter() - t0, 3)
+    log.info("refit on all %d images for %d epochs (%.1f s): loss %.4f", n_images, epochs, seconds,
+             fitted.history[-1]["loss"])
+    return refitted, {"done": True, "epochs": epochs, "images": int(n_images),
+                      "loss": float(fitted.history[-1]["loss"]), "seconds": seconds}
+
+
+__all__ = ["decide_largest_region", "no_validation", "pooled_dice", "refit_on_all"]

@@ -59,6 +59,21 @@ def test_the_largest_region_option_is_stored_decided_and_reported(stores, capsys
     assert "largest_region applies to semantic models only" in capsys.readouterr().err and not bad.exists()
 
 
+def test_refit_trains_again_on_every_image_and_says_so(stores, capsys) -> None:
+    out = Path(stores["root"]) / "refit.safetensors"
+    assert main(["train", "--store", stores["sem"], "--model", "unet", "--out", str(out), "--epochs", "2",
+                 "--base", "4", "--batch-size", "4", "--epoch-patches", "0", "--refit"]) == 0
+    p = read_meta(out).provenance
+    assert p["recipe"]["refit"] and p["refit"]["done"] and p["refit"]["images"] == p["images"] == 6
+    assert p["refit"]["epochs"] == p["best_epoch"] and p["n_train"] == 5
+    assert f"refit on all 6 images for {p['best_epoch']} epochs: the checkpoint holds that model" \
+        in capsys.readouterr().out
+    bad = Path(stores["root"]) / "refit-instance.safetensors"
+    assert main(["train", "--store", stores["inst"], "--model", "maskrcnn_r18", "--out", str(bad), "--epochs", "1",
+                 "--val-fraction", "0", "--refit"]) == 2
+    assert "refit applies to semantic models only" in capsys.readouterr().err and not bad.exists()
+
+
 def test_instance_model_trains_on_everything_with_the_default_score_floor(stores) -> None:
     out = Path(stores["root"]) / "mrcnn.safetensors"
     assert main(["train", "--store", stores["inst"], "--model", "maskrcnn_r18", "--out", str(out), "--epochs", "1",

@@ -232,3 +232,63 @@ def test_demo_defaults_reach_the_held_out_dice_bar(tmp_path):
     pred = TorchPredictor(model.eval(), meta).labels(images[DEMO_N_TRAIN:])
     dice = dice_per_class(pred, masks[DEMO_N_TRAIN:], len(CLASS_NAMES)).mean(axis=0)
     assert dice[1:].mean() >= 0.90, dict(zip(CLASS_NAMES, dice.round(4)))
+
+
+def test_refit_trains_again_on_every_image_for_the_best_epochs(tiny_data, monkeypatch):
+    """The refit draws from all 8 images (the split run from 7), for the best epoch's number of epochs,
+    and its model is returned; the history, validation figures and largest-region decision are the
+    split run's, and the same seed gives the same refit."""
+    import segcore.training.semantic as semantic
+    from segcore.training.settings import Recipe
+
+    sampled = []
+    real = semantic.PatchSampler
+    monkeypatch.setattr(semantic, "PatchSampler", lambda masks, **kw: sampled.append(len(masks)) or real(masks, **kw))
+    plain, plain_meta, plain_history = _train(*tiny_data, epochs=3)
+    records = []
+    model, meta, history = _train(*tiny_data, epochs=3, recipe=Recipe(refit=True), progress=records.append)
+    again, _, _ = _train(*tiny_data, epochs=3, recipe=Recipe(refit=True))
+    assert sampled == [7, 7, 8, 7, 8]
+    best = plain_meta.provenance["best_epoch"]
+    refit = meta.provenance["refit"]
+    assert refit["done"] and refit["epochs"] == best and refit["images"] == 8 and refit["loss"] > 0
+    assert "refit" not in plain_meta.provenance
+    def figures(records):  # the seconds differ; the figures do not
+        return [{k: v for k, v in r.items() if k not in ("seconds", "elapsed_s")} for r in records]
+
+    assert figures(history) == figures(plain_history)
+    for key in ("val_dice", "val_dice_mean_fg", "largest_region", "best_epoch"):
+        assert meta.provenance[key] == plain_meta.provenance[key]
+    assert meta.output == plain_meta.output and meta.normalisation == plain_meta.normalisation
+    assert [r.get("stage") for r in records] == [None] * 3 + ["refit"] * best
+    assert all(r["epochs"] == best for r in records[3:])
+    weights = [m.state_dict() for m in (plain, model, again)]
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # another model
+    assert all(torch.equal(weights[1][k], weights[2][k]) for k in weights[1])  # seeded: the same one
+
+
+def test_refit_keeps_the_validated_model_when_the_time_budget_is_spent(tiny_data):
+    from segcore.training.settings import Recipe
+
+    plain, _, _ = _train(*tiny_data, epochs=3, time_budget_s=1e-6)
+    model, meta, _ = _train(*tiny_data, epochs=3, time_budget_s=1e-6, recipe=Recipe(refit=True))
+    assert meta.provenance["refit"] == {"done": False, "epochs": 1, "reason": "time budget spent before the refit"}
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), model.state_dict().values()))
+
+
+def test_refit_of_a_fine_tuning_starts_from_the_parent_weights(tiny_data):
+    """The split run trains ``init`` in place; the refit starts from a copy taken before it, so it is
+    the same as a refit that starts from an untouched copy of the parent."""
+    import copy
+
+    from segcore.models import create_model
+    from segcore.training.settings import Recipe
+
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        parent = create_model("unet", in_channels=1, num_classes=len(CLASS_NAMES), **TINY)
+    twin = copy.deepcopy(parent)
+    a, meta, _ = _train(*tiny_data, epochs=2, init=parent, recipe=Recipe(refit=True))
+    b, _, _ = _train(*tiny_data, epochs=2, init=twin, recipe=Recipe(refit=True))
+    assert meta.provenance["refit"]["done"] and a is not parent
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
