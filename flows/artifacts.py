@@ -195,5 +195,10 @@ def publish_training_artifacts(result: Mapping[str, Any], *, run_name: str) -> N
         lines.append(f"- validation Dice {name}: {dice:.4f}")
     if result.get("normalisation"):
         lines += ["", f"Normalisation: {result['normalisation']}"]
+    refit = result.get("refit")
+    if refit:
+        lines += ["", f"Refit on all {refit['images']} images for {refit['epochs']} epochs: the checkpoint holds "
+                      "that model; the figures above are those of the run with the validation split."
+                  if refit["done"] else f"Refit not done ({refit['reason']}): the checkpoint holds the validated model."]
     create_markdown_artifact(markdown="\n".join(lines) + "\n", key=artifact_key(f"training-curve-{run_name}"),
                              description=f"Training curve of run {run_name}")

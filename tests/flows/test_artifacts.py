@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import pytest
 from prefect import flow
 
 from flows import artifacts
@@ -106,3 +107,24 @@ def test_training_table_rows_flatten_the_per_class_dice_and_the_curve_is_a_png()
                                                "val_dice_background": 0.9, "val_dice_liver": 0.5,
                                                "val_dice_mean_fg": 0.5}
     assert training_curve_png(history).startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("refit, line", [
+    (None, None),
+    ({"done": True, "epochs": 7, "images": 64, "loss": 0.2, "seconds": 30.0},
+     "Refit on all 64 images for 7 epochs: the checkpoint holds that model"),
+    ({"done": False, "epochs": 7, "reason": "time budget spent before the refit"},
+     "Refit not done (time budget spent before the refit): the checkpoint holds the validated model."),
+])
+def test_the_training_curve_artifact_says_what_the_refit_did(monkeypatch, refit, line) -> None:
+    sent = {}
+    monkeypatch.setattr(artifacts, "create_table_artifact", lambda **kw: None)
+    monkeypatch.setattr(artifacts, "create_markdown_artifact", lambda **kw: sent.update(kw))
+    history = [{"epoch": 1, "loss": 0.5, "val_dice": {"background": 0.9, "liver": 0.7}, "val_dice_mean_fg": 0.7,
+                "lr": 0.001, "seconds": 1.0, "elapsed_s": 1.0}]
+    artifacts.publish_training_artifacts({"history": history, "checkpoint": "m.safetensors", "best_epoch": 1,
+                                          "best_val": {"val_dice": history[0]["val_dice"]}, "refit": refit},
+                                         run_name="r")
+    text = sent["markdown"]
+    assert "Best epoch: **1** of 1." in text and "validation Dice liver: 0.7000" in text
+    assert ("Refit" not in text) if line is None else (line in text)
