@@ -136,7 +136,9 @@ def train_semantic(
 
     Returns:
         The model in eval mode with the weights of the best epoch (highest mean foreground
-        validation Dice, pooled over the validation images), its :class:`ModelMeta`
+        validation Dice, pooled over the validation images; with ``recipe.refit``, the model trained
+        again on every image for that many epochs, :func:`segcore.training.validation.refit_on_all`,
+        whose record the provenance keeps under ``refit``), its :class:`ModelMeta`
         (``provenance`` records the run) and the history: one record per epoch run, ``{"epoch",
         "loss", "val_dice" (name -> pooled Dice), "val_dice_mean_fg", "lr", "seconds",
         "elapsed_s"}`` (seconds are wall-clock).
