@@ -88,6 +88,7 @@ def main() -> None:
         "epochs_run": p.get("epochs_run"), "best_epoch": p.get("best_epoch"),
         "val_split": p.get("val_split"), "val_ids": [p["val_ids"][0], p["val_ids"][-1]],
         "val_dice_best_epoch": p.get("val_dice"), "largest_region": p.get("largest_region"),
+        **({"refit": p["refit"]} if "refit" in p else {}),
         "torch_threads": p.get("torch_threads"),
     }, indent=2))
 
