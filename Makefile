@@ -5,6 +5,9 @@ PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.segflow-installed
+# Test processes (pytest-xdist): one per logical CPU by default; TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= logical
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
@@ -24,10 +27,10 @@ demo: $(STAMP)
 	$(BIN)/segflow demo --out demo-out
 
 test: $(STAMP) browser
-	$(BIN)/python -m pytest
+	$(PYTEST)
 
 test-all: $(STAMP) browser
-	$(BIN)/python -m pytest -m "not gpu"
+	$(PYTEST) -m "not gpu"
 
 # The Prefect UI test (tests/ui) drives a headless Chromium. Install Debian's where we may (root with
 # apt-get; `apt-get update` only if the first try fails); otherwise say so. Never fails the build.

@@ -15,8 +15,10 @@ pytestmark = pytest.mark.chaos
 
 
 def _worker_pids(client) -> dict[str, int]:
-    """``{address: pid}`` of the workers, once both are connected again."""
-    wait_until(lambda: len(client.scheduler_info()["workers"]) == 2, timeout=120, what="two workers")
+    """``{address: pid}`` of the workers connected now (at least one). Not waiting for a killed worker
+    to come back: on a loaded machine its restart can outlast the rest of the run, and the next kill
+    would never happen."""
+    wait_until(lambda: len(client.scheduler_info()["workers"]) >= 1, timeout=120, what="a worker")
     return client.run(os.getpid)
 
 
