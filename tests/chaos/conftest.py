@@ -38,12 +38,15 @@ def _harness(prefect_harness):
     yield
 
 
-def chaos_env(log: Path, *, delay_s: float) -> dict[str, str]:
-    """Environment of a `segflow` or `dask worker` process whose workers write slowly and log their units."""
+def chaos_env(log: Path, *, delay_s: float, hold: Path | None = None) -> dict[str, str]:
+    """Environment of a `segflow` or `dask worker` process whose workers write slowly and log their units
+    (and, with ``hold``, start no unit's work while that file exists)."""
     env = {k: v for k, v in os.environ.items() if k not in QUIET_KEYS}
     env.update(PYTHONPATH=str(REPO), PREFECT_SERVER_ANALYTICS_ENABLED="false", OMP_NUM_THREADS="1",
                DASK_DISTRIBUTED__WORKER__PRELOAD=f'["{PRELOAD}"]', SEGFLOW_CHAOS_LOG=str(log),
                SEGFLOW_CHAOS_WRITE_DELAY_S=str(delay_s))
+    if hold is not None:
+        env["SEGFLOW_CHAOS_HOLD"] = str(hold)
     return env
 
 

@@ -5,7 +5,9 @@ computed, only when.
   ``SEGFLOW_CHAOS_WRITE_DELAY_S`` seconds before the rename, so that a SIGKILL lands mid-write
   (Parquet parts, done-records) and leaves the temporary file behind, as a real crash would;
 - every start of a work unit and every finished temporary file is noted in ``SEGFLOW_CHAOS_LOG``
-  (one line each, appended), so a test counts the units computed more than once.
+  (one line each, appended), so a test counts the units computed more than once;
+- a work unit that starts while the file ``SEGFLOW_CHAOS_HOLD`` exists waits until it is removed,
+  so that a test holds a run mid-way for as long as it needs, however loaded the machine.
 
 Loaded at worker start, before the tasks module is imported, so the tasks call the wrapper.
 """
@@ -21,6 +23,7 @@ from segcore import fsio
 
 _DELAY = float(os.environ.get("SEGFLOW_CHAOS_WRITE_DELAY_S", "0"))
 _LOG = os.environ.get("SEGFLOW_CHAOS_LOG")
+_HOLD = os.environ.get("SEGFLOW_CHAOS_HOLD")
 
 
 def _note(text: str) -> None:
@@ -44,6 +47,8 @@ def install() -> None:
 
     def noted_segment_unit(ctx, unit):
         _note(f"start {unit.name}")
+        while _HOLD and os.path.exists(_HOLD):
+            time.sleep(0.05)
         return segment_unit(ctx, unit)
 
     slow_atomic_path.chaos = True

@@ -15,14 +15,20 @@ pytestmark = pytest.mark.chaos
 
 
 def test_a_second_writer_refuses_and_the_first_completes(chaos_collection, tmp_path):
-    out, notes = tmp_path / "run", tmp_path / "worker-notes.log"
-    env = chaos_env(notes, delay_s=3.0)  # slow enough that the second command (cluster start included) meets it
+    out, notes, hold = tmp_path / "run", tmp_path / "worker-notes.log", tmp_path / "hold"
+    hold.touch()  # the first run's units wait, inside the run directory, until the second has been refused
+    env = chaos_env(notes, delay_s=0.0, hold=hold)
     args = segment_args(chaos_collection, out, "--workers", "2", "--threads-per-worker", "1")
     first = start_segflow(*args, env=env, log_to=tmp_path / "first.log")
-    wait_until(lambda: done_units(out) >= 1, timeout=300, what="the first run's first unit", proc=first)
-    second = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, env=env,
-                            cwd=REPO, timeout=300)
-    assert first.poll() is None, "the first run ended before the second started: make the units slower"
+    try:
+        wait_until(lambda: sum(unit_starts(notes).values()) >= 1, timeout=300, what="the first run's first unit",
+                   proc=first)
+        second = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
+                                env=env, cwd=REPO, timeout=300)
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert done_units(out) == 0
+    finally:
+        hold.unlink()
     assert second.returncode == 2
     line = second.stderr.strip().splitlines()[-1]
     assert line.startswith(f"segflow: error: run directory {out} is being written by pid {first.pid} on host "
