@@ -127,16 +127,19 @@ def started_cluster(spec: ExecutionSpec | None) -> Iterator[None]:
     Inside, flows run with ``spec`` (:func:`task_runner`) use this cluster, and its workers import
     :data:`WARM_MODULES` from the start, one task each in their single task thread (so the first
     real task never imports alongside them); :func:`wait_warm` waits for that. With ``None`` or an
-    existing cluster's address, nothing is started.
+    existing cluster's address, nothing is started; inside a :func:`started_cluster` of an equal
+    ``spec``, that cluster is used and left running.
     """
     global _started, _warming
-    if spec is None or spec.dask_address:
+    if spec is None or spec.dask_address or (_started is not None and _started[0] == spec):
         yield
         return
     import distributed
 
     _configure_local()
-    with distributed.LocalCluster(**_cluster_kwargs(spec)) as cluster, distributed.Client(cluster) as client:
+    # Not the default client: prefect_dask's runners would then all run on this cluster, whatever their spec.
+    with (distributed.LocalCluster(**_cluster_kwargs(spec)) as cluster,
+          distributed.Client(cluster, set_as_default=False) as client):
         client.register_plugin(QuickExit(), name="segflow-quick-exit")
         workers = list(client.scheduler_info()["workers"])
         _warming = [client.submit(warm_imports, pure=False, workers=[w], allow_other_workers=False) for w in workers]

@@ -22,6 +22,7 @@ from segcore.config import ExecutionSpec
 
 REPO = Path(__file__).resolve().parents[2]
 ONE = ExecutionSpec(n_workers=1, threads_per_worker=1)
+TWO = ExecutionSpec(n_workers=2, threads_per_worker=1)
 
 
 def test_temporary_server_boots_without_importing_the_server_here(tmp_path):
@@ -78,10 +79,15 @@ def test_flow_runs_on_the_started_cluster_warmed_up_and_exit_handlers_still_run(
     with started_cluster(ONE):
         runner = task_runner(ONE)
         assert runner.address == execution._started[1]  # the started cluster, not a new one
-        other = task_runner(ExecutionSpec(n_workers=2, threads_per_worker=1))
+        other = task_runner(TWO)
         assert other.address is None and other.cluster_kwargs["n_workers"] == 2  # another spec: its own cluster
         wait_warm()
         state = _probe.with_options(task_runner=runner)(str(marker))
+        with started_cluster(ONE):  # a command inside: the same cluster, left running when it ends
+            assert task_runner(ONE).address == runner.address
+        assert execution._started == (ONE, runner.address)
+        assert _probe.with_options(task_runner=task_runner(ONE))(str(tmp_path / "again"))["pid"] == state["pid"]
+        assert _probe.with_options(task_runner=task_runner(TWO))(str(tmp_path / "two"))["pid"] != state["pid"]
     assert state["warm"] and state["pid"] != os.getpid()
     assert execution._started is None  # left: flows start their own cluster again
     assert marker.read_text() == "ran"  # the worker ended after its exit handlers, not before
