@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from flows.execution import started_cluster
+from segcore.config import ExecutionSpec
 from segcore.models.checkpoint import ModelMeta, save_checkpoint
 from segcore.collection.imageio import write_png
 from segcore.models import create_model
@@ -18,6 +20,24 @@ N_SMALL, N_LARGE = 40, 12
 @pytest.fixture(autouse=True)
 def _harness(prefect_harness):
     yield
+
+
+def module_cluster(spec: ExecutionSpec, *needs: str):
+    """A module's autouse fixture: its flows run with ``spec`` (and its CLI commands with the same
+    options) share one local cluster, started once (:func:`flows.execution.started_cluster`) instead
+    of once a flow. ``needs`` names fixtures that must be set up first: the workers inherit the
+    environment once, at their start (``"s3_server"``'s endpoint, for example). A test that changes
+    what the workers must see (an environment variable) gives its flows a cluster of their own:
+    ``monkeypatch.setattr(flows.execution, "_started", None)``."""
+
+    @pytest.fixture(scope="module", autouse=True)
+    def _module_cluster(request, prefect_harness):
+        for name in needs:
+            request.getfixturevalue(name)
+        with started_cluster(spec):
+            yield
+
+    return _module_cluster
 
 
 @pytest.fixture(scope="session")

@@ -22,8 +22,10 @@ from segcore.lake.report import dice_report
 from segcore.run.results import open_run
 from segcore.run.rundir import done_records, read_run_info
 from segcore.collection.store import open_store, read_manifest
+from tests.flows.conftest import module_cluster
 
 ONE_WORKER = ExecutionSpec(n_workers=1, threads_per_worker=1)
+_cluster = module_cluster(ONE_WORKER, "s3_server")
 CLASSES = 3
 
 

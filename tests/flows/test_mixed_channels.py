@@ -20,8 +20,10 @@ from segcore.models.predict import open_predictor
 from segcore.normalise import Normalisation
 from segcore.run.results import open_run
 from segcore.run.rundir import label_array
+from tests.flows.conftest import module_cluster
 
 ONE_WORKER = ExecutionSpec(n_workers=1, threads_per_worker=1)
+_cluster = module_cluster(ONE_WORKER)
 SMALL, BIG = (32, 32), (160, 160)
 
 

@@ -16,8 +16,10 @@ from segcore.config import ExecutionSpec, IngestSpec, RunSpec, SegmentSpec
 from segcore.errors import CheckpointError, StoreError
 from segcore.run.results import open_run
 from segcore.collection.store import read_manifest
+from tests.flows.conftest import module_cluster
 
 ONE_WORKER = ExecutionSpec(n_workers=1, threads_per_worker=1)
+_cluster = module_cluster(ONE_WORKER)
 
 
 def _run(collection, tmp_path: Path, name: str = "run") -> tuple[RunSpec, dict]:

@@ -22,8 +22,10 @@ from segcore.run.results import open_run
 from segcore.run.rundir import instances_path, label_arrays, masks_path
 from segcore.synthetic_large import make_large_sample
 from segcore.run.blocks import load_block
+from tests.flows.conftest import module_cluster
 
 ONE_WORKER = ExecutionSpec(n_workers=1, threads_per_worker=1)
+_cluster = module_cluster(ONE_WORKER, "s3_server")
 
 
 def _chunk_objects(array_group: str) -> dict[str, bytes]:

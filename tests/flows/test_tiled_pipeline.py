@@ -24,8 +24,10 @@ from segcore.collection.store import open_store
 from segcore.synthetic_large import make_large_sample
 from segcore.tiling import Window, blend_block, lattice
 from tests.ngff_validation import read_levels, validate_labels_group
+from tests.flows.conftest import module_cluster
 
 EXECUTION = ExecutionSpec(n_workers=1, threads_per_worker=2)
+_cluster = module_cluster(EXECUTION)
 LARGE = (300, 420)
 
 

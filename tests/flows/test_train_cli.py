@@ -9,7 +9,11 @@ import pytest
 
 from flows.cli import main
 from segcore.models.checkpoint import read_meta
+from segcore.config import ExecutionSpec
 from segcore.synthetic import generate_collection, generate_instance_collection
+from tests.flows.conftest import module_cluster
+
+_cluster = module_cluster(ExecutionSpec())  # what the commands below run on (no --workers given)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import torch
 import zarr
 from prefect.settings import PREFECT_API_URL
 
+from flows import execution
 from flows.artifacts import artifact_key
 from flows.cli import main
 from flows.pipeline import ingest_flow, run_flow, segment_flow, with_runner
@@ -32,11 +33,13 @@ from segcore.run.volumes import read_volume_table
 from segcore.synthetic_volumes import generate_volume_collection
 from segcore.training.from_store import labelled_volumes
 from tests.ngff_validation import read_levels, validate_labels_group
+from tests.flows.conftest import module_cluster
 
 nib = pytest.importorskip("nibabel")
 
 SLAB = Path(__file__).resolve().parents[1] / "data" / "ct-liver-slab"
 ONE_WORKER = ExecutionSpec(n_workers=1, threads_per_worker=1)
+_cluster = module_cluster(ONE_WORKER)
 #: A CT-like affine: anisotropic voxels, an origin away from 0 and a flipped axis.
 AFFINE = np.array([[-0.78125, 0, 0, 120.5], [0, 0.78125, 0, -99.25], [0, 0, 2.5, -310.0], [0, 0, 0, 1]])
 
@@ -278,6 +281,7 @@ def test_a_run_with_failed_slabs_scores_no_volume_until_they_are_redone(tmp_path
     with_runner(ingest_flow, ONE_WORKER)(IngestSpec(images=str(images), masks=str(masks), store=store))
     spec = SegmentSpec(store=store, checkpoint=collection["checkpoint"], out=out, execution=ONE_WORKER,
                        unit_retries=0)
+    monkeypatch.setattr(execution, "_started", None)  # a cluster of its own: its workers must see SEGFLOW_FAULTS
     monkeypatch.setenv("SEGFLOW_FAULTS", json.dumps({"oom_pixels": 1}))  # every forward pass runs out of memory
     with pytest.raises(SegflowError, match="unit"):
         with_runner(segment_flow, ONE_WORKER)(spec)
