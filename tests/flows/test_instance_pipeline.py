@@ -30,7 +30,7 @@ def test_instance_model_writes_instances_and_metrics(tmp_path: Path):
         if i != 4:
             write_png(tmp_path / "masks" / f"n{i}.png", labels)
     torch.manual_seed(0)
-    arch = {"score_threshold": 0.0}
+    arch = {"score_threshold": 0.0, "box_detections_per_img": 25, "proposals_per_img": 100}  # 48 x 48 images, 3 objects
     model = create_model("maskrcnn_r18", in_channels=1, num_classes=2, **arch)
     ckpt = save_checkpoint(tmp_path / "mrcnn.safetensors", model,
                            ModelMeta(arch="maskrcnn_r18", arch_kwargs=arch, class_names=("background", "nucleus"),
