@@ -347,6 +347,16 @@ def _is_bioimageio(source: str) -> bool:
     return any(os.path.isfile(os.path.join(source, n)) for n in ("rdf.yaml", "bioimageio.yaml"))
 
 
+def _check_model(checkpoint: str) -> None:
+    """Before any server or cluster starts: the model record ``--checkpoint`` names exists, is a
+    segflow record and carries a normalisation that applies (its header only; the flow's preflight
+    loads it). A missing or broken model is then told in about a second, not after the start-up."""
+    from segcore.models.record import read_model_meta
+    from segcore.run.start import check_normalisation
+
+    check_normalisation(read_model_meta(checkpoint))
+
+
 def _fail(message: str) -> int:
     print(f"segflow: error: {message}", file=sys.stderr)
     return 2
@@ -481,6 +491,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "model":  # plain segcore calls: no Prefect
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
         return _model(args)
+    if args.command in ("segment", "run"):
+        from segcore.errors import SegflowError
+
+        try:
+            _check_model(args.checkpoint)
+        except (SegflowError, OSError) as exc:
+            return _fail(console.one_line(exc))
     _prefect_env()
     quiet = not args.verbose and args.command != "serve"  # a server's log is its output
     console.setup_logging(quiet=quiet)  # before Prefect and distributed are imported

@@ -103,6 +103,21 @@ def test_a_missing_checkpoint_is_one_line_and_exit_2(tiny_run) -> None:
     assert "no-such.safetensors" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("command", ["segment", "run"])
+def test_a_missing_or_broken_model_fails_before_anything_starts(tmp_path, monkeypatch, capsys, command) -> None:
+    import flows.cli
+
+    monkeypatch.setattr(flows.cli, "_run", lambda args: pytest.fail("a Prefect server or a cluster was started"))
+    (tmp_path / "images").mkdir()
+    where = ["--store", str(tmp_path / "s.zarr")] if command == "segment" else ["--images", str(tmp_path / "images")]
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    for name, says in (("no-such.safetensors", "does not exist"), ("junk.safetensors", "is not a segflow checkpoint")):
+        assert main([command, *where, "--checkpoint", str(tmp_path / name), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("segflow: error: ") and err.count("\n") == 1 and name in err and says in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_verbose_shows_prefects_lines_and_the_traceback(tiny_run) -> None:
     proc = segflow("-v", "segment", "--store", tiny_run["store"], "--checkpoint", tiny_run["two_channel"],
                    "--out", str(tiny_run["root"] / "rgb-run-v"))

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+from flows.execution import started_cluster
 from flows.pipeline import ingest_flow, segment_flow, with_runner
 from segcore.config import ExecutionSpec, IngestSpec, SegmentSpec
 from segcore.run.results import open_run
@@ -25,15 +26,16 @@ def test_existing_cluster_gives_the_same_outputs_as_the_default_path(collection,
     outputs = {}
     store = str(tmp_path / "store.zarr")
     local = ExecutionSpec(n_workers=2, threads_per_worker=1)
-    with_runner(ingest_flow, local)(IngestSpec(images=collection["images"], masks=collection["masks"], store=store,
-                                               max_chunk_images=8))
-    for name, execution in (("local", local),
-                            ("external", ExecutionSpec(dask_address=dask_cluster, threads_per_worker=1))):
-        spec = SegmentSpec(store=store, checkpoint=collection["checkpoint"], out=str(tmp_path / name),
-                           batch_size=4, execution=execution)
-        summary = with_runner(segment_flow, execution)(spec)
-        assert summary["units_failed"] == 0
-        outputs[name] = open_run(spec.out)
+    with started_cluster(local):  # one local cluster for the ingest and the local run
+        with_runner(ingest_flow, local)(IngestSpec(images=collection["images"], masks=collection["masks"],
+                                                   store=store, max_chunk_images=8))
+        for name, execution in (("local", local),
+                                ("external", ExecutionSpec(dask_address=dask_cluster, threads_per_worker=1))):
+            spec = SegmentSpec(store=store, checkpoint=collection["checkpoint"], out=str(tmp_path / name),
+                               batch_size=4, execution=execution)
+            summary = with_runner(segment_flow, execution)(spec)
+            assert summary["units_failed"] == 0
+            outputs[name] = open_run(spec.out)
     a, b = outputs["local"], outputs["external"]
     assert a.image_ids == b.image_ids and len(a.image_ids) > 0
     for image_id in a.image_ids:
