@@ -350,7 +350,7 @@ def _is_bioimageio(source: str) -> bool:
 def _check_model(checkpoint: str) -> None:
     """Before any server or cluster starts: the model record ``--checkpoint`` names exists, is a
     segflow record and carries a normalisation that applies (its header only; the flow's preflight
-    loads it). A missing or broken model is then told in about a second, not after the start-up."""
+    loads it). A missing or broken model is then told in seconds, not after the start-up."""
     from segcore.models.record import read_model_meta
     from segcore.run.start import check_normalisation
 
