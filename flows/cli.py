@@ -347,16 +347,6 @@ def _is_bioimageio(source: str) -> bool:
     return any(os.path.isfile(os.path.join(source, n)) for n in ("rdf.yaml", "bioimageio.yaml"))
 
 
-def _check_model(checkpoint: str) -> None:
-    """Before any server or cluster starts: the model record ``--checkpoint`` names exists, is a
-    segflow record and carries a normalisation that applies (its header only; the flow's preflight
-    loads it). A missing or broken model is then told in seconds, not after the start-up."""
-    from segcore.models.record import read_model_meta
-    from segcore.run.start import check_normalisation
-
-    check_normalisation(read_model_meta(checkpoint))
-
-
 def _fail(message: str) -> int:
     print(f"segflow: error: {message}", file=sys.stderr)
     return 2
@@ -491,13 +481,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "model":  # plain segcore calls: no Prefect
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
         return _model(args)
-    if args.command in ("segment", "run"):
-        from segcore.errors import SegflowError
-
-        try:
-            _check_model(args.checkpoint)
-        except (SegflowError, OSError) as exc:
-            return _fail(console.one_line(exc))
     _prefect_env()
     quiet = not args.verbose and args.command != "serve"  # a server's log is its output
     console.setup_logging(quiet=quiet)  # before Prefect and distributed are imported
@@ -518,11 +501,17 @@ def _run(args: argparse.Namespace) -> str:
     """Start the flow of ``args.command``; returns its result as text for stdout.
 
     The Prefect server (when none is configured) and the local cluster start first, side by side,
-    and boot while the flows are imported; the worker imports what the tasks need meanwhile."""
+    and boot while the flows are imported; the worker imports what the tasks need meanwhile. The
+    model record of ``segment`` and ``run`` is checked (its metadata) before the cluster starts, while
+    the server boots: a missing or broken model is told in seconds."""
     from flows.execution import started_cluster, wait_warm
     from flows.server import start_api, wait_api
 
     start_api()
+    if args.command in ("segment", "run"):
+        from segcore.run.start import check_model
+
+        check_model(args.checkpoint)
     import distributed  # noqa: F401 - sets its loggers' levels when imported
     import prefect_dask  # noqa: F401
 

@@ -36,12 +36,7 @@ def preflight(store_path: str, checkpoint: str) -> tuple[ModelMeta, str, StoreIn
     at least one store group whose channels the channel policy can feed to the model
     (:mod:`segcore.run.channels`; the images of the other groups become error rows). Returns the
     model's metadata, the record's sha256 (:func:`model_sha256`) and the store."""
-    meta = read_model_meta(checkpoint)
-    check_normalisation(meta)
-    if meta.output.largest_region and (meta.spatial_dims != 2 or meta.kind != "semantic"):
-        raise CheckpointError("the model's output rule keeps the largest foreground region of each image, which "
-                              "segflow applies to 2-D semantic models only; this one is "
-                              + ("volumetric" if meta.spatial_dims != 2 else "an instance model"))
+    meta = check_model(checkpoint)
     with local_record(checkpoint) as local:  # a model at a URL is fetched once for both
         try:
             open_predictor(local, device="cpu", precision="fp32")  # raises CheckpointError if it does not load
@@ -68,6 +63,20 @@ def preflight(store_path: str, checkpoint: str) -> tuple[ModelMeta, str, StoreIn
             f"{meta.num_classes} classes; ingest class masks with --mask-kind class"
         )
     return meta, sha, store
+
+
+def check_model(checkpoint: str) -> ModelMeta:
+    """The :class:`ModelMeta` of the model record ``checkpoint`` (its metadata only: no weights are
+    loaded), checked as far as it can be without a store: readable, its normalisation applicable
+    (:func:`check_normalisation`) and its output rule one segflow applies. Raises
+    :class:`~segcore.errors.NotFound` or :class:`~segcore.errors.CheckpointError`."""
+    meta = read_model_meta(checkpoint)
+    check_normalisation(meta)
+    if meta.output.largest_region and (meta.spatial_dims != 2 or meta.kind != "semantic"):
+        raise CheckpointError("the model's output rule keeps the largest foreground region of each image, which "
+                              "segflow applies to 2-D semantic models only; this one is "
+                              + ("volumetric" if meta.spatial_dims != 2 else "an instance model"))
+    return meta
 
 
 def check_normalisation(meta: ModelMeta) -> None:

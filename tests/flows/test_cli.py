@@ -104,10 +104,12 @@ def test_a_missing_checkpoint_is_one_line_and_exit_2(tiny_run) -> None:
 
 
 @pytest.mark.parametrize("command", ["segment", "run"])
-def test_a_missing_or_broken_model_fails_before_anything_starts(tmp_path, monkeypatch, capsys, command) -> None:
-    import flows.cli
+def test_a_missing_or_broken_model_fails_before_the_cluster_starts(tmp_path, monkeypatch, capsys, command) -> None:
+    import flows.execution
 
-    monkeypatch.setattr(flows.cli, "_run", lambda args: pytest.fail("a Prefect server or a cluster was started"))
+    for key in QUIET_KEYS:  # main() quietens Prefect through the environment; restored afterwards
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(flows.execution, "started_cluster", lambda spec: pytest.fail("a cluster was started"))
     (tmp_path / "images").mkdir()
     where = ["--store", str(tmp_path / "s.zarr")] if command == "segment" else ["--images", str(tmp_path / "images")]
     (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
