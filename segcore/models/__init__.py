@@ -13,11 +13,11 @@ Registered here: segflow's own (``unet``; ``unet3d``, its volumetric twin; ``mas
 
 from __future__ import annotations
 
+from typing import Any
+
 from segcore.models.adapters import register_available
-from segcore.models.detection import DETECTION_MODELS
-from segcore.models.maskrcnn import InstanceSegmenter, build_maskrcnn, build_maskrcnn_r18
-from segcore.models.registry import (ENTRY_POINT_GROUP, MODEL_KINDS, MODELS, create_model, load_entry_points,
-                                     register_model, spatial_dims_of)
+from segcore.models.registry import (ENTRY_POINT_GROUP, MODEL_KINDS, MODELS, LazyBuilder, create_model,
+                                     load_entry_points, register_model, spatial_dims_of)
 from segcore.models.unet import UNet
 
 
@@ -36,15 +36,30 @@ build_unet3d.spatial_dims = 3  # type: ignore[attr-defined]
 
 
 def _builtin() -> dict[str, tuple[object, str]]:
+    # The Mask R-CNNs are imported when first built or asked about (they need torchvision).
     return {"unet": (build_unet, "semantic"), "unet3d": (build_unet3d, "semantic"),
-            "maskrcnn": (build_maskrcnn, "instance"), "maskrcnn_r18": (build_maskrcnn_r18, "instance"),
-            **{name: (builder, "instance") for name, builder in DETECTION_MODELS.items()}}
+            "maskrcnn": (LazyBuilder("segcore.models.maskrcnn:build_maskrcnn"), "instance"),
+            "maskrcnn_r18": (LazyBuilder("segcore.models.maskrcnn:build_maskrcnn_r18"), "instance"),
+            "torchvision:maskrcnn_resnet50_fpn":
+                (LazyBuilder("segcore.models.detection:build_torchvision_maskrcnn"), "instance"),
+            "torchvision:maskrcnn_resnet50_fpn_v2":
+                (LazyBuilder("segcore.models.detection:build_torchvision_maskrcnn_v2"), "instance")}
 
 
 for _name, (_builder, _kind) in _builtin().items():
     register_model(_name, _builder, kind=_kind, replace=True)  # type: ignore[arg-type]
 register_available()
 load_entry_points()
+
+
+
+def __getattr__(name: str) -> Any:
+    if name == "InstanceSegmenter":  # imported on first use, with torchvision
+        from segcore.models.maskrcnn import InstanceSegmenter
+
+        return InstanceSegmenter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["ENTRY_POINT_GROUP", "MODELS", "MODEL_KINDS", "InstanceSegmenter", "UNet", "create_model",
            "load_entry_points", "register_model", "spatial_dims_of"]

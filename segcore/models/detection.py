@@ -98,11 +98,5 @@ def build_torchvision_maskrcnn_v2(*, in_channels: int = 3, num_classes: int = 91
 build_torchvision_maskrcnn.normalisation = TORCHVISION_NORMALISATION  # type: ignore[attr-defined]
 build_torchvision_maskrcnn_v2.normalisation = TORCHVISION_NORMALISATION  # type: ignore[attr-defined]
 
-#: name -> builder, all of kind ``instance``.
-DETECTION_MODELS = {
-    "torchvision:maskrcnn_resnet50_fpn": build_torchvision_maskrcnn,
-    "torchvision:maskrcnn_resnet50_fpn_v2": build_torchvision_maskrcnn_v2,
-}
-
-__all__ = ["COCO_CATEGORIES", "DETECTION_MODELS", "IMAGENET_MEAN", "IMAGENET_STD", "TORCHVISION_NORMALISATION",
+__all__ = ["COCO_CATEGORIES", "IMAGENET_MEAN", "IMAGENET_STD", "TORCHVISION_NORMALISATION",
            "TorchvisionMaskRCNN", "build_torchvision_maskrcnn", "build_torchvision_maskrcnn_v2"]

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 from torch import Tensor
-from torchvision.models.detection.roi_heads import expand_boxes, expand_masks, paste_mask_in_image
 
 from segcore.errors import ConfigError
 
@@ -72,6 +71,8 @@ def _paste_window(mask: Tensor, box: Tensor, height: int, width: int
     x1, y1 = min(bx1 + 1, width), min(by1 + 1, height)
     if x1 <= x0 or y1 <= y0:
         return None
+    from torchvision.models.detection.roi_heads import paste_mask_in_image  # torchvision only once it is needed
+
     shifted = box - torch.tensor([x0, y0, x0, y0], dtype=box.dtype)
     return (y0, y1, x0, x1), paste_mask_in_image(mask, shifted, y1 - y0, x1 - x0)
 
@@ -122,6 +123,8 @@ def instances_to_labels(*, boxes: Any, scores: Any, labels: Any, masks: Any, ima
     label_img = np.zeros((height, width), dtype=np.uint32)
     order = np.argsort(-scores_np, kind="stable")
     if mask_form == "roi" and k:
+        from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
+
         padded, scale = expand_masks(masks_t, padding=_MASK_PADDING)
         int_boxes = expand_boxes(boxes_t, scale).to(dtype=torch.int64)
     windows: list[tuple[int, int, int, int] | None] = []

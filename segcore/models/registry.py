@@ -20,6 +20,8 @@ the inputs its weights expect, used when a model is imported without one.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import logging
 from importlib import metadata
 from typing import Any, Callable, Iterable
@@ -40,6 +42,43 @@ SPATIAL_DIMS = (2, 3)
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 #: name -> kind of output ("semantic" label maps or "instance" label maps + records).
 MODEL_KINDS: dict[str, str] = {}
+
+
+class LazyBuilder:
+    """The builder ``module:name``, imported when first called or asked about (its signature or an
+    attribute such as ``spatial_dims`` or ``normalisation``).
+
+    Registering a builder this way keeps its module's imports out of every process that only lists
+    the registry or builds another model: segflow's Mask R-CNNs need torchvision, whose import
+    (with the ``torch._dynamo`` it pulls in) costs about 1.3 s of CPU in each worker process.
+    """
+
+    def __init__(self, target: str) -> None:
+        module, _, name = target.partition(":")
+        if not module or not name:
+            raise ConfigError(f"a lazy builder is named module:name, got {target!r}")
+        self.target = target
+        self.__module__, self.__name__, self.__qualname__ = module, name, name
+
+    def resolve(self) -> Callable[..., nn.Module]:
+        """The builder itself (its module imported)."""
+        module, _, name = self.target.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def __call__(self, **kwargs: Any) -> nn.Module:
+        return self.resolve()(**kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self.resolve())
+
+    def __getattr__(self, name: str) -> Any:  # only for what the instance itself lacks
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.resolve(), name)
+
+    def __repr__(self) -> str:
+        return f"LazyBuilder({self.target!r})"
 
 
 def register_model(name: str, builder: Callable[..., nn.Module], *, kind: str, replace: bool = False) -> None:
@@ -101,5 +140,5 @@ def create_model(arch: str, **kwargs: Any) -> nn.Module:
         raise ConfigError(f"bad arguments for model {arch!r}: {exc}") from exc
 
 
-__all__ = ["ENTRY_POINT_GROUP", "KINDS", "MODELS", "MODEL_KINDS", "SPATIAL_DIMS", "create_model",
+__all__ = ["ENTRY_POINT_GROUP", "KINDS", "LazyBuilder", "MODELS", "MODEL_KINDS", "SPATIAL_DIMS", "create_model",
            "load_entry_points", "register_model", "spatial_dims_of"]

@@ -75,3 +75,36 @@ def test_registered_model_contract(arch, tmp_path):
                 assert not ((p.labels == r["instance_id"]) & ~inside).any()
                 assert r["area"] == int((p.labels == r["instance_id"]).sum()) > 0
                 assert r["class_id"] in (1, 2)
+
+
+def test_a_lazy_builder_is_its_builder_once_asked() -> None:
+    import inspect
+
+    from segcore.models.detection import TORCHVISION_NORMALISATION, build_torchvision_maskrcnn
+    from segcore.models.registry import LazyBuilder
+
+    lazy = MODELS["torchvision:maskrcnn_resnet50_fpn"]
+    assert isinstance(lazy, LazyBuilder) and lazy.resolve() is build_torchvision_maskrcnn
+    assert inspect.signature(lazy) == inspect.signature(build_torchvision_maskrcnn)
+    assert lazy.normalisation == TORCHVISION_NORMALISATION and spatial_dims_of("maskrcnn") == 2
+    with pytest.raises(AttributeError):
+        _ = lazy.no_such_attribute
+    with pytest.raises(Exception, match="module:name"):
+        LazyBuilder("segcore.models.maskrcnn")
+
+
+def test_listing_models_and_running_a_unet_never_import_torchvision() -> None:
+    """A worker that segments with a UNet is spared torchvision's import (about 1.3 s of CPU)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = ("import sys, segcore.models, segcore.run, segcore.models.predict\n"
+             "from segcore.models import MODELS, create_model\n"
+             "sorted(MODELS); create_model('unet', in_channels=1, num_classes=2, base=4, depth=2)\n"
+             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torchvision'))\n"
+             "create_model('maskrcnn_r18', in_channels=1, num_classes=2)\n"
+             "print('torchvision' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[3], check=True).stdout.splitlines()
+    assert out == ["[]", "True"]
