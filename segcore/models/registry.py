@@ -73,7 +73,7 @@ class LazyBuilder:
         return inspect.signature(self.resolve())
 
     def __getattr__(self, name: str) -> Any:  # only for what the instance itself lacks
-        if name.startswith("__"):
+        if name.startswith("__") or name == "target":
             raise AttributeError(name)
         return getattr(self.resolve(), name)
 
