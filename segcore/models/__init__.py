@@ -52,7 +52,6 @@ register_available()
 load_entry_points()
 
 
-
 def __getattr__(name: str) -> Any:
     if name == "InstanceSegmenter":  # imported on first use, with torchvision
         from segcore.models.maskrcnn import InstanceSegmenter
