@@ -61,9 +61,15 @@ class LazyBuilder:
         self.__module__, self.__name__, self.__qualname__ = module, name, name
 
     def resolve(self) -> Callable[..., nn.Module]:
-        """The builder itself (its module imported)."""
+        """The builder itself (its module imported). Raises :class:`ConfigError` naming the target
+        when the module cannot be imported or lacks the name (never an ``AttributeError``, which
+        ``getattr(builder, attr, default)`` would take for a missing attribute)."""
         module, _, name = self.target.partition(":")
-        return getattr(importlib.import_module(module), name)
+        try:
+            return getattr(importlib.import_module(module), name)
+        except Exception as exc:
+            raise ConfigError(f"the model builder {self.target} could not be loaded ({type(exc).__name__}: "
+                              f"{exc}); check that the packages it needs are installed") from exc
 
     def __call__(self, **kwargs: Any) -> nn.Module:
         return self.resolve()(**kwargs)

@@ -65,7 +65,8 @@ def _worker_state(marker: str) -> dict:
         Path(marker).write_text("ran")
 
     atexit.register(leave_mark)  # registered after the quick-exit handler: must still run
-    return {"pid": os.getpid(), "warm": all(m in sys.modules for m in execution.WARM_MODULES)}
+    return {"pid": os.getpid(), "warm": all(m in sys.modules for m in execution.WARM_MODULES),
+            "torchvision": "torchvision" in sys.modules}
 
 
 @flow
@@ -89,6 +90,7 @@ def test_flow_runs_on_the_started_cluster_warmed_up_and_exit_handlers_still_run(
         assert _probe.with_options(task_runner=task_runner(ONE))(str(tmp_path / "again"))["pid"] == state["pid"]
         assert _probe.with_options(task_runner=task_runner(TWO))(str(tmp_path / "two"))["pid"] != state["pid"]
     assert state["warm"] and state["pid"] != os.getpid()
+    assert not state["torchvision"]  # warm-up spares a worker torchvision until a Mask R-CNN needs it
     assert execution._started is None  # left: flows start their own cluster again
     assert marker.read_text() == "ran"  # the worker ended after its exit handlers, not before
 

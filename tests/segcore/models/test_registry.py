@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from segcore.errors import ConfigError
 from segcore.models.checkpoint import INPUT_AXES, ModelMeta, load_checkpoint, save_checkpoint
 from segcore.models.predict import TorchPredictor
 from segcore.models.instances import InstancePrediction
@@ -91,6 +92,22 @@ def test_a_lazy_builder_is_its_builder_once_asked() -> None:
         _ = lazy.no_such_attribute
     with pytest.raises(Exception, match="module:name"):
         LazyBuilder("segcore.models.maskrcnn")
+    assert LazyBuilder("segcore.models:build_unet3d").spatial_dims == 3
+
+
+@pytest.mark.parametrize("target", ["segcore.models:no_such_builder", "segcore.no_such_module:build"])
+def test_a_lazy_builder_that_cannot_load_says_so_wherever_it_is_asked(target) -> None:
+    """Not an AttributeError: ``getattr(builder, "spatial_dims", 2)`` would take it for a missing
+    attribute and go on with a default."""
+    import inspect
+
+    from segcore.models.registry import LazyBuilder
+
+    lazy = LazyBuilder(target)
+    for ask in (lambda: lazy(in_channels=1), lambda: inspect.signature(lazy), lambda: lazy.spatial_dims,
+                lambda: getattr(lazy, "normalisation", None)):
+        with pytest.raises(ConfigError, match=f"model builder {target} could not be loaded"):
+            ask()
 
 
 def test_listing_models_and_running_a_unet_never_import_torchvision() -> None:
