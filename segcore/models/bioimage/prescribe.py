@@ -195,16 +195,36 @@ def descr_of_step(step: Step) -> dict[str, Any]:
 
 def steps_of(norm: Normalisation) -> tuple[Step, ...]:
     """``norm`` as a list of the spec's operations: ``percentile`` -> ``scale_range`` per image and
-    channel, ``range`` -> ``scale_linear`` by ``1/scale``, mean/std -> ``fixed_zero_mean_unit_variance``
-    per channel; a ``steps`` normalisation as it is. The spec adds ``eps`` (1e-6) to divisors where
-    segflow's legacy modes do not: outputs differ by about 1e-6, relative."""
+    channel; ``range`` -> ``scale_linear`` by ``1/scale``; ``window LO,HI`` -> ``clip`` to LO..HI then
+    ``scale_linear`` onto 0..1; ``ct`` -> ``clip`` to its fitted bounds; mean/std (``zscore``, ``ct``)
+    -> ``fixed_zero_mean_unit_variance`` per channel; a ``steps`` normalisation as it is. The spec
+    adds ``eps`` (1e-6) to divisors where segflow's own modes do not: outputs differ by about 1e-6,
+    relative. Raises :class:`UnsupportedPackage` for what the spec cannot say (``ct`` clip bounds
+    that differ between channels: its ``clip`` takes one bound for all)."""
     if norm.mode == "steps":
         return norm.steps
-    first: Step = (ScaleRange(low=norm.low, high=norm.high, per_channel=True) if norm.mode == "percentile"
-                   else ScaleLinear(gain=(1.0 / norm.scale,)))
+    first: tuple[Step, ...]
+    if norm.mode == "percentile":
+        first = (ScaleRange(low=norm.low, high=norm.high, per_channel=True),)
+    elif norm.mode == "range":
+        first = (ScaleLinear(gain=(1.0 / norm.scale,)),)
+    elif norm.mode == "window":
+        lo, hi = norm.window
+        first = (Clip(min=lo, max=hi), ScaleLinear(gain=(1.0 / (hi - lo),), offset=(-lo / (hi - lo),)))
+    elif norm.mode == "ct":
+        if not norm.fitted:
+            raise UnsupportedPackage("a ct normalisation that has not been fitted cannot be exported")
+        if len(set(norm.clip_low)) > 1 or len(set(norm.clip_high)) > 1:
+            raise UnsupportedPackage(f"ct clip bounds differ between channels ({norm.clip_low}, {norm.clip_high}); "
+                                     "a bioimage.io clip takes one bound for every channel")
+        first = (Clip(min=norm.clip_low[0], max=norm.clip_high[0]),)
+    else:  # zscore: mean/std alone
+        if not norm.fitted:
+            raise UnsupportedPackage("a zscore normalisation that has not been fitted cannot be exported")
+        first = ()
     if norm.mean is not None and norm.std is not None:
-        return first, FixedZeroMeanUnitVariance(mean=norm.mean, std=norm.std)
-    return (first,)
+        return (*first, FixedZeroMeanUnitVariance(mean=norm.mean, std=norm.std))
+    return first
 
 
 def preprocessing_of(norm: Normalisation) -> list[dict[str, Any]]:

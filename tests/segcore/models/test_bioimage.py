@@ -84,6 +84,49 @@ def test_the_largest_region_rule_travels_in_segflows_own_record(trained: Path, t
     assert import_bioimageio(folder, tmp_path / "other.safetensors")[1].output == OutputRule()
 
 
+CT_NORMS = {"ct": Normalisation(mode="ct", clip_low=(-20.0,), clip_high=(180.0,), mean=(90.0,), std=(45.0,)),
+            "window": Normalisation(mode="window", window=(-160.0, 240.0), preset="abdomen")}
+
+
+@pytest.mark.parametrize("scheme", sorted(CT_NORMS))
+def test_a_model_normalised_for_ct_exports_and_imports_back_bitwise(trained: Path, tmp_path: Path,
+                                                                    scheme: str) -> None:
+    """``ct`` and ``window`` become clip + linear steps that the zoo's model test accepts; imported
+    back, the model reads Hounsfield units as the original does."""
+    from segcore.models.checkpoint import load_checkpoint
+
+    net, meta = load_checkpoint(trained)
+    norm = CT_NORMS[scheme]
+    ckpt = save_checkpoint(tmp_path / "ct.safetensors", net, meta.model_copy(update={"normalisation": norm}))
+    package = export_bioimageio(ckpt, tmp_path / "ct.zip", authors=["Jane Doe"])  # spec + core test_model
+    rdf = yaml.safe_load(zipfile.ZipFile(package).read("rdf.yaml"))
+    ops = [p["id"] for p in rdf["inputs"][0]["preprocessing"] if p["id"] != "ensure_dtype"]
+    assert ops == (["clip", "fixed_zero_mean_unit_variance"] if scheme == "ct" else ["clip", "scale_linear"])
+    images, _ = _images(3, 96, 200)
+    hu = images.astype(np.float32) * 1.5 - 120.0  # about -120..260 HU: values on both sides of the clip
+    original = open_predictor(ckpt).labels(hu)
+    assert len(np.unique(original)) > 1
+    record, back = import_bioimageio(package, tmp_path / "back.safetensors")
+    assert back.normalisation == norm  # segflow's own record, the same operations as the rdf's
+    np.testing.assert_array_equal(open_predictor(record).labels(hu), original)
+    del rdf["config"]  # the same package made elsewhere: the rdf's operations, equal up to the spec's eps
+    folder = tmp_path / "elsewhere"
+    safe_extract_zip(package, folder)
+    (folder / "rdf.yaml").write_text(yaml.safe_dump(rdf, sort_keys=False))
+    record, other = import_bioimageio(folder, tmp_path / "other.safetensors")
+    assert other.normalisation.mode == "steps"
+    x = hu[:1, :8, :8]
+    np.testing.assert_allclose(open_predictor(record).prepare(x).numpy(), open_predictor(ckpt).prepare(x).numpy(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_a_ct_normalisation_with_clip_bounds_per_channel_is_refused_by_name() -> None:
+    from segcore.models.bioimage.prescribe import steps_of
+
+    with pytest.raises(UnsupportedPackage, match="clip bounds differ between channels"):
+        steps_of(Normalisation(mode="ct", clip_low=(0.0, 1.0), clip_high=(5.0, 5.0), mean=(1.0, 1.0), std=(1.0, 1.0)))
+
+
 def _package_with(trained: Path, tmp_path: Path, norm: Normalisation) -> Path:
     """An exported package of ``trained`` whose preprocessing is ``norm``; segflow's own record
     (config.segflow) removed, so import reads the rdf's operations only."""
