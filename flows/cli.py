@@ -262,9 +262,11 @@ def _add_model(sub: Any) -> None:
                                          "91 COCO categories)")
     p.add_argument("--in-channels", type=int, help="channels of the images the model takes (default: the "
                                                    "architecture's; required for TorchScript and ONNX)")
-    p.add_argument("--normalisation", choices=["percentile", "range", "imagenet"],
-                   help="percentile (1st-99.8th per image), range (divide by 255) or imagenet (divide by 255, "
-                        "then ImageNet mean/std); default: the architecture's (torchvision: range), else percentile")
+    p.add_argument("--normalisation", metavar="SCHEME",
+                   help="what the model's training did to pixel values: percentile (1st-99.8th per image), range "
+                        "(divide by 255), imagenet (divide by 255, then ImageNet mean/std), window:LO,HI or "
+                        "window:<preset> (e.g. window:abdomen), zscore:MEAN,STD, or ct:LO,HI,MEAN,STD (clip, "
+                        "then z-score); default: the architecture's (torchvision: range), else percentile")
     p.add_argument("--kind", choices=["semantic", "instance"], help="check the model gives this kind of output")
     p.add_argument("--input-multiple", type=int,
                    help="TorchScript/ONNX: H and W the graph accepts are multiples of this (inputs are padded)")
@@ -284,15 +286,10 @@ def _add_model(sub: Any) -> None:
     p.add_argument("--license", default="CC-BY-4.0", help="--to bioimageio: SPDX licence id (default CC-BY-4.0)")
 
 
-def _normalisation(name: str | None):
-    from segcore.models.detection import IMAGENET_MEAN, IMAGENET_STD
-    from segcore.normalise import Normalisation
+def _normalisation(name: str | None, channels: int | None):
+    from segcore.normalise_fit import parse_given_normalisation
 
-    if name is None:
-        return None
-    if name == "imagenet":
-        return Normalisation(mode="range", scale=255.0, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    return Normalisation(mode=name)
+    return None if name is None else parse_given_normalisation(name, channels=channels or 1)
 
 
 def _model(args: argparse.Namespace) -> int:
@@ -320,7 +317,7 @@ def _model(args: argparse.Namespace) -> int:
                 return _fail("--arch-kwargs must be a JSON object, e.g. '{\"depth\": 3}'")
             meta = import_model(args.source, out=args.out, arch=args.arch, arch_kwargs=kwargs,
                                 class_names=args.class_names, in_channels=args.in_channels,
-                                normalisation=_normalisation(args.normalisation), kind=args.kind,
+                                normalisation=_normalisation(args.normalisation, args.in_channels), kind=args.kind,
                                 input_multiple=args.input_multiple)
             print(f"model: {args.out} ({meta.runtime}, {meta.arch}, {meta.kind}, {meta.num_classes} classes, "
                   f"{meta.in_channels} input channel(s))\nsource: {meta.source['file']} sha256 {meta.source['sha256']}")

@@ -2,6 +2,8 @@
 
 - :func:`parse_normalisation` turns a choice such as ``"ct"``, ``"window:abdomen"`` or
   ``"window:-200,300"`` into a :class:`~segcore.normalise.Normalisation` (``"auto"`` stays ``"auto"``);
+- :func:`parse_given_normalisation` does the same for a model trained elsewhere, whose fitted values
+  are given (``"zscore:MEAN,STD"``, ``"ct:LO,HI,MEAN,STD"``);
 - :func:`choose_normalisation` resolves ``auto`` from a dataset fingerprint (what ingest recorded
   about the pixel values, :mod:`segcore.collection.fingerprint`) and says why;
 - :func:`fit_normalisation` fills the values of the ``zscore`` and ``ct`` schemes from training
@@ -69,6 +71,50 @@ def parse_normalisation(choice: str) -> Normalisation | Literal["auto"]:
         return Normalisation(mode="window", window=(lo, hi))
     raise ConfigError(f"unknown normalisation {choice!r}; choose one of {', '.join(CHOICES)}, window:LO,HI or "
                       f"window:<{'|'.join(WINDOW_PRESETS)}>")
+
+
+def _numbers(choice: str, arg: str, count: int, form: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in arg.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != count:
+        raise ConfigError(f"normalisation {choice!r}: give {form} ({count} numbers separated by commas)")
+    return values
+
+
+def parse_given_normalisation(choice: str, *, channels: int = 1) -> Normalisation:
+    """The complete :class:`Normalisation` a choice names, for a model trained elsewhere (nothing is
+    fitted here, so fitted schemes carry their values).
+
+    Choices: ``percentile``; ``range`` (divide by 255); ``imagenet`` (divide by 255, then ImageNet's
+    mean/std); ``window:LO,HI`` or ``window:<preset>``; ``zscore:MEAN,STD``; ``ct:LO,HI,MEAN,STD`` (clip to
+    LO..HI, then ``(x - MEAN) / STD``, as nnU-Net's CT scheme with its fitted values). The values of
+    ``zscore`` and ``ct`` are repeated for each of the model's ``channels``. Raises
+    :class:`ConfigError` for anything else.
+    """
+    text = choice.strip().lower()
+    name, _, arg = text.partition(":")
+    if name == "imagenet" and not arg:
+        return Normalisation(mode="range", scale=255.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    if name in ("percentile", "range") and not arg:
+        return Normalisation(mode=name)
+    if name == "window":
+        return parse_normalisation(text)  # type: ignore[return-value]
+    if name == "zscore" and arg:
+        mean, std = _numbers(choice, arg, 2, "zscore:MEAN,STD")
+        if not std > 0:
+            raise ConfigError(f"normalisation {choice!r}: STD must be > 0")
+        return Normalisation(mode="zscore", mean=(mean,) * channels, std=(std,) * channels)
+    if name == "ct" and arg:
+        lo, hi, mean, std = _numbers(choice, arg, 4, "ct:LO,HI,MEAN,STD")
+        if not lo < hi or not std > 0:
+            raise ConfigError(f"normalisation {choice!r}: needs LO < HI and STD > 0")
+        return Normalisation(mode="ct", clip_low=(lo,) * channels, clip_high=(hi,) * channels,
+                             mean=(mean,) * channels, std=(std,) * channels)
+    raise ConfigError(f"normalisation {choice!r} is not one a model from elsewhere can declare; choose percentile, "
+                      f"range, imagenet, window:LO,HI, window:<{'|'.join(WINDOW_PRESETS)}>, zscore:MEAN,STD or "
+                      "ct:LO,HI,MEAN,STD (the values its training fitted)")
 
 
 def choose_normalisation(fingerprint: Mapping[str, Any] | None) -> tuple[Normalisation, str]:
@@ -158,4 +204,4 @@ def describe(norm: Normalisation) -> str:
 
 
 __all__ = ["CHOICES", "CT_PERCENTILES", "MIN_STD", "WINDOW_PRESETS", "choose_normalisation", "describe",
-           "fit_normalisation", "parse_normalisation"]
+           "fit_normalisation", "parse_given_normalisation", "parse_normalisation"]

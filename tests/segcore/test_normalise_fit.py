@@ -14,7 +14,8 @@ from segcore.errors import ConfigError
 from segcore.models.checkpoint import load_checkpoint, save_checkpoint
 from segcore.models.predict import TorchPredictor
 from segcore.normalise import Normalisation, normalise_batch
-from segcore.normalise_fit import choose_normalisation, fit_normalisation, parse_normalisation
+from segcore.normalise_fit import (choose_normalisation, fit_normalisation, parse_given_normalisation,
+                                  parse_normalisation)
 
 CT = Path(__file__).resolve().parents[1] / "data" / "ct-liver"
 
@@ -33,6 +34,24 @@ def test_window_presets_are_level_and_width() -> None:
     norm = parse_normalisation("window:abdomen")  # W400 L40
     assert (norm.mode, norm.window, norm.preset) == ("window", (-160.0, 240.0), "abdomen")
     assert parse_normalisation("window:lung").window == (-1350.0, 150.0)  # W1500 L-600
+
+
+def test_a_model_from_elsewhere_declares_its_fitted_values_by_hand() -> None:
+    ct = parse_given_normalisation("ct:-20,180,90,50")
+    assert (ct.clip_low, ct.clip_high, ct.mean, ct.std) == ((-20.0,), (180.0,), (90.0,), (50.0,)) and ct.fitted
+    out = normalise_batch(_nhwc([[-1000, 40], [140, 3000]]), ct)[0, 0]  # clip to -20..180, then (x - 90) / 50
+    torch.testing.assert_close(out, torch.tensor([[-2.2, -1.0], [1.0, 1.8]]))
+    z = parse_given_normalisation("zscore:10,4", channels=2)
+    assert (z.mean, z.std) == ((10.0, 10.0), (4.0, 4.0))
+    torch.testing.assert_close(normalise_batch(np.array([[[[2.0, 18.0]]]], dtype=np.float32), z).flatten(),
+                               torch.tensor([-2.0, 2.0]))
+    assert parse_given_normalisation("window:abdomen") == parse_normalisation("window:abdomen")
+    assert parse_given_normalisation("imagenet").mean == (0.485, 0.456, 0.406)
+    for bad, why in [("ct", "not one a model from elsewhere"), ("auto", "not one"), ("zscore", "not one"),
+                     ("ct:1,2,3", "ct:LO,HI,MEAN,STD"), ("ct:5,1,0,1", "LO < HI"), ("zscore:0,0", "STD must be > 0"),
+                     ("zscore:a,b", "zscore:MEAN,STD"), ("window:3,1", "neither LO,HI")]:
+        with pytest.raises(ConfigError, match=why):
+            parse_given_normalisation(bad)
 
 
 def test_zscore_fits_the_dataset_mean_and_std_by_hand() -> None:

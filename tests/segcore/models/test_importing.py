@@ -79,6 +79,31 @@ def test_torchscript_and_onnx_files_import_as_directory_records(tmp_path):
         import_model(tmp_path / "net.pt", out=tmp_path / "y.segflow", in_channels=1)
 
 
+def test_a_ct_model_from_elsewhere_keeps_its_hounsfield_normalisation(tmp_path, capsys):
+    """``--normalisation ct:LO,HI,MEAN,STD`` (and ``window:...``) on import: the record carries the
+    fitted transform and the predictor applies it to raw Hounsfield units."""
+    net = torch.nn.Conv2d(1, 2, 1).eval()
+    torch.jit.trace(net, torch.zeros(1, 1, 8, 8)).save(str(tmp_path / "ct.pt"))
+    out = tmp_path / "ct.segflow"
+    assert main(["model", "import", str(tmp_path / "ct.pt"), "--out", str(out), "--in-channels", "1",
+                 "--class-names", "background,liver", "--normalisation", "ct:-20,180,90,50"]) == 0
+    norm = read_model_meta(out).normalisation
+    assert (norm.mode, norm.clip_low, norm.clip_high, norm.mean, norm.std) == ("ct", (-20.0,), (180.0,), (90.0,),
+                                                                                (50.0,))
+    hu = np.array([[-1000.0, 40.0], [140.0, 3000.0]], dtype=np.float32)[None, :, :, None]
+    x = open_predictor(out, precision="fp32").prepare(hu)
+    torch.testing.assert_close(x[0, 0], torch.tensor([[-2.2, -1.0], [1.0, 1.8]]))
+    assert main(["model", "import", str(tmp_path / "ct.pt"), "--out", str(tmp_path / "w.segflow"), "--in-channels",
+                 "1", "--normalisation", "window:abdomen"]) == 0
+    assert read_model_meta(tmp_path / "w.segflow").normalisation.window == (-160.0, 240.0)
+    capsys.readouterr()
+    assert main(["model", "import", str(tmp_path / "ct.pt"), "--out", str(tmp_path / "bad.segflow"), "--in-channels",
+                 "1", "--normalisation", "ct"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("segflow: error: ") and "ct:LO,HI,MEAN,STD" in err and err.count("\n") == 1
+    assert not (tmp_path / "bad.segflow").exists()
+
+
 def test_records_are_read_and_hashed_with_clear_errors(tmp_path):
     net = torch.nn.Conv2d(1, 2, 1)
     torch.jit.trace(net, torch.zeros(1, 1, 4, 4)).save(str(tmp_path / "n.pt"))
