@@ -499,16 +499,20 @@ def _run(args: argparse.Namespace) -> str:
 
     The Prefect server (when none is configured) and the local cluster start first, side by side,
     and boot while the flows are imported; the worker imports what the tasks need meanwhile. The
-    model record of ``segment`` and ``run`` is checked (its metadata) before the cluster starts, while
-    the server boots: a missing or broken model is told in seconds."""
+    model record of ``segment`` and ``run`` is checked (its metadata), and a ``--device`` that local
+    workers could not use, before the cluster starts, while the server boots: a missing or broken
+    model, or ``--device cuda`` on a machine without a GPU, is told in seconds."""
     from flows.execution import started_cluster, wait_warm
     from flows.server import start_api, wait_api
 
     start_api()
     if args.command in ("segment", "run"):
+        from segcore.models.predict import check_device
         from segcore.run.start import check_model
 
         check_model(args.checkpoint)
+        if args.device and not args.dask_address:  # local workers: this machine's GPUs
+            check_device(args.device)
     import distributed  # noqa: F401 - sets its loggers' levels when imported
     import prefect_dask  # noqa: F401
 

@@ -26,6 +26,7 @@ from segcore.errors import CheckpointError, SegflowError
 from segcore.lease import Lease, run_dir_lease
 from segcore.metrics.summary import render_markdown, summarise_dice, summarise_instances, summarise_volumes
 from segcore.models.checkpoint import ModelMeta
+from segcore.models.predict import check_device
 from segcore.models.record import model_sha256
 from segcore.run.blocks import saved_blocks
 from segcore.run.context import RunContext
@@ -130,6 +131,8 @@ def _segment_held(spec: SegmentSpec) -> dict[str, Any]:
     """Record the run, segment its unfinished units in parallel, summarise, publish."""
     log = get_run_logger()
     t0 = time.perf_counter()
+    if not spec.execution.dask_address:  # the workers share this machine's GPUs, if any
+        check_device(spec.device)
     ctx, plan, meta, store = start_run(
         spec.store, spec.checkpoint, spec.out, tile_size=spec.tile_size, overlap=spec.overlap, blend=spec.blend,
         tta=spec.tta, precision=spec.precision, batch_size=spec.batch_size, device=spec.device,

@@ -57,6 +57,20 @@ def resolve_device(device: str, *, worker_index: int | None = None) -> str:
     return f"cuda:{(worker_index or 0) % torch.cuda.device_count()}"
 
 
+def check_device(device: str) -> str:
+    """:func:`resolve_device` on this machine, checked as far as this machine can tell: raises
+    :class:`ConfigError` when CUDA is asked for and torch sees none, or for a GPU index beyond those
+    present. For runs whose workers share this machine, before any work starts (workers elsewhere
+    have their own GPUs)."""
+    resolved = resolve_device(device)
+    if resolved.startswith("cuda:"):
+        index, count = resolved.split(":", 1)[1], torch.cuda.device_count()
+        if not index.isdigit() or int(index) >= count:
+            raise ConfigError(f"device {device!r} asked for, but torch sees {count} CUDA device(s) "
+                              f"(cuda:0 to cuda:{count - 1}); use --device auto, cuda or one of those")
+    return resolved
+
+
 class Predictor(abc.ABC):
     """One model ready to predict on ``device``.
 
@@ -262,5 +276,5 @@ def load_predictor(checkpoint: str, *, sha256: str, device: str = "cpu", precisi
         return _cached(str(checkpoint), sha256, device, precision, compile)
 
 
-__all__ = ["AUTOCAST", "PRECISIONS", "Predictor", "compiles", "TorchPredictor", "load_predictor", "open_predictor",
-           "resolve_device"]
+__all__ = ["AUTOCAST", "PRECISIONS", "Predictor", "check_device", "compiles", "TorchPredictor", "load_predictor",
+           "open_predictor", "resolve_device"]

@@ -118,6 +118,14 @@ def test_a_missing_or_broken_model_fails_before_the_cluster_starts(tmp_path, mon
         err = capsys.readouterr().err
         assert err.startswith("segflow: error: ") and err.count("\n") == 1 and name in err and says in err
     assert not (tmp_path / "out").exists()
+    # a GPU that local workers could not use: told before the cluster (and any ingest) starts
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = _checkpoint(tmp_path / "m.safetensors", in_channels=1)
+    for device in ("cuda", "cuda:1"):
+        assert main([command, *where, "--checkpoint", model, "--out", str(tmp_path / "out"), "--device", device]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("segflow: error: ") and err.count("\n") == 1 and "torch sees no CUDA device" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "s.zarr").exists()
 
 
 def test_verbose_shows_prefects_lines_and_the_traceback(tiny_run) -> None:

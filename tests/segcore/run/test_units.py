@@ -67,6 +67,20 @@ def test_resolve_device_on_a_cpu_machine():
         resolve_device("tpu")
 
 
+def test_check_device_knows_this_machines_gpus(monkeypatch):
+    from segcore.models.predict import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert check_device("cuda:1") == "cuda:1" and check_device("cpu") == "cpu"
+    with pytest.raises(ConfigError, match=r"torch sees 2 CUDA device\(s\) \(cuda:0 to cuda:1\)"):
+        check_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert check_device("auto") == "cpu"
+    with pytest.raises(ConfigError, match="no CUDA"):
+        check_device("cuda:0")
+
+
 def test_predictor_labels_are_argmax_of_the_model():
     images = np.array([[[0], [200]], [[129], [127]]], dtype=np.uint8)[None]  # (1, 2, 2, 1)
     labels = TorchPredictor(Threshold(), META, device="cpu").labels(images)
