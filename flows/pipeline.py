@@ -22,7 +22,7 @@ from segcore import fsio
 from segcore.collection.versions import current_manifest, current_rows
 from segcore.collection.store import read_manifest, spec_json, store_exists
 from segcore.config import ExecutionSpec, IngestSpec, RunSpec, SegmentSpec, flow_run_token, with_flow_run
-from segcore.errors import CheckpointError, SegflowError
+from segcore.errors import CheckpointError, SegflowError, StoreError
 from segcore.lease import Lease, run_dir_lease
 from segcore.metrics.summary import render_markdown, summarise_dice, summarise_instances, summarise_volumes
 from segcore.models.checkpoint import ModelMeta
@@ -274,6 +274,10 @@ def run_flow(spec: RunSpec) -> dict[str, Any]:
     (or needed: a scheduled run with nothing new completes while the cluster is down).
     """
     spec = this_run(spec)
+    if spec.ingest.overwrite and not spec.ingest.incremental and fsio.exists(fsio.join(spec.segment.out, "run.json")):
+        # checked before the store is replaced: the run directory would then refuse the new store
+        raise StoreError(f"run directory {spec.segment.out!r} holds the results of a run; --overwrite would replace "
+                         f"its store {spec.ingest.store!r}, whose results these are: give a new --out")
     ingested = ingest_steps(spec.ingest)
     segment = spec.segment
     if spec.ingest.incremental:

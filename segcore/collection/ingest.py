@@ -133,8 +133,7 @@ def start_ingest(spec: IngestSpec) -> IngestStart:
     if spec.incremental and store_exists(spec.store):
         resumed = _resume_append(spec, rows, found)
         return replace(resumed or IngestStart(rows=rows, append=True, notes=(found,)), skipped=skipped)
-    if not spec.overwrite and existing_store_matches(spec.store, spec=spec_json(spec),
-                                                     source_paths=[r["source_path"] for r in rows]):
+    if not spec.overwrite and existing_store_matches(spec.store, spec=spec_json(spec), rows=rows):
         clear(spec.store)  # an ingest killed after writing its manifest left its plan behind
         ok = [r for r in read_manifest(spec.store).select(["source_path", "status"]).to_pylist() if r["status"] == "ok"]
         n_ok, errors = len(ok), len(rows) - count_files(ok)  # images (a volume's slices), files

@@ -179,11 +179,15 @@ def has_manifest(path: str) -> bool:
     return fsio.exists(fsio.join(path, MANIFEST_NAME))
 
 
-def existing_store_matches(path: str, *, spec: dict[str, Any], source_paths: Sequence[str]) -> bool:
-    """True when ``path`` is a finished store ingested with the same ``spec`` from exactly ``source_paths``.
+def existing_store_matches(path: str, *, spec: dict[str, Any], rows: Sequence[dict[str, Any]]) -> bool:
+    """True when ``path`` is a finished store ingested with the same ``spec`` from exactly the files
+    of ``rows`` (the listing's partial manifest rows): the same images, each paired with the same
+    mask (or none), and neither changed since (size and modification stamp, where the store
+    recorded them).
 
     Raises :class:`StoreError` when ``path`` exists but holds something else (another ingest, an
-    unfinished one, or not a store), so that nothing is overwritten by accident.
+    unfinished one, other files or changed ones, or not a store), naming what differs, so that
+    nothing is overwritten or reused by accident.
     """
     if not store_exists(path):
         return False
@@ -191,14 +195,41 @@ def existing_store_matches(path: str, *, spec: dict[str, Any], source_paths: Seq
     ignore = {"overwrite", "incremental", "wait_for_lease"}  # how to ingest, not what the store holds
     same_spec = all(spec.get(k) == v for k, v in info.spec.items() if k not in ignore)  # keys newer than the store: defaults
     finished = has_manifest(path)
+    what = "a finished ingest with other options" if finished else "an unfinished ingest"
     if same_spec and finished:
-        # a set: a volume has a row per slice; absolute: manifests made before paths were absolute
-        recorded = {fsio.absolute(s) for s in read_manifest(path).column("source_path").to_pylist()}
-        if recorded == set(map(fsio.absolute, source_paths)):
+        differs = _changed_files(read_manifest(path), rows)
+        if not differs:
             return True
-    what = "a finished ingest of other sources or options" if finished else "an unfinished ingest"
-    raise StoreError(f"store {path!r} already exists and holds {what}; choose a new path or pass --overwrite to "
-                     "replace it")
+        what = f"an ingest of other files ({differs})"
+    raise StoreError(f"store {path!r} already exists and holds {what}; choose a new path, pass --incremental to "
+                     "ingest what changed as new versions (a changed mask is evaluated again), or pass --overwrite "
+                     "to replace it")
+
+
+def _changed_files(manifest: Any, rows: Sequence[dict[str, Any]]) -> str:
+    """What differs between a store's manifest and the files listed now (empty: nothing); one short
+    phrase with a count and an example of each kind."""
+    names = set(manifest.column_names)
+
+    def column(name: str) -> list[Any]:
+        return manifest.column(name).to_pylist() if name in names else [None] * manifest.num_rows
+
+    absolute = lambda p: fsio.absolute(p) if p else None  # noqa: E731 - manifests made before paths were absolute
+    # one entry per file (a volume has a row per slice): source -> (mask, its signature, the source's)
+    recorded = {absolute(s): (absolute(m), ms, ss) for s, m, ms, ss in
+                zip(column("source_path"), column("mask_path"), column("mask_signature"), column("source_signature"))}
+    listed = {absolute(r["source_path"]): (absolute(r.get("mask_path")), r.get("mask_signature"),
+                                           r.get("source_signature")) for r in rows}
+    kinds: dict[str, list[str]] = {"image(s) added": sorted(set(listed) - set(recorded)),
+                                   "image(s) gone": sorted(set(recorded) - set(listed)),
+                                   "mask(s) paired differently": [], "file(s) changed": []}
+    for source in sorted(set(listed) & set(recorded)):
+        (mask_now, mask_sig_now, sig_now), (mask_then, mask_sig_then, sig_then) = listed[source], recorded[source]
+        if mask_now != mask_then:
+            kinds["mask(s) paired differently"].append(source)
+        elif any(then is not None and now != then for now, then in ((sig_now, sig_then), (mask_sig_now, mask_sig_then))):
+            kinds["file(s) changed"].append(source)
+    return "; ".join(f"{len(v)} {k}, e.g. {v[0].rsplit('/', 1)[-1]}" for k, v in kinds.items() if v)
 
 
 def create_store(path: str, groups: Sequence[GroupInfo], *, with_gt: bool, mask_kind: str,

@@ -15,7 +15,7 @@ from flows.pipeline import ingest_flow, run_flow, segment_flow, with_runner
 from segcore.config import ExecutionSpec, IngestSpec, RunSpec, SegmentSpec
 from segcore.errors import CheckpointError, StoreError
 from segcore.run.results import open_run
-from segcore.collection.store import read_manifest
+from segcore.collection.store import open_store, read_manifest
 from tests.flows.conftest import module_cluster
 
 ONE_WORKER = ExecutionSpec(n_workers=1, threads_per_worker=1)
@@ -156,6 +156,15 @@ def test_the_same_run_twice_reuses_the_store_and_resumes(finished):
     assert again["units_skipped"] == again["units"] and again["run_id"] == first["run_id"]
     table = open_run(spec.segment.out).dice_table().to_pandas()
     assert not table.duplicated(["image_id", "class_id"]).any()
+
+
+def test_overwrite_into_a_run_directory_with_results_is_refused_before_the_store_is_replaced(finished):
+    spec, first = finished
+    store_id = open_store(spec.ingest.store).store_id
+    overwrite = spec.model_copy(update={"ingest": spec.ingest.model_copy(update={"overwrite": True})})
+    with pytest.raises(StoreError, match="holds the results of a run; --overwrite would replace its store"):
+        with_runner(run_flow, ONE_WORKER)(overwrite)
+    assert open_store(spec.ingest.store).store_id == store_id
 
 
 def test_an_existing_store_of_other_sources_is_refused_before_any_work(finished, collection, tmp_path):

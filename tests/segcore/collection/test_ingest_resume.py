@@ -140,8 +140,27 @@ def test_an_interrupted_ingest_of_other_files_or_options_is_refused_by_name(five
     with pytest.raises(StoreError, match=r"interrupted ingest of other sources or options \(1 changed \(.*c.png\)"):
         start_ingest(spec)
     assert ingest_serially(spec.model_copy(update={"overwrite": True})).resumed is None  # starts again
-    with pytest.raises(StoreError, match="already exists and holds a finished ingest of other sources"):
+    with pytest.raises(StoreError, match="already exists and holds a finished ingest with other options"):
         start_ingest(spec.model_copy(update={"store": clean, "max_chunk_images": 1}))
+
+
+def test_a_finished_store_is_reused_only_for_the_same_files_and_pairing(five):
+    """Masks renamed, added or rewritten since the ingest: the store is not reused as if they had
+    not changed; the refusal names what differs and how to go on."""
+    spec, clean = five
+    again = spec.model_copy(update={"store": clean})
+    assert start_ingest(again).result.reused
+    masks = Path(spec.masks)
+    (masks / "b.png").rename(masks / "b-old.png")  # b has no mask now
+    with pytest.raises(StoreError, match=r"other files \(1 mask\(s\) paired differently, e.g. b.png\); choose a "
+                                         r"new path, pass --incremental .* or pass --overwrite"):
+        start_ingest(again)
+    (masks / "b-old.png").rename(masks / "b.png")
+    assert start_ingest(again).result.reused
+    _write(masks / "c.png", RNG.integers(0, 3, (4, 6), dtype=np.uint8), stamp=3_000)  # a corrected mask
+    _write(Path(spec.images) / "f.png", RNG.integers(0, 256, (4, 6), dtype=np.uint8))
+    with pytest.raises(StoreError, match=r"1 image\(s\) added, e.g. f.png; 1 file\(s\) changed, e.g. c.png"):
+        start_ingest(again)
 
 
 def test_a_store_interrupted_before_its_plan_is_started_again(five):
