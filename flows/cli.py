@@ -333,7 +333,7 @@ def _model(args: argparse.Namespace) -> int:
             meta = export_model(args.model, to=args.to, out=args.out)
             print(f"model: {args.out} ({meta.runtime}, inputs padded to multiples of {meta.input_multiple})")
     except (SegflowError, ValidationError, OSError) as exc:
-        return _fail(console.one_line(exc))
+        return _fail(console.one_line(exc, options=_option_strings(build_parser())))
     return 0
 
 
@@ -469,6 +469,18 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string of ``parser`` and its subcommands (``--batch-size``, ...): an invalid value
+    is told by the option the user typed, not by the spec field it sets."""
+    found: set[str] = set()
+    for action in parser._actions:
+        found.update(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= _option_strings(sub)
+    return found
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "report":  # reads the lake only: no Prefect
@@ -487,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with console.progress_display() if quiet else nullcontext():
             text = _run(args)
     except (SegflowError, ValidationError, OSError) as exc:
-        print(f"segflow: error: {console.one_line(exc)}", file=sys.stderr)
+        print(f"segflow: error: {console.one_line(exc, options=_option_strings(build_parser()))}", file=sys.stderr)
         return 2
     if text:
         print(text)  # after the progress display: a live bar would rewrap it

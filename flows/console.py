@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from typing import IO, Iterator
+from typing import IO, Collection, Iterator
 
 from tasks.progress import ProgressEvent, listen
 
@@ -154,12 +154,29 @@ def progress_display(stream: IO[str] | None = None) -> Iterator[None]:
             yield
 
 
-def one_line(exc: BaseException) -> str:
-    """The message of ``exc`` on one line (a pydantic ValidationError: each error as ``field: message``)."""
+def one_line(exc: BaseException, *, options: Collection[str] = ()) -> str:
+    """The message of ``exc`` on one line.
+
+    A pydantic ValidationError becomes each error as ``field: message``, the field named as the
+    command-line option that sets it when ``options`` (the command's option strings, e.g.
+    ``--batch-size``) has one, pydantic's internal names left out; of a field that takes either a
+    choice or a record, only the error that says what is wrong with the choice is kept."""
     from pydantic import ValidationError
 
     if isinstance(exc, ValidationError):
-        errors = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in exc.errors())
-        return f"invalid {exc.title}: {errors}"
+        fields: dict[str, list[tuple[str, str]]] = {}
+        for e in exc.errors():
+            path = ".".join(str(p) for p in e["loc"] if not any(c in str(p) for c in "[(")) or "value"
+            msg = e["msg"].removeprefix("Value error, ")
+            fields.setdefault(path, []).append((e["type"], msg))
+        parts, named = [], True
+        for path, errors in fields.items():
+            own = [m for t, m in errors if t == "value_error"] or [m for _, m in errors]
+            option = {"n_workers": "--workers"}.get(path.rsplit(".", 1)[-1],
+                                                    "--" + path.rsplit(".", 1)[-1].replace("_", "-"))
+            if option not in options:
+                option, named = path, False
+            parts.extend(f"{option}: {m}" for m in dict.fromkeys(own))
+        return ("" if named else f"invalid {exc.title}: ") + "; ".join(parts)
     text = " ".join(str(exc).split())
     return text or type(exc).__name__

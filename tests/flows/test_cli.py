@@ -21,7 +21,7 @@ from flows.cli import main
 from flows.console import BarProgress, PlainProgress, QuietFilter, one_line, progress_line
 from segcore import __version__
 from segcore.collection.imageio import write_png
-from segcore.config import SegmentSpec
+from segcore.config import SegmentSpec, TrainSpec
 from segcore.models import create_model
 from segcore.models.checkpoint import ModelMeta, save_checkpoint
 from segcore.normalise import Normalisation
@@ -143,7 +143,7 @@ def test_an_invalid_option_value_is_one_line_naming_the_field(tiny_run, capsys, 
     assert main(["segment", "--store", tiny_run["store"], "--checkpoint", tiny_run["gray"],
                  "--out", str(tiny_run["root"] / "bad"), "--batch-size", "0"]) == 2
     captured = capsys.readouterr()
-    assert captured.err == "segflow: error: invalid SegmentSpec: batch_size: Input should be greater than 0\n"
+    assert captured.err == "segflow: error: --batch-size: Input should be greater than 0\n"
     assert captured.out == ""
 
 
@@ -152,6 +152,17 @@ def test_one_line_joins_validation_errors_and_flattens_messages() -> None:
         SegmentSpec(store="s", checkpoint="c", out="o", batch_size=0, overlap=-1)
     assert one_line(info.value) == ("invalid SegmentSpec: batch_size: Input should be greater than 0; "
                                     "overlap: Input should be greater than or equal to 0")
+    assert one_line(info.value, options={"--batch-size", "--overlap"}) == (
+        "--batch-size: Input should be greater than 0; --overlap: Input should be greater than or equal to 0")
+    with pytest.raises(Exception) as info:  # a choice or a record: only the choice's own error, by its option
+        TrainSpec(store="s", out="o.safetensors", normalisation="window:abdomn")
+    assert one_line(info.value, options={"--normalisation"}) == (
+        "--normalisation: window 'abdomn' is neither LO,HI with LO < HI (e.g. window:-200,300) nor a preset "
+        "(abdomen, liver, lung, bone, brain)")
+    with pytest.raises(Exception) as info:
+        TrainSpec(store="s", out="o.safetensors", val_fraction=1.5, execution={"n_workers": 0})
+    assert one_line(info.value, options={"--val-fraction", "--workers"}) == (
+        "--val-fraction: Input should be less than 1; --workers: Input should be greater than 0")
     assert one_line(OSError("first line\n  second line")) == "first line second line"
     assert one_line(KeyError()) == "KeyError"
 
