@@ -520,9 +520,11 @@ def _run(args: argparse.Namespace) -> str:
     start_api()
     if args.command in ("segment", "run"):
         from segcore.models.predict import check_device
-        from segcore.run.start import check_model
+        from segcore.run.start import check_ground_truth, check_model
 
-        check_model(args.checkpoint)
+        meta = check_model(args.checkpoint)
+        if args.command == "run" and args.masks and args.mask_kind:
+            check_ground_truth(meta, args.mask_kind)
         if args.device and not args.dask_address:  # local workers: this machine's GPUs
             check_device(args.device)
     import distributed  # noqa: F401 - sets its loggers' levels when imported

@@ -73,6 +73,19 @@ def local_path(location: str | os.PathLike[str]) -> str | None:
     return path if isinstance(fs, LocalFileSystem) else None
 
 
+def new_file_mode() -> int:
+    """The permissions a plain ``open(path, "w")`` gives a new file: ``0o666`` less the process's
+    umask (read from ``/proc/self/status`` where there is one, without changing it; else 022). For
+    files a library writes with ``0o600`` (safetensors does), so that the group can read a model
+    as it reads the other outputs."""
+    try:
+        with open("/proc/self/status") as status:
+            umask = next((int(line.split()[1], 8) for line in status if line.startswith("Umask:")), 0o022)
+    except OSError:
+        umask = 0o022
+    return 0o666 & ~umask
+
+
 @contextmanager
 def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; on success rename it onto ``dest``, else remove it.

@@ -125,6 +125,7 @@ def start_ingest(spec: IngestSpec) -> IngestStart:
                                                              "nothing to do"))
     rows, skipped = tuple(paired.rows), len(paired.skipped)
     found = f"{len(rows)} files found in {spec.images}"
+    unpaired = _no_mask_paired(spec, rows)
     if skipped:
         names = ", ".join(p.rsplit("/", 1)[-1] for p in paired.skipped[:5]) + (", ..." if skipped > 5 else "")
         found += f"; {skipped} file(s) with other suffixes skipped ({names})"
@@ -142,7 +143,17 @@ def start_ingest(spec: IngestSpec) -> IngestStart:
                               note=f"{spec.store} already holds these {len(rows)} files with the same options; "
                                    "reusing it (pass --overwrite to decode them again)")
         return IngestStart(rows=rows, result=reused, notes=(found,), skipped=skipped)
-    return IngestStart(rows=rows, overwrite=spec.overwrite, notes=(found,), skipped=skipped)
+    return IngestStart(rows=rows, overwrite=spec.overwrite, notes=(found,), skipped=skipped, warnings=unpaired)
+
+
+def _no_mask_paired(spec: IngestSpec, rows: Sequence[dict[str, Any]]) -> tuple[str, ...]:
+    """A warning when masks were given but no image found one (names that do not match)."""
+    if spec.masks is None or spec.incremental or not rows or any(r.get("mask_path") for r in rows):
+        return ()
+    example = str(rows[0]["source_path"]).rsplit("/", 1)[-1]
+    return (f"no image has a mask in {spec.masks}: a mask is paired with the image of the same name (any supported "
+            f"suffix), e.g. {example.rsplit('.', 1)[0]}.png or .tif for {example}; the images are ingested without "
+            "ground truth, so no Dice is computed",)
 
 
 _HOW = {"overwrite", "incremental", "wait_for_lease"}  # how to ingest, not what the store holds

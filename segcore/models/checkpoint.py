@@ -26,7 +26,7 @@ from torch import nn
 
 from segcore import fsio
 from segcore.errors import CheckpointError, ConfigError, NotFound
-from segcore.fsio import atomic_path
+from segcore.fsio import atomic_path, new_file_mode
 from segcore.models import MODEL_KINDS, create_model, spatial_dims_of
 from segcore.models.outputs import OutputRule
 from segcore.normalise import Normalisation
@@ -107,6 +107,7 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: ModelM
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={_META_KEY: meta.model_dump_json()})
+        os.chmod(tmp, new_file_mode())  # safetensors writes 0600: readable like the other outputs
     return path
 
 

@@ -45,7 +45,9 @@ class Unpadded(nn.Module):
 
 def export_torchscript(model: nn.Module, meta: ModelMeta, example: torch.Tensor, file: Path) -> None:
     """Trace ``model`` on ``example`` and save the TorchScript archive to ``file``."""
-    with torch.inference_mode(False), torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        # torch's notice that TorchScript is deprecated: the archive is the format asked for
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.* is deprecated", category=FutureWarning)
         traced = torch.jit.trace(model, example, check_trace=False)
     traced.save(str(file))
 

@@ -19,6 +19,7 @@ import contextlib
 import io
 import logging
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -72,8 +73,10 @@ def load_torchscript(path: str | os.PathLike[str], *, device: str = "cpu") -> to
     :class:`CheckpointError`."""
     local = fsio.local_path(path)
     try:
-        module = torch.jit.load(local if local is not None else io.BytesIO(fsio.read_bytes(path)),
-                                map_location=device)
+        with warnings.catch_warnings():  # torch's notice that TorchScript is deprecated: not the user's to act on
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.* is deprecated", category=FutureWarning)
+            module = torch.jit.load(local if local is not None else io.BytesIO(fsio.read_bytes(path)),
+                                    map_location=device)
     except (RuntimeError, ValueError, OSError) as exc:
         raise CheckpointError(f"cannot load TorchScript model {str(path)!r}: {' '.join(str(exc).split())[:300]}"
                               ) from exc

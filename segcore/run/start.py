@@ -57,12 +57,21 @@ def preflight(store_path: str, checkpoint: str) -> tuple[ModelMeta, str, StoreIn
                f"groups {', '.join(blocked)} store their images or slices in square blocks (larger than "
                "--tile-chunk); ingest again with --tile-chunk 0"))
     check_channels(store, model_channels=meta.in_channels)
-    if store.has_gt and store.mask_kind == "instance" and meta.num_classes != 2:
-        raise CheckpointError(
-            f"the store's ground truth is instance labels (foreground vs background) but the checkpoint has "
-            f"{meta.num_classes} classes; ingest class masks with --mask-kind class"
-        )
+    if store.has_gt:
+        check_ground_truth(meta, store.mask_kind)
     return meta, sha, store
+
+
+def check_ground_truth(meta: ModelMeta, mask_kind: str) -> None:
+    """Raise :class:`~segcore.errors.CheckpointError` when the model cannot be scored against ground
+    truth of ``mask_kind``: instance labels are scored as foreground vs background, which takes a
+    model of two classes (background and one other; an instance model or a 2-class UNet)."""
+    if mask_kind == "instance" and meta.num_classes != 2:
+        raise CheckpointError(
+            f"instance-label ground truth is scored as foreground vs background, but the model has "
+            f"{meta.num_classes} classes ({', '.join(meta.class_names)}); use a model of two classes (background "
+            "and one other), or, if the masks are class maps (0 background, 1..K the classes), ingest them with "
+            "--mask-kind class")
 
 
 def check_model(checkpoint: str) -> ModelMeta:

@@ -125,6 +125,13 @@ def test_a_missing_or_broken_model_fails_before_the_cluster_starts(tmp_path, mon
         assert main([command, *where, "--checkpoint", model, "--out", str(tmp_path / "out"), "--device", device]) == 2
         err = capsys.readouterr().err
         assert err.startswith("segflow: error: ") and err.count("\n") == 1 and "torch sees no CUDA device" in err
+    if command == "run":  # instance labels scored by a 3-class model: told before anything is ingested
+        (tmp_path / "masks").mkdir()
+        assert main([command, *where, "--masks", str(tmp_path / "masks"), "--mask-kind", "instance",
+                     "--checkpoint", model, "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("segflow: error: instance-label ground truth is scored as foreground vs background, "
+                              "but the model has 3 classes") and err.count("\n") == 1
     assert not (tmp_path / "out").exists() and not (tmp_path / "s.zarr").exists()
 
 

@@ -31,6 +31,18 @@ def _landing(tmp_path: Path) -> tuple[Path, Path]:
     return images, masks
 
 
+def test_masks_whose_names_match_no_image_are_warned_about(tmp_path):
+    images, masks = _landing(tmp_path)
+    spec = IngestSpec(images=str(images), masks=str(masks), store=str(tmp_path / "s.zarr"))
+    assert start_ingest(spec).warnings == ()
+    for name in ("a", "b", "c"):
+        (masks / f"{name}.png").rename(masks / f"label-{name}.png")
+    (warning,) = start_ingest(spec).warnings
+    assert warning.startswith(f"no image has a mask in {masks}") and "e.g. a.png or .tif for a.png" in warning
+    (masks / "label-b.png").rename(masks / "b.png")  # one pairs: masks missing for some is counted, not warned
+    assert start_ingest(spec).warnings == ()
+
+
 def test_result_dicts_keep_the_shape_of_each_outcome():
     full = IngestResult(store="s", files=3, new_files=3, images=3, errors=0, groups=1, chunks=2, note="x")
     assert full.to_dict() == {"store": "s", "files": 3, "new_files": 3, "images": 3, "errors": 0, "groups": 1,

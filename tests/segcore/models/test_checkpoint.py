@@ -7,6 +7,7 @@ import builtins
 import hashlib
 import json
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,19 @@ def test_save_leaves_no_temporary_file_and_replaces(tmp_path: Path) -> None:
     loaded, meta2 = load_checkpoint(tmp_path / "m.safetensors")
     assert meta2.provenance == {"second": True}
     assert torch.equal(loaded.head.weight, other.head.weight)
+
+
+def test_a_checkpoint_gets_the_permissions_of_any_new_file(tmp_path: Path) -> None:
+    """Not safetensors' 0600: a model is readable by whoever reads the run's other outputs."""
+    meta = _meta()
+    before = os.umask(0o027)  # this test's process only, restored below
+    try:
+        save_checkpoint(tmp_path / "m.safetensors", build_model(meta), meta)
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == 0o640
 
 
 def test_read_meta_reads_no_tensors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
