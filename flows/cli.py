@@ -352,7 +352,10 @@ def _fail(message: str) -> int:
 def info_text(info: dict[str, Any]) -> str:
     """``segflow model info`` as aligned ``key: value`` lines."""
     inp = info["input"]
-    norm = ", ".join(f"{k}={v}" for k, v in info["normalisation"].items() if v is not None)
+    from segcore.normalise import Normalisation
+    from segcore.normalise_fit import describe
+
+    norm = describe(Normalisation.model_validate(info["normalisation"]))
     source = info["source"] or {}
     lines = [("model", info["model"]), ("sha256", info["sha256"]), ("runtime", info["runtime"]),
              ("architecture", f"{info['arch']} {json.dumps(info['arch_kwargs'])}" if info["arch_kwargs"]

@@ -188,19 +188,24 @@ def fit_normalisation(norm: Normalisation, images: np.ndarray, masks: np.ndarray
 
 
 def describe(norm: Normalisation) -> str:
-    """A short description of a (fitted) scheme, e.g. ``ct (clip -40.2..210.5, mean 95.1, std 48.3)``."""
+    """A short description of a (fitted) scheme, e.g. ``ct (clip -40.2..210.5, mean 95.1, std 48.3)``:
+    the values the scheme uses, and no others."""
     def fmt(values: tuple[float, ...] | None) -> str:
         return "/".join(f"{v:.4g}" for v in values or ())
 
-    if norm.mode == "window":
-        return f"window {norm.window[0]:g}..{norm.window[1]:g}" + (f" ({norm.preset})" if norm.preset else "")
+    if norm.mode == "steps":
+        return "steps: " + ", ".join(step.op for step in norm.steps)
     if norm.mode == "ct":
         return f"ct (clip {fmt(norm.clip_low)}..{fmt(norm.clip_high)}, mean {fmt(norm.mean)}, std {fmt(norm.std)})"
     if norm.mode == "zscore":
         return f"zscore (mean {fmt(norm.mean)}, std {fmt(norm.std)})"
-    if norm.mode == "range":
-        return f"range (divide by {norm.scale:g})"
-    return f"percentile ({norm.low:g}-{norm.high:g} per image)"
+    if norm.mode == "window":
+        text = f"window {norm.window[0]:g}..{norm.window[1]:g}" + (f" ({norm.preset})" if norm.preset else "")
+    elif norm.mode == "range":
+        text = f"range (divide by {norm.scale:g})"
+    else:
+        text = f"percentile ({norm.low:g}-{norm.high:g} per image)"
+    return text + (f", then mean {fmt(norm.mean)}, std {fmt(norm.std)}" if norm.mean is not None else "")
 
 
 __all__ = ["CHOICES", "CT_PERCENTILES", "MIN_STD", "WINDOW_PRESETS", "choose_normalisation", "describe",

@@ -90,6 +90,9 @@ def test_a_ct_model_from_elsewhere_keeps_its_hounsfield_normalisation(tmp_path, 
     norm = read_model_meta(out).normalisation
     assert (norm.mode, norm.clip_low, norm.clip_high, norm.mean, norm.std) == ("ct", (-20.0,), (180.0,), (90.0,),
                                                                                 (50.0,))
+    capsys.readouterr()
+    assert main(["model", "info", str(out)]) == 0  # the values the scheme uses, no others
+    assert "normalisation: ct (clip -20..180, mean 90, std 50)\n" in capsys.readouterr().out
     hu = np.array([[-1000.0, 40.0], [140.0, 3000.0]], dtype=np.float32)[None, :, :, None]
     x = open_predictor(out, precision="fp32").prepare(hu)
     torch.testing.assert_close(x[0, 0], torch.tensor([[-2.2, -1.0], [1.0, 1.8]]))
