@@ -50,8 +50,14 @@ class QuietFilter(logging.Filter):
         return not _under(record.name, NOISY_LOGGERS)
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is at the time, so a live progress bar can print log lines above itself."""
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time, so a live progress bar can print log lines above itself.
+
+    Its name is public on purpose: Prefect's logging setup (run when Prefect is imported) keeps the
+    root logger's handlers only when one is a user's, and takes a class whose name starts with an
+    underscore for its own; it would replace this one with its console handler, and a quiet command
+    line would show no warning at all.
+    """
 
     def __init__(self) -> None:
         super().__init__(sys.stderr)
@@ -72,8 +78,8 @@ def setup_logging(*, quiet: bool) -> None:
         return
     for name, value in QUIET_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
-    handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter(logging.BASIC_FORMAT))
+    handler = StderrHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     handler.addFilter(QuietFilter())
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
 

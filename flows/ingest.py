@@ -19,7 +19,7 @@ from prefect.futures import as_completed
 
 from segcore.collection.ingest import (IngestPlan, IngestResult, IngestStart, chunk_label, finish_ingest, open_append,
                                        plan_append, plan_creation, probe_batches, probe_staging, resume_plan,
-                                       start_ingest)
+                                       start_ingest, unreadable_note)
 from segcore.collection.landing import remove_staging
 from segcore.config import IngestSpec
 from segcore.lease import Lease, store_lease
@@ -88,4 +88,6 @@ def _ingest(spec: IngestSpec) -> IngestResult:
         return plan.result
     result = finish_ingest(spec, plan, _write_chunks(spec, plan, log), seconds=time.perf_counter() - t0)
     log.info("ingest: %s", result.note)
+    if result.errors:
+        log.warning("ingest: %s", unreadable_note(spec.store, batch=result.batch))
     return result

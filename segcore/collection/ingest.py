@@ -328,6 +328,21 @@ def resume_plan(spec: IngestSpec, start: IngestStart) -> IngestPlan:
                       skipped=start.skipped)
 
 
+def unreadable_note(store: str, *, batch: int | None = None, show: int = 3) -> str | None:
+    """``"2 file(s) could not be read and are error rows of the manifest: a.png (why), ..."`` for the
+    error rows of ``store``'s manifest (of ``batch`` only, when given; a volume's file once), or None
+    when there are none."""
+    rows = read_manifest(store).select(["source_path", "status", "error", "batch"]).to_pylist()
+    bad = {r["source_path"]: r["error"] for r in rows
+           if r["status"] == "error" and (batch is None or r["batch"] == batch)}
+    if not bad:
+        return None
+    named = "; ".join(f"{path.rsplit('/', 1)[-1]} ({' '.join(str(why).split())[:160]})"
+                      for path, why in list(bad.items())[:show])
+    return (f"{len(bad)} file(s) could not be read and are error rows of the manifest: {named}"
+            + ("; ..." if len(bad) > show else ""))
+
+
 def finish_ingest(spec: IngestSpec, plan: IngestPlan, written: Sequence[Row], *, seconds: float) -> IngestResult:
     """Write the manifest: the old rows (appending: with ``superseded_by`` set where a new readable
     version of the same id was written), then the rows of the chunks kept from an interrupted run

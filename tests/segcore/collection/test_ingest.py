@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from segcore.collection.imageio import write_png
-from segcore.collection.ingest import IngestResult, probe_batches, start_ingest
+from segcore.collection.ingest import IngestResult, probe_batches, start_ingest, unreadable_note
 from segcore.collection.store import read_manifest
 from segcore.config import IngestSpec
 from tests.segcore.collection.serial import ingest_serially
@@ -109,3 +109,7 @@ def test_other_suffixes_and_constant_images_are_counted_and_problem_entries_are_
     assert "1 file(s) with other suffixes skipped" in result.note
     [bad] = [r for r in read_manifest(store).to_pylist() if r["status"] == "error"]
     assert bad["image_id"] == "folder" and "a directory, not an image file" in bad["error"]
+    note = unreadable_note(store)  # what the flow warns about, by name
+    assert note.startswith("1 file(s) could not be read and are error rows of the manifest: folder.png (") and \
+        "a directory, not an image file" in note
+    assert unreadable_note(store, batch=1) is None  # a later batch: none of its files
