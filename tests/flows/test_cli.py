@@ -135,6 +135,19 @@ def test_a_missing_or_broken_model_fails_before_the_cluster_starts(tmp_path, mon
     assert not (tmp_path / "out").exists() and not (tmp_path / "s.zarr").exists()
 
 
+def test_a_quiet_command_line_shows_segflows_warnings(tmp_path) -> None:
+    """Prefect's logging setup, run when Prefect is imported, must leave the quiet console handler in
+    place: the files an ingest could not read are named on stderr, Prefect's own lines are not."""
+    generate_collection(tmp_path / "col", n_images=2, size=32, seed=1)
+    (tmp_path / "col" / "images" / "broken.png").write_bytes(b"not a png")
+    proc = segflow("ingest", "--images", str(tmp_path / "col" / "images"), "--store", str(tmp_path / "s.zarr"))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert any(ln.startswith("WARNING: ingest: 1 file(s) could not be read and are error rows of the manifest: "
+                             "broken.png (") for ln in lines), proc.stderr
+    assert not any("prefect" in ln.lower() or "Flow run" in ln for ln in lines), proc.stderr
+
+
 def test_verbose_shows_prefects_lines_and_the_traceback(tiny_run) -> None:
     proc = segflow("-v", "segment", "--store", tiny_run["store"], "--checkpoint", tiny_run["two_channel"],
                    "--out", str(tiny_run["root"] / "rgb-run-v"))
