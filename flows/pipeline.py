@@ -37,7 +37,8 @@ from segcore.run.rundir import (clear_failed, done_records, failed_records, mark
                                 unlist_pyramids, write_summary)
 from segcore.run.schedule import TiledSchedule
 from segcore.run.start import pending_work, start_run
-from segcore.run.volumes import Volume, clear_volume_table, find_volumes, read_volume_table
+from segcore.run.volumes import (Volume, check_volume_pattern, clear_volume_table, find_volumes,
+                                  read_volume_table)
 from tasks.lake import publish_lake_task
 from tasks.segment import (detect_block_task, finish_image_task, image_stats_task, label_pyramid_task,
                            paste_block_task, segment_block_task, segment_unit_task)
@@ -137,6 +138,8 @@ def _segment_held(spec: SegmentSpec) -> dict[str, Any]:
         spec.store, spec.checkpoint, spec.out, tile_size=spec.tile_size, overlap=spec.overlap, blend=spec.blend,
         tta=spec.tta, precision=spec.precision, batch_size=spec.batch_size, device=spec.device,
         num_threads=torch_threads(spec.execution), compile=spec.compile, spec=spec_json(spec))
+    if spec.volume_pattern:  # before any unit is segmented
+        check_volume_pattern(current_manifest(read_manifest(spec.store)).to_pylist(), spec.volume_pattern)
     chunks, counts = mask_chunks(spec.out)
     check_alignment(plan.units, chunks=chunks, counts=counts)
     done = done_records(spec.out, ctx.key)

@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from segcore import fsio
 from segcore.collection.grouping import compile_pattern, group_of, natural_key
+from segcore.errors import ConfigError
 from segcore.metrics.surface import volume_metrics
 from segcore.run.results import RunReader
 from segcore.run.rundir import table_dir
@@ -94,6 +95,20 @@ def find_volumes(rows: Iterable[dict[str, Any]], *, pattern: str | None = None) 
     return out
 
 
+def check_volume_pattern(rows: Iterable[dict[str, Any]], pattern: str | None) -> None:
+    """Raise :class:`ConfigError` when ``pattern`` (``--volume-pattern``) groups none of the 2-D
+    images among manifest ``rows`` into a volume (it is searched in each image id): a run would
+    otherwise end with no volume scored and nothing said."""
+    if not pattern:
+        return
+    regex = compile_pattern(pattern, what="--volume-pattern")
+    flat = [r["image_id"] for r in rows if not r.get("volume_id")]
+    if flat and not any(group_of(regex, image_id) is not None for image_id in flat):
+        raise ConfigError(f"--volume-pattern {pattern!r} matches none of the store's {len(flat)} 2-D image ids "
+                          f"(e.g. {flat[0]!r}); fix the pattern (searched in the image id; its first capture group "
+                          "names the volume)")
+
+
 def stack_volume(run: RunReader, volume: Volume) -> tuple[np.ndarray, np.ndarray | None]:
     """``(D, H, W)`` predicted classes and ground truth (None when a slice has none) of ``volume``."""
     return run.masks_of(volume.slices), run.ground_truths_of(volume.slices)
@@ -148,5 +163,5 @@ def clear_volume_table(run_dir: str) -> None:
         fs.rm(inner, recursive=True)
 
 
-__all__ = ["VOLUME_SCHEMA", "Volume", "clear_volume_table", "find_volumes",
+__all__ = ["VOLUME_SCHEMA", "Volume", "check_volume_pattern", "clear_volume_table", "find_volumes",
            "read_volume_table", "score_volumes", "stack_volume", "volume_rows"]

@@ -16,6 +16,7 @@ Everything random draws from a :class:`numpy.random.Generator` the caller seeds.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Literal, Sequence
 
@@ -25,6 +26,8 @@ import torch.nn.functional as F
 
 from segcore.collection.grouping import compile_pattern, group_of, natural_key
 from segcore.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 #: How the validation images are chosen.
 SplitKind = Literal["random", "tail", "group"]
@@ -71,6 +74,15 @@ def split_indices(ids: Sequence[str], *, n_val: int, rng: np.random.Generator, h
         raise ConfigError(f"unknown validation split {how!r}; choose random, tail or group")
     if not group_pattern:
         raise ConfigError("a group split needs a group pattern (--group-pattern REGEX on the image ids)")
+    rx = compile_pattern(group_pattern)
+    unmatched = [image_id for image_id in ids if group_of(rx, image_id) is None]
+    if len(unmatched) == n:
+        raise ConfigError(f"group pattern {group_pattern!r} matches none of the {n} image ids (e.g. {ids[0]!r}), so "
+                          "every image would be a group of its own: a split of neighbouring slices that leaks; fix "
+                          "the pattern (it is searched in the image id, its first capture group names the group)")
+    if unmatched:
+        log.warning("group pattern %r matches %d of %d image ids; each of the other %d (e.g. %r) is a group of its "
+                    "own", group_pattern, n - len(unmatched), n, len(unmatched), unmatched[0])
     groups = groups_of(ids, group_pattern)
     names = sorted(set(groups), key=natural_key)
     if len(names) < 2:

@@ -9,7 +9,7 @@ import pytest
 
 from segcore.errors import ConfigError
 from segcore.metrics.summary import preview_slices, render_markdown, summarise_dice, summarise_volumes
-from segcore.run.volumes import VOLUME_SCHEMA, find_volumes
+from segcore.run.volumes import VOLUME_SCHEMA, check_volume_pattern, find_volumes
 
 
 def _slice(vid, z, **extra):
@@ -80,3 +80,14 @@ def test_the_markdown_summary_lists_volumes():
     text = render_markdown(summary)
     assert "Volumes evaluated: 1 (3-D metrics; distances in millimeter)" in text
     assert "| 1 c1 | 1 | 0.5000 | 2.0000 | 1.0000 |" in text and "| a | 0.5000 |" in text
+
+
+def test_a_volume_pattern_that_groups_no_image_is_refused_by_name():
+    rows = [{"image_id": "case1_z0", "volume_id": None}, {"image_id": "case1_z1", "volume_id": None},
+            {"image_id": "vol", "volume_id": "vol"}]
+    check_volume_pattern(rows, r"^(case\d+)_z")  # groups two images
+    check_volume_pattern(rows, None)
+    with pytest.raises(ConfigError, match=r"--volume-pattern '\^\(patient\\\\d\+\)' matches none of the store's 2 "
+                                          r"2-D image ids \(e.g. 'case1_z0'\)"):
+        check_volume_pattern(rows, r"^(patient\d+)")
+    check_volume_pattern(rows[2:], r"^(patient\d+)")  # no 2-D image: nothing to group

@@ -33,6 +33,15 @@ def test_a_group_never_straddles_the_split(groups, n_val_share, seed) -> None:
     assert not {groups[i] for i in train} & {groups[i] for i in val}
 
 
+def test_a_group_pattern_that_matches_no_id_is_refused_and_a_partial_one_warned(caplog) -> None:
+    ids = ["case1_z0", "case1_z1", "case2_z0", "case2_z1"]
+    with pytest.raises(ConfigError, match=r"matches none of the 4 image ids \(e.g. 'case1_z0'\)"):
+        split_indices(ids, n_val=2, rng=np.random.default_rng(0), how="group", group_pattern=r"^(patient\d+)_")
+    with caplog.at_level("WARNING", logger="segcore.training.recipe"):
+        split_indices(ids + ["other"], n_val=2, rng=np.random.default_rng(0), how="group", group_pattern=r"^(case\d+)_")
+    assert "matches 4 of 5 image ids; each of the other 1 (e.g. 'other') is a group of its own" in caplog.text
+
+
 def test_groups_come_from_the_first_capture_group_or_the_match() -> None:
     assert groups_of(["a_z1", "a_z2", "b_z1", "other"], r"^(\w)_z") == ["a", "a", "b", "other"]
     assert groups_of(["case7-slice1"], r"case\d+") == ["case7"]
