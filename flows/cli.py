@@ -8,9 +8,11 @@ stderr with exit status 2. ``-v`` shows Prefect's and Dask's log lines (and trac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 from contextlib import nullcontext
 from typing import Any, Sequence
@@ -484,6 +486,39 @@ def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
     return found
 
 
+def _exit_on_interrupt(signum: int, frame: Any) -> None:
+    """Ctrl-C during a command: say so in one line, end this command's processes (the temporary
+    Prefect server, the local cluster's workers) and exit with status 130 at once.
+
+    Nothing is lost: every finished unit, chunk and table part is already on disk whole (runs and
+    ingests survive a killed process bit for bit), and the same command resumes. Letting the
+    interrupt unwind instead waits on Prefect's and Dask's shutdown, which can take minutes while the
+    workers finish their tasks and log records are retried against a server already gone.
+    """
+    if sys.stderr.isatty():
+        sys.stderr.write("\x1b[?25h\n")  # the progress bars hide the cursor
+    print("segflow: interrupted; what finished is kept: run the same command again to resume", file=sys.stderr,
+          flush=True)
+    sys.stdout.flush()
+    _end_child_processes()
+    os._exit(130)
+
+
+def _end_child_processes(timeout_s: float = 2.0) -> None:
+    """Terminate every process this one started (recursively), then kill those still running after
+    ``timeout_s``."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=timeout_s)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "report":  # reads the lake only: no Prefect
@@ -498,6 +533,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.setup_logging(quiet=quiet)  # before Prefect and distributed are imported
     from segcore.errors import SegflowError
 
+    if args.command != "serve":  # a server stops on Ctrl-C as Prefect stops it
+        signal.signal(signal.SIGINT, _exit_on_interrupt)
     try:
         with console.progress_display() if quiet else nullcontext():
             text = _run(args)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import io
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ from segcore.config import SegmentSpec, TrainSpec
 from segcore.models import create_model
 from segcore.models.checkpoint import ModelMeta, save_checkpoint
 from segcore.normalise import Normalisation
+from segcore.run.results import open_run
 from segcore.synthetic import generate_collection
 from tasks.progress import ProgressEvent, listen, relay_from_workers, report
 
@@ -146,6 +149,33 @@ def test_a_quiet_command_line_shows_segflows_warnings(tmp_path) -> None:
     assert any(ln.startswith("WARNING: ingest: 1 file(s) could not be read and are error rows of the manifest: "
                              "broken.png (") for ln in lines), proc.stderr
     assert not any("prefect" in ln.lower() or "Flow run" in ln for ln in lines), proc.stderr
+
+
+def test_ctrl_c_ends_the_command_at_once_with_its_processes_and_the_same_command_resumes(tmp_path) -> None:
+    import psutil
+
+    generate_collection(tmp_path / "col", n_images=200, size=96, seed=2)
+    model = _checkpoint(tmp_path / "m.safetensors", in_channels=1)
+    args = ["run", "--images", str(tmp_path / "col" / "images"), "--masks", str(tmp_path / "col" / "masks"),
+            "--checkpoint", model, "--out", str(tmp_path / "run"), "--batch-size", "1"]
+    env = {k: v for k, v in os.environ.items() if k not in QUIET_KEYS}
+    env.update(PYTHONPATH=str(REPO), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    first = proc.stderr.readline()  # the first progress line: the cluster is up and work has begun
+    assert first.startswith(("ingest:", "WARNING")), first
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert children  # the local cluster's processes (and a temporary server without a session API)
+    proc.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and time.monotonic() - t0 < 15
+    assert err.splitlines()[-1] == "segflow: interrupted; what finished is kept: run the same command again to resume"
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    again = segflow(*args)
+    assert again.returncode == 0, again.stderr
+    assert {r["image_id"] for r in open_run(str(tmp_path / "run")).dice_table().to_pylist()} == {
+        p.stem for p in (tmp_path / "col" / "images").iterdir()}  # every image scored, once resumed
 
 
 def test_verbose_shows_prefects_lines_and_the_traceback(tiny_run) -> None:
