@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from contextlib import nullcontext
 from typing import Any, Sequence
 
@@ -533,7 +534,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.setup_logging(quiet=quiet)  # before Prefect and distributed are imported
     from segcore.errors import SegflowError
 
-    if args.command != "serve":  # a server stops on Ctrl-C as Prefect stops it
+    interrupt = signal.getsignal(signal.SIGINT)
+    # a server stops on Ctrl-C as Prefect stops it; handlers are set in the main thread only
+    if args.command != "serve" and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _exit_on_interrupt)
     try:
         with console.progress_display() if quiet else nullcontext():
@@ -541,6 +544,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SegflowError, ValidationError, OSError) as exc:
         print(f"segflow: error: {console.one_line(exc, options=_option_strings(build_parser()))}", file=sys.stderr)
         return 2
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, interrupt)  # main() called in a longer-lived process leaves it as it was
     if text:
         print(text)  # after the progress display: a live bar would rewrap it
     return 0
