@@ -364,8 +364,8 @@ def info_text(info: dict[str, Any]) -> str:
              ("architecture", f"{info['arch']} {json.dumps(info['arch_kwargs'])}" if info["arch_kwargs"]
               else info["arch"]), ("kind", info["kind"]),
              ("input", f"axes {inp['axes']}, {inp['channels']} channel(s), {inp['dtype']}, "
-                       + ("any H and W (the network pads itself)" if info["runtime"] == "torch"
-                          else f"H and W padded to multiples of {inp['multiple']}")),
+                       + (f"any {'D, H and W' if 'z' in inp['axes'] else 'H and W'} (the network pads itself)"
+                          if info["runtime"] == "torch" else f"H and W padded to multiples of {inp['multiple']}")),
              ("classes", f"{len(info['classes'])}: {', '.join(info['classes'])}"), ("normalisation", norm),
              ("source", f"{source.get('file')} ({source.get('format')}), sha256 {source.get('sha256')}" if source
               else "trained by segflow"),

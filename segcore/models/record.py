@@ -174,14 +174,15 @@ def describe_model(path: str | os.PathLike[str]) -> dict[str, object]:
     if meta.kind == "semantic":
         rule = meta.output
         dtype = "uint8" if meta.num_classes <= 256 else "uint16"
+        space = "D, H, W" if meta.spatial_dims == 3 else "H, W"  # a volumetric model's inputs and outputs
         if rule.rule == "threshold":
-            contract = (f"(N, 1, H, W) float output for (N, {meta.in_channels}, H, W) float32 inputs"
+            contract = (f"(N, 1, {space}) float output for (N, {meta.in_channels}, {space}) float32 inputs"
                         + (f", then {len(rule.steps)} postprocessing step(s)" if rule.steps else "")
-                        + f"; masks are class 1 where it exceeds {rule.threshold:g}: (H, W) {dtype} class ids")
+                        + f"; masks are class 1 where it exceeds {rule.threshold:g}: ({space}) {dtype} class ids")
         else:
-            contract = (f"(N, {meta.num_classes}, H, W) float logits for (N, {meta.in_channels}, H, W) float32 inputs"
-                        + (f", then {len(rule.steps)} postprocessing step(s)" if rule.steps else "")
-                        + f"; masks are their argmax: (H, W) {dtype} class ids")
+            contract = (f"(N, {meta.num_classes}, {space}) float logits for (N, {meta.in_channels}, {space}) float32 "
+                        "inputs" + (f", then {len(rule.steps)} postprocessing step(s)" if rule.steps else "")
+                        + f"; masks are their argmax: ({space}) {dtype} class ids")
         if rule.largest_region:
             contract += ("; only the largest connected foreground region of each image is kept (whole images; "
                          "blocks of tiled images without it)")

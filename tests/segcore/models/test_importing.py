@@ -150,3 +150,20 @@ def test_model_info_says_what_the_record_holds(tmp_path, capsys):
     assert main(["model", "export", str(tmp_path / "v2.safetensors"), "--to", "onnx", "--out",
                  str(tmp_path / "v2.segflow")]) == 2
     assert "instance model" in capsys.readouterr().err
+
+
+def test_model_info_of_a_volumetric_model_describes_volumes(tmp_path):
+    from flows.cli import info_text
+    from segcore.models import create_model
+    from segcore.models.checkpoint import ModelMeta, save_checkpoint
+    from segcore.models.record import describe_model
+    from segcore.normalise import Normalisation
+
+    meta = ModelMeta(arch="unet3d", arch_kwargs={"base": 4, "depth": 2}, class_names=("background", "a", "b"),
+                     in_channels=1, input_axes="bczyx", normalisation=Normalisation(mode="range", scale=255.0))
+    path = save_checkpoint(tmp_path / "u3.safetensors", create_model("unet3d", in_channels=1, num_classes=3, base=4,
+                                                                       depth=2), meta)
+    info = describe_model(path)
+    assert info["output"].startswith("(N, 3, D, H, W) float logits for (N, 1, D, H, W) float32 inputs")
+    assert "(D, H, W) uint8 class ids" in info["output"]
+    assert "axes bczyx, 1 channel(s), float32, any D, H and W" in info_text(info)
