@@ -521,6 +521,15 @@ def _end_child_processes(timeout_s: float = 2.0) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``segflow`` command; returns its exit status."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # stdout's reader went away (``segflow report --json | head``): end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141  # as a command ended by SIGPIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "report":  # reads the lake only: no Prefect
         return _report(args)
