@@ -413,6 +413,13 @@ def train_summary(result: dict[str, Any]) -> str:
     lines = [f"checkpoint: {result['checkpoint']} (sha256 {result['sha256']})",
              f"best validation {metric}: {'n/a' if score is None else f'{score:.4f}'}"
              + (f" (epoch {result['best_epoch']} of {len(result['history'])})" if result.get("best_epoch") else "")]
+    course = result.get("course") or {}
+    if course.get("stopped_early"):
+        lines.append(f"stopped by the time budget ({course.get('time_budget_s'):g} s) after {course.get('epochs_run')} "
+                     f"of {course.get('epochs')} epochs")
+    if course.get("n_val"):
+        lines.append(f"validation: {course['n_val']} of {course['n_val'] + course.get('n_train', 0)} images held "
+                     f"out" + (f" ({course['val_split']} split)" if course.get("val_split") else ""))
     per_class = (result.get("best_val") or {}).get("val_dice")
     if per_class:
         lines.append("validation Dice per class: " + ", ".join(f"{k} {v:.4f}" for k, v in per_class.items()))

@@ -54,6 +54,10 @@ class TrainResult:
             volumetric models never keep it).
         refit: semantic models trained with ``refit``: what the refit on every image did (the
             provenance's record, :func:`segcore.training.validation.refit_on_all`); else ``None``.
+        course: how training went, from the provenance: ``epochs`` asked and ``epochs_run``,
+            ``stopped_early`` (the time budget, ``time_budget_s``, ended it), the validation split
+            (``val_split``) and the images trained on and held out (``n_train``, ``n_val``); the
+            keys the trainer recorded.
     """
 
     checkpoint: str
@@ -67,6 +71,11 @@ class TrainResult:
     normalisation_choice: dict[str, Any] | None = None
     largest_region: dict[str, Any] | None = None
     refit: dict[str, Any] | None = None
+    course: dict[str, Any] | None = None
+
+
+#: The provenance keys that say how training went (:attr:`TrainResult.course`).
+COURSE_KEYS = ("epochs", "epochs_run", "stopped_early", "time_budget_s", "val_split", "n_train", "n_val")
 
 
 def epoch_line(record: Mapping[str, Any], *, epochs: int) -> str:
@@ -292,7 +301,8 @@ def train_from_store(
     return TrainResult(checkpoint=str(path), sha256=file_sha256(path), history=history, kind=kind,
                        best_val_score=best, best_epoch=best_epoch, best_val=best_val,
                        normalisation=describe(meta.normalisation), normalisation_choice=choice,
-                       largest_region=meta.provenance.get("largest_region"), refit=meta.provenance.get("refit"))
+                       largest_region=meta.provenance.get("largest_region"), refit=meta.provenance.get("refit"),
+                       course={k: meta.provenance[k] for k in COURSE_KEYS if k in meta.provenance})
 
 
 __all__ = ["TrainResult", "VOLUME_DEFAULTS", "epoch_line", "labelled_volumes", "read_labelled", "train_from_store"]

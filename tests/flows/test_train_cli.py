@@ -70,8 +70,9 @@ def test_refit_trains_again_on_every_image_and_says_so(stores, capsys) -> None:
     p = read_meta(out).provenance
     assert p["recipe"]["refit"] and p["refit"]["done"] and p["refit"]["images"] == p["images"] == 6
     assert p["refit"]["epochs"] == p["best_epoch"] and p["n_train"] == 5
-    assert f"refit on all 6 images for {p['best_epoch']} epochs: the checkpoint holds that model" \
-        in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert f"refit on all 6 images for {p['best_epoch']} epochs: the checkpoint holds that model" in out_text
+    assert f"validation: 1 of 6 images held out ({p['val_split']} split)" in out_text
     bad = Path(stores["root"]) / "refit-instance.safetensors"
     assert main(["train", "--store", stores["inst"], "--model", "maskrcnn_r18", "--out", str(bad), "--epochs", "1",
                  "--val-fraction", "0", "--refit"]) == 2
@@ -131,3 +132,14 @@ def test_bad_normalisation_choices_are_refused(stores, capsys) -> None:
     out = Path(stores["root"]) / "bad.safetensors"
     assert main(["train", "--store", stores["sem"], "--out", str(out), "--normalisation", "window:5,1"]) == 2
     assert "window" in capsys.readouterr().err and not out.exists()
+
+
+def test_the_summary_says_when_the_time_budget_stopped_training() -> None:
+    from flows.cli import train_summary
+
+    result = {"checkpoint": "m.safetensors", "sha256": "ab", "kind": "instance", "best_val_score": None,
+              "best_epoch": 8, "history": [{}] * 8,
+              "course": {"epochs": 12, "epochs_run": 8, "stopped_early": True, "time_budget_s": 45.0, "n_train": 3,
+                         "n_val": 0}}
+    text = train_summary(result)
+    assert "stopped by the time budget (45 s) after 8 of 12 epochs" in text and "held out" not in text
