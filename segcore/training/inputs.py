@@ -88,10 +88,10 @@ def check_semantic_inputs(
         raise ConfigError(f"time_budget_s must be > 0 seconds or None (no limit), got {time_budget_s!r}")
     n_val = max(1, int(round(n * val_fraction)))
     n_train = n - n_val
-    if n_train < 1:
+    if n_train < 1:  # with n = 1: validation holds out at least one, whatever the fraction
         raise ConfigError(
-            f"{n} {noun}(s) leave none for training after a validation split of {val_fraction}; "
-            f"give at least 2 {noun}s or lower val_fraction"
+            f"{n} {noun}(s) leave none for training after a validation split of {val_fraction}: at least one "
+            f"{noun} is held out for validation, so give at least 2 {noun}s (a smaller val_fraction does not help)"
         )
     return n_train, n_val
 

@@ -134,3 +134,13 @@ def test_bad_inputs_raise_config_error(tiny_volumes, change, match):
         volumes = volumes[:, 0]
     with pytest.raises(ConfigError, match=match):
         _train(volumes, masks, **change)
+
+
+def test_one_volume_is_refused_with_advice_that_helps() -> None:
+    from segcore.training.inputs import check_semantic_inputs
+
+    with pytest.raises(ConfigError, match=r"1 volume\(s\) leave none for training .* give at least 2 volumes "
+                                          r"\(a smaller val_fraction does not help\)"):
+        check_semantic_inputs(np.zeros((1, 4, 8, 8, 1), np.float32), np.zeros((1, 4, 8, 8), np.int64),
+                              class_names=("background", "a"), arch_kwargs={}, epochs=1, batch_size=1, lr=1e-3,
+                              val_fraction=0.01, time_budget_s=None, noun="volume")
