@@ -205,8 +205,21 @@ def _label_arrays(run_dir: str, groups: Sequence[GroupInfo], *, meta: ModelMeta,
                 root.attrs["ome"] = labels_group_attrs(list(root.group_keys()))
 
 
+#: The shaping parameters (:func:`segcore.run.plan.output_shaping`) by the options that set them, for
+#: messages; a key recorded only when on (``tta_whole_images``, ``compiled``), or None, reads "off".
+_SHAPING_NAMES = {"tta_whole_images": "--tta (whole images)", "compiled": "--compile", "tile_size": "--tile-size",
+                  "overlap": "--overlap", "blend": "--blend", "tta": "--tta (tiles)",
+                  "precision": "precision (--precision; fp32 on the CPU)"}
+_ON_ONLY = ("tta_whole_images", "compiled")
+
+
 def _shaping_differences(recorded: dict[str, Any], asked: dict[str, Any]) -> list[str]:
-    return [f"{k}: {recorded.get(k)!r} in the run directory, {asked.get(k)!r} now"
+    def value(d: dict[str, Any], k: str) -> Any:
+        if k in _ON_ONLY or d.get(k) is None:  # None: no tiling, so no tile size, overlap, blend or tile TTA
+            return "on" if d.get(k) else "off"
+        return repr(d.get(k))
+
+    return [f"{_SHAPING_NAMES.get(k, k)}: {value(recorded, k)} in the run directory, {value(asked, k)} now"
             for k in sorted(set(recorded) | set(asked)) if recorded.get(k) != asked.get(k)]
 
 

@@ -151,8 +151,12 @@ def test_another_output_shaping_setting_into_the_same_run_directory_is_refused(s
     before = {p.name: p.read_bytes() for p in (tmp_path / "r" / "units").iterdir()}
     with pytest.raises(StoreError, match="other settings") as err:
         start_run(small_store["store"], small_store["ckpt"], run_dir, **base, **OTHER_SETTINGS[name])
-    changed = {**{k: k for k in OTHER_SETTINGS}, "tiling off": "tile_size", "compile": "compiled"}[name]
-    assert f"{changed}:" in str(err.value) and "new --out" in str(err.value)
+    changed = {"tile_size": "--tile-size: 512 in the run directory, 256 now", "overlap": "--overlap: 128 in the run "
+               "directory, 16 now", "blend": "--blend: 'gaussian' in the run directory, 'linear' now",
+               "tta": "--tta (whole images): off in the run directory, on now", "precision": "precision (--precision",
+               "tiling off": "--tile-size: 512 in the run directory, off now",
+               "compile": "--compile: off in the run directory, on now"}[name]  # named by the options that set them
+    assert changed in str(err.value) and "new --out" in str(err.value), str(err.value)
     assert {p.name: p.read_bytes() for p in (tmp_path / "r" / "units").iterdir()} == before  # nothing touched
     assert start_run(small_store["store"], small_store["ckpt"], run_dir, **base)[0] == ctx  # same: resumes
 
