@@ -573,13 +573,15 @@ def _run(args: argparse.Namespace) -> str:
 
     The Prefect server (when none is configured) and the local cluster start first, side by side,
     and boot while the flows are imported; the worker imports what the tasks need meanwhile. The
-    model record of ``segment`` and ``run`` is checked (its metadata), and a ``--device`` that local
-    workers could not use, before the cluster starts, while the server boots: a missing or broken
-    model, or ``--device cuda`` on a machine without a GPU, is told in seconds."""
+    command's spec (:func:`_spec`), the model record of ``segment`` and ``run`` (its metadata), and a
+    ``--device`` that local workers could not use are checked before the cluster starts, while the
+    server boots: a bad option value, a missing or broken model, or ``--device cuda`` on a machine
+    without a GPU, is told in seconds."""
     from flows.execution import started_cluster, wait_warm
     from flows.server import start_api, wait_api
 
     start_api()
+    spec = _spec(args)
     if args.command in ("segment", "run"):
         from segcore.models.predict import check_device
         from segcore.run.start import check_ground_truth, check_model
@@ -600,33 +602,28 @@ def _run(args: argparse.Namespace) -> str:
 
         wait_api()
         wait_warm()
-        return _flow(args)
+        return _flow(args, spec)
 
 
-def _flow(args: argparse.Namespace) -> str:
-    from flows.pipeline import ingest_flow, run_flow, segment_flow, with_runner
+def _spec(args: argparse.Namespace) -> Any:
+    """The validated spec of the flow ``args.command`` starts (no Prefect needed): built before the
+    cluster starts, so a bad option value is told in seconds."""
     from segcore.config import RunSpec
 
     if args.command == "ingest":
-        return json.dumps(with_runner(ingest_flow, _execution(args))(_ingest_spec(args, args.store)), indent=2)
+        return _ingest_spec(args, args.store)
     if args.command == "segment":
-        return summary_text(with_runner(segment_flow, _execution(args))(_segment_spec(args, args.store)))
-    if args.command == "run":
+        return _segment_spec(args, args.store)
+    if args.command in ("run", "serve"):  # serve: the incremental run it schedules
         store = args.store or os.path.join(args.out, "store.zarr")
-        spec = RunSpec(ingest=_ingest_spec(args, store), segment=_segment_spec(args, store))
-        result = with_runner(run_flow, _execution(args))(spec)
-        if result["segmented"]:
-            return summary_text(result)
-        return (f"nothing new in {args.images}: all {result['ingest']['files']} file(s) are already in {store} and "
-                f"segmented in {args.out}")
+        return RunSpec(ingest=_ingest_spec(args, store), segment=_segment_spec(args, store))
     if args.command == "train":
-        from flows.train import train_flow
         from segcore.config import TrainSpec
 
         names = tuple(n.strip() for n in args.class_names.split(",")) if args.class_names else None
         arch = _given(base=args.base, depth=args.depth, score_threshold=args.score_threshold,
                       overlap_threshold=args.overlap_threshold) or None
-        spec = TrainSpec(store=args.store, out=args.out, model=args.model, execution=_execution(args),
+        return TrainSpec(store=args.store, out=args.out, model=args.model, execution=_execution(args),
                          **_given(epochs=args.epochs, val_fraction=args.val_fraction, class_names=names,
                                   arch_kwargs=arch, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
                                   crop_size=args.crop_size, normalisation=args.normalisation,
@@ -636,12 +633,34 @@ def _flow(args: argparse.Namespace) -> str:
                                   min_epoch_patches=args.min_epoch_patches, refit=args.refit,
                                   device=args.device, precision=args.precision,
                                   init=args.init))
+    if args.command == "demo":
+        from flows.demo import DemoSpec
+
+        return DemoSpec(out=args.out, model=args.model, seed=args.seed, execution=_execution(args),
+                        **_given(n_images=args.images, size=args.size, epochs=args.epochs))
+    raise AssertionError(f"unknown command {args.command!r}")  # argparse allows only the commands above
+
+
+def _flow(args: argparse.Namespace, spec: Any) -> str:
+    from flows.pipeline import ingest_flow, run_flow, segment_flow, with_runner
+
+    if args.command == "ingest":
+        return json.dumps(with_runner(ingest_flow, _execution(args))(spec), indent=2)
+    if args.command == "segment":
+        return summary_text(with_runner(segment_flow, _execution(args))(spec))
+    if args.command == "run":
+        result = with_runner(run_flow, _execution(args))(spec)
+        if result["segmented"]:
+            return summary_text(result)
+        return (f"nothing new in {args.images}: all {result['ingest']['files']} file(s) are already in "
+                f"{spec.ingest.store} and segmented in {args.out}")
+    if args.command == "train":
+        from flows.train import train_flow
+
         return train_summary(with_runner(train_flow, spec.execution)(spec))
     if args.command == "demo":
-        from flows.demo import DemoSpec, demo_flow
+        from flows.demo import demo_flow
 
-        spec = DemoSpec(out=args.out, model=args.model, seed=args.seed, execution=_execution(args),
-                        **_given(n_images=args.images, size=args.size, epochs=args.epochs))
         result = with_runner(demo_flow, spec.execution)(spec)
         return f"{summary_text(result)}\ndemo outputs are in {os.path.abspath(args.out)}"
     if args.command == "serve":
@@ -650,8 +669,6 @@ def _flow(args: argparse.Namespace) -> str:
 
         import flows.deployed
 
-        store = args.store or os.path.join(args.out, "store.zarr")
-        spec = RunSpec(ingest=_ingest_spec(args, store), segment=_segment_spec(args, store))  # incremental
         # By entrypoint: each run imports the flows in a fresh process, as a worker does. (A served flow
         # object is pickled into the run's process, where the pipeline flow cannot resolve its spec types.)
         deployment = RunnerDeployment.from_entrypoint(

@@ -178,6 +178,9 @@ def one_line(exc: BaseException, *, options: Collection[str] = ()) -> str:
         parts, named = [], True
         for path, errors in fields.items():
             own = [m for t, m in errors if t == "value_error"] or [m for _, m in errors]
+            if path == "value":  # the spec's own check across fields: its message names them
+                parts.extend(dict.fromkeys(own))
+                continue
             option = {"n_workers": "--workers"}.get(path.rsplit(".", 1)[-1],
                                                     "--" + path.rsplit(".", 1)[-1].replace("_", "-"))
             if option not in options:

@@ -292,6 +292,8 @@ class TrainSpec(_Spec):
             raise ValueError("with init, the architecture options are the parent model's; leave out arch_kwargs")
         if self.val_split == "group" and not self.group_pattern:
             raise ValueError("val_split 'group' needs a group_pattern (a regular expression on the image ids)")
+        if self.group_pattern:
+            compile_pattern(self.group_pattern, what="group_pattern")  # a ConfigError is a ValueError
         if self.kind == "instance" and self.val_split not in ("auto", "random"):
             raise ValueError("instance models hold out a random validation split; leave val_split at auto")
         if self.largest_region is not None and self.kind == "instance":
