@@ -186,9 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=["poly", "cosine", "onecycle"],
                    help="UNet learning-rate schedule (default poly after a 5%% warm-up)")
     p.add_argument("--epoch-patches", type=int, metavar="N", dest="min_epoch_patches",
-                   help="UNet: patches drawn per epoch at least (default 256, so that a small collection still gets "
-                        "16 optimiser steps per epoch; an epoch draws one patch per training image when they are "
-                        "more; 0: always one per training image)")
+                   help="2-D UNet (not unet3d): patches drawn per epoch at least (default 256, so that a small "
+                        "collection still gets 16 optimiser steps per epoch; an epoch draws one patch per training "
+                        "image when they are more; 0: always one per training image)")
     p.add_argument("--largest-region", choices=["auto", "on", "off"],
                    help="UNet: keep only each image's largest connected foreground region in the model's masks (for "
                         "one object per image, such as an organ); auto (default) turns it on when it raises the "
