@@ -208,26 +208,25 @@ def existing_store_matches(path: str, *, spec: dict[str, Any], rows: Sequence[di
 
 def _changed_files(manifest: Any, rows: Sequence[dict[str, Any]]) -> str:
     """What differs between a store's manifest and the files listed now (empty: nothing); one short
-    phrase with a count and an example of each kind."""
-    names = set(manifest.column_names)
+    phrase with a count and an example of each kind. Files are compared by their identity
+    (:func:`segcore.collection.resume.identity`: path, mask path, and both signatures); a signature the
+    manifest lacks (made before signatures were recorded) is not compared."""
+    from segcore.collection.resume import identity
+    from segcore.collection.versions import current_manifest
 
-    def column(name: str) -> list[Any]:
-        return manifest.column(name).to_pylist() if name in names else [None] * manifest.num_rows
+    def by_source(tuples: Sequence[tuple[Any, ...]]) -> dict[str, tuple[Any, ...]]:
+        # absolute: manifests made before paths were absolute; one entry per file (a volume has a row per slice)
+        return {fsio.absolute(t[0]): (fsio.absolute(t[2]) if t[2] else None, t[1], t[3]) for t in tuples}
 
-    absolute = lambda p: fsio.absolute(p) if p else None  # noqa: E731 - manifests made before paths were absolute
-    # one entry per file (a volume has a row per slice): source -> (mask, its signature, the source's)
-    recorded = {absolute(s): (absolute(m), ms, ss) for s, m, ms, ss in
-                zip(column("source_path"), column("mask_path"), column("mask_signature"), column("source_signature"))}
-    listed = {absolute(r["source_path"]): (absolute(r.get("mask_path")), r.get("mask_signature"),
-                                           r.get("source_signature")) for r in rows}
+    recorded, listed = by_source(identity(current_manifest(manifest).to_pylist())), by_source(identity(rows))
     kinds: dict[str, list[str]] = {"image(s) added": sorted(set(listed) - set(recorded)),
                                    "image(s) gone": sorted(set(recorded) - set(listed)),
                                    "mask(s) paired differently": [], "file(s) changed": []}
     for source in sorted(set(listed) & set(recorded)):
-        (mask_now, mask_sig_now, sig_now), (mask_then, mask_sig_then, sig_then) = listed[source], recorded[source]
+        (mask_now, *sigs_now), (mask_then, *sigs_then) = listed[source], recorded[source]
         if mask_now != mask_then:
             kinds["mask(s) paired differently"].append(source)
-        elif any(then is not None and now != then for now, then in ((sig_now, sig_then), (mask_sig_now, mask_sig_then))):
+        elif any(then is not None and now != then for now, then in zip(sigs_now, sigs_then)):
             kinds["file(s) changed"].append(source)
     return "; ".join(f"{len(v)} {k}, e.g. {v[0].rsplit('/', 1)[-1]}" for k, v in kinds.items() if v)
 
