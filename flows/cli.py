@@ -336,7 +336,7 @@ def _model(args: argparse.Namespace) -> int:
             meta = export_model(args.model, to=args.to, out=args.out)
             print(f"model: {args.out} ({meta.runtime}, inputs padded to multiples of {meta.input_multiple})")
     except (SegflowError, ValidationError, OSError) as exc:
-        return _fail(console.one_line(exc, options=_option_strings(build_parser())))
+        return _fail(_error_line(exc))
     return 0
 
 
@@ -482,16 +482,31 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
-    """Every option string of ``parser`` and its subcommands (``--batch-size``, ...): an invalid value
-    is told by the option the user typed, not by the spec field it sets."""
-    found: set[str] = set()
-    for action in parser._actions:
-        found.update(action.option_strings)
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                found |= _option_strings(sub)
-    return found
+#: Spec fields set by an option of another name (its argparse ``dest``), see the ``_given`` calls.
+_FIELD_DESTS = {"n_workers": "workers", "time_budget_s": "time_budget", "n_images": "images"}
+
+
+def _options_by_field(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Spec field -> the option that sets it (``batch_size`` -> ``--batch-size``, ``min_epoch_patches``
+    -> ``--epoch-patches``), over ``parser`` and its subcommands: an invalid value is told by the
+    option the user typed, not by the spec field it sets."""
+    by_dest: dict[str, str] = {}
+
+    def walk(p: argparse.ArgumentParser) -> None:
+        for action in p._actions:
+            if action.option_strings:
+                by_dest.setdefault(action.dest, max(action.option_strings, key=len))
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    walk(sub)
+
+    walk(parser)
+    return {**by_dest, **{field: by_dest[dest] for field, dest in _FIELD_DESTS.items() if dest in by_dest}}
+
+
+def _error_line(exc: BaseException) -> str:
+    """``exc`` as the one line after ``segflow: error:``, spec fields named by their options."""
+    return console.one_line(exc, options=_options_by_field(build_parser()))
 
 
 def _exit_on_interrupt(signum: int, frame: Any) -> None:
@@ -558,7 +573,7 @@ def _main(argv: Sequence[str] | None) -> int:
         with console.progress_display() if quiet else nullcontext():
             text = _run(args)
     except (SegflowError, ValidationError, OSError) as exc:
-        print(f"segflow: error: {console.one_line(exc, options=_option_strings(build_parser()))}", file=sys.stderr)
+        print(f"segflow: error: {_error_line(exc)}", file=sys.stderr)
         return 2
     finally:
         if threading.current_thread() is threading.main_thread():

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from typing import IO, Collection, Iterator
+from typing import IO, Iterator, Mapping
 
 from tasks.progress import ProgressEvent, listen
 
@@ -160,11 +160,11 @@ def progress_display(stream: IO[str] | None = None) -> Iterator[None]:
             yield
 
 
-def one_line(exc: BaseException, *, options: Collection[str] = ()) -> str:
+def one_line(exc: BaseException, *, options: Mapping[str, str] | None = None) -> str:
     """The message of ``exc`` on one line.
 
     A pydantic ValidationError becomes each error as ``field: message``, the field named as the
-    command-line option that sets it when ``options`` (the command's option strings, e.g.
+    command-line option that sets it when ``options`` (spec field -> option, e.g. ``batch_size`` ->
     ``--batch-size``) has one, pydantic's internal names left out; of a field that takes either a
     choice or a record, only the error that says what is wrong with the choice is kept."""
     from pydantic import ValidationError
@@ -181,9 +181,8 @@ def one_line(exc: BaseException, *, options: Collection[str] = ()) -> str:
             if path == "value":  # the spec's own check across fields: its message names them
                 parts.extend(dict.fromkeys(own))
                 continue
-            option = {"n_workers": "--workers"}.get(path.rsplit(".", 1)[-1],
-                                                    "--" + path.rsplit(".", 1)[-1].replace("_", "-"))
-            if option not in options:
+            option = (options or {}).get(path.rsplit(".", 1)[-1])
+            if option is None:
                 option, named = path, False
             parts.extend(f"{option}: {m}" for m in dict.fromkeys(own))
         return ("" if named else f"invalid {exc.title}: ") + "; ".join(parts)

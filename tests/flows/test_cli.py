@@ -202,16 +202,16 @@ def test_one_line_joins_validation_errors_and_flattens_messages() -> None:
         SegmentSpec(store="s", checkpoint="c", out="o", batch_size=0, overlap=-1)
     assert one_line(info.value) == ("invalid SegmentSpec: batch_size: Input should be greater than 0; "
                                     "overlap: Input should be greater than or equal to 0")
-    assert one_line(info.value, options={"--batch-size", "--overlap"}) == (
+    assert one_line(info.value, options={"batch_size": "--batch-size", "overlap": "--overlap"}) == (
         "--batch-size: Input should be greater than 0; --overlap: Input should be greater than or equal to 0")
     with pytest.raises(Exception) as info:  # a choice or a record: only the choice's own error, by its option
         TrainSpec(store="s", out="o.safetensors", normalisation="window:abdomn")
-    assert one_line(info.value, options={"--normalisation"}) == (
+    assert one_line(info.value, options={"normalisation": "--normalisation"}) == (
         "--normalisation: window 'abdomn' is neither LO,HI with LO < HI (e.g. window:-200,300) nor a preset "
         "(abdomen, liver, lung, bone, brain)")
     with pytest.raises(Exception) as info:
         TrainSpec(store="s", out="o.safetensors", val_fraction=1.5, execution={"n_workers": 0})
-    assert one_line(info.value, options={"--val-fraction", "--workers"}) == (
+    assert one_line(info.value, options={"val_fraction": "--val-fraction", "n_workers": "--workers"}) == (
         "--val-fraction: Input should be less than 1; --workers: Input should be greater than 0")
     assert one_line(OSError("first line\n  second line")) == "first line second line"
     assert one_line(KeyError()) == "KeyError"
