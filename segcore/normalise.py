@@ -40,6 +40,10 @@ from segcore.errors import ConfigError
 
 #: Per-channel ``(low, high)`` percentile values of a whole image (:func:`percentile_stats`).
 Stats = tuple[tuple[float, ...], tuple[float, ...]]
+#: ImageNet's per-channel mean and standard deviation (RGB, of 0..1 values): what ImageNet-pretrained
+#: encoders expect after division by 255.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class _Step(BaseModel):

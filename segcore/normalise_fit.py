@@ -22,7 +22,7 @@ from typing import Any, Literal, Mapping
 import numpy as np
 
 from segcore.errors import ConfigError
-from segcore.normalise import Normalisation
+from segcore.normalise import IMAGENET_MEAN, IMAGENET_STD, Normalisation
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def parse_given_normalisation(choice: str, *, channels: int = 1) -> Normalisatio
     text = choice.strip().lower()
     name, _, arg = text.partition(":")
     if name == "imagenet" and not arg:
-        return Normalisation(mode="range", scale=255.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+        return Normalisation(mode="range", scale=255.0, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     if name in ("percentile", "range") and not arg:
         return Normalisation(mode=name)
     if name == "window":

@@ -28,14 +28,12 @@ from torchvision.models.detection import (MaskRCNN_ResNet50_FPN_Weights, maskrcn
                                           maskrcnn_resnet50_fpn_v2)
 
 from segcore.models.maskrcnn import InstanceSegmenter, check_detector_args, wrap_detector
-from segcore.normalise import Normalisation
+from segcore.normalise import IMAGENET_MEAN, IMAGENET_STD, Normalisation
 
 #: torchvision's 91 COCO category names, background first ("N/A" for ids COCO does not use).
 COCO_CATEGORIES: tuple[str, ...] = tuple(MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
 #: Inputs of torchvision's detection models: 0..1 floats (they normalise inside).
 TORCHVISION_NORMALISATION = Normalisation(mode="range", scale=255.0)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class TorchvisionMaskRCNN(InstanceSegmenter):
