@@ -318,12 +318,14 @@ def write_store_chunk(store_path: str, rows: Sequence[dict[str, Any]], *, thread
                 if m.shape != gts.shape[1:]:
                     raise StoreError(f"mask shape {m.shape} differs from image shape {gts.shape[1:]}")
                 gts[i] = m
+                if info.mask_kind == "class":  # for the store's fingerprint (not a manifest column)
+                    row["mask_max"] = int(gts[i].max(initial=0))
             except (SegflowError, OSError, ValueError) as exc:
                 row.update(mask_status="error", mask_error=f"{type(exc).__name__}: {exc}")
         return row
 
     if g.volume is not None:
-        out = decode_slab(rows, images, gts)
+        out = decode_slab(rows, images, gts, class_masks=info.mask_kind == "class")
     else:
         with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
             out = list(pool.map(decode, range(len(rows)), rows))

@@ -158,10 +158,13 @@ def read_mask_slab(path: str | os.PathLike[str], z0: int, z1: int) -> np.ndarray
     return as_label_array(data[..., 0], Path(path))
 
 
-def decode_slab(rows: Sequence[dict[str, Any]], images: np.ndarray, gts: np.ndarray | None) -> list[dict[str, Any]]:
+def decode_slab(rows: Sequence[dict[str, Any]], images: np.ndarray, gts: np.ndarray | None, *,
+                class_masks: bool = False) -> list[dict[str, Any]]:
     """Read the slab of one volume that ``rows`` (consecutive slices, in order) describe into
     ``images`` ``(k, H, W, C)`` and ``gts`` ``(k, H, W)``; returns the rows with final status. A
-    volume that fails to decode makes every row of the slab an error row (the slots stay zero)."""
+    volume that fails to decode makes every row of the slab an error row (the slots stay zero).
+    With ``class_masks`` (class-map ground truth) each row also gets its slice's largest label
+    (``mask_max``, for the store's fingerprint)."""
     z0, z1 = rows[0]["slice"], rows[-1]["slice"] + 1
     if [r["slice"] for r in rows] != list(range(z0, z1)):
         raise StoreError(f"the rows of {rows[0]['volume_id']!r} are not consecutive slices")
@@ -182,6 +185,9 @@ def decode_slab(rows: Sequence[dict[str, Any]], images: np.ndarray, gts: np.ndar
     if gts is not None and out[0]["mask_status"] == "ok":
         try:
             gts[...] = read_mask_slab(out[0]["mask_path"], z0, z1)
+            if class_masks:
+                for i, row in enumerate(out):
+                    row["mask_max"] = int(gts[i].max(initial=0))
         except (SegflowError, OSError, ValueError) as exc:
             for row in out:
                 row.update(mask_status="error", mask_error=f"{type(exc).__name__}: {exc}")

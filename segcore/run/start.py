@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import Any, Mapping
 
+from segcore.collection.fingerprint import read_fingerprint
 from segcore.collection.store import StoreInfo, open_store
 from segcore.errors import CheckpointError, ConfigError, NotFound
 from segcore.models.checkpoint import ModelMeta
@@ -34,7 +35,8 @@ def preflight(store_path: str, checkpoint: str) -> tuple[ModelMeta, str, StoreIn
     segflow (``bcyx``; ``bczyx`` for a volumetric model, whose store must hold no blocked groups), its
     normalisation applicable (:func:`check_normalisation`) and its output rule one segflow applies, and
     at least one store group whose channels the channel policy can feed to the model
-    (:mod:`segcore.run.channels`; the images of the other groups become error rows). Returns the
+    (:mod:`segcore.run.channels`; the images of the other groups become error rows), and ground truth
+    the model can score (:func:`check_ground_truth`, :func:`check_mask_labels`). Returns the
     model's metadata, the record's sha256 (:func:`model_sha256`) and the store."""
     meta = check_model(checkpoint)
     with local_record(checkpoint) as local:  # a model at a URL is fetched once for both
@@ -59,6 +61,10 @@ def preflight(store_path: str, checkpoint: str) -> tuple[ModelMeta, str, StoreIn
     check_channels(store, model_channels=meta.in_channels)
     if store.has_gt:
         check_ground_truth(meta, store.mask_kind)
+        if store.mask_kind == "class":
+            note = check_mask_labels(meta, read_fingerprint(store_path))
+            if note:
+                log.warning("%s", note)
     return meta, sha, store
 
 
@@ -72,6 +78,29 @@ def check_ground_truth(meta: ModelMeta, mask_kind: str) -> None:
             f"{meta.num_classes} classes ({', '.join(meta.class_names)}); use a model of two classes (background "
             "and one other), or, if the masks are class maps (0 background, 1..K the classes), ingest them with "
             "--mask-kind class")
+
+
+def check_mask_labels(meta: ModelMeta, fingerprint: Mapping[str, Any] | None) -> str | None:
+    """Compare the largest labels of a store's class-map ground truth, as its ingest counted them
+    (the fingerprint's ``mask_maxima``, :mod:`segcore.collection.fingerprint`), with the model's
+    classes. Raise :class:`~segcore.errors.CheckpointError` when no labelled image could be scored
+    (every one holds a label the model lacks: the wrong model or ``--mask-kind`` for these masks);
+    return a one-line warning when some could not (those become error rows), else None. Stores
+    ingested before the labels were counted are not checked."""
+    maxima = {int(k): int(v) for k, v in ((fingerprint or {}).get("mask_maxima") or {}).items()}
+    c = meta.num_classes
+    bad = sum(n for label, n in maxima.items() if label >= c)
+    if not bad:
+        return None
+    labelled, top = sum(maxima.values()), max(maxima)
+    classes = f"{c} classes ({', '.join(meta.class_names)})"
+    if bad == labelled:
+        raise CheckpointError(
+            f"the ground truth of every labelled image holds a label the model lacks (labels up to {top}; the "
+            f"model has {classes}), so no image could be scored: use a checkpoint trained for these classes, or "
+            "ingest the masks with --mask-kind instance if they label objects rather than classes")
+    return (f"{bad} of {labelled} labelled image(s) hold labels the model lacks (up to {top}; the model has "
+            f"{classes}); their Dice rows will be error rows")
 
 
 def check_model(checkpoint: str) -> ModelMeta:

@@ -4,6 +4,7 @@ directory rules (resume keyed by everything that shapes the outputs)."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,9 @@ from segcore.run.context import UnitRecord
 from segcore.run.plan import check_alignment
 from segcore.run.results import open_run
 from segcore.run.rundir import done_records, mask_chunks, read_plan
-from segcore.run.start import start_run
+from segcore.run.start import check_mask_labels, start_run
 from segcore.run.units import segment_unit
+from segcore.collection.fingerprint import fold, write_fingerprint
 from segcore.collection.sources import pair_sources, probe_sources
 from segcore.collection.store import chunk_rows, create_store, plan_groups, write_manifest, write_store_chunk
 
@@ -220,6 +222,41 @@ def test_labels_beyond_the_model_classes_are_error_rows(small_store, tmp_path):
     assert rec.n_errors == 1
     rows = [r for r in open_run(tmp_path / "run").dice("x")]
     assert len(rows) == 2 and all(r["status"] == "error" and "label 2" in r["error"] for r in rows)
+
+
+def test_a_run_is_refused_before_any_work_when_no_labelled_image_fits_the_model(small_store, tmp_path, caplog):
+    # Ingest counts the images by their mask's largest label; a model that has none of the classes
+    # of any image is the wrong model (or --mask-kind): refused before the run is recorded.
+    write_png(tmp_path / "one" / "img" / "x.png", np.zeros((16, 16), np.uint8))
+    write_png(tmp_path / "one" / "gt" / "x.png", np.full((16, 16), 2, np.uint8))
+    rows = probe_sources(pair_sources(str(tmp_path / "one" / "img"), str(tmp_path / "one" / "gt")))
+    groups, planned = plan_groups(rows, chunk_pixels=10_000, max_chunk_images=64)
+    store = str(tmp_path / "x.zarr")
+    create_store(store, groups, with_gt=True, mask_kind="class", spec={})
+    written = [r for c in chunk_rows(planned, groups) for r in write_store_chunk(store, c)]
+    write_manifest(store, written)
+    write_fingerprint(store, fold(written))
+    with pytest.raises(CheckpointError, match=r"every labelled image holds a label the model lacks \(labels up to 2; "
+                                              r"the model has 2 classes \(bg, fg\)\)"):
+        start_run(store, small_store["ckpt"], str(tmp_path / "run"), device="cpu")
+    assert not (tmp_path / "run").exists()
+    # One image that fits: the run goes ahead, saying how many will be error rows.
+    write_fingerprint(store, fold(written + [dict(written[0], mask_max=1)]))
+    with caplog.at_level(logging.WARNING, logger="segcore.run.start"):
+        start_run(store, small_store["ckpt"], str(tmp_path / "run"), device="cpu")
+    assert "1 of 2 labelled image(s) hold labels the model lacks (up to 2; the model has 2 classes" in caplog.text
+
+
+def test_mask_label_check_of_a_fingerprint():
+    meta = ModelMeta(arch="unet", class_names=("bg", "a", "b"), in_channels=1)
+    assert check_mask_labels(meta, None) is None  # a store ingested before labels were counted
+    assert check_mask_labels(meta, {"images": 3}) is None
+    assert check_mask_labels(meta, {"mask_maxima": {}}) is None
+    assert check_mask_labels(meta, {"mask_maxima": {"0": 4, "2": 7}}) is None
+    assert check_mask_labels(meta, {"mask_maxima": {"0": 4, "3": 1, "255": 2}}).startswith(
+        "3 of 7 labelled image(s) hold labels the model lacks (up to 255; the model has 3 classes (bg, a, b))")
+    with pytest.raises(CheckpointError, match="labels up to 5"):
+        check_mask_labels(meta, {"mask_maxima": {"3": 1, "5": 2}})
 
 
 def _as_format_1(run_dir: Path) -> None:
