@@ -612,7 +612,8 @@ def _run(args: argparse.Namespace) -> str:
     if not args.verbose:  # after those imports, before the cluster starts
         for name in ("distributed", "prefect_dask"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    with started_cluster(None if args.command == "serve" else _execution(args)):
+    # quiet: the workers' warnings are shown here (verbose: the workers print their own log lines)
+    with started_cluster(None if args.command == "serve" else _execution(args), forward_warnings=not args.verbose):
         import flows.pipeline  # noqa: F401 - imported while the server and the workers boot
 
         wait_api()

@@ -121,14 +121,17 @@ def warm_imports() -> float:
 
 
 @contextmanager
-def started_cluster(spec: ExecutionSpec | None) -> Iterator[None]:
+def started_cluster(spec: ExecutionSpec | None, *, forward_warnings: bool = False) -> Iterator[None]:
     """Start the LocalCluster of a local ``spec`` now, and close it on leaving.
 
     Inside, flows run with ``spec`` (:func:`task_runner`) use this cluster, and its workers import
     :data:`WARM_MODULES` from the start, one task each in their single task thread (so the first
-    real task never imports alongside them); :func:`wait_warm` waits for that. With ``None`` or an
-    existing cluster's address, nothing is started; inside a :func:`started_cluster` of an equal
-    ``spec``, that cluster is used and left running.
+    real task never imports alongside them); :func:`wait_warm` waits for that. With
+    ``forward_warnings``, the warnings segflow's code logs in the workers (logger ``segcore``, at
+    WARNING and above) are handled again in this process, by its logger of the same name: a quiet
+    command line shows them as it shows its own. With ``None`` or an existing cluster's address,
+    nothing is started; inside a :func:`started_cluster` of an equal ``spec``, that cluster is used
+    and left running.
     """
     global _started, _warming
     if spec is None or spec.dask_address or (_started is not None and _started[0] == spec):
@@ -141,6 +144,8 @@ def started_cluster(spec: ExecutionSpec | None) -> Iterator[None]:
     with (distributed.LocalCluster(**_cluster_kwargs(spec)) as cluster,
           distributed.Client(cluster, set_as_default=False) as client):
         client.register_plugin(QuickExit(), name="segflow-quick-exit")
+        if forward_warnings:
+            client.forward_logging("segcore", level=logging.WARNING)
         workers = list(client.scheduler_info()["workers"])
         _warming = [client.submit(warm_imports, pure=False, workers=[w], allow_other_workers=False) for w in workers]
         _started = (spec, cluster.scheduler_address)

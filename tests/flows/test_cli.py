@@ -140,15 +140,23 @@ def test_a_missing_or_broken_model_fails_before_the_cluster_starts(tmp_path, mon
 
 def test_a_quiet_command_line_shows_segflows_warnings(tmp_path) -> None:
     """Prefect's logging setup, run when Prefect is imported, must leave the quiet console handler in
-    place: the files an ingest could not read are named on stderr, Prefect's own lines are not."""
-    generate_collection(tmp_path / "col", n_images=2, size=32, seed=1)
+    place: the files an ingest could not read are named on stderr, Prefect's own lines are not. What
+    segflow's code warns of in a Dask worker process (training runs there) shows too, once."""
+    generate_collection(tmp_path / "col", n_images=3, size=32, seed=1)
     (tmp_path / "col" / "images" / "broken.png").write_bytes(b"not a png")
-    proc = segflow("ingest", "--images", str(tmp_path / "col" / "images"), "--store", str(tmp_path / "s.zarr"))
+    store = str(tmp_path / "s.zarr")
+    proc = segflow("ingest", "--images", str(tmp_path / "col" / "images"), "--masks", str(tmp_path / "col" / "masks"),
+                   "--store", store)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stderr.splitlines()
     assert any(ln.startswith("WARNING: ingest: 1 file(s) could not be read and are error rows of the manifest: "
                              "broken.png (") for ln in lines), proc.stderr
     assert not any("prefect" in ln.lower() or "Flow run" in ln for ln in lines), proc.stderr
+    proc = segflow("train", "--store", store, "--out", str(tmp_path / "m.safetensors"), "--epochs", "3",
+                   "--time-budget", "0.01", "--base", "4", "--depth", "2", "--workers", "1")
+    assert proc.returncode == 0, proc.stderr
+    budget = [ln for ln in proc.stderr.splitlines() if "time budget of 0 s spent after epoch 1 of 3" in ln]
+    assert budget == ["WARNING: time budget of 0 s spent after epoch 1 of 3; stopping early"], proc.stderr
 
 
 def test_ctrl_c_ends_the_command_at_once_with_its_processes_and_the_same_command_resumes(tmp_path) -> None:
