@@ -588,10 +588,11 @@ def _run(args: argparse.Namespace) -> str:
 
     The Prefect server (when none is configured) and the local cluster start first, side by side,
     and boot while the flows are imported; the worker imports what the tasks need meanwhile. The
-    command's spec (:func:`_spec`), the model record of ``segment`` and ``run`` (its metadata), and a
-    ``--device`` that local workers could not use are checked before the cluster starts, while the
-    server boots: a bad option value, a missing or broken model, or ``--device cuda`` on a machine
-    without a GPU, is told in seconds."""
+    command's spec (:func:`_spec`), the model record of ``segment`` and ``run`` (its metadata), a
+    ``--device`` that local workers could not use, and the inputs named (:func:`_check_inputs`) are
+    checked before the cluster starts, while the server boots: a bad option value, a missing or
+    broken model, ``--device cuda`` on a machine without a GPU, or a mistyped image folder or store,
+    is told in seconds."""
     from flows.execution import started_cluster, wait_warm
     from flows.server import start_api, wait_api
 
@@ -606,6 +607,7 @@ def _run(args: argparse.Namespace) -> str:
             check_ground_truth(meta, args.mask_kind)
         if args.device and not args.dask_address:  # local workers: this machine's GPUs
             check_device(args.device)
+    _check_inputs(args, spec)
     import distributed  # noqa: F401 - sets its loggers' levels when imported
     import prefect_dask  # noqa: F401
 
@@ -619,6 +621,19 @@ def _run(args: argparse.Namespace) -> str:
         wait_api()
         wait_warm()
         return _flow(args, spec)
+
+
+def _check_inputs(args: argparse.Namespace, spec: Any) -> None:
+    """Tell a missing image or mask directory (``ingest``, ``run``) or store (``segment``, ``train``)
+    before the cluster starts, with the message the flow would give after it."""
+    if args.command in ("ingest", "run"):
+        from segcore.collection.sources import check_sources
+
+        check_sources(args.images, args.masks)
+    elif args.command in ("segment", "train"):
+        from segcore.collection.store import open_store
+
+        open_store(spec.store)
 
 
 def _spec(args: argparse.Namespace) -> Any:

@@ -6,6 +6,7 @@ The rows made here are partial manifest rows (see :data:`segcore.collection.stor
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,6 +27,16 @@ class PairedSources:
 
     rows: list[dict[str, Any]]
     skipped: tuple[str, ...]
+
+
+def check_sources(images: str, masks: str | None = None) -> None:
+    """Raise :class:`NotFound` when a local image directory (a path, not a glob pattern) or mask
+    directory does not exist: the messages :func:`list_and_pair` gives, without listing anything, so
+    a command can tell a mistyped path before it starts its work. URLs are left to the listing."""
+    if not is_remote(images) and not any(ch in os.fspath(images) for ch in "*?[") and not Path(images).exists():
+        raise NotFound(f"{images} does not exist; give a directory of images or a glob pattern")
+    if masks is not None and not is_remote(masks) and not Path(masks).is_dir():
+        raise NotFound(f"mask directory {masks!r} does not exist")
 
 
 def pair_sources(images: str, masks: str | None = None) -> list[dict[str, Any]]:

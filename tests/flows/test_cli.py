@@ -112,7 +112,7 @@ def test_a_missing_or_broken_model_fails_before_the_cluster_starts(tmp_path, mon
 
     for key in QUIET_KEYS:  # main() quietens Prefect through the environment; restored afterwards
         monkeypatch.delenv(key, raising=False)
-    monkeypatch.setattr(flows.execution, "started_cluster", lambda spec: pytest.fail("a cluster was started"))
+    monkeypatch.setattr(flows.execution, "started_cluster", lambda *a, **k: pytest.fail("a cluster was started"))
     (tmp_path / "images").mkdir()
     where = ["--store", str(tmp_path / "s.zarr")] if command == "segment" else ["--images", str(tmp_path / "images")]
     (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
@@ -136,6 +136,30 @@ def test_a_missing_or_broken_model_fails_before_the_cluster_starts(tmp_path, mon
         assert err.startswith("segflow: error: instance-label ground truth is scored as foreground vs background, "
                               "but the model has 3 classes") and err.count("\n") == 1
     assert not (tmp_path / "out").exists() and not (tmp_path / "s.zarr").exists()
+
+
+def test_missing_inputs_are_told_before_the_cluster_starts(tmp_path, monkeypatch, capsys) -> None:
+    import flows.execution
+
+    for key in QUIET_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(flows.execution, "started_cluster", lambda *a, **k: pytest.fail("a cluster was started"))
+    (tmp_path / "images").mkdir()
+    model = _checkpoint(tmp_path / "m.safetensors", in_channels=1)
+    nowhere, store = str(tmp_path / "nowhere"), str(tmp_path / "s.zarr")
+    for argv, says in (
+        (["ingest", "--images", nowhere, "--store", store], f"{nowhere} does not exist; give a directory of images"),
+        (["run", "--images", nowhere, "--checkpoint", model, "--out", str(tmp_path / "out")], f"{nowhere} does not"),
+        (["ingest", "--images", str(tmp_path / "images"), "--masks", nowhere, "--store", store],
+         f"mask directory {nowhere!r} does not exist"),
+        (["segment", "--store", store, "--checkpoint", model, "--out", str(tmp_path / "out")],
+         f"store {store!r} does not exist; create it with 'segflow ingest'"),
+        (["train", "--store", store, "--out", str(tmp_path / "t.safetensors")], f"store {store!r} does not exist"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"segflow: error: {says}") and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists() and not os.path.exists(store)
 
 
 def test_a_quiet_command_line_shows_segflows_warnings(tmp_path) -> None:
