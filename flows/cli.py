@@ -220,12 +220,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(sub)
 
     p = sub.add_parser("export", help="write a run's masks of volumes as NIfTI label files that overlay their images",
-                       description="Write one NIfTI label volume per volume (NIfTI or TIFF z-stack) the run segmented: "
-                                   "OUT/<volume id>.nii.gz, the source's voxel layout and affine (header kept when the "
-                                   "source file is still there). Reads the run directory only: no Prefect.")
+                       description="Write one NIfTI label volume per volume (NIfTI or TIFF z-stack) the run segmented, "
+                                   "and per volume of 2-D slices it grouped with --volume-pattern: "
+                                   "OUT/<volume id>.nii.gz, the source's voxel layout, affine and spacing unit (header "
+                                   "kept when the source file is still there). Reads the run directory only: no "
+                                   "Prefect.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="run directory of 'segflow segment' or 'segflow run'")
     p.add_argument("--format", dest="fmt", choices=["nifti"], default="nifti", help="output format (default nifti)")
     p.add_argument("--out", help="output folder (default RUN_DIR/export/nifti)")
+    p.add_argument("--volume-pattern", metavar="REGEX",
+                   help="group the run's 2-D images into volumes by this regular expression on image ids (first "
+                        "group or whole match names the volume; slices in natural order of their ids); default: "
+                        "the run's own --volume-pattern")
 
     p = sub.add_parser(
         "serve", help="serve the scheduled incremental run from this process: a run on --cron, and whenever one is "
@@ -472,13 +478,15 @@ def _export(args: argparse.Namespace) -> int:
     from segcore.errors import SegflowError
     from segcore.run.export import export_volumes
 
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
-        written = export_volumes(args.run_dir, fmt=args.fmt, out=args.out)
+        written = export_volumes(args.run_dir, fmt=args.fmt, out=args.out, volume_pattern=args.volume_pattern)
     except (SegflowError, OSError) as exc:
         print(f"segflow: error: {console.one_line(exc)}", file=sys.stderr)
         return 2
     for w in written:
-        print(f"{w.volume_id}: {w.path} {'x'.join(map(str, w.shape))} (affine from the {w.affine_from})")
+        print(f"{w.volume_id}: {w.path} {'x'.join(map(str, w.shape))} (affine from the {w.affine_from}, units "
+              f"{w.units})")
     return 0
 
 

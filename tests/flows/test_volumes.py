@@ -177,6 +177,21 @@ def test_2d_slices_grouped_into_volumes_by_pattern(tmp_path, collection):
         assert (r["tp"], r["fp"], r["fn"]) == tuple(sum(d[k] for d in slices) for k in ("tp", "fp", "fn"))
     assert pq.read_table(next(Path(out, "volumes").rglob("*.parquet"))).num_rows == len(rows)
 
+    # Export: the run's pattern groups the slices into NIfTI volumes, in slice order, spacing 1, no unit.
+    assert main(["export", out, "--out", str(tmp_path / "nifti")]) == 0
+    run = open_run(out)
+    for case in ("case1", "case2"):
+        exported = nib.load(str(tmp_path / "nifti" / f"{case}.nii.gz"))
+        assert exported.shape == (48, 48, 4) and exported.header.get_xyzt_units()[0] == "unknown"
+        np.testing.assert_array_equal(exported.affine, np.eye(4))
+        masks = np.stack([run.mask(f"{case}_z{z:02d}") for z in range(4)])
+        np.testing.assert_array_equal(np.asarray(exported.dataobj), np.moveaxis(masks, 0, -1))
+    assert not (tmp_path / "nifti" / "other.nii.gz").exists()
+    # Another pattern (one volume of every image id with "_z") and one that groups nothing.
+    assert main(["export", out, "--out", str(tmp_path / "all"), "--volume-pattern", r"^(c)ase\d_z\d+$"]) == 0
+    assert nib.load(str(tmp_path / "all" / "c.nii.gz")).shape == (48, 48, 8)
+    assert main(["export", out, "--out", str(tmp_path / "none"), "--volume-pattern", r"^nothing(\d)$"]) == 2
+
     # The UI's gallery of worst volumes: three slices of each volume (at 1/4, 2/4, 3/4 of its depth).
     worst = summary["volumes"]["worst_volumes"]
     assert sorted(w["volume_id"] for w in worst) == ["case1", "case2"]
