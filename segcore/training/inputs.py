@@ -41,6 +41,15 @@ def seeded_split(n: int, n_val: int, seed: int) -> tuple[np.random.Generator, np
     return rng, np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
+def check_refit(refit: bool, val_fraction: float) -> None:
+    """Refuse a refit (``Recipe.refit``: train again on every image after a run with a validation
+    split) when ``val_fraction`` is 0: there is no split to run first, and every image is trained on already."""
+    if refit and val_fraction == 0:
+        raise ConfigError("refit (--refit) trains again on every image after a run with a validation split, and "
+                          "val_fraction 0 (--val-fraction 0) holds out none, so every image is trained on already: "
+                          "leave out refit, or give val_fraction above 0")
+
+
 def check_semantic_inputs(
     images: np.ndarray,
     masks: np.ndarray,
@@ -52,10 +61,13 @@ def check_semantic_inputs(
     lr: float,
     val_fraction: float,
     time_budget_s: float | None,
+    refit: bool = False,
     noun: str = "image",
 ) -> tuple[int, int]:
     """Validate the arguments of :func:`segcore.training.semantic.fit_semantic_arrays`; returns ``(n_train, n_val)``.
-    ``images`` are channel-last, ``(N, H, W, C)`` images or ``(N, D, H, W, C)`` volumes (``noun``)."""
+    ``images`` are channel-last, ``(N, H, W, C)`` images or ``(N, D, H, W, C)`` volumes (``noun``).
+    ``val_fraction`` 0 holds out nothing (``n_val`` 0); any fraction above 0 holds out at least one.
+    ``refit`` (``Recipe.refit``) needs a validation split (:func:`check_refit`)."""
     n = images.shape[0]
     if masks.shape != images.shape[:-1]:
         layout, sides = (("(N, H, W)", "height and width") if images.ndim == 4
@@ -82,18 +94,23 @@ def check_semantic_inputs(
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     if not (math.isfinite(lr) and lr > 0):
         raise ConfigError(f"lr must be a positive number, got {lr!r}")
-    if not 0.0 < val_fraction < 1.0:
-        raise ConfigError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction!r}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must lie in [0, 1): the share of the {noun}s held out for validation, 0 for "
+                          f"none (train on every {noun} and keep the last epoch); got {val_fraction!r}")
     if time_budget_s is not None and not time_budget_s > 0:
         raise ConfigError(f"time_budget_s must be > 0 seconds or None (no limit), got {time_budget_s!r}")
-    n_val = max(1, int(round(n * val_fraction)))
+    check_refit(refit, val_fraction)
+    n_val = max(1, int(round(n * val_fraction))) if val_fraction > 0 else 0
     n_train = n - n_val
-    if n_train < 1:  # with n = 1: validation holds out at least one, whatever the fraction
+    if n < 1:
+        raise ConfigError(f"no {noun}s to train on; give at least one {noun} with its mask")
+    if n_train < 1:  # with n = 1: validation holds out at least one, whatever the fraction above 0
         raise ConfigError(
-            f"{n} {noun}(s) leave none for training after a validation split of {val_fraction}: at least one "
-            f"{noun} is held out for validation, so give at least 2 {noun}s (a smaller val_fraction does not help)"
+            f"{n} {noun}(s) leave none for training after a validation split of {val_fraction}: any fraction above "
+            f"0 holds out at least one {noun}, so give at least 2 {noun}s, or set val_fraction 0 (--val-fraction 0) "
+            f"to train on every {noun} without validation and keep the last epoch"
         )
     return n_train, n_val
 
 
-__all__ = ["RESERVED_ARCH_KEYS", "as_ndhwc", "as_nhwc", "check_semantic_inputs", "seeded_split"]
+__all__ = ["RESERVED_ARCH_KEYS", "as_ndhwc", "as_nhwc", "check_refit", "check_semantic_inputs", "seeded_split"]

@@ -303,6 +303,7 @@ def train_instance(
         "crop_size": crop_size,
         "crops_per_image": per_image if crop_size else None,
         **sampling,
+        "val_fraction": float(val_fraction),
         "n_train": int(n_train),
         "n_val": int(n_val),
         "best_epoch": result.best_epoch,

@@ -87,7 +87,8 @@ def split_indices(ids: Sequence[str], *, n_val: int, rng: np.random.Generator, h
     names = sorted(set(groups), key=natural_key)
     if len(names) < 2:
         raise ConfigError(f"group pattern {group_pattern!r} puts all {n} images in one group ({names[0]!r}); "
-                          "a group split needs two or more groups: use --val-split tail for one volume")
+                          "a group split needs two or more groups: use --val-split tail for one volume, or "
+                          "--val-fraction 0 to train on all of it without validation")
     held: set[str] = set()
     count = 0
     for g in (names[i] for i in rng.permutation(len(names))):

@@ -7,7 +7,9 @@ through :func:`segcore.normalise.normalise_batch`, the very function inference u
 epoch the validation split is segmented through the prediction seam
 (:class:`segcore.models.predict.TorchPredictor`, fp32, argmax of the logits) and its Dice per class
 measured (:mod:`segcore.metrics.dice`); the weights of the epoch with the best mean foreground Dice
-are returned, with a :class:`~segcore.models.checkpoint.ModelMeta` that describes them.
+are returned, with a :class:`~segcore.models.checkpoint.ModelMeta` that describes them. With
+``val_fraction`` 0 nothing is held out: every image is trained on, no epoch is scored, and the last
+epoch's weights are returned.
 
 Same inputs, same seed and same number of torch threads give the same weights.
 
@@ -26,6 +28,7 @@ import copy
 import logging
 import math
 import time
+from functools import partial
 from types import MappingProxyType
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -122,7 +125,12 @@ def train_semantic(
         epochs: number of passes over the training split (each ``n_train`` patches).
         batch_size: patches per optimiser step.
         lr: peak learning rate of AdamW.
-        val_fraction: fraction of the images held out for validation, in (0, 1).
+        val_fraction: fraction of the images held out for validation, in [0, 1); any fraction above
+            0 holds out at least one image. 0 holds out none: every image is trained on, the last
+            epoch is kept, the history has no ``val_*`` entries and the provenance records
+            ``n_val`` 0, ``best_epoch``/``val_dice``/``val_dice_mean_fg`` ``None``, ``val_split``
+            ``None`` (no split is made, whatever ``val_split`` asks) and ``largest_region`` ``auto``
+            stays off (nothing to decide by); ``recipe.refit`` is then refused.
         seed: seeds the split, the weight initialisation, the sampling and the augmentation.
         progress: called once per epoch with that epoch's history record.
         time_budget_s: stop after the epoch during which this many seconds have passed.
@@ -138,10 +146,11 @@ def train_semantic(
         The model in eval mode with the weights of the best epoch (highest mean foreground
         validation Dice, pooled over the validation images; with ``recipe.refit``, the model trained
         again on every image for that many epochs, :func:`segcore.training.validation.refit_on_all`,
-        whose record the provenance keeps under ``refit``), its :class:`ModelMeta`
-        (``provenance`` records the run) and the history: one record per epoch run, ``{"epoch",
-        "loss", "val_dice" (name -> pooled Dice), "val_dice_mean_fg", "lr", "seconds",
-        "elapsed_s"}`` (seconds are wall-clock).
+        whose record the provenance keeps under ``refit``; with ``val_fraction`` 0, the last epoch),
+        its :class:`ModelMeta` (``provenance`` records the run) and the history: one record per
+        epoch run, ``{"epoch", "loss", "val_dice" (name -> pooled Dice), "val_dice_mean_fg", "lr",
+        "seconds", "elapsed_s"}`` (seconds are wall-clock; no ``val_*`` entries with
+        ``val_fraction`` 0).
     """
     full = recipe.augmentation == "full"
 
@@ -193,7 +202,8 @@ def fit_semantic_arrays(
     (volumes) share: validation of the arguments, the split, the normalisation (fitted on the
     training split; a volume's statistics are its own), the model (registered semantic ``arch``,
     seeded), :func:`segcore.training.loop.fit` with :func:`segmentation_loss`, validation through
-    :class:`~segcore.models.predict.TorchPredictor` (pooled Dice per class, best epoch kept), the
+    :class:`~segcore.models.predict.TorchPredictor` (pooled Dice per class, best epoch kept; none
+    with ``val_fraction`` 0, :func:`~segcore.training.validation.no_validation`: last epoch kept), the
     meta (``input_axes`` ``bcyx`` or ``bczyx`` by the architecture's ``spatial_dims``) and the
     provenance. Returns ``(model, meta, history)`` as :func:`train_semantic` does.
 
@@ -224,7 +234,7 @@ def fit_semantic_arrays(
         raise ConfigError(f"model {arch!r} trains on {layout}, got an array of shape {images.shape}")
     n_train, n_val = check_semantic_inputs(
         images, masks, class_names=class_names, arch_kwargs=arch_kwargs, epochs=epochs, batch_size=batch_size,
-        lr=lr, val_fraction=val_fraction, time_budget_s=time_budget_s, noun=noun,
+        lr=lr, val_fraction=val_fraction, time_budget_s=time_budget_s, refit=recipe.refit, noun=noun,
     )
     if dims != 2 and recipe.largest_region == "on":  # before training, not after it
         raise ConfigError("keeping the largest foreground region applies to 2-D models only")
@@ -236,7 +246,10 @@ def fit_semantic_arrays(
     device = torch.device(recipe.device)
     t0 = time.perf_counter()
 
-    if val_split == "random":
+    if not n_val:  # nothing held out: no split to make, whichever kind was asked
+        log.info("no validation (val_fraction 0): training on all %d %s(s), the last epoch is kept", n_train, noun)
+        val_split, group_pattern = None, None
+    if val_split in ("random", None):
         rng, train_idx, val_idx = seeded_split(images.shape[0], n_val, seed)
     else:
         rng = np.random.default_rng(seed)
@@ -273,6 +286,8 @@ def fit_semantic_arrays(
         return {"loss": segmentation_loss(model(x).float(), y)}
 
     def validate(model: nn.Module) -> Validation:
+        if not n_val:
+            return no_validation(model)
         predictor = TorchPredictor(model, meta, device=str(device), precision="fp32")
         pred = predictor.labels(x_val, batch_size=max(batch_size, 32) if dims == 2 else 1)
         per_class = pooled_dice(pred, y_val, num_classes)
@@ -298,14 +313,16 @@ def fit_semantic_arrays(
 
     start = copy.deepcopy(init) if init is not None and recipe.refit else None  # the refit starts there too
     model, result = train(init, draws(x_train, y_train, masks[train_idx]), n_train, epochs, validate, progress)
-    meta, largest = decide_largest_region(model, meta, recipe.largest_region, result.best.details["val_dice_mean_fg"],
-                                          x_val=x_val, y_val=y_val, device=device, batch_size=batch_size, dims=dims)
+    meta, largest = decide_largest_region(model, meta, recipe.largest_region,
+                                          result.best.details.get("val_dice_mean_fg"), x_val=x_val, y_val=y_val,
+                                          device=device, batch_size=batch_size, dims=dims)
     refit = None
     if recipe.refit:
         model, refit = refit_on_all(
             model, result, lambda report: train(start, draws(normalise_batch(images, normalisation),
                                                              torch.from_numpy(masks.astype(np.int64)), masks),
-                                                images.shape[0], result.best_epoch, no_validation, report),
+                                                images.shape[0], result.best_epoch,
+                                                partial(no_validation, summary="refit on every image"), report),
             n_images=images.shape[0], progress=progress,
             spent=result.stopped_early or (time_budget_s is not None and time.perf_counter() - t0 >= time_budget_s))
     record = {
@@ -320,14 +337,16 @@ def fit_semantic_arrays(
         "recipe": recipe.model_dump(mode="json"),
         **provenance,
         "normalisation": describe(normalisation),
+        "val_fraction": float(val_fraction),
         "val_split": val_split,
         "group_pattern": group_pattern,
         "val_ids": [ids[i] for i in val_idx],
         "n_train": int(n_train),
         "n_val": int(len(val_idx)),
-        "best_epoch": result.best_epoch,
-        "val_dice": result.best.details["val_dice"],
-        "val_dice_mean_fg": result.best.details["val_dice_mean_fg"],
+        # Nothing held out: no best epoch and no figures; the weights are the last epoch's (epochs_run).
+        "best_epoch": result.best_epoch if n_val else None,
+        "val_dice": result.best.details.get("val_dice"),
+        "val_dice_mean_fg": result.best.details.get("val_dice_mean_fg"),
         "largest_region": largest,
         **({} if refit is None else {"refit": refit}),
         "seconds": round(time.perf_counter() - t0, 3),

@@ -36,11 +36,13 @@ class Recipe(BaseModel):
     largest_region: Literal["auto", "on", "off"] = Field(
         "auto", description="Keep only each image's largest connected foreground region in the model's masks "
                             "(segcore.models.outputs.OutputRule.largest_region): auto turns it on when it raises "
-                            "the validation split's mean foreground Dice (2-D models; volumetric ones: off).")
+                            "the validation split's mean foreground Dice, and leaves it off with val_fraction 0 "
+                            "(nothing held out to decide by) (2-D models; volumetric ones: off).")
     refit: bool = Field(False, description="After training with the validation split, train again from the same "
                                            "start on every image, split included, for the best epoch's number of "
                                            "epochs, and keep that model (the normalisation, the largest-region "
-                                           "decision and the validation figures stay those of the split run).")
+                                           "decision and the validation figures stay those of the split run); "
+                                           "refused with val_fraction 0 (no split to run first).")
 
 
 __all__ = ["AUGMENTATIONS", "DEFAULT_MIN_EPOCH_PATCHES", "DEFAULT_PATCH_SIZE", "Recipe"]

@@ -4,7 +4,8 @@
 epoch, :func:`decide_largest_region` uses it to decide whether the model's masks keep only each
 image's largest foreground region (:attr:`segcore.models.outputs.OutputRule.largest_region`), and
 :func:`refit_on_all` trains again on every image for the best epoch's number of epochs
-(``Recipe.refit``).
+(``Recipe.refit``). :func:`no_validation` is the check of a run that holds nothing out
+(``val_fraction`` 0, and the refit): its last epoch is kept.
 """
 
 from __future__ import annotations
@@ -36,15 +37,18 @@ def pooled_dice(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.nda
     return dice_from_counts(tp, fp, fn)[0]
 
 
-def decide_largest_region(model: nn.Module, meta: ModelMeta, choice: str, without: float, *, x_val: np.ndarray,
-                          y_val: np.ndarray, device: torch.device, batch_size: int, dims: int
+def decide_largest_region(model: nn.Module, meta: ModelMeta, choice: str, without: float | None, *,
+                          x_val: np.ndarray, y_val: np.ndarray, device: torch.device, batch_size: int, dims: int
                           ) -> tuple[ModelMeta, dict[str, Any]]:
     """The meta with :attr:`~segcore.models.outputs.OutputRule.largest_region` as ``choice`` says, and
     what was decided and measured (for the provenance).
 
     ``auto`` turns the rule on when ``model`` with it scores a higher mean foreground Dice on the
     validation images (``x_val`` raw, ``y_val`` labels) than ``without`` (the same model's score
-    without it); ``on`` and ``off`` force it. Volumetric models (``dims`` 3) never have it.
+    without it); ``on`` and ``off`` force it. With no validation images (``val_fraction`` 0;
+    ``without`` is then ``None``) ``auto`` has nothing to decide by and leaves the rule off, and
+    ``on`` keeps it unmeasured; the record's ``reason`` says so. Volumetric models (``dims`` 3)
+    never have it.
     """
     if dims != 2:
         if choice == "on":
@@ -53,6 +57,12 @@ def decide_largest_region(model: nn.Module, meta: ModelMeta, choice: str, withou
     if choice == "off":
         return meta, {"choice": choice, "kept": False}
     ruled = meta.model_copy(update={"output": meta.output.model_copy(update={"largest_region": True})})
+    if len(x_val) == 0:
+        if choice == "on":
+            return ruled, {"choice": choice, "kept": True, "reason": "forced; no validation images to measure it on"}
+        reason = "no validation images to decide by (val_fraction 0); --largest-region on keeps it"
+        log.warning("largest foreground region of each image: not kept: %s", reason)
+        return meta, {"choice": choice, "kept": False, "reason": reason}
     pred = TorchPredictor(model, ruled, device=str(device), precision="fp32").labels(x_val,
                                                                                      batch_size=max(batch_size, 32))
     per_class = pooled_dice(pred, y_val, meta.num_classes)
@@ -65,9 +75,11 @@ def decide_largest_region(model: nn.Module, meta: ModelMeta, choice: str, withou
         "val_dice_with": {name: float(d) for name, d in zip(meta.class_names, per_class)}}
 
 
-def no_validation(model: nn.Module) -> Validation:
-    """The check of a refit: nothing is held out, so every epoch replaces the kept one and the last is kept."""
-    return Validation(fields={}, score=None, summary="refit on every image")
+def no_validation(model: nn.Module, *, summary: str = "no validation") -> Validation:
+    """The check of a run with nothing held out (``val_fraction`` 0, or a refit on every image): no
+    score, so every epoch replaces the kept one and the last is kept; no ``val_*`` history entries.
+    ``summary``: the validation part of the epoch's log line."""
+    return Validation(fields={}, score=None, summary=summary)
 
 
 def refit_on_all(model: nn.Module, result: FitResult,

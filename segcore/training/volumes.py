@@ -7,7 +7,9 @@ whose builder says ``spatial_dims = 3`` (``unet3d`` by default). Both run
 validation split, normalisation (:func:`segcore.normalise.normalise_batch`, statistics per
 volume), cross-entropy + soft Dice (:func:`~segcore.training.semantic.segmentation_loss`), loop
 (:func:`segcore.training.loop.fit`), validation through the prediction seam (whole validation
-volumes; Dice per class pooled over their voxels) and best-epoch weights. What is 3-D here is the
+volumes; Dice per class pooled over their voxels) and best-epoch weights (``val_fraction`` 0: no
+validation, every volume trained on, the last epoch's weights; so one labelled volume can train a
+model). What is 3-D here is the
 batch: random patches of ``patch_size`` voxels (the recipe's ``fg_fraction`` of each batch centred
 on a foreground voxel, :class:`~segcore.training.recipe.PatchSampler`), each flipped at random
 along z, y and x (:func:`~segcore.training.recipe.flip_axes`). Weights and batches are kept
@@ -89,16 +91,18 @@ def train_volumes(
         batch_size: patches per optimiser step.
         lr, val_fraction, seed, progress, time_budget_s, init, ids, val_split, group_pattern: as
             in :func:`segcore.training.semantic.train_semantic`, per volume (default ids ``vol_0``,
-            ``vol_1``, ...).
+            ``vol_1``, ...); ``val_fraction`` 0 trains on every volume (one is enough) without
+            validation and keeps the last epoch.
         recipe: foreground share, schedule, warm-up, device and precision; its ``patch_size`` and
             ``augmentation`` (2-D settings) are not used: ``patch_size`` above and flips along the
             three axes are.
 
     Returns:
         The model in eval mode with the weights of the best epoch (highest mean foreground Dice
-        pooled over the validation volumes), its :class:`ModelMeta` (``input_axes="bczyx"``,
-        ``provenance`` records the run, ``patch_size`` and ``augmentation`` included) and the
-        history (one record per epoch, as :func:`~segcore.training.semantic.train_semantic`'s).
+        pooled over the validation volumes; the last epoch with ``val_fraction`` 0), its
+        :class:`ModelMeta` (``input_axes="bczyx"``, ``provenance`` records the run, ``patch_size``
+        and ``augmentation`` included) and the history (one record per epoch, as
+        :func:`~segcore.training.semantic.train_semantic`'s).
     """
     patch = _patch_sides(patch_size)
 

@@ -170,9 +170,12 @@ def test_loss_is_low_for_confident_correct_logits_and_high_otherwise():
         ({"masks": "float"}, "integer class labels"),
         ({"masks": "label3"}, r"\[0, 3\)"),
         ({"class_names": ("background",)}, "at least one class"),
-        ({"val_fraction": 0.0}, "val_fraction"),
-        ({"val_fraction": 1.0}, "val_fraction"),
-        ({"n": 1}, "at least 2 images"),
+        ({"val_fraction": -0.1}, r"val_fraction must lie in \[0, 1\): .* 0 for none"),
+        ({"val_fraction": 1.0}, r"val_fraction must lie in \[0, 1\): .* 0 for none"),
+        ({"val_fraction": float("nan")}, r"val_fraction must lie in \[0, 1\)"),
+        ({"n": 1}, r"at least 2 images, or set val_fraction 0 \(--val-fraction 0\)"),
+        ({"n": 0, "val_fraction": 0.0}, "no images to train on"),
+        ({"val_fraction": 0.0, "recipe": "refit"}, r"refit \(--refit\) .* val_fraction 0 \(--val-fraction 0\)"),
         ({"epochs": 0}, "epochs"),
         ({"batch_size": 0}, "batch_size"),
         ({"lr": -1.0}, "lr"),
@@ -197,6 +200,10 @@ def test_bad_inputs_raise_config_error(tiny_data, change, match):
         masks[0, 0, 0] = 3
     if change.pop("images", None) == "5d":
         images = images[..., None]
+    if change.pop("recipe", None) == "refit":
+        from segcore.training.settings import Recipe
+
+        change["recipe"] = Recipe(refit=True)
     with pytest.raises(ConfigError, match=match):
         _train(images, masks, **change)
 
@@ -292,3 +299,48 @@ def test_refit_of_a_fine_tuning_starts_from_the_parent_weights(tiny_data):
     b, _, _ = _train(*tiny_data, epochs=2, init=twin, recipe=Recipe(refit=True))
     assert meta.provenance["refit"]["done"] and a is not parent
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_val_fraction_0_trains_on_every_image_and_keeps_the_last_epoch(tiny_data, caplog):
+    """Nothing held out: both images are trained on, the weights returned are those after the last
+    epoch (the model is trained in place from ``init``, so each epoch's weights can be taken as it
+    ends), and the provenance and history claim no validation figures and no best epoch."""
+    from segcore.models import create_model
+
+    images, masks = tiny_data[0][:2], tiny_data[1][:2]
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        start = create_model("unet", in_channels=1, num_classes=len(CLASS_NAMES), **TINY)
+    after_epoch: list[dict] = []
+
+    def snapshot(record: dict) -> None:
+        after_epoch.append({k: v.clone() for k, v in start.state_dict().items()})
+
+    with caplog.at_level("WARNING", logger="segcore.training.validation"):
+        model, meta, history = _train(images, masks, epochs=3, val_fraction=0.0, init=start, progress=snapshot)
+    kept = model.state_dict()
+    assert len(after_epoch) == 3
+    assert all(torch.equal(kept[k], after_epoch[-1][k]) for k in kept)
+    assert not all(torch.equal(kept[k], after_epoch[0][k]) for k in kept)  # epoch 1 is not what was kept
+    p = meta.provenance
+    assert (p["n_train"], p["n_val"], p["val_ids"], p["val_fraction"]) == (2, 0, [], 0.0)
+    assert (p["best_epoch"], p["val_dice"], p["val_dice_mean_fg"], p["val_split"]) == (None, None, None, None)
+    assert p["epochs_run"] == 3 and not any(k.startswith("val_") for r in history for k in r)
+    # --largest-region auto decides by validation Dice: with none, it stays off and says why.
+    assert p["largest_region"]["kept"] is False and "no validation images" in p["largest_region"]["reason"]
+    assert not meta.output.largest_region and "not kept" in caplog.text
+
+
+def test_val_fraction_0_trains_on_one_image_and_ignores_the_split_kind(tiny_data):
+    """One image is enough without validation; a group split asked for is not made (nothing to hold
+    out), and forcing the largest-region rule keeps it without figures to measure it by."""
+    from segcore.training.settings import Recipe
+
+    images, masks = tiny_data[0][:1], tiny_data[1][:1]
+    _, meta, history = _train(images, masks, epochs=1, val_fraction=0.0, ids=["case1_z0"], val_split="group",
+                              group_pattern=r"^(case\d+)_", recipe=Recipe(largest_region="on"))
+    p = meta.provenance
+    assert (p["n_train"], p["n_val"], p["val_split"], p["group_pattern"]) == (1, 0, None, None)
+    assert meta.output.largest_region and p["largest_region"]["kept"] and "val_dice_mean_fg_with" not in \
+        p["largest_region"]
+    assert len(history) == 1 and np.isfinite(history[0]["loss"])

@@ -139,8 +139,23 @@ def test_bad_inputs_raise_config_error(tiny_volumes, change, match):
 def test_one_volume_is_refused_with_advice_that_helps() -> None:
     from segcore.training.inputs import check_semantic_inputs
 
-    with pytest.raises(ConfigError, match=r"1 volume\(s\) leave none for training .* give at least 2 volumes "
-                                          r"\(a smaller val_fraction does not help\)"):
-        check_semantic_inputs(np.zeros((1, 4, 8, 8, 1), np.float32), np.zeros((1, 4, 8, 8), np.int64),
-                              class_names=("background", "a"), arch_kwargs={}, epochs=1, batch_size=1, lr=1e-3,
-                              val_fraction=0.01, time_budget_s=None, noun="volume")
+    volume, labels = np.zeros((1, 4, 8, 8, 1), np.float32), np.zeros((1, 4, 8, 8), np.int64)
+    with pytest.raises(ConfigError, match=r"1 volume\(s\) leave none for training .* give at least 2 volumes, or "
+                                          r"set val_fraction 0 \(--val-fraction 0\) to train on every volume "
+                                          r"without validation"):
+        check_semantic_inputs(volume, labels, class_names=("background", "a"), arch_kwargs={}, epochs=1, batch_size=1,
+                              lr=1e-3, val_fraction=0.01, time_budget_s=None, noun="volume")
+    assert check_semantic_inputs(volume, labels, class_names=("background", "a"), arch_kwargs={}, epochs=1,
+                                 batch_size=1, lr=1e-3, val_fraction=0.0, time_budget_s=None, noun="volume") == (1, 0)
+
+
+def test_one_volume_trains_without_validation_and_keeps_the_last_epoch(tiny_volumes):
+    volumes, masks = tiny_volumes
+    model, meta, history = _train(volumes[:1], masks[:1], epochs=2, val_fraction=0.0)
+    p = meta.provenance
+    assert (meta.input_axes, p["n_train"], p["n_val"], p["val_ids"], p["epochs_run"]) == ("bczyx", 1, 0, [], 2)
+    assert (p["best_epoch"], p["val_dice"], p["val_dice_mean_fg"]) == (None, None, None)
+    assert p["largest_region"] == {"choice": "auto", "kept": False, "reason": "volumetric model"}
+    assert [set(r) & {"val_dice", "val_dice_mean_fg"} for r in history] == [set(), set()]
+    pred = TorchPredictor(model, meta, precision="fp32").labels(volumes[:1, ..., None])
+    assert pred.shape == (1, 16, 32, 32)
