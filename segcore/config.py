@@ -210,12 +210,26 @@ def _normalisation_choice(text: str) -> str:
 NormalisationChoice = Annotated[str, AfterValidator(_normalisation_choice)]
 
 
+def _val_fraction(value: float) -> float:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"must lie in [0, 1): the share of the labelled images held out for validation, 0 for none "
+                         f"(train on every image and keep the last epoch); got {value!r}")
+    return value
+
+
+#: Share of the labelled images held out for validation, in ``[0, 1)``; 0 holds out none (the
+#: bounds are checked with a message that says so, and shown to the Prefect form by the schema).
+ValFraction = Annotated[float, AfterValidator(_val_fraction),
+                        Field(json_schema_extra={"minimum": 0, "exclusiveMaximum": 1})]
+
+
 class TrainSpec(_Spec):
     """Train a registered model on the labelled images of a store; the best epoch is saved.
 
-    Semantic models (``unet``) learn from class masks; instance models (``maskrcnn``,
+    Semantic models (``unet``, ``unet3d``) learn from class masks; instance models (``maskrcnn``,
     ``maskrcnn_r18``) from instance labels (ingest with ``mask_kind="instance"``). Options left
-    as ``None`` take the model kind's defaults (see :func:`train_defaults`).
+    as ``None`` take the model kind's defaults (see :func:`train_defaults`). With ``val_fraction``
+    0 nothing is held out and the last epoch is saved instead of the best.
     """
 
     store: StorePath = Field(description="Zarr collection store with ground truth (a path or an fsspec URL).")
@@ -232,9 +246,10 @@ class TrainSpec(_Spec):
                                               "images, and at least min_epoch_patches).")
     batch_size: int | None = Field(None, gt=0, description="Default 16 (UNet) or 4 (instance models).")
     lr: float | None = Field(None, gt=0, description="Peak learning rate (AdamW, one-cycle schedule).")
-    val_fraction: float = Field(
-        0.15, ge=0, lt=1, description="Fraction held out for validation each epoch; instance models also take 0 "
-                                      "(train on everything, keep the last epoch).")
+    val_fraction: ValFraction = Field(
+        0.15, description="Fraction of the labelled images (volumes for unet3d) held out for validation each epoch; "
+                          "0: no validation: train on every one and keep the last epoch (one image or volume is "
+                          "then enough; refit is refused and largest_region auto stays off).")
     crop_size: int | None = Field(None, gt=0, description="Instance models: train on random square crops.")
     seed: int = 0
     time_budget_s: float | None = Field(None, gt=0, description="Stop after the epoch that passes this budget.")
@@ -246,7 +261,8 @@ class TrainSpec(_Spec):
     val_split: Literal["auto", "random", "tail", "group"] = Field(
         "auto", description="Validation images: random, tail (the last image ids in natural order: a contiguous "
                             "hold-out of consecutive slices) or group (whole groups of group_pattern); auto: group "
-                            "with a group_pattern, else tail (UNet); random for instance models.")
+                            "with a group_pattern, else tail (UNet); random for instance models. With "
+                            "val_fraction 0 no split is made.")
     group_pattern: str | None = Field(
         None, description="Regular expression on image ids naming an image's volume or source (its first capture "
                           "group, or the match); images of one group never straddle the validation split.")
@@ -261,12 +277,13 @@ class TrainSpec(_Spec):
                                 "are more; 0: always one per training image.")
     largest_region: Literal["auto", "on", "off"] | None = Field(
         None, description="UNet: keep only each image's largest connected foreground region in the model's masks; "
-                          "auto (default) turns it on when it raises the validation mean foreground Dice.")
+                          "auto (default) turns it on when it raises the validation mean foreground Dice (off with "
+                          "val_fraction 0: nothing to decide by).")
     refit: bool = Field(
         False, description="UNet: after training with the validation split, train again on every image for the "
                            "best epoch's number of epochs and keep that model (the validation figures, "
                            "normalisation and largest-region decision stay those of the split run; training "
-                           "takes about twice as long).")
+                           "takes about twice as long). Needs val_fraction above 0.")
     device: DeviceChoice = Field(
         "auto", description="UNet training device: auto (CUDA when present), cpu, cuda or cuda:N.")
     precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Autocast dtype on CUDA (CPU runs fp32).")
@@ -305,9 +322,9 @@ class TrainSpec(_Spec):
         if self.largest_region == "on" and spatial_dims_of(self.model) == 3:
             raise ValueError("largest_region 'on' applies to 2-D models only; a volumetric model keeps every "
                              "foreground region")
-        if self.val_fraction == 0 and self.kind != "instance":
-            raise ValueError("val_fraction 0 (no validation) applies to instance models only; "
-                             "the UNet keeps its best epoch by validation Dice")
+        from segcore.training.inputs import check_refit
+
+        check_refit(self.refit, self.val_fraction)  # a ConfigError is a ValueError
         return self
 
     @property

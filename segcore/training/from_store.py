@@ -4,7 +4,8 @@
 ``None`` from the model kind's defaults (:func:`segcore.config.train_defaults`), reads the
 store's labelled images, calls :func:`~segcore.training.semantic.train_semantic` or
 :func:`~segcore.training.instance.train_instance`, adds the command and the store to the
-provenance and writes the best epoch's weights. It takes plain values, never a run spec.
+provenance and writes the best epoch's weights (the last epoch's when ``val_fraction`` is 0 and
+nothing is held out). It takes plain values, never a run spec.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from segcore.collection.fingerprint import of_images, read_fingerprint
 from segcore.normalise import Normalisation
 from segcore.normalise_fit import choose_normalisation, describe, parse_normalisation
 from segcore.training.init import load_init
+from segcore.training.inputs import check_refit
 from segcore.training.instance import train_instance
 from segcore.training.semantic import train_semantic
 from segcore.training.volumes import DEFAULT_VOLUME_PATCH, train_volumes
@@ -45,8 +47,10 @@ class TrainResult:
         kind: ``semantic`` or ``instance``.
         best_val_score: the best epoch's mean foreground Dice (semantic) or F1 at IoU 0.5
             (instance); ``None`` when nothing was held out for validation.
-        best_epoch: 1-based number of the epoch kept.
-        best_val: the best epoch's validation figures (e.g. ``{"val_dice": {class: Dice}}``).
+        best_epoch: 1-based number of the best epoch, whose weights were kept; ``None`` when nothing
+            was held out (``course["n_val"]`` 0: the last epoch was kept, ``course["epochs_run"]``).
+        best_val: the best epoch's validation figures (e.g. ``{"val_dice": {class: Dice}}``);
+            ``None`` when nothing was held out.
         normalisation: how inputs are normalised, in words (fitted values included), and how it
             was chosen (``normalisation_choice``).
         largest_region: semantic models: whether the masks keep only each image's largest
@@ -55,9 +59,11 @@ class TrainResult:
         refit: semantic models trained with ``refit``: what the refit on every image did (the
             provenance's record, :func:`segcore.training.validation.refit_on_all`); else ``None``.
         course: how training went, from the provenance: ``epochs`` asked and ``epochs_run``,
-            ``stopped_early`` (the time budget, ``time_budget_s``, ended it), the validation split
-            (``val_split``) and the images trained on and held out (``n_train``, ``n_val``); the
-            keys the trainer recorded.
+            ``stopped_early`` (the time budget, ``time_budget_s``, ended it), the share asked to be
+            held out (``val_fraction``), the validation split (``val_split``; ``None`` when nothing
+            was held out) and the images (volumes) trained on and held out (``n_train``, ``n_val``);
+            the keys the trainer recorded.
+        model: the architecture trained (e.g. ``unet``, ``unet3d``).
     """
 
     checkpoint: str
@@ -72,16 +78,19 @@ class TrainResult:
     largest_region: dict[str, Any] | None = None
     refit: dict[str, Any] | None = None
     course: dict[str, Any] | None = None
+    model: str = ""
 
 
 #: The provenance keys that say how training went (:attr:`TrainResult.course`).
-COURSE_KEYS = ("epochs", "epochs_run", "stopped_early", "time_budget_s", "val_split", "n_train", "n_val")
+COURSE_KEYS = ("epochs", "epochs_run", "stopped_early", "time_budget_s", "val_fraction", "val_split", "n_train",
+               "n_val")
 
 
 def epoch_line(record: Mapping[str, Any], *, epochs: int) -> str:
     """One line about a history record: ``epoch 2/10: loss 0.4123, val_f1 0.812, ... (3.1 s)``
     (every float ``val_*`` entry, three decimals; a per-class mapping such as ``val_dice`` as
-    ``val_dice liver 0.912/tumour 0.701``, its first class (background) left out). A refit epoch's
+    ``val_dice liver 0.912/tumour 0.701``, its first class (background) left out; a run that holds
+    nothing out has none: ``epoch 2/10: loss 0.4123 (3.1 s)``). A refit epoch's
     record (``"stage": "refit"``, see :func:`segcore.training.validation.refit_on_all`) reads
     ``refit epoch 2/8: loss 0.3012 (3.0 s)``."""
     parts = []
@@ -94,6 +103,25 @@ def epoch_line(record: Mapping[str, Any], *, epochs: int) -> str:
     stage = "refit epoch" if record.get("stage") == "refit" else "epoch"
     return (f"{stage} {record['epoch']}/{epochs}: loss {record['loss']:.4f}{', ' if scores else ''}{scores} "
             f"({record['seconds']:.1f} s)")
+
+
+def unit_of(result: Mapping[str, Any]) -> str:
+    """``volumes`` or ``images``: what a training run (a :class:`TrainResult` as a dict) counted in
+    ``course`` (``n_train``, ``n_val``), by its model's spatial dimensions."""
+    model = result.get("model")
+    return "volumes" if model in MODEL_KINDS and spatial_dims_of(model) == 3 else "images"
+
+
+def no_validation_note(result: Mapping[str, Any]) -> str | None:
+    """What a run that held nothing out kept, in words, e.g. ``no validation (val fraction 0): trained
+    on all 6 images; the checkpoint holds the last epoch's weights (epoch 3 of 3), not a best epoch``;
+    ``None`` for a run with a validation split. ``result``: a :class:`TrainResult` as a dict."""
+    course = result.get("course") or {}
+    if course.get("n_val", 1) != 0:
+        return None
+    run = course.get("epochs_run", len(result.get("history") or ()))
+    return (f"no validation (val fraction 0): trained on all {course.get('n_train')} {unit_of(result)}; the "
+            f"checkpoint holds the last epoch's weights (epoch {run} of {course.get('epochs', run)}), not a best epoch")
 
 
 def _resolve_normalisation(norm: Normalisation | str, store: str, images: np.ndarray
@@ -193,7 +221,8 @@ def train_from_store(
     min_epoch_patches: int | None = None,
     refit: bool = False,
 ) -> TrainResult:
-    """Train ``model`` on every labelled image of ``store`` and write the best epoch to ``out``.
+    """Train ``model`` on every labelled image of ``store`` and write the best epoch (``val_fraction``
+    0: the last) to ``out``.
 
     Args:
         store: a collection store made by ``segflow ingest``, with ground truth of one image shape.
@@ -208,7 +237,9 @@ def train_from_store(
             to the largest in the store (semantic), or ``("background", "object")`` (instance).
         arch_kwargs: builder options merged over the kind's defaults (``None``: the defaults).
         epochs, val_fraction, crop_size, seed, time_budget_s: as the trainers take them
-            (``crop_size`` applies to instance models only).
+            (``crop_size`` applies to instance models only). ``val_fraction`` 0 holds out nothing:
+            every image (volume) is trained on and the last epoch is saved, so a store of one
+            labelled volume (or image) can train a model.
         normalisation: a :class:`Normalisation` or a choice (:func:`segcore.normalise_fit.parse_normalisation`);
             ``auto`` picks from the store's fingerprint (:func:`choose_normalisation`) and the pick
             and its reason go to the log and the provenance (``normalisation_choice``).
@@ -221,13 +252,15 @@ def train_from_store(
             ``None``), its head is replaced when ``class_names`` differ from its classes, and the
             provenance records it under ``init`` (path, sha256, classes, ``head_replaced``).
         val_split, group_pattern: semantic models: ``auto`` (``group`` with a pattern, else ``tail``),
-            ``random``, ``tail`` or ``group`` (see :func:`segcore.training.recipe.split_indices`).
+            ``random``, ``tail`` or ``group`` (see :func:`segcore.training.recipe.split_indices`); not
+            used with ``val_fraction`` 0 (no split).
         patch_size, schedule, largest_region: semantic models: the :class:`Recipe` values (``None``: its
             defaults).
         min_epoch_patches: 2-D semantic models: patches drawn per epoch at least (``None``:
             :data:`~segcore.training.settings.DEFAULT_MIN_EPOCH_PATCHES`; 0: one per training image).
         refit: semantic models: after training with the validation split, train again on every image
-            for the best epoch's number of epochs and save that model (``Recipe.refit``).
+            for the best epoch's number of epochs and save that model (``Recipe.refit``); refused
+            with ``val_fraction`` 0 (:func:`~segcore.training.inputs.check_refit`).
         device, precision: semantic models: a resolved device (cpu, cuda, cuda:N) and CUDA autocast dtype.
 
     Returns:
@@ -241,6 +274,7 @@ def train_from_store(
         raise ConfigError(f"crop_size applies to instance models only; leave it out for {model!r}")
     if refit and kind == "instance":
         raise ConfigError(f"refit applies to semantic models only; leave it out for {model!r}")
+    check_refit(refit, val_fraction)  # before the store is read
     volumetric = kind == "semantic" and spatial_dims_of(model) == 3
     defaults = VOLUME_DEFAULTS if volumetric else train_defaults(kind)
     mask_kind = open_store(store).mask_kind
@@ -296,13 +330,16 @@ def train_from_store(
                       **({} if start is None else {"init": start.provenance}))
     path = save_checkpoint(out, net, meta.model_copy(update={"provenance": provenance}))
     log.info("trained %s on %d image(s) of %s; checkpoint %s", model, len(ids), store, path)
-    best_epoch = meta.provenance.get("best_epoch")
-    best_val = {k: v for k, v in meta.provenance.items() if k.startswith("val_") and k not in ("val_ids", "val_split")}
+    validated = bool(meta.provenance.get("n_val"))  # nothing held out: no best epoch, no figures
+    best_epoch = meta.provenance.get("best_epoch") if validated else None
+    best_val = ({k: v for k, v in meta.provenance.items()
+                 if k.startswith("val_") and k not in ("val_ids", "val_split", "val_fraction")} if validated else None)
     return TrainResult(checkpoint=str(path), sha256=file_sha256(path), history=history, kind=kind,
                        best_val_score=best, best_epoch=best_epoch, best_val=best_val,
                        normalisation=describe(meta.normalisation), normalisation_choice=choice,
                        largest_region=meta.provenance.get("largest_region"), refit=meta.provenance.get("refit"),
-                       course={k: meta.provenance[k] for k in COURSE_KEYS if k in meta.provenance})
+                       course={k: meta.provenance[k] for k in COURSE_KEYS if k in meta.provenance}, model=model)
 
 
-__all__ = ["TrainResult", "VOLUME_DEFAULTS", "epoch_line", "labelled_volumes", "read_labelled", "train_from_store"]
+__all__ = ["TrainResult", "VOLUME_DEFAULTS", "epoch_line", "labelled_volumes", "no_validation_note", "read_labelled",
+           "train_from_store", "unit_of"]

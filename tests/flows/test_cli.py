@@ -244,7 +244,8 @@ def test_one_line_joins_validation_errors_and_flattens_messages() -> None:
     with pytest.raises(Exception) as info:
         TrainSpec(store="s", out="o.safetensors", val_fraction=1.5, execution={"n_workers": 0})
     assert one_line(info.value, options={"val_fraction": "--val-fraction", "n_workers": "--workers"}) == (
-        "--val-fraction: Input should be less than 1; --workers: Input should be greater than 0")
+        "--val-fraction: must lie in [0, 1): the share of the labelled images held out for validation, 0 for none "
+        "(train on every image and keep the last epoch); got 1.5; --workers: Input should be greater than 0")
     assert one_line(OSError("first line\n  second line")) == "first line second line"
     assert one_line(KeyError()) == "KeyError"
 

@@ -67,8 +67,12 @@ def test_large_samples() -> None:
 def test_train_spec_refuses_options_the_model_does_not_take() -> None:
     with pytest.raises(ValidationError, match="takes no option"):
         TrainSpec(store="s.zarr", out="m.safetensors", model="unet", arch_kwargs={"score_threshold": 0.5})
-    with pytest.raises(ValidationError, match="instance models only"):
-        TrainSpec(store="s.zarr", out="m.safetensors", model="unet", val_fraction=0)
+    assert TrainSpec(store="s.zarr", out="m.safetensors", model="unet3d", val_fraction=0).val_fraction == 0
+    with pytest.raises(ValidationError, match=r"refit \(--refit\) .* val_fraction 0 \(--val-fraction 0\)"):
+        TrainSpec(store="s.zarr", out="m.safetensors", model="unet", val_fraction=0, refit=True)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValidationError, match=r"must lie in \[0, 1\): .* 0 for none"):
+            TrainSpec(store="s.zarr", out="m.safetensors", val_fraction=bad)
     spec = TrainSpec(store="s.zarr", out="m.safetensors", model="maskrcnn_r18", val_fraction=0,
                      arch_kwargs={"score_threshold": 0.5, "proposals_per_img": 2000})
     assert spec.val_fraction == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from segcore.collection.sources import pair_sources, probe_sources
+from segcore.config import IngestSpec
 from segcore.collection.store import (
     chunk_rows,
     create_store,
@@ -21,9 +23,11 @@ from segcore.fsio import file_sha256
 from segcore.models.checkpoint import load_checkpoint
 from segcore.normalise import Normalisation
 from segcore.synthetic import generate_collection
-from segcore.training.from_store import TrainResult, epoch_line, read_labelled, train_from_store
+from segcore.synthetic_volumes import VOLUME_CLASS_NAMES, generate_volume_collection
+from segcore.training.from_store import TrainResult, epoch_line, no_validation_note, read_labelled, train_from_store
 from segcore.training.semantic import train_semantic
 from segcore.training.settings import DEFAULT_MIN_EPOCH_PATCHES, Recipe
+from tests.segcore.collection.serial import ingest_serially
 
 NORM = Normalisation(mode="range", scale=255.0)
 
@@ -98,6 +102,8 @@ def test_instance_labels_train_a_unet_on_foreground(tmp_path):
         ({"model": "vit"}, "unknown model 'vit'"),
         ({"model": "maskrcnn_r18"}, "--mask-kind instance"),
         ({"crop_size": 16}, "crop_size applies to instance models only"),
+        ({"val_fraction": 0.0, "refit": True}, r"refit \(--refit\) .* val_fraction 0 \(--val-fraction 0\)"),
+        ({"val_fraction": 1.0}, r"val_fraction must lie in \[0, 1\): .* 0 for none"),
     ],
 )
 def test_refusals_say_what_to_do(semantic_store, tmp_path, change, match):
@@ -165,3 +171,43 @@ def test_mask_rcnn_head_replacement_keeps_the_backbone():
     assert heads.mask_predictor.mask_fcn_logits.out_channels == 3 and net.num_classes == 3
     for k, v in before.items():
         torch.testing.assert_close(net.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_val_fraction_0_trains_on_every_image_and_claims_no_validation(semantic_store, tmp_path):
+    result = _train(semantic_store, tmp_path / "all.safetensors", val_fraction=0.0, val_split="group",
+                    group_pattern=r"^(\w+)_")
+    _, meta = load_checkpoint(result.checkpoint)
+    p = meta.provenance
+    assert (p["images"], p["n_train"], p["n_val"], p["val_ids"], p["best_epoch"]) == (6, 6, 0, [], None)
+    assert (result.best_val_score, result.best_epoch, result.best_val) == (None, None, None)
+    assert result.course == {"epochs": 2, "epochs_run": 2, "stopped_early": False, "time_budget_s": None,
+                             "val_fraction": 0.0, "val_split": None, "n_train": 6, "n_val": 0}
+    assert no_validation_note(dataclasses.asdict(result)) == (
+        "no validation (val fraction 0): trained on all 6 images; the checkpoint holds the last epoch's weights "
+        "(epoch 2 of 2), not a best epoch")
+    assert epoch_line(result.history[0], epochs=2).startswith("epoch 1/2: loss ")
+    assert "val" not in epoch_line(result.history[0], epochs=2)
+
+
+def test_unet3d_trains_on_the_one_volume_of_a_store_without_validation(tmp_path):
+    """A store of one labelled TIFF z-stack: refused with validation (nothing would be left to train
+    on, and the message says what to do), trained on with val_fraction 0."""
+    data = tmp_path / "data"
+    generate_volume_collection(data, n_volumes=1, shape=(16, 16, 16), seed=2, file_format="tiff")
+    store = str(tmp_path / "one.zarr")
+    ingest_serially(IngestSpec(images=str(data / "images"), masks=str(data / "masks"), store=store))
+    out = tmp_path / "u3.safetensors"
+    common = dict(model="unet3d", class_names=VOLUME_CLASS_NAMES, arch_kwargs={"base": 4, "depth": 2}, epochs=2,
+                  batch_size=2, patch_size=8)
+    with pytest.raises(ConfigError, match=r"1 volume\(s\) leave none for training .* \(--val-fraction 0\) to train "
+                                          r"on every volume"):
+        _train(store, out, val_fraction=0.15, **common)
+    assert not out.exists()
+    result = _train(store, out, val_fraction=0.0, **common)
+    model, meta = load_checkpoint(out)
+    assert (meta.arch, meta.input_axes) == ("unet3d", "bczyx")
+    p = meta.provenance
+    assert (p["images"], p["n_train"], p["n_val"], p["best_epoch"], p["val_dice"]) == (1, 1, 0, None, None)
+    assert p["patch_size"] == [8, 8, 8] and len(result.history) == 2 and result.best_val_score is None
+    assert no_validation_note(dataclasses.asdict(result)).startswith(
+        "no validation (val fraction 0): trained on all 1 volumes; the checkpoint holds the last epoch's weights")
