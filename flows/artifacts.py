@@ -180,16 +180,23 @@ def training_table_rows(history: list[Mapping[str, Any]]) -> list[dict[str, Any]
 
 
 def publish_training_artifacts(result: Mapping[str, Any], *, run_name: str) -> None:
-    """Publish the epoch table and the training curve (with the best epoch's figures) of a training
-    run; ``result`` is :class:`segcore.training.from_store.TrainResult` as a dict."""
+    """Publish the epoch table and the training curve (with the best epoch's figures, or the note that
+    nothing was held out and the last epoch was kept) of a training run; ``result`` is
+    :class:`segcore.training.from_store.TrainResult` as a dict."""
+    from segcore.training.from_store import no_validation_note  # torch: only where training ran
+
     history = result["history"]
+    unvalidated = no_validation_note(result)
     create_table_artifact(table=training_table_rows(history), key=artifact_key(f"training-history-{run_name}"),
-                          description=f"Loss and validation scores per epoch of training run {run_name}")
+                          description=f"Loss{'' if unvalidated else ' and validation scores'} per epoch of training "
+                                      f"run {run_name}")
     lines = [f"# Training run {run_name}", "", f"Checkpoint `{result['checkpoint']}`", ""]
     if history:
         png = figures.training_curve_png(history)
         lines += [f"![training curve of {run_name}]({figures.png_data_uri(png)})", ""]
-    if result.get("best_epoch"):
+    if unvalidated:
+        lines.append(unvalidated[0].upper() + unvalidated[1:] + ".")
+    elif result.get("best_epoch"):
         lines.append(f"Best epoch: **{result['best_epoch']}** of {len(history)}.")
     for name, dice in ((result.get("best_val") or {}).get("val_dice") or {}).items():
         lines.append(f"- validation Dice {name}: {dice:.4f}")

@@ -154,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="passes over the training split (default 50; UNet: each at least "
                                                "--epoch-patches patches)")
     p.add_argument("--val-fraction", type=float,
-                   help="fraction held out for validation (default 0.15; instance models: 0 = none, keep the "
-                        "last epoch)")
+                   help="fraction of the labelled images (unet3d: volumes) held out for validation, in [0, 1) "
+                        "(default 0.15; above 0 holds out at least one); 0: no validation: train on every one, "
+                        "even a single image or volume, and keep the last epoch instead of the best")
     p.add_argument("--class-names", help="comma-separated class names, background first")
     p.add_argument("--base", type=int, help="UNet width of the first stage (default 16)")
     p.add_argument("--depth", type=int, help="UNet pooling stages (default 3)")
@@ -177,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-split", choices=["auto", "random", "tail", "group"],
                    help="validation images: tail (last image ids in natural order: a contiguous hold-out), group "
                         "(whole groups of --group-pattern) or random; auto (default): group with --group-pattern, "
-                        "else tail (UNet), random (instance models)")
+                        "else tail (UNet), random (instance models); none with --val-fraction 0")
     p.add_argument("--group-pattern", metavar="REGEX",
                    help="regular expression on image ids naming an image's volume or source (first capture group "
                         "or the match); one group never straddles the validation split")
@@ -192,11 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--largest-region", choices=["auto", "on", "off"],
                    help="UNet: keep only each image's largest connected foreground region in the model's masks (for "
                         "one object per image, such as an organ); auto (default) turns it on when it raises the "
-                        "validation mean foreground Dice; stored with the model")
+                        "validation mean foreground Dice (off with --val-fraction 0: nothing to decide by); stored "
+                        "with the model")
     p.add_argument("--refit", action="store_true", default=None,
                    help="UNet: after training with the validation split, train again on every image (split "
                         "included) for the best epoch's number of epochs and keep that model; the validation "
-                        "figures stay those of the split run (about twice the training time)")
+                        "figures stay those of the split run (about twice the training time); not with "
+                        "--val-fraction 0")
     p.add_argument("--device", help="UNet training device: auto (default: CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
                    help="autocast dtype when training on CUDA (default bf16; fp16 adds a gradient scaler)")
@@ -413,19 +416,23 @@ def _ingest_spec(args: argparse.Namespace, store: str):
 
 
 def train_summary(result: dict[str, Any]) -> str:
-    """The printed summary of ``segflow train``: checkpoint, best epoch and its validation figures, normalisation."""
+    """The printed summary of ``segflow train``: checkpoint, best epoch and its validation figures (or
+    that nothing was held out and the last epoch was kept), normalisation."""
+    from segcore.training.from_store import no_validation_note, unit_of
+
     metric = "F1 at IoU 0.5" if result["kind"] == "instance" else "mean foreground Dice"
     score = result["best_val_score"]
+    unvalidated = no_validation_note(result)
     lines = [f"checkpoint: {result['checkpoint']} (sha256 {result['sha256']})",
-             f"best validation {metric}: {'n/a' if score is None else f'{score:.4f}'}"
+             unvalidated or f"best validation {metric}: {'n/a' if score is None else f'{score:.4f}'}"
              + (f" (epoch {result['best_epoch']} of {len(result['history'])})" if result.get("best_epoch") else "")]
     course = result.get("course") or {}
     if course.get("stopped_early"):
         lines.append(f"stopped by the time budget ({course.get('time_budget_s'):g} s) after {course.get('epochs_run')} "
                      f"of {course.get('epochs')} epochs")
     if course.get("n_val"):
-        lines.append(f"validation: {course['n_val']} of {course['n_val'] + course.get('n_train', 0)} images held "
-                     f"out" + (f" ({course['val_split']} split)" if course.get("val_split") else ""))
+        lines.append(f"validation: {course['n_val']} of {course['n_val'] + course.get('n_train', 0)} {unit_of(result)} "
+                     f"held out" + (f" ({course['val_split']} split)" if course.get("val_split") else ""))
     per_class = (result.get("best_val") or {}).get("val_dice")
     if per_class:
         lines.append("validation Dice per class: " + ", ".join(f"{k} {v:.4f}" for k, v in per_class.items()))
@@ -438,10 +445,13 @@ def train_summary(result: dict[str, Any]) -> str:
         lines.append(f"largest foreground region of each image: {'kept' if largest['kept'] else 'not kept'} "
                      f"(validation mean foreground Dice {largest['val_dice_mean_fg_with']:.4f} with it, "
                      f"{largest['val_dice_mean_fg_without']:.4f} without; --largest-region {largest['choice']})")
+    elif largest.get("reason") and largest["reason"] != "volumetric model":  # decided without validation figures
+        lines.append(f"largest foreground region of each image: {'kept' if largest['kept'] else 'not kept'} "
+                     f"({largest['reason']}; --largest-region {largest['choice']})")
     refit = result.get("refit")
     if refit:
-        lines.append(f"refit on all {refit['images']} images for {refit['epochs']} epochs: the checkpoint holds that "
-                     f"model ({refit['seconds']:.0f} s; the validation figures above are the split run's)"
+        lines.append(f"refit on all {refit['images']} {unit_of(result)} for {refit['epochs']} epochs: the checkpoint "
+                     f"holds that model ({refit['seconds']:.0f} s; the validation figures above are the split run's)"
                      if refit["done"] else f"refit not done ({refit['reason']}): the checkpoint holds the validated model")
     return "\n".join(lines)
 

@@ -1,4 +1,5 @@
-"""Training flow: one task trains on a worker and writes the best checkpoint with its provenance."""
+"""Training flow: one task trains on a worker and writes the best checkpoint (the last epoch's when
+nothing is held out for validation) with its provenance."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from flows.execution import torch_threads
 from flows.names import train_run_name
 from segcore.config import TrainSpec
 from segcore.collection.store import open_store
+from segcore.training.from_store import no_validation_note
 from tasks.progress import relay_from_workers
 from tasks.train import train_model
 
@@ -31,8 +33,9 @@ def train_steps(spec: TrainSpec) -> dict[str, Any]:
         log.info("train: normalisation auto chose %s: %s", result["normalisation_choice"]["chose"],
                  result["normalisation_choice"]["reason"])
     metric = "F1 at IoU 0.5" if result["kind"] == "instance" else "mean foreground Dice"
-    log.info("train: checkpoint %s (sha256 %s…), best validation %s %s", result["checkpoint"],
-             result["sha256"][:12], metric, "n/a" if result["best_val_score"] is None else f"{result['best_val_score']:.4f}")
+    score = result["best_val_score"]
+    log.info("train: checkpoint %s (sha256 %s…), %s", result["checkpoint"], result["sha256"][:12],
+             no_validation_note(result) or f"best validation {metric} {'n/a' if score is None else f'{score:.4f}'}")
     return result
 
 

@@ -126,7 +126,8 @@ def training_curve_png(history: Sequence[Mapping[str, Any]], *, width_px: int = 
     (``val_dice``: name -> Dice, background left out) and their foreground mean (right axis, 0..1).
 
     ``history``: the trainer's epoch records (``epoch``, ``loss``, optionally ``val_dice`` and
-    ``val_dice_mean_fg``); the i-th foreground class is drawn in :func:`class_colour` ``(i)``.
+    ``val_dice_mean_fg``); the i-th foreground class is drawn in :func:`class_colour` ``(i)``. A
+    run that held nothing out (no validation figures, or ``None``) gets the loss alone, no right axis.
     """
     import matplotlib
 
@@ -140,17 +141,20 @@ def training_curve_png(history: Sequence[Mapping[str, Any]], *, width_px: int = 
     ax.plot(epochs, [float(r["loss"]) for r in history], color="black", linewidth=1.5, label="training loss")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
-    right = ax.twinx()
     names = list((history[0].get("val_dice") or {}) if history else {})[1:]
-    for i, name in enumerate(names, start=1):
-        colour = tuple(c / 255.0 for c in class_colour(i))
-        right.plot(epochs, [r["val_dice"][name] for r in history], color=colour, label=f"val Dice {name}")
-    if history and "val_dice_mean_fg" in history[0]:
-        right.plot(epochs, [r["val_dice_mean_fg"] for r in history], color="grey", linestyle="--",
-                   label="val Dice, foreground mean")
-    right.set_ylim(0.0, 1.0)
-    right.set_ylabel("validation Dice")
-    handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    mean_fg = bool(history) and history[0].get("val_dice_mean_fg") is not None
+    handles = ax.get_legend_handles_labels()[0]
+    if names or mean_fg:
+        right = ax.twinx()
+        for i, name in enumerate(names, start=1):
+            colour = tuple(c / 255.0 for c in class_colour(i))
+            right.plot(epochs, [r["val_dice"][name] for r in history], color=colour, label=f"val Dice {name}")
+        if mean_fg:
+            right.plot(epochs, [r["val_dice_mean_fg"] for r in history], color="grey", linestyle="--",
+                       label="val Dice, foreground mean")
+        right.set_ylim(0.0, 1.0)
+        right.set_ylabel("validation Dice")
+        handles += right.get_legend_handles_labels()[0]
     ax.legend(handles=handles, loc="center right", fontsize="small")
     fig.tight_layout()
     buf = io.BytesIO()

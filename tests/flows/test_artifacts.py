@@ -109,6 +109,27 @@ def test_training_table_rows_flatten_the_per_class_dice_and_the_curve_is_a_png()
     assert training_curve_png(history).startswith(b"\x89PNG")
 
 
+def test_a_run_without_validation_claims_no_best_epoch_and_draws_the_loss_alone(monkeypatch) -> None:
+    from segcore.figures import training_curve_png
+
+    sent = {}
+    monkeypatch.setattr(artifacts, "create_table_artifact", lambda **kw: sent.update(table=kw))
+    monkeypatch.setattr(artifacts, "create_markdown_artifact", lambda **kw: sent.update(kw))
+    history = [{"epoch": e, "loss": 1.0 / e, "lr": 0.001, "seconds": 1.0, "elapsed_s": float(e)} for e in (1, 2, 3)]
+    artifacts.publish_training_artifacts({"history": history, "checkpoint": "m.safetensors", "best_epoch": None,
+                                          "best_val": None, "refit": None, "model": "unet3d",
+                                          "course": {"epochs": 3, "epochs_run": 3, "n_train": 1, "n_val": 0}},
+                                         run_name="r")
+    text = sent["markdown"]
+    assert ("No validation (val fraction 0): trained on all 1 volumes; the checkpoint holds the last epoch's "
+            "weights (epoch 3 of 3), not a best epoch.") in text
+    assert "Best epoch" not in text and "validation Dice" not in text
+    assert sent["table"]["description"].startswith("Loss per epoch") and "val_dice_mean_fg" not in \
+        sent["table"]["table"][0]
+    with_nones = [{**r, "val_dice": None, "val_dice_mean_fg": None} for r in history]
+    assert training_curve_png(history).startswith(b"\x89PNG") and training_curve_png(with_nones).startswith(b"\x89PNG")
+
+
 @pytest.mark.parametrize("refit, line", [
     (None, None),
     ({"done": True, "epochs": 7, "images": 64, "loss": 0.2, "seconds": 30.0},

@@ -1,5 +1,5 @@
-"""`segflow train` end to end on tiny stores: options merge over the model's defaults, instance
-training without a validation split, and options a model does not take are refused up front."""
+"""`segflow train` end to end on tiny stores: options merge over the model's defaults, UNet and
+instance training without a validation split, and options a model does not take are refused up front."""
 
 from __future__ import annotations
 
@@ -104,8 +104,34 @@ def test_options_a_model_does_not_take_are_refused(stores, capsys) -> None:
     assert main(["train", "--store", stores["sem"], "--model", "unet", "--out", str(out),
                  "--score-threshold", "0.5"]) == 2
     assert "takes no option" in capsys.readouterr().err
-    assert main(["train", "--store", stores["sem"], "--model", "unet", "--out", str(out), "--val-fraction", "0"]) == 2
     assert not out.exists()
+
+
+def test_a_unet_trains_on_every_image_with_val_fraction_0_and_says_so(stores, capsys) -> None:
+    out = Path(stores["root"]) / "unet-all.safetensors"
+    assert main(["train", "--store", stores["sem"], "--model", "unet", "--out", str(out), "--epochs", "2",
+                 "--base", "4", "--batch-size", "4", "--epoch-patches", "0", "--val-fraction", "0",
+                 "--group-pattern", r"^(\w+)_"]) == 0
+    p = read_meta(out).provenance
+    assert (p["n_train"], p["n_val"], p["val_split"], p["best_epoch"], p["val_dice"]) == (6, 0, None, None, None)
+    text = capsys.readouterr().out
+    assert ("no validation (val fraction 0): trained on all 6 images; the checkpoint holds the last epoch's weights "
+            "(epoch 2 of 2), not a best epoch") in text
+    assert "largest foreground region of each image: not kept (no validation images to decide by" in text
+    assert "best validation" not in text and "held out" not in text and "Dice per class" not in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--val-fraction", "0", "--refit"], "refit (--refit) trains again on every image after a run with a validation "
+                                         "split, and val_fraction 0 (--val-fraction 0) holds out none"),
+    (["--val-fraction", "1"], "--val-fraction: must lie in [0, 1): the share of the labelled images held out for "
+                              "validation, 0 for none"),
+    (["--val-fraction", "-0.5"], "--val-fraction: must lie in [0, 1)"),
+])
+def test_validation_options_that_cannot_work_are_refused_before_training(stores, capsys, argv, message) -> None:
+    out = Path(stores["root"]) / "refused.safetensors"
+    assert main(["train", "--store", stores["sem"], "--model", "unet", "--out", str(out), *argv]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
 
 
 def test_auto_normalisation_picks_ct_for_hounsfield_units_and_says_so(tmp_path, capsys) -> None:
@@ -143,3 +169,5 @@ def test_the_summary_says_when_the_time_budget_stopped_training() -> None:
                          "n_val": 0}}
     text = train_summary(result)
     assert "stopped by the time budget (45 s) after 8 of 12 epochs" in text and "held out" not in text
+    assert "no validation (val fraction 0): trained on all 3 images; the checkpoint holds the last epoch's " \
+           "weights (epoch 8 of 12)" in text and "best validation" not in text
