@@ -28,6 +28,10 @@ class StoreError(SegflowError, ValueError):
     """A collection store or run directory is missing or inconsistent."""
 
 
+class LakeError(SegflowError, ValueError):
+    """A data-lake location is not a lake, or holds a file that cannot be read as a lake table."""
+
+
 class NotFound(SegflowError, FileNotFoundError):
     """A path or image id that was asked for does not exist."""
 

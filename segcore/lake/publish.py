@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 
 from segcore import __version__
 from segcore import fsio
+from segcore.errors import LakeError
 from segcore.run.rundir import read_plan, read_run_info
 from segcore.collection.store import MANIFEST_SCHEMA, read_manifest
 from segcore.run.tables import DICE_SCHEMA, INSTANCE_METRICS_SCHEMA, INSTANCE_SCHEMA, read_hive
@@ -181,9 +182,18 @@ def publish(lake: str, *, run_dir: str, run_info: dict[str, Any], manifest: pa.T
     return written
 
 
-def read_lake(lake: str, table: str = "dice", *, filter: Any = None) -> pa.Table:
-    """Read a lake table (partition columns ``run_date``, ``model`` included); empty when absent."""
-    return read_hive(fsio.join(lake, table), lake_schema(table), PARTITIONS, filter=filter)
+def read_lake(lake: str, table: str = "dice", *, filter: Any = None, columns: Sequence[str] | None = None) -> pa.Table:
+    """Read a lake table (partition columns ``run_date``, ``model`` included; ``columns``: only
+    those); empty when absent.
+
+    Raises:
+        LakeError: a file of the table is not Parquet or does not fit :func:`lake_schema`.
+    """
+    try:
+        return read_hive(fsio.join(lake, table), lake_schema(table), PARTITIONS, filter=filter, columns=columns)
+    except pa.ArrowException as exc:
+        raise LakeError(f"the lake's {table} table cannot be read ({exc}); move the file it names out of "
+                        f"{fsio.join(lake, table)} (only segflow's parts belong there)") from exc
 
 
 def publish_run(lake: str, *, run_dir: str) -> dict[str, int]:

@@ -166,17 +166,19 @@ def instance_metrics_table(images: Sequence[tuple[str, dict[str, Any]]], *, mode
 
 
 def read_hive(location: str | os.PathLike[str], schema: pa.Schema, partitions: pa.Schema, *,
-              filter: Any = None) -> pa.Table:
+              filter: Any = None, columns: Sequence[str] | None = None) -> pa.Table:
     """Read a Hive-partitioned Parquet dataset (a path or URL) whose files hold ``schema`` and whose
     directory names hold ``partitions``; partition columns come first. Empty (with that schema)
-    when no part exists yet; hidden parts (names starting with '.' or '_') are skipped."""
+    when no part exists yet; hidden parts (names starting with '.' or '_') are skipped. ``columns``
+    reads only those (in that order); ``None``: all."""
     full_schema = pa.schema(list(partitions) + list(schema))
+    names = list(columns) if columns is not None else full_schema.names
     if not fsio.list_files(location, suffix=".parquet"):
-        return full_schema.empty_table()
+        return full_schema.empty_table().select(names)
     fs, inner = fsio.url_to_fs(location)
     ds = pads.dataset(inner, format="parquet", schema=full_schema, filesystem=None if fsio.is_local(location) else fs,
                       partitioning=pads.partitioning(partitions, flavor="hive"))
-    return ds.to_table(filter=filter).select(full_schema.names)
+    return ds.to_table(columns=names, filter=filter)
 
 
 def read_table(path: str | os.PathLike[str], schema: pa.Schema, *, filter: Any = None) -> pa.Table:
