@@ -75,7 +75,7 @@ def _add_segment(p: argparse.ArgumentParser) -> None:
                         "whole match) names the volume, e.g. '^(.+)_z\\d+$'; ingested volumes (NIfTI, TIFF z-stacks) "
                         "are always scored per volume (3-D Dice, IoU, HD95, ASSD in RUN_DIR/volumes)")
     p.add_argument("--lake", help="data-lake location (path or fsspec URL, e.g. s3://bucket/segflow): append the Dice, "
-                                  "instance and manifest tables there, Hive-partitioned by run_date and model")
+                                  "volume, instance and manifest tables there, Hive-partitioned by run_date and model")
     f = p.add_argument_group("failures inside a run")
     f.add_argument("--unit-timeout-floor", type=float, metavar="SECONDS",
                    help="least time a work unit is given before it counts as hung (default 60); its timeout is 5 x "
@@ -141,10 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_segment(p)
     _add_lease(p, written="the store or the run directory")
 
-    p = sub.add_parser("report", help="per-model, per-class Dice over time from a data lake (DuckDB over Parquet)")
+    p = sub.add_parser("report", help="per-model Dice over time, 3-D metrics of volumes and instance metrics from a "
+                                      "data lake (DuckDB over Parquet); a model is a checkpoint, named "
+                                      "arch@<first 12 hex digits of its sha256>")
     p.add_argument("--lake", required=True, help="data-lake location written by 'segment/run --lake'")
-    p.add_argument("--plots", help="directory to write one PNG per model (dice-over-time-<model>.png)")
-    p.add_argument("--json", action="store_true", help="print the tables as JSON instead of text")
+    p.add_argument("--plots", help="directory to write PNGs per model: dice-over-time-<model>.png and, with instance "
+                                   "metrics, instances-over-time-<model>.png ('@' in <model> written as '-')")
+    p.add_argument("--json", action="store_true", help="print the tables as JSON (one list of rows per section) "
+                                                       "instead of text")
 
     p = sub.add_parser("train", help="train a UNet or Mask R-CNN on a store's labelled images, write a checkpoint")
     p.add_argument("--store", required=True, help="Zarr collection store with ground truth")
@@ -464,14 +468,10 @@ def summary_text(summary: dict[str, Any]) -> str:
 
 def _report(args: argparse.Namespace) -> int:
     from segcore.errors import SegflowError
-    from segcore.lake.report import dice_report, plot_over_time, render_text
-
-    from segcore import fsio
+    from segcore.lake.report import lake_report, plot_over_time, render_text
 
     try:
-        if not fsio.exists(args.lake):
-            raise FileNotFoundError("no such location (runs publish there with 'segflow segment/run --lake')")
-        report = dice_report(args.lake)
+        report = lake_report(args.lake)
     except (SegflowError, OSError) as exc:
         print(f"segflow: error: cannot read the lake {args.lake!r}: {console.one_line(exc)}", file=sys.stderr)
         return 2

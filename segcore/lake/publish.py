@@ -10,7 +10,9 @@ Layout of ``LAKE`` (a path or any fsspec URL)::
 
 ``run_date`` (UTC day of publication) and ``model`` (architecture name) live in the directory
 names only (the Hive convention): DuckDB (``hive_partitioning = true``), pyarrow.dataset
-(``partitioning="hive"``), Spark and pandas add them back as columns. Columns are those of the
+(``partitioning="hive"``), Spark and pandas add them back as columns; checkpoints of one
+architecture share a ``model`` partition and differ in ``checkpoint_sha256`` (a column of every run
+table), which :mod:`segcore.lake.report` uses to tell models apart. Columns are those of the
 run tables (:mod:`segcore.run.tables`, less ``model``) plus lineage: ``run_id`` (the run directory),
 ``ingest_batch``, ``source_path``, ``source_sha256``, ``mask_sha256`` (the ground truth the row
 was scored against) and ``published_at``; see :func:`lake_schema`.

@@ -18,7 +18,7 @@ from segcore.config import ExecutionSpec, IngestSpec, RunSpec, SegmentSpec
 from segcore.errors import StoreError
 from segcore.collection.imageio import write_png
 from segcore.lake.publish import lake_columns, read_lake
-from segcore.lake.report import dice_report
+from segcore.lake.report import lake_report
 from segcore.run.results import open_run
 from segcore.run.rundir import done_records, read_run_info
 from segcore.collection.store import open_store, read_manifest
@@ -163,7 +163,7 @@ def test_a_changed_file_supersedes_its_old_rows(collection, tmp_path):
     assert result["images_evaluated"] == 6  # the run summary counts the newest version only
     assert open_run(result["run_dir"]).image_ids == [f"img-{i:04d}" for i in range(6)]
     newest = dice[~((dice.image_id == "img-0003") & (dice.ingest_batch == 0)) & ~dice.empty_gt]
-    current = dice_report(spec.segment.lake)["current"].to_pandas().set_index("class_name")
+    current = lake_report(spec.segment.lake)["current"].to_pandas().set_index("class_name")
     for name, rows in newest.groupby("class_name"):
         assert current.loc[name, "images"] == len(rows)
         assert current.loc[name, "mean_dice"] == pytest.approx(rows.dice.mean())

@@ -14,7 +14,7 @@ import pytest
 
 from segcore import fsio
 from segcore.lake.publish import lake_columns, lake_schema, publish, read_lake
-from segcore.lake.report import dice_report, plot_over_time, render_text
+from segcore.lake.report import lake_report, plot_over_time, render_text
 from segcore.collection.store import MANIFEST_SCHEMA
 from segcore.run.tables import dice_table, write_part
 
@@ -109,7 +109,7 @@ def test_report_over_time_and_plots(tmp_path):
         _write_unit(run_dir, unit, [2 * unit, 2 * unit + 1], dice=dice)
         publish(lake, run_dir=run_dir, run_info=_run_info(), manifest=_manifest(4), unit_groups=_groups(2),
                 now=dt.datetime(2026, 11, 20 + day, tzinfo=dt.timezone.utc))
-    report = dice_report(lake)
+    report = lake_report(lake)
     cell = [r for r in report["over_time"].to_pylist() if r["class_name"] == "cell"]
     assert [(str(r["run_date"]), r["images"], r["mean_dice"]) for r in cell] == [
         ("2026-11-20", 2, pytest.approx(0.5)), ("2026-11-21", 2, pytest.approx(0.9))]
@@ -118,7 +118,7 @@ def test_report_over_time_and_plots(tmp_path):
     text = render_text(report)
     assert "2026-11-21" in text and "0.9000" in text
     (png,) = plot_over_time(report, tmp_path / "plots")
-    assert png.name == "dice-over-time-unet.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.name == "dice-over-time-unet-cccccccccccc.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _race(lake: str, run_dir: str, read, n_parts: int = 30) -> list[int]:
@@ -174,4 +174,4 @@ def test_lake_files_without_channels_adapted_read_alongside_new_ones(tmp_path):
             now=dt.datetime(2026, 11, 24, tzinfo=dt.timezone.utc))
     dice = read_lake(lake).sort_by([("image_id", "ascending")])
     assert dice.column("channels_adapted").to_pylist() == [None] * 4 + [""] * 4
-    assert dice_report(lake)["current"].num_rows > 0
+    assert lake_report(lake)["current"].num_rows > 0
