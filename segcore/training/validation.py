@@ -61,7 +61,7 @@ def decide_largest_region(model: nn.Module, meta: ModelMeta, choice: str, withou
         if choice == "on":
             return ruled, {"choice": choice, "kept": True, "reason": "forced; no validation images to measure it on"}
         reason = "no validation images to decide by (val_fraction 0); --largest-region on keeps it"
-        log.warning("largest foreground region of each image: not kept: %s", reason)
+        log.info("largest foreground region of each image: not kept: %s", reason)  # the summary says it
         return meta, {"choice": choice, "kept": False, "reason": reason}
     pred = TorchPredictor(model, ruled, device=str(device), precision="fp32").labels(x_val,
                                                                                      batch_size=max(batch_size, 32))

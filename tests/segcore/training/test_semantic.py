@@ -316,7 +316,7 @@ def test_val_fraction_0_trains_on_every_image_and_keeps_the_last_epoch(tiny_data
     def snapshot(record: dict) -> None:
         after_epoch.append({k: v.clone() for k, v in start.state_dict().items()})
 
-    with caplog.at_level("WARNING", logger="segcore.training.validation"):
+    with caplog.at_level("INFO", logger="segcore.training.validation"):
         model, meta, history = _train(images, masks, epochs=3, val_fraction=0.0, init=start, progress=snapshot)
     kept = model.state_dict()
     assert len(after_epoch) == 3
