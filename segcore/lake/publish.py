@@ -14,8 +14,11 @@ names only (the Hive convention): DuckDB (``hive_partitioning = true``), pyarrow
 architecture share a ``model`` partition and differ in ``checkpoint_sha256`` (a column of every run
 table), which :mod:`segcore.lake.report` uses to tell models apart. Columns are those of the
 run tables (:mod:`segcore.run.tables`, less ``model``) plus lineage: ``run_id`` (the run directory),
+``store`` (the location of the store the run segmented, as its ``run.json`` records it: image ids
+are unique within a store only; null in files published before the column existed),
 ``ingest_batch``, ``source_path``, ``source_sha256``, ``mask_sha256`` (the ground truth the row
-was scored against) and ``published_at``; see :func:`lake_schema`.
+was scored against) and ``published_at``; see :func:`lake_schema`. Manifest parts carry
+``run_id``, ``store`` and ``published_at`` too.
 Manifest parts are snapshots of a batch as published (a later supersession shows as a newer row
 of the same ``image_id``). A run scores its volumes again at its end each time it runs (an incremental
 run: with the new slices), so the volume rows of a volume's latest ``published_at`` are current;
@@ -53,7 +56,7 @@ PARTITIONS = pa.schema([("run_date", pa.string()), ("model", pa.string())])
 RUN_TABLES = {"dice": DICE_SCHEMA, "instances": INSTANCE_SCHEMA, "instance_metrics": INSTANCE_METRICS_SCHEMA,
               "volumes": VOLUME_SCHEMA}
 LAKE_TABLES = (*RUN_TABLES, "manifest")
-_LINEAGE = [("run_id", pa.string()), ("ingest_batch", pa.int64()), ("source_path", pa.string()),
+_LINEAGE = [("run_id", pa.string()), ("store", pa.string()), ("ingest_batch", pa.int64()), ("source_path", pa.string()),
             ("source_sha256", pa.string()), ("mask_sha256", pa.string()),
             ("published_at", pa.timestamp("us", tz="UTC"))]
 
@@ -61,7 +64,7 @@ _LINEAGE = [("run_id", pa.string()), ("ingest_batch", pa.int64()), ("source_path
 def lake_schema(table: str) -> pa.Schema:
     """Schema of the files of lake table ``table`` (partition columns not included)."""
     if table == "manifest":
-        return pa.schema(list(MANIFEST_SCHEMA) + [pa.field("run_id", pa.string()),
+        return pa.schema(list(MANIFEST_SCHEMA) + [pa.field("run_id", pa.string()), pa.field("store", pa.string()),
                                                   pa.field("published_at", _LINEAGE[-1][1])])
     if table not in RUN_TABLES:
         raise KeyError(f"unknown lake table {table!r}; tables: {', '.join(LAKE_TABLES)}")
@@ -86,11 +89,12 @@ def _write(location: str, table: pa.Table, name: str, run_info: dict[str, Any]) 
     fsio.write_bytes(location, fsio.to_buffer(lambda f: pq.write_table(table, f)))
 
 
-def _lineage(table: pa.Table, found: Sequence[dict[str, Any]], *, run_id: str, published_at: dt.datetime,
-             name: str) -> pa.Table:
+def _lineage(table: pa.Table, found: Sequence[dict[str, Any]], *, run_id: str, store: str | None,
+             published_at: dt.datetime, name: str) -> pa.Table:
     """``table`` with the lineage columns of the manifest rows ``found`` (one per row; ``{}``: none)."""
     extra = {
         "run_id": pa.array([run_id] * table.num_rows, pa.string()),
+        "store": pa.array([store] * table.num_rows, pa.string()),
         "ingest_batch": pa.array([f.get("batch") for f in found], pa.int64()),
         "source_path": pa.array([f.get("source_path") for f in found], pa.string()),
         "source_sha256": pa.array([f.get("sha256") for f in found], pa.string()),
@@ -135,7 +139,7 @@ def publish(lake: str, *, run_dir: str, run_info: dict[str, Any], manifest: pa.T
     (:meth:`segcore.run.plan.RunPlan.part_groups`). Returns the number of files written per table.
     """
     now = now or dt.datetime.now(dt.timezone.utc)
-    run_id, model = run_info["run_id"], run_info["model"]["arch"]
+    run_id, model, store = run_info["run_id"], run_info["model"]["arch"], run_info.get("store")
     ledger = _read_ledger(run_dir, lake)
     pending: dict[str, str] = {}
     for name in RUN_TABLES:
@@ -166,7 +170,7 @@ def publish(lake: str, *, run_dir: str, run_info: dict[str, Any], manifest: pa.T
         if name == "manifest":
             batch = int(key.rsplit("-", 1)[1])
             rows = [r for r in manifest.to_pylist() if r["batch"] == batch]
-            table = pa.Table.from_pylist([dict(r, run_id=run_id, published_at=now) for r in rows],
+            table = pa.Table.from_pylist([dict(r, run_id=run_id, store=store, published_at=now) for r in rows],
                                          schema=lake_schema("manifest"))
         else:
             part_table = pq.read_table(pa.BufferReader(fsio.read_bytes(part)))
@@ -176,7 +180,7 @@ def publish(lake: str, *, run_dir: str, run_info: dict[str, Any], manifest: pa.T
                 keys = zip((unit_groups[u] for u in part_table.column("unit").to_pylist()),
                            part_table.column("image_id").to_pylist())
                 found = [by_slot.get(k, {}) for k in keys]
-            table = _lineage(part_table, found, run_id=run_id, published_at=now, name=name)
+            table = _lineage(part_table, found, run_id=run_id, store=store, published_at=now, name=name)
         _write(ledger["parts"][key]["target"], table, name, run_info)
         ledger["parts"][key]["done"] = True
         written[name] = written.get(name, 0) + 1

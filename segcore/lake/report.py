@@ -6,7 +6,11 @@ A *model* is one checkpoint. Every row of a run table in the lake carries its ar
 ``arch@`` + the first 12 hex digits of that hash (:data:`MODEL_ID_SQL`, the 12 digits that also name
 the run directories of incremental runs), so two checkpoints of one architecture are two models.
 A row without a checkpoint hash counts under its architecture alone. A manifest row belongs to
-the model of the run that published it (its ``run_id``, looked up in the run tables).
+the model of the run that published it (its ``run_id``, looked up in the run tables). Image and
+volume ids name an image within its store only: rows are told apart by their ``store`` too (the
+store the run segmented, recorded at publication), so two collections that both hold an
+``img-00000`` or a ``case1`` are counted apart; rows published before the lake recorded stores
+count as one store.
 
 The lake is read with pyarrow (any fsspec location) and aggregated with DuckDB SQL over the
 Arrow tables. The sections of :func:`lake_report`:
@@ -19,7 +23,9 @@ Arrow tables. The sections of :func:`lake_report`:
   image versions (the rule of :mod:`segcore.collection.versions`, judged per model on the
   manifest batches published with its runs), and of a version scored by several runs of the model
   the newest publication, so a file that changed counts once.
-- ``volumes``: per model, foreground class and distance unit, the means over the model's volumes
+- ``volumes``: per model, foreground class and distance unit (the spacing's unit; ``voxel`` for a
+  spacing of 1 without one, ``spacing units (unit unknown)`` for another spacing without one), the
+  means over the model's volumes
   as last scored (the rows of a volume's latest ``published_at``) of 3-D Dice (volumes whose ground
   truth has the class), HD95 and ASSD (volumes where both masks have the class), as the run summary
   computes them (:func:`segcore.metrics.summary.summarise_volumes`).
@@ -42,6 +48,7 @@ from segcore import fsio
 from segcore.collection.versions import current_version_sql
 from segcore.errors import LakeError, NotFound
 from segcore.lake.publish import LAKE_TABLES, PARTITIONS, lake_schema, read_lake
+from segcore.metrics.summary import UNKNOWN_UNIT
 
 #: A lake row's model (row alias ``{t}``): ``arch@<first 12 hex digits of checkpoint_sha256>``, or the
 #: architecture alone for a row without a checkpoint hash.
@@ -53,14 +60,16 @@ _RUN_COLUMNS = ("run_date", "model", "run_id", "checkpoint_sha256")
 
 
 def current_rows_sql(table: str) -> str:
-    """Rows of the lake table ``table`` (per image: ``image_id``, ``ingest_batch``, ``model_id``) less
-    those of superseded image versions: the rule of :mod:`segcore.collection.versions` over the
-    lake's manifest (``manifest``), per model; a row whose batch is not in the lake's manifest stays."""
+    """Rows of the lake table ``table`` (per image: ``image_id``, ``ingest_batch``, ``model_id``,
+    ``store_key``) less those of superseded image versions: the rule of
+    :mod:`segcore.collection.versions` over the lake's manifest (``manifest``), per model and store
+    (image ids are unique within a store only); a row whose batch is not in the lake's manifest stays."""
     return f"""
 select t.* from {table} as t anti join (
-    select distinct model_id, image_id, batch from manifest as m
-    where not {current_version_sql(row="m", versions="manifest", match=("model_id",))}
-) as s on s.model_id = t.model_id and s.image_id = t.image_id and coalesce(s.batch, 0) = coalesce(t.ingest_batch, 0)
+    select distinct model_id, store_key, image_id, batch from manifest as m
+    where not {current_version_sql(row="m", versions="manifest", match=("model_id", "store_key"))}
+) as s on s.model_id = t.model_id and s.store_key = t.store_key and s.image_id = t.image_id
+      and coalesce(s.batch, 0) = coalesce(t.ingest_batch, 0)
 """
 
 
@@ -69,9 +78,9 @@ CURRENT_DICE_SQL = current_rows_sql("dice")
 
 
 def _newest(table: str, key: str) -> str:
-    """Of an image version scored by several runs of a model, the newest publication."""
+    """Of an image version of a store scored by several runs of a model, the newest publication."""
     return f"""select * from ({current_rows_sql(table)}) qualify row_number() over (
-    partition by model_id, {key} order by ingest_batch desc nulls last, published_at desc) = 1"""
+    partition by model_id, store_key, {key} order by ingest_batch desc nulls last, published_at desc) = 1"""
 
 
 _MODELS = """
@@ -82,26 +91,32 @@ from runs group by model_id order by model_id
 """
 
 _OVER_TIME = """
-select model_id as model, class_name, run_date, count(distinct image_id) as images,
+select model_id as model, class_name, run_date, count(distinct [store_key, image_id]) as images,
        avg(dice) as mean_dice, median(dice) as median_dice
 from dice where status = 'ok' and not empty_gt
 group by model_id, class_name, run_date order by model_id, class_name, run_date
 """
 
 _CURRENT = f"""
-select model_id as model, class_name, count(distinct image_id) filter (where not empty_gt) as images,
+select model_id as model, class_name, count(distinct [store_key, image_id]) filter (where not empty_gt) as images,
        avg(dice) filter (where not empty_gt) as mean_dice,
        median(dice) filter (where not empty_gt) as median_dice
 from ({_newest("dice", "image_id, class_id")}) where status = 'ok'
 group by model_id, class_name order by model_id, class_name
 """
 
-_VOLUMES = """
+#: What a volume row's HD95 and ASSD are in (:func:`segcore.metrics.summary.distance_unit`).
+DISTANCE_UNIT_SQL = (f"case when coalesce(spacing_unit, '') <> '' then spacing_unit "
+                     f"when coalesce(spacing_z, 1) = 1 and coalesce(spacing_y, 1) = 1 and coalesce(spacing_x, 1) = 1 "
+                     f"then 'voxel' else '{UNKNOWN_UNIT}' end")
+
+_VOLUMES = f"""
 with latest as (
-    select * from volumes qualify rank() over (partition by model_id, volume_id order by published_at desc) = 1
+    select * from volumes
+    qualify rank() over (partition by model_id, store_key, volume_id order by published_at desc) = 1
 )
-select model_id as model, class_name, coalesce(nullif(spacing_unit, ''), 'voxel') as unit,
-       count(distinct volume_id) filter (where not empty_gt) as volumes,
+select model_id as model, class_name, {DISTANCE_UNIT_SQL} as unit,
+       count(distinct [store_key, volume_id]) filter (where not empty_gt) as volumes,
        avg(dice) filter (where not empty_gt) as mean_dice,
        avg(hd95) filter (where surface_status = 'ok' and isfinite(hd95)) as mean_hd95,
        avg(assd) filter (where surface_status = 'ok' and isfinite(assd)) as mean_assd
@@ -119,7 +134,7 @@ def _instance_sql(source: str, *, by: str) -> str:
     means = ", ".join(f"avg({c}) filter (where not isnan({c})) as {c if c.startswith('mean_') else 'mean_' + c}"
                       for c in _INSTANCE_MEANS)
     return f"""
-select model_id as model, {by + ", " if by else ""}count(distinct image_id) as images, {means},
+select model_id as model, {by + ", " if by else ""}count(distinct [store_key, image_id]) as images, {means},
        sum(tp)::bigint as tp, sum(fp)::bigint as fp, sum(fn)::bigint as fn, {_POOLED_F1}
 from ({source}) group by model_id{", " + by if by else ""} order by model_id{", " + by if by else ""}
 """
@@ -165,21 +180,26 @@ def current_dice(dice: pa.Table, manifest: pa.Table) -> pa.Table:
 
 def _query(tables: dict[str, pa.Table], **queries: str) -> dict[str, pa.Table]:
     """Run ``queries`` over the lake ``tables`` (by name; a missing one is empty), seen through views
-    that add ``model_id`` (:data:`MODEL_ID_SQL`) to every row, and ``runs``: the distinct ``run_id``,
+    that add ``model_id`` (:data:`MODEL_ID_SQL`) and ``store_key`` (the row's store, ``''`` in parts
+    published before the lake recorded it) to every row, and ``runs``: the distinct ``run_id``,
     ``run_date``, ``model``, ``checkpoint_sha256``, ``model_id`` and ``lake_table`` of the run tables."""
     con = duckdb.connect()
     try:
         for name in LAKE_TABLES:
             table = tables.get(name)
-            con.register(f"lake_{name}", table if table is not None else
-                         pa.schema(list(PARTITIONS) + list(lake_schema(name))).empty_table())
+            if table is None:
+                table = pa.schema(list(PARTITIONS) + list(lake_schema(name))).empty_table()
+            elif "store" not in table.column_names:  # tables built before the lake recorded stores
+                table = table.append_column("store", pa.nulls(table.num_rows, pa.string()))
+            con.register(f"lake_{name}", table)
         for name in _MODEL_TABLES:
-            con.execute(f"create view {name} as select *, {MODEL_ID_SQL.format(t=f'lake_{name}')} as model_id "
-                        f"from lake_{name}")
+            con.execute(f"create view {name} as select *, {MODEL_ID_SQL.format(t=f'lake_{name}')} as model_id, "
+                        f"coalesce(store, '') as store_key from lake_{name}")
         con.execute("create view runs as " + " union ".join(
             f"select distinct {', '.join(_RUN_COLUMNS)}, model_id, '{name}' as lake_table from {name}"
             for name in _MODEL_TABLES))
-        con.execute("""create view manifest as select m.*, coalesce(r.model_id, m.model) as model_id
+        con.execute("""create view manifest as select m.*, coalesce(r.model_id, m.model) as model_id,
+                              coalesce(m.store, '') as store_key
                        from lake_manifest as m left join (select distinct run_id, model_id from runs) as r
                        on r.run_id = m.run_id""")
         return {name: con.sql(sql).to_arrow_table() for name, sql in queries.items()}

@@ -95,6 +95,19 @@ def preview_slices(slices: Sequence[str], k: int = 3) -> list[str]:
     return [slices[i] for i in sorted({min(n - 1, (j + 1) * n // (k + 1)) for j in range(k)})] if n else []
 
 
+#: What HD95 and ASSD are measured in when the spacing has no unit and is not 1 voxel.
+UNKNOWN_UNIT = "spacing units (unit unknown)"
+
+
+def distance_unit(unit: str | None, spacing: Sequence[float | None]) -> str:
+    """What a volume's HD95 and ASSD are in: its spacing's ``unit``; without one, ``voxel`` when the
+    spacing is 1 along every axis, else :data:`UNKNOWN_UNIT` (a NIfTI header without units: the
+    distances are in its spacing, whatever unit that was)."""
+    if unit:
+        return unit
+    return "voxel" if all(v is None or float(v) == 1.0 for v in spacing) else UNKNOWN_UNIT
+
+
 def summarise_volumes(volumes: pa.Table, *, worst: int = 10,
                       slices: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
     """Summary of a volume table (see :data:`segcore.run.volumes.VOLUME_SCHEMA`): per foreground
@@ -117,7 +130,8 @@ def summarise_volumes(volumes: pa.Table, *, worst: int = 10,
     for r in ok:
         by_volume.setdefault(r["volume_id"], []).append(r["dice"])
     ranked = sorted((float(np.mean(v)), k) for k, v in by_volume.items())[:worst]
-    units = sorted({r["spacing_unit"] or "voxel" for r in rows if r["status"] == "ok"})
+    units = sorted({distance_unit(r["spacing_unit"], (r["spacing_z"], r["spacing_y"], r["spacing_x"]))
+                    for r in rows if r["status"] == "ok"})
     return {"volumes_evaluated": len(by_volume), "unit": ", ".join(units) or "voxel", "per_class": per_class,
             "worst_volumes": [{"volume_id": k, "mean_foreground_dice": v,
                                "preview_slices": preview_slices((slices or {}).get(k, ()))} for v, k in ranked],

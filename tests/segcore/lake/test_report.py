@@ -46,13 +46,13 @@ def _dice(cell: dict[str, float], *, sha: str, unit: str) -> pa.Table:
 
 
 def _publish(lake: str, run_dir: str, *, run_id: str, sha: str, arch: str = "unet", manifest: pa.Table,
-             parts: dict[str, dict[str, pa.Table]], day: int) -> None:
+             parts: dict[str, dict[str, pa.Table]], day: int, store: str = "/data/store.zarr") -> None:
     """Write ``parts`` (``{table: {part name: rows}}``) into the run directory and publish them; every
     part named ``unit-0000k`` is a unit of group ``g00k``."""
     for table, named in parts.items():
         for name, rows in named.items():
             write_part(rows, fsio.join(run_dir, table, f"run_id={run_id}"), f"{name}.parquet")
-    info = {"run_id": run_id, "checkpoint_sha256": sha, "model": {"arch": arch}, "spec": {}}
+    info = {"run_id": run_id, "checkpoint_sha256": sha, "model": {"arch": arch}, "spec": {}, "store": store}
     publish(lake, run_dir=run_dir, run_info=info, manifest=manifest,
             unit_groups={f"unit-{k:05d}": f"g{k:03d}" for k in range(3)}, now=_day(day))
 
@@ -103,6 +103,24 @@ def test_the_version_rule_holds_per_model(tmp_path):
         (UNET_A, 2, pytest.approx(1.6 / 3)), (UNET_B, 2, pytest.approx(0.5))]
 
 
+def test_images_of_two_stores_with_the_same_ids_are_counted_apart(tmp_path):
+    """Two collections both name their images img-0 and img-1, segmented by one model. Each image
+    counts; a changed file (batch 1 of store B) supersedes its own store's old version only."""
+    lake = str(tmp_path / "lake")
+    both = [("img-0", "g000", 0, 0), ("img-1", "g000", 1, 0)]
+    _publish(lake, str(tmp_path / "a"), run_id="run-a", sha=SHA_A, manifest=_manifest(both), day=20, store="/a.zarr",
+             parts={"dice": {"unit-00000": _dice({"img-0": 0.2, "img-1": 0.4}, sha=SHA_A, unit="unit-00000")}})
+    _publish(lake, str(tmp_path / "b"), run_id="run-b", sha=SHA_A, day=20, store="/b.zarr",
+             manifest=_manifest(both + [("img-0", "g001", 0, 1)]),
+             parts={"dice": {"unit-00000": _dice({"img-0": 0.6, "img-1": 0.8}, sha=SHA_A, unit="unit-00000"),
+                             "unit-00001": _dice({"img-0": 1.0}, sha=SHA_A, unit="unit-00001")}})
+    report = lake_report(lake)
+    assert _cell(report, "current", "model", "images", "mean_dice") == [(UNET_A, 4, pytest.approx(2.4 / 4))]
+    assert _cell(report, "over_time", "model", "images", "mean_dice") == [(UNET_A, 4, pytest.approx(3.0 / 5))]
+    assert sorted(pq.read_table(tmp_path / "lake" / "manifest").column("store").unique().to_pylist()) == [
+        "/a.zarr", "/b.zarr"]
+
+
 def test_rows_without_a_checkpoint_hash_count_under_their_architecture(tmp_path):
     lake = str(tmp_path / "lake")
     manifest = _manifest([("img-0", "g000", 0, 0), ("img-1", "g000", 1, 0)])
@@ -146,10 +164,17 @@ def test_volumes_report_the_latest_scoring_per_model_class_and_unit(tmp_path):
             _volume("v3", None, status="error", sha=SHA_A)])}})
     _publish(lake, str(tmp_path / "b"), run_id="run-b", sha=SHA_B, manifest=empty, day=21, parts={"volumes": {
         "volumes-1-00000": _volumes([_volume("v1", 1, 0.3, 5.0, 4.0, sha=SHA_B, unit=None)])}})
+    # Another store's v1, scored later by model B: a volume of its own; its spacing has no unit.
+    _publish(lake, str(tmp_path / "c"), run_id="run-c", sha=SHA_B, manifest=empty, day=22, store="/other.zarr",
+             parts={"volumes": {"volumes-1-00000": _volumes([
+                 dict(_volume("v1", 1, 0.5, 7.0, 6.0, sha=SHA_B, unit=None), spacing_z=2.5, spacing_y=0.8,
+                      spacing_x=0.8)])}})
     rows = [(r["model"], r["class_name"], r["unit"], r["volumes"], r["mean_dice"], r["mean_hd95"], r["mean_assd"])
             for r in lake_report(lake)["volumes"].to_pylist()]
     assert rows == [(UNET_A, "cell", "millimeter", 2, pytest.approx(0.7), pytest.approx(3.0), pytest.approx(2.0)),
                     (UNET_A, "nucleus", "millimeter", 1, pytest.approx(0.0), None, None),
+                    (UNET_B, "cell", "spacing units (unit unknown)", 1, pytest.approx(0.5), pytest.approx(7.0),
+                     pytest.approx(6.0)),
                     (UNET_B, "cell", "voxel", 1, pytest.approx(0.3), pytest.approx(5.0), pytest.approx(4.0))]
 
 

@@ -167,3 +167,11 @@ def test_ground_truth_with_unknown_labels_is_counted_from_the_evaluation_policys
     s = summarise_dice(table)
     assert (s["images_evaluated"], s["error_images"], s["gt_label_errors"]) == (1, 3, 2)
     assert "ground truth with labels the model lacks: 2" in render_markdown(s)
+
+
+def test_distances_are_named_by_the_spacing_they_were_measured_in():
+    from segcore.metrics.summary import UNKNOWN_UNIT, distance_unit
+
+    assert distance_unit("millimeter", (2.5, 0.8, 0.8)) == "millimeter"
+    assert distance_unit(None, (1.0, 1.0, 1.0)) == distance_unit("", (None, None, None)) == "voxel"
+    assert distance_unit(None, (2.5, 0.8, 0.8)) == UNKNOWN_UNIT == "spacing units (unit unknown)"
