@@ -274,9 +274,17 @@ def open_store(path: str) -> StoreInfo:
         attrs = dict(root.attrs)["segflow"]
     except (KeyError, ValueError, OSError, zarr.errors.BaseZarrError) as exc:
         raise StoreError(f"{path!r} is not a segflow store (made by 'segflow ingest'): {exc}") from exc
+    if not isinstance(attrs, dict) or not {"groups", "mask_kind", "has_gt"} <= attrs.keys():
+        # another segflow array (a run's masks.zarr, say) carries segflow attributes too
+        raise StoreError(f"{path!r} is not a segflow store (made by 'segflow ingest'): its segflow attributes lack "
+                         "the store's groups; give the store's own location (a run's masks.zarr is not a store)")
     if attrs.get("format", 0) > STORE_FORMAT:
         raise StoreError(f"store {path!r} has format {attrs['format']}; this segflow reads up to {STORE_FORMAT}")
-    groups = tuple(GroupInfo(**g) for g in attrs["groups"])
+    try:
+        groups = tuple(GroupInfo(**g) for g in attrs["groups"])
+    except TypeError as exc:
+        raise StoreError(f"{path!r} is not a segflow store of a format this segflow reads: its groups do not "
+                         f"fit ({exc})") from exc
     return StoreInfo(path=str(path), groups=groups, mask_kind=attrs["mask_kind"], has_gt=attrs["has_gt"],
                      spec=attrs.get("spec", {}), store_id=attrs.get("store_id"))
 

@@ -348,3 +348,14 @@ def test_spec_json() -> None:
     as_json = spec_json(spec)
     assert as_json["images"] == "in/*.png" and as_json["chunk_pixels"] == 4_194_304
     assert spec_json({"a": (1, 2)}) == {"a": [1, 2]}
+
+
+def test_what_is_not_a_store_is_refused_with_one_message(tmp_path):
+    from segcore.collection.store import open_store
+
+    zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")  # a Zarr group of someone else's
+    masks = zarr.open_group(str(tmp_path / "masks.zarr"), mode="w")  # segflow attributes of another kind
+    masks.attrs["segflow"] = {"run_id": "r1", "format": 2}
+    for name in ("plain.zarr", "masks.zarr"):
+        with pytest.raises(StoreError, match="is not a segflow store"):
+            open_store(str(tmp_path / name))
