@@ -105,6 +105,10 @@ def export_nifti(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | 
         check_volume_pattern(current, volume_pattern)
     by_id = {r["image_id"]: r for r in current}
     volumes = find_volumes(current, pattern=pattern or None)
+    if volume_pattern and not any(not by_id[v.slices[0]].get("volume_id") for v in volumes):
+        flat = sum(1 for r in current if not r.get("volume_id"))
+        raise ConfigError(f"--volume-pattern {volume_pattern!r} groups none of the run's 2-D images (it has {flat}); "
+                          "fix the pattern, or leave it out to export the run's ingested volumes")
     if not volumes:
         raise NotFound(f"run {run.run_id} at {run.path} segmented no volume (NIfTI or TIFF z-stack"
                        + (f", or 2-D images grouped by --volume-pattern {pattern!r}" if pattern else

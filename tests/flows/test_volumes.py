@@ -106,7 +106,12 @@ def test_real_ct_volume_ingest_train_segment_score_and_export(tmp_path, capsys):
     # Export: the labels overlay the source exactly (shape, affine, header units) and equal the run's masks.
     capsys.readouterr()
     assert main(["export", str(run_dir), "--format", "nifti", "--out", str(tmp_path / "nifti")]) == 0
-    assert "ct: " in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert printed.startswith("ct: ") and "(affine from the source header, units mm)" in printed
+    # a pattern given for a run of ingested volumes only groups no 2-D image: refused, nothing written
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "none"), "--volume-pattern", "^(ct)"]) == 2
+    assert "groups none of the run's 2-D images (it has 0)" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
     source, exported = nib.load(str(tmp_path / "images" / "ct.nii.gz")), nib.load(str(tmp_path / "nifti" / "ct.nii.gz"))
     assert exported.shape == source.shape == (128, 128, 16)
     np.testing.assert_array_equal(exported.affine, source.affine)
