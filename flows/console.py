@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -166,7 +167,9 @@ def one_line(exc: BaseException, *, options: Mapping[str, str] | None = None) ->
     A pydantic ValidationError becomes each error as ``field: message``, the field named as the
     command-line option that sets it when ``options`` (spec field -> option, e.g. ``batch_size`` ->
     ``--batch-size``) has one, pydantic's internal names left out; of a field that takes either a
-    choice or a record, only the error that says what is wrong with the choice is kept."""
+    choice or a record, only the error that says what is wrong with the choice is kept. Spec fields
+    that a message names (``min_epoch_patches applies to ...``) are written as their options too,
+    unless the message names the option already (see :func:`name_options`)."""
     from pydantic import ValidationError
 
     if isinstance(exc, ValidationError):
@@ -185,6 +188,17 @@ def one_line(exc: BaseException, *, options: Mapping[str, str] | None = None) ->
             if option is None:
                 option, named = path, False
             parts.extend(f"{option}: {m}" for m in dict.fromkeys(own))
-        return ("" if named else f"invalid {exc.title}: ") + "; ".join(parts)
+        return name_options(("" if named else f"invalid {exc.title}: ") + "; ".join(parts), options)
     text = " ".join(str(exc).split())
-    return text or type(exc).__name__
+    return name_options(text, options) or type(exc).__name__
+
+
+def name_options(text: str, options: Mapping[str, str] | None) -> str:
+    """``text`` with each spec field of ``options`` that it names (``group_pattern``) written as its
+    option (``--group-pattern``): fields with an underscore only (``model`` or ``epochs`` could be
+    plain words), as whole words (not inside a path), and not where the message names the option
+    itself already."""
+    for field, option in (options or {}).items():
+        if "_" in field and field in text and option not in text:
+            text = re.sub(rf"(?<![\w/.-]){re.escape(field)}(?![\w/.-])", option, text)
+    return text

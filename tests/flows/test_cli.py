@@ -229,6 +229,19 @@ def test_an_invalid_option_value_is_one_line_naming_the_field(tiny_run, capsys, 
     assert captured.out == ""
 
 
+def test_fields_named_in_messages_are_written_as_their_options() -> None:
+    from flows.console import name_options
+
+    options = {"min_epoch_patches": "--epoch-patches", "val_fraction": "--val-fraction", "model": "--model"}
+    with pytest.raises(Exception) as info:
+        TrainSpec(store="s", out="o.safetensors", model="unet3d", min_epoch_patches=8)
+    assert one_line(info.value, options=options) == "--epoch-patches applies to 2-D semantic models (unet) only"
+    assert name_options("val_fraction 0 (--val-fraction 0) holds out none", options) == (
+        "val_fraction 0 (--val-fraction 0) holds out none")  # the option is named already
+    assert name_options("model unet; /data/min_epoch_patches/a.png; min_epoch_patches_x", options) == (
+        "model unet; /data/min_epoch_patches/a.png; min_epoch_patches_x")  # plain words, paths, longer names
+
+
 def test_one_line_joins_validation_errors_and_flattens_messages() -> None:
     with pytest.raises(Exception) as info:
         SegmentSpec(store="s", checkpoint="c", out="o", batch_size=0, overlap=-1)
