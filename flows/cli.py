@@ -446,9 +446,11 @@ def train_summary(result: dict[str, Any]) -> str:
         lines.append(f"normalisation: {result['normalisation']}{why}")
     largest = result.get("largest_region") or {}
     if "val_dice_mean_fg_with" in largest:
+        with_, without = largest["val_dice_mean_fg_with"], largest["val_dice_mean_fg_without"]
+        digits = 4 if f"{with_:.4f}" != f"{without:.4f}" else 6  # a difference the rounding would hide
         lines.append(f"largest foreground region of each image: {'kept' if largest['kept'] else 'not kept'} "
-                     f"(validation mean foreground Dice {largest['val_dice_mean_fg_with']:.4f} with it, "
-                     f"{largest['val_dice_mean_fg_without']:.4f} without; --largest-region {largest['choice']})")
+                     f"(validation mean foreground Dice {with_:.{digits}f} with it, {without:.{digits}f} without; "
+                     f"--largest-region {largest['choice']})")
     elif largest.get("reason") and largest["reason"] != "volumetric model":  # decided without validation figures
         lines.append(f"largest foreground region of each image: {'kept' if largest['kept'] else 'not kept'} "
                      f"({largest['reason']}; --largest-region {largest['choice']})")
@@ -480,7 +482,7 @@ def _report(args: argparse.Namespace) -> int:
     else:
         print(render_text(report), end="")
     for path in plot_over_time(report, args.plots) if args.plots else []:
-        print(f"plot: {path}")
+        print(f"plot: {path}", file=sys.stderr if args.json else sys.stdout)  # stdout stays JSON
     return 0
 
 

@@ -86,7 +86,7 @@ def _newest(table: str, key: str) -> str:
 _MODELS = """
 select model_id as model, any_value(model) as arch, any_value(checkpoint_sha256) as checkpoint_sha256,
        count(distinct run_id) as runs, min(run_date) as first_published, max(run_date) as last_published,
-       string_agg(distinct lake_table, ', ' order by lake_table) as tables
+       list(distinct lake_table order by lake_table) as tables
 from runs group by model_id order by model_id
 """
 
@@ -235,6 +235,8 @@ _SECTIONS = (
 def render_text(report: dict[str, pa.Table]) -> str:
     """Plain-text tables of a :func:`lake_report`, one per section; an empty section says why."""
     def fmt(v: Any) -> str:
+        if isinstance(v, list):
+            return ", ".join(map(str, v))
         return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
     lines = []

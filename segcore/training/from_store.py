@@ -119,8 +119,9 @@ def no_validation_note(result: Mapping[str, Any]) -> str | None:
     course = result.get("course") or {}
     if course.get("n_val", 1) != 0:
         return None
-    run = course.get("epochs_run", len(result.get("history") or ()))
-    return (f"no validation (val fraction 0): trained on all {course.get('n_train')} {unit_of(result)}; the "
+    run, n = course.get("epochs_run", len(result.get("history") or ())), course.get("n_train")
+    what = f"the one {unit_of(result).removesuffix('s')}" if n == 1 else f"all {n} {unit_of(result)}"
+    return (f"no validation (val fraction 0): trained on {what}; the "
             f"checkpoint holds the last epoch's weights (epoch {run} of {course.get('epochs', run)}), not a best epoch")
 
 

@@ -21,9 +21,12 @@ def test_report_prints_tables_and_writes_plots(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "2026-11-02" in out and "0.2500" in out
     assert (tmp_path / "plots" / "dice-over-time-unet-cccccccccccc.png").exists()
-    assert main(["report", "--lake", lake, "--json"]) == 0
-    tables = json.loads(capsys.readouterr().out)
+    assert main(["report", "--lake", lake, "--json", "--plots", str(tmp_path / "again")]) == 0
+    captured = capsys.readouterr()
+    tables = json.loads(captured.out)  # the plots are told on stderr: stdout stays JSON
+    assert captured.err.startswith("plot: ") and (tmp_path / "again" / "dice-over-time-unet-cccccccccccc.png").exists()
     assert list(tables) == SECTIONS and tables["volumes"] == [] and tables["instances"] == []
+    assert [r["tables"] for r in tables["models"]] == [["dice"]]
     assert [(r["model"], r["class_name"], r["images"]) for r in tables["current"]] == [
         ("unet@cccccccccccc", "background", 2), ("unet@cccccccccccc", "cell", 2)]
     assert [(r["model"], r["checkpoint_sha256"]) for r in tables["models"]] == [("unet@cccccccccccc", "c" * 64)]

@@ -48,8 +48,10 @@ def test_the_largest_region_option_is_stored_decided_and_reported(stores, capsys
     meta = read_meta(out)
     decided = meta.provenance["largest_region"]
     assert meta.output.largest_region and decided["choice"] == "on" and decided["kept"]
+    with_, without = decided["val_dice_mean_fg_with"], decided["val_dice_mean_fg_without"]
+    digits = 4 if f"{with_:.4f}" != f"{without:.4f}" else 6
     assert f"largest foreground region of each image: kept (validation mean foreground Dice " \
-           f"{decided['val_dice_mean_fg_with']:.4f} with it" in capsys.readouterr().out
+           f"{with_:.{digits}f} with it" in capsys.readouterr().out
     auto = Path(stores["root"]) / "largest-auto.safetensors"
     assert main(["train", "--store", stores["sem"], "--model", "unet", "--out", str(auto), "--epochs", "1",
                  "--base", "4", "--batch-size", "4"]) == 0
@@ -171,3 +173,16 @@ def test_the_summary_says_when_the_time_budget_stopped_training() -> None:
     assert "stopped by the time budget (45 s) after 8 of 12 epochs" in text and "held out" not in text
     assert "no validation (val fraction 0): trained on all 3 images; the checkpoint holds the last epoch's " \
            "weights (epoch 8 of 12)" in text and "best validation" not in text
+
+
+def test_the_summary_shows_enough_digits_to_tell_a_near_tie_and_counts_one_image() -> None:
+    from flows.cli import train_summary
+
+    result = {"checkpoint": "m.safetensors", "sha256": "ab", "kind": "semantic", "model": "unet",
+              "best_val_score": None, "history": [{}] * 2,
+              "course": {"epochs": 2, "epochs_run": 2, "n_train": 1, "n_val": 0},
+              "largest_region": {"choice": "auto", "kept": True, "val_dice_mean_fg_with": 0.91163,
+                                 "val_dice_mean_fg_without": 0.91161}}
+    text = train_summary(result)
+    assert "kept (validation mean foreground Dice 0.911630 with it, 0.911610 without; --largest-region auto)" in text
+    assert "trained on the one image;" in text

@@ -71,8 +71,8 @@ def test_two_checkpoints_of_one_architecture_are_two_models(tmp_path):
     report = lake_report(lake)
     assert list(report) == SECTIONS
     assert [(r["model"], r["arch"], r["checkpoint_sha256"], r["runs"], r["first_published"], r["tables"])
-            for r in report["models"].to_pylist()] == [(UNET_A, "unet", SHA_A, 1, "2026-11-20", "dice"),
-                                                        (UNET_B, "unet", SHA_B, 1, "2026-11-21", "dice")]
+            for r in report["models"].to_pylist()] == [(UNET_A, "unet", SHA_A, 1, "2026-11-20", ["dice"]),
+                                                        (UNET_B, "unet", SHA_B, 1, "2026-11-21", ["dice"])]
     assert _cell(report, "current", "model", "images", "mean_dice", "median_dice") == [
         (UNET_A, 2, pytest.approx(0.5), pytest.approx(0.5)), (UNET_B, 2, pytest.approx(0.9), pytest.approx(0.9))]
     assert _cell(report, "over_time", "model", "run_date", "mean_dice") == [
@@ -211,7 +211,7 @@ def _instance_lake(tmp_path) -> str:
 def test_instance_metrics_per_model_over_time_and_current(tmp_path):
     report = lake_report(_instance_lake(tmp_path))
     assert [(r["model"], r["tables"]) for r in report["models"].to_pylist()] == [
-        (MASKRCNN, "instance_metrics, instances")]
+        (MASKRCNN, ["instance_metrics", "instances"])]
     (current,) = report["instances"].to_pylist()  # img-0 (its batch-1 version), img-1, img-2
     assert current["model"] == MASKRCNN and current["images"] == 3
     assert (current["tp"], current["fp"], current["fn"]) == (5, 3, 0)
