@@ -191,9 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=["poly", "cosine", "onecycle"],
                    help="UNet learning-rate schedule (default poly after a 5%% warm-up)")
     p.add_argument("--epoch-patches", type=int, metavar="N", dest="min_epoch_patches",
-                   help="2-D UNet (not unet3d): patches drawn per epoch at least (default 256, so that a small "
-                        "collection still gets 16 optimiser steps per epoch; an epoch draws one patch per training "
-                        "image when they are more; 0: always one per training image)")
+                   help="UNet: patches drawn per epoch at least (default 256, so that a small collection still "
+                        "gets 16 optimiser steps per epoch; an epoch draws one patch per training image when they "
+                        "are more; 0: always one per training image); unet3d: default 0, one patch per training "
+                        "volume (a 3-D patch costs far more), N draws N patches of the volumes per epoch")
     p.add_argument("--largest-region", choices=["auto", "on", "off"],
                    help="UNet: keep only each image's largest connected foreground region in the model's masks (for "
                         "one object per image, such as an organ); auto (default) turns it on when it raises the "

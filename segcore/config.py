@@ -274,7 +274,8 @@ class TrainSpec(_Spec):
     min_epoch_patches: int | None = Field(
         None, ge=0, description="UNet: patches drawn per epoch at least (default 256: a small collection still gets "
                                 "16 optimiser steps per epoch); an epoch draws one per training image when they "
-                                "are more; 0: always one per training image.")
+                                "are more; 0: always one per training image. unet3d: default 0 (one patch per "
+                                "training volume), a larger value draws more patches of its volumes per epoch.")
     largest_region: Literal["auto", "on", "off"] | None = Field(
         None, description="UNet: keep only each image's largest connected foreground region in the model's masks; "
                           "auto (default) turns it on when it raises the validation mean foreground Dice (off with "
@@ -317,8 +318,8 @@ class TrainSpec(_Spec):
             raise ValueError("largest_region applies to semantic models only")
         if self.refit and self.kind == "instance":
             raise ValueError("refit applies to semantic models only")
-        if self.min_epoch_patches is not None and (self.kind == "instance" or spatial_dims_of(self.model) == 3):
-            raise ValueError("min_epoch_patches applies to 2-D semantic models (unet) only")
+        if self.min_epoch_patches is not None and self.kind == "instance":
+            raise ValueError("min_epoch_patches applies to semantic models (unet, unet3d) only")
         if self.largest_region == "on" and spatial_dims_of(self.model) == 3:
             raise ValueError("largest_region 'on' applies to 2-D models only; a volumetric model keeps every "
                              "foreground region")

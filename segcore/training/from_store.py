@@ -257,8 +257,9 @@ def train_from_store(
             used with ``val_fraction`` 0 (no split).
         patch_size, schedule, largest_region: semantic models: the :class:`Recipe` values (``None``: its
             defaults).
-        min_epoch_patches: 2-D semantic models: patches drawn per epoch at least (``None``:
-            :data:`~segcore.training.settings.DEFAULT_MIN_EPOCH_PATCHES`; 0: one per training image).
+        min_epoch_patches: semantic models: patches drawn per epoch at least (``None``:
+            :data:`~segcore.training.settings.DEFAULT_MIN_EPOCH_PATCHES` for 2-D models, 0 for
+            volumetric ones, whose patches cost far more; 0: one per training image or volume).
         refit: semantic models: after training with the validation split, train again on every image
             for the best epoch's number of epochs and save that model (``Recipe.refit``); refused
             with ``val_fraction`` 0 (:func:`~segcore.training.inputs.check_refit`).
@@ -315,9 +316,9 @@ def train_from_store(
                                                                 (("patch_size", None if volumetric else patch_size),
                                                                  ("schedule", schedule),
                                                                  ("largest_region", largest_region),
-                                                                 ("min_epoch_patches", None if volumetric else
-                                                                  DEFAULT_MIN_EPOCH_PATCHES if min_epoch_patches is None
-                                                                  else min_epoch_patches)) if v is not None})
+                                                                 ("min_epoch_patches", min_epoch_patches
+                                                                  if min_epoch_patches is not None or volumetric
+                                                                  else DEFAULT_MIN_EPOCH_PATCHES)) if v is not None})
         if volumetric:
             net, meta, history = train_volumes(images, labels.astype(np.int64), arch=model, class_names=names,
                                                ids=ids, val_split=split, group_pattern=group_pattern, recipe=recipe,

@@ -234,8 +234,8 @@ def test_fields_named_in_messages_are_written_as_their_options() -> None:
 
     options = {"min_epoch_patches": "--epoch-patches", "val_fraction": "--val-fraction", "model": "--model"}
     with pytest.raises(Exception) as info:
-        TrainSpec(store="s", out="o.safetensors", model="unet3d", min_epoch_patches=8)
-    assert one_line(info.value, options=options) == "--epoch-patches applies to 2-D semantic models (unet) only"
+        TrainSpec(store="s", out="o.safetensors", model="maskrcnn_r18", min_epoch_patches=8)
+    assert one_line(info.value, options=options) == "--epoch-patches applies to semantic models (unet, unet3d) only"
     assert name_options("val_fraction 0 (--val-fraction 0) holds out none", options) == (
         "val_fraction 0 (--val-fraction 0) holds out none")  # the option is named already
     assert name_options("model unet; /data/min_epoch_patches/a.png; min_epoch_patches_x", options) == (

@@ -280,6 +280,10 @@ def test_segflow_train_trains_unet3d_on_the_stores_volumes(tmp_path, capsys):
     meta = read_meta(ckpt)
     assert meta.arch == "unet3d" and meta.input_axes == "bczyx" and meta.provenance["images"] == 4
     assert meta.provenance["patch_size"] == [12, 12, 12] and len(meta.provenance["val_ids"]) == 1
+    assert meta.provenance["recipe"]["min_epoch_patches"] == 0  # a 3-D epoch: one patch per training volume
+    assert main(["train", "--store", str(store), "--out", str(tmp_path / "more.safetensors"), "--model", "unet3d",
+                 "--epochs", "1", "--base", "4", "--depth", "2", "--patch-size", "12", "--epoch-patches", "6"]) == 0
+    assert read_meta(tmp_path / "more.safetensors").provenance["recipe"]["min_epoch_patches"] == 6
     with pytest.raises(StoreError, match="holds no volume with ground truth"):
         labelled_volumes(str(_two_dimensional_store(tmp_path)))
 

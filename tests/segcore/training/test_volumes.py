@@ -159,3 +159,15 @@ def test_one_volume_trains_without_validation_and_keeps_the_last_epoch(tiny_volu
     assert [set(r) & {"val_dice", "val_dice_mean_fg"} for r in history] == [set(), set()]
     pred = TorchPredictor(model, meta, precision="fp32").labels(volumes[:1, ..., None])
     assert pred.shape == (1, 16, 32, 32)
+
+
+@pytest.mark.parametrize("floor, patches", [(0, 1), (6, 6)])
+def test_an_epoch_of_one_volume_draws_a_patch_or_the_floor(tiny_volumes, monkeypatch, floor, patches):
+    import segcore.training.volumes as volumes_module
+
+    drawn = []
+    real = volumes_module.flip_axes
+    monkeypatch.setattr(volumes_module, "flip_axes", lambda x, y, rng: drawn.append(len(x)) or real(x, y, rng))
+    volumes, masks = tiny_volumes
+    _, meta, _ = _train(volumes[:1], masks[:1], epochs=2, val_fraction=0.0, recipe=Recipe(min_epoch_patches=floor))
+    assert sum(drawn) == 2 * patches and meta.provenance["recipe"]["min_epoch_patches"] == floor
