@@ -148,7 +148,7 @@ def render_markdown(summary: dict[str, Any], *, title: str = "segflow run") -> s
     if summary.get("run_id"):
         lines += [f"Run `{summary['run_id']}` · model `{summary.get('model', '?')}`", ""]
     lines += [
-        f"- images ingested: {summary.get('images_ingested', '–')}",
+        f"- images in the store: {summary.get('images_ingested', '–')}",
         f"- images evaluated (with ground truth): {summary['images_evaluated']}",
         f"- mean foreground Dice: **{_fmt(summary['mean_foreground_dice'])}**",
         f"- images with errors: {summary['error_images']}; unreadable files: "

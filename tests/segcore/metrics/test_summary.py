@@ -129,7 +129,7 @@ def test_markdown_contains_the_numbers() -> None:
     assert md.startswith("# nuclei run\n")
     assert md.endswith("\n")
     assert "Run `20261124T101500-abc123` · model `unet`" in md
-    assert "- images ingested: 6" in md
+    assert "- images in the store: 6" in md
     assert "- images evaluated (with ground truth): 4" in md
     assert f"**{(0.7 + 1.3 / 3) / 2:.4f}**" in md and "**0.5667**" in md
     assert "images with errors: 1; unreadable files: 1; masks missing: 1; masks unusable: 1" in md
@@ -146,7 +146,7 @@ def test_markdown_contains_the_numbers() -> None:
 def test_markdown_without_manifest_marks_unknowns() -> None:
     md = render_markdown(summarise_dice(_dice()))
     assert md.startswith("# segflow run\n")
-    assert "- images ingested: –" in md
+    assert "- images in the store: –" in md
     assert "masks missing: –" in md
     assert "Unreadable files" not in md and "Outputs:" not in md
 
