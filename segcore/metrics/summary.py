@@ -16,7 +16,8 @@ def summarise_dice(dice: pa.Table, *, manifest: pa.Table | None = None, worst: i
     """Summary dict of a Dice table (see :data:`segcore.run.tables.DICE_COLUMNS`).
 
     Per class: mean/median Dice over images where the class is in the ground truth (non-empty GT)
-    and over all rows. Worst images by mean foreground Dice. Error counts from Dice rows and, when
+    and over all rows. Worst images by mean foreground Dice over the classes each image's ground truth
+    or prediction holds (a class absent from both is left out). Error counts from Dice rows and, when
     given, from the store manifest (unreadable files and unusable masks). ``gt_label_errors``
     counts the images whose ground truth holds a label outside the model's classes (error rows
     too, already in ``error_images``).
@@ -43,9 +44,12 @@ def summarise_dice(dice: pa.Table, *, manifest: pa.Table | None = None, worst: i
             "median_dice": float(np.median(present)) if present.size else None,
             "mean_dice_all_rows": float(np.mean(c["all"])) if c["all"] else None,
         })
+    # An image's mean foreground Dice: over the classes in its ground truth or its prediction. A class
+    # absent from both scores 1 by convention and would lift the mean of an image that is missing
+    # classes; a class predicted but absent from the truth scores 0 and counts.
     per_image: dict[str, list[float]] = {}
     for r in ok:
-        if r["class_id"] != 0:
+        if r["class_id"] != 0 and not (r["empty_gt"] and r["tp"] + r["fp"] == 0):
             per_image.setdefault(r["image_id"], []).append(r["dice"])
     worst_images = sorted(((float(np.mean(v)), k) for k, v in per_image.items()))[:worst]
     fg = [c["mean_dice"] for c in per_class if c["class_id"] != 0 and c["mean_dice"] is not None]

@@ -30,13 +30,15 @@ EMPTY = np.array([
 # Per class over non-empty GT: background 0.9, 0.95, 0.7, 0.8 -> mean 0.8375, median 0.85
 #                              cell 0.8, 0.4, 0.9            -> mean 0.7,    median 0.8 (all rows 0.525)
 #                              nucleus 0.6, 0.5, 0.2         -> mean 1.3/3,  median 0.5 (all rows 0.575)
-# Mean foreground Dice: (0.7 + 1.3/3) / 2. Per image (classes 1, 2, all rows):
-# a 0.7, b 0.7, c 0.25, e 0.55 -> worst c, e, a, b (ties by image id).
+# Mean foreground Dice: (0.7 + 1.3/3) / 2. Per image (classes 1, 2 in its truth or prediction; b's
+# nucleus, absent from both, left out): a 0.7, b 0.4, c 0.25, e 0.55 -> worst c, b, e, a.
+FP = np.zeros(DICE.shape, dtype=np.int64)
+FP[2, 1] = 5  # c: cell predicted where the truth has none
 
 
 def _dice() -> pa.Table:
     zeros = np.zeros(DICE.shape, dtype=np.int64)
-    return dice_table(image_ids=IDS, class_names=CLASSES, tp=zeros, fp=zeros, fn=zeros, dice=DICE,
+    return dice_table(image_ids=IDS, class_names=CLASSES, tp=zeros, fp=FP, fn=zeros, dice=DICE,
                       empty_gt=EMPTY, model="unet", checkpoint_sha256="0" * 64, unit="unit-00000",
                       errors=[("broken", "ImageReadError: cannot decode")])
 
@@ -85,9 +87,9 @@ def test_counts_and_errors() -> None:
 def test_worst_images_in_order() -> None:
     s = summarise_dice(_dice())
     worst = s["worst_images"]
-    assert [w["image_id"] for w in worst] == ["c", "e", "a", "b"]
-    assert [w["mean_foreground_dice"] for w in worst] == pytest.approx([0.25, 0.55, 0.7, 0.7])
-    assert [w["image_id"] for w in summarise_dice(_dice(), worst=2)["worst_images"]] == ["c", "e"]
+    assert [w["image_id"] for w in worst] == ["c", "b", "e", "a"]
+    assert [w["mean_foreground_dice"] for w in worst] == pytest.approx([0.25, 0.4, 0.55, 0.7])
+    assert [w["image_id"] for w in summarise_dice(_dice(), worst=2)["worst_images"]] == ["c", "b"]
 
 
 def test_class_absent_from_every_gt_has_no_mean() -> None:
