@@ -75,12 +75,19 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc) and "GLOBAL" not in str(exc):  # not a pickle torch can read
+            raise CheckpointError(f"cannot read {str(path)!r} as a PyTorch state dict: it is not a file "
+                                  "torch.save wrote (nor .safetensors)") from exc
         raise CheckpointError(
             f"{str(path)!r} holds Python objects besides tensors (a pickle payload); segflow never unpickles "
             "them. Save the weights alone: torch.save(model.state_dict(), path), or as .safetensors "
             f"(refused: {_unsupported(exc)})") from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {str(path)!r} as a PyTorch state dict: {exc}") from exc
+        raise CheckpointError(f"cannot read {str(path)!r} as a PyTorch state dict: {' '.join(str(exc).split())}"
+                              ) from exc
+    except Exception as exc:  # noqa: BLE001 - torch's unpickler fails on foreign bytes with KeyError, IndexError...
+        raise CheckpointError(f"cannot read {str(path)!r} as a PyTorch state dict: it is not a file torch.save "
+                              f"wrote (nor .safetensors; reading it failed with {type(exc).__name__})") from exc
     for candidate in (obj, *(obj.get(k) for k in ("state_dict", "model") if isinstance(obj, dict))):
         if isinstance(candidate, dict) and candidate and all(
                 isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in candidate.items()):

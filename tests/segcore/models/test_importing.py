@@ -41,6 +41,18 @@ def test_a_pickle_payload_is_refused_and_never_runs(tmp_path, capsys):
     assert not control.exists() and not (tmp_path / "m.safetensors").exists()
 
 
+@pytest.mark.parametrize("content", [b"hello\n", bytes(np.random.default_rng(0).integers(0, 256, 5000, np.uint8)),
+                                     b"\x80\x02}q\x00."])
+def test_a_file_torch_save_did_not_write_is_one_line(tmp_path, capsys, content):
+    path = tmp_path / "notmodel.pth"
+    path.write_bytes(content)
+    assert main(["model", "import", str(path), "--out", str(tmp_path / "m.safetensors"), "--arch", "unet",
+                 "--class-names", "bg,fg"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"segflow: error: ") and err.count("\n") == 1 and "notmodel.pth" in err
+    assert "pickle payload" not in err and not (tmp_path / "m.safetensors").exists()
+
+
 def test_weights_that_do_not_fit_are_refused(tmp_path):
     from segcore.models import create_model
 
