@@ -17,6 +17,7 @@ Degenerate data never give NaN: a standard deviation below :data:`MIN_STD` is re
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Literal, Mapping
 
 import numpy as np
@@ -80,6 +81,8 @@ def _numbers(choice: str, arg: str, count: int, form: str) -> tuple[float, ...]:
         values = ()
     if len(values) != count:
         raise ConfigError(f"normalisation {choice!r}: give {form} ({count} numbers separated by commas)")
+    if not all(math.isfinite(v) for v in values):
+        raise ConfigError(f"normalisation {choice!r}: {form} must be finite numbers (no nan or inf)")
     return values
 
 

@@ -36,6 +36,7 @@ from segcore.models.padding import pad_to_multiple
 from segcore.models.record import save_model_record
 from segcore.models.registry import MODEL_KINDS, MODELS
 from segcore.normalise import Normalisation
+from segcore.normalise_fit import describe
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,7 @@ def import_model(source: str | os.PathLike[str], *, out: str | os.PathLike[str],
         norm = normalisation or getattr(builder, "normalisation", None) or Normalisation()
         meta = ModelMeta(arch=arch, arch_kwargs=dict(arch_kwargs or {}), class_names=names,
                          in_channels=int(channels), normalisation=norm, provenance=provenance, source=src)
+        _check_normalisation(meta)
         model = build_model(meta)
         try:
             model.load_state_dict(read_state_dict(source), strict=True)
@@ -161,6 +163,7 @@ def import_model(source: str | os.PathLike[str], *, out: str | os.PathLike[str],
     meta = ModelMeta(arch=arch or fmt, arch_kwargs=dict(arch_kwargs or {}), class_names=names or ("background", "x"),
                      in_channels=int(in_channels), normalisation=normalisation or Normalisation(),
                      provenance=provenance, source=src, runtime=fmt, input_multiple=int(input_multiple or 1))
+    _check_normalisation(meta)
     k = _trial_classes(source, meta)
     if names is None:
         meta = meta.model_copy(update={"class_names": ("background", *(f"class_{i}" for i in range(1, k)))})
@@ -170,31 +173,57 @@ def import_model(source: str | os.PathLike[str], *, out: str | os.PathLike[str],
     return meta
 
 
+def _check_normalisation(meta: ModelMeta) -> None:
+    """Refuse, before anything is written, a normalisation that no run could apply to the model
+    (:func:`segcore.run.start.check_normalisation`: e.g. ImageNet's three means for a 1-channel model)."""
+    from segcore.run.start import check_normalisation  # the run path imports this module's neighbours
+
+    try:
+        check_normalisation(meta)
+    except CheckpointError as exc:
+        raise CheckpointError(f"--normalisation {describe(meta.normalisation)!r} does not fit this model: "
+                              f"{str(exc).removesuffix('; the record is inconsistent')}") from exc
+
+
 def _trial_classes(source: str | os.PathLike[str], meta: ModelMeta) -> int:
-    """Class scores per pixel of a TorchScript/ONNX model, from one forward pass on zeros."""
+    """Class scores per pixel of a TorchScript/ONNX model, from forward passes on zeros: an even
+    size, then an odd one (each padded to the record's ``input_multiple``), so that a model that
+    needs sizes of a multiple it was not given is told now rather than by every run's images."""
     from segcore.models.runtimes import load_torchscript, onnx_session
 
     side = max(48, 2 * meta.input_multiple)
-    x, _ = pad_to_multiple(torch.zeros(1, meta.in_channels, side, side + 8), meta.input_multiple)
-    try:
-        if meta.runtime == "torchscript":
-            with torch.inference_mode():
-                y = load_torchscript(source)(x)
-        else:
-            session = onnx_session(source)
-            y = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
-    except CheckpointError:
-        raise
-    except Exception as exc:  # the model's own failure on a (1, C, H, W) float32 batch
-        raise CheckpointError(f"the {meta.runtime} model failed on a (1, {meta.in_channels}, {x.shape[2]}, "
-                              f"{x.shape[3]}) float32 batch: {' '.join(str(exc).split())[:300]}; check --in-channels "
-                              "and --input-multiple") from exc
-    if not isinstance(y, torch.Tensor) or y.ndim != 4 or y.shape[0] != 1 or tuple(y.shape[2:]) != tuple(x.shape[2:]) \
-            or y.shape[1] < 2:
-        raise CheckpointError(f"the {meta.runtime} model maps {tuple(x.shape)} to "
-                              f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}; segflow needs "
-                              "(N, K, H, W) logits with K >= 2 at the input's size")
-    return int(y.shape[1])
+    run = None
+    k = 0
+    for h, w in ((side, side + 8), (side + 13, side + 11)):
+        x, _ = pad_to_multiple(torch.zeros(1, meta.in_channels, h, w), meta.input_multiple)
+        try:
+            if meta.runtime == "torchscript":
+                run = run or load_torchscript(source)
+                with torch.inference_mode():
+                    y = run(x)
+            else:
+                run = run or onnx_session(source)
+                y = torch.from_numpy(run.run(None, {run.get_inputs()[0].name: x.numpy()})[0])
+        except CheckpointError:
+            raise
+        except Exception as exc:  # the model's own failure on a (1, C, H, W) float32 batch
+            why = ' '.join(str(exc).split())[:300]
+            if k:  # it ran on the even size: it wants sizes of a multiple, or takes one size only
+                raise CheckpointError(
+                    f"the {meta.runtime} model ran on a (1, {meta.in_channels}, {side}, {side + 8}) batch but failed "
+                    f"on ({x.shape[2]}, {x.shape[3]}) (padded to a multiple of {meta.input_multiple}): {why}; give "
+                    "--input-multiple M (2**depth for a UNet: images are padded to multiples of M); a model traced "
+                    "or exported at one fixed size needs exporting again with dynamic height and width") from exc
+            raise CheckpointError(f"the {meta.runtime} model failed on a (1, {meta.in_channels}, {x.shape[2]}, "
+                                  f"{x.shape[3]}) float32 batch: {why}; check --in-channels and --input-multiple, and "
+                                  "that it takes any height and width (an export with dynamic axes)") from exc
+        if not isinstance(y, torch.Tensor) or y.ndim != 4 or y.shape[0] != 1 \
+                or tuple(y.shape[2:]) != tuple(x.shape[2:]) or y.shape[1] < 2:
+            raise CheckpointError(f"the {meta.runtime} model maps {tuple(x.shape)} to "
+                                  f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}; segflow "
+                                  "needs (N, K, H, W) logits with K >= 2 at the input's size")
+        k = int(y.shape[1])
+    return k
 
 
 __all__ = ["CLASS_NAME_PRESETS", "detect_format", "import_model", "read_state_dict", "resolve_class_names"]

@@ -179,3 +179,30 @@ def test_model_info_of_a_volumetric_model_describes_volumes(tmp_path):
     assert info["output"].startswith("(N, 3, D, H, W) float logits for (N, 1, D, H, W) float32 inputs")
     assert "(D, H, W) uint8 class ids" in info["output"]
     assert "axes bczyx, 1 channel(s), float32, any D, H and W" in info_text(info)
+
+
+def test_a_traced_unet_that_needs_padded_sizes_is_told_at_import(tmp_path):
+    from segcore.models import create_model
+
+    net = create_model("unet", in_channels=1, num_classes=3, base=4, depth=2).eval()
+    torch.jit.trace(net, torch.zeros(1, 1, 64, 64)).save(str(tmp_path / "unet.pt"))
+    with pytest.raises(CheckpointError, match=r"ran on a \(1, 1, 48, 56\) batch but failed on \(61, 59\) .*"
+                                              r"give --input-multiple M"):
+        import_model(tmp_path / "unet.pt", out=tmp_path / "a.segflow", in_channels=1)
+    assert not (tmp_path / "a.segflow").exists()
+    meta = import_model(tmp_path / "unet.pt", out=tmp_path / "b.segflow", in_channels=1, input_multiple=4)
+    assert meta.input_multiple == 4 and len(meta.class_names) == 3
+
+
+def test_normalisations_no_run_could_apply_are_refused_at_import(tmp_path, capsys):
+    from segcore.models import create_model
+
+    torch.save(create_model("unet", in_channels=1, num_classes=2, base=4, depth=2).state_dict(), tmp_path / "sd.pth")
+    common = ["model", "import", str(tmp_path / "sd.pth"), "--out", str(tmp_path / "m.safetensors"), "--arch", "unet",
+              "--arch-kwargs", '{"base": 4, "depth": 2}', "--class-names", "bg,fg", "--normalisation"]
+    for choice, says in (("zscore:nan,1", "must be finite numbers"), ("ct:-inf,inf,0,1", "must be finite numbers"),
+                         ("imagenet", "does not fit this model: the model's normalisation has 3 mean value(s)")):
+        assert main([*common, choice]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("segflow: error: ") and says in err and err.count("\n") == 1, err
+    assert not (tmp_path / "m.safetensors").exists()
