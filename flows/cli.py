@@ -299,7 +299,8 @@ def _add_model(sub: Any) -> None:
     p.add_argument("--to", required=True, choices=EXPORT_TARGETS, help="target runtime")
     p.add_argument("--out", required=True, help="model record directory to write (NAME.segflow), or the "
                                                 "package zip (NAME.zip) for --to bioimageio")
-    p.add_argument("--author", action="append", help="--to bioimageio: an author's name (repeat for several)")
+    p.add_argument("--author", action="append", help="--to bioimageio (required there): an author's name (repeat "
+                                                      "for several)")
     p.add_argument("--license", default="CC-BY-4.0", help="--to bioimageio: SPDX licence id (default CC-BY-4.0)")
 
 

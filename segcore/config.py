@@ -307,7 +307,8 @@ class TrainSpec(_Spec):
         if self.crop_size is not None and self.kind != "instance":
             raise ValueError("crop_size applies to instance models only")
         if self.init is not None and self.arch_kwargs:
-            raise ValueError("with init, the architecture options are the parent model's; leave out arch_kwargs")
+            raise ValueError("with init, the architecture options are the parent model's; leave out arch_kwargs "
+                             "(--base, --depth)")
         if self.val_split == "group" and not self.group_pattern:
             raise ValueError("val_split 'group' needs a group_pattern (a regular expression on the image ids)")
         if self.group_pattern:

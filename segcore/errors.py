@@ -38,3 +38,8 @@ class NotFound(SegflowError, FileNotFoundError):
 
 class PlanError(SegflowError, ValueError):
     """A work-unit plan is inconsistent with the arrays it writes."""
+
+
+def a_model(runtime: str) -> str:
+    """``"a torchscript model"``, ``"an onnx model"``: a runtime or format named in a message."""
+    return f"{'an' if runtime[:1] in ('a', 'e', 'i', 'o', 'u') else 'a'} {runtime} model"

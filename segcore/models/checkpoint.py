@@ -25,7 +25,7 @@ from safetensors.torch import load, load_file, save_file
 from torch import nn
 
 from segcore import fsio
-from segcore.errors import CheckpointError, ConfigError, NotFound
+from segcore.errors import CheckpointError, ConfigError, NotFound, a_model
 from segcore.fsio import atomic_path, new_file_mode
 from segcore.models import MODEL_KINDS, create_model, spatial_dims_of
 from segcore.models.outputs import OutputRule
@@ -102,7 +102,7 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: ModelM
     """Write ``model``'s weights and ``meta`` to ``path`` atomically (write, then rename)."""
     path = Path(path)
     if meta.runtime != "torch":
-        raise CheckpointError(f"save_checkpoint writes torch-runtime models; a {meta.runtime} model is a directory "
+        raise CheckpointError(f"save_checkpoint writes torch-runtime models; {a_model(meta.runtime)} is a directory "
                               "record (segcore.models.record.save_model_record)")
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:

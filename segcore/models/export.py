@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from segcore.errors import CheckpointError, ConfigError
+from segcore.errors import CheckpointError, ConfigError, a_model
 from segcore.models.checkpoint import ModelMeta, load_checkpoint
 from segcore.models.record import model_sha256, read_model_meta, save_model_record
 
@@ -80,7 +80,7 @@ def export_model(path: str | os.PathLike[str], *, to: str, out: str | os.PathLik
         raise ConfigError(f"export target must be one of {', '.join(sorted(EXPORTERS))}, got {to!r}")
     meta = read_model_meta(path)
     if meta.runtime != "torch":
-        raise CheckpointError(f"{str(path)!r} is already a {meta.runtime} model; export from the torch checkpoint")
+        raise CheckpointError(f"{str(path)!r} is already {a_model(meta.runtime)}; export from the torch checkpoint")
     if meta.kind != "semantic":
         raise ConfigError(f"{meta.arch!r} is an instance model; only semantic models export to {to} for now")
     model, meta = load_checkpoint(path)

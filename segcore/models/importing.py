@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from segcore.errors import CheckpointError, ConfigError, NotFound
+from segcore.errors import CheckpointError, ConfigError, NotFound, a_model
 from segcore.fsio import file_sha256
 from segcore.models.checkpoint import ModelMeta, build_model, save_checkpoint
 from segcore.models.detection import COCO_CATEGORIES
@@ -159,7 +159,7 @@ def import_model(source: str | os.PathLike[str], *, out: str | os.PathLike[str],
         raise ConfigError(f"{fmt} models are imported as semantic models; import an instance model's state dict "
                           "with --arch (e.g. torchvision:maskrcnn_resnet50_fpn)")
     if in_channels is None:
-        raise ConfigError(f"a {fmt} model needs --in-channels (the channels of the images it takes)")
+        raise ConfigError(f"{a_model(fmt)} needs --in-channels (the channels of the images it takes)")
     meta = ModelMeta(arch=arch or fmt, arch_kwargs=dict(arch_kwargs or {}), class_names=names or ("background", "x"),
                      in_channels=int(in_channels), normalisation=normalisation or Normalisation(),
                      provenance=provenance, source=src, runtime=fmt, input_multiple=int(input_multiple or 1))

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from segcore import fsio
-from segcore.errors import CheckpointError, NotFound
+from segcore.errors import CheckpointError, NotFound, a_model
 from segcore.fsio import file_sha256
 from segcore.models.checkpoint import ModelMeta, parse_meta, read_meta
 
@@ -149,7 +149,7 @@ def save_model_record(path: str | os.PathLike[str], *, meta: ModelMeta, model_pa
         raise CheckpointError(f"a directory record holds a torchscript or onnx model, not {meta.runtime!r}; "
                               "write torch models with save_checkpoint")
     if path.is_file():
-        raise CheckpointError(f"{str(path)!r} is a file; a {meta.runtime} model record is a directory "
+        raise CheckpointError(f"{str(path)!r} is a file; {a_model(meta.runtime)} record is a directory "
                               f"(e.g. NAME{RECORD_SUFFIX})")
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.mkdir(parents=True)

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from segcore.errors import ConfigError
+from segcore.errors import ConfigError, a_model
 from segcore.models.checkpoint import ModelMeta, load_checkpoint
 from segcore.models.record import model_sha256, read_model_meta
 
@@ -73,7 +73,7 @@ def load_init(path: str | os.PathLike[str], *, arch: str, in_channels: int, clas
     """
     meta = read_model_meta(path)
     if meta.runtime != "torch":
-        raise ConfigError(f"--init {os.fspath(path)!r} is a {meta.runtime} model; fine-tuning starts from a torch "
+        raise ConfigError(f"--init {os.fspath(path)!r} is {a_model(meta.runtime)}; fine-tuning starts from a torch "
                           "model (a segflow checkpoint or a state dict imported with 'segflow model import')")
     if meta.arch != arch:
         raise ConfigError(f"--init {os.fspath(path)!r} is a {meta.arch!r} model; pass --model {meta.arch}")

@@ -62,7 +62,7 @@ def test_the_largest_region_option_is_stored_decided_and_reported(stores, capsys
     bad = Path(stores["root"]) / "largest-instance.safetensors"
     assert main(["train", "--store", stores["inst"], "--model", "maskrcnn_r18", "--out", str(bad), "--epochs", "1",
                  "--val-fraction", "0", "--largest-region", "on"]) == 2
-    assert "largest_region applies to semantic models only" in capsys.readouterr().err and not bad.exists()
+    assert "--largest-region applies to semantic models only" in capsys.readouterr().err and not bad.exists()
 
 
 def test_refit_trains_again_on_every_image_and_says_so(stores, capsys) -> None:
@@ -98,7 +98,7 @@ def test_the_overlap_threshold_option_is_stored_and_checked(stores, capsys) -> N
     bad = Path(stores["root"]) / "bad-overlap.safetensors"
     assert main(["train", "--store", stores["inst"], "--model", "maskrcnn_r18", "--out", str(bad), "--epochs", "1",
                  "--val-fraction", "0", "--crop-size", "48", "--overlap-threshold", "0"]) == 2
-    assert "overlap_threshold" in capsys.readouterr().err and not bad.exists()
+    assert "--overlap-threshold is a share" in capsys.readouterr().err and not bad.exists()
 
 
 def test_options_a_model_does_not_take_are_refused(stores, capsys) -> None:

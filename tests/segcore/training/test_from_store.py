@@ -210,4 +210,4 @@ def test_unet3d_trains_on_the_one_volume_of_a_store_without_validation(tmp_path)
     assert (p["images"], p["n_train"], p["n_val"], p["best_epoch"], p["val_dice"]) == (1, 1, 0, None, None)
     assert p["patch_size"] == [8, 8, 8] and len(result.history) == 2 and result.best_val_score is None
     assert no_validation_note(dataclasses.asdict(result)).startswith(
-        "no validation (val fraction 0): trained on all 1 volumes; the checkpoint holds the last epoch's weights")
+        "no validation (val fraction 0): trained on the one volume; the checkpoint holds the last epoch's weights")
