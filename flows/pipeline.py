@@ -246,6 +246,9 @@ def summarise_run(spec: SegmentSpec, ctx: RunContext, plan: RunPlan, meta: Model
                    outputs={"run directory": spec.out, "masks": f"{spec.out}/masks.zarr",
                             "dice table": f"{spec.out}/dice", "summary": f"{spec.out}/summary.md",
                             **({"volume table": f"{spec.out}/volumes"} if volumes.num_rows else {}),
+                            **({"instance labels": f"{spec.out}/instances.zarr",
+                                "instance table": f"{spec.out}/instances",
+                                "instance metrics": f"{spec.out}/instance_metrics"} if meta.kind == "instance" else {}),
                             **({"data lake": spec.lake} if spec.lake else {})})
     markdown = render_markdown(summary, title=f"segflow run {ctx.run_id}")
     write_summary(spec.out, summary, markdown)

@@ -46,6 +46,10 @@ def test_instance_model_writes_instances_and_metrics(tmp_path: Path):
     inst = run.instance_table().to_pandas()
     metrics = run.instance_metrics_table().to_pandas()
     assert summary["instance"]["instances_predicted"] == len(inst)
+    named = summary["outputs"]
+    assert (named["instance labels"], named["instance table"], named["instance metrics"]) == (
+        f"{out}/instances.zarr", f"{out}/instances", f"{out}/instance_metrics")
+    assert all(Path(named[k]).exists() for k in ("instance labels", "instance table", "instance metrics"))
     assert sorted(metrics.image_id) == ["n0", "n1", "n2", "n3"]  # n4 has no ground truth
     assert not inst.duplicated(["image_id", "instance_id"]).any()
     for image_id in run.image_ids:
