@@ -121,7 +121,7 @@ def test_a_run_without_validation_claims_no_best_epoch_and_draws_the_loss_alone(
                                           "course": {"epochs": 3, "epochs_run": 3, "n_train": 1, "n_val": 0}},
                                          run_name="r")
     text = sent["markdown"]
-    assert ("No validation (val fraction 0): trained on all 1 volumes; the checkpoint holds the last epoch's "
+    assert ("No validation (val fraction 0): trained on the one volume; the checkpoint holds the last epoch's "
             "weights (epoch 3 of 3), not a best epoch.") in text
     assert "Best epoch" not in text and "validation Dice" not in text
     assert sent["table"]["description"].startswith("Loss per epoch") and "val_dice_mean_fg" not in \
