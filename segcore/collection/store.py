@@ -41,7 +41,7 @@ import zarr
 
 from segcore import fsio
 from segcore.errors import NotFound, SegflowError, StoreError
-from segcore.collection.fingerprint import value_range
+from segcore.collection.fingerprint import ATTR as FINGERPRINT, value_range
 from segcore.collection.imageio import read_image, read_mask
 from segcore.collection.volumes import decode_slab
 # manifest_hashes_masks and read_manifest are also this module's names (their home is manifest.py).
@@ -104,6 +104,9 @@ class StoreInfo:
     spec: dict[str, Any]
     #: Changes whenever the store is created anew (None: created before ids existed).
     store_id: str | None = None
+    #: The dataset fingerprint its ingest recorded (:mod:`segcore.collection.fingerprint`; None:
+    #: ingested before fingerprints, or an ingest that has not finished).
+    fingerprint: dict[str, Any] | None = None
 
     def group(self, name: str) -> GroupInfo:
         for g in self.groups:
@@ -286,7 +289,7 @@ def open_store(path: str) -> StoreInfo:
         raise StoreError(f"{path!r} is not a segflow store of a format this segflow reads: its groups do not "
                          f"fit ({exc})") from exc
     return StoreInfo(path=str(path), groups=groups, mask_kind=attrs["mask_kind"], has_gt=attrs["has_gt"],
-                     spec=attrs.get("spec", {}), store_id=attrs.get("store_id"))
+                     spec=attrs.get("spec", {}), store_id=attrs.get("store_id"), fingerprint=attrs.get(FINGERPRINT))
 
 
 def write_store_chunk(store_path: str, rows: Sequence[dict[str, Any]], *, threads: int | None = None) -> list[dict[str, Any]]:

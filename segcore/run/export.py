@@ -48,8 +48,9 @@ EXPORT_FORMATS = ("nifti",)
 
 @dataclass(frozen=True)
 class ExportedVolume:
-    """One file written: the volume's id, its path, its voxel shape ``(i, j, k)`` and where its
-    affine came from (``"source header"``, ``"manifest"`` or ``"spacing"``)."""
+    """One file written: the volume's id, its path, its voxel shape ``(i, j, k)``, where its affine
+    came from (``"source header"``, ``"manifest"`` or ``"spacing"``) and the header's length unit
+    (``"mm"``, ``"micron"``, ``"meter"`` or ``"unknown"``)."""
 
     volume_id: str
     path: str
@@ -101,14 +102,13 @@ def export_nifti(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | 
     planned = set(read_plan(run.path).groups)
     current = [r for r in current_manifest(run.manifest).to_pylist() if r["group"] in planned]
     pattern = volume_pattern if volume_pattern is not None else (run.info.get("spec") or {}).get("volume_pattern")
-    if volume_pattern:
-        check_volume_pattern(current, volume_pattern)
+    if volume_pattern:  # asked for here: a pattern that groups nothing is refused
+        check_volume_pattern(current, volume_pattern)  # names an id when there are 2-D images
+        if all(r.get("volume_id") for r in current):
+            raise ConfigError(f"--volume-pattern {volume_pattern!r} groups none of the run's 2-D images (it has 0); "
+                              "leave it out to export the run's ingested volumes")
     by_id = {r["image_id"]: r for r in current}
     volumes = find_volumes(current, pattern=pattern or None)
-    if volume_pattern and not any(not by_id[v.slices[0]].get("volume_id") for v in volumes):
-        flat = sum(1 for r in current if not r.get("volume_id"))
-        raise ConfigError(f"--volume-pattern {volume_pattern!r} groups none of the run's 2-D images (it has {flat}); "
-                          "fix the pattern, or leave it out to export the run's ingested volumes")
     if not volumes:
         raise NotFound(f"run {run.run_id} at {run.path} segmented no volume (NIfTI or TIFF z-stack"
                        + (f", or 2-D images grouped by --volume-pattern {pattern!r}" if pattern else

@@ -14,7 +14,6 @@ import dataclasses
 import logging
 from typing import Any, Mapping
 
-from segcore.collection.fingerprint import read_fingerprint
 from segcore.collection.store import StoreInfo, open_store
 from segcore.errors import CheckpointError, ConfigError, NotFound
 from segcore.models.checkpoint import ModelMeta
@@ -62,7 +61,7 @@ def preflight(store_path: str, checkpoint: str) -> tuple[ModelMeta, str, StoreIn
     if store.has_gt:
         check_ground_truth(meta, store.mask_kind)
         if store.mask_kind == "class":
-            note = check_mask_labels(meta, read_fingerprint(store_path))
+            note = check_mask_labels(meta, store.fingerprint)
             if note:
                 log.warning("%s", note)
     return meta, sha, store
