@@ -312,7 +312,9 @@ def train_from_store(
             labels = (labels > 0).astype(labels.dtype)
         names = tuple(class_names or ("background",) + tuple(f"class_{k}" for k in range(1, int(labels.max()) + 1)))
         split = val_split if val_split != "auto" else ("group" if group_pattern else "tail")
-        recipe = Recipe(device=device, precision=precision, refit=refit, **{k: v for k, v in
+        # the CPU trains in fp32 whatever was asked: the recipe records what ran
+        ran_precision = precision if str(device).startswith("cuda") else "fp32"
+        recipe = Recipe(device=device, precision=ran_precision, refit=refit, **{k: v for k, v in
                                                                 (("patch_size", None if volumetric else patch_size),
                                                                  ("schedule", schedule),
                                                                  ("largest_region", largest_region),

@@ -87,6 +87,13 @@ def test_trains_the_stores_images_and_writes_a_described_checkpoint(semantic_sto
     assert all(torch.equal(t, expected[k]) for k, t in model.state_dict().items())
 
 
+def test_the_recipe_records_the_precision_that_ran(semantic_store, tmp_path):
+    # bf16 asked for on the CPU: the CPU trains in fp32, and the checkpoint says so
+    result = _train(semantic_store, tmp_path / "cpu.safetensors", epochs=1, device="cpu", precision="bf16")
+    recipe = load_checkpoint(result.checkpoint)[1].provenance["recipe"]
+    assert (recipe["device"], recipe["precision"]) == ("cpu", "fp32")
+
+
 def test_instance_labels_train_a_unet_on_foreground(tmp_path):
     root = tmp_path / "inst"
     generate_collection(root, n_images=4, size=32, seed=1)
