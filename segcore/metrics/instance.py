@@ -26,9 +26,11 @@ quality SQ = (sum of matched IoU)/TP and recognition quality RQ = TP/(TP + FP/2 
 
 Empty-case policy (``empty_gt`` in the report flags images without ground-truth objects):
 
-- a ratio with nothing to count is 1.0: precision without predictions, recall without ground
-  truth, and F1, PQ, SQ and RQ when the image has neither predictions nor ground truth;
-- otherwise, with no match (TP = 0), F1 = PQ = SQ = RQ = 0.0 (SQ = 0 as in the panoptic reference);
+- an image with neither predictions nor ground truth scores 1.0 in precision, recall, F1, PQ,
+  SQ and RQ (nothing to find, nothing claimed);
+- otherwise a ratio with nothing to count is 0.0, as every figure is without a match (TP = 0):
+  precision without predictions (a model that finds nothing is not precise), recall without ground
+  truth, F1 = PQ = SQ = RQ = 0.0 (SQ = 0 as in the panoptic reference);
 - ``mean_matched_iou`` is NaN without a match (a mean of nothing);
 - AP, AP50 and AP75 are NaN without ground truth (COCO reports -1 there), and 0.0 with ground
   truth but no predictions.
@@ -257,6 +259,16 @@ def _classes_for(ids: np.ndarray, classes: Mapping[int, int], name: str) -> np.n
     return np.array([int(classes[int(i)]) for i in ids], dtype=np.int64)
 
 
+def detection_ratios(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
+    """Precision, recall and F1 of ``tp`` matched pairs, ``fp`` unmatched predictions and ``fn``
+    unmatched ground-truth objects, under the module's empty-case policy: all 1.0 when there is
+    nothing at all (0, 0, 0), else a ratio with nothing to count is 0.0."""
+    if tp + fp + fn == 0:
+        return 1.0, 1.0, 1.0
+    return (tp / (tp + fp) if tp + fp else 0.0, tp / (tp + fn) if tp + fn else 0.0,
+            2.0 * tp / (2 * tp + fp + fn))
+
+
 def _scores_from_iou(iou: np.ndarray, det_scores: np.ndarray, *, iou_threshold: float,
                      max_detections: int) -> dict[str, float | int | bool]:
     n_pred, n_gt = iou.shape
@@ -272,10 +284,10 @@ def _scores_from_iou(iou: np.ndarray, det_scores: np.ndarray, *, iou_threshold: 
         sq = iou_sum / tp if tp else 0.0
         pq = iou_sum / denom
     ap = coco_average_precision(iou, det_scores, max_detections=max_detections)
+    precision, recall, _ = detection_ratios(tp, fp, fn)
     return {
         "n_pred": n_pred, "n_gt": n_gt, "tp": tp, "fp": fp, "fn": fn,
-        "precision": tp / n_pred if n_pred else 1.0,
-        "recall": tp / n_gt if n_gt else 1.0,
+        "precision": precision, "recall": recall,
         "f1": rq,
         "mean_matched_iou": iou_sum / tp if tp else float("nan"),
         "panoptic_quality": pq, "segmentation_quality": sq, "recognition_quality": rq,

@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from segcore.errors import ConfigError
-from segcore.metrics.instance import instance_scores
+from segcore.metrics.instance import detection_ratios, instance_scores
 from segcore.models.instances import InstancePrediction
 from segcore.models.predict import Predictor
 from segcore.training.inputs import as_nhwc
@@ -33,8 +33,8 @@ def pooled_instance_scores(pred_labels: Sequence[np.ndarray], gt_labels: Sequenc
         scores: per image, predicted id -> confidence (for AP); ``None`` = all 1.0.
 
     Returns ``n_images``, ``tp``, ``fp``, ``fn`` (objects, IoU >= 0.5), ``precision``, ``recall``,
-    ``f1`` and ``pq`` (panoptic quality) from the summed counts (1.0 when there is nothing to
-    count), ``ap`` (COCO AP 0.50:0.95, mean over the images with ground-truth objects; NaN if
+    ``f1`` and ``pq`` (panoptic quality) from the summed counts (all 1.0 when there is nothing at
+    all; else a ratio with nothing to count is 0.0, see :func:`~segcore.metrics.instance.detection_ratios`), ``ap`` (COCO AP 0.50:0.95, mean over the images with ground-truth objects; NaN if
     none) and ``dice_fg`` (Dice of foreground vs background over all pixels; 1.0 when both are
     empty). See :mod:`segcore.metrics.instance` for the per-image definitions.
     """
@@ -52,11 +52,10 @@ def pooled_instance_scores(pred_labels: Sequence[np.ndarray], gt_labels: Sequenc
         p, g = np.asarray(pred) > 0, np.asarray(gt) > 0
         inter, total = inter + int((p & g).sum()), total + int(p.sum()) + int(g.sum())
     denom = tp + 0.5 * (fp + fn)
+    precision, recall, f1 = detection_ratios(tp, fp, fn)
     return {
         "n_images": len(gt_labels), "tp": tp, "fp": fp, "fn": fn,
-        "precision": tp / (tp + fp) if tp + fp else 1.0,
-        "recall": tp / (tp + fn) if tp + fn else 1.0,
-        "f1": tp / denom if denom else 1.0,
+        "precision": precision, "recall": recall, "f1": f1,
         "pq": iou_sum / denom if denom else 1.0,
         "ap": float(np.mean(aps)) if aps else float("nan"),
         "dice_fg": 2.0 * inter / total if total else 1.0,

@@ -161,13 +161,14 @@ def test_empty_policy() -> None:
         assert np.isnan(both[key]), key
 
     no_gt = instance_scores(obj, empty, scores={5: 0.3})
-    assert (no_gt["fp"], no_gt["precision"], no_gt["recall"]) == (1, 0.0, 1.0)
+    assert (no_gt["fp"], no_gt["precision"], no_gt["recall"]) == (1, 0.0, 0.0)  # nothing to find, one claimed
     assert (no_gt["f1"], no_gt["panoptic_quality"]) == (0.0, 0.0)
     assert no_gt["segmentation_quality"] == 0.0 and no_gt["empty_gt"] is True
     assert np.isnan(no_gt["ap"]) and np.isnan(no_gt["mean_matched_iou"])
 
     no_pred = instance_scores(empty, obj)
-    assert (no_pred["fn"], no_pred["precision"], no_pred["recall"], no_pred["f1"]) == (1, 1.0, 0.0, 0.0)
+    # a model that finds nothing where there is something is not precise
+    assert (no_pred["fn"], no_pred["precision"], no_pred["recall"], no_pred["f1"]) == (1, 0.0, 0.0, 0.0)
     assert (no_pred["ap"], no_pred["ap50"], no_pred["ap75"], no_pred["empty_gt"]) == (0.0, 0.0, 0.0, False)
 
 

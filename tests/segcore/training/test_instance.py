@@ -162,6 +162,13 @@ def test_pooled_scores_of_nothing_against_nothing_are_perfect():
         pooled_instance_scores([empty], [empty, empty])
 
 
+def test_pooled_scores_of_no_detections_are_zero():
+    gt = np.zeros((4, 4), dtype=np.uint16)
+    gt[1:3, 1:3] = 2
+    s = pooled_instance_scores([np.zeros_like(gt)], [gt])
+    assert (s["tp"], s["fp"], s["fn"], s["precision"], s["recall"], s["f1"], s["pq"]) == (0, 0, 1, 0.0, 0.0, 0.0, 0.0)
+
+
 # -- training ---------------------------------------------------------------------------------
 
 
