@@ -183,8 +183,12 @@ def _segment_held(spec: SegmentSpec) -> dict[str, Any]:
         log.info("segment: appended %s to the lake %s", published or "nothing new", spec.lake)
     if failed:
         raise SegflowError(f"{len(failed)} unit(s) failed (the others are saved; the reasons are in "
-                           f"{fsio.join(spec.out, 'failed')}; run the same command again to retry only those): "
-                           + "; ".join(f"{f.name} ({f.reason}, {f.attempts} attempt(s))" for f in failed[:5])
+                           f"{fsio.join(spec.out, 'failed')}; "
+                           + ("run the same command again to retry only those): " if all(f.retried for f in failed)
+                              else "fix what they name, then run the same command again to redo only those): ")
+                           + "; ".join(f"{f.name} ({f.reason}, {f.attempts} attempt(s)"
+                                       f"{'' if f.retried else ', not retried: every attempt fails the same way'})"
+                                       for f in failed[:5])
                            + (f"; and {len(failed) - 5} more" if len(failed) > 5 else ""))
     if pyramids_failed:
         raise SegflowError("the masks are complete, but the pyramid levels of " + "; ".join(

@@ -2,8 +2,10 @@
 
 :func:`gather_watched` submits one task per item and waits for them as they finish. A step that
 raises is submitted again after 2 s, 4 s, ... (:func:`segcore.run.deadlines.retry_delay`), up to
-``retries`` more times. On a Dask cluster it also watches which steps are executing (asking the
-workers once per poll) and gives each the timeout of :class:`segcore.run.deadlines.UnitTimeouts`
+``retries`` more times, unless its error is one that every attempt would raise again
+(:data:`segcore.errors.NOT_RETRIED`: a bad option, a model that cannot take the images). On a
+Dask cluster it also watches which steps are executing (asking the workers once per poll) and
+gives each the timeout of :class:`segcore.run.deadlines.UnitTimeouts`
 from the moment it is first seen running. A step past its timeout is stopped for good: a Prefect
 ``timeout_seconds`` cannot interrupt a forward pass (or any C call, or a ``time.sleep``) in a
 Dask worker's thread, so its future is cancelled and its worker process restarted by its nanny
@@ -18,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from segcore.errors import NOT_RETRIED
 from segcore.run.deadlines import UnitTimeouts, retry_delay
 
 #: Seconds between two looks at the steps that finished.
@@ -29,11 +32,13 @@ WATCH_S = 2.0
 
 @dataclass(frozen=True)
 class Failure:
-    """A step given up on: its name, the last attempt's error, and how many attempts it had."""
+    """A step given up on: its name, the last attempt's error, how many attempts it had, and whether
+    it was retried at all (not when its error is one that every attempt raises again)."""
 
     name: str
     reason: str
     attempts: int
+    retried: bool = True
 
 
 @dataclass(eq=False)  # compared by identity: list.remove never compares the items' fields
@@ -108,10 +113,11 @@ def gather_watched(submit: Callable[[Any], Any], items: Sequence[Any], *, name: 
     failures: list[Failure] = []
     watched = 0.0
 
-    def attempt_failed(step: _Step, reason: str) -> None:
-        if step.attempt > retries:
-            log.error("segment: %s failed after %d attempt(s): %s", step.name, step.attempt, reason)
-            failures.append(Failure(step.name, reason, step.attempt))
+    def attempt_failed(step: _Step, reason: str, *, again: bool = True) -> None:
+        if step.attempt > retries or not again:
+            log.error("segment: %s failed after %d attempt(s)%s: %s", step.name, step.attempt,
+                      "" if again else " (not retried: it fails the same way every time)", reason)
+            failures.append(Failure(step.name, reason, step.attempt, retried=again))
             return
         step.attempt += 1
         step.retry_at = time.monotonic() + retry_delay(step.attempt)
@@ -129,8 +135,8 @@ def gather_watched(submit: Callable[[Any], Any], items: Sequence[Any], *, name: 
             active.remove(step)
             try:
                 record = step.future.result()
-            except Exception as exc:  # the step's own error (or its worker lost): try it again
-                attempt_failed(step, f"{type(exc).__name__}: {exc}")
+            except Exception as exc:  # the step's own error (or its worker lost): try it again, unless it would recur
+                attempt_failed(step, f"{type(exc).__name__}: {exc}", again=not isinstance(exc, NOT_RETRIED))
                 continue
             results.append(record)
             seconds = _seconds(record)

@@ -40,6 +40,24 @@ class PlanError(SegflowError, ValueError):
     """A work-unit plan is inconsistent with the arrays it writes."""
 
 
+class ModelError(SegflowError, RuntimeError):
+    """The model failed on its input (a shape it cannot take, an error inside its forward pass)."""
+
+
+#: Errors a step raises again on every attempt at the same input: a run does not retry a step for them.
+#: (Out of memory, a read error or a lost worker may pass on another attempt; these do not.)
+NOT_RETRIED: tuple[type[SegflowError], ...] = (ConfigError, CheckpointError, PlanError, ModelError)
+
+
+def error_line(exc: BaseException, limit: int = 300) -> str:
+    """``exc``'s message on one line, at most ``limit`` characters: of an error raised inside a
+    TorchScript model (whose message is the script's traceback), the original error, its last line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].startswith("The following operation failed in the TorchScript interpreter"):
+        lines = lines[-1:]
+    return " ".join(" ".join(lines).split())[:limit]
+
+
 def a_model(runtime: str) -> str:
     """``"a torchscript model"``, ``"an onnx model"``: a runtime or format named in a message."""
     return f"{'an' if runtime[:1] in ('a', 'e', 'i', 'o', 'u') else 'a'} {runtime} model"

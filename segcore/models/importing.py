@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from segcore.errors import CheckpointError, ConfigError, NotFound, a_model
+from segcore.errors import CheckpointError, ConfigError, NotFound, a_model, error_line
 from segcore.fsio import file_sha256
 from segcore.models.checkpoint import ModelMeta, build_model, save_checkpoint
 from segcore.models.detection import COCO_CATEGORIES
@@ -207,7 +207,7 @@ def _trial_classes(source: str | os.PathLike[str], meta: ModelMeta) -> int:
         except CheckpointError:
             raise
         except Exception as exc:  # the model's own failure on a (1, C, H, W) float32 batch
-            why = ' '.join(str(exc).split())[:300]
+            why = error_line(exc)
             if k:  # it ran on the even size: it wants sizes of a multiple, or takes one size only
                 raise CheckpointError(
                     f"the {meta.runtime} model ran on a (1, {meta.in_channels}, {side}, {side + 8}) batch but failed "

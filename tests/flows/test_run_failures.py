@@ -57,3 +57,39 @@ def test_a_hung_unit_is_stopped_retried_recorded_and_redone_alone(tmp_path, monk
     recomputed = sorted(name for name in again if first.get(name) != again[name])
     assert recomputed == [HUNG]
     assert failed_records(out, key) == {}
+
+
+class _CappedSize(torch.nn.Module):
+    """A model that takes images up to 64 x 64 px only (a learned per-pixel bias of that size)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, 1)
+        self.bias = torch.nn.Parameter(torch.zeros(1, 2, 64, 64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + self.bias[:, :, :x.shape[-2], :x.shape[-1]]
+
+
+def test_a_model_that_cannot_take_a_units_images_fails_it_once_without_retries(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    for i, side in enumerate([32, 32, 80]):  # two groups: unit-00000 (32 px), unit-00001 (80 px)
+        write_png(tmp_path / "images" / f"i{i}.png", rng.integers(0, 255, (side, side), dtype=np.uint8))
+    torch.jit.script(_CappedSize()).save(str(tmp_path / "capped.pt"))
+    record = str(tmp_path / "capped.segflow")
+    assert main(["model", "import", str(tmp_path / "capped.pt"), "--out", record, "--in-channels", "1",
+                 "--class-names", "bg,fg", "--normalisation", "range"]) == 0  # its probes (up to 61 px) pass
+    capsys.readouterr()
+    out = str(tmp_path / "run")
+    argv = ["run", "--images", str(tmp_path / "images"), "--checkpoint", record, "--out", out, "--workers", "1",
+            "--threads-per-worker", "1", "--unit-retries", "2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "1 unit(s) failed" in err and "unit-00001" in err and "1 attempt(s), not retried" in err
+    assert "fix what they name" in err
+    # a TorchScript model's error is its script's traceback: the line shown is the error it ends with
+    assert "the model failed on these images (RuntimeError: The size of tensor a (80) must match" in err
+    failed = failed_records(out, read_run_info(out)["key"])
+    assert list(failed) == ["unit-00001"] and failed["unit-00001"]["attempts"] == 1
+    assert failed["unit-00001"]["reason"].startswith("ModelError: unit unit-00001: the model failed")
+    assert list(done_records(out, read_run_info(out)["key"])) == ["unit-00000"]
