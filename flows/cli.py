@@ -85,7 +85,8 @@ def _add_segment(p: argparse.ArgumentParser) -> None:
                         "3600); a hung unit's Dask worker is restarted and the unit retried")
     f.add_argument("--unit-retries", type=int, metavar="N",
                    help="further attempts of a unit that fails or hangs, after 2 s, 4 s, ... (default 2; none when "
-                        "the model cannot take the unit's images: every attempt would fail); units that still fail are listed in RUN_DIR/failed/ and the command exits 2 naming them")
+                        "the model cannot take the unit's images: every attempt would fail); units that still fail "
+                        "are listed in RUN_DIR/failed/ and the command exits 2 naming them")
     _add_execution(p)
 
 
