@@ -143,7 +143,8 @@ def model_sha256(path: str | os.PathLike[str]) -> str:
 def save_model_record(path: str | os.PathLike[str], *, meta: ModelMeta, model_path: str | os.PathLike[str]) -> Path:
     """Write a directory record at ``path``: ``model.json`` from ``meta`` and a copy of
     ``model_path`` (a TorchScript archive or an ONNX file, as ``meta.runtime`` says). The directory
-    is built beside ``path`` and renamed into place; an existing record at ``path`` is replaced."""
+    is built beside ``path`` and renamed into place; an existing record at ``path`` is replaced, any
+    other directory there refused (:class:`~segcore.errors.CheckpointError`): nothing else is deleted."""
     path = Path(path)
     if meta.runtime not in MODEL_FILES:
         raise CheckpointError(f"a directory record holds a torchscript or onnx model, not {meta.runtime!r}; "
@@ -151,6 +152,13 @@ def save_model_record(path: str | os.PathLike[str], *, meta: ModelMeta, model_pa
     if path.is_file():
         raise CheckpointError(f"{str(path)!r} is a file; {a_model(meta.runtime)} record is a directory "
                               f"(e.g. NAME{RECORD_SUFFIX})")
+    if path.is_dir():
+        others = sorted(p.name for p in path.iterdir() if p.name not in (META_FILE, *MODEL_FILES.values()))
+        if others or not (path / META_FILE).is_file() and any(path.iterdir()):
+            # only ever replace a model record, never a folder of other files
+            raise CheckpointError(f"{str(path)!r} is a directory that is not a model record (it holds "
+                                  f"{', '.join(others[:3]) or 'no ' + META_FILE}{' ...' if len(others) > 3 else ''}); "
+                                  f"give a new name for the record, e.g. {str(path / ('model' + RECORD_SUFFIX))!r}")
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.mkdir(parents=True)
     try:

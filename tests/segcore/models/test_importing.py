@@ -91,6 +91,23 @@ def test_torchscript_and_onnx_files_import_as_directory_records(tmp_path):
         import_model(tmp_path / "net.pt", out=tmp_path / "y.segflow", in_channels=1)
 
 
+def test_a_record_replaces_a_record_but_never_a_folder_of_other_files(tmp_path, capsys):
+    torch.jit.trace(torch.nn.Conv2d(1, 2, 1).eval(), torch.zeros(1, 1, 8, 8)).save(str(tmp_path / "net.pt"))
+    argv = ["model", "import", str(tmp_path / "net.pt"), "--in-channels", "1", "--normalisation", "range", "--out"]
+    folder = tmp_path / "models"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")
+    assert main([*argv, str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "is a directory that is not a model record (it holds notes.txt, sub)" in err and "model.segflow" in err
+    assert (folder / "notes.txt").read_text() == "mine" and (folder / "sub").is_dir()
+    record = folder / "model.segflow"
+    assert main([*argv, str(record)]) == 0 and main([*argv, str(record)]) == 0  # a record: replaced
+    assert sorted(p.name for p in record.iterdir()) == [META_FILE, "model.ts"]
+    (tmp_path / "empty").mkdir()
+    assert main([*argv, str(tmp_path / "empty")]) == 0 and (tmp_path / "empty" / META_FILE).is_file()
+
+
 def test_a_ct_model_from_elsewhere_keeps_its_hounsfield_normalisation(tmp_path, capsys):
     """``--normalisation ct:LO,HI,MEAN,STD`` (and ``window:...``) on import: the record carries the
     fitted transform and the predictor applies it to raw Hounsfield units."""
