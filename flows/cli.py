@@ -647,8 +647,9 @@ def _run(args: argparse.Namespace) -> str:
 
 
 def _check_inputs(args: argparse.Namespace, spec: Any) -> None:
-    """Tell a missing image or mask directory (``ingest``, ``run``) or store (``segment``, ``train``)
-    before the cluster starts, with the message the flow would give after it."""
+    """Tell a missing image or mask directory (``ingest``, ``run``) or store (``segment``, ``train``),
+    or a training ``--out`` that cannot be a checkpoint file, before the cluster starts, with the
+    message the flow would give after it."""
     if args.command in ("ingest", "run"):
         from segcore.collection.sources import check_sources
 
@@ -657,6 +658,10 @@ def _check_inputs(args: argparse.Namespace, spec: Any) -> None:
         from segcore.collection.store import open_store
 
         open_store(spec.store)
+        if args.command == "train":
+            from segcore.models.checkpoint import check_checkpoint_path
+
+            check_checkpoint_path(spec.out)
 
 
 def _spec(args: argparse.Namespace) -> Any:

@@ -98,6 +98,18 @@ class ModelMeta(BaseModel):
         return 3 if "z" in self.input_axes else 2
 
 
+def check_checkpoint_path(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`~segcore.errors.CheckpointError` when a checkpoint file cannot be written at the
+    local ``path``: it is a directory, or names a directory record (``NAME.segflow``). Called before
+    the work that makes the checkpoint (training, an import), so a wrong ``--out`` costs nothing."""
+    local = fsio.local_path(path)
+    if local is None:
+        return
+    if Path(local).is_dir() or Path(local).suffix.lower() == ".segflow":
+        raise CheckpointError(f"{str(path)!r} {'is a directory' if Path(local).is_dir() else 'names a directory record'}"
+                              "; a torch checkpoint is a file: give NAME.safetensors")
+
+
 def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: ModelMeta) -> Path:
     """Write ``model``'s weights and ``meta`` to ``path`` atomically (write, then rename)."""
     path = Path(path)

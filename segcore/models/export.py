@@ -26,7 +26,7 @@ from torch import nn
 
 from segcore.errors import CheckpointError, ConfigError, a_model
 from segcore.models.checkpoint import ModelMeta, load_checkpoint
-from segcore.models.record import model_sha256, read_model_meta, save_model_record
+from segcore.models.record import check_record_path, model_sha256, read_model_meta, save_model_record
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ def export_model(path: str | os.PathLike[str], *, to: str, out: str | os.PathLik
     directory record ``out``; returns the new record's metadata."""
     if to not in EXPORTERS:
         raise ConfigError(f"export target must be one of {', '.join(sorted(EXPORTERS))}, got {to!r}")
+    check_record_path(out, to)  # before the export's work
     meta = read_model_meta(path)
     if meta.runtime != "torch":
         raise CheckpointError(f"{str(path)!r} is already {a_model(meta.runtime)}; export from the torch checkpoint")

@@ -30,10 +30,10 @@ from safetensors.torch import load_file
 
 from segcore.errors import CheckpointError, ConfigError, NotFound, a_model, error_line
 from segcore.fsio import file_sha256
-from segcore.models.checkpoint import ModelMeta, build_model, save_checkpoint
+from segcore.models.checkpoint import ModelMeta, build_model, check_checkpoint_path, save_checkpoint
 from segcore.models.detection import COCO_CATEGORIES
 from segcore.models.padding import pad_to_multiple
-from segcore.models.record import save_model_record
+from segcore.models.record import check_record_path, save_model_record
 from segcore.models.registry import MODEL_KINDS, MODELS
 from segcore.normalise import Normalisation
 from segcore.normalise_fit import describe
@@ -140,6 +140,7 @@ def import_model(source: str | os.PathLike[str], *, out: str | os.PathLike[str],
             raise ConfigError(f"architecture {arch!r} is a {MODEL_KINDS[arch]} model, not {kind}")
         if names is None:
             raise ConfigError("a state dict needs --class-names (background first, e.g. background,cell; or coco)")
+        check_checkpoint_path(out)
         builder = MODELS[arch]
         default_c = inspect.signature(builder).parameters.get("in_channels")
         channels = in_channels or (default_c.default if default_c is not None else 1)
@@ -164,6 +165,7 @@ def import_model(source: str | os.PathLike[str], *, out: str | os.PathLike[str],
                      in_channels=int(in_channels), normalisation=normalisation or Normalisation(),
                      provenance=provenance, source=src, runtime=fmt, input_multiple=int(input_multiple or 1))
     _check_normalisation(meta)
+    check_record_path(out, fmt)
     k = _trial_classes(source, meta)
     if names is None:
         meta = meta.model_copy(update={"class_names": ("background", *(f"class_{i}" for i in range(1, k)))})

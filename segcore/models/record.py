@@ -38,6 +38,8 @@ META_FILE = "model.json"
 MODEL_FILES = {"torchscript": "model.ts", "onnx": "model.onnx"}
 #: Conventional suffix of a directory record.
 RECORD_SUFFIX = ".segflow"
+#: Suffixes of model files, never of a directory record (``--out net.onnx`` would make a directory of that name).
+FILE_SUFFIXES = (".onnx", ".pt", ".pth", ".ts", ".safetensors", ".zip", ".json", ".bin", ".ckpt")
 
 
 def read_model_meta(path: str | os.PathLike[str]) -> ModelMeta:
@@ -140,6 +142,23 @@ def model_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+def check_record_path(path: str | os.PathLike[str], runtime: str) -> None:
+    """Raise :class:`~segcore.errors.CheckpointError` unless a directory record of ``runtime`` may be
+    written at ``path``: a new name, an empty directory or a record (replaced), not a file, a name
+    with a model file's suffix, or a directory of other files (which would be deleted)."""
+    path = Path(path)
+    if path.is_file() or path.suffix.lower() in FILE_SUFFIXES:
+        raise CheckpointError(f"{str(path)!r} {'is' if path.is_file() else 'names'} a file; "
+                              f"{a_model(runtime)} record is a directory (e.g. {path.stem}{RECORD_SUFFIX})")
+    if path.is_dir():
+        others = sorted(p.name for p in path.iterdir() if p.name not in (META_FILE, *MODEL_FILES.values()))
+        if others or not (path / META_FILE).is_file() and any(path.iterdir()):
+            # only ever replace a model record, never a folder of other files
+            raise CheckpointError(f"{str(path)!r} is a directory that is not a model record (it holds "
+                                  f"{', '.join(others[:3]) or 'no ' + META_FILE}{' ...' if len(others) > 3 else ''}); "
+                                  f"give a new name for the record, e.g. {str(path / ('model' + RECORD_SUFFIX))!r}")
+
+
 def save_model_record(path: str | os.PathLike[str], *, meta: ModelMeta, model_path: str | os.PathLike[str]) -> Path:
     """Write a directory record at ``path``: ``model.json`` from ``meta`` and a copy of
     ``model_path`` (a TorchScript archive or an ONNX file, as ``meta.runtime`` says). The directory
@@ -149,16 +168,7 @@ def save_model_record(path: str | os.PathLike[str], *, meta: ModelMeta, model_pa
     if meta.runtime not in MODEL_FILES:
         raise CheckpointError(f"a directory record holds a torchscript or onnx model, not {meta.runtime!r}; "
                               "write torch models with save_checkpoint")
-    if path.is_file():
-        raise CheckpointError(f"{str(path)!r} is a file; {a_model(meta.runtime)} record is a directory "
-                              f"(e.g. NAME{RECORD_SUFFIX})")
-    if path.is_dir():
-        others = sorted(p.name for p in path.iterdir() if p.name not in (META_FILE, *MODEL_FILES.values()))
-        if others or not (path / META_FILE).is_file() and any(path.iterdir()):
-            # only ever replace a model record, never a folder of other files
-            raise CheckpointError(f"{str(path)!r} is a directory that is not a model record (it holds "
-                                  f"{', '.join(others[:3]) or 'no ' + META_FILE}{' ...' if len(others) > 3 else ''}); "
-                                  f"give a new name for the record, e.g. {str(path / ('model' + RECORD_SUFFIX))!r}")
+    check_record_path(path, meta.runtime)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.mkdir(parents=True)
     try:
@@ -211,5 +221,5 @@ def describe_model(path: str | os.PathLike[str]) -> dict[str, object]:
             "format_version": meta.format_version}
 
 
-__all__ = ["META_FILE", "MODEL_FILES", "RECORD_SUFFIX", "describe_model", "local_record", "model_file",
-           "model_sha256", "read_model_meta", "save_model_record"]
+__all__ = ["FILE_SUFFIXES", "META_FILE", "MODEL_FILES", "RECORD_SUFFIX", "check_record_path", "describe_model",
+           "local_record", "model_file", "model_sha256", "read_model_meta", "save_model_record"]

@@ -22,7 +22,7 @@ from segcore.config import train_defaults
 from segcore.errors import ConfigError, StoreError
 from segcore.fsio import file_sha256
 from segcore.models import MODEL_KINDS, spatial_dims_of
-from segcore.models.checkpoint import save_checkpoint
+from segcore.models.checkpoint import check_checkpoint_path, save_checkpoint
 from segcore.collection.fingerprint import of_images, read_fingerprint
 from segcore.normalise import Normalisation
 from segcore.normalise_fit import choose_normalisation, describe, parse_normalisation
@@ -277,6 +277,7 @@ def train_from_store(
     if refit and kind == "instance":
         raise ConfigError(f"refit applies to semantic models only; leave it out for {model!r}")
     check_refit(refit, val_fraction)  # before the store is read
+    check_checkpoint_path(out)  # before any training
     volumetric = kind == "semantic" and spatial_dims_of(model) == 3
     defaults = VOLUME_DEFAULTS if volumetric else train_defaults(kind)
     mask_kind = open_store(store).mask_kind

@@ -216,8 +216,10 @@ def export_bioimageio(checkpoint: str | os.PathLike[str], out: str | os.PathLike
 
     Raises :class:`PackageCheckFailed` when the zoo's tools reject the package (then no zip is left).
     """
-    spec = zoo()
     out = Path(out)
+    if out.suffix.lower() != ".zip" or out.is_dir():
+        raise ConfigError(f"{str(out)!r} is not a zip file to write; a bioimage.io package is one (NAME.zip)")
+    spec = zoo()
     with tempfile.TemporaryDirectory(prefix="segflow-bioimageio-") as tmp:
         folder = Path(tmp) / "package"
         folder.mkdir()

@@ -106,6 +106,10 @@ def test_a_record_replaces_a_record_but_never_a_folder_of_other_files(tmp_path, 
     assert sorted(p.name for p in record.iterdir()) == [META_FILE, "model.ts"]
     (tmp_path / "empty").mkdir()
     assert main([*argv, str(tmp_path / "empty")]) == 0 and (tmp_path / "empty" / META_FILE).is_file()
+    capsys.readouterr()
+    assert main([*argv, str(tmp_path / "net.onnx")]) == 2  # a model file's name: not made a directory
+    assert "net.onnx' names a file; a torchscript model record is a directory (e.g. net.segflow)" in capsys.readouterr().err
+    assert not (tmp_path / "net.onnx").exists()
 
 
 def test_a_ct_model_from_elsewhere_keeps_its_hounsfield_normalisation(tmp_path, capsys):

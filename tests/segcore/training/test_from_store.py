@@ -18,7 +18,7 @@ from segcore.collection.store import (
     write_manifest,
     write_store_chunk,
 )
-from segcore.errors import ConfigError
+from segcore.errors import CheckpointError, ConfigError
 from segcore.fsio import file_sha256
 from segcore.models.checkpoint import load_checkpoint
 from segcore.normalise import Normalisation
@@ -92,6 +92,15 @@ def test_the_recipe_records_the_precision_that_ran(semantic_store, tmp_path):
     result = _train(semantic_store, tmp_path / "cpu.safetensors", epochs=1, device="cpu", precision="bf16")
     recipe = load_checkpoint(result.checkpoint)[1].provenance["recipe"]
     assert (recipe["device"], recipe["precision"]) == ("cpu", "fp32")
+
+
+def test_an_out_that_cannot_be_a_checkpoint_file_is_refused_before_training(semantic_store, tmp_path):
+    seen: list[dict] = []
+    (tmp_path / "models").mkdir()
+    for out, says in ((tmp_path / "models", "is a directory"), (tmp_path / "m.segflow", "names a directory record")):
+        with pytest.raises(CheckpointError, match=f"{says}; a torch checkpoint is a file: give NAME.safetensors"):
+            _train(semantic_store, out, on_epoch=seen.append)
+    assert seen == [] and list((tmp_path / "models").iterdir()) == []
 
 
 def test_instance_labels_train_a_unet_on_foreground(tmp_path):
