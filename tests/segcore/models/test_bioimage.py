@@ -15,6 +15,7 @@ import yaml
 pytest.importorskip("bioimageio.core")
 
 from segcore.archives import UnsafeArchive, safe_extract_zip  # noqa: E402
+from segcore.errors import ConfigError  # noqa: E402
 from segcore.fsio import file_sha256  # noqa: E402
 from segcore.models.bioimage.export import build_package_folder, export_bioimageio  # noqa: E402
 from segcore.models.bioimage.importer import UnsafeWeights, import_bioimageio  # noqa: E402
@@ -118,6 +119,14 @@ def test_a_model_normalised_for_ct_exports_and_imports_back_bitwise(trained: Pat
     x = hu[:1, :8, :8]
     np.testing.assert_allclose(open_predictor(record).prepare(x).numpy(), open_predictor(ckpt).prepare(x).numpy(),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_a_package_is_written_to_a_zip_file_only(trained: Path, tmp_path: Path) -> None:
+    (tmp_path / "folder").mkdir()
+    for out in (tmp_path / "unet", tmp_path / "unet.segflow", tmp_path / "folder"):
+        with pytest.raises(ConfigError, match="is not a zip file to write; a bioimage.io package is one"):
+            export_bioimageio(trained, out, authors=["Jane Doe"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"] and not any((tmp_path / "folder").iterdir())
 
 
 def test_a_ct_normalisation_with_clip_bounds_per_channel_is_refused_by_name() -> None:
