@@ -664,6 +664,30 @@ def _check_inputs(args: argparse.Namespace, spec: Any) -> None:
             check_checkpoint_path(spec.out)
 
 
+#: ``segflow train`` options that are builder arguments of the model, by argument.
+ARCH_OPTIONS = {"base": "--base", "depth": "--depth", "score_threshold": "--score-threshold",
+                "overlap_threshold": "--overlap-threshold"}
+
+
+def _check_arch_options(model: str, arch: dict[str, Any]) -> None:
+    """Refuse, by their option names, builder options that ``model`` does not take (``--base`` for
+    Mask R-CNN); an unknown model is left to the spec, which lists the valid names."""
+    import inspect
+
+    from segcore.errors import ConfigError
+    from segcore.models import MODELS
+
+    if model not in MODELS:
+        return
+    takes = set(inspect.signature(MODELS[model]).parameters)
+    wrong = [ARCH_OPTIONS[k] for k in arch if k not in takes]
+    if wrong:
+        fits = [option for k, option in ARCH_OPTIONS.items() if k in takes]
+        raise ConfigError(f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to --model {model}; "
+                          + (f"its options here: {', '.join(fits)}" if fits else "it takes none of "
+                             + ", ".join(ARCH_OPTIONS.values())))
+
+
 def _spec(args: argparse.Namespace) -> Any:
     """The validated spec of the flow ``args.command`` starts (no Prefect needed): built before the
     cluster starts, so a bad option value is told in seconds."""
@@ -682,6 +706,7 @@ def _spec(args: argparse.Namespace) -> Any:
         names = tuple(n.strip() for n in args.class_names.split(",")) if args.class_names else None
         arch = _given(base=args.base, depth=args.depth, score_threshold=args.score_threshold,
                       overlap_threshold=args.overlap_threshold) or None
+        _check_arch_options(args.model, arch or {})
         return TrainSpec(store=args.store, out=args.out, model=args.model, execution=_execution(args),
                          **_given(epochs=args.epochs, val_fraction=args.val_fraction, class_names=names,
                                   arch_kwargs=arch, seed=args.seed, batch_size=args.batch_size, lr=args.lr,

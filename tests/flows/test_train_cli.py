@@ -105,7 +105,12 @@ def test_options_a_model_does_not_take_are_refused(stores, capsys) -> None:
     out = Path(stores["root"]) / "bad.safetensors"
     assert main(["train", "--store", stores["sem"], "--model", "unet", "--out", str(out),
                  "--score-threshold", "0.5"]) == 2
-    assert "takes no option" in capsys.readouterr().err
+    assert capsys.readouterr().err == ("segflow: error: --score-threshold does not apply to --model unet; its "
+                                       "options here: --base, --depth\n")
+    assert main(["train", "--store", stores["inst"], "--model", "maskrcnn", "--out", str(out),
+                 "--base", "8", "--depth", "2"]) == 2
+    assert capsys.readouterr().err == ("segflow: error: --base, --depth do not apply to --model maskrcnn; its "
+                                       "options here: --score-threshold, --overlap-threshold\n")
     assert not out.exists()
 
 
