@@ -16,7 +16,8 @@ table), which :mod:`segcore.lake.report` uses to tell models apart. Columns are 
 run tables (:mod:`segcore.run.tables`, less ``model``) plus lineage: ``run_id`` (the run directory),
 ``store`` (the location of the store the run segmented, as its ``run.json`` records it: image ids
 are unique within a store only; null in files published before the column existed),
-``ingest_batch``, ``source_path``, ``source_sha256``, ``mask_sha256`` (the ground truth the row
+``checkpoint`` (the location of the run's checkpoint as its ``run.json`` records it; null in files
+published before the column existed), ``ingest_batch``, ``source_path``, ``source_sha256``, ``mask_sha256`` (the ground truth the row
 was scored against) and ``published_at``; see :func:`lake_schema`. Manifest parts carry
 ``run_id``, ``store`` and ``published_at`` too.
 Manifest parts are snapshots of a batch as published (a later supersession shows as a newer row
@@ -56,7 +57,8 @@ PARTITIONS = pa.schema([("run_date", pa.string()), ("model", pa.string())])
 RUN_TABLES = {"dice": DICE_SCHEMA, "instances": INSTANCE_SCHEMA, "instance_metrics": INSTANCE_METRICS_SCHEMA,
               "volumes": VOLUME_SCHEMA}
 LAKE_TABLES = (*RUN_TABLES, "manifest")
-_LINEAGE = [("run_id", pa.string()), ("store", pa.string()), ("ingest_batch", pa.int64()), ("source_path", pa.string()),
+_LINEAGE = [("run_id", pa.string()), ("store", pa.string()), ("checkpoint", pa.string()),
+            ("ingest_batch", pa.int64()), ("source_path", pa.string()),
             ("source_sha256", pa.string()), ("mask_sha256", pa.string()),
             ("published_at", pa.timestamp("us", tz="UTC"))]
 
@@ -90,11 +92,12 @@ def _write(location: str, table: pa.Table, name: str, run_info: dict[str, Any]) 
 
 
 def _lineage(table: pa.Table, found: Sequence[dict[str, Any]], *, run_id: str, store: str | None,
-             published_at: dt.datetime, name: str) -> pa.Table:
+             checkpoint: str | None, published_at: dt.datetime, name: str) -> pa.Table:
     """``table`` with the lineage columns of the manifest rows ``found`` (one per row; ``{}``: none)."""
     extra = {
         "run_id": pa.array([run_id] * table.num_rows, pa.string()),
         "store": pa.array([store] * table.num_rows, pa.string()),
+        "checkpoint": pa.array([checkpoint] * table.num_rows, pa.string()),
         "ingest_batch": pa.array([f.get("batch") for f in found], pa.int64()),
         "source_path": pa.array([f.get("source_path") for f in found], pa.string()),
         "source_sha256": pa.array([f.get("sha256") for f in found], pa.string()),
@@ -180,7 +183,8 @@ def publish(lake: str, *, run_dir: str, run_info: dict[str, Any], manifest: pa.T
                 keys = zip((unit_groups[u] for u in part_table.column("unit").to_pylist()),
                            part_table.column("image_id").to_pylist())
                 found = [by_slot.get(k, {}) for k in keys]
-            table = _lineage(part_table, found, run_id=run_id, store=store, published_at=now, name=name)
+            table = _lineage(part_table, found, run_id=run_id, store=store, checkpoint=run_info.get("checkpoint"),
+                             published_at=now, name=name)
         _write(ledger["parts"][key]["target"], table, name, run_info)
         ledger["parts"][key]["done"] = True
         written[name] = written.get(name, 0) + 1

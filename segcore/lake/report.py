@@ -15,8 +15,9 @@ count as one store.
 The lake is read with pyarrow (any fsspec location) and aggregated with DuckDB SQL over the
 Arrow tables. The sections of :func:`lake_report`:
 
-- ``models``: each model with its architecture, full checkpoint hash, runs, first and last day
-  published and the lake tables that hold its rows.
+- ``models``: each model with its architecture, the file names its runs gave it (the checkpoints
+  or model records of that hash; none for rows published before the lake recorded them), full
+  checkpoint hash, runs, first and last day published and the lake tables that hold its rows.
 - Dice (``over_time``, ``current``) per model and class: rows with ``status != 'ok'`` and classes
   absent from an image's ground truth (``empty_gt``) do not enter the means. "Over time" groups
   rows by the day they were published (``run_date``); the *current* view keeps the rows of current
@@ -56,7 +57,7 @@ MODEL_ID_SQL = "coalesce({t}.model || '@' || left({t}.checkpoint_sha256, 12), {t
 
 #: Lake tables whose rows name their model, and the columns of each that the report reads.
 _MODEL_TABLES = ("dice", "volumes", "instance_metrics", "instances")
-_RUN_COLUMNS = ("run_date", "model", "run_id", "checkpoint_sha256")
+_RUN_COLUMNS = ("run_date", "model", "run_id", "checkpoint_sha256", "checkpoint")
 
 
 def current_rows_sql(table: str) -> str:
@@ -85,7 +86,8 @@ def _newest(table: str, key: str) -> str:
 
 _MODELS = """
 select model_id as model, any_value(model) as arch, any_value(checkpoint_sha256) as checkpoint_sha256,
-       count(distinct run_id) as runs, min(run_date) as first_published, max(run_date) as last_published,
+       list(distinct regexp_extract(rtrim(checkpoint, '/'), '[^/]*$') order by regexp_extract(rtrim(checkpoint, '/'),
+       '[^/]*$')) filter (where checkpoint is not null) as checkpoint_files, count(distinct run_id) as runs, min(run_date) as first_published, max(run_date) as last_published,
        list(distinct lake_table order by lake_table) as tables
 from runs group by model_id order by model_id
 """
@@ -182,15 +184,18 @@ def _query(tables: dict[str, pa.Table], **queries: str) -> dict[str, pa.Table]:
     """Run ``queries`` over the lake ``tables`` (by name; a missing one is empty), seen through views
     that add ``model_id`` (:data:`MODEL_ID_SQL`) and ``store_key`` (the row's store, ``''`` in parts
     published before the lake recorded it) to every row, and ``runs``: the distinct ``run_id``,
-    ``run_date``, ``model``, ``checkpoint_sha256``, ``model_id`` and ``lake_table`` of the run tables."""
+    ``run_date``, ``model``, ``checkpoint_sha256``, ``checkpoint``, ``model_id`` and ``lake_table`` of
+    the run tables."""
     con = duckdb.connect()
     try:
         for name in LAKE_TABLES:
             table = tables.get(name)
             if table is None:
                 table = pa.schema(list(PARTITIONS) + list(lake_schema(name))).empty_table()
-            elif "store" not in table.column_names:  # tables built before the lake recorded stores
-                table = table.append_column("store", pa.nulls(table.num_rows, pa.string()))
+            else:  # tables built before the lake recorded stores or checkpoints
+                for column in ("store", "checkpoint"):
+                    if column in lake_schema(name).names and column not in table.column_names:
+                        table = table.append_column(column, pa.nulls(table.num_rows, pa.string()))
             con.register(f"lake_{name}", table)
         for name in _MODEL_TABLES:
             con.execute(f"create view {name} as select *, {MODEL_ID_SQL.format(t=f'lake_{name}')} as model_id, "
@@ -210,7 +215,8 @@ def _query(tables: dict[str, pa.Table], **queries: str) -> dict[str, pa.Table]:
 #: The sections of the text report: title, report key, columns shown, what to say when it has no rows.
 _SECTIONS = (
     ("Models (arch@first 12 hex digits of the checkpoint's sha256)", "models",
-     ("model", "arch", "checkpoint_sha256", "runs", "first_published", "last_published", "tables"),
+     ("model", "arch", "checkpoint_files", "checkpoint_sha256", "runs", "first_published", "last_published",
+      "tables"),
      "runs publish their tables here with 'segflow segment/run --lake'"),
     ("Dice over time (by day published)", "over_time",
      ("model", "class_name", "run_date", "images", "mean_dice", "median_dice"),

@@ -46,13 +46,15 @@ def _dice(cell: dict[str, float], *, sha: str, unit: str) -> pa.Table:
 
 
 def _publish(lake: str, run_dir: str, *, run_id: str, sha: str, arch: str = "unet", manifest: pa.Table,
-             parts: dict[str, dict[str, pa.Table]], day: int, store: str = "/data/store.zarr") -> None:
+             parts: dict[str, dict[str, pa.Table]], day: int, store: str = "/data/store.zarr",
+             checkpoint: str | None = None) -> None:
     """Write ``parts`` (``{table: {part name: rows}}``) into the run directory and publish them; every
     part named ``unit-0000k`` is a unit of group ``g00k``."""
     for table, named in parts.items():
         for name, rows in named.items():
             write_part(rows, fsio.join(run_dir, table, f"run_id={run_id}"), f"{name}.parquet")
-    info = {"run_id": run_id, "checkpoint_sha256": sha, "model": {"arch": arch}, "spec": {}, "store": store}
+    info = {"run_id": run_id, "checkpoint_sha256": sha, "model": {"arch": arch}, "spec": {}, "store": store,
+            **({} if checkpoint is None else {"checkpoint": checkpoint})}
     publish(lake, run_dir=run_dir, run_info=info, manifest=manifest,
             unit_groups={f"unit-{k:05d}": f"g{k:03d}" for k in range(3)}, now=_day(day))
 
@@ -64,21 +66,24 @@ def _cell(report: dict[str, pa.Table], section: str, *cols: str) -> list[tuple]:
 def test_two_checkpoints_of_one_architecture_are_two_models(tmp_path):
     lake = str(tmp_path / "lake")
     manifest = _manifest([("img-0", "g000", 0, 0), ("img-1", "g000", 1, 0)])
-    for n, (sha, cell, day) in enumerate([(SHA_A, {"img-0": 0.25, "img-1": 0.75}, 20),
-                                          (SHA_B, {"img-0": 0.8, "img-1": 1.0}, 21)]):
+    for n, (sha, cell, day, ckpt) in enumerate([(SHA_A, {"img-0": 0.25, "img-1": 0.75}, 20, "/m/a.safetensors"),
+                                                (SHA_A, {"img-0": 0.25, "img-1": 0.75}, 20, "/m/copy.safetensors"),
+                                                (SHA_B, {"img-0": 0.8, "img-1": 1.0}, 21, "s3://b/m/b.segflow/")]):
         _publish(lake, str(tmp_path / f"run{n}"), run_id=f"run-{n}", sha=sha, manifest=manifest, day=day,
-                 parts={"dice": {"unit-00000": _dice(cell, sha=sha, unit="unit-00000")}})
+                 parts={"dice": {"unit-00000": _dice(cell, sha=sha, unit="unit-00000")}}, checkpoint=ckpt)
     report = lake_report(lake)
     assert list(report) == SECTIONS
-    assert [(r["model"], r["arch"], r["checkpoint_sha256"], r["runs"], r["first_published"], r["tables"])
-            for r in report["models"].to_pylist()] == [(UNET_A, "unet", SHA_A, 1, "2026-11-20", ["dice"]),
-                                                        (UNET_B, "unet", SHA_B, 1, "2026-11-21", ["dice"])]
+    assert [(r["model"], r["arch"], r["checkpoint_files"], r["checkpoint_sha256"], r["runs"], r["first_published"],
+             r["tables"]) for r in report["models"].to_pylist()] == [
+        (UNET_A, "unet", ["a.safetensors", "copy.safetensors"], SHA_A, 2, "2026-11-20", ["dice"]),
+        (UNET_B, "unet", ["b.segflow"], SHA_B, 1, "2026-11-21", ["dice"])]
     assert _cell(report, "current", "model", "images", "mean_dice", "median_dice") == [
         (UNET_A, 2, pytest.approx(0.5), pytest.approx(0.5)), (UNET_B, 2, pytest.approx(0.9), pytest.approx(0.9))]
     assert _cell(report, "over_time", "model", "run_date", "mean_dice") == [
         (UNET_A, "2026-11-20", pytest.approx(0.5)), (UNET_B, "2026-11-21", pytest.approx(0.9))]
     text = render_text(report)
     assert UNET_A in text and UNET_B in text and SHA_A in text and "0.9000" in text
+    assert "a.safetensors, copy.safetensors" in text
     assert "(no rows: runs publish volume rows" in text and "(no rows: runs of instance models" in text
     assert sorted(p.name for p in plot_over_time(report, tmp_path / "plots")) == [
         "dice-over-time-unet-aaaaaaaaaaaa.png", "dice-over-time-unet-bbbbbbbbbbbb.png"]
@@ -127,12 +132,12 @@ def test_rows_without_a_checkpoint_hash_count_under_their_architecture(tmp_path)
     _publish(lake, str(tmp_path / "old"), run_id="run-old", sha=SHA_A, manifest=manifest, day=20,
              parts={"dice": {"unit-00000": _dice({"img-0": 0.1, "img-1": 0.3}, sha=SHA_A, unit="unit-00000")}})
     (path,) = (tmp_path / "lake" / "dice").rglob("*.parquet")  # as written by a segflow that kept no hash
-    pq.write_table(pq.read_table(path).drop_columns(["checkpoint_sha256"]), path)
+    pq.write_table(pq.read_table(path).drop_columns(["checkpoint_sha256", "checkpoint"]), path)
     _publish(lake, str(tmp_path / "new"), run_id="run-new", sha=SHA_A, manifest=manifest, day=21,
              parts={"dice": {"unit-00000": _dice({"img-0": 0.5, "img-1": 0.7}, sha=SHA_A, unit="unit-00000")}})
     report = lake_report(lake)
-    assert [(r["model"], r["checkpoint_sha256"]) for r in report["models"].to_pylist()] == [
-        ("unet", None), (UNET_A, SHA_A)]
+    assert [(r["model"], r["checkpoint_sha256"], r["checkpoint_files"]) for r in report["models"].to_pylist()] == [
+        ("unet", None, None), (UNET_A, SHA_A, None)]  # no checkpoint location in either's rows
     assert _cell(report, "current", "model", "images", "mean_dice") == [
         ("unet", 2, pytest.approx(0.2)), (UNET_A, 2, pytest.approx(0.6))]
 
