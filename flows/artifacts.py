@@ -77,6 +77,8 @@ class UnitProgress:
         return f"Units finished in run {self.run_id}: {self.done} of {self.total}"
 
     def _message(self) -> str:
+        if not self.images:  # the first report: no rate yet (units done by an earlier run are not timed)
+            return f"{self.done} done by an earlier run" if self.done else "starting"
         rate = self.images / max(time.perf_counter() - self._t0, 1e-9)
         return f"{self.images} images, {rate:.1f} images/s"
 

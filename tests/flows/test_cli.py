@@ -81,7 +81,7 @@ def test_run_off_a_terminal_prints_plain_progress_lines_to_the_end(tiny_run) -> 
     ingest = [ln for ln in lines if ln.startswith("ingest: ")]
     segment = [ln for ln in lines if ln.startswith("segment: ")]
     assert ingest and ingest[-1] == "ingest: 3/3 chunks, 11 images"
-    assert segment[0].startswith("segment: 0/3 units, 0 images")
+    assert segment[0] == "segment: 0/3 units, starting"
     assert segment[-1].startswith("segment: 3/3 units, 11 images, ") and segment[-1].endswith(" images/s")
     # quiet: nothing but progress on stderr (no Prefect or Dask lines), the summary on stdout
     assert lines == ingest + segment

@@ -52,6 +52,7 @@ def test_a_hung_unit_is_stopped_retried_recorded_and_redone_alone(tmp_path, monk
 
     monkeypatch.delenv("SEGFLOW_FAULTS")
     assert main(argv) == 0
+    assert "segment: 2/3 units, 2 done by an earlier run\n" in capsys.readouterr().err
     again = {name: r.timing.started for name, r in done_records(out, key).items()}
     assert sorted(again) == ["unit-00000", "unit-00001", "unit-00002"]
     recomputed = sorted(name for name in again if first.get(name) != again[name])
