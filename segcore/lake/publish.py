@@ -17,8 +17,9 @@ run tables (:mod:`segcore.run.tables`, less ``model``) plus lineage: ``run_id`` 
 ``store`` (the location of the store the run segmented, as its ``run.json`` records it: image ids
 are unique within a store only; null in files published before the column existed),
 ``checkpoint`` (the location of the run's checkpoint as its ``run.json`` records it; null in files
-published before the column existed), ``ingest_batch``, ``source_path``, ``source_sha256``, ``mask_sha256`` (the ground truth the row
-was scored against) and ``published_at``; see :func:`lake_schema`. Manifest parts carry
+published before the column existed), ``ingest_batch``, ``source_path``, ``source_sha256``,
+``mask_sha256`` (the ground truth the row was scored against) and ``published_at``; see
+:func:`lake_schema`. Manifest parts carry
 ``run_id``, ``store`` and ``published_at`` too.
 Manifest parts are snapshots of a batch as published (a later supersession shows as a newer row
 of the same ``image_id``). A run scores its volumes again at its end each time it runs (an incremental

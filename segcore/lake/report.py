@@ -85,11 +85,13 @@ def _newest(table: str, key: str) -> str:
 
 
 _MODELS = """
-select model_id as model, any_value(model) as arch, any_value(checkpoint_sha256) as checkpoint_sha256,
-       list(distinct regexp_extract(rtrim(checkpoint, '/'), '[^/]*$') order by regexp_extract(rtrim(checkpoint, '/'),
-       '[^/]*$')) filter (where checkpoint is not null) as checkpoint_files, count(distinct run_id) as runs, min(run_date) as first_published, max(run_date) as last_published,
+select model_id as model, any_value(model) as arch, list(distinct checkpoint_file order by checkpoint_file)
+           filter (where checkpoint_file is not null) as checkpoint_files,
+       any_value(checkpoint_sha256) as checkpoint_sha256, count(distinct run_id) as runs,
+       min(run_date) as first_published, max(run_date) as last_published,
        list(distinct lake_table order by lake_table) as tables
-from runs group by model_id order by model_id
+from (select *, regexp_extract(rtrim(checkpoint, '/'), '[^/]*$') as checkpoint_file from runs)
+group by model_id order by model_id
 """
 
 _OVER_TIME = """

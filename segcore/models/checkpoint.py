@@ -105,9 +105,9 @@ def check_checkpoint_path(path: str | os.PathLike[str]) -> None:
     local = fsio.local_path(path)
     if local is None:
         return
+    what = "is a directory" if Path(local).is_dir() else "names a directory record"
     if Path(local).is_dir() or Path(local).suffix.lower() == ".segflow":
-        raise CheckpointError(f"{str(path)!r} {'is a directory' if Path(local).is_dir() else 'names a directory record'}"
-                              "; a torch checkpoint is a file: give NAME.safetensors")
+        raise CheckpointError(f"{str(path)!r} {what}; a torch checkpoint is a file: give NAME.safetensors")
 
 
 def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: ModelMeta) -> Path:
