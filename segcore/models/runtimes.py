@@ -29,7 +29,7 @@ from segcore.errors import CheckpointError, ConfigError
 from segcore.models.checkpoint import ModelMeta
 from segcore.models.outputs import class_scores
 from segcore.models.padding import pad_to_multiple
-from segcore.models.predict import AUTOCAST, Predictor
+from segcore.models.predict import AUTOCAST, Predictor, forward_errors
 from segcore.models.record import MODEL_FILES
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class TorchScriptPredictor(Predictor):
         padded, (h, w) = pad_to_multiple(x, self.meta.input_multiple)
         amp = (torch.autocast("cuda", dtype=AUTOCAST[self.precision]) if self._cuda and self.precision in AUTOCAST
                else contextlib.nullcontext())
-        with torch.inference_mode(), amp:
+        with torch.inference_mode(), amp, forward_errors(padded.shape):
             return class_scores(self.module(padded)[..., :h, :w], self.meta.output)
 
 
@@ -100,7 +100,8 @@ class OnnxPredictor(Predictor):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         padded, (h, w) = pad_to_multiple(x.detach().to("cpu", torch.float32), self.meta.input_multiple)
-        out = self.session.run(None, {self.input_name: padded.contiguous().numpy()})[0]
+        with forward_errors(padded.shape):
+            out = self.session.run(None, {self.input_name: padded.contiguous().numpy()})[0]
         return class_scores(torch.from_numpy(out[..., :h, :w]), self.meta.output)
 
 

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import gc
 import logging
-import re
 import time
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 import torch
 
-from segcore.errors import ModelError, SegflowError, error_line
+from segcore.errors import SegflowError
 from segcore.models.checkpoint import ModelMeta
 
 log = logging.getLogger(__name__)
@@ -100,43 +99,18 @@ def halve(batch: int, tile: int | None, *, multiple: int = 1, min_tile: int = 1)
     return None
 
 
-_NAMED = re.compile(r"^\w+(Error|Exception): ")  # a message that names its error (a TorchScript model's)
-
-
-def model_failure(exc: BaseException, *, what: str) -> ModelError | None:
-    """``exc``, raised by a step's forward passes, as a :class:`~segcore.errors.ModelError` when
-    it is the model failing on its input (a shape it cannot take, an error in its forward pass):
-    another attempt would fail the same way. None for what may pass on another attempt or is already
-    segflow's own error: out of memory, a read error (``OSError``), a CUDA device fault."""
-    if isinstance(exc, (SegflowError, OSError) + OUT_OF_MEMORY) or isinstance(exc, torch.AcceleratorError):
-        return None
-    text = error_line(exc)
-    if text.startswith(("CUDA error", "CUDA driver error", "cuDNN error", "CUBLAS_STATUS", "NCCL")):
-        return None
-    named = text if _NAMED.match(text) else f"{type(exc).__name__}: {text or 'no message'}"
-    return ModelError(f"{what}: the model failed on these images ({named}); "
-                      "check that it takes their size and channels (an imported model may need --input-multiple)")
-
-
 def with_backoff(attempt: Callable[[int, int | None], T], *, batch: int, tile: int | None = None, multiple: int = 1,
                  min_tile: int = 1, device: str = "cpu", what: str = "step") -> tuple[T, int, int | None]:
     """``attempt(batch, tile)``, retried after an out-of-memory error with :func:`halve`'s smaller sizes.
 
     Returns ``(result, batch, tile)``: the result and the sizes it was computed with. Raises
-    :class:`OutOfMemory` when a batch of 1 at the smallest tile still does not fit, and
-    :class:`~segcore.errors.ModelError` for any other error of the attempt that another attempt would
-    raise again (:func:`model_failure`).
+    :class:`OutOfMemory` when a batch of 1 at the smallest tile still does not fit.
     """
     while True:
         try:
             return attempt(batch, tile), batch, tile
         except OUT_OF_MEMORY as exc:
             error = f"{exc}".splitlines()[0] if f"{exc}" else type(exc).__name__
-        except Exception as exc:
-            failure = model_failure(exc, what=what)
-            if failure is None:
-                raise
-            raise failure from exc
         free_memory(device)  # outside the handler: the traceback's frames (and their tensors) are gone
         smaller = halve(batch, tile, multiple=multiple, min_tile=min_tile)
         if smaller is None:

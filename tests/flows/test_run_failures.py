@@ -89,8 +89,8 @@ def test_a_model_that_cannot_take_a_units_images_fails_it_once_without_retries(t
     assert "1 unit(s) failed" in err and "unit-00001" in err and "1 attempt(s), not retried" in err
     assert "fix what they name" in err
     # a TorchScript model's error is its script's traceback: the line shown is the error it ends with
-    assert "the model failed on these images (RuntimeError: The size of tensor a (80) must match" in err
+    assert "the model failed on a batch of shape (1, 1, 80, 80) (RuntimeError: The size of tensor a (80) must" in err
     failed = failed_records(out, read_run_info(out)["key"])
     assert list(failed) == ["unit-00001"] and failed["unit-00001"]["attempts"] == 1
-    assert failed["unit-00001"]["reason"].startswith("ModelError: unit unit-00001: the model failed")
+    assert failed["unit-00001"]["reason"].startswith("ModelError: the model failed")
     assert list(done_records(out, read_run_info(out)["key"])) == ["unit-00000"]

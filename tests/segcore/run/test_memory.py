@@ -18,8 +18,7 @@ from segcore.models.checkpoint import ModelMeta, save_checkpoint
 from segcore.normalise import Normalisation
 from segcore.run.blocks import segment_block
 from segcore.run.context import BlockRecord, UnitRecord, record_from_json
-from segcore.errors import ConfigError, ImageReadError, ModelError, NOT_RETRIED, error_line
-from segcore.run.memory import Faults, OutOfMemory, halve, model_failure, smallest_tile, with_backoff
+from segcore.run.memory import Faults, OutOfMemory, halve, smallest_tile, with_backoff
 from segcore.run.rundir import done_records, label_array, masks_path
 from segcore.run.start import start_run
 from segcore.run.units import segment_unit
@@ -71,38 +70,6 @@ def test_with_backoff_records_the_sizes_and_gives_up_at_the_bottom() -> None:
     assert isinstance(info.value, MemoryError)
     with pytest.raises(OutOfMemory):
         with_backoff(lambda b, t: (_ for _ in ()).throw(MemoryError()), batch=2)
-
-
-def _raise(exc: BaseException):
-    def attempt(batch: int, tile: int | None) -> None:
-        raise exc
-    return attempt
-
-
-def test_an_error_of_the_model_on_its_input_is_not_retried_and_what_may_pass_is() -> None:
-    with pytest.raises(ModelError, match=r"unit u: the model failed on these images \(RuntimeError: Sizes of tensors "
-                                         r"must match\); check that it takes") as info:
-        with_backoff(_raise(RuntimeError("Sizes of tensors must match")), batch=2, what="unit u")
-    assert isinstance(info.value, NOT_RETRIED) and isinstance(info.value.__cause__, RuntimeError)
-    assert "(ValueError: no message)" in str(model_failure(ValueError(), what="unit u"))
-    # may pass on another attempt, or segflow's own error already: raised as they are
-    for exc in (OSError("connection reset"), ImageReadError("bad chunk"), ConfigError("bad option"),
-                RuntimeError("CUDA error: an illegal memory access was encountered")):
-        assert model_failure(exc, what="unit u") is None
-        with pytest.raises(type(exc)) as info:
-            with_backoff(_raise(exc), batch=1)
-        assert info.value is exc
-    assert not isinstance(OutOfMemory("x"), NOT_RETRIED) and not isinstance(ImageReadError("x"), NOT_RETRIED)
-
-
-def test_the_error_line_of_a_torchscript_model_is_the_error_it_ends_with() -> None:
-    script = RuntimeError("The following operation failed in the TorchScript interpreter.\nTraceback of TorchScript "
-                          "(most recent call last):\n  File \"m.py\", line 3, in forward\n    return x + b\n"
-                          "RuntimeError: The size of tensor a (80) must match the size of tensor b (64)\n")
-    assert error_line(script) == "RuntimeError: The size of tensor a (80) must match the size of tensor b (64)"
-    assert error_line(ValueError("two\n  lines")) == "two lines"
-    assert error_line(ValueError("x" * 400), 10) == "x" * 10
-    assert "(RuntimeError: The size of tensor a (80)" in str(model_failure(script, what="unit u"))
 
 
 def test_a_unit_out_of_memory_finishes_with_half_the_batch_bitwise_equal(tmp_path: Path) -> None:
