@@ -92,7 +92,8 @@ def epoch_line(record: Mapping[str, Any], *, epochs: int) -> str:
     ``val_dice liver 0.912/tumour 0.701``, its first class (background) left out; a run that holds
     nothing out has none: ``epoch 2/10: loss 0.4123 (3.1 s)``). A refit epoch's
     record (``"stage": "refit"``, see :func:`segcore.training.validation.refit_on_all`) reads
-    ``refit epoch 2/8: loss 0.3012 (3.0 s)``."""
+    ``refit epoch 2/8: loss 0.3012 (3.0 s)``; the epoch after which the time budget stops training
+    ends with ``; time budget spent, stopping``."""
     parts = []
     for k, v in record.items():
         if k.startswith("val_") and isinstance(v, float):
@@ -102,7 +103,7 @@ def epoch_line(record: Mapping[str, Any], *, epochs: int) -> str:
     scores = ", ".join(parts)
     stage = "refit epoch" if record.get("stage") == "refit" else "epoch"
     return (f"{stage} {record['epoch']}/{epochs}: loss {record['loss']:.4f}{', ' if scores else ''}{scores} "
-            f"({record['seconds']:.1f} s)")
+            f"({record['seconds']:.1f} s){'; time budget spent, stopping' if record.get('time_budget_spent') else ''}")
 
 
 def unit_of(result: Mapping[str, Any]) -> str:

@@ -201,6 +201,9 @@ def fit(
             "seconds": now - t_epoch,
             "elapsed_s": now - t0,
         }
+        stop = time_budget_s is not None and now - t0 >= time_budget_s and epoch < epochs
+        if stop:  # said in the epoch's own record (and its progress line), not only in a warning
+            record["time_budget_spent"] = True
         history.append(record)
         log.info("epoch %d/%d: loss %.4f, %s (%.1f s)", epoch, epochs, record["loss"], validation.summary,
                  record["seconds"])
@@ -208,7 +211,7 @@ def fit(
             best, best_epoch, best_state = validation, epoch, copy.deepcopy(model.state_dict())
         if progress is not None:
             progress(dict(record))
-        if time_budget_s is not None and now - t0 >= time_budget_s and epoch < epochs:
+        if stop:
             stopped_early = True
             log.warning("time budget of %.0f s spent after epoch %d of %d; stopping early",
                         time_budget_s, epoch, epochs)

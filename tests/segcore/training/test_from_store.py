@@ -135,6 +135,8 @@ def test_epoch_line_lists_the_float_validation_scores():
     assert epoch_line(record, epochs=10) == "epoch 2/10: loss 0.4123, val_dice_mean_fg 0.812 (3.1 s)"
     record["val_dice"] = {"background": 0.99, "liver": 0.9123, "tumour": 0.7}
     assert epoch_line(record, epochs=10).startswith("epoch 2/10: loss 0.4123, val_dice liver 0.912/tumour 0.700, ")
+    record["time_budget_spent"] = True
+    assert epoch_line(record, epochs=10).endswith(" (3.1 s); time budget spent, stopping")
 
 
 def test_init_fine_tunes_from_the_parent_and_records_its_sha256(semantic_store, tmp_path):

@@ -95,9 +95,10 @@ def test_the_time_budget_stops_after_the_epoch_that_spends_it():
     started = time.perf_counter() - 100.0  # as if preparing the data took 100 s
     model, result, seen_w, _ = _run([0.1, 0.2, 0.3], time_budget_s=50.0, started=started)
     assert result.stopped_early and len(result.history) == 1 and result.best_epoch == 1
-    assert result.history[0]["elapsed_s"] >= 100.0
+    assert result.history[0]["elapsed_s"] >= 100.0 and result.history[0]["time_budget_spent"]
     _, result, _, _ = _run([0.1], time_budget_s=50.0, started=started)
     assert not result.stopped_early  # the budget ran out with the last epoch: nothing was cut
+    assert "time_budget_spent" not in result.history[0]
     _, result, _, _ = _run([0.1, 0.2, 0.3], time_budget_s=3600.0)
     assert not result.stopped_early and len(result.history) == 3
 
