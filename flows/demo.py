@@ -62,6 +62,10 @@ def _demo_setup(spec: DemoSpec, train_store: str, checkpoint: str) -> dict[str, 
     }
 
 
+#: File that marks a directory as a demo's output, which the next demo with the same --out replaces.
+DEMO_MARKER = ".segflow-demo"
+
+
 def _split_collection(root: Path, ids: list[str], n_train: int) -> tuple[Path, Path]:
     """Move generated files into ``train/`` and ``heldout/`` folders (images/ and masks/ in each)."""
     parts = {"train": ids[:n_train], "heldout": ids[n_train:]}
@@ -81,9 +85,12 @@ def demo_flow(spec: DemoSpec) -> dict[str, Any]:
     log = get_run_logger()
     out = Path(spec.out)
     if out.exists() and any(out.iterdir()):
-        if not (out / "collection").exists():
+        # only ever delete what a demo wrote: its marker, or (demos before the marker) its collection and store
+        if not ((out / DEMO_MARKER).is_file() or (out / "collection").is_dir() and (out / "train.zarr").is_dir()):
             raise ConfigError(f"{spec.out!r} exists and is not a segflow demo directory; choose another --out")
         shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text(f"segflow demo directory: 'segflow demo --out {out}' replaces it whole\n")
     setup = _demo_setup(spec, str(out / "train.zarr"), str(out / f"{spec.model}-demo.safetensors"))
     ids = setup["generate"](out / "collection", n_images=setup["n_images"], size=setup["size"], seed=spec.seed)
     train_dir, heldout_dir = _split_collection(out / "collection", ids, setup["n_train"])
