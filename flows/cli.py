@@ -476,6 +476,11 @@ def _report(args: argparse.Namespace) -> int:
     from segcore.lake.report import lake_report, plot_over_time, render_text
 
     try:
+        if args.plots:  # before the report is printed: a place that cannot hold the plots is told alone
+            _check_output(args.plots, "plots folder", "--plots")
+    except SegflowError as exc:
+        return _fail(str(exc))
+    try:
         report = lake_report(args.lake)
     except (SegflowError, OSError) as exc:
         print(f"segflow: error: cannot read the lake {args.lake!r}: {console.one_line(exc)}", file=sys.stderr)
@@ -484,8 +489,11 @@ def _report(args: argparse.Namespace) -> int:
         print(json.dumps({k: t.to_pylist() for k, t in report.items()}, indent=2, default=str))
     else:
         print(render_text(report), end="")
-    for path in plot_over_time(report, args.plots) if args.plots else []:
-        print(f"plot: {path}", file=sys.stderr if args.json else sys.stdout)  # stdout stays JSON
+    try:
+        for path in plot_over_time(report, args.plots) if args.plots else []:
+            print(f"plot: {path}", file=sys.stderr if args.json else sys.stdout)  # stdout stays JSON
+    except OSError as exc:
+        return _fail(f"cannot write the plots into {args.plots!r}: {console.one_line(exc)}")
     return 0
 
 
@@ -495,6 +503,8 @@ def _export(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
+        if args.out:
+            _check_output(args.out, "export folder", "--out")
         written = export_volumes(args.run_dir, fmt=args.fmt, out=args.out, volume_pattern=args.volume_pattern)
     except (SegflowError, OSError) as exc:
         print(f"segflow: error: {console.one_line(exc)}", file=sys.stderr)
@@ -654,6 +664,10 @@ def _check_inputs(args: argparse.Namespace, spec: Any) -> None:
         from segcore.collection.sources import check_sources
 
         check_sources(args.images, args.masks)
+    if args.command in ("segment", "run"):
+        _check_output(spec.out if args.command == "segment" else spec.segment.out, "run directory", "--out")
+    if args.command in ("ingest", "run"):
+        _check_output(spec.store if args.command == "ingest" else spec.ingest.store, "store", "--store")
     elif args.command in ("segment", "train"):
         from segcore.collection.store import open_store
 
@@ -662,6 +676,16 @@ def _check_inputs(args: argparse.Namespace, spec: Any) -> None:
             from segcore.models.checkpoint import check_checkpoint_path
 
             check_checkpoint_path(spec.out)
+
+
+def _check_output(location: str, what: str, option: str) -> None:
+    """Refuse an output folder that cannot be made or written (a file, a folder under a file) before any work."""
+    from segcore import fsio
+    from segcore.errors import ConfigError
+
+    problem = fsio.write_problem(location, folder=True)
+    if problem:
+        raise ConfigError(f"cannot write the {what} {location!r}: {problem}; give another {option}")
 
 
 #: ``segflow train`` options that are builder arguments of the model, by argument.

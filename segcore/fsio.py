@@ -73,6 +73,28 @@ def local_path(location: str | os.PathLike[str]) -> str | None:
     return path if isinstance(fs, LocalFileSystem) else None
 
 
+def write_problem(location: str | os.PathLike[str], *, folder: bool) -> str | None:
+    """Why ``location`` cannot be written as a folder (``folder``) or a file, or None when it can:
+    it is a file where a folder is wanted (or the reverse), or the folder it would be made in lies
+    under a file or forbids writing. Remote locations are not checked (None): their store tells
+    when written. For checking an output's place before the work that fills it."""
+    path = local_path(location)
+    if path is None:
+        return None
+    p = Path(path)
+    if p.exists():
+        if folder != p.is_dir():
+            return f"{path} is a {'file' if folder else 'folder'}, not a {'folder' if folder else 'file'}"
+        where = p if folder else p.parent
+        return None if os.access(where, os.W_OK | os.X_OK) else f"{where} does not allow writing"
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{parent} is a file, so nothing can be made under it"
+            return None if os.access(parent, os.W_OK | os.X_OK) else f"{parent} does not allow writing"
+    return None
+
+
 def new_file_mode() -> int:
     """The permissions a plain ``open(path, "w")`` gives a new file: ``0o666`` less the process's
     umask (read from ``/proc/self/status`` where there is one, without changing it; else 022). For

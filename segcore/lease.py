@@ -228,7 +228,11 @@ class Lease:
 
         Raises:
             LeaseBusy: a live holder still has it after ``wait_s`` seconds (at once when 0).
+            ConfigError: the lease's folder cannot be made or written (a file stands in the way).
         """
+        problem = fsio.write_problem(os.path.dirname(self._path), folder=True) if self._local else None
+        if problem:
+            raise ConfigError(f"cannot write the {self.what}: {problem}; give another {self.option}")
         deadline = time.monotonic() + self.wait_s
         announced = False
         while True:

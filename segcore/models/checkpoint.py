@@ -100,7 +100,8 @@ class ModelMeta(BaseModel):
 
 def check_checkpoint_path(path: str | os.PathLike[str]) -> None:
     """Raise :class:`~segcore.errors.CheckpointError` when a checkpoint file cannot be written at the
-    local ``path``: it is a directory, or names a directory record (``NAME.segflow``). Called before
+    local ``path``: it is a directory, names a directory record (``NAME.segflow``), or its folder
+    cannot be made or written (:func:`segcore.fsio.write_problem`). Called before
     the work that makes the checkpoint (training, an import), so a wrong ``--out`` costs nothing."""
     local = fsio.local_path(path)
     if local is None:
@@ -108,6 +109,9 @@ def check_checkpoint_path(path: str | os.PathLike[str]) -> None:
     what = "is a directory" if Path(local).is_dir() else "names a directory record"
     if Path(local).is_dir() or Path(local).suffix.lower() == ".segflow":
         raise CheckpointError(f"{str(path)!r} {what}; a torch checkpoint is a file: give NAME.safetensors")
+    problem = fsio.write_problem(local, folder=False)
+    if problem:
+        raise CheckpointError(f"cannot write the checkpoint {str(path)!r}: {problem}; give another path")
 
 
 def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: ModelMeta) -> Path:

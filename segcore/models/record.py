@@ -150,6 +150,9 @@ def check_record_path(path: str | os.PathLike[str], runtime: str) -> None:
     if path.is_file() or path.suffix.lower() in FILE_SUFFIXES:
         raise CheckpointError(f"{str(path)!r} {'is' if path.is_file() else 'names'} a file; "
                               f"{a_model(runtime)} record is a directory (e.g. {path.stem}{RECORD_SUFFIX})")
+    problem = fsio.write_problem(path, folder=True) or fsio.write_problem(path.parent, folder=True)
+    if problem:
+        raise CheckpointError(f"cannot write the model record {str(path)!r}: {problem}; give another path")
     if path.is_dir():
         others = sorted(p.name for p in path.iterdir() if p.name not in (META_FILE, *MODEL_FILES.values()))
         if others or not (path / META_FILE).is_file() and any(path.iterdir()):

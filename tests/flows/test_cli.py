@@ -160,6 +160,24 @@ def test_missing_inputs_are_told_before_the_cluster_starts(tmp_path, monkeypatch
         err = capsys.readouterr().err
         assert err.startswith(f"segflow: error: {says}") and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists() and not os.path.exists(store)
+    # outputs that cannot be written where they are asked for: told before any work, in one line
+    file = tmp_path / "a-file"
+    file.write_text("x")
+    for argv, says in (
+        (["run", "--images", str(tmp_path / "images"), "--checkpoint", model, "--out", str(file)],
+         f"cannot write the run directory {str(file)!r}: {file} is a file, not a folder; give another --out"),
+        (["ingest", "--images", str(tmp_path / "images"), "--store", str(file / "s.zarr")],
+         f"cannot write the store {str(file / 's.zarr')!r}: {file} is a file, so nothing can be made under it; "
+         "give another --store"),
+        (["report", "--lake", str(tmp_path / "no-lake"), "--plots", str(file)],
+         f"cannot write the plots folder {str(file)!r}: {file} is a file, not a folder; give another --plots"),
+        (["export", str(tmp_path / "no-run"), "--out", str(file)],
+         f"cannot write the export folder {str(file)!r}: {file} is a file, not a folder; give another --out"),
+    ):
+        assert main(argv) == 2
+        captured = capsys.readouterr()
+        assert captured.err == f"segflow: error: {says}\n" and captured.out == "", captured
+    assert file.read_text() == "x"
 
 
 def test_a_quiet_command_line_shows_segflows_warnings(tmp_path) -> None:

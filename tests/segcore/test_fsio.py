@@ -165,3 +165,18 @@ def test_file_sha256_and_tree_are_the_same_for_every_kind(base: str, tmp_path: P
     assert [rel for rel, _ in listed] == [".hidden", "a.bin", "sub/b.bin"]
     assert [fsio.read_bytes(loc) for _, loc in listed] == [b"h", b"alpha", b"beta" * 300_000]
     assert fsio.local_path(base) == (None if base.startswith(("memory:", "s3:")) else base.removeprefix("file://"))
+
+
+def test_write_problem_tells_what_stands_in_the_way(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir").mkdir()
+    assert fsio.write_problem(tmp_path / "dir", folder=True) is None
+    assert fsio.write_problem(tmp_path / "new" / "deeper", folder=True) is None  # made when written
+    assert fsio.write_problem(tmp_path / "dir" / "m.safetensors", folder=False) is None
+    assert fsio.write_problem(tmp_path / "file", folder=False) is None  # replaced when written
+    assert fsio.write_problem(tmp_path / "file", folder=True) == f"{tmp_path / 'file'} is a file, not a folder"
+    assert fsio.write_problem(tmp_path / "dir", folder=False) == f"{tmp_path / 'dir'} is a folder, not a file"
+    under = fsio.write_problem(tmp_path / "file" / "a" / "b.zarr", folder=True)
+    assert under == f"{tmp_path / 'file'} is a file, so nothing can be made under it"
+    assert fsio.write_problem("memory://anything/at/all", folder=True) is None  # a store tells when written
+

@@ -162,3 +162,13 @@ def test_on_an_object_store_without_atomic_create(tmp_path):
 def test_heartbeat_must_be_shorter_than_staleness(tmp_path):
     with pytest.raises(ValueError, match="below stale_after_s"):
         Lease(str(tmp_path / "l.json"), what="x", heartbeat_s=60, stale_after_s=60)
+
+
+def test_a_lease_where_no_folder_can_be_made_is_one_clear_error(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    lease = Lease(run_dir_lease(tmp_path / "a-file"), what="run directory a-file", option="--out")
+    with pytest.raises(SegflowError, match=r"cannot write the run directory a-file: .*a-file is a file, not a folder; "
+                                           r"give another --out"):
+        with lease:
+            pass
+    assert (tmp_path / "a-file").read_text() == "x"

@@ -100,6 +100,9 @@ def test_an_out_that_cannot_be_a_checkpoint_file_is_refused_before_training(sema
     for out, says in ((tmp_path / "models", "is a directory"), (tmp_path / "m.segflow", "names a directory record")):
         with pytest.raises(CheckpointError, match=f"{says}; a torch checkpoint is a file: give NAME.safetensors"):
             _train(semantic_store, out, on_epoch=seen.append)
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(CheckpointError, match="a-file is a file, so nothing can be made under it; give another path"):
+        _train(semantic_store, tmp_path / "a-file" / "m.safetensors", on_epoch=seen.append)
     assert seen == [] and list((tmp_path / "models").iterdir()) == []
 
 
