@@ -288,6 +288,8 @@ def _add_model(sub: Any) -> None:
     p.add_argument("--kind", choices=["semantic", "instance"], help="check the model gives this kind of output")
     p.add_argument("--input-multiple", type=int,
                    help="TorchScript/ONNX: H and W the graph accepts are multiples of this (inputs are padded)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the model record or checkpoint at --out (without it an existing one is refused)")
     p.add_argument("--weights", choices=["auto", "pytorch_state_dict", "torchscript", "onnx"], default="auto",
                    help="bioimage.io packages: weights to import (default auto: a state dict of segflow's UNet, "
                         "else torchscript, else onnx; architecture code in a package is never run)")
@@ -303,6 +305,8 @@ def _add_model(sub: Any) -> None:
     p.add_argument("--author", action="append", help="--to bioimageio (required there): an author's name (repeat "
                                                       "for several)")
     p.add_argument("--license", default="CC-BY-4.0", help="--to bioimageio: SPDX licence id (default CC-BY-4.0)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the model record or package at --out (without it an existing one is refused)")
 
 
 def _normalisation(name: str | None, channels: int | None):
@@ -318,6 +322,11 @@ def _model(args: argparse.Namespace) -> int:
     from segcore.models.importing import import_model
     from segcore.models.record import describe_model
 
+    if args.model_command in ("import", "export"):
+        problem = _replaced_output(args.source if args.model_command == "import" else args.model, args.out,
+                                   overwrite=args.overwrite)
+        if problem:
+            return _fail(problem)
     try:
         if args.model_command == "import" and _is_bioimageio(args.source):
             from segcore.models.bioimage.importer import import_bioimageio
@@ -354,6 +363,18 @@ def _model(args: argparse.Namespace) -> int:
     except (SegflowError, ValidationError, OSError) as exc:
         return _fail(_error_line(exc))
     return 0
+
+
+def _replaced_output(source: str, out: str, *, overwrite: bool) -> str | None:
+    """Why ``segflow model import/export`` must not write ``out``, or None: it is the model read
+    (never replaced), or a file or model record exists there and ``--overwrite`` was not given."""
+    if os.path.exists(source) and os.path.exists(out) and os.path.samefile(source, out):
+        return f"--out {out!r} is the model being read; give another name"
+    from segcore.models.record import META_FILE
+
+    if not overwrite and (os.path.isfile(out) or os.path.isfile(os.path.join(out, META_FILE))):
+        return f"{out!r} exists; give a new --out, or pass --overwrite to replace it"
+    return None  # another folder: refused by the writer, which replaces only a model record
 
 
 def _is_bioimageio(source: str) -> bool:

@@ -101,9 +101,20 @@ def test_a_record_replaces_a_record_but_never_a_folder_of_other_files(tmp_path, 
     err = capsys.readouterr().err
     assert "is a directory that is not a model record (it holds notes.txt, sub)" in err and "model.segflow" in err
     assert (folder / "notes.txt").read_text() == "mine" and (folder / "sub").is_dir()
+    assert main([*argv, str(folder), "--overwrite"]) == 2  # not a record: never replaced
+    assert "is a directory that is not a model record" in capsys.readouterr().err and (folder / "notes.txt").exists()
     record = folder / "model.segflow"
-    assert main([*argv, str(record)]) == 0 and main([*argv, str(record)]) == 0  # a record: replaced
+    assert main([*argv, str(record)]) == 0
+    before = (record / META_FILE).read_text()
+    assert main([*argv, str(record)]) == 2  # an existing record: replaced only when asked
+    assert f"{str(record)!r} exists; give a new --out, or pass --overwrite to replace it" in capsys.readouterr().err
+    assert (record / META_FILE).read_text() == before
+    assert main([*argv, str(record), "--overwrite"]) == 0
     assert sorted(p.name for p in record.iterdir()) == [META_FILE, "model.ts"]
+    source = ["model", "import", str(tmp_path / "net.pt"), "--in-channels", "1", "--out", str(tmp_path / "net.pt")]
+    for extra in ([], ["--overwrite"]):  # the model read is never replaced
+        assert main([*source, *extra]) == 2
+        assert "is the model being read; give another name" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main([*argv, str(tmp_path / "empty")]) == 0 and (tmp_path / "empty" / META_FILE).is_file()
     capsys.readouterr()
