@@ -254,9 +254,29 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[:4]
-        raise CheckpointError(
-            f"weights in {str(path)!r} do not fit architecture {meta.arch!r} with {meta.arch_kwargs}: "
-            + " ".join(first)
-        ) from exc
+        raise CheckpointError(f"weights in {str(path)!r} do not fit architecture {meta.arch!r} with "
+                              f"{meta.arch_kwargs}: {weights_mismatch(model, state)}") from exc
     return model.to(device).eval(), meta
+
+
+def weights_mismatch(model: nn.Module, state: dict[str, torch.Tensor], *, examples: int = 3) -> str:
+    """How the tensors ``state`` (name -> tensor) differ from ``model``'s: counts of missing and
+    unexpected names and of tensors of another shape, a few of each named, and a hint when the
+    file's names differ by a prefix (``module.`` of a model saved from DataParallel)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+
+    def some(names: list[str]) -> str:
+        return ", ".join(names[:examples]) + (", ..." if len(names) > examples else "")
+
+    parts = [f"{len(names)} {what} ({some(names)})" for names, what in
+             ((missing, "missing"), (unexpected, "unexpected"), (shapes, "of another shape")) if names]
+    hint = ""
+    if missing and unexpected:
+        prefix = os.path.commonprefix(unexpected).rpartition(".")[0]
+        if prefix and {k[len(prefix) + 1:] for k in unexpected} >= set(missing):
+            hint = f"; the file's names carry the prefix {prefix + '.'!r}: save the inner model's state_dict"
+    return "; ".join(parts) + hint if parts else "the tensors do not load (no name or shape differs)"

@@ -57,7 +57,10 @@ def test_weights_that_do_not_fit_are_refused(tmp_path):
     from segcore.models import create_model
 
     torch.save(create_model("unet", base=4, depth=2).state_dict(), tmp_path / "u.pth")
-    with pytest.raises(CheckpointError, match="do not fit 'unet'.*Missing key"):
+    with pytest.raises(CheckpointError, match=r"do not fit 'unet' with \{'base': 4, 'depth': 3\}: \d+ missing "
+                                              r"\(down\.2\.0\.weight, .*, \.\.\.\); \d+ of another shape "
+                                              r"\(bottleneck\.0\.weight \(16, 8, 3, 3\) in the file, \(32, 16, 3, 3\) "
+                                              r"in the model"):
         import_model(tmp_path / "u.pth", out=tmp_path / "m.safetensors", arch="unet", class_names="bg,fg",
                      arch_kwargs={"base": 4, "depth": 3})
     with pytest.raises(ConfigError, match="needs --arch"):
@@ -68,6 +71,24 @@ def test_weights_that_do_not_fit_are_refused(tmp_path):
     meta = import_model(tmp_path / "u.pth", out=tmp_path / "m.safetensors", arch="unet", class_names="bg,fg",
                         arch_kwargs={"base": 4, "depth": 2})
     assert meta.source["format"] == "state_dict" and meta.runtime == "torch" and meta.in_channels == 1
+
+
+def test_a_state_dict_saved_from_data_parallel_imports_and_other_prefixes_are_named(tmp_path):
+    from segcore.models import create_model
+    from segcore.models.checkpoint import load_checkpoint
+
+    unet = create_model("unet", base=4, depth=2)
+    torch.save(torch.nn.DataParallel(unet).state_dict(), tmp_path / "ddp.pth")  # every name under 'module.'
+    meta = import_model(tmp_path / "ddp.pth", out=tmp_path / "m.safetensors", arch="unet", class_names="bg,fg",
+                        arch_kwargs={"base": 4, "depth": 2})
+    assert meta.provenance["name_prefix_removed"] == "module."
+    loaded, _ = load_checkpoint(tmp_path / "m.safetensors")
+    assert all(torch.equal(t, unet.state_dict()[k]) for k, t in loaded.state_dict().items())
+    torch.save({f"net.{k}": v for k, v in unet.state_dict().items()}, tmp_path / "wrapped.pth")
+    with pytest.raises(CheckpointError, match=r"\d+ missing .*; \d+ unexpected \(net\..*; the file's names carry "
+                                              r"the prefix 'net\.': save the inner model's state_dict"):
+        import_model(tmp_path / "wrapped.pth", out=tmp_path / "w.safetensors", arch="unet", class_names="bg,fg",
+                     arch_kwargs={"base": 4, "depth": 2})
 
 
 def test_torchscript_and_onnx_files_import_as_directory_records(tmp_path):
