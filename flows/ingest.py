@@ -38,9 +38,13 @@ def _write_chunks(spec: IngestSpec, plan: IngestPlan, log: Any) -> list[dict[str
     """Decode and write every chunk of the plan; returns the written rows with their final status."""
     futures = [write_chunk.submit(spec.store, list(c), label=chunk_label(c)) for c in plan.chunks]
     written: list[dict[str, Any]] = []
+    ok = 0
     for n, fut in enumerate(as_completed(futures), start=1):
-        written.extend(fut.result())
-        report("ingest", n, len(futures), f"{len(written)} images")
+        rows = fut.result()
+        written.extend(rows)
+        ok += sum(r["status"] == "ok" for r in rows)
+        refused = len(written) - ok  # decoded but refused (a NaN pixel, ...): error rows of the manifest
+        report("ingest", n, len(futures), f"{ok} images" + (f", {refused} refused" if refused else ""))
         if n % max(1, len(futures) // 10) == 0 or n == len(futures):
             log.info("ingest: %d/%d chunks written", n, len(futures))
     return written

@@ -29,7 +29,7 @@ from segcore.models.checkpoint import ModelMeta
 from segcore.models.predict import check_device
 from segcore.models.record import model_sha256
 from segcore.run.blocks import saved_blocks
-from segcore.run.context import RunContext
+from segcore.run.context import BlockRecord, RunContext
 from segcore.run.plan import RunPlan, check_alignment
 from segcore.run.results import open_run
 from segcore.run.deadlines import UnitTimeouts
@@ -70,12 +70,21 @@ def _watched(submit: Any, todo: list, watch: dict[str, Any], log: Any, what: str
         return item[0] if isinstance(item, tuple) else item
 
     step, done, t0 = max(1, len(todo) // 20), [0, 0], time.perf_counter()
+    tiled: set[tuple[str, int]] = set()  # images of the blocks seen: a tiled image counts with its first block
+
+    def images_of(record: Any) -> int:
+        if isinstance(record, BlockRecord):
+            new = (record.group, record.index) not in tiled
+            tiled.add((record.group, record.index))
+            return int(new)
+        return getattr(record, "n_images", 0) - getattr(record, "n_refused", 0)  # segmented: not those refused
 
     def advance(record: Any) -> None:
+        images = images_of(record)
         done[0] += 1
-        done[1] += getattr(record, "n_images", 0)
+        done[1] += images
         if progress is not None:
-            progress.advance(images=getattr(record, "n_images", 0))
+            progress.advance(images=images)
         if done[0] % step == 0 or done[0] == len(todo):
             log.info("segment: %d/%d %s, %d images, %.1f s", done[0], len(todo), what, done[1],
                      time.perf_counter() - t0)

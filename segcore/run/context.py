@@ -137,7 +137,9 @@ class Counts:
 @dataclass(frozen=True)
 class UnitRecord(Record):
     """A unit of whole images: ``[start, stop)`` of store group ``group``; ``batch_size``: images per forward
-    pass it finished with (see :mod:`segcore.run.memory`; None in older records)."""
+    pass it finished with (see :mod:`segcore.run.memory`; None in older records); ``n_refused``: its
+    images given a blank mask without a forward pass (refused at ingest or by the channel policy; 0
+    in older records)."""
 
     kind: ClassVar[str] = "unit"
     unit: str
@@ -152,6 +154,7 @@ class UnitRecord(Record):
     instances: int | None
     timing: Timing
     batch_size: int | None = None
+    n_refused: int = 0
 
     @property
     def marker(self) -> str:

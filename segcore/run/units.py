@@ -171,6 +171,7 @@ def segment_unit(ctx: RunContext, unit: WorkUnit) -> UnitRecord:
         unit=unit.name, group=unit.group, start=unit.start, stop=unit.stop, key=ctx.key, n_images=unit.n_images,
         n_evaluated=len(scored), n_errors=statuses.count("error") // max(1, meta.num_classes),
         dice_rows=table.num_rows, instances=n_instances, batch_size=batch,
+        n_refused=sum(r["status"] != "ok" for r in rows),
         timing=Timing.since(t0, started, ctx.device, read_s=t_read - t0, predict_s=t_pred - t_read))
     mark_done(ctx.run_dir, record)
     return record

@@ -80,3 +80,11 @@ def test_the_run_finishes_and_scores_every_valid_file_and_names_every_bad_one(co
     assert summary["gt_label_errors"] == 1
     unreadable = {Path(u["source_path"]).name for u in summary["unreadable_files"]}
     assert unreadable == {corpus_run["files"][k] for k, e in EXPECTED.items() if e.status == "error"}
+    # the progress lines count what the results count: images in the store, and segmented (not refused)
+    last = {ln.split(":")[0]: ln for ln in proc.stderr.splitlines() if ln.startswith(("ingest: ", "segment: "))}
+    images = summary["images_ingested"]
+    assert f" chunks, {images} images, " in last["ingest"] and last["ingest"].endswith(" refused"), last
+    # segmented: the images scored and those whose ground truth is unusable (every image of the store has a mask)
+    gt_broken = table[(table.status == "error") & table.error.str.contains("ground truth")]
+    segmented = len(set(table[table.status == "ok"].image_id) | set(gt_broken.image_id))
+    assert f" units, {segmented} images, " in last["segment"], (last, segmented)
