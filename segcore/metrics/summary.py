@@ -116,7 +116,8 @@ def summarise_volumes(volumes: pa.Table, *, worst: int = 10,
                       slices: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
     """Summary of a volume table (see :data:`segcore.run.volumes.VOLUME_SCHEMA`): per foreground
     class, the mean 3-D Dice over volumes whose ground truth has the class, and the mean HD95 and
-    ASSD over volumes where both masks have it (in ``unit``); the worst volumes by mean
+    ASSD over volumes where both masks have it (in ``unit``: the distance units of the volumes scored,
+    None when none was); the worst volumes by mean
     foreground Dice, each with a few of its ``slices`` (volume id -> its slices' image ids) to show;
     the volumes that could not be scored."""
     rows = volumes.to_pylist()
@@ -136,7 +137,7 @@ def summarise_volumes(volumes: pa.Table, *, worst: int = 10,
     ranked = sorted((float(np.mean(v)), k) for k, v in by_volume.items())[:worst]
     units = sorted({distance_unit(r["spacing_unit"], (r["spacing_z"], r["spacing_y"], r["spacing_x"]))
                     for r in rows if r["status"] == "ok"})
-    return {"volumes_evaluated": len(by_volume), "unit": ", ".join(units) or "voxel", "per_class": per_class,
+    return {"volumes_evaluated": len(by_volume), "unit": ", ".join(units) or None, "per_class": per_class,
             "worst_volumes": [{"volume_id": k, "mean_foreground_dice": v,
                                "preview_slices": preview_slices((slices or {}).get(k, ()))} for v, k in ranked],
             "errors": [{"volume_id": r["volume_id"], "error": r["error"]} for r in rows if r["status"] != "ok"]}
@@ -178,7 +179,8 @@ def render_markdown(summary: dict[str, Any], *, title: str = "segflow run") -> s
             ]
     vol = summary.get("volumes")
     if vol:
-        lines += ["", f"Volumes evaluated: {vol['volumes_evaluated']} (3-D metrics; distances in {vol['unit']})", "",
+        distances = f"; distances in {vol['unit']}" if vol["unit"] else ""  # none without a volume scored
+        lines += ["", f"Volumes evaluated: {vol['volumes_evaluated']} (3-D metrics{distances})", "",
                   "| class | volumes with class | mean 3-D Dice | mean HD95 | mean ASSD |",
                   "| --- | ---: | ---: | ---: | ---: |"]
         lines += [f"| {c['class_id']} {c['class_name']} | {c['volumes_with_class']} | {_fmt(c['mean_dice'])} | "

@@ -80,6 +80,14 @@ def test_the_markdown_summary_lists_volumes():
     text = render_markdown(summary)
     assert "Volumes evaluated: 1 (3-D metrics; distances in millimeter)" in text
     assert "| 1 c1 | 1 | 0.5000 | 2.0000 | 1.0000 |" in text and "| a | 0.5000 |" in text
+    # no volume scored: no distance unit to name (the unit comes from the volumes scored)
+    unscored = {**{k: None for k in VOLUME_SCHEMA.names}, "volume_id": "a", "status": "error",
+                "error": "not every slice has usable ground truth", "spacing_unit": "millimeter"}
+    summary["volumes"] = summarise_volumes(pa.Table.from_pylist([unscored], schema=VOLUME_SCHEMA))
+    assert summary["volumes"]["unit"] is None
+    text = render_markdown(summary)
+    assert "Volumes evaluated: 0 (3-D metrics)\n" in text and "distances in" not in text
+    assert "- volume `a` not scored: not every slice has usable ground truth" in text
 
 
 def test_a_volume_pattern_that_groups_no_image_is_refused_by_name():
