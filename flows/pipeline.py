@@ -146,7 +146,8 @@ def _segment_held(spec: SegmentSpec) -> dict[str, Any]:
     ctx, plan, meta, store = start_run(
         spec.store, spec.checkpoint, spec.out, tile_size=spec.tile_size, overlap=spec.overlap, blend=spec.blend,
         tta=spec.tta, precision=spec.precision, batch_size=spec.batch_size, device=spec.device,
-        num_threads=torch_threads(spec.execution), compile=spec.compile, spec=spec_json(spec))
+        num_threads=torch_threads(spec.execution), compile=spec.compile, spec=spec_json(spec),
+        workers_here=not spec.execution.dask_address)
     if spec.volume_pattern:  # before any unit is segmented
         check_volume_pattern(current_manifest(read_manifest(spec.store)).to_pylist(), spec.volume_pattern)
     chunks, counts = mask_chunks(spec.out)
@@ -304,7 +305,7 @@ def run_flow(spec: RunSpec) -> dict[str, Any]:
         if ingested["new_files"] == 0 and (not store_exists(segment.store) or pending_work(
                 segment.store, segment.checkpoint, segment.out, tile_size=segment.tile_size, overlap=segment.overlap,
                 blend=segment.blend, tta=segment.tta, precision=segment.precision, device=segment.device,
-                compile=segment.compile) == 0):
+                compile=segment.compile, workers_here=not segment.execution.dask_address) == 0):
             get_run_logger().info("run: nothing new in %s and every image of %s is segmented in %s; no inference "
                                   "this time", spec.ingest.images, segment.store, segment.out)
             if segment.lake and fsio.exists(fsio.join(segment.out, "run.json")):  # parts a failed publication left

@@ -223,6 +223,20 @@ def _shaping_differences(recorded: dict[str, Any], asked: dict[str, Any]) -> lis
             for k in sorted(set(recorded) | set(asked)) if recorded.get(k) != asked.get(k)]
 
 
+def resumable_shaping(info: dict[str, Any], shaping: dict[str, Any], *, device: str, asked_device: str | None
+                      ) -> dict[str, Any]:
+    """``shaping`` as the run directory of ``info`` compares it. A run on the CPU computes in fp32
+    whatever precision was asked, and records fp32; a run directory written with ``--device auto``
+    on a machine without CUDA before that was recorded kept the precision asked (``bf16``), so a
+    run there now (``device`` ``cpu``, resolved from ``asked_device`` ``auto``) takes the recorded
+    precision and resumes: the computation is the same."""
+    recorded = (info.get("shaping") or {}).get("precision")
+    if (shaping.get("precision") == "fp32" and recorded not in (None, "fp32") and device == "cpu"
+            and asked_device == "auto" and (info.get("spec") or {}).get("device", "auto") == "auto"):
+        return {**shaping, "precision": recorded}
+    return shaping
+
+
 def _reopen(run_dir: str, info: dict[str, Any], *, store_abs: str, store_id: str | None, checkpoint_sha256: str,
             shaping: dict[str, Any], plan: RunPlan, spec: dict[str, Any]) -> None:
     """Refuse to resume a run of anything else than what is asked now (see the module docstring)."""
@@ -252,13 +266,14 @@ def _reopen(run_dir: str, info: dict[str, Any], *, store_abs: str, store_id: str
 
 def prepare_run(run_dir: str, *, store_path: str, checkpoint: str, checkpoint_sha256: str, meta: ModelMeta,
                 groups: Sequence[GroupInfo], plan: RunPlan, shaping: dict[str, Any], spec: dict[str, Any],
-                store_id: str | None = None) -> dict[str, Any]:
+                store_id: str | None = None, device: str = "auto") -> dict[str, Any]:
     """Create (or reopen for resuming) a run directory, its mask arrays and its plan; returns the run info.
 
     ``run_dir`` is a local path or an fsspec URL. ``plan`` is recorded in ``plan.json`` (a store that
     gained groups since extends it); ``shaping`` (:func:`segcore.run.plan.output_shaping`) goes into
     ``run.json`` with the run ``key`` (:func:`segcore.run.context.run_key`). Reopening creates the
-    arrays of store groups that the run directory lacks, leaving the others as they are.
+    arrays of store groups that the run directory lacks, leaving the others as they are; ``device``:
+    the one the key was computed for (:func:`resumable_shaping`).
 
     Raises:
         StoreError: ``run_dir`` holds a run of another store or checkpoint, of an earlier version
@@ -270,6 +285,7 @@ def prepare_run(run_dir: str, *, store_path: str, checkpoint: str, checkpoint_sh
     source = _image_source(run_dir, store_abs)
     if fsio.exists(info_path):
         info = fsio.read_json(info_path)
+        shaping = resumable_shaping(info, shaping, device=device, asked_device=spec.get("device"))
         _reopen(run_dir, info, store_abs=store_abs, store_id=store_id, checkpoint_sha256=checkpoint_sha256,
                 shaping=shaping, plan=plan, spec=spec)
         if "shaping" not in info:  # a run directory of an earlier segflow, resumed with its settings

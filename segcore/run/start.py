@@ -14,6 +14,8 @@ import dataclasses
 import logging
 from typing import Any, Mapping
 
+import torch
+
 from segcore.collection.store import StoreInfo, open_store
 from segcore.errors import CheckpointError, ConfigError, NotFound
 from segcore.models.checkpoint import ModelMeta
@@ -22,7 +24,7 @@ from segcore.models.record import local_record, model_sha256, read_model_meta
 from segcore.run.channels import can_adapt, channel_note
 from segcore.run.context import RunContext
 from segcore.run.plan import RunPlan, effective_precision, make_plan, output_shaping, resolve_tiling
-from segcore.run.rundir import done_records, prepare_run, read_plan, read_run_info
+from segcore.run.rundir import done_records, prepare_run, read_plan, read_run_info, resumable_shaping
 from segcore.run.schedule import pending_steps
 
 log = logging.getLogger(__name__)
@@ -160,13 +162,15 @@ def check_channels(store: StoreInfo, *, model_channels: int) -> None:
 def start_run(store_path: str, checkpoint: str, out: str, *, tile_size: int | None = None, overlap: int | None = None,
               blend: str = "gaussian", tta: bool = False, precision: str = "bf16", batch_size: int = 8,
               device: str = "auto", num_threads: int | None = None, compile: bool = False,
-              spec: dict[str, Any] | None = None) -> tuple[RunContext, RunPlan, ModelMeta, StoreInfo]:
+              spec: dict[str, Any] | None = None, workers_here: bool = False
+              ) -> tuple[RunContext, RunPlan, ModelMeta, StoreInfo]:
     """Preflight, then create or reopen the run directory ``out`` with its plan and output-shaping
     parameters (:func:`segcore.run.rundir.prepare_run`), and build the run's context.
 
     ``tile_size`` 0 segments large images whole; ``compile``: through ``torch.compile`` (semantic
     torch models; a different kernel path, so part of the run's key); ``spec`` is the resolved run
-    spec saved with the outputs. Raises :class:`~segcore.errors.CheckpointError` or :class:`~segcore.errors.StoreError`
+    spec saved with the outputs; ``workers_here``: the workers run on this machine, so ``device``
+    ``auto`` is this machine's (:func:`key_device`). Raises :class:`~segcore.errors.CheckpointError` or :class:`~segcore.errors.StoreError`
     (another run, another setting) before anything is written to the images' outputs.
     """
     meta, sha, store = preflight(store_path, checkpoint)
@@ -182,20 +186,30 @@ def start_run(store_path: str, checkpoint: str, out: str, *, tile_size: int | No
     compiled = compile and compiles(meta)
     info = prepare_run(out, store_path=store_path, store_id=store.store_id, checkpoint=checkpoint,
                        checkpoint_sha256=sha, meta=meta, groups=groups, plan=plan,
-                       shaping=output_shaping(meta, tiling, precision=effective_precision(meta, precision,
-                                                                                          device=device), tta=tta,
+                       shaping=output_shaping(meta, tiling, precision=effective_precision(
+                           meta, precision, device=key_device(device, workers_here=workers_here)), tta=tta,
                                              compiled=compiled),
                        spec={**(spec or {}), "tile_size": tile_size, "overlap": overlap, "blend": blend, "tta": tta,
-                             "precision": precision, "compile": compile})
+                             "precision": precision, "compile": compile, "device": device},
+                       device=key_device(device, workers_here=workers_here))
     ctx = RunContext(store=store_path, run_dir=out, run_id=info["run_id"], key=info["key"], checkpoint=checkpoint,
                      checkpoint_sha256=sha, mask_kind=store.mask_kind, tta=tta, batch_size=batch_size, device=device,
                      precision=precision, num_threads=num_threads, tiling=tiling, compile=compiled)
     return ctx, plan, meta, store
 
 
+def key_device(device: str, *, workers_here: bool) -> str:
+    """The device a run's key is computed for: ``cpu`` for ``auto`` when the workers run on this
+    machine and it has no CUDA device (the run computes in fp32 there, and records so); else
+    ``device`` as asked (remote workers resolve ``auto`` themselves)."""
+    if device == "auto" and workers_here and not torch.cuda.is_available():
+        return "cpu"
+    return device
+
+
 def pending_work(store_path: str, checkpoint: str, out: str, *, tile_size: int | None = None,
                  overlap: int | None = None, blend: str = "gaussian", tta: bool = False, precision: str = "bf16",
-                 device: str = "auto", compile: bool = False) -> int | None:
+                 device: str = "auto", compile: bool = False, workers_here: bool = False) -> int | None:
     """How many steps of the run in ``out`` remain with these settings (units, blocks and tiled
     images without a done-record), reading only metadata: no model is loaded.
 
@@ -209,8 +223,11 @@ def pending_work(store_path: str, checkpoint: str, out: str, *, tile_size: int |
         return None
     meta = read_model_meta(checkpoint)
     tiling = resolve_tiling(meta, tile_size=tile_size, overlap=overlap, blend=blend, tta=tta)
-    shaping = output_shaping(meta, tiling, precision=effective_precision(meta, precision, device=device), tta=tta,
-                             compiled=compile and compiles(meta))
+    key = key_device(device, workers_here=workers_here)
+    shaping = resumable_shaping(info, output_shaping(meta, tiling, precision=effective_precision(meta, precision,
+                                                                                               device=key),
+                                                     tta=tta, compiled=compile and compiles(meta)),
+                                device=key, asked_device=device)
     if info.get("shaping") != shaping or plan.groups != tuple(g.name for g in open_store(store_path).groups):
         return None
     return pending_steps(plan, done_records(out, info["key"]))

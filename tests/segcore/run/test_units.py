@@ -21,7 +21,7 @@ from segcore.normalise import Normalisation
 from segcore.run.context import UnitRecord
 from segcore.run.plan import check_alignment
 from segcore.run.results import open_run
-from segcore.run.rundir import done_records, mask_chunks, read_plan
+from segcore.run.rundir import done_records, mask_chunks, read_plan, read_run_info
 from segcore.run.start import check_mask_labels, start_run
 from segcore.run.units import segment_unit
 from segcore.collection.fingerprint import fold, write_fingerprint
@@ -167,6 +167,28 @@ def test_on_the_cpu_another_precision_computes_the_same_and_resumes(small_store,
     first = start_run(small_store["store"], small_store["ckpt"], str(tmp_path / "r"), device="cpu")[0]
     again = start_run(small_store["store"], small_store["ckpt"], str(tmp_path / "r"), device="cpu", precision="fp16")[0]
     assert again.key == first.key and again.precision == "fp16"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="auto means this machine's CPU only without CUDA")
+def test_auto_on_a_machine_without_cuda_is_the_cpu_and_older_run_directories_resume(small_store, tmp_path):
+    from segcore.run.start import pending_work
+
+    store, ckpt = small_store["store"], small_store["ckpt"]
+    here = start_run(store, ckpt, str(tmp_path / "new"), device="auto", workers_here=True)[0]
+    assert read_run_info(str(tmp_path / "new"))["shaping"]["precision"] == "fp32"  # what the CPU computes in
+    again = start_run(store, ckpt, str(tmp_path / "new"), device="auto", workers_here=True, precision="fp16")[0]
+    assert again.key == here.key
+    # written before auto was told apart from the CPU here: bf16 recorded; resumed by any precision
+    old_dir = str(tmp_path / "old")
+    ctx, plan, _, _ = start_run(store, ckpt, old_dir, device="auto")
+    assert read_run_info(old_dir)["shaping"]["precision"] == "bf16"
+    segment_unit(ctx.on_worker(), plan.units[0])
+    for precision in ("bf16", "fp16", "fp32"):
+        assert start_run(store, ckpt, old_dir, device="auto", workers_here=True, precision=precision)[0].key == ctx.key
+        assert pending_work(store, ckpt, old_dir, device="auto", workers_here=True,
+                            precision=precision) == len(plan.units) - 1
+    with pytest.raises(StoreError, match="precision"):  # asked for the CPU by name: not a run of auto
+        start_run(store, ckpt, old_dir, device="cpu")
 
 
 def test_pending_work_counts_what_remains_with_these_settings(small_store, tmp_path):
