@@ -170,8 +170,9 @@ def start_run(store_path: str, checkpoint: str, out: str, *, tile_size: int | No
     ``tile_size`` 0 segments large images whole; ``compile``: through ``torch.compile`` (semantic
     torch models; a different kernel path, so part of the run's key); ``spec`` is the resolved run
     spec saved with the outputs; ``workers_here``: the workers run on this machine, so ``device``
-    ``auto`` is this machine's (:func:`key_device`). Raises :class:`~segcore.errors.CheckpointError` or :class:`~segcore.errors.StoreError`
-    (another run, another setting) before anything is written to the images' outputs.
+    ``auto`` is this machine's (:func:`key_device`). Raises :class:`~segcore.errors.CheckpointError`
+    or :class:`~segcore.errors.StoreError` (another run, another setting) before anything is written
+    to the images' outputs.
     """
     meta, sha, store = preflight(store_path, checkpoint)
     if tta and meta.kind == "instance":
@@ -184,14 +185,13 @@ def start_run(store_path: str, checkpoint: str, out: str, *, tile_size: int | No
                     len(plan.tiled_images))
     groups = store.groups if tiling else [dataclasses.replace(g, tile=0) for g in store.groups]
     compiled = compile and compiles(meta)
+    keyed = key_device(device, workers_here=workers_here)
+    shaping = output_shaping(meta, tiling, precision=effective_precision(meta, precision, device=keyed), tta=tta,
+                             compiled=compiled)
     info = prepare_run(out, store_path=store_path, store_id=store.store_id, checkpoint=checkpoint,
-                       checkpoint_sha256=sha, meta=meta, groups=groups, plan=plan,
-                       shaping=output_shaping(meta, tiling, precision=effective_precision(
-                           meta, precision, device=key_device(device, workers_here=workers_here)), tta=tta,
-                                             compiled=compiled),
+                       checkpoint_sha256=sha, meta=meta, groups=groups, plan=plan, shaping=shaping,
                        spec={**(spec or {}), "tile_size": tile_size, "overlap": overlap, "blend": blend, "tta": tta,
-                             "precision": precision, "compile": compile, "device": device},
-                       device=key_device(device, workers_here=workers_here))
+                             "precision": precision, "compile": compile, "device": device}, device=keyed)
     ctx = RunContext(store=store_path, run_dir=out, run_id=info["run_id"], key=info["key"], checkpoint=checkpoint,
                      checkpoint_sha256=sha, mask_kind=store.mask_kind, tta=tta, batch_size=batch_size, device=device,
                      precision=precision, num_threads=num_threads, tiling=tiling, compile=compiled)
@@ -223,11 +223,10 @@ def pending_work(store_path: str, checkpoint: str, out: str, *, tile_size: int |
         return None
     meta = read_model_meta(checkpoint)
     tiling = resolve_tiling(meta, tile_size=tile_size, overlap=overlap, blend=blend, tta=tta)
-    key = key_device(device, workers_here=workers_here)
-    shaping = resumable_shaping(info, output_shaping(meta, tiling, precision=effective_precision(meta, precision,
-                                                                                               device=key),
-                                                     tta=tta, compiled=compile and compiles(meta)),
-                                device=key, asked_device=device)
+    keyed = key_device(device, workers_here=workers_here)
+    shaping = output_shaping(meta, tiling, precision=effective_precision(meta, precision, device=keyed), tta=tta,
+                             compiled=compile and compiles(meta))
+    shaping = resumable_shaping(info, shaping, device=keyed, asked_device=device)
     if info.get("shaping") != shaping or plan.groups != tuple(g.name for g in open_store(store_path).groups):
         return None
     return pending_steps(plan, done_records(out, info["key"]))
