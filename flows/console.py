@@ -111,7 +111,9 @@ class PlainProgress:
                     or now - last[3] >= self.every_s):
                 return
             self._last[event.stage] = (event.done, event.total, step, now)
-            print(progress_line(event), file=self.stream, flush=True)
+            # one write with its newline: a log line written from another thread cannot land inside it
+            self.stream.write(progress_line(event) + "\n")
+            self.stream.flush()
 
 
 class BarProgress:

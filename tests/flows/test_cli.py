@@ -294,6 +294,19 @@ def test_plain_progress_prints_first_tenths_and_last() -> None:
     assert progress_line(ProgressEvent("other", 1, 3, "x")) == "other: 1/3, x"
 
 
+def test_a_plain_progress_line_is_one_write_with_its_newline() -> None:
+    """A warning logged from another thread (the Dask client's) cannot land between a line and its newline."""
+    writes: list[str] = []
+
+    class Recording(io.StringIO):
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+    PlainProgress(Recording())(ProgressEvent("train", 1, 3, "epoch 1/3: loss 0.5"))
+    assert writes == ["train: 1/3 epochs, epoch 1/3: loss 0.5\n"]
+
+
 def test_bars_on_a_terminal_count_each_stage() -> None:
     from rich.console import Console
 
