@@ -1,6 +1,6 @@
 """Cost of telling a model's own failures apart at the prediction seam (``forward_errors``).
 
-Every forward pass of a Predictor runs inside ``segcore.models.predict.forward_errors``, which turns
+Every forward pass of a Predictor runs inside ``segcore.models.failures.forward_errors``, which turns
 a model failing on its input into a ModelError (not retried by a run). Prints the cost of entering
 and leaving it next to one forward pass of a small UNet, and their ratio.
 
@@ -20,7 +20,8 @@ import torch  # noqa: E402
 
 from segcore.models import create_model  # noqa: E402
 from segcore.models.checkpoint import ModelMeta  # noqa: E402
-from segcore.models.predict import TorchPredictor, forward_errors  # noqa: E402
+from segcore.models.failures import forward_errors  # noqa: E402
+from segcore.models.predict import TorchPredictor  # noqa: E402
 from segcore.normalise import Normalisation  # noqa: E402
 
 

@@ -45,8 +45,9 @@ class ModelError(SegflowError, RuntimeError):
 
 
 #: Errors a step raises again on every attempt at the same input: a run does not retry a step for them.
-#: (Out of memory, a read error or a lost worker may pass on another attempt; these do not.)
-NOT_RETRIED: tuple[type[SegflowError], ...] = (ConfigError, CheckpointError, PlanError, ModelError)
+#: (Out of memory, a read error, a lost worker, or a checkpoint a worker could not read, may pass on
+#: another attempt; these do not.)
+NOT_RETRIED: tuple[type[SegflowError], ...] = (ConfigError, PlanError, ModelError)
 
 
 def error_line(exc: BaseException, limit: int = 300) -> str:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from segcore.errors import ConfigError
+from segcore.models.failures import forward_errors
 
 if TYPE_CHECKING:
     from segcore.models.maskrcnn import InstanceSegmenter
@@ -245,7 +246,7 @@ def predict_instances(model: InstanceSegmenter, x: Tensor, *, score_threshold: f
         raise ConfigError(f"score_threshold {score_t} is below the model's {floor}; rebuild the model with "
                           f"score_threshold <= {score_t} (arch_kwargs) to see lower-scoring detections")
     mask_t = model.mask_threshold if mask_threshold is None else float(mask_threshold)
-    with torch.inference_mode():
+    with torch.inference_mode(), forward_errors(x.shape):
         detections = model.detect(x)
     height, width = (int(v) for v in x.shape[-2:])
     out = []

@@ -20,15 +20,14 @@ import abc
 import contextlib
 import logging
 import os
-import re
 import threading
 from functools import lru_cache
-from typing import Iterator
 
 import numpy as np
 import torch
 
-from segcore.errors import ConfigError, ModelError, SegflowError, error_line
+from segcore.errors import ConfigError
+from segcore.models.failures import forward_errors
 from segcore.models.checkpoint import ModelMeta, load_checkpoint
 from segcore.models.record import read_model_meta
 from segcore.models.instances import InstancePrediction, predict_instances
@@ -42,39 +41,6 @@ log = logging.getLogger(__name__)
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = ("bf16", "fp16", "fp32")
 _ARGMAX = OutputRule()
-
-
-_NAMED = re.compile(r"^\w+(Error|Exception): ")  # a message that names its error (a TorchScript model's)
-#: How errors that may pass on another attempt begin: a CUDA device fault, a runtime out of memory.
-_TRANSIENT = ("CUDA error", "CUDA driver error", "cuDNN error", "CUBLAS_STATUS", "NCCL")
-
-
-def model_failure(exc: BaseException, shape: tuple[int, ...]) -> ModelError | None:
-    """``exc``, raised by a model's forward pass over a batch of ``shape``, as a
-    :class:`~segcore.errors.ModelError` (which a run does not retry: every attempt would fail the
-    same way): the model cannot take that input, or fails inside. None for what may pass on another
-    attempt or is segflow's own error already: out of memory, a CUDA device fault, a read error."""
-    if isinstance(exc, (SegflowError, OSError, MemoryError, torch.cuda.OutOfMemoryError, torch.AcceleratorError)):
-        return None
-    text = error_line(exc)
-    if text.startswith(_TRANSIENT) or "out of memory" in text.lower() or "failed to allocate" in text.lower():
-        return None
-    named = text if _NAMED.match(text) else f"{type(exc).__name__}: {text or 'no message'}"
-    return ModelError(f"the model failed on a batch of shape {tuple(shape)} ({named}); check that it takes images "
-                      "of that size and channels (an imported model may need --input-multiple)")
-
-
-@contextlib.contextmanager
-def forward_errors(shape: tuple[int, ...]) -> Iterator[None]:
-    """Raise what a model's forward pass over a batch of ``shape`` raises inside the block as
-    :func:`model_failure` says: a :class:`~segcore.errors.ModelError`, or as it is."""
-    try:
-        yield
-    except Exception as exc:
-        failure = model_failure(exc, tuple(shape))
-        if failure is None:
-            raise
-        raise failure from exc
 
 
 def resolve_device(device: str, *, worker_index: int | None = None) -> str:
@@ -242,17 +208,17 @@ class TorchPredictor(Predictor):
         if self.kind != "semantic":
             return super().logits(x)
         if not self._cuda:
-            with forward_errors(x.shape):
-                return self._scores(self._forward(x))
+            return self._scores(self._forward(x))
         x = self.stage(x).contiguous(memory_format=self._memory_format)
         amp = (torch.autocast("cuda", dtype=AUTOCAST[self.precision]) if self.precision in AUTOCAST
                else contextlib.nullcontext())
-        with amp, forward_errors(x.shape):
+        with amp:
             return self._scores(self._forward(x))
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._compiled is None:
-            return self.model(x)
+            with forward_errors(x.shape):
+                return self.model(x)
         try:
             return self._compiled(x)
         except (torch.cuda.OutOfMemoryError, MemoryError):  # the caller halves the batch (segcore.run.memory)
@@ -261,7 +227,8 @@ class TorchPredictor(Predictor):
             log.warning("torch.compile of %s failed, running it eagerly: %s", self.meta.arch,
                         str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             self._compiled = None
-            return self.model(x)
+            with forward_errors(x.shape):
+                return self.model(x)
 
     def _scores(self, out: torch.Tensor) -> torch.Tensor:
         """The model's output as class scores (:func:`~segcore.models.outputs.class_scores`); segflow's
@@ -271,8 +238,7 @@ class TorchPredictor(Predictor):
     def detect(self, x: torch.Tensor) -> list[InstancePrediction]:
         if self.kind != "instance":
             return super().detect(x)
-        with forward_errors(x.shape):
-            return predict_instances(self.model, self.stage(x))
+        return predict_instances(self.model, self.stage(x))
 
 
 def open_predictor(checkpoint: str | os.PathLike[str], *, device: str = "cpu", precision: str = "bf16",

@@ -29,7 +29,8 @@ from segcore.errors import CheckpointError, ConfigError
 from segcore.models.checkpoint import ModelMeta
 from segcore.models.outputs import class_scores
 from segcore.models.padding import pad_to_multiple
-from segcore.models.predict import AUTOCAST, Predictor, forward_errors
+from segcore.models.failures import forward_errors
+from segcore.models.predict import AUTOCAST, Predictor
 from segcore.models.record import MODEL_FILES
 
 log = logging.getLogger(__name__)
@@ -63,8 +64,10 @@ class TorchScriptPredictor(Predictor):
         padded, (h, w) = pad_to_multiple(x, self.meta.input_multiple)
         amp = (torch.autocast("cuda", dtype=AUTOCAST[self.precision]) if self._cuda and self.precision in AUTOCAST
                else contextlib.nullcontext())
-        with torch.inference_mode(), amp, forward_errors(padded.shape):
-            return class_scores(self.module(padded)[..., :h, :w], self.meta.output)
+        with torch.inference_mode(), amp:
+            with forward_errors(padded.shape):
+                out = self.module(padded)
+            return class_scores(out[..., :h, :w], self.meta.output)
 
 
 def load_torchscript(path: str | os.PathLike[str], *, device: str = "cpu") -> torch.jit.ScriptModule:

@@ -9,7 +9,8 @@ import torch
 
 from segcore.errors import NOT_RETRIED, ConfigError, ImageReadError, ModelError, error_line
 from segcore.models.checkpoint import ModelMeta
-from segcore.models.predict import TorchPredictor, model_failure
+from segcore.models.failures import forward_errors, model_failure
+from segcore.models.predict import TorchPredictor
 from segcore.normalise import Normalisation
 
 
@@ -45,6 +46,14 @@ def test_what_may_pass_on_another_attempt_is_not_a_model_error() -> None:
         assert model_failure(exc, (1, 1, 8, 8)) is None, exc
     assert "(ValueError: no message)" in str(model_failure(ValueError(), (1, 1, 8, 8)))
     assert not isinstance(ImageReadError("x"), NOT_RETRIED)
+    # torch's CPU allocator out of memory (a RuntimeError): a MemoryError, so that the run halves the batch
+    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you "
+                       "tried to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)")
+    assert model_failure(cpu, (1, 1, 8, 8)) is None
+    with pytest.raises(MemoryError, match="DefaultCPUAllocator") as info:
+        with forward_errors((1, 1, 8, 8)):
+            raise cpu
+    assert info.value.__cause__ is cpu
 
 
 def test_the_error_line_of_a_torchscript_model_is_the_error_it_ends_with() -> None:
