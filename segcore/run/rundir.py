@@ -3,7 +3,7 @@
 Layout of ``RUN_DIR``::
 
     run.json                          run_id, key, created, store, checkpoint + sha256, model meta, spec,
-                                      the output-shaping parameters
+                                      the output-shaping parameters, the device the key was computed for
     plan.json                         the run plan: work units, tiled images, tiling (segcore.run.plan)
     masks.zarr/<group>/0              (N, H, W) uint8 predicted class labels, chunks = work units
                                       (tiled groups: (1, tile, tile) blocks); <group> is an OME-Zarr
@@ -229,10 +229,11 @@ def resumable_shaping(info: dict[str, Any], shaping: dict[str, Any], *, device: 
     whatever precision was asked, and records fp32; a run directory written with ``--device auto``
     on a machine without CUDA before that was recorded kept the precision asked (``bf16``), so a
     run there now (``device`` ``cpu``, resolved from ``asked_device`` ``auto``) takes the recorded
-    precision and resumes: the computation is the same."""
+    precision and resumes: the computation is the same. Run directories that record the device
+    their key was computed for (``key_device``) are compared as they are."""
     recorded = (info.get("shaping") or {}).get("precision")
-    if (shaping.get("precision") == "fp32" and recorded not in (None, "fp32") and device == "cpu"
-            and asked_device == "auto" and (info.get("spec") or {}).get("device", "auto") == "auto"):
+    if ("key_device" not in info and shaping.get("precision") == "fp32" and recorded not in (None, "fp32")
+            and device == "cpu" and asked_device == "auto" and (info.get("spec") or {}).get("device", "auto") == "auto"):
         return {**shaping, "precision": recorded}
     return shaping
 
@@ -308,6 +309,7 @@ def prepare_run(run_dir: str, *, store_path: str, checkpoint: str, checkpoint_sh
         "checkpoint_sha256": checkpoint_sha256,
         "model": json.loads(meta.model_dump_json()),
         "shaping": shaping,
+        "key_device": device,
         "spec": spec,
     }
     attrs = {"run_id": info["run_id"], "class_names": list(meta.class_names),

@@ -178,10 +178,12 @@ def test_auto_on_a_machine_without_cuda_is_the_cpu_and_older_run_directories_res
     assert read_run_info(str(tmp_path / "new"))["shaping"]["precision"] == "fp32"  # what the CPU computes in
     again = start_run(store, ckpt, str(tmp_path / "new"), device="auto", workers_here=True, precision="fp16")[0]
     assert again.key == here.key
-    # written before auto was told apart from the CPU here: bf16 recorded; resumed by any precision
+    # written before auto was told apart from the CPU here: bf16 recorded, no key_device; resumed by any precision
     old_dir = str(tmp_path / "old")
     ctx, plan, _, _ = start_run(store, ckpt, old_dir, device="auto")
-    assert read_run_info(old_dir)["shaping"]["precision"] == "bf16"
+    info = read_run_info(old_dir)
+    assert info["shaping"]["precision"] == "bf16" and info.pop("key_device") == "auto"
+    (tmp_path / "old" / "run.json").write_text(json.dumps(info))
     segment_unit(ctx.on_worker(), plan.units[0])
     for precision in ("bf16", "fp16", "fp32"):
         assert start_run(store, ckpt, old_dir, device="auto", workers_here=True, precision=precision)[0].key == ctx.key
@@ -189,6 +191,11 @@ def test_auto_on_a_machine_without_cuda_is_the_cpu_and_older_run_directories_res
                             precision=precision) == len(plan.units) - 1
     with pytest.raises(StoreError, match="precision"):  # asked for the CPU by name: not a run of auto
         start_run(store, ckpt, old_dir, device="cpu")
+    # a run directory of this version computed its bf16 key for a device elsewhere (auto, remote workers): kept
+    remote = str(tmp_path / "remote")
+    start_run(store, ckpt, remote, device="auto")
+    with pytest.raises(StoreError, match="precision"):
+        start_run(store, ckpt, remote, device="auto", workers_here=True)
 
 
 def test_pending_work_counts_what_remains_with_these_settings(small_store, tmp_path):
