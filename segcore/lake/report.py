@@ -134,9 +134,18 @@ _POOLED_F1 = ("case when sum(tp) + sum(fp) + sum(fn) = 0 then 1.0 "
               "else 2.0 * sum(tp) / (2 * sum(tp) + sum(fp) + sum(fn)) end as pooled_f1")
 
 
+#: Precision and recall of a row from its counts (segcore.metrics.instance.detection_ratios), so that rows
+#: published before the empty-case rule changed count as today's.
+_RATIO_SQL = {"precision": "case when tp + fp + fn = 0 then 1.0 when tp + fp = 0 then 0.0 else tp / (tp + fp) end",
+              "recall": "case when tp + fp + fn = 0 then 1.0 when tp + fn = 0 then 0.0 else tp / (tp + fn) end"}
+
+
 def _instance_sql(source: str, *, by: str) -> str:
-    means = ", ".join(f"avg({c}) filter (where not isnan({c})) as {c if c.startswith('mean_') else 'mean_' + c}"
-                      for c in _INSTANCE_MEANS)
+    def mean(c: str) -> str:
+        value = _RATIO_SQL.get(c, c)
+        return f"avg({value}) filter (where not isnan({value})) as {c if c.startswith('mean_') else 'mean_' + c}"
+
+    means = ", ".join(mean(c) for c in _INSTANCE_MEANS)
     return f"""
 select model_id as model, {by + ", " if by else ""}count(distinct [store_key, image_id]) as images, {means},
        sum(tp)::bigint as tp, sum(fp)::bigint as fp, sum(fn)::bigint as fn, {_POOLED_F1}

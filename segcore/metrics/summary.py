@@ -75,16 +75,23 @@ def summarise_dice(dice: pa.Table, *, manifest: pa.Table | None = None, worst: i
 
 def summarise_instances(metrics: pa.Table, instances: pa.Table) -> dict[str, Any]:
     """Instance-level summary: predicted instances, and means of per-image F1, AP, PQ when evaluated."""
+    from segcore.metrics.instance import detection_ratios  # scipy: only where instances are summarised
+
     out: dict[str, Any] = {"instances_predicted": instances.num_rows}
     if metrics.num_rows:
+        rows = metrics.to_pylist()
+        # precision and recall from each row's counts: rows written before the empty-case rule changed
+        # (segcore.metrics.instance) count as today's
+        ratios = [detection_ratios(r["tp"], r["fp"], r["fn"]) for r in rows]
         for key in ("f1", "precision", "recall", "ap", "ap50", "panoptic_quality", "mean_matched_iou"):
-            values = np.asarray([v for v in metrics.column(key).to_pylist() if v is not None], dtype=float)
+            column = ([p for p, _, _ in ratios] if key == "precision" else [r for _, r, _ in ratios]
+                      if key == "recall" else [row[key] for row in rows])
+            values = np.asarray([v for v in column if v is not None], dtype=float)
             values = values[~np.isnan(values)]
             out[f"mean_{key}"] = float(values.mean()) if values.size else None
         for key in ("tp", "fp", "fn"):
             out[f"total_{key}"] = int(np.sum(metrics.column(key).to_numpy()))
-        tp, fp, fn = out["total_tp"], out["total_fp"], out["total_fn"]
-        out["pooled_f1"] = 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else 1.0
+        out["pooled_f1"] = detection_ratios(out["total_tp"], out["total_fp"], out["total_fn"])[2]
     return out
 
 

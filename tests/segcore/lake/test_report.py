@@ -184,7 +184,8 @@ def test_volumes_report_the_latest_scoring_per_model_class_and_unit(tmp_path):
 
 
 def _scores(tp: int, fp: int, fn: int, *, ap: float, pq: float) -> dict:
-    """Per-image instance figures at IoU 0.5 with the empty-case policy of segcore.metrics.instance."""
+    """Per-image instance figures at IoU 0.5 as rows published before the empty-case rule changed wrote them
+    (a ratio with nothing to count was 1.0; the report takes precision and recall from the counts)."""
     ratio = lambda a, b: a / b if b else 1.0  # noqa: E731
     return {"n_pred": tp + fp, "n_gt": tp + fn, "tp": tp, "fp": fp, "fn": fn, "precision": ratio(tp, tp + fp),
             "recall": ratio(tp, tp + fn), "f1": ratio(2 * tp, 2 * tp + fp + fn),
@@ -220,7 +221,8 @@ def test_instance_metrics_per_model_over_time_and_current(tmp_path):
     (current,) = report["instances"].to_pylist()  # img-0 (its batch-1 version), img-1, img-2
     assert current["model"] == MASKRCNN and current["images"] == 3
     assert (current["tp"], current["fp"], current["fn"]) == (5, 3, 0)
-    expected = {"mean_f1": 5 / 9, "mean_precision": 0.5, "mean_recall": 1.0, "mean_ap": 0.8,
+    # img-2 (no ground truth, 2 predictions): recall 0 by today's rule, though its row says 1.0
+    expected = {"mean_f1": 5 / 9, "mean_precision": 0.5, "mean_recall": 2 / 3, "mean_ap": 0.8,
                 "mean_panoptic_quality": 1.4 / 3, "mean_matched_iou": 0.8, "pooled_f1": 10 / 13}
     assert {k: current[k] for k in expected} == pytest.approx(expected)
     days = [(r["run_date"], r["images"], r["mean_f1"], r["mean_ap"], r["pooled_f1"])

@@ -177,3 +177,21 @@ def test_distances_are_named_by_the_spacing_they_were_measured_in():
     assert distance_unit("millimeter", (2.5, 0.8, 0.8)) == "millimeter"
     assert distance_unit(None, (1.0, 1.0, 1.0)) == distance_unit("", (None, None, None)) == "voxel"
     assert distance_unit(None, (2.5, 0.8, 0.8)) == UNKNOWN_UNIT == "spacing units (unit unknown)"
+
+
+def test_instance_summary_takes_precision_and_recall_from_the_counts() -> None:
+    """Rows written before the empty-case rule changed say 1.0 where nothing was counted; the summary
+    reads each image's counts, so such rows count as today's (segcore.metrics.instance.detection_ratios)."""
+    from segcore.metrics.summary import summarise_instances
+
+    def row(tp: int, fp: int, fn: int, old_precision: float, old_recall: float) -> dict:
+        return {"tp": tp, "fp": fp, "fn": fn, "precision": old_precision, "recall": old_recall, "f1": 0.0,
+                "ap": float("nan"), "ap50": float("nan"), "panoptic_quality": 0.0, "mean_matched_iou": float("nan")}
+
+    metrics = pa.Table.from_pylist([row(0, 0, 3, 1.0, 0.0),  # nothing found of 3 objects: precision 0 today
+                                    row(0, 2, 0, 0.0, 1.0),  # 2 found where there is nothing: recall 0 today
+                                    row(2, 0, 0, 1.0, 1.0), row(0, 0, 0, 1.0, 1.0)])
+    s = summarise_instances(metrics, pa.table({"instance_id": [1, 2, 3, 4]}))
+    assert (s["mean_precision"], s["mean_recall"]) == (pytest.approx(2 / 4), pytest.approx(2 / 4))
+    assert (s["total_tp"], s["total_fp"], s["total_fn"]) == (2, 2, 3) and s["pooled_f1"] == pytest.approx(4 / 9)
+    assert s["instances_predicted"] == 4
