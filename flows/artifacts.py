@@ -60,7 +60,7 @@ class UnitProgress:
     def __init__(self, run_id: str, *, total: int, done: int = 0, max_updates: int = PROGRESS_UPDATES) -> None:
         self.total, self.done, self.max_updates = max(total, 0), min(done, total), max_updates
         self.run_id = run_id
-        self.images, self._t0 = 0, time.perf_counter()
+        self.images, self._t0, self._advanced = 0, time.perf_counter(), False
         self._sent_step = self._step()
         self._id: UUID = create_progress_artifact(progress=self.percent, key=artifact_key(f"segment-progress-{run_id}"),
                                                   description=self._description())
@@ -77,7 +77,7 @@ class UnitProgress:
         return f"Units finished in run {self.run_id}: {self.done} of {self.total}"
 
     def _message(self) -> str:
-        if not self.images:  # the first report: no rate yet (units done by an earlier run are not timed)
+        if not self._advanced:  # the first report: no rate yet (units done by an earlier run are not timed)
             return f"{self.done} done by an earlier run" if self.done else "starting"
         rate = self.images / max(time.perf_counter() - self._t0, 1e-9)
         return f"{self.images} images, {rate:.1f} images/s"
@@ -87,6 +87,7 @@ class UnitProgress:
         artifact when another 1/``max_updates`` is done."""
         self.done = min(self.total, self.done + n)
         self.images += images
+        self._advanced = True
         report("segment", self.done, self.total, self._message())
         if self._step() > self._sent_step:
             self._sent_step = self._step()

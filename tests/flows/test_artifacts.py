@@ -149,3 +149,20 @@ def test_the_training_curve_artifact_says_what_the_refit_did(monkeypatch, refit,
     text = sent["markdown"]
     assert "Best epoch: **1** of 1." in text and "validation Dice liver: 0.7000" in text
     assert ("Refit" not in text) if line is None else (line in text)
+
+
+def test_progress_messages_start_without_a_rate_and_tell_units_done_before():
+    from tasks.progress import listen
+
+    seen: list[str] = []
+
+    @flow(name="progress-messages")
+    def progress_flow() -> None:
+        with listen(lambda event: seen.append(event.message)):
+            p = UnitProgress("messages", total=3, done=1)  # one unit done by an earlier run
+            p.advance(images=0)  # a unit whose images were all refused
+            p.advance(images=4)
+
+    progress_flow()
+    assert seen[0] == "1 done by an earlier run"
+    assert seen[1].startswith("0 images, ") and seen[2].startswith("4 images, ")
