@@ -25,7 +25,7 @@ from safetensors.torch import load, load_file, save_file
 from torch import nn
 
 from segcore import fsio
-from segcore.errors import CheckpointError, ConfigError, NotFound, a_model
+from segcore.errors import CheckpointError, ConfigError, NotFound, a_model, error_line
 from segcore.fsio import atomic_path, new_file_mode
 from segcore.models import MODEL_KINDS, create_model, spatial_dims_of
 from segcore.models.outputs import OutputRule
@@ -255,14 +255,30 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"weights in {str(path)!r} do not fit architecture {meta.arch!r} with "
-                              f"{meta.arch_kwargs}: {weights_mismatch(model, state)}") from exc
+                              f"{meta.arch_kwargs}: {weights_mismatch(model, state, exc)}") from exc
     return model.to(device).eval(), meta
 
 
-def weights_mismatch(model: nn.Module, state: dict[str, torch.Tensor], *, examples: int = 3) -> str:
+#: Prefix (Distributed)DataParallel gives every name of the model it wraps; removed on import.
+WRAPPER_PREFIX = "module."
+
+
+def unwrapped_state(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str | None]:
+    """``state`` without :data:`WRAPPER_PREFIX` when every one of its names carries it and none of
+    ``model``'s does (a state dict saved from a (Distributed)DataParallel-wrapped model), and the
+    prefix removed (None: ``state`` as it is)."""
+    if state and all(k.startswith(WRAPPER_PREFIX) for k in state) and not any(
+            k.startswith(WRAPPER_PREFIX) for k in model.state_dict()):
+        return {k[len(WRAPPER_PREFIX):]: v for k, v in state.items()}, WRAPPER_PREFIX
+    return state, None
+
+
+def weights_mismatch(model: nn.Module, state: dict[str, torch.Tensor], error: BaseException | None = None, *,
+                     examples: int = 3) -> str:
     """How the tensors ``state`` (name -> tensor) differ from ``model``'s: counts of missing and
     unexpected names and of tensors of another shape, a few of each named, and a hint when the
-    file's names differ by a prefix (``module.`` of a model saved from DataParallel)."""
+    file's names differ by a prefix (``module.`` of a model saved from DataParallel); when neither
+    names nor shapes differ, torch's own ``error``."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -279,4 +295,6 @@ def weights_mismatch(model: nn.Module, state: dict[str, torch.Tensor], *, exampl
         prefix = os.path.commonprefix(unexpected).rpartition(".")[0]
         if prefix and {k[len(prefix) + 1:] for k in unexpected} >= set(missing):
             hint = f"; the file's names carry the prefix {prefix + '.'!r}: save the inner model's state_dict"
-    return "; ".join(parts) + hint if parts else "the tensors do not load (no name or shape differs)"
+    if not parts:
+        return f"the tensors do not load ({error_line(error) if error is not None else 'no name or shape differs'})"
+    return "; ".join(parts) + hint

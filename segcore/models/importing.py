@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from segcore.errors import CheckpointError, ConfigError, NotFound, a_model, error_line
 from segcore.fsio import file_sha256
 from segcore.models.checkpoint import (ModelMeta, build_model, check_checkpoint_path, save_checkpoint,
-                                      weights_mismatch)
+                                      unwrapped_state, weights_mismatch)
 from segcore.models.detection import COCO_CATEGORIES
 from segcore.models.padding import pad_to_multiple
 from segcore.models.record import check_record_path, save_model_record
@@ -98,10 +98,6 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
                           "'model'; save it with torch.save(model.state_dict(), path)")
 
 
-#: Prefix (Distributed)DataParallel gives every name of the model it wraps; removed on import.
-WRAPPER_PREFIX = "module."
-
-
 def _unsupported(exc: Exception) -> str:
     """The line of torch's weights-only refusal that names the offending global."""
     lines = [ln.strip() for ln in str(exc).splitlines() if "Unsupported global" in ln or "GLOBAL" in ln]
@@ -154,16 +150,14 @@ def import_model(source: str | os.PathLike[str], *, out: str | os.PathLike[str],
                          in_channels=int(channels), normalisation=norm, provenance=provenance, source=src)
         _check_normalisation(meta)
         model = build_model(meta)
-        state = read_state_dict(source)
-        if state and all(k.startswith(WRAPPER_PREFIX) for k in state) and not any(
-                k.startswith(WRAPPER_PREFIX) for k in model.state_dict()):  # saved from (Distributed)DataParallel
-            state = {k[len(WRAPPER_PREFIX):]: v for k, v in state.items()}
-            meta = meta.model_copy(update={"provenance": {**provenance, "name_prefix_removed": WRAPPER_PREFIX}})
+        state, removed = unwrapped_state(model, read_state_dict(source))
+        if removed:
+            meta = meta.model_copy(update={"provenance": {**provenance, "name_prefix_removed": removed}})
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise CheckpointError(f"the weights in {str(source)!r} do not fit {arch!r} with {meta.arch_kwargs}: "
-                                  f"{weights_mismatch(model, state)}") from exc
+                                  f"{weights_mismatch(model, state, exc)}") from exc
         save_checkpoint(out, model, meta)
         return meta
     if kind not in (None, "semantic"):

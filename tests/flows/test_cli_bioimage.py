@@ -28,3 +28,10 @@ def test_export_then_import_a_bioimageio_package(tmp_path, capsys) -> None:
     back = read_meta(tmp_path / "back.safetensors")
     assert back.normalisation == meta.normalisation and back.class_names == meta.class_names
     assert back.source["format"] == "bioimageio:pytorch_state_dict"
+    # where the record cannot go, told once the weights are chosen, before they are read; nothing written
+    for out, says in ((tmp_path / "back.segflow", "names a directory record; a torch checkpoint is a file"),
+                      (tmp_path / "p.zip" / "x.safetensors", "is a file, so nothing can be made under it")):
+        assert main(["model", "import", str(tmp_path / "p.zip"), "--out", str(out)]) == 2
+        assert says in capsys.readouterr().err and not out.exists()
+    assert main(["model", "import", str(tmp_path / "p.zip"), "--out", str(tmp_path / "back.safetensors")]) == 2
+    assert "exists; give a new --out, or pass --overwrite" in capsys.readouterr().err

@@ -40,8 +40,9 @@ from segcore.models.bioimage.prescribe import (
     steps_of,
 )
 from segcore.models.bioimage.zoo import zoo
-from segcore.models.checkpoint import ModelMeta, save_checkpoint
-from segcore.models.record import save_model_record
+from segcore.models.checkpoint import (ModelMeta, check_checkpoint_path, save_checkpoint, unwrapped_state,
+                                      weights_mismatch)
+from segcore.models.record import check_record_path, save_model_record
 from segcore.normalise import Normalisation
 
 log = logging.getLogger(__name__)
@@ -185,7 +186,8 @@ def import_bioimageio(package: str | os.PathLike[str], out: str | os.PathLike[st
                       weights: str = "auto") -> tuple[Path, ModelMeta]:
     """Import the bioimage.io model ``package`` (zip or folder) as the segflow model record ``out``.
 
-    ``out``: a ``.safetensors`` file for torch weights, else a directory (e.g. ``NAME.segflow``).
+    ``out``: a ``.safetensors`` file for torch weights, else a directory (e.g. ``NAME.segflow``),
+    checked as soon as the weights are chosen (before they are read).
     ``weights``: ``auto`` or a format of :data:`WEIGHTS_ORDER`. Returns ``(record path, meta)``.
     """
     package = Path(package)
@@ -200,6 +202,10 @@ def import_bioimageio(package: str | os.PathLike[str], out: str | os.PathLike[st
         if _own_record(descr).get("largest_region") is True:  # segflow's own rule, applied after the argmax
             rule = rule.model_copy(update={"largest_region": True})
         fmt = choose_weights(descr, weights)
+        if fmt == "pytorch_state_dict":  # the place of the record, before the weights are read
+            check_checkpoint_path(out)
+        else:
+            check_record_path(out, fmt)
         entry = getattr(descr.weights, fmt)
         path = _local_file(entry, rdf.parent, what=fmt)
         sha = file_sha256(path)
@@ -217,11 +223,14 @@ def import_bioimageio(package: str | os.PathLike[str], out: str | os.PathLike[st
                       if k not in ("in_channels", "num_classes")}
             meta = ModelMeta(arch=arch, arch_kwargs=kwargs, runtime="torch", **common)
             model = create_model(arch, in_channels=channels, num_classes=len(class_names), **kwargs)
+            state, removed = unwrapped_state(model, safe_state_dict(path))
+            if removed:
+                meta = meta.model_copy(update={"provenance": {**meta.provenance, "name_prefix_removed": removed}})
             try:
-                model.load_state_dict(safe_state_dict(path), strict=True)
+                model.load_state_dict(state, strict=True)
             except RuntimeError as exc:
                 raise CheckpointError(f"the state dict of {str(package)!r} does not fit {arch} with {kwargs}: "
-                                      + " ".join(str(exc).split())[:300]) from exc
+                                      f"{weights_mismatch(model, state, exc)}") from exc
             record = save_checkpoint(out, model, meta)
         else:
             meta = ModelMeta(arch=f"bioimageio:{descr.name}", runtime=fmt, **common)
