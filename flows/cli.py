@@ -324,7 +324,7 @@ def _model(args: argparse.Namespace) -> int:
 
     if args.model_command in ("import", "export"):
         problem = _replaced_output(args.source if args.model_command == "import" else args.model, args.out,
-                                   overwrite=args.overwrite)
+                                   overwrite=args.overwrite, writes=_writes(args))
         if problem:
             return _fail(problem)
     try:
@@ -365,16 +365,33 @@ def _model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _replaced_output(source: str, out: str, *, overwrite: bool) -> str | None:
+def _writes(args: argparse.Namespace) -> str | None:
+    """What ``segflow model import/export`` writes at ``--out``: a ``file`` (a checkpoint, a package
+    zip), a ``folder`` (a TorchScript/ONNX record), or None when the package's weights decide."""
+    if args.model_command == "export":
+        return "file" if args.to == "bioimageio" else "folder"
+    if _is_bioimageio(args.source):
+        return None
+    from segcore.models.importing import detect_format
+
+    try:
+        return "file" if detect_format(args.source) in ("state_dict", "safetensors") else "folder"
+    except (OSError, ValueError):  # a missing or unknown source: the import tells
+        return None
+
+
+def _replaced_output(source: str, out: str, *, overwrite: bool, writes: str | None) -> str | None:
     """Why ``segflow model import/export`` must not write ``out``, or None: it is the model read
-    (never replaced), or a file or model record exists there and ``--overwrite`` was not given."""
+    (never replaced), or what it ``writes`` (a file or a model record folder) exists there and
+    ``--overwrite`` was not given. Anything else at ``out`` is the writer's to refuse, by name."""
     if os.path.exists(source) and os.path.exists(out) and os.path.samefile(source, out):
         return f"--out {out!r} is the model being read; give another name"
     from segcore.models.record import META_FILE
 
-    if not overwrite and (os.path.isfile(out) or os.path.isfile(os.path.join(out, META_FILE))):
+    existing = "file" if os.path.isfile(out) else "folder" if os.path.isfile(os.path.join(out, META_FILE)) else None
+    if not overwrite and existing is not None and writes in (None, existing):
         return f"{out!r} exists; give a new --out, or pass --overwrite to replace it"
-    return None  # another folder: refused by the writer, which replaces only a model record
+    return None
 
 
 def _is_bioimageio(source: str) -> bool:

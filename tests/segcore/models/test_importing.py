@@ -132,6 +132,12 @@ def test_a_record_replaces_a_record_but_never_a_folder_of_other_files(tmp_path, 
     assert (record / META_FILE).read_text() == before
     assert main([*argv, str(record), "--overwrite"]) == 0
     assert sorted(p.name for p in record.iterdir()) == [META_FILE, "model.ts"]
+    from segcore.models import create_model
+
+    torch.save(create_model("unet", base=4, depth=2).state_dict(), tmp_path / "sd.pth")
+    assert main(["model", "import", str(tmp_path / "sd.pth"), "--arch", "unet", "--arch-kwargs", '{"depth": 2}',
+                 "--class-names", "a,b", "--out", str(record)]) == 2  # a checkpoint file cannot replace a record
+    assert "is a directory; a torch checkpoint is a file" in capsys.readouterr().err
     source = ["model", "import", str(tmp_path / "net.pt"), "--in-channels", "1", "--out", str(tmp_path / "net.pt")]
     for extra in ([], ["--overwrite"]):  # the model read is never replaced
         assert main([*source, *extra]) == 2
