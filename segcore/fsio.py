@@ -24,6 +24,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
+from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -71,6 +72,17 @@ def local_path(location: str | os.PathLike[str]) -> str | None:
     """The plain path of a local location (a path or a ``file://`` URL); None for other filesystems."""
     fs, path = url_to_fs(location)
     return path if isinstance(fs, LocalFileSystem) else None
+
+
+def without_secrets(location: str | os.PathLike[str]) -> str:
+    """``location`` fit to be recorded where others read it: a URL without its user and password
+    (``s3://key:secret@bucket/...``), query and fragment (signed URLs carry tokens there); a
+    plain path as it is."""
+    text = os.fspath(location)
+    if "://" not in text:
+        return text
+    parts = urlsplit(text)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def write_problem(location: str | os.PathLike[str], *, folder: bool) -> str | None:

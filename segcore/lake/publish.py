@@ -16,8 +16,8 @@ table), which :mod:`segcore.lake.report` uses to tell models apart. Columns are 
 run tables (:mod:`segcore.run.tables`, less ``model``) plus lineage: ``run_id`` (the run directory),
 ``store`` (the location of the store the run segmented, as its ``run.json`` records it: image ids
 are unique within a store only; null in files published before the column existed),
-``checkpoint`` (the location of the run's checkpoint as its ``run.json`` records it; null in files
-published before the column existed), ``ingest_batch``, ``source_path``, ``source_sha256``,
+``checkpoint`` (the location of the run's checkpoint as its ``run.json`` records it, a URL without
+credentials, query or fragment; null in files published before the column existed), ``ingest_batch``, ``source_path``, ``source_sha256``,
 ``mask_sha256`` (the ground truth the row was scored against) and ``published_at``; see
 :func:`lake_schema`. Manifest parts carry
 ``run_id``, ``store`` and ``published_at`` too.
@@ -184,8 +184,9 @@ def publish(lake: str, *, run_dir: str, run_info: dict[str, Any], manifest: pa.T
                 keys = zip((unit_groups[u] for u in part_table.column("unit").to_pylist()),
                            part_table.column("image_id").to_pylist())
                 found = [by_slot.get(k, {}) for k in keys]
-            table = _lineage(part_table, found, run_id=run_id, store=store, checkpoint=run_info.get("checkpoint"),
-                             published_at=now, name=name)
+            checkpoint = run_info.get("checkpoint")
+            table = _lineage(part_table, found, run_id=run_id, store=store, published_at=now, name=name,
+                             checkpoint=None if checkpoint is None else fsio.without_secrets(checkpoint))
         _write(ledger["parts"][key]["target"], table, name, run_info)
         ledger["parts"][key]["done"] = True
         written[name] = written.get(name, 0) + 1

@@ -180,3 +180,10 @@ def test_write_problem_tells_what_stands_in_the_way(tmp_path: Path) -> None:
     assert under == f"{tmp_path / 'file'} is a file, so nothing can be made under it"
     assert fsio.write_problem("memory://anything/at/all", folder=True) is None  # a store tells when written
 
+
+def test_without_secrets_keeps_what_locates_and_drops_what_authenticates() -> None:
+    assert fsio.without_secrets("s3://key:secret@bucket/models/u.safetensors") == "s3://bucket/models/u.safetensors"
+    assert fsio.without_secrets("https://host/m.segflow?X-Amz-Signature=abc#x") == "https://host/m.segflow"
+    assert fsio.without_secrets("/data/models/u.safetensors") == "/data/models/u.safetensors"
+    assert fsio.without_secrets(Path("rel/u.safetensors")) == "rel/u.safetensors"
+

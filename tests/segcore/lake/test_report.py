@@ -14,7 +14,7 @@ import pytest
 from segcore import fsio
 from segcore.collection.store import MANIFEST_SCHEMA
 from segcore.errors import LakeError, NotFound
-from segcore.lake.publish import publish
+from segcore.lake.publish import publish, read_lake
 from segcore.lake.report import lake_report, plot_over_time, render_text
 from segcore.run.tables import dice_table, instance_metrics_table, instance_table, write_part
 from segcore.run.volumes import VOLUME_SCHEMA
@@ -68,7 +68,8 @@ def test_two_checkpoints_of_one_architecture_are_two_models(tmp_path):
     manifest = _manifest([("img-0", "g000", 0, 0), ("img-1", "g000", 1, 0)])
     for n, (sha, cell, day, ckpt) in enumerate([(SHA_A, {"img-0": 0.25, "img-1": 0.75}, 20, "/m/a.safetensors"),
                                                 (SHA_A, {"img-0": 0.25, "img-1": 0.75}, 20, "/m/copy.safetensors"),
-                                                (SHA_B, {"img-0": 0.8, "img-1": 1.0}, 21, "s3://b/m/b.segflow/")]):
+                                                (SHA_B, {"img-0": 0.8, "img-1": 1.0}, 21,
+                                                 "s3://key:secret@b/m/b.segflow/?token=x")]):
         _publish(lake, str(tmp_path / f"run{n}"), run_id=f"run-{n}", sha=sha, manifest=manifest, day=day,
                  parts={"dice": {"unit-00000": _dice(cell, sha=sha, unit="unit-00000")}}, checkpoint=ckpt)
     report = lake_report(lake)
@@ -83,7 +84,9 @@ def test_two_checkpoints_of_one_architecture_are_two_models(tmp_path):
         (UNET_A, "2026-11-20", pytest.approx(0.5)), (UNET_B, "2026-11-21", pytest.approx(0.9))]
     text = render_text(report)
     assert UNET_A in text and UNET_B in text and SHA_A in text and "0.9000" in text
-    assert "a.safetensors, copy.safetensors" in text
+    assert "a.safetensors, copy.safetensors" in text and "secret" not in text and "token" not in text
+    assert set(read_lake(lake, "dice").column("checkpoint").to_pylist()) == {
+        "/m/a.safetensors", "/m/copy.safetensors", "s3://b/m/b.segflow/"}  # no credentials, query or fragment
     assert "(no rows: runs publish volume rows" in text and "(no rows: runs of instance models" in text
     assert sorted(p.name for p in plot_over_time(report, tmp_path / "plots")) == [
         "dice-over-time-unet-aaaaaaaaaaaa.png", "dice-over-time-unet-bbbbbbbbbbbb.png"]
