@@ -181,6 +181,15 @@ def test_write_problem_tells_what_stands_in_the_way(tmp_path: Path) -> None:
     assert fsio.write_problem("memory://anything/at/all", folder=True) is None  # a store tells when written
 
 
+def test_write_problem_names_a_folder_that_forbids_writing(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "locked").mkdir()
+    monkeypatch.setattr(fsio.os, "access", lambda path, mode: Path(path) != tmp_path / "locked")  # root may write anywhere
+    assert fsio.write_problem(tmp_path / "locked" / "run", folder=True) == f"{tmp_path / 'locked'} does not allow writing"
+    assert fsio.write_problem(tmp_path / "locked", folder=True) == f"{tmp_path / 'locked'} does not allow writing"
+    assert fsio.write_problem(tmp_path / "locked" / "m.safetensors", folder=False) is not None
+    assert fsio.write_problem(tmp_path / "open" / "m.safetensors", folder=False) is None
+
+
 def test_without_secrets_keeps_what_locates_and_drops_what_authenticates() -> None:
     assert fsio.without_secrets("s3://key:secret@bucket/models/u.safetensors") == "s3://bucket/models/u.safetensors"
     assert fsio.without_secrets("https://host/m.segflow?X-Amz-Signature=abc#x") == "https://host/m.segflow"
