@@ -183,9 +183,11 @@ def test_write_problem_tells_what_stands_in_the_way(tmp_path: Path) -> None:
 
 def test_write_problem_names_a_folder_that_forbids_writing(tmp_path: Path, monkeypatch) -> None:
     (tmp_path / "locked").mkdir()
-    monkeypatch.setattr(fsio.os, "access", lambda path, mode: Path(path) != tmp_path / "locked")  # root may write anywhere
-    assert fsio.write_problem(tmp_path / "locked" / "run", folder=True) == f"{tmp_path / 'locked'} does not allow writing"
-    assert fsio.write_problem(tmp_path / "locked", folder=True) == f"{tmp_path / 'locked'} does not allow writing"
+    # as root every folder allows writing: the permission check is what is asked here
+    monkeypatch.setattr(fsio.os, "access", lambda path, mode: Path(path) != tmp_path / "locked")
+    locked = f"{tmp_path / 'locked'} does not allow writing"
+    assert fsio.write_problem(tmp_path / "locked" / "run", folder=True) == locked
+    assert fsio.write_problem(tmp_path / "locked", folder=True) == locked
     assert fsio.write_problem(tmp_path / "locked" / "m.safetensors", folder=False) is not None
     assert fsio.write_problem(tmp_path / "open" / "m.safetensors", folder=False) is None
 
