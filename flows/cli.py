@@ -220,8 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo-out", help="output directory (default demo-out)")
     p.add_argument("--model", choices=["unet", "maskrcnn"], default="unet",
                    help="unet: semantic demo (default); maskrcnn: instance demo with touching nuclei-like objects")
-    p.add_argument("--images", type=int, help="number of synthetic images (default 360 unet, 240 maskrcnn)")
-    p.add_argument("--size", type=int, help="image side length in pixels (default 128)")
+    p.add_argument("--images", type=int, help="number of synthetic images, 20 to 100000 (default 360 unet, "
+                                             "240 maskrcnn)")
+    p.add_argument("--size", type=int, help="image side length in pixels, 32 to 2048 (default 128)")
     p.add_argument("--epochs", type=int, help="training epochs (default: the model's demo setting)")
     p.add_argument("--seed", type=int, default=0)
     _add_execution(p)

@@ -28,8 +28,8 @@ class DemoSpec(BaseModel):
     out: str = Field("demo-out", description="Output directory (replaced if it holds an earlier demo).")
     model: Literal["unet", "maskrcnn"] = Field(
         "unet", description="unet: semantic demo; maskrcnn: instance demo (Mask R-CNN, ResNet-18 FPN).")
-    n_images: int | None = Field(None, ge=20, description="Synthetic images in all.")
-    size: int | None = Field(None, ge=32, description="Image side length in pixels.")
+    n_images: int | None = Field(None, ge=20, le=100_000, description="Synthetic images in all (20 to 100,000).")
+    size: int | None = Field(None, ge=32, le=2048, description="Image side length in pixels (32 to 2,048).")
     epochs: int | None = Field(None, gt=0)
     seed: int = 0
     execution: ExecutionSpec = ExecutionSpec()

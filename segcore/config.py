@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import inspect
+import os
 import re
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -94,6 +95,12 @@ def with_flow_run(spec: _S, token: str) -> _S:
                                        "segment": with_flow_run(spec.segment, token)})
     fields = ("store", "out") if isinstance(spec, SegmentSpec) else ("store",)
     return spec.model_copy(update={f: getattr(spec, f).replace(FLOW_RUN, token) for f in fields})
+
+
+def _same_location(a: str, b: str) -> bool:
+    """Whether two locations name the same file (local paths compared absolute, URLs as written)."""
+    local = "://" not in a and "://" not in b
+    return os.path.abspath(a) == os.path.abspath(b) if local else a.rstrip("/") == b.rstrip("/")
 
 
 def _device(text: str) -> str:
@@ -265,7 +272,8 @@ class TrainSpec(_Spec):
                             "val_fraction 0 no split is made.")
     group_pattern: str | None = Field(
         None, description="Regular expression on image ids naming an image's volume or source (its first capture "
-                          "group, or the match); images of one group never straddle the validation split.")
+                          "group, or the match); images of one group never straddle the validation split. UNet "
+                          "models, with val_split group or auto.")
     patch_size: int | None = Field(None, gt=0, description="UNet: training patch side (default 256; smaller images "
                                                            "are taken whole); unet3d: the side of its cubic 3-D "
                                                            "patches (default 32x64x64).")
@@ -313,6 +321,14 @@ class TrainSpec(_Spec):
             raise ValueError("val_split 'group' needs a group_pattern (a regular expression on the image ids)")
         if self.group_pattern:
             compile_pattern(self.group_pattern, what="group_pattern")  # a ConfigError is a ValueError
+            if self.kind == "instance":
+                raise ValueError("group_pattern applies to semantic models (unet, unet3d) only; instance models "
+                                 "hold out a random split")
+            if self.val_split in ("random", "tail"):
+                raise ValueError(f"group_pattern keeps groups apart only with val_split group (or auto); with "
+                                 f"{self.val_split} it would be ignored: leave one of them out")
+        if self.init is not None and _same_location(self.init, self.out):
+            raise ValueError("out is the init model being fine-tuned: it would be replaced; give a new name")
         if self.kind == "instance" and self.val_split not in ("auto", "random"):
             raise ValueError("instance models hold out a random validation split; leave val_split at auto")
         if self.largest_region is not None and self.kind == "instance":

@@ -59,3 +59,18 @@ def test_a_segment_run_takes_any_device_a_worker_can_resolve(device):
 def test_an_unknown_device_is_refused_with_the_choices(device):
     with pytest.raises(ValueError, match="auto, cpu, cuda, cuda:N"):
         SegmentSpec(store="s.zarr", checkpoint="m.safetensors", out="r", device=device)
+
+
+def test_training_options_that_would_be_ignored_or_lose_a_model_are_refused(tmp_path):
+    base = {"store": "s.zarr", "out": "m.safetensors"}
+    for extra, says in (({"val_split": "random", "group_pattern": r"^(\w+)_z"}, "with random it would be ignored"),
+                        ({"val_split": "tail", "group_pattern": r"^(\w+)_z"}, "with tail it would be ignored"),
+                        ({"model": "maskrcnn", "group_pattern": r"^(\w+)_z"}, "applies to semantic models"),
+                        ({"init": "m.safetensors"}, "out is the init model being fine-tuned"),
+                        ({"init": str(tmp_path / ".." / tmp_path.name / "p.safetensors"),
+                          "out": str(tmp_path / "p.safetensors")}, "out is the init model")):
+        with pytest.raises(ValidationError, match=says):
+            TrainSpec(**{**base, **extra})
+    assert TrainSpec(**base, val_split="group", group_pattern=r"^(\w+)_z").group_pattern == r"^(\w+)_z"
+    assert TrainSpec(**base, group_pattern=r"^(\w+)_z").val_split == "auto"  # auto: group with a pattern
+    assert TrainSpec(**base, init="parent.safetensors").init == "parent.safetensors"
