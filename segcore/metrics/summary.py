@@ -122,28 +122,32 @@ def distance_unit(unit: str | None, spacing: Sequence[float | None]) -> str:
 def summarise_volumes(volumes: pa.Table, *, worst: int = 10,
                       slices: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
     """Summary of a volume table (see :data:`segcore.run.volumes.VOLUME_SCHEMA`): per foreground
-    class, the mean 3-D Dice over volumes whose ground truth has the class, and the mean HD95 and
-    ASSD over volumes where both masks have it (in ``unit``: the distance units of the volumes scored,
+    class and distance unit (volumes of other units are not averaged together), the mean 3-D Dice
+    over volumes whose ground truth has the class, and the mean HD95 and ASSD over volumes where
+    both masks have it (in ``unit``: the distance units of the volumes scored,
     None when none was); the worst volumes by mean
     foreground Dice, each with a few of its ``slices`` (volume id -> its slices' image ids) to show;
     the volumes that could not be scored."""
     rows = volumes.to_pylist()
     ok = [r for r in rows if r["status"] == "ok" and r["class_id"] != 0]
+
+    def unit_of(r: Mapping[str, Any]) -> str:
+        return distance_unit(r["spacing_unit"], (r["spacing_z"], r["spacing_y"], r["spacing_x"]))
+
     per_class = []
-    for cid in sorted({r["class_id"] for r in ok}):
-        these = [r for r in ok if r["class_id"] == cid]
+    for cid, unit in sorted({(r["class_id"], unit_of(r)) for r in ok}):  # distances of one unit averaged together
+        these = [r for r in ok if r["class_id"] == cid and unit_of(r) == unit]
         present = [r for r in these if not r["empty_gt"]]
         surface = [r for r in these if r["surface_status"] == "ok"]
-        per_class.append({"class_id": cid, "class_name": these[0]["class_name"], "volumes_with_class": len(present),
-                          "mean_dice": _mean([r["dice"] for r in present]),
+        per_class.append({"class_id": cid, "class_name": these[0]["class_name"], "unit": unit,
+                          "volumes_with_class": len(present), "mean_dice": _mean([r["dice"] for r in present]),
                           "mean_hd95": _mean([r["hd95"] for r in surface]),
                           "mean_assd": _mean([r["assd"] for r in surface])})
     by_volume: dict[str, list[float]] = {}
     for r in ok:
         by_volume.setdefault(r["volume_id"], []).append(r["dice"])
     ranked = sorted((float(np.mean(v)), k) for k, v in by_volume.items())[:worst]
-    units = sorted({distance_unit(r["spacing_unit"], (r["spacing_z"], r["spacing_y"], r["spacing_x"]))
-                    for r in rows if r["status"] == "ok"})
+    units = sorted({unit_of(r) for r in rows if r["status"] == "ok"})
     return {"volumes_evaluated": len(by_volume), "unit": ", ".join(units) or None, "per_class": per_class,
             "worst_volumes": [{"volume_id": k, "mean_foreground_dice": v,
                                "preview_slices": preview_slices((slices or {}).get(k, ()))} for v, k in ranked],
@@ -190,8 +194,13 @@ def render_markdown(summary: dict[str, Any], *, title: str = "segflow run") -> s
         lines += ["", f"Volumes evaluated: {vol['volumes_evaluated']} (3-D metrics{distances})", "",
                   "| class | volumes with class | mean 3-D Dice | mean HD95 | mean ASSD |",
                   "| --- | ---: | ---: | ---: | ---: |"]
-        lines += [f"| {c['class_id']} {c['class_name']} | {c['volumes_with_class']} | {_fmt(c['mean_dice'])} | "
-                  f"{_fmt(c['mean_hd95'])} | {_fmt(c['mean_assd'])} |" for c in vol["per_class"]]
+        several = len({c.get("unit") for c in vol["per_class"]}) > 1  # one row per class and unit: say which
+
+        def label(c: Mapping[str, Any]) -> str:
+            return f"{c['class_id']} {c['class_name']}" + (f" ({c.get('unit')})" if several else "")
+
+        lines += [f"| {label(c)} | {c['volumes_with_class']} | {_fmt(c['mean_dice'])} | {_fmt(c['mean_hd95'])} | "
+                  f"{_fmt(c['mean_assd'])} |" for c in vol["per_class"]]
         lines += ["", "Worst volumes (mean foreground 3-D Dice):", "", "| volume | Dice |", "| --- | ---: |"]
         lines += [f"| {w['volume_id']} | {_fmt(w['mean_foreground_dice'])} |" for w in vol["worst_volumes"]]
         lines += [f"- volume `{e['volume_id']}` not scored: {e['error']}" for e in vol["errors"][:20]]

@@ -80,6 +80,16 @@ def test_the_markdown_summary_lists_volumes():
     text = render_markdown(summary)
     assert "Volumes evaluated: 1 (3-D metrics; distances in millimeter)" in text
     assert "| 1 c1 | 1 | 0.5000 | 2.0000 | 1.0000 |" in text and "| a | 0.5000 |" in text
+    # volumes of two distance units: their distances are never averaged together
+    two = pa.Table.from_pylist([_row("a", 1, 0.5, hd95=7.0), _row("b", 1, 0.7, hd95=3.0, spacing_unit=None,
+                                                                    spacing_z=2.5, spacing_y=1.0, spacing_x=1.0)],
+                               schema=VOLUME_SCHEMA)
+    summary["volumes"] = summarise_volumes(two)
+    assert [(c["unit"], c["mean_hd95"]) for c in summary["volumes"]["per_class"]] == [
+        ("millimeter", 7.0), ("spacing units (unit unknown)", 3.0)]
+    text = render_markdown(summary)
+    assert "| 1 c1 (millimeter) | 1 | 0.5000 | 7.0000 |" in text
+    assert "| 1 c1 (spacing units (unit unknown)) | 1 | 0.7000 | 3.0000 |" in text
     # no volume scored: no distance unit to name (the unit comes from the volumes scored)
     unscored = {**{k: None for k in VOLUME_SCHEMA.names}, "volume_id": "a", "status": "error",
                 "error": "not every slice has usable ground truth", "spacing_unit": "millimeter"}
