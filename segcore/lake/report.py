@@ -244,7 +244,7 @@ _SECTIONS = (
      "runs of instance models publish them for images with instance ground truth"),
     ("Current instance metrics (newest version of each image; at IoU 0.5, AP over IoU 0.50:0.95)", "instances",
      ("model", "images", "mean_f1", "mean_precision", "mean_recall", "mean_panoptic_quality", "mean_ap",
-      "mean_ap50", "pooled_f1"),
+      "mean_ap50", "mean_ap75", "mean_matched_iou", "tp", "fp", "fn", "pooled_f1"),
      "runs of instance models publish them for images with instance ground truth"),
 )
 
