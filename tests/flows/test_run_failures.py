@@ -17,6 +17,7 @@ from segcore.models.checkpoint import ModelMeta, save_checkpoint
 from segcore.normalise import Normalisation
 from segcore.run.rundir import done_records, failed_records, read_run_info
 from segcore.synthetic import generate_collection
+from tests.segcore.models.test_predict_errors import CappedSize
 
 HUNG = "unit-00001"
 
@@ -60,23 +61,11 @@ def test_a_hung_unit_is_stopped_retried_recorded_and_redone_alone(tmp_path, monk
     assert failed_records(out, key) == {}
 
 
-class _CappedSize(torch.nn.Module):
-    """A model that takes images up to 64 x 64 px only (a learned per-pixel bias of that size)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(1, 2, 1)
-        self.bias = torch.nn.Parameter(torch.zeros(1, 2, 64, 64))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x) + self.bias[:, :, :x.shape[-2], :x.shape[-1]]
-
-
 def test_a_model_that_cannot_take_a_units_images_fails_it_once_without_retries(tmp_path, capsys):
     rng = np.random.default_rng(1)
     for i, side in enumerate([32, 32, 80]):  # two groups: unit-00000 (32 px), unit-00001 (80 px)
         write_png(tmp_path / "images" / f"i{i}.png", rng.integers(0, 255, (side, side), dtype=np.uint8))
-    torch.jit.script(_CappedSize()).save(str(tmp_path / "capped.pt"))
+    torch.jit.script(CappedSize()).save(str(tmp_path / "capped.pt"))
     record = str(tmp_path / "capped.segflow")
     assert main(["model", "import", str(tmp_path / "capped.pt"), "--out", record, "--in-channels", "1",
                  "--class-names", "bg,fg", "--normalisation", "range"]) == 0  # its probes (up to 61 px) pass
