@@ -18,6 +18,7 @@ import time
 from contextlib import contextmanager
 from typing import IO, Iterator, Mapping
 
+from segcore.errors import error_line
 from tasks.progress import ProgressEvent, listen
 
 # Set before Prefect or distributed is imported; local Dask worker processes inherit them. A value
@@ -191,8 +192,7 @@ def one_line(exc: BaseException, *, options: Mapping[str, str] | None = None) ->
                 option, named = path, False
             parts.extend(f"{option}: {m}" for m in dict.fromkeys(own))
         return name_options(("" if named else f"invalid {exc.title}: ") + "; ".join(parts), options)
-    text = " ".join(str(exc).split())
-    return name_options(text, options) or type(exc).__name__
+    return name_options(error_line(exc, None), options) or type(exc).__name__
 
 
 def name_options(text: str, options: Mapping[str, str] | None) -> str:

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import datetime as dt
 import inspect
-import os
 import re
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from segcore import fsio
 from segcore.collection.grouping import compile_pattern
 from segcore.normalise import Normalisation
 from segcore.normalise_fit import parse_normalisation
@@ -95,12 +95,6 @@ def with_flow_run(spec: _S, token: str) -> _S:
                                        "segment": with_flow_run(spec.segment, token)})
     fields = ("store", "out") if isinstance(spec, SegmentSpec) else ("store",)
     return spec.model_copy(update={f: getattr(spec, f).replace(FLOW_RUN, token) for f in fields})
-
-
-def _same_location(a: str, b: str) -> bool:
-    """Whether two locations name the same file (local paths compared absolute, URLs as written)."""
-    local = "://" not in a and "://" not in b
-    return os.path.abspath(a) == os.path.abspath(b) if local else a.rstrip("/") == b.rstrip("/")
 
 
 def _device(text: str) -> str:
@@ -327,7 +321,7 @@ class TrainSpec(_Spec):
             if self.val_split in ("random", "tail"):
                 raise ValueError(f"group_pattern keeps groups apart only with val_split group (or auto); with "
                                  f"{self.val_split} it would be ignored: leave one of them out")
-        if self.init is not None and _same_location(self.init, self.out):
+        if self.init is not None and fsio.absolute(self.init) == fsio.absolute(self.out):
             raise ValueError("out is the init model being fine-tuned: it would be replaced; give a new name")
         if self.kind == "instance" and self.val_split not in ("auto", "random"):
             raise ValueError("instance models hold out a random validation split; leave val_split at auto")

@@ -50,13 +50,15 @@ class ModelError(SegflowError, RuntimeError):
 NOT_RETRIED: tuple[type[SegflowError], ...] = (ConfigError, PlanError, ModelError)
 
 
-def error_line(exc: BaseException, limit: int = 300) -> str:
-    """``exc``'s message on one line, at most ``limit`` characters: of an error raised inside a
-    TorchScript model (whose message is the script's traceback), the original error, its last line."""
+def error_line(exc: BaseException, limit: int | None = 300) -> str:
+    """``exc``'s message on one line, at most ``limit`` characters (None: all of it): of an error
+    raised inside a TorchScript model (whose message is the script's traceback), the original error,
+    its last line."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     if len(lines) > 1 and lines[0].startswith("The following operation failed in the TorchScript interpreter"):
         lines = lines[-1:]
-    return " ".join(" ".join(lines).split())[:limit]
+    text = " ".join(" ".join(lines).split())
+    return text if limit is None else text[:limit]
 
 
 def a_model(runtime: str) -> str:

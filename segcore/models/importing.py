@@ -85,7 +85,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             "them. Save the weights alone: torch.save(model.state_dict(), path), or as .safetensors "
             f"(refused: {_unsupported(exc)})") from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {str(path)!r} as a PyTorch state dict: {' '.join(str(exc).split())}"
+        raise CheckpointError(f"cannot read {str(path)!r} as a PyTorch state dict: {error_line(exc, None)}"
                               ) from exc
     except Exception as exc:  # noqa: BLE001 - torch's unpickler fails on foreign bytes with KeyError, IndexError...
         raise CheckpointError(f"cannot read {str(path)!r} as a PyTorch state dict: it is not a file torch.save "

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from segcore import fsio
-from segcore.errors import CheckpointError, ConfigError
+from segcore.errors import CheckpointError, ConfigError, error_line
 from segcore.models.checkpoint import ModelMeta
 from segcore.models.outputs import class_scores
 from segcore.models.padding import pad_to_multiple
@@ -81,7 +81,7 @@ def load_torchscript(path: str | os.PathLike[str], *, device: str = "cpu") -> to
             module = torch.jit.load(local if local is not None else io.BytesIO(fsio.read_bytes(path)),
                                     map_location=device)
     except (RuntimeError, ValueError, OSError) as exc:
-        raise CheckpointError(f"cannot load TorchScript model {str(path)!r}: {' '.join(str(exc).split())[:300]}"
+        raise CheckpointError(f"cannot load TorchScript model {str(path)!r}: {error_line(exc)}"
                               ) from exc
     return module.eval()
 
@@ -128,7 +128,7 @@ def onnx_session(path: str | os.PathLike[str], *, device: str = "cpu") -> Any:
         return ort.InferenceSession(local if local is not None else fsio.read_bytes(path), sess_options=options,
                                     providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
-        raise CheckpointError(f"cannot load ONNX model {str(path)!r}: {' '.join(str(exc).split())[:300]}") from exc
+        raise CheckpointError(f"cannot load ONNX model {str(path)!r}: {error_line(exc)}") from exc
 
 
 def check_onnx_io(session: Any, meta: ModelMeta) -> str:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from segcore.archives import safe_extract_zip
-from segcore.errors import CheckpointError, ConfigError, NotFound
+from segcore.errors import CheckpointError, ConfigError, NotFound, error_line
 from segcore.fsio import file_sha256
 from segcore.models import create_model
 from segcore.models.bioimage.prescribe import (
@@ -108,7 +108,7 @@ def safe_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError, EOFError,
             zipfile.BadZipFile) as exc:
         raise UnsafeWeights(f"refusing the weights {str(path)!r}: they are not a plain state dict that "
-                            f"torch.load(weights_only=True) can read ({' '.join(str(exc).split())[:200]}); segflow "
+                            f"torch.load(weights_only=True) can read ({error_line(exc, 200)}); segflow "
                             "never unpickles code. Ask for torchscript, onnx or safetensors-compatible weights.") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
