@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="unet", help="registered architecture: unet (default), unet3d (volumes: "
                                                    "trains on the store's labelled volumes), maskrcnn, maskrcnn_r18")
     p.add_argument("--out", required=True, help="checkpoint to write (.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already at --out")
     p.add_argument("--epochs", type=int, help="passes over the training split (default 50; UNet: each at least "
                                                "--epoch-patches patches)")
     p.add_argument("--val-fraction", type=float,
@@ -714,7 +715,7 @@ def _check_inputs(args: argparse.Namespace, spec: Any) -> None:
         if args.command == "train":
             from segcore.models.checkpoint import check_checkpoint_path
 
-            check_checkpoint_path(spec.out)
+            check_checkpoint_path(spec.out, overwrite=spec.overwrite)
 
 
 def _check_output(location: str, what: str, option: str) -> None:
@@ -770,7 +771,8 @@ def _spec(args: argparse.Namespace) -> Any:
         arch = _given(base=args.base, depth=args.depth, score_threshold=args.score_threshold,
                       overlap_threshold=args.overlap_threshold) or None
         _check_arch_options(args.model, arch or {})
-        return TrainSpec(store=args.store, out=args.out, model=args.model, execution=_execution(args),
+        return TrainSpec(store=args.store, out=args.out, overwrite=args.overwrite, model=args.model,
+                         execution=_execution(args),
                          **_given(epochs=args.epochs, val_fraction=args.val_fraction, class_names=names,
                                   arch_kwargs=arch, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
                                   crop_size=args.crop_size, normalisation=args.normalisation,

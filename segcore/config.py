@@ -235,6 +235,8 @@ class TrainSpec(_Spec):
 
     store: StorePath = Field(description="Zarr collection store with ground truth (a path or an fsspec URL).")
     out: str = Field(description="Checkpoint file to write (.safetensors).")
+    overwrite: bool = Field(False, description="Replace a checkpoint already at out (without it, an existing "
+                                               "file is refused before any training).")
     model: str = Field("unet", description="Registered architecture: unet, maskrcnn or maskrcnn_r18.")
     class_names: tuple[str, ...] | None = Field(
         None, description="Class names, background first (default: background + one name per label value, "

@@ -36,5 +36,5 @@ def train_model(spec: TrainSpec, *, num_threads: int | None, command: str) -> di
         normalisation=spec.normalisation, command=command, on_epoch=on_epoch, init=spec.init, val_split=spec.val_split,
         group_pattern=spec.group_pattern, patch_size=spec.patch_size, schedule=spec.schedule,
         largest_region=spec.largest_region, min_epoch_patches=spec.min_epoch_patches, refit=spec.refit,
-        device=resolve_device(spec.device), precision=spec.precision)
+        device=resolve_device(spec.device), precision=spec.precision, overwrite=spec.overwrite)
     return dataclasses.asdict(result)

@@ -98,17 +98,20 @@ class ModelMeta(BaseModel):
         return 3 if "z" in self.input_axes else 2
 
 
-def check_checkpoint_path(path: str | os.PathLike[str]) -> None:
+def check_checkpoint_path(path: str | os.PathLike[str], *, overwrite: bool = True) -> None:
     """Raise :class:`~segcore.errors.CheckpointError` when a checkpoint file cannot be written at the
-    local ``path``: it is a directory, names a directory record (``NAME.segflow``), or its folder
-    cannot be made or written (:func:`segcore.fsio.write_problem`). Called before
-    the work that makes the checkpoint (training, an import), so a wrong ``--out`` costs nothing."""
+    local ``path``: it is a directory, names a directory record (``NAME.segflow``), its folder
+    cannot be made or written (:func:`segcore.fsio.write_problem`), or (``overwrite`` False) a file
+    is there already. Called before the work that makes the checkpoint (training, an import), so a
+    wrong ``--out`` costs nothing and an existing model is replaced only when asked."""
     local = fsio.local_path(path)
     if local is None:
         return
     what = "is a directory" if Path(local).is_dir() else "names a directory record"
     if Path(local).is_dir() or Path(local).suffix.lower() == ".segflow":
         raise CheckpointError(f"{str(path)!r} {what}; a torch checkpoint is a file: give NAME.safetensors")
+    if not overwrite and Path(local).exists():
+        raise CheckpointError(f"{str(path)!r} exists; give a new --out, or pass --overwrite to replace it")
     problem = fsio.write_problem(local, folder=False)
     if problem:
         raise CheckpointError(f"cannot write the checkpoint {str(path)!r}: {problem}; give another path")

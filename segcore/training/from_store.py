@@ -222,6 +222,7 @@ def train_from_store(
     largest_region: str | None = None,
     min_epoch_patches: int | None = None,
     refit: bool = False,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train ``model`` on every labelled image of ``store`` and write the best epoch (``val_fraction``
     0: the last) to ``out``.
@@ -265,6 +266,8 @@ def train_from_store(
             for the best epoch's number of epochs and save that model (``Recipe.refit``); refused
             with ``val_fraction`` 0 (:func:`~segcore.training.inputs.check_refit`).
         device, precision: semantic models: a resolved device (cpu, cuda, cuda:N) and CUDA autocast dtype.
+        overwrite: replace a file already at ``out``; without it that is refused before any training
+            (:func:`~segcore.models.checkpoint.check_checkpoint_path`).
 
     Returns:
         A :class:`TrainResult`; the checkpoint's provenance also records ``command``, ``store``
@@ -278,7 +281,7 @@ def train_from_store(
     if refit and kind == "instance":
         raise ConfigError(f"refit applies to semantic models only; leave it out for {model!r}")
     check_refit(refit, val_fraction)  # before the store is read
-    check_checkpoint_path(out)  # before any training
+    check_checkpoint_path(out, overwrite=overwrite)  # before any training
     volumetric = kind == "semantic" and spatial_dims_of(model) == 3
     defaults = VOLUME_DEFAULTS if volumetric else train_defaults(kind)
     mask_kind = open_store(store).mask_kind

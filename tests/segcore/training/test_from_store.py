@@ -106,6 +106,17 @@ def test_an_out_that_cannot_be_a_checkpoint_file_is_refused_before_training(sema
     assert seen == [] and list((tmp_path / "models").iterdir()) == []
 
 
+def test_an_existing_checkpoint_is_replaced_only_with_overwrite(semantic_store, tmp_path):
+    seen: list[dict] = []
+    out = tmp_path / "m.safetensors"
+    first = _train(semantic_store, out, epochs=1)
+    with pytest.raises(CheckpointError, match=r"m.safetensors' exists; give a new --out, or pass --overwrite"):
+        _train(semantic_store, out, epochs=1, seed=1, on_epoch=seen.append)
+    assert seen == [] and file_sha256(out) == first.sha256  # refused before any epoch; the model is kept
+    second = _train(semantic_store, out, epochs=1, seed=1, overwrite=True)
+    assert file_sha256(out) == second.sha256 != first.sha256
+
+
 def test_instance_labels_train_a_unet_on_foreground(tmp_path):
     root = tmp_path / "inst"
     generate_collection(root, n_images=4, size=32, seed=1)
