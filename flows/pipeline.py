@@ -77,7 +77,8 @@ def _watched(submit: Any, todo: list, watch: dict[str, Any], log: Any, what: str
             new = (record.group, record.index) not in tiled
             tiled.add((record.group, record.index))
             return int(new)
-        return getattr(record, "n_images", 0) - getattr(record, "n_refused", 0)  # segmented: not those refused
+        return (getattr(record, "n_images", 0) - getattr(record, "n_refused", 0)  # segmented: not those refused
+                - getattr(record, "n_superseded", 0))  # or replaced by newer versions
 
     def advance(record: Any) -> None:
         images = images_of(record)

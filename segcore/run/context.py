@@ -139,7 +139,8 @@ class UnitRecord(Record):
     """A unit of whole images: ``[start, stop)`` of store group ``group``; ``batch_size``: images per forward
     pass it finished with (see :mod:`segcore.run.memory`; None in older records); ``n_refused``: its
     images given a blank mask without a forward pass (refused at ingest or by the channel policy; 0
-    in older records)."""
+    in older records); ``n_superseded``: its image versions that newer content replaced before the
+    unit ran, given a blank mask and no rows without a forward pass (0 in older records)."""
 
     kind: ClassVar[str] = "unit"
     unit: str
@@ -155,6 +156,7 @@ class UnitRecord(Record):
     timing: Timing
     batch_size: int | None = None
     n_refused: int = 0
+    n_superseded: int = 0
 
     @property
     def marker(self) -> str:

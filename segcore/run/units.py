@@ -48,13 +48,16 @@ def unit_rows(store_path: str, group: str, start: int, stop: int) -> list[dict[s
 
 
 def _write_instances(ctx: RunContext, unit: WorkUnit, meta: ModelMeta, rows: Sequence[dict[str, Any]],
-                     preds: Sequence[InstancePrediction], gt: np.ndarray | None, scored: set[int]) -> int:
-    """Instance labels, instance rows and (instance ground truth ``gt``, the unit's ``(N, H, W)`` raw
-    chunk, scored for the images in ``scored``) instance metrics of a unit; returns the number of
-    instances of its decodable images."""
+                     preds: Sequence[InstancePrediction], gt: np.ndarray | None, scored: set[int], *,
+                     keep: Sequence[int]) -> int:
+    """Instance labels (``preds``: one per image of the unit), instance rows and (instance ground
+    truth ``gt``, the ``(N, H, W)`` raw chunk of the images ``keep``, scored for the images in
+    ``scored``) instance metrics of a unit; ``rows`` and ``scored`` index the images ``keep``.
+    Returns the number of instances of its decodable images."""
     common = {"model": meta.arch, "checkpoint_sha256": ctx.checkpoint_sha256, "unit": unit.name}
     label_array(instances_path(ctx.run_dir), unit.group, mode="r+")[unit.start:unit.stop] = (
         np.stack([p.labels for p in preds]))
+    preds = [preds[i] for i in keep]
     ok = [(r, p) for r, p in zip(rows, preds) if r["status"] == "ok"]
     write_part(instance_table([(r["image_id"], p.records) for r, p in ok], class_names=meta.class_names, **common),
                table_dir(ctx.run_dir, "instances", ctx.run_id), f"{unit.name}.parquet")
@@ -87,6 +90,28 @@ def _blank_refused(preds: np.ndarray, instance_preds: list[InstancePrediction] |
             instance_preds[i] = b
 
 
+def current_slots(rows: Sequence[dict[str, Any]], *, whole: bool = False) -> list[int]:
+    """Indices of a unit's manifest ``rows`` that are current versions: a version that newer content
+    replaced (``superseded_by`` set, :mod:`segcore.collection.versions`) is not segmented again. With
+    ``whole`` (the slabs of a volume, segmented together) the unit is kept whole unless every row
+    is superseded."""
+    keep = [i for i, r in enumerate(rows) if r.get("superseded_by") is None]
+    return list(range(len(rows))) if whole and keep else keep
+
+
+def _with_blanks(preds: np.ndarray, instance_preds: list[InstancePrediction] | None, keep: Sequence[int], n: int
+                 ) -> tuple[np.ndarray, list[InstancePrediction] | None]:
+    """The predictions of the images ``keep`` of a unit of ``n`` placed among background for the others."""
+    full = np.zeros((n, *preds.shape[1:]), dtype=preds.dtype)
+    full[list(keep)] = preds
+    if instance_preds is None:
+        return full, None
+    blank = blank_predictions(full.shape, instance=True, dtype=preds.dtype)
+    for i, p in zip(keep, instance_preds):
+        blank[i] = p
+    return full, blank
+
+
 def _truth_to_stream(gt: np.ndarray, usable: list[int], *, mask_kind: str, meta: ModelMeta
                      ) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
     """A unit's ``(N, H, W)`` raw ground truth as :func:`stream_labels` scores it: class labels (the
@@ -109,28 +134,34 @@ def segment_unit(ctx: RunContext, unit: WorkUnit) -> UnitRecord:
     ``instances/run_id=<id>/<unit>.parquet`` (one row per predicted instance) and, when the ground
     truth is instance labels, ``instance_metrics/run_id=<id>/<unit>.parquet``. The done-record is
     written last. Images are fed through the channel policy (:mod:`segcore.run.channels`); an image
-    it refuses gets a background mask and error rows naming the reason.
+    it refuses gets a background mask and error rows naming the reason. An image version that newer
+    content replaced (:func:`current_slots`) gets a background mask and no rows, without a forward
+    pass.
     """
     ctx.faults.hang(unit.name)
     t0, started = time.perf_counter(), time.time()
     predictor = ctx.predictor()
     meta = predictor.meta
     root = store_root(ctx.store)
-    images = root[f"images/{unit.group}"][unit.start:unit.stop]
-    images, _, refused = adapt_images(images, model_channels=meta.in_channels)
     store = open_store(ctx.store) if predictor.spatial_dims == 3 else None  # a volumetric model: volume groups
     volume = store is not None and store.group(unit.group).volume is not None
-    rows = unit_rows(ctx.store, unit.group, unit.start, unit.stop)
+    all_rows = unit_rows(ctx.store, unit.group, unit.start, unit.stop)
+    keep = current_slots(all_rows, whole=volume)
+    images = root[f"images/{unit.group}"][unit.start:unit.stop]
+    if len(keep) < len(all_rows):
+        images = images[keep]
+    images, _, refused = adapt_images(images, model_channels=meta.in_channels)
+    rows = [all_rows[i] for i in keep]
     rows = [dict(r, status="error", error=refused[i]) if i in refused else r for i, r in enumerate(rows)]
     usable = [i for i, r in enumerate(rows) if ground_truth_state(r)[0]]
-    gt = root[f"gt/{unit.group}"][unit.start:unit.stop] if usable else None  # (N, H, W) raw ground truth
+    gt = root[f"gt/{unit.group}"][unit.start:unit.stop][keep] if usable else None  # (N, H, W) raw ground truth
     truth, to_score, gt_errors = None, None, {}
     if usable and predictor.kind == "semantic" and predictor.spatial_dims == 2:  # scored batch by batch
         truth, to_score, gt_errors = _truth_to_stream(gt, usable, mask_kind=ctx.mask_kind, meta=meta)
     t_read = time.perf_counter()
 
     def predict(batch: int, _tile: int | None) -> Any:
-        if len(refused) == len(images):  # no image the model can take: background for all, no forward pass
+        if len(refused) == len(images):  # no image the model can take (or none current): background, no forward pass
             return blank_predictions(images.shape[:3], instance=predictor.kind == "instance",
                                      dtype=predictor.label_dtype)
         ctx.faults.check_forward(images=min(batch, len(images)), height=images.shape[1], width=images.shape[2])
@@ -152,12 +183,15 @@ def segment_unit(ctx: RunContext, unit: WorkUnit) -> UnitRecord:
             counts.update(zip(np.flatnonzero(to_score).tolist(), counts_from_confusion(out.confusion[to_score])))
         out = out.labels
     instance_preds = out if predictor.kind == "instance" else None
-    preds = np.stack([p.classes for p in out]) if instance_preds is not None else out
+    preds = out if instance_preds is None else (np.stack([p.classes for p in out]) if out else
+                                                np.zeros((0, *images.shape[1:3]), predictor.label_dtype))
     if usable and truth is None:  # instance and volumetric models: counted over the whole unit
         counts = dict(zip(usable, count_against_gt(preds[usable], gt[usable], mask_kind=ctx.mask_kind, meta=meta)))
     t_pred = time.perf_counter()
     if refused:
         _blank_refused(preds, instance_preds, refused)
+    if len(keep) < len(all_rows):  # superseded versions: background masks, no rows
+        preds, instance_preds = _with_blanks(preds, instance_preds, keep, len(all_rows))
     label_array(masks_path(ctx.run_dir), unit.group, mode="r+")[unit.start:unit.stop] = preds
     table = dice_rows(rows, {rows[i]["image_id"]: c for i, c in counts.items()}, meta=meta,
                       checkpoint_sha256=ctx.checkpoint_sha256, unit=unit.name)
@@ -165,13 +199,13 @@ def segment_unit(ctx: RunContext, unit: WorkUnit) -> UnitRecord:
     scored = {i for i, c in counts.items() if c.error is None}
     n_instances = None
     if instance_preds is not None:
-        n_instances = _write_instances(ctx, unit, meta, rows, instance_preds, gt, scored)
+        n_instances = _write_instances(ctx, unit, meta, rows, instance_preds, gt, scored, keep=keep)
     statuses = table.column("status").to_pylist()
     record = UnitRecord(
         unit=unit.name, group=unit.group, start=unit.start, stop=unit.stop, key=ctx.key, n_images=unit.n_images,
         n_evaluated=len(scored), n_errors=statuses.count("error") // max(1, meta.num_classes),
         dice_rows=table.num_rows, instances=n_instances, batch_size=batch,
-        n_refused=sum(r["status"] != "ok" for r in rows),
+        n_refused=sum(r["status"] != "ok" for r in rows), n_superseded=len(all_rows) - len(keep),
         timing=Timing.since(t0, started, ctx.device, read_s=t_read - t0, predict_s=t_pred - t_read))
     mark_done(ctx.run_dir, record)
     return record

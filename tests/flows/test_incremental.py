@@ -194,6 +194,20 @@ def test_a_changed_file_supersedes_its_old_rows(collection, tmp_path):
     again = flow(spec2)
     assert again["run_dir"] != back["run_dir"] and again["ingest"]["new_files"] == 0
     assert again["segmented"] and again["images_evaluated"] == 6
+    # ... once: the two older versions of img-0003 get no forward pass, no rows and a blank mask
+    records = done_records(again["run_dir"], read_run_info(again["run_dir"])["key"]).values()
+    assert sum(r.n_superseded for r in records) == 2 and sum(r.n_images - r.n_superseded for r in records) == 6
+    rows = pq.read_table(os.path.join(again["run_dir"], "dice")).to_pandas()
+    assert len(rows) == 6 * CLASSES and sorted(rows.image_id.unique()) == [f"img-{i:04d}" for i in range(6)]
+    new_rows = read_lake(spec.segment.lake, "dice").to_pandas()
+    new_rows = new_rows[new_rows.checkpoint_sha256 == read_run_info(again["run_dir"])["checkpoint_sha256"]]
+    assert len(new_rows) == 6 * CLASSES and (new_rows.source_sha256.isin(versions.sha256.iloc[2:])
+                                             | (new_rows.image_id != "img-0003")).all()
+    import zarr
+
+    masks = zarr.open_group(os.path.join(again["run_dir"], "masks.zarr"), mode="r")
+    for _, old in versions.iloc[:2].iterrows():
+        assert not masks[f"{old.group}/0"][int(old["index"])].any()
 
 
 def test_a_corrected_mask_is_evaluated_again_and_a_vanished_one_changes_nothing(collection, tmp_path):

@@ -381,3 +381,56 @@ def test_a_model_whose_normalisation_cannot_be_applied_is_refused_before_any_wor
     with pytest.raises(CheckpointError, match=match):
         start_run(small_store["store"], str(ckpt), str(tmp_path / "run"), device="cpu")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("arch", ["unet", "maskrcnn_r18"])
+def test_versions_that_newer_content_replaced_get_no_forward_pass_no_rows_and_a_blank_mask(small_store, tmp_path,
+                                                                                           arch):
+    """A run that reaches image versions already superseded (a new checkpoint's run directory over an
+    incremental store) segments only the current ones: a unit partly superseded runs on the rest,
+    one wholly superseded runs no model at all."""
+    from segcore.collection.store import read_manifest, write_manifest
+    from segcore.run.units import current_slots
+
+    rows = read_manifest(small_store["store"]).to_pylist()
+    old = {"i1", "i6"}  # i6 is alone in the last unit
+    write_manifest(small_store["store"], [dict(r, superseded_by="f" * 64 if r["image_id"] in old else None)
+                                          for r in rows])
+    if arch == "unet":
+        ckpt = small_store["ckpt"]
+    else:
+        kwargs = {"score_threshold": 0.0}
+        meta = ModelMeta(arch=arch, arch_kwargs=kwargs, class_names=("bg", "obj"), in_channels=1,
+                         normalisation=Normalisation(mode="range", scale=255.0))
+        torch.manual_seed(0)
+        ckpt = str(save_checkpoint(tmp_path / "mrcnn.safetensors",
+                                   create_model(arch, in_channels=1, num_classes=2, **kwargs), meta))
+    run_dir = str(tmp_path / "run")
+    ctx, plan, _, _ = start_run(small_store["store"], ckpt, run_dir, batch_size=2, device="cpu", tile_size=0)
+    predictor = load_predictor(ckpt, sha256=file_sha256(ckpt), device="cpu")
+    records = [segment_unit(ctx, u) for u in plan.units]
+    assert [r.n_superseded for r in records] == [1, 0, 1] and [r.n_images for r in records] == [3, 3, 1]
+    reader = open_run(run_dir)
+    import pyarrow.parquet as pq
+
+    dice = pq.read_table(Path(run_dir) / "dice")  # every row written, not only those the reader calls current
+    assert sorted(set(dice["image_id"].to_pylist())) == ["i0", "i3", "i4", "i5"]  # i2 has no mask
+    if arch != "unet":
+        instances = pq.read_table(Path(run_dir) / "instances").column("image_id").to_pylist()
+        assert not old & set(instances)
+    import zarr
+
+    masks = zarr.open_group(str(Path(run_dir) / "masks.zarr"), mode="r")
+    for r in rows:
+        got = masks[f"{r['group']}/0"][r["index"]]
+        if r["image_id"] in old:
+            assert not got.any()
+        else:
+            image = reader.image(r["image_id"])[None]
+            want = (predictor.labels(image)[0] if arch == "unet"
+                    else predictor.instances(image, batch_size=1)[0].classes)
+            np.testing.assert_array_equal(got, want)
+    # the slabs of a volume are segmented together: kept whole unless every one is superseded
+    assert current_slots([{"superseded_by": None}, {"superseded_by": "x"}], whole=True) == [0, 1]
+    assert current_slots([{"superseded_by": "x"}] * 2, whole=True) == []
+    assert current_slots([{"superseded_by": None}, {"superseded_by": "x"}]) == [0]
