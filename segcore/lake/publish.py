@@ -16,11 +16,14 @@ table), which :mod:`segcore.lake.report` uses to tell models apart. Columns are 
 run tables (:mod:`segcore.run.tables`, less ``model``) plus lineage: ``run_id`` (the run directory),
 ``store`` (the location of the store the run segmented, as its ``run.json`` records it: image ids
 are unique within a store only; null in files published before the column existed),
-``checkpoint`` (the location of the run's checkpoint as its ``run.json`` records it, a URL without
-credentials, query or fragment; null in files published before the column existed), ``ingest_batch``, ``source_path``, ``source_sha256``,
+``checkpoint`` (the location of the run's checkpoint as its ``run.json`` records it; null in files
+published before the column existed), ``ingest_batch``, ``source_path``, ``source_sha256``,
 ``mask_sha256`` (the ground truth the row was scored against) and ``published_at``; see
 :func:`lake_schema`. Manifest parts carry
-``run_id``, ``store`` and ``published_at`` too.
+``run_id``, ``store`` and ``published_at`` too. Locations that are URLs (``store``, ``checkpoint``,
+``source_path``, ``mask_path`` and those in the schema metadata's run spec) are recorded without
+credentials, query or fragment (:func:`public`; files published before that may hold them in
+``store``, ``source_path`` and the metadata, and the report compares stores without them).
 Manifest parts are snapshots of a batch as published (a later supersession shows as a newer row
 of the same ``image_id``). A run scores its volumes again at its end each time it runs (an incremental
 run: with the new slices), so the volume rows of a volume's latest ``published_at`` are current;
@@ -80,10 +83,27 @@ def lake_columns(table: str) -> tuple[str, ...]:
     return tuple(PARTITIONS.names) + tuple(lake_schema(table).names)
 
 
+def public(value: Any) -> Any:
+    """``value`` (a location, or a run spec as JSON) with every URL in it stripped of credentials,
+    query and fragment (:func:`segcore.fsio.without_secrets`): what the lake records, where others read it."""
+    if isinstance(value, str):
+        return fsio.without_secrets(value) if "://" in value else value
+    if isinstance(value, dict):
+        return {k: public(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [public(v) for v in value]
+    return value
+
+
+#: DuckDB: the store of a lake row as :func:`public` records it, for rows published before it did.
+PUBLIC_STORE_SQL = (r"regexp_replace(regexp_replace(coalesce({t}.store, ''), '^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@', "
+                    r"'\1'), '^([A-Za-z][A-Za-z0-9+.-]*://[^?#]*)[?#].*$', '\1')")
+
+
 def _metadata(table: str, *, run_info: dict[str, Any]) -> dict[bytes, bytes]:
     meta = {"version": __version__, "lake_format": LAKE_FORMAT, "table": table, "run_id": run_info["run_id"],
             "checkpoint_sha256": run_info["checkpoint_sha256"], "model": run_info["model"],
-            "run_spec": run_info.get("spec")}
+            "run_spec": public(run_info.get("spec"))}
     return {b"segflow": json.dumps(meta, sort_keys=True, default=str).encode()}
 
 
@@ -100,7 +120,7 @@ def _lineage(table: pa.Table, found: Sequence[dict[str, Any]], *, run_id: str, s
         "store": pa.array([store] * table.num_rows, pa.string()),
         "checkpoint": pa.array([checkpoint] * table.num_rows, pa.string()),
         "ingest_batch": pa.array([f.get("batch") for f in found], pa.int64()),
-        "source_path": pa.array([f.get("source_path") for f in found], pa.string()),
+        "source_path": pa.array([public(f.get("source_path")) for f in found], pa.string()),
         "source_sha256": pa.array([f.get("sha256") for f in found], pa.string()),
         "mask_sha256": pa.array([f.get("mask_sha256") for f in found], pa.string()),
         "published_at": pa.array([published_at] * table.num_rows, _LINEAGE[-1][1]),
@@ -143,7 +163,7 @@ def publish(lake: str, *, run_dir: str, run_info: dict[str, Any], manifest: pa.T
     (:meth:`segcore.run.plan.RunPlan.part_groups`). Returns the number of files written per table.
     """
     now = now or dt.datetime.now(dt.timezone.utc)
-    run_id, model, store = run_info["run_id"], run_info["model"]["arch"], run_info.get("store")
+    run_id, model, store = run_info["run_id"], run_info["model"]["arch"], public(run_info.get("store"))
     ledger = _read_ledger(run_dir, lake)
     pending: dict[str, str] = {}
     for name in RUN_TABLES:
@@ -174,7 +194,9 @@ def publish(lake: str, *, run_dir: str, run_info: dict[str, Any], manifest: pa.T
         if name == "manifest":
             batch = int(key.rsplit("-", 1)[1])
             rows = [r for r in manifest.to_pylist() if r["batch"] == batch]
-            table = pa.Table.from_pylist([dict(r, run_id=run_id, store=store, published_at=now) for r in rows],
+            table = pa.Table.from_pylist([dict(r, run_id=run_id, store=store, published_at=now,
+                                               source_path=public(r["source_path"]), mask_path=public(r["mask_path"]))
+                                          for r in rows],
                                          schema=lake_schema("manifest"))
         else:
             part_table = pq.read_table(pa.BufferReader(fsio.read_bytes(part)))

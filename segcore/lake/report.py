@@ -48,7 +48,7 @@ import pyarrow as pa
 from segcore import fsio
 from segcore.collection.versions import current_version_sql
 from segcore.errors import LakeError, NotFound
-from segcore.lake.publish import LAKE_TABLES, PARTITIONS, lake_schema, read_lake
+from segcore.lake.publish import LAKE_TABLES, PARTITIONS, PUBLIC_STORE_SQL, lake_schema, read_lake
 from segcore.metrics.summary import UNKNOWN_UNIT
 
 #: A lake row's model (row alias ``{t}``): ``arch@<first 12 hex digits of checkpoint_sha256>``, or the
@@ -210,12 +210,12 @@ def _query(tables: dict[str, pa.Table], **queries: str) -> dict[str, pa.Table]:
             con.register(f"lake_{name}", table)
         for name in _MODEL_TABLES:
             con.execute(f"create view {name} as select *, {MODEL_ID_SQL.format(t=f'lake_{name}')} as model_id, "
-                        f"coalesce(store, '') as store_key from lake_{name}")
+                        f"{PUBLIC_STORE_SQL.format(t=f'lake_{name}')} as store_key from lake_{name}")
         con.execute("create view runs as " + " union ".join(
             f"select distinct {', '.join(_RUN_COLUMNS)}, model_id, '{name}' as lake_table from {name}"
             for name in _MODEL_TABLES))
-        con.execute("""create view manifest as select m.*, coalesce(r.model_id, m.model) as model_id,
-                              coalesce(m.store, '') as store_key
+        con.execute(f"""create view manifest as select m.*, coalesce(r.model_id, m.model) as model_id,
+                              {PUBLIC_STORE_SQL.format(t="m")} as store_key
                        from lake_manifest as m left join (select distinct run_id, model_id from runs) as r
                        on r.run_id = m.run_id""")
         return {name: con.sql(sql).to_arrow_table() for name, sql in queries.items()}

@@ -254,3 +254,23 @@ def test_what_is_not_a_lake_is_refused(tmp_path):
     (part.parent / "notes.parquet").write_text("not parquet")
     with pytest.raises(LakeError, match="instance_metrics table cannot be read.*notes.parquet"):
         lake_report(lake)
+
+
+def test_locations_reach_the_lake_without_credentials_and_older_rows_with_them_count_as_the_same_store(tmp_path):
+    lake = str(tmp_path / "lake")
+    manifest = _manifest([("img-0", "g000", 0, 0)])
+    manifest = manifest.set_column(manifest.schema.get_field_index("source_path"), "source_path",
+                                   pa.array(["s3://key:secret@landing/img-0.png?sig=x"]))
+    for n, store in enumerate(["s3://key:secret@b/s.zarr?token=x", "s3://b/s.zarr"]):
+        _publish(lake, str(tmp_path / f"run{n}"), run_id=f"run-{n}", sha=SHA_A, manifest=manifest, day=20 + n,
+                 store=store, parts={"dice": {"unit-00000": _dice({"img-0": 0.5}, sha=SHA_A, unit="unit-00000")}})
+    files = sorted((tmp_path / "lake").rglob("*.parquet"))
+    assert files and not any(b"secret" in f.read_bytes() or b"token" in f.read_bytes() for f in files)
+    assert set(read_lake(lake, "dice").column("store").to_pylist()) == {"s3://b/s.zarr"}
+    assert read_lake(lake, "manifest").column("source_path").to_pylist() == ["s3://landing/img-0.png"] * 2
+    # a part published before locations were cleaned: its store still holds the credentials
+    (old,) = [f for f in files if "run-0-unit" in f.name]
+    table = pq.read_table(old)
+    pq.write_table(table.set_column(table.schema.get_field_index("store"), "store",
+                                    pa.array(["s3://key:secret@b/s.zarr?token=x"] * table.num_rows)), old)
+    assert _cell(lake_report(lake), "current", "model", "images") == [(UNET_A, 1)]  # one image of one store
