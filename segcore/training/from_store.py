@@ -145,23 +145,37 @@ def _resolve_normalisation(norm: Normalisation | str, store: str, images: np.nda
 def read_labelled(store_path: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """All images that have usable ground truth: ``(N, H, W, C)`` images, ``(N, H, W)`` labels, ids.
 
-    Training needs one image shape; a store with several shape groups raises :class:`StoreError`.
+    The images may lie in several store groups (the batches of an incremental store, the slices of
+    volumes) as long as they share one shape (height, width, channels), taken in group and index
+    order; images of several shapes raise :class:`StoreError`, which names them.
     """
     info = open_store(store_path)
     if not info.has_gt:
         raise StoreError(f"store {store_path!r} has no ground truth; ingest it with --masks to train on it")
     rows = [r for r in current_manifest(read_manifest(store_path)).to_pylist()
             if r["status"] == "ok" and r["mask_status"] == "ok"]
-    groups = sorted({r["group"] for r in rows})
-    if len(groups) != 1:
-        raise StoreError(f"training needs images of one shape; store {store_path!r} has labelled images in groups "
-                         f"{groups} ({[(g.name, g.height, g.width) for g in info.groups]})")
-    rows.sort(key=lambda r: r["index"])
-    idx = [r["index"] for r in rows]
+    if not rows:
+        raise StoreError(f"store {store_path!r} has no readable image with usable ground truth to train on")
+    by_group: dict[str, list[int]] = {}
+    for r in sorted(rows, key=lambda r: (r["group"], r["index"])):
+        by_group.setdefault(r["group"], []).append(r["index"])
+    shapes: dict[tuple[int, int, int], list[str]] = {}
+    for name in by_group:
+        g = info.group(name)
+        shapes.setdefault((g.height, g.width, g.channels), []).append(name)
+    if len(shapes) > 1:
+        said = "; ".join(f"{h}x{w}x{c} ({sum(len(by_group[n]) for n in names)} image(s) in {', '.join(names)})"
+                         for (h, w, c), names in sorted(shapes.items()))
+        raise StoreError(f"training needs images of one shape (height x width x channels); store {store_path!r} "
+                         f"has labelled images of {len(shapes)}: {said}. Ingest the images of one shape into a "
+                         "store of their own to train on them")
     root = store_root(store_path)
-    images = root[f"images/{groups[0]}"][:][idx]
-    labels = root[f"gt/{groups[0]}"][:][idx]
-    return images, labels, [r["image_id"] for r in rows]
+    images = [root[f"images/{name}"][:][idx] for name, idx in by_group.items()]
+    labels = [root[f"gt/{name}"][:][idx] for name, idx in by_group.items()]
+    ids = [r["image_id"] for r in sorted(rows, key=lambda r: (r["group"], r["index"]))]
+    if len(images) == 1:
+        return images[0], labels[0], ids
+    return np.concatenate(images), np.concatenate(labels), ids
 
 
 #: Defaults of a volumetric model (``unet3d``): a lighter UNet and small batches of 3-D patches.

@@ -87,6 +87,44 @@ def test_trains_the_stores_images_and_writes_a_described_checkpoint(semantic_sto
     assert all(torch.equal(t, expected[k]) for k, t in model.state_dict().items())
 
 
+def test_images_of_one_shape_in_several_groups_train_together_and_several_shapes_are_named(tmp_path):
+    """An incremental store appends a group per batch (and every volume is a group): its images of one
+    shape train together, in group order; images of two shapes are refused with their counts."""
+    from segcore.collection.imageio import write_png
+    from segcore.errors import StoreError
+
+    rng = np.random.default_rng(0)
+    batches = {0: [("a0", 16), ("a1", 16)], 1: [("b0", 16)], 2: [("c0", 24)]}
+    for batch, images in batches.items():
+        for name, side in images:
+            img = rng.integers(0, 256, (side, side), dtype=np.uint8)
+            write_png(tmp_path / f"b{batch}" / "img" / f"{name}.png", img)
+            write_png(tmp_path / f"b{batch}" / "gt" / f"{name}.png", (img > 128).astype(np.uint8))
+    store = str(tmp_path / "s.zarr")
+    planned, groups = [], []
+    for batch in batches:
+        rows = probe_sources(pair_sources(str(tmp_path / f"b{batch}" / "img"), str(tmp_path / f"b{batch}" / "gt")))
+        g, r = plan_groups([dict(x, batch=batch) for x in rows], chunk_pixels=4 * 256, max_chunk_images=4,
+                           first_group=len(groups))
+        groups, planned = groups + g, planned + [(g, r)]
+    create_store(store, groups, with_gt=True, mask_kind="class", spec={})
+    written = [row for g, r in planned for c in chunk_rows(r, g) for row in write_store_chunk(store, c)]
+    write_manifest(store, written)
+    with pytest.raises(StoreError, match=r"has labelled images of 2: 16x16x1 \(3 image\(s\) in g000, g001\); "
+                                         r"24x24x1 \(1 image\(s\) in g002\)\. Ingest the images of one shape"):
+        read_labelled(store)
+    write_manifest(store, [r for r in written if r["image_id"] != "c0"])
+    images, labels, ids = read_labelled(store)
+    assert ids == ["a0", "a1", "b0"] and images.shape == (3, 16, 16, 1) and labels.shape == (3, 16, 16)
+    from segcore.collection.imageio import read_image
+
+    for i, name in enumerate(ids):
+        source = tmp_path / f"b{ {'a': 0, 'b': 1}[name[0]]}" / "img" / f"{name}.png"
+        np.testing.assert_array_equal(images[i, ..., 0], read_image(source)[..., 0])
+    result = _train(store, tmp_path / "m.safetensors", epochs=1)
+    assert sorted(load_checkpoint(result.checkpoint)[1].provenance["val_ids"] + ["a0", "a1"]) == ids
+
+
 def test_the_recipe_records_the_precision_that_ran(semantic_store, tmp_path):
     # bf16 asked for on the CPU: the CPU trains in fp32, and the checkpoint says so
     result = _train(semantic_store, tmp_path / "cpu.safetensors", epochs=1, device="cpu", precision="bf16")
