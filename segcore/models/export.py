@@ -1,9 +1,10 @@
 """Export a torch-runtime model record to another runtime: TorchScript or ONNX.
 
-Semantic models only. What is exported is the network without its own padding
-(``forward_unpadded`` of a :class:`~segcore.models.padding.PaddedForward` network), traced once, so
-the graph takes any ``N`` and any ``H``, ``W`` that are multiples of the network's
-``input_multiple`` (recorded in the new record; the runtime's predictor pads with the same rule).
+Semantic models only, of images or (``unet3d``) volumes. What is exported is the network without
+its own padding (``forward_unpadded`` of a :class:`~segcore.models.padding.PaddedForward` network),
+traced once, so the graph takes any ``N`` and any ``H``, ``W`` (and ``D``) that are multiples of the
+network's ``input_multiple`` (recorded in the new record with the model's ``input_axes``; the
+runtime's predictor pads with the same rule).
 The result is a directory record (:mod:`segcore.models.record`) whose ``source`` names the
 checkpoint it came from.
 
@@ -24,7 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from segcore.errors import CheckpointError, ConfigError, a_model
+from segcore.errors import CheckpointError, ConfigError, SegflowError, a_model, error_line
 from segcore.models.checkpoint import ModelMeta, load_checkpoint
 from segcore.models.record import check_record_path, model_sha256, read_model_meta, save_model_record
 
@@ -53,13 +54,14 @@ def export_torchscript(model: nn.Module, meta: ModelMeta, example: torch.Tensor,
 
 
 def export_onnx(model: nn.Module, meta: ModelMeta, example: torch.Tensor, file: Path) -> None:
-    """ONNX (opset 17, fp32) with dynamic batch, height and width: input ``input`` ``(N, C, H, W)``,
-    output ``logits`` ``(N, K, H, W)``."""
+    """ONNX (opset 17, fp32) with dynamic batch and spatial axes: input ``input`` ``(N, C, H, W)``,
+    output ``logits`` ``(N, K, H, W)`` (a volumetric model: ``(N, C, D, H, W)`` to ``(N, K, D, H, W)``)."""
     try:
         import onnx  # noqa: F401  (the exporter needs it)
     except ImportError as exc:
         raise ConfigError("exporting to ONNX needs the onnx package: pip install 'segflow[onnx]'") from exc
-    axes = {0: "batch", 2: "height", 3: "width"}
+    spatial = ("depth", "height", "width")[-meta.spatial_dims:]
+    axes = {0: "batch", **{2 + i: name for i, name in enumerate(spatial)}}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notices
         torch.onnx.export(model, (example,), str(file), dynamo=False, opset_version=17, input_names=["input"],
@@ -86,8 +88,8 @@ def export_model(path: str | os.PathLike[str], *, to: str, out: str | os.PathLik
         raise ConfigError(f"{meta.arch!r} is an instance model; only semantic models export to {to} for now")
     model, meta = load_checkpoint(path)
     multiple = int(getattr(model, "input_multiple", 1))
-    side = multiple * max(1, -(-64 // multiple))
-    example = torch.zeros(1, meta.in_channels, side, side)
+    side = multiple * max(1, -(-(64 if meta.spatial_dims == 2 else 16) // multiple))
+    example = torch.zeros(1, meta.in_channels, *[side] * meta.spatial_dims)
     new = meta.model_copy(update={
         "runtime": to, "input_multiple": multiple,
         "source": {"file": Path(path).name, "format": "segflow-checkpoint", "sha256": model_sha256(path)},
@@ -95,7 +97,12 @@ def export_model(path: str | os.PathLike[str], *, to: str, out: str | os.PathLik
                        "exported_with": f"torch {torch.__version__}"}})
     with tempfile.TemporaryDirectory() as tmp:
         file = Path(tmp) / f"model.{to}"
-        EXPORTERS[to](Unpadded(model).eval(), new, example, file)
+        try:
+            EXPORTERS[to](Unpadded(model).eval(), new, example, file)
+        except SegflowError:
+            raise
+        except (RuntimeError, ValueError, TypeError) as exc:  # the tracer's or the network's own refusal
+            raise CheckpointError(f"cannot export {str(path)!r} ({meta.arch}) to {to}: {error_line(exc)}") from exc
         save_model_record(out, meta=new, model_path=file)
     log.info("exported %s to %s (%s)", path, out, to)
     return new

@@ -3,14 +3,14 @@
 Both are :class:`~segcore.models.predict.Predictor` subclasses for semantic models, built from a
 directory record (:mod:`segcore.models.record`) by :func:`segcore.models.predict.open_predictor`.
 Their graphs take ``(N, C, H, W)`` float32 batches whose ``H`` and ``W`` are multiples of
-``meta.input_multiple``: inputs are padded with :func:`segcore.models.padding.pad_to_multiple`
-(the rule segflow's own networks apply inside ``forward``) and the ``(N, K, H, W)`` logits are
-cropped back.
+``meta.input_multiple`` (volumetric records, ``input_axes`` ``bczyx``: ``(N, C, D, H, W)``, with
+``D`` too): inputs are padded with :func:`segcore.models.padding.pad_to_multiple` (the rule
+segflow's own networks apply inside ``forward``) and the logits are cropped back.
 
 - TorchScript (``torch.jit.load``): on CUDA, autocast to ``precision`` as :class:`TorchPredictor`
   does; fp32 on the CPU.
 - ONNX Runtime: the CUDA execution provider when ``device`` is CUDA and onnxruntime offers it,
-  else the CPU provider; always fp32; dynamic ``N``, ``H`` and ``W``.
+  else the CPU provider; always fp32; dynamic ``N`` and spatial axes.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from segcore import fsio
 from segcore.errors import CheckpointError, ConfigError, error_line
 from segcore.models.checkpoint import ModelMeta
 from segcore.models.outputs import class_scores
-from segcore.models.padding import pad_to_multiple
+from segcore.models.padding import crop_to, pad_to_multiple
 from segcore.models.failures import forward_errors
 from segcore.models.predict import AUTOCAST, Predictor
 from segcore.models.record import MODEL_FILES
@@ -61,13 +61,13 @@ class TorchScriptPredictor(Predictor):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         if self._cuda:
             x = x.pin_memory().to(self.device, non_blocking=True)
-        padded, (h, w) = pad_to_multiple(x, self.meta.input_multiple)
+        padded, sizes = pad_to_multiple(x, self.meta.input_multiple, spatial_dims=self.spatial_dims)
         amp = (torch.autocast("cuda", dtype=AUTOCAST[self.precision]) if self._cuda and self.precision in AUTOCAST
                else contextlib.nullcontext())
         with torch.inference_mode(), amp:
             with forward_errors(padded.shape):
                 out = self.module(padded)
-            return class_scores(out[..., :h, :w], self.meta.output)
+            return class_scores(crop_to(out, sizes), self.meta.output)
 
 
 def load_torchscript(path: str | os.PathLike[str], *, device: str = "cpu") -> torch.jit.ScriptModule:
@@ -102,10 +102,11 @@ class OnnxPredictor(Predictor):
                    precision=precision)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        padded, (h, w) = pad_to_multiple(x.detach().to("cpu", torch.float32), self.meta.input_multiple)
+        padded, sizes = pad_to_multiple(x.detach().to("cpu", torch.float32), self.meta.input_multiple,
+                                        spatial_dims=self.spatial_dims)
         with forward_errors(padded.shape):
             out = self.session.run(None, {self.input_name: padded.contiguous().numpy()})[0]
-        return class_scores(torch.from_numpy(out[..., :h, :w]), self.meta.output)
+        return class_scores(crop_to(torch.from_numpy(out), sizes), self.meta.output)
 
 
 def onnx_session(path: str | os.PathLike[str], *, device: str = "cpu") -> Any:
@@ -132,23 +133,26 @@ def onnx_session(path: str | os.PathLike[str], *, device: str = "cpu") -> Any:
 
 
 def check_onnx_io(session: Any, meta: ModelMeta) -> str:
-    """The name of the session's one input, after checking it is a float32 rank-4 ``(N, C, H, W)``
-    tensor whose static channel count (if any) is ``meta.in_channels``, and that a static class
-    count of the output is ``meta.num_classes``. Raises :class:`CheckpointError`."""
+    """The name of the session's one input, after checking it is a float32 ``(N, C, H, W)`` tensor
+    (``(N, C, D, H, W)`` for a record whose ``input_axes`` are ``bczyx``) whose static channel count
+    (if any) is ``meta.in_channels``, and that the output has that rank and a static class count
+    (if any) of ``meta.num_classes``. Raises :class:`CheckpointError`."""
+    volume = meta.spatial_dims == 3
+    layout, out_layout = ("(N, C, D, H, W)", "D, H, W") if volume else ("(N, C, H, W)", "H, W")
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if len(inputs) != 1:
-        raise CheckpointError(f"the ONNX model has {len(inputs)} inputs; segflow feeds one (N, C, H, W) batch")
+        raise CheckpointError(f"the ONNX model has {len(inputs)} inputs; segflow feeds one {layout} batch")
     x = inputs[0]
-    if x.type != "tensor(float)" or len(x.shape) != 4:
+    if x.type != "tensor(float)" or len(x.shape) != meta.spatial_dims + 2:
         raise CheckpointError(f"the ONNX model's input {x.name!r} is {x.type} of shape {x.shape}; segflow feeds a "
-                              "float32 (N, C, H, W) batch (export in fp32 with axes bcyx)")
+                              f"float32 {layout} batch (export in fp32 with axes {meta.input_axes})")
     if isinstance(x.shape[1], int) and x.shape[1] != meta.in_channels:
         raise CheckpointError(f"the ONNX model takes {x.shape[1]} channel(s) but its record says "
                               f"{meta.in_channels}")
     y = outputs[0].shape
-    if len(y) != 4 or (isinstance(y[1], int) and y[1] != meta.num_classes):
-        raise CheckpointError(f"the ONNX model's output has shape {y}; expected (N, {meta.num_classes}, H, W) logits "
-                              f"({meta.num_classes} class names in its record)")
+    if len(y) != meta.spatial_dims + 2 or (isinstance(y[1], int) and y[1] != meta.num_classes):
+        raise CheckpointError(f"the ONNX model's output has shape {y}; expected (N, {meta.num_classes}, {out_layout}) "
+                              f"logits ({meta.num_classes} class names in its record)")
     return x.name
 
 

@@ -256,9 +256,13 @@ def test_a_volumetric_model_tiled_in_3d_over_slabs_equals_whole_volume_inference
                                                     chunk_pixels=4 * 48 * 40))  # slabs of 4 slices: 6 units
     volume = tifffile.imread(tmp_path / "data" / "images" / f"{ids[0]}.tif")
     ckpt = _volumetric_checkpoint(tmp_path / "u3.safetensors", volume)
+    from segcore.models.export import export_model
+
+    onnx = str(tmp_path / "u3.segflow")
+    export_model(ckpt, to="onnx", out=onnx)  # the same model in ONNX Runtime: 3-D tiles through its graph
     masks = {}
-    for name, tile in (("tiled", 32), ("whole", 0)):
-        spec = SegmentSpec(store=store, checkpoint=ckpt, out=str(tmp_path / name), tile_size=tile, overlap=8,
+    for name, tile, model in (("tiled", 32, ckpt), ("whole", 0, ckpt), ("onnx", 32, onnx)):
+        spec = SegmentSpec(store=store, checkpoint=model, out=str(tmp_path / name), tile_size=tile, overlap=8,
                            execution=ONE_WORKER)
         with_runner(segment_flow, ONE_WORKER)(spec)
         run = open_run(str(tmp_path / name))
@@ -267,6 +271,7 @@ def test_a_volumetric_model_tiled_in_3d_over_slabs_equals_whole_volume_inference
     assert counts.min() > 0.02 * masks["whole"].size  # every class is predicted somewhere
     agreement = float((masks["tiled"] == masks["whole"]).mean())
     assert agreement >= 0.999, agreement
+    assert float((masks["onnx"] == masks["tiled"]).mean()) >= 0.999
     assert read_volume_table(str(tmp_path / "tiled")).num_rows == 3
 
 

@@ -149,3 +149,28 @@ def test_exported_unet_segments_as_the_torch_checkpoint(tmp_path):
     np.testing.assert_array_equal(masks["torchscript"], masks["torch"])
     assert (masks["onnx"] == masks["torch"]).mean() >= 0.9999
     assert abs(dice["onnx"] - dice["torch"]) <= 1e-4
+
+
+def test_an_exported_volumetric_unet_segments_volumes_as_the_torch_checkpoint(tmp_path):
+    """unet3d exports with (N, C, D, H, W) inputs and dynamic depth too; the runtimes pad D, H and W."""
+    from segcore.models.predict import open_predictor
+    from segcore.models.record import read_model_meta
+
+    torch.manual_seed(0)
+    meta = ModelMeta(arch="unet3d", arch_kwargs={"base": 4, "depth": 2}, class_names=("bg", "fg"), in_channels=1,
+                     normalisation=Normalisation(mode="range", scale=255.0), input_axes="bczyx")
+    unet = create_model("unet3d", in_channels=1, num_classes=2, base=4, depth=2).eval()
+    rng = np.random.default_rng(5)
+    volumes = rng.integers(0, 256, (2, 10, 22, 26, 1), dtype=np.uint8)  # no side a multiple of 4: padded
+    with torch.no_grad():
+        logits = unet(torch.from_numpy(volumes[..., 0]).float()[:, None] / 255.0)
+        unet.head.bias[1] -= (logits[:, 1] - logits[:, 0]).median()
+    ckpt = save_checkpoint(tmp_path / "u3.safetensors", unet, meta)
+    want = open_predictor(str(ckpt), device="cpu").labels(volumes, batch_size=1)
+    assert want.shape == (2, 10, 22, 26) and 0 < want.mean() < 1
+    for to in ("torchscript", "onnx"):
+        out = str(tmp_path / f"u3-{to}.segflow")
+        assert export_model(ckpt, to=to, out=out).input_axes == "bczyx"
+        assert read_model_meta(out).spatial_dims == 3
+        got = open_predictor(out, device="cpu").labels(volumes, batch_size=2)
+        assert (got == want).mean() >= (1.0 if to == "torchscript" else 0.9999), to
