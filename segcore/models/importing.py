@@ -30,12 +30,12 @@ from safetensors.torch import load_file
 
 from segcore.errors import CheckpointError, ConfigError, NotFound, a_model, error_line
 from segcore.fsio import file_sha256
-from segcore.models.checkpoint import (ModelMeta, build_model, check_checkpoint_path, save_checkpoint,
+from segcore.models.checkpoint import (INPUT_AXES, ModelMeta, build_model, check_checkpoint_path, save_checkpoint,
                                       unwrapped_state, weights_mismatch)
 from segcore.models.detection import COCO_CATEGORIES
 from segcore.models.padding import pad_to_multiple
 from segcore.models.record import check_record_path, save_model_record
-from segcore.models.registry import MODEL_KINDS, MODELS
+from segcore.models.registry import MODEL_KINDS, MODELS, spatial_dims_of
 from segcore.normalise import Normalisation
 from segcore.normalise_fit import describe
 
@@ -118,6 +118,28 @@ def resolve_class_names(names: str | Sequence[str] | None) -> tuple[str, ...] | 
     return out
 
 
+def trained_defaults(arch: str) -> dict[str, Any]:
+    """Builder options of segflow's own UNets as ``segflow train`` gives them (``unet``: base 16, depth
+    3; ``unet3d``: base 8, depth 3), which an imported state dict of that architecture is built with
+    unless ``arch_kwargs`` say otherwise; ``{}`` (the builder's defaults) for other architectures."""
+    if arch == "unet":
+        from segcore.config import train_defaults
+
+        return dict(train_defaults("semantic")["arch_kwargs"])
+    if arch == "unet3d":
+        from segcore.training.from_store import VOLUME_DEFAULTS
+
+        return dict(VOLUME_DEFAULTS["arch_kwargs"])
+    return {}
+
+
+def builder_defaults(arch: str) -> dict[str, Any]:
+    """The keyword defaults of ``arch``'s builder, less ``in_channels`` and ``num_classes``."""
+    params = inspect.signature(MODELS[arch]).parameters.values()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty
+            and p.name not in ("in_channels", "num_classes")}
+
+
 def import_model(source: str | os.PathLike[str], *, out: str | os.PathLike[str], arch: str | None = None,
                  arch_kwargs: dict[str, Any] | None = None, class_names: str | Sequence[str] | None = None,
                  in_channels: int | None = None, normalisation: Normalisation | None = None,
@@ -126,7 +148,7 @@ def import_model(source: str | os.PathLike[str], *, out: str | os.PathLike[str],
 
     State dicts need ``arch`` (a registered architecture) and ``class_names``; ``in_channels`` and
     ``normalisation`` default to the builder's (its ``in_channels`` default, its ``normalisation``
-    attribute, else percentile). TorchScript/ONNX models are semantic: a trial forward pass checks
+    attribute, else percentile), and ``arch_kwargs`` are merged over :func:`trained_defaults`. TorchScript/ONNX models are semantic: a trial forward pass checks
     they map ``(1, C, H, W)`` to ``(1, K, H, W)``; ``class_names`` default to ``background,
     class_1, ...``. Raises :class:`ConfigError` or :class:`CheckpointError` before writing anything.
     """
@@ -146,8 +168,9 @@ def import_model(source: str | os.PathLike[str], *, out: str | os.PathLike[str],
         default_c = inspect.signature(builder).parameters.get("in_channels")
         channels = in_channels or (default_c.default if default_c is not None else 1)
         norm = normalisation or getattr(builder, "normalisation", None) or Normalisation()
-        meta = ModelMeta(arch=arch, arch_kwargs=dict(arch_kwargs or {}), class_names=names,
-                         in_channels=int(channels), normalisation=norm, provenance=provenance, source=src)
+        meta = ModelMeta(arch=arch, arch_kwargs={**trained_defaults(arch), **(arch_kwargs or {})}, class_names=names,
+                         in_channels=int(channels), normalisation=norm, provenance=provenance, source=src,
+                         input_axes=INPUT_AXES[spatial_dims_of(arch)])
         _check_normalisation(meta)
         model = build_model(meta)
         state, removed = unwrapped_state(model, read_state_dict(source))
@@ -156,8 +179,10 @@ def import_model(source: str | os.PathLike[str], *, out: str | os.PathLike[str],
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise CheckpointError(f"the weights in {str(source)!r} do not fit {arch!r} with {meta.arch_kwargs}: "
-                                  f"{weights_mismatch(model, state, exc)}") from exc
+            built = {**builder_defaults(arch), **meta.arch_kwargs}
+            raise CheckpointError(f"the weights in {str(source)!r} do not fit {arch!r} with {built}: "
+                                  f"{weights_mismatch(model, state, exc)}; other options go in --arch-kwargs"
+                                  ) from exc
         save_checkpoint(out, model, meta)
         return meta
     if kind not in (None, "semantic"):

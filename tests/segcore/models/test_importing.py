@@ -73,6 +73,26 @@ def test_weights_that_do_not_fit_are_refused(tmp_path):
     assert meta.source["format"] == "state_dict" and meta.runtime == "torch" and meta.in_channels == 1
 
 
+def test_state_dicts_of_segflows_own_unets_import_with_the_options_segflow_train_gives_them(tmp_path):
+    from segcore.config import train_defaults
+    from segcore.models import create_model
+    from segcore.training.from_store import VOLUME_DEFAULTS
+
+    for arch, trained in (("unet", train_defaults("semantic")["arch_kwargs"]),
+                          ("unet3d", VOLUME_DEFAULTS["arch_kwargs"])):
+        torch.save(create_model(arch, **trained).state_dict(), tmp_path / f"{arch}.pth")
+        meta = import_model(tmp_path / f"{arch}.pth", out=tmp_path / f"{arch}.safetensors", arch=arch,
+                            class_names="bg,fg")
+        assert meta.arch_kwargs == trained and meta.spatial_dims == (3 if arch == "unet3d" else 2)
+    # a UNet of other options: the error names the options the model was built with, and where others go
+    torch.save(create_model("unet", base=16, depth=4).state_dict(), tmp_path / "deep.pth")
+    with pytest.raises(CheckpointError, match=r"do not fit 'unet' with \{'base': 16, 'depth': 3\}: .*; other "
+                                              r"options go in --arch-kwargs$"):
+        import_model(tmp_path / "deep.pth", out=tmp_path / "d.safetensors", arch="unet", class_names="bg,fg")
+    assert import_model(tmp_path / "deep.pth", out=tmp_path / "d.safetensors", arch="unet", class_names="bg,fg",
+                        arch_kwargs={"depth": 4}).arch_kwargs == {"base": 16, "depth": 4}
+
+
 def test_a_state_dict_saved_from_data_parallel_imports_and_other_prefixes_are_named(tmp_path):
     from segcore.models import create_model
     from segcore.models.checkpoint import load_checkpoint
