@@ -221,13 +221,23 @@ def read_lake(lake: str, table: str = "dice", *, filter: Any = None, columns: Se
     those); empty when absent.
 
     Raises:
-        LakeError: a file of the table is not Parquet or does not fit :func:`lake_schema`.
+        LakeError: a file of the table is not Parquet, does not fit :func:`lake_schema`, or lacks
+            its lineage (``run_id``: a Parquet file that segflow did not publish).
     """
+    location = fsio.join(lake, table)
+    read = None if columns is None else list(dict.fromkeys([*columns, "run_id"]))
     try:
-        return read_hive(fsio.join(lake, table), lake_schema(table), PARTITIONS, filter=filter, columns=columns)
+        out = read_hive(location, lake_schema(table), PARTITIONS, filter=filter, columns=read)
     except pa.ArrowException as exc:
         raise LakeError(f"the lake's {table} table cannot be read ({exc}); move the file it names out of "
-                        f"{fsio.join(lake, table)} (only segflow's parts belong there)") from exc
+                        f"{location} (only segflow's parts belong there)") from exc
+    if out.column("run_id").null_count:  # every part segflow publishes names its run
+        strays = [f for f in fsio.list_files(location, suffix=".parquet")
+                  if "run_id" not in pq.read_schema(pa.BufferReader(fsio.read_bytes(f))).names]
+        raise LakeError(f"the lake's {table} table holds Parquet files that segflow did not publish (no run_id "
+                        f"column): {', '.join(strays[:3]) or '?'}{' and more' if len(strays) > 3 else ''}; move "
+                        f"them out of {location} (only segflow's parts belong there)")
+    return out if columns is None else out.select(list(columns))
 
 
 def publish_run(lake: str, *, run_dir: str) -> dict[str, int]:

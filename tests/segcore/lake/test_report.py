@@ -254,6 +254,15 @@ def test_what_is_not_a_lake_is_refused(tmp_path):
     (part.parent / "notes.parquet").write_text("not parquet")
     with pytest.raises(LakeError, match="instance_metrics table cannot be read.*notes.parquet"):
         lake_report(lake)
+    (part.parent / "notes.parquet").unlink()
+    lake_report(lake)
+    # a Parquet file of other columns (a store's manifest dropped in by hand) is no lake part either
+    stray = tmp_path / "lake" / "dice" / "run_date=2026-11-20" / "model=unet" / "manifest.parquet"
+    stray.parent.mkdir(parents=True)
+    pq.write_table(_manifest([("img-0", "g000", 0, 0)]), stray)
+    with pytest.raises(LakeError, match=r"dice table holds Parquet files that segflow did not publish \(no run_id "
+                                        r"column\): .*manifest\.parquet; move them out of"):
+        lake_report(lake)
 
 
 def test_locations_reach_the_lake_without_credentials_and_older_rows_with_them_count_as_the_same_store(tmp_path):
