@@ -63,13 +63,15 @@ def _add_segment(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tile-size", type=int,
                    help="model tile in px: semantic models default 512 (rounded up to the UNet's divisor), "
                         "instance models default 256 (the detector core); 0 disables tiling and segments large "
-                        "images whole")
+                        "images whole; volumetric models (unet3d): 3-D tiles of 64 voxels a side by default, 0 "
+                        "runs each volume as one tile")
     g.add_argument("--overlap", type=int,
-                   help="px shared by neighbouring semantic tiles (default tile/4); instance models: halo around "
-                        "each detector core (default 64, must exceed the largest object)")
+                   help="px shared by neighbouring semantic tiles (default tile/4, volumetric models too); instance "
+                        "models: halo around each detector core (default 64, must exceed the largest object)")
     g.add_argument("--blend", choices=["gaussian", "linear"], help="weights of overlapping tiles (default gaussian)")
     g.add_argument("--tta", action="store_true", default=None,
-                   help="semantic models: average the logits over flips, for whole images and tiles alike (4x compute)")
+                   help="semantic models: average the logits over flips, for whole images and tiles alike (4x "
+                        "compute; volumetric models: the 8 flips of three axes, 8x)")
     p.add_argument("--volume-pattern", metavar="REGEX",
                    help="also score 2-D images per volume: a regular expression on image ids whose first group (or "
                         "whole match) names the volume, e.g. '^(.+)_z\\d+$'; ingested volumes (NIfTI, TIFF z-stacks) "
@@ -164,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 0.15; above 0 holds out at least one); 0: no validation: train on every one, "
                         "even a single image or volume, and keep the last epoch instead of the best")
     p.add_argument("--class-names", help="comma-separated class names, background first")
-    p.add_argument("--base", type=int, help="UNet width of the first stage (default 16)")
+    p.add_argument("--base", type=int, help="UNet width of the first stage (default 16; unet3d 8)")
     p.add_argument("--depth", type=int, help="UNet pooling stages (default 3)")
     p.add_argument("--score-threshold", type=float,
                    help="instance models: detections scoring at or below this are dropped, in validation and in "
@@ -173,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instance models: a detection is dropped when higher-scoring ones already hold more than "
                         "this share of its mask (a part or a duplicate of an object already found), in validation "
                         "and in every later use of the checkpoint (default 0.5; 1 keeps every detection)")
-    p.add_argument("--batch-size", type=int, help="samples per step (default 16 UNet, 4 Mask R-CNN)")
+    p.add_argument("--batch-size", type=int, help="samples per step (default 16 UNet, 2 unet3d, 4 Mask R-CNN)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 3e-3 UNet, 1e-3 Mask R-CNN)")
     p.add_argument("--crop-size", type=int, help="instance models: train on random square crops of this size")
     p.add_argument("--normalisation", metavar="SCHEME",

@@ -124,6 +124,8 @@ def onnx_session(path: str | os.PathLike[str], *, device: str = "cpu") -> Any:
         log.warning("onnxruntime offers no CUDA execution provider here; running %s on the CPU", path)
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
+    # onnxruntime's own log would repeat, on stderr, the error each failing run raises (and segflow tells)
+    options.log_severity_level = 4  # fatal only
     try:
         local = fsio.local_path(path)  # a URL: the graph's bytes, read into memory
         return ort.InferenceSession(local if local is not None else fsio.read_bytes(path), sess_options=options,
