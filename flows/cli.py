@@ -702,8 +702,9 @@ def _run(args: argparse.Namespace) -> str:
 
 def _check_inputs(args: argparse.Namespace, spec: Any) -> None:
     """Tell a missing image or mask directory (``ingest``, ``run``) or store (``segment``, ``train``),
-    or a training ``--out`` that cannot be a checkpoint file, before the cluster starts, with the
-    message the flow would give after it."""
+    a training ``--out`` that cannot be a checkpoint file, or a store without images of one shape
+    to train an image model on, before the cluster starts, with the message the flow would give
+    after it."""
     if args.command in ("ingest", "run"):
         from segcore.collection.sources import check_sources
 
@@ -717,9 +718,13 @@ def _check_inputs(args: argparse.Namespace, spec: Any) -> None:
 
         open_store(spec.store)
         if args.command == "train":
+            from segcore.models import spatial_dims_of
             from segcore.models.checkpoint import check_checkpoint_path
+            from segcore.training.from_store import labelled_slots
 
             check_checkpoint_path(spec.out, overwrite=spec.overwrite)
+            if spatial_dims_of(spec.model) == 2:  # images of one shape with ground truth (the manifest only)
+                labelled_slots(spec.store)
 
 
 def _check_output(location: str, what: str, option: str) -> None:

@@ -142,22 +142,26 @@ def _resolve_normalisation(norm: Normalisation | str, store: str, images: np.nda
     return chosen, {"asked": "auto", "chose": chosen.mode, "reason": reason, "fingerprint": fp, "source": source}
 
 
-def read_labelled(store_path: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """All images that have usable ground truth: ``(N, H, W, C)`` images, ``(N, H, W)`` labels, ids.
+def labelled_slots(store_path: str) -> tuple[dict[str, list[int]], list[str]]:
+    """Where the images with usable ground truth lie: ``{group: [index, ...]}`` (groups in store
+    order, indices ascending) and their ids in that order. Reads the manifest only, so a store that
+    cannot be trained on is told before any work.
 
     The images may lie in several store groups (the batches of an incremental store, the slices of
-    volumes) as long as they share one shape (height, width, channels), taken in group and index
-    order; images of several shapes raise :class:`StoreError`, which names them.
+    volumes) as long as they share one shape (height, width, channels); images of several shapes
+    raise :class:`StoreError`, which names them.
     """
     info = open_store(store_path)
     if not info.has_gt:
         raise StoreError(f"store {store_path!r} has no ground truth; ingest it with --masks to train on it")
-    rows = [r for r in current_manifest(read_manifest(store_path)).to_pylist()
-            if r["status"] == "ok" and r["mask_status"] == "ok"]
+    order = {g.name: k for k, g in enumerate(info.groups)}
+    rows = sorted((r for r in current_manifest(read_manifest(store_path)).to_pylist()
+                   if r["status"] == "ok" and r["mask_status"] == "ok"),
+                  key=lambda r: (order[r["group"]], r["index"]))
     if not rows:
         raise StoreError(f"store {store_path!r} has no readable image with usable ground truth to train on")
     by_group: dict[str, list[int]] = {}
-    for r in sorted(rows, key=lambda r: (r["group"], r["index"])):
+    for r in rows:
         by_group.setdefault(r["group"], []).append(r["index"])
     shapes: dict[tuple[int, int, int], list[str]] = {}
     for name in by_group:
@@ -169,10 +173,16 @@ def read_labelled(store_path: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
         raise StoreError(f"training needs images of one shape (height x width x channels); store {store_path!r} "
                          f"has labelled images of {len(shapes)}: {said}. Ingest the images of one shape into a "
                          "store of their own to train on them")
+    return by_group, [r["image_id"] for r in rows]
+
+
+def read_labelled(store_path: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """All images that have usable ground truth: ``(N, H, W, C)`` images, ``(N, H, W)`` labels, ids,
+    in the order of :func:`labelled_slots` (which refuses images of several shapes)."""
+    by_group, ids = labelled_slots(store_path)
     root = store_root(store_path)
     images = [root[f"images/{name}"][:][idx] for name, idx in by_group.items()]
     labels = [root[f"gt/{name}"][:][idx] for name, idx in by_group.items()]
-    ids = [r["image_id"] for r in sorted(rows, key=lambda r: (r["group"], r["index"]))]
     if len(images) == 1:
         return images[0], labels[0], ids
     return np.concatenate(images), np.concatenate(labels), ids
@@ -364,5 +374,6 @@ def train_from_store(
                        course={k: meta.provenance[k] for k in COURSE_KEYS if k in meta.provenance}, model=model)
 
 
-__all__ = ["TrainResult", "VOLUME_DEFAULTS", "epoch_line", "labelled_volumes", "no_validation_note", "read_labelled",
+__all__ = ["TrainResult", "VOLUME_DEFAULTS", "epoch_line", "labelled_slots", "labelled_volumes", "no_validation_note",
+           "read_labelled",
            "train_from_store", "unit_of"]

@@ -87,7 +87,7 @@ def test_trains_the_stores_images_and_writes_a_described_checkpoint(semantic_sto
     assert all(torch.equal(t, expected[k]) for k, t in model.state_dict().items())
 
 
-def test_images_of_one_shape_in_several_groups_train_together_and_several_shapes_are_named(tmp_path):
+def test_images_of_one_shape_in_several_groups_train_together_and_several_shapes_are_named(tmp_path, capsys):
     """An incremental store appends a group per batch (and every volume is a group): its images of one
     shape train together, in group order; images of two shapes are refused with their counts."""
     from segcore.collection.imageio import write_png
@@ -113,6 +113,11 @@ def test_images_of_one_shape_in_several_groups_train_together_and_several_shapes
     with pytest.raises(StoreError, match=r"has labelled images of 2: 16x16x1 \(3 image\(s\) in g000, g001\); "
                                          r"24x24x1 \(1 image\(s\) in g002\)\. Ingest the images of one shape"):
         read_labelled(store)
+    from flows.cli import main
+
+    assert main(["train", "--store", store, "--out", str(tmp_path / "no.safetensors")]) == 2  # before any cluster
+    err = capsys.readouterr().err
+    assert err.startswith("segflow: error: training needs images of one shape") and err.count("\n") == 1, err
     write_manifest(store, [r for r in written if r["image_id"] != "c0"])
     images, labels, ids = read_labelled(store)
     assert ids == ["a0", "a1", "b0"] and images.shape == (3, 16, 16, 1) and labels.shape == (3, 16, 16)
