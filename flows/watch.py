@@ -98,6 +98,12 @@ def _seconds(record: Any) -> float | None:
     return timing.total_s if timing is not None else getattr(record, "seconds", None)
 
 
+def _worked(record: Any, weight: int) -> int:
+    """Images a finished step fed to the model: its ``weight`` less the superseded versions its
+    record says it left out (refused images are fed as zeros, so they count)."""
+    return max(0, weight - getattr(record, "n_superseded", 0))
+
+
 def gather_watched(submit: Callable[[Any], Any], items: Sequence[Any], *, name: Callable[[Any], str],
                    weight: Callable[[Any], int], timeouts: UnitTimeouts, retries: int, log: Any,
                    on_result: Callable[[Any], None] | None = None) -> tuple[list[Any], list[Failure]]:
@@ -139,9 +145,9 @@ def gather_watched(submit: Callable[[Any], Any], items: Sequence[Any], *, name: 
                 attempt_failed(step, f"{type(exc).__name__}: {exc}", again=not isinstance(exc, NOT_RETRIED))
                 continue
             results.append(record)
-            seconds = _seconds(record)
-            if seconds is not None:
-                timeouts.measured(seconds=seconds, images=step.weight)
+            seconds, worked = _seconds(record), _worked(record, step.weight)
+            if seconds is not None and worked:  # a unit that ran no model (all superseded) says nothing
+                timeouts.measured(seconds=seconds, images=worked)
             if on_result is not None:
                 on_result(record)
         if client is None or not active or time.monotonic() - watched < WATCH_S:

@@ -14,12 +14,14 @@ A volumetric model segments a slab of a volume with the slices around it
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from segcore.collection.store import open_store, read_manifest, store_root
+from segcore.collection.versions import current_manifest
 from segcore.errors import ConfigError
 from segcore.metrics.instance import instance_scores
 from segcore.models.checkpoint import ModelMeta
@@ -30,14 +32,16 @@ from segcore.run.context import Counts, RunContext, Timing, UnitRecord
 from segcore.run.evaluate import checked_gt, count_against_gt, counts_from_confusion, dice_rows, ground_truth_state
 from segcore.run.memory import with_backoff
 from segcore.run.plan import WorkUnit
-from segcore.run.rundir import dice_dir, instances_path, label_array, mark_done, masks_path, table_dir
+from segcore.run.rundir import dice_dir, instances_path, label_array, mark_done, masks_path, read_plan, table_dir
 from segcore.run.tables import instance_metrics_table, instance_table, write_part
 from segcore.run.volume_model import group_stats, volume_slab_labels
 
 
-def unit_rows(store_path: str, group: str, start: int, stop: int) -> list[dict[str, Any]]:
-    """Manifest rows of images ``[start, stop)`` of store group ``group``, in index order."""
-    manifest = read_manifest(store_path)
+def unit_rows(store_path: str, group: str, start: int, stop: int, *, manifest: pa.Table | None = None
+              ) -> list[dict[str, Any]]:
+    """Manifest rows of images ``[start, stop)`` of store group ``group``, in index order (of
+    ``manifest`` when given, else of the store's, read now)."""
+    manifest = read_manifest(store_path) if manifest is None else manifest
     rows = manifest.filter(pc.and_(pc.equal(manifest["group"], group),
                                    pc.and_(pc.greater_equal(manifest["index"], start),
                                            pc.less(manifest["index"], stop)))).sort_by("index").to_pylist()
@@ -90,13 +94,23 @@ def _blank_refused(preds: np.ndarray, instance_preds: list[InstancePrediction] |
             instance_preds[i] = b
 
 
-def current_slots(rows: Sequence[dict[str, Any]], *, whole: bool = False) -> list[int]:
-    """Indices of a unit's manifest ``rows`` that are current versions: a version that newer content
-    replaced (``superseded_by`` set, :mod:`segcore.collection.versions`) is not segmented again. With
+def current_slots(rows: Sequence[dict[str, Any]], *, segmented: Collection[str], whole: bool = False) -> list[int]:
+    """Indices of a unit's manifest ``rows`` to segment: all but the versions that newer content
+    replaced (``superseded_by`` set, :mod:`segcore.collection.versions`) whose image's current
+    version the run segments too (its id in ``segmented``: :func:`planned_current_ids`). With
     ``whole`` (the slabs of a volume, segmented together) the unit is kept whole unless every row
-    is superseded."""
-    keep = [i for i, r in enumerate(rows) if r.get("superseded_by") is None]
+    is left out."""
+    keep = [i for i, r in enumerate(rows) if r.get("superseded_by") is None or r["image_id"] not in segmented]
     return list(range(len(rows))) if whole and keep else keep
+
+
+def planned_current_ids(manifest: pa.Table, groups: Collection[str]) -> set[str]:
+    """Ids of the images whose current version lies in one of the store ``groups`` (a run's plan):
+    their older versions need no forward pass. An image superseded by a version the run has not
+    planned (an ingest while it runs) keeps its older version segmented, as the run's reader
+    (:mod:`segcore.run.results`) serves it."""
+    current = current_manifest(manifest).select(["image_id", "group"]).to_pylist()
+    return {r["image_id"] for r in current if r["group"] in groups}
 
 
 def _with_blanks(preds: np.ndarray, instance_preds: list[InstancePrediction] | None, keep: Sequence[int], n: int
@@ -135,8 +149,8 @@ def segment_unit(ctx: RunContext, unit: WorkUnit) -> UnitRecord:
     truth is instance labels, ``instance_metrics/run_id=<id>/<unit>.parquet``. The done-record is
     written last. Images are fed through the channel policy (:mod:`segcore.run.channels`); an image
     it refuses gets a background mask and error rows naming the reason. An image version that newer
-    content replaced (:func:`current_slots`) gets a background mask and no rows, without a forward
-    pass.
+    content replaced, where the run segments the newer one too (:func:`current_slots`), gets a
+    background mask and no rows, without a forward pass.
     """
     ctx.faults.hang(unit.name)
     t0, started = time.perf_counter(), time.time()
@@ -145,8 +159,13 @@ def segment_unit(ctx: RunContext, unit: WorkUnit) -> UnitRecord:
     root = store_root(ctx.store)
     store = open_store(ctx.store) if predictor.spatial_dims == 3 else None  # a volumetric model: volume groups
     volume = store is not None and store.group(unit.group).volume is not None
-    all_rows = unit_rows(ctx.store, unit.group, unit.start, unit.stop)
-    keep = current_slots(all_rows, whole=volume)
+    manifest = read_manifest(ctx.store)
+    all_rows = unit_rows(ctx.store, unit.group, unit.start, unit.stop, manifest=manifest)
+    if any(r["superseded_by"] is not None for r in all_rows):
+        keep = current_slots(all_rows, whole=volume,
+                             segmented=planned_current_ids(manifest, read_plan(ctx.run_dir).groups))
+    else:
+        keep = list(range(len(all_rows)))
     images = root[f"images/{unit.group}"][unit.start:unit.stop]
     if len(keep) < len(all_rows):
         images = images[keep]

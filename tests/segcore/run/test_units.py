@@ -389,13 +389,24 @@ def test_versions_that_newer_content_replaced_get_no_forward_pass_no_rows_and_a_
     """A run that reaches image versions already superseded (a new checkpoint's run directory over an
     incremental store) segments only the current ones: a unit partly superseded runs on the rest,
     one wholly superseded runs no model at all."""
-    from segcore.collection.store import read_manifest, write_manifest
+    from segcore.collection.incremental import append_groups
+    from segcore.collection.store import open_store, read_manifest
     from segcore.run.units import current_slots
 
-    rows = read_manifest(small_store["store"]).to_pylist()
+    store, rows = small_store["store"], read_manifest(small_store["store"]).to_pylist()
     old = {"i1", "i6"}  # i6 is alone in the last unit
-    write_manifest(small_store["store"], [dict(r, superseded_by="f" * 64 if r["image_id"] in old else None)
-                                          for r in rows])
+    rng = np.random.default_rng(9)  # their new content, ingested as batch 1 into a group of its own
+    for name in sorted(old):
+        img = rng.integers(0, 256, (16, 16), dtype=np.uint8)
+        write_png(tmp_path / "v1" / "img" / f"{name}.png", img)
+        write_png(tmp_path / "v1" / "gt" / f"{name}.png", (img > 60).astype(np.uint8))
+    probed = probe_sources(pair_sources(str(tmp_path / "v1" / "img"), str(tmp_path / "v1" / "gt")))
+    groups, planned = plan_groups([dict(r, batch=1) for r in probed], chunk_pixels=3 * 256, max_chunk_images=64,
+                                  first_group=len(open_store(store).groups))
+    append_groups(store, groups)
+    new = {r["image_id"]: r for c in chunk_rows(planned, groups) for r in write_store_chunk(store, c, threads=1)}
+    write_manifest(store, [dict(r, superseded_by=new[r["image_id"]]["sha256"] if r["image_id"] in old else None)
+                           for r in rows] + list(new.values()))
     if arch == "unet":
         ckpt = small_store["ckpt"]
     else:
@@ -409,28 +420,36 @@ def test_versions_that_newer_content_replaced_get_no_forward_pass_no_rows_and_a_
     ctx, plan, _, _ = start_run(small_store["store"], ckpt, run_dir, batch_size=2, device="cpu", tile_size=0)
     predictor = load_predictor(ckpt, sha256=file_sha256(ckpt), device="cpu")
     records = [segment_unit(ctx, u) for u in plan.units]
-    assert [r.n_superseded for r in records] == [1, 0, 1] and [r.n_images for r in records] == [3, 3, 1]
+    assert [r.n_superseded for r in records] == [1, 0, 1, 0] and [r.n_images for r in records] == [3, 3, 1, 2]
     reader = open_run(run_dir)
     import pyarrow.parquet as pq
 
     dice = pq.read_table(Path(run_dir) / "dice")  # every row written, not only those the reader calls current
-    assert sorted(set(dice["image_id"].to_pylist())) == ["i0", "i3", "i4", "i5"]  # i2 has no mask
+    old_units = {u.name for u in plan.units[:3]}
+    assert sorted({i for i, u in zip(dice["image_id"].to_pylist(), dice["unit"].to_pylist()) if u in old_units}) == [
+        "i0", "i3", "i4", "i5"]  # i2 has no mask; i1 and i6 are scored in their new version's unit only
+    for image_id in ("i0", "i1", "i3", "i6"):  # each row's counts are those of the mask written
+        pred, gt = reader.mask(image_id), reader.ground_truth(image_id)
+        assert [r["tp"] for r in reader.dice(image_id)] == [int(((pred == c) & (gt == c)).sum()) for c in (0, 1)]
     if arch != "unet":
-        instances = pq.read_table(Path(run_dir) / "instances").column("image_id").to_pylist()
-        assert not old & set(instances)
+        found = pq.read_table(Path(run_dir) / "instances").select(["image_id", "unit"]).to_pylist()
+        assert not [r for r in found if r["image_id"] in old and r["unit"] in old_units]
     import zarr
 
     masks = zarr.open_group(str(Path(run_dir) / "masks.zarr"), mode="r")
-    for r in rows:
+    for r in rows + list(new.values()):
         got = masks[f"{r['group']}/0"][r["index"]]
-        if r["image_id"] in old:
+        if r["image_id"] in old and r["batch"] != 1:
             assert not got.any()
-        else:
+        else:  # the reader serves each image's current version
             image = reader.image(r["image_id"])[None]
             want = (predictor.labels(image)[0] if arch == "unet"
                     else predictor.instances(image, batch_size=1)[0].classes)
             np.testing.assert_array_equal(got, want)
-    # the slabs of a volume are segmented together: kept whole unless every one is superseded
-    assert current_slots([{"superseded_by": None}, {"superseded_by": "x"}], whole=True) == [0, 1]
-    assert current_slots([{"superseded_by": "x"}] * 2, whole=True) == []
-    assert current_slots([{"superseded_by": None}, {"superseded_by": "x"}]) == [0]
+    # the slabs of a volume are segmented together: kept whole unless every one is left out
+    two = [{"image_id": "a", "superseded_by": None}, {"image_id": "b", "superseded_by": "x"}]
+    assert current_slots(two, segmented={"a", "b"}, whole=True) == [0, 1]
+    assert current_slots([dict(r, superseded_by="x") for r in two], segmented={"a", "b"}, whole=True) == []
+    assert current_slots(two, segmented={"a", "b"}) == [0]
+    # a newer version this run did not plan (an ingest while it runs): the older one is segmented still
+    assert current_slots(two, segmented={"a"}) == [0, 1]
