@@ -20,11 +20,11 @@ import hashlib
 import io
 import json
 import os
+import re
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
-from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -74,15 +74,22 @@ def local_path(location: str | os.PathLike[str]) -> str | None:
     return path if isinstance(fs, LocalFileSystem) else None
 
 
-def without_secrets(location: str | os.PathLike[str]) -> str:
-    """``location`` fit to be recorded where others read it: a URL without its user and password
-    (``s3://key:secret@bucket/...``), query and fragment (signed URLs carry tokens there); a
-    plain path as it is."""
-    text = os.fspath(location)
+#: The parts of URLs that authenticate rather than locate, as regular expressions (Python's ``re``
+#: and RE2 alike, so that SQL can apply them too: :data:`segcore.lake.publish.PUBLIC_STORE_SQL`):
+#: the user and password before the host, and the query and fragment (signed URLs carry tokens
+#: there), up to white space or a quote (a URL inside a command line).
+URL_CREDENTIALS = r"([A-Za-z][A-Za-z0-9+.-]*://)[^\s/?#'\"]*@"
+URL_QUERY = r"([A-Za-z][A-Za-z0-9+.-]*://[^\s?#'\"]*)[?#][^\s'\"]*"
+
+
+def without_secrets(text: str | os.PathLike[str]) -> str:
+    """``text`` fit to be recorded where others read it: every URL in it (a location, or a command
+    line that holds some) without its user and password (``s3://key:secret@bucket/...``), query
+    and fragment; a plain path as it is."""
+    text = os.fspath(text)
     if "://" not in text:
         return text
-    parts = urlsplit(text)
-    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+    return re.sub(URL_QUERY, r"\1", re.sub(URL_CREDENTIALS, r"\1", text))
 
 
 def write_problem(location: str | os.PathLike[str], *, folder: bool) -> str | None:

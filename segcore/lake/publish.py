@@ -20,10 +20,11 @@ are unique within a store only; null in files published before the column existe
 published before the column existed), ``ingest_batch``, ``source_path``, ``source_sha256``,
 ``mask_sha256`` (the ground truth the row was scored against) and ``published_at``; see
 :func:`lake_schema`. Manifest parts carry
-``run_id``, ``store`` and ``published_at`` too. Locations that are URLs (``store``, ``checkpoint``,
-``source_path``, ``mask_path`` and those in the schema metadata's run spec) are recorded without
-credentials, query or fragment (:func:`public`; files published before that may hold them in
-``store``, ``source_path`` and the metadata, and the report compares stores without them).
+``run_id``, ``store`` and ``published_at`` too. URLs (in ``store``, ``checkpoint``, ``source_path``,
+``mask_path``, and in the schema metadata's run spec and model record, such as a training command
+line) are recorded without credentials, query or fragment (:func:`public`; files published
+before that may hold them in ``store``, ``source_path``, ``mask_path`` and the metadata, and the
+report compares stores without them).
 Manifest parts are snapshots of a batch as published (a later supersession shows as a newer row
 of the same ``image_id``). A run scores its volumes again at its end each time it runs (an incremental
 run: with the new slices), so the volume rows of a volume's latest ``published_at`` are current;
@@ -84,10 +85,11 @@ def lake_columns(table: str) -> tuple[str, ...]:
 
 
 def public(value: Any) -> Any:
-    """``value`` (a location, or a run spec as JSON) with every URL in it stripped of credentials,
-    query and fragment (:func:`segcore.fsio.without_secrets`): what the lake records, where others read it."""
+    """``value`` (a location, a command line, or JSON such as a run spec or a model's metadata) with
+    every URL in it stripped of credentials, query and fragment (:func:`segcore.fsio.without_secrets`):
+    what the lake records, where others read it."""
     if isinstance(value, str):
-        return fsio.without_secrets(value) if "://" in value else value
+        return fsio.without_secrets(value)
     if isinstance(value, dict):
         return {k: public(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -95,14 +97,19 @@ def public(value: Any) -> Any:
     return value
 
 
-#: DuckDB: the store of a lake row as :func:`public` records it, for rows published before it did.
-PUBLIC_STORE_SQL = (r"regexp_replace(regexp_replace(coalesce({t}.store, ''), '^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@', "
-                    r"'\1'), '^([A-Za-z][A-Za-z0-9+.-]*://[^?#]*)[?#].*$', '\1')")
+def _sql_text(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+#: DuckDB: the store of a lake row as :func:`public` records it, for rows published before it did
+#: (the same regular expressions, :data:`segcore.fsio.URL_CREDENTIALS` and :data:`~segcore.fsio.URL_QUERY`).
+PUBLIC_STORE_SQL = (f"regexp_replace(regexp_replace(coalesce({{t}}.store, ''), {_sql_text(fsio.URL_CREDENTIALS)}, "
+                    rf"'\1', 'g'), {_sql_text(fsio.URL_QUERY)}, '\1', 'g')")
 
 
 def _metadata(table: str, *, run_info: dict[str, Any]) -> dict[bytes, bytes]:
     meta = {"version": __version__, "lake_format": LAKE_FORMAT, "table": table, "run_id": run_info["run_id"],
-            "checkpoint_sha256": run_info["checkpoint_sha256"], "model": run_info["model"],
+            "checkpoint_sha256": run_info["checkpoint_sha256"], "model": public(run_info["model"]),
             "run_spec": public(run_info.get("spec"))}
     return {b"segflow": json.dumps(meta, sort_keys=True, default=str).encode()}
 

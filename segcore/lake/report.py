@@ -193,7 +193,8 @@ def current_dice(dice: pa.Table, manifest: pa.Table) -> pa.Table:
 
 def _query(tables: dict[str, pa.Table], **queries: str) -> dict[str, pa.Table]:
     """Run ``queries`` over the lake ``tables`` (by name; a missing one is empty), seen through views
-    that add ``model_id`` (:data:`MODEL_ID_SQL`) and ``store_key`` (the row's store, ``''`` in parts
+    that add ``model_id`` (:data:`MODEL_ID_SQL`) and ``store_key`` (the row's store without
+    credentials, query or fragment, :data:`~segcore.lake.publish.PUBLIC_STORE_SQL`; ``''`` in parts
     published before the lake recorded it) to every row, and ``runs``: the distinct ``run_id``,
     ``run_date``, ``model``, ``checkpoint_sha256``, ``checkpoint``, ``model_id`` and ``lake_table`` of
     the run tables."""

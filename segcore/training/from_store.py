@@ -20,7 +20,7 @@ from segcore.collection.store import open_store, read_manifest, store_root
 from segcore.collection.versions import current_manifest
 from segcore.config import train_defaults
 from segcore.errors import ConfigError, StoreError
-from segcore.fsio import file_sha256
+from segcore.fsio import file_sha256, without_secrets
 from segcore.models import MODEL_KINDS, spatial_dims_of
 from segcore.models.checkpoint import check_checkpoint_path, save_checkpoint
 from segcore.collection.fingerprint import of_images, read_fingerprint
@@ -359,7 +359,8 @@ def train_from_store(
             net, meta, history = train_semantic(images, labels.astype(np.int64), class_names=names, ids=ids,
                                                 val_split=split, group_pattern=group_pattern, recipe=recipe, **common)
         best = meta.provenance.get("val_dice_mean_fg")
-    provenance = dict(meta.provenance, command=command, store=store, images=len(ids), normalisation_choice=choice,
+    provenance = dict(meta.provenance, command=without_secrets(command), store=without_secrets(store), images=len(ids),
+                      normalisation_choice=choice,
                       **({} if start is None else {"init": start.provenance}))
     path = save_checkpoint(out, net, meta.model_copy(update={"provenance": provenance}))
     log.info("trained %s on %d image(s) of %s; checkpoint %s", model, len(ids), store, path)

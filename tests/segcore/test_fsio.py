@@ -197,4 +197,11 @@ def test_without_secrets_keeps_what_locates_and_drops_what_authenticates() -> No
     assert fsio.without_secrets("https://host/m.segflow?X-Amz-Signature=abc#x") == "https://host/m.segflow"
     assert fsio.without_secrets("/data/models/u.safetensors") == "/data/models/u.safetensors"
     assert fsio.without_secrets(Path("rel/u.safetensors")) == "rel/u.safetensors"
+    assert fsio.without_secrets("s3://key:p@ss@bucket/s.zarr") == "s3://bucket/s.zarr"  # the last '@' ends them
+    assert fsio.without_secrets("simplecache::s3://k:s@b/x?y=1") == "simplecache::s3://b/x"
+    assert fsio.without_secrets("/data/a@b/c?d") == "/data/a@b/c?d"  # a path is no URL
+    assert fsio.without_secrets("tcp://127.0.0.1:8786") == "tcp://127.0.0.1:8786"
+    # a command line: each URL in it, quotes kept
+    assert (fsio.without_secrets("segflow train --store 's3://k:s@b/t.zarr?token=x' --lake=s3://u:p@l/lake --out m")
+            == "segflow train --store 's3://b/t.zarr' --lake=s3://l/lake --out m")
 

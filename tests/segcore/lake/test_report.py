@@ -47,13 +47,14 @@ def _dice(cell: dict[str, float], *, sha: str, unit: str) -> pa.Table:
 
 def _publish(lake: str, run_dir: str, *, run_id: str, sha: str, arch: str = "unet", manifest: pa.Table,
              parts: dict[str, dict[str, pa.Table]], day: int, store: str = "/data/store.zarr",
-             checkpoint: str | None = None) -> None:
+             checkpoint: str | None = None, spec: dict | None = None, provenance: dict | None = None) -> None:
     """Write ``parts`` (``{table: {part name: rows}}``) into the run directory and publish them; every
     part named ``unit-0000k`` is a unit of group ``g00k``."""
     for table, named in parts.items():
         for name, rows in named.items():
             write_part(rows, fsio.join(run_dir, table, f"run_id={run_id}"), f"{name}.parquet")
-    info = {"run_id": run_id, "checkpoint_sha256": sha, "model": {"arch": arch}, "spec": {}, "store": store,
+    info = {"run_id": run_id, "checkpoint_sha256": sha, "model": {"arch": arch, "provenance": provenance or {}},
+            "spec": spec or {}, "store": store,
             **({} if checkpoint is None else {"checkpoint": checkpoint})}
     publish(lake, run_dir=run_dir, run_info=info, manifest=manifest,
             unit_groups={f"unit-{k:05d}": f"g{k:03d}" for k in range(3)}, now=_day(day))
@@ -268,15 +269,27 @@ def test_what_is_not_a_lake_is_refused(tmp_path):
 def test_locations_reach_the_lake_without_credentials_and_older_rows_with_them_count_as_the_same_store(tmp_path):
     lake = str(tmp_path / "lake")
     manifest = _manifest([("img-0", "g000", 0, 0)])
-    manifest = manifest.set_column(manifest.schema.get_field_index("source_path"), "source_path",
-                                   pa.array(["s3://key:secret@landing/img-0.png?sig=x"]))
+    for column in ("source_path", "mask_path"):
+        manifest = manifest.set_column(manifest.schema.get_field_index(column), column,
+                                       pa.array([f"s3://key:secret@landing/{column}/img-0.png?sig=token"]))
+    # the run's spec and the model's provenance (the training command line) name the stores too
+    spec = {"store": "s3://key:secret@b/s.zarr", "ingest": {"images": "https://host/x?X-Amz-Signature=token"}}
+    provenance = {"command": "segflow train --store 's3://key:secret@b/t.zarr?token=x' --out m.safetensors"}
     for n, store in enumerate(["s3://key:secret@b/s.zarr?token=x", "s3://b/s.zarr"]):
         _publish(lake, str(tmp_path / f"run{n}"), run_id=f"run-{n}", sha=SHA_A, manifest=manifest, day=20 + n,
-                 store=store, parts={"dice": {"unit-00000": _dice({"img-0": 0.5}, sha=SHA_A, unit="unit-00000")}})
+                 store=store, parts={"dice": {"unit-00000": _dice({"img-0": 0.5}, sha=SHA_A, unit="unit-00000")}},
+                 spec=spec, provenance=provenance)
     files = sorted((tmp_path / "lake").rglob("*.parquet"))
     assert files and not any(b"secret" in f.read_bytes() or b"token" in f.read_bytes() for f in files)
     assert set(read_lake(lake, "dice").column("store").to_pylist()) == {"s3://b/s.zarr"}
-    assert read_lake(lake, "manifest").column("source_path").to_pylist() == ["s3://landing/img-0.png"] * 2
+    manifest_rows = read_lake(lake, "manifest").to_pylist()
+    assert [(r["source_path"], r["mask_path"]) for r in manifest_rows] == [
+        ("s3://landing/source_path/img-0.png", "s3://landing/mask_path/img-0.png")] * 2
+    import json
+
+    meta = json.loads(pq.read_schema(files[0]).metadata[b"segflow"])
+    assert meta["model"]["provenance"]["command"] == "segflow train --store 's3://b/t.zarr' --out m.safetensors"
+    assert meta["run_spec"] == {"store": "s3://b/s.zarr", "ingest": {"images": "https://host/x"}}
     # a part published before locations were cleaned: its store still holds the credentials
     (old,) = [f for f in files if "run-0-unit" in f.name]
     table = pq.read_table(old)
