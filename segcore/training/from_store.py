@@ -148,8 +148,9 @@ def labelled_slots(store_path: str) -> tuple[dict[str, list[int]], list[str]]:
     cannot be trained on is told before any work.
 
     The images may lie in several store groups (the batches of an incremental store, the slices of
-    volumes) as long as they share one shape (height, width, channels); images of several shapes
-    raise :class:`StoreError`, which names them.
+    volumes) as long as they share one shape (height, width, channels) and pixel type; images of
+    several raise :class:`StoreError`, which names them (8- and 16-bit images would otherwise be
+    promoted to one type without a word, and one normalisation would not fit both).
     """
     info = open_store(store_path)
     if not info.has_gt:
@@ -163,16 +164,16 @@ def labelled_slots(store_path: str) -> tuple[dict[str, list[int]], list[str]]:
     by_group: dict[str, list[int]] = {}
     for r in rows:
         by_group.setdefault(r["group"], []).append(r["index"])
-    shapes: dict[tuple[int, int, int], list[str]] = {}
+    shapes: dict[tuple[int, int, int, str], list[str]] = {}
     for name in by_group:
         g = info.group(name)
-        shapes.setdefault((g.height, g.width, g.channels), []).append(name)
+        shapes.setdefault((g.height, g.width, g.channels, g.dtype), []).append(name)
     if len(shapes) > 1:
-        said = "; ".join(f"{h}x{w}x{c} ({sum(len(by_group[n]) for n in names)} image(s) in {', '.join(names)})"
-                         for (h, w, c), names in sorted(shapes.items()))
-        raise StoreError(f"training needs images of one shape (height x width x channels); store {store_path!r} "
-                         f"has labelled images of {len(shapes)}: {said}. Ingest the images of one shape into a "
-                         "store of their own to train on them")
+        said = "; ".join(f"{h}x{w}x{c} {t} ({sum(len(by_group[n]) for n in names)} image(s) in {', '.join(names)})"
+                         for (h, w, c, t), names in sorted(shapes.items()))
+        raise StoreError(f"training needs images of one shape and pixel type (height x width x channels, dtype); "
+                         f"store {store_path!r} has labelled images of {len(shapes)}: {said}. Ingest the images of "
+                         "one shape and type into a store of their own to train on them")
     return by_group, [r["image_id"] for r in rows]
 
 

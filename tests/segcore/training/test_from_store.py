@@ -110,8 +110,8 @@ def test_images_of_one_shape_in_several_groups_train_together_and_several_shapes
     create_store(store, groups, with_gt=True, mask_kind="class", spec={})
     written = [row for g, r in planned for c in chunk_rows(r, g) for row in write_store_chunk(store, c)]
     write_manifest(store, written)
-    with pytest.raises(StoreError, match=r"has labelled images of 2: 16x16x1 \(3 image\(s\) in g000, g001\); "
-                                         r"24x24x1 \(1 image\(s\) in g002\)\. Ingest the images of one shape"):
+    with pytest.raises(StoreError, match=r"has labelled images of 2: 16x16x1 uint8 \(3 image\(s\) in g000, g001\); "
+                                         r"24x24x1 uint8 \(1 image\(s\) in g002\)\. Ingest the images of one shape"):
         read_labelled(store)
     from flows.cli import main
 
@@ -128,6 +128,19 @@ def test_images_of_one_shape_in_several_groups_train_together_and_several_shapes
         np.testing.assert_array_equal(images[i, ..., 0], read_image(source)[..., 0])
     result = _train(store, tmp_path / "m.safetensors", epochs=1)
     assert sorted(load_checkpoint(result.checkpoint)[1].provenance["val_ids"] + ["a0", "a1"]) == ids
+    # one shape but another pixel type (a 16-bit batch): refused too, not promoted without a word
+    write_png(tmp_path / "b3" / "img" / "d0.png", rng.integers(0, 65535, (16, 16), dtype=np.uint16))
+    write_png(tmp_path / "b3" / "gt" / "d0.png", np.ones((16, 16), np.uint8))
+    rows3 = probe_sources(pair_sources(str(tmp_path / "b3" / "img"), str(tmp_path / "b3" / "gt")))
+    g3, r3 = plan_groups([dict(x, batch=3) for x in rows3], chunk_pixels=4 * 256, max_chunk_images=4,
+                         first_group=len(groups))
+    from segcore.collection.incremental import append_groups
+
+    append_groups(store, g3)
+    more = [row for c in chunk_rows(r3, g3) for row in write_store_chunk(store, c)]
+    write_manifest(store, [r for r in written if r["image_id"] != "c0"] + more)
+    with pytest.raises(StoreError, match=r"of 2: 16x16x1 uint16 \(1 image\(s\) in g003\); 16x16x1 uint8 \(3 "):
+        read_labelled(store)
 
 
 def test_the_recipe_records_the_precision_that_ran(semantic_store, tmp_path):
