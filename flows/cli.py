@@ -280,8 +280,9 @@ def _add_model(sub: Any) -> None:
     p.add_argument("--arch", help="registered architecture the state dict belongs to (e.g. smp:Unet, monai:UNet, "
                                   "torchvision:maskrcnn_resnet50_fpn); a label for TorchScript/ONNX models")
     p.add_argument("--arch-kwargs", help="JSON object of builder arguments, e.g. '{\"encoder_name\": \"resnet18\"}', "
-                                        "merged over the builder's defaults (unet: base 16, depth 3; unet3d: base 8, "
-                                        "depth 3, as segflow train gives them)")
+                                        "merged over the options segflow train gives its own UNets (unet: base 16, "
+                                        "depth 3; unet3d: base 8, depth 3) and the builder's defaults; without it, "
+                                        "a state dict that does not fit those is tried with the builder's defaults")
     p.add_argument("--class-names", help="comma-separated class names, background first, or 'coco' (torchvision's "
                                          "91 COCO categories)")
     p.add_argument("--in-channels", type=int, help="channels of the images the model takes (default: the "

@@ -148,7 +148,9 @@ def import_model(source: str | os.PathLike[str], *, out: str | os.PathLike[str],
 
     State dicts need ``arch`` (a registered architecture) and ``class_names``; ``in_channels`` and
     ``normalisation`` default to the builder's (its ``in_channels`` default, its ``normalisation``
-    attribute, else percentile), and ``arch_kwargs`` are merged over :func:`trained_defaults`. TorchScript/ONNX models are semantic: a trial forward pass checks
+    attribute, else percentile), and ``arch_kwargs`` are merged over :func:`trained_defaults`
+    (without ``arch_kwargs``, a state dict that does not fit those is tried with the builder's own
+    defaults before it is refused). TorchScript/ONNX models are semantic: a trial forward pass checks
     they map ``(1, C, H, W)`` to ``(1, K, H, W)``; ``class_names`` default to ``background,
     class_1, ...``. Raises :class:`ConfigError` or :class:`CheckpointError` before writing anything.
     """
@@ -168,23 +170,28 @@ def import_model(source: str | os.PathLike[str], *, out: str | os.PathLike[str],
         default_c = inspect.signature(builder).parameters.get("in_channels")
         channels = in_channels or (default_c.default if default_c is not None else 1)
         norm = normalisation or getattr(builder, "normalisation", None) or Normalisation()
-        meta = ModelMeta(arch=arch, arch_kwargs={**trained_defaults(arch), **(arch_kwargs or {})}, class_names=names,
-                         in_channels=int(channels), normalisation=norm, provenance=provenance, source=src,
-                         input_axes=INPUT_AXES[spatial_dims_of(arch)])
-        _check_normalisation(meta)
-        model = build_model(meta)
-        state, removed = unwrapped_state(model, read_state_dict(source))
-        if removed:
-            meta = meta.model_copy(update={"provenance": {**provenance, "name_prefix_removed": removed}})
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            built = {**builder_defaults(arch), **meta.arch_kwargs}
-            raise CheckpointError(f"the weights in {str(source)!r} do not fit {arch!r} with {built}: "
-                                  f"{weights_mismatch(model, state, exc)}; other options go in --arch-kwargs"
-                                  ) from exc
-        save_checkpoint(out, model, meta)
-        return meta
+        options = [{**trained_defaults(arch), **(arch_kwargs or {})}]
+        if trained_defaults(arch) and not arch_kwargs:  # else the builder's own defaults, as before
+            options.append(builder_defaults(arch))
+        raw, tried = read_state_dict(source), []
+        for kwargs in options:
+            meta = ModelMeta(arch=arch, arch_kwargs=kwargs, class_names=names, in_channels=int(channels),
+                             normalisation=norm, provenance=provenance, source=src,
+                             input_axes=INPUT_AXES[spatial_dims_of(arch)])
+            _check_normalisation(meta)
+            model = build_model(meta)
+            state, removed = unwrapped_state(model, raw)
+            if removed:
+                meta = meta.model_copy(update={"provenance": {**provenance, "name_prefix_removed": removed}})
+            try:
+                model.load_state_dict(state, strict=True)
+            except RuntimeError as exc:
+                tried.append(f"with {({**builder_defaults(arch), **kwargs})}: {weights_mismatch(model, state, exc)}")
+                continue
+            save_checkpoint(out, model, meta)
+            return meta
+        raise CheckpointError(f"the weights in {str(source)!r} do not fit {arch!r} " + "; nor ".join(tried)
+                              + "; other options go in --arch-kwargs")
     if kind not in (None, "semantic"):
         raise ConfigError(f"{fmt} models are imported as semantic models; import an instance model's state dict "
                           "with --arch (e.g. torchvision:maskrcnn_resnet50_fpn)")

@@ -84,13 +84,17 @@ def test_state_dicts_of_segflows_own_unets_import_with_the_options_segflow_train
         meta = import_model(tmp_path / f"{arch}.pth", out=tmp_path / f"{arch}.safetensors", arch=arch,
                             class_names="bg,fg")
         assert meta.arch_kwargs == trained and meta.spatial_dims == (3 if arch == "unet3d" else 2)
-    # a UNet of other options: the error names the options the model was built with, and where others go
-    torch.save(create_model("unet", base=16, depth=4).state_dict(), tmp_path / "deep.pth")
-    with pytest.raises(CheckpointError, match=r"do not fit 'unet' with \{'base': 16, 'depth': 3\}: .*; other "
-                                              r"options go in --arch-kwargs$"):
-        import_model(tmp_path / "deep.pth", out=tmp_path / "d.safetensors", arch="unet", class_names="bg,fg")
-    assert import_model(tmp_path / "deep.pth", out=tmp_path / "d.safetensors", arch="unet", class_names="bg,fg",
-                        arch_kwargs={"depth": 4}).arch_kwargs == {"base": 16, "depth": 4}
+    # the builder's own defaults (depth 4) still import without options, as they did before
+    torch.save(create_model("unet").state_dict(), tmp_path / "deep.pth")
+    assert import_model(tmp_path / "deep.pth", out=tmp_path / "d.safetensors", arch="unet",
+                        class_names="bg,fg").arch_kwargs == {"base": 16, "depth": 4}
+    # other options: the error names every set of options tried, and where others go
+    torch.save(create_model("unet", base=8, depth=2).state_dict(), tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match=r"do not fit 'unet' with \{'base': 16, 'depth': 3\}: .*; nor with "
+                                              r"\{'base': 16, 'depth': 4\}: .*; other options go in --arch-kwargs$"):
+        import_model(tmp_path / "other.pth", out=tmp_path / "o.safetensors", arch="unet", class_names="bg,fg")
+    assert import_model(tmp_path / "other.pth", out=tmp_path / "o.safetensors", arch="unet", class_names="bg,fg",
+                        arch_kwargs={"base": 8, "depth": 2}).arch_kwargs == {"base": 8, "depth": 2}
 
 
 def test_a_state_dict_saved_from_data_parallel_imports_and_other_prefixes_are_named(tmp_path):
