@@ -228,8 +228,9 @@ def read_lake(lake: str, table: str = "dice", *, filter: Any = None, columns: Se
     those); empty when absent.
 
     Raises:
-        LakeError: a file of the table is not Parquet, does not fit :func:`lake_schema`, or lacks
-            its lineage (``run_id``: a Parquet file that segflow did not publish).
+        LakeError: a file of the table is not Parquet, does not fit :func:`lake_schema`, or holds
+            rows (read here) without their lineage (``run_id``: a Parquet file that segflow did not
+            publish, named when it lacks the column).
     """
     location = fsio.join(lake, table)
     read = None if columns is None else list(dict.fromkeys([*columns, "run_id"]))
@@ -239,12 +240,18 @@ def read_lake(lake: str, table: str = "dice", *, filter: Any = None, columns: Se
         raise LakeError(f"the lake's {table} table cannot be read ({exc}); move the file it names out of "
                         f"{location} (only segflow's parts belong there)") from exc
     if out.column("run_id").null_count:  # every part segflow publishes names its run
-        strays = [f for f in fsio.list_files(location, suffix=".parquet")
-                  if "run_id" not in pq.read_schema(pa.BufferReader(fsio.read_bytes(f))).names]
-        raise LakeError(f"the lake's {table} table holds Parquet files that segflow did not publish (no run_id "
-                        f"column): {', '.join(strays[:3]) or '?'}{' and more' if len(strays) > 3 else ''}; move "
-                        f"them out of {location} (only segflow's parts belong there)")
+        strays = [f for f in fsio.list_files(location, suffix=".parquet") if "run_id" not in _columns(f)]
+        named = f": {', '.join(strays[:3])}{' and more' if len(strays) > 3 else ''}" if strays else ""
+        raise LakeError(f"the lake's {table} table holds rows that segflow did not publish (no run_id){named}; "
+                        f"move the files they come from out of {location} (only segflow's parts belong there)")
     return out if columns is None else out.select(list(columns))
+
+
+def _columns(location: str) -> list[str]:
+    """Column names of the Parquet file ``location`` (its footer only)."""
+    fs, inner = fsio.url_to_fs(location)
+    with fs.open(inner, "rb") as f:
+        return pq.read_schema(f).names
 
 
 def publish_run(lake: str, *, run_dir: str) -> dict[str, int]:

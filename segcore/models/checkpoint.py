@@ -98,7 +98,7 @@ class ModelMeta(BaseModel):
         return 3 if "z" in self.input_axes else 2
 
 
-def check_checkpoint_path(path: str | os.PathLike[str], *, overwrite: bool = True) -> None:
+def check_checkpoint_path(path: str | os.PathLike[str], *, overwrite: bool) -> None:
     """Raise :class:`~segcore.errors.CheckpointError` when a checkpoint file cannot be written at the
     local ``path``: it is a directory, names a directory record (``NAME.segflow``), its folder
     cannot be made or written (:func:`segcore.fsio.write_problem`), or (``overwrite`` False) a file
@@ -111,7 +111,8 @@ def check_checkpoint_path(path: str | os.PathLike[str], *, overwrite: bool = Tru
     if Path(local).is_dir() or Path(local).suffix.lower() == ".segflow":
         raise CheckpointError(f"{str(path)!r} {what}; a torch checkpoint is a file: give NAME.safetensors")
     if not overwrite and Path(local).exists():
-        raise CheckpointError(f"{str(path)!r} exists; give a new --out, or pass --overwrite to replace it")
+        raise CheckpointError(f"{str(path)!r} exists; give a new --out, or pass --overwrite to replace it "
+                              "(overwrite: true in a training spec)")
     problem = fsio.write_problem(local, folder=False)
     if problem:
         raise CheckpointError(f"cannot write the checkpoint {str(path)!r}: {problem}; give another path")

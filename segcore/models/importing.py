@@ -165,7 +165,7 @@ def import_model(source: str | os.PathLike[str], *, out: str | os.PathLike[str],
             raise ConfigError(f"architecture {arch!r} is a {MODEL_KINDS[arch]} model, not {kind}")
         if names is None:
             raise ConfigError("a state dict needs --class-names (background first, e.g. background,cell; or coco)")
-        check_checkpoint_path(out)
+        check_checkpoint_path(out, overwrite=True)  # the CLI asks for --overwrite before (flows/cli.py)
         builder = MODELS[arch]
         default_c = inspect.signature(builder).parameters.get("in_channels")
         channels = in_channels or (default_c.default if default_c is not None else 1)

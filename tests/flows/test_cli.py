@@ -203,7 +203,7 @@ def test_a_quiet_command_line_shows_segflows_warnings(tmp_path) -> None:
     proc = segflow("train", "--store", store, "--out", str(tmp_path / "m.safetensors"), "--epochs", "1")
     assert proc.returncode == 2 and (tmp_path / "m.safetensors").read_bytes() == kept
     assert proc.stderr == (f"segflow: error: {str(tmp_path / 'm.safetensors')!r} exists; give a new --out, or pass "
-                           "--overwrite to replace it\n"), proc.stderr
+                           "--overwrite to replace it (overwrite: true in a training spec)\n"), proc.stderr
 
 
 def test_ctrl_c_ends_the_command_at_once_with_its_processes_and_the_same_command_resumes(tmp_path) -> None:

@@ -203,7 +203,7 @@ def import_bioimageio(package: str | os.PathLike[str], out: str | os.PathLike[st
             rule = rule.model_copy(update={"largest_region": True})
         fmt = choose_weights(descr, weights)
         if fmt == "pytorch_state_dict":  # the place of the record, before the weights are read
-            check_checkpoint_path(out)
+            check_checkpoint_path(out, overwrite=True)  # the CLI asks for --overwrite before (flows/cli.py)
         else:
             check_record_path(out, fmt)
         entry = getattr(descr.weights, fmt)

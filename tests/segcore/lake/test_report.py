@@ -261,8 +261,8 @@ def test_what_is_not_a_lake_is_refused(tmp_path):
     stray = tmp_path / "lake" / "dice" / "run_date=2026-11-20" / "model=unet" / "manifest.parquet"
     stray.parent.mkdir(parents=True)
     pq.write_table(_manifest([("img-0", "g000", 0, 0)]), stray)
-    with pytest.raises(LakeError, match=r"dice table holds Parquet files that segflow did not publish \(no run_id "
-                                        r"column\): .*manifest\.parquet; move them out of"):
+    with pytest.raises(LakeError, match=r"dice table holds rows that segflow did not publish \(no run_id\): "
+                                        r".*manifest\.parquet; move the files they come from out of"):
         lake_report(lake)
 
 
