@@ -66,8 +66,9 @@ def _add_segment(p: argparse.ArgumentParser) -> None:
                         "images whole; volumetric models (unet3d): 3-D tiles of 64 voxels a side by default, 0 "
                         "runs each volume as one tile")
     g.add_argument("--overlap", type=int,
-                   help="px shared by neighbouring semantic tiles (default tile/4, volumetric models too); instance "
-                        "models: halo around each detector core (default 64, must exceed the largest object)")
+                   help="px shared by neighbouring semantic tiles (default tile/4; volumetric models: voxels, "
+                        "along each axis the tile does not cover whole); instance models: halo around each "
+                        "detector core (default 64, must exceed the largest object)")
     g.add_argument("--blend", choices=["gaussian", "linear"], help="weights of overlapping tiles (default gaussian)")
     g.add_argument("--tta", action="store_true", default=None,
                    help="semantic models: average the logits over flips, for whole images and tiles alike (4x "

@@ -237,7 +237,8 @@ class TrainSpec(_Spec):
     out: str = Field(description="Checkpoint file to write (.safetensors).")
     overwrite: bool = Field(False, description="Replace a checkpoint already at out (without it, an existing "
                                                "file is refused before any training).")
-    model: str = Field("unet", description="Registered architecture: unet, maskrcnn or maskrcnn_r18.")
+    model: str = Field("unet", description="Registered architecture: unet, unet3d (volumes), maskrcnn or "
+                                           "maskrcnn_r18.")
     class_names: tuple[str, ...] | None = Field(
         None, description="Class names, background first (default: background + one name per label value, "
                           "or background, object for instance models)."
