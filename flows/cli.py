@@ -63,7 +63,8 @@ def _add_segment(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tile-size", type=int,
                    help="model tile in px: semantic models default 512 (rounded up to the UNet's divisor), "
                         "instance models default 256 (the detector core); 0 disables tiling and segments large "
-                        "images whole; volumetric models (unet3d): 3-D tiles of 64 voxels a side by default, 0 "
+                        "images whole (large images stored whole, ingested with --tile-chunk 0, are always "
+                        "segmented whole); volumetric models (unet3d): 3-D tiles of 64 voxels a side by default, 0 "
                         "runs each volume as one tile")
     g.add_argument("--overlap", type=int,
                    help="px shared by neighbouring semantic tiles (default tile/4; volumetric models: voxels, "
@@ -115,7 +116,7 @@ def _add_ingest(p: argparse.ArgumentParser, *, store_required: bool, landing_onl
                             "segments only the new images")
     p.add_argument("--tile-chunk", type=int,
                    help="images of more than 4.2 Mpx are stored (and segmented) in square blocks of this side "
-                        "(default 1024; 0 keeps them whole)")
+                        "(default 1024; 0 keeps them whole, and they are then segmented whole, without tiles)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,7 +30,7 @@ from segcore.models.predict import check_device
 from segcore.models.record import model_sha256
 from segcore.run.blocks import saved_blocks
 from segcore.run.context import BlockRecord, RunContext
-from segcore.run.plan import RunPlan, check_alignment
+from segcore.run.plan import RunPlan, check_alignment, large_whole_groups
 from segcore.run.results import open_run
 from segcore.run.deadlines import UnitTimeouts
 from segcore.run.rundir import (clear_failed, done_records, failed_records, mark_failed, mask_chunks, pyramid_jobs,
@@ -149,6 +149,11 @@ def _segment_held(spec: SegmentSpec) -> dict[str, Any]:
         tta=spec.tta, precision=spec.precision, batch_size=spec.batch_size, device=spec.device,
         num_threads=torch_threads(spec.execution), compile=spec.compile, spec=spec_json(spec),
         workers_here=not spec.execution.dask_address)
+    whole = large_whole_groups(store, ctx.tiling)
+    if whole and meta.spatial_dims == 2:
+        log.warning("segment: %s %s stored whole (ingested with --tile-chunk 0), so segmented whole, one image per "
+                    "forward pass: --tile-size applies to images stored in blocks; ingest with --tile-chunk N to "
+                    "segment them in tiles", ", ".join(whole), "is" if len(whole) == 1 else "are")
     if spec.volume_pattern:  # before any unit is segmented
         check_volume_pattern(current_manifest(read_manifest(spec.store)).to_pylist(), spec.volume_pattern)
     chunks, counts = mask_chunks(spec.out)

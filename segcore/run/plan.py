@@ -190,6 +190,20 @@ class RunPlan:
         return RunPlan(units=units, tiling=None if tiling is None else Tiling(**tiling))
 
 
+def large_whole_groups(store: StoreInfo, tiling: Tiling | None) -> list[str]:
+    """Of a run with ``tiling``, the groups of 2-D images larger than its model tile on a side and
+    than one chunk of a default ingest (4.2 Mpx) that the store keeps whole (ingested with
+    ``--tile-chunk 0``): tiling applies to tiled groups only, so these are segmented whole, one
+    image per forward pass, with the memory that takes. Named as ``'g000 (3 images of 3000 x 2500)'``."""
+    from segcore.config import IngestSpec
+
+    if tiling is None:
+        return []
+    large = IngestSpec.model_fields["chunk_pixels"].default
+    return [f"{g.name} ({g.count} image(s) of {g.width} x {g.height} px)" for g in store.groups
+            if not g.tile and g.volume is None and g.height * g.width > large and max(g.height, g.width) > tiling.tile]
+
+
 def make_plan(store: StoreInfo, tiling: Tiling | None) -> RunPlan:
     """The plan of a run over ``store``: tiled groups are cut into blocks unless ``tiling`` is None."""
     return RunPlan(units=tuple(plan_units(store, tiled=tiling is not None)), tiling=tiling)

@@ -184,3 +184,19 @@ def test_a_packages_halo_and_size_step_shape_the_default_tiling():
     tiling = resolve_tiling(meta, tile_size=None, overlap=None)
     assert tiling.tile == 816 and tiling.overlap == 400  # ceil(801 / 24) * 24; 2 * halo
     assert resolve_tiling(meta, tile_size=None, overlap=10).overlap == 10  # given overlap wins
+
+
+def test_large_images_stored_whole_are_named_for_a_tiled_run():
+    from segcore.run.context import Tiling
+    from segcore.run.plan import large_whole_groups
+
+    store = _store(_group("g000", 3, 1, h=2500, w=3000),  # whole (--tile-chunk 0): 7.5 Mpx
+                   _group("g001", 20, 20, h=256, w=256),  # small images
+                   GroupInfo(name="g002", height=4096, width=4096, channels=1, dtype="uint8", count=1,
+                             chunk_images=1, tile=1024),  # stored in blocks: tiled
+                   GroupInfo(name="g003", height=3000, width=3000, channels=1, dtype="uint8", count=8,
+                             chunk_images=8, volume="v"))  # the slices of a volume
+    tiling = Tiling(tile=512, overlap=128, blend="gaussian", tta=False)
+    assert large_whole_groups(store, tiling) == ["g000 (3 image(s) of 3000 x 2500 px)"]
+    assert large_whole_groups(store, None) == []  # --tile-size 0: whole is what was asked for
+    assert large_whole_groups(store, Tiling(tile=4096, overlap=0, blend="gaussian", tta=False)) == []
