@@ -32,7 +32,7 @@ NOISY_LOGGERS = ("prefect", "prefect_dask", "distributed", "EventsWorker", "APIL
 RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 
 # The counted thing of each stage, for display ("12/40 units").
-STAGE_UNITS = {"ingest": "chunks", "segment": "units", "train": "epochs", "refit": "epochs"}
+STAGE_UNITS = {"ingest": "chunks", "segment": "units", "detect": "blocks", "train": "epochs", "refit": "epochs"}
 
 
 def _under(name: str, prefixes: tuple[str, ...]) -> bool:

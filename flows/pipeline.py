@@ -7,6 +7,7 @@ and are shared: ``run_flow`` calls both inside one flow run, on one Dask cluster
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Any, Callable
 
 from prefect import flow, get_run_logger
@@ -40,6 +41,7 @@ from segcore.run.start import pending_work, start_run
 from segcore.run.volumes import (Volume, check_volume_pattern, clear_volume_table, find_volumes,
                                   read_volume_table)
 from tasks.lake import publish_lake_task
+from tasks.progress import report
 from tasks.segment import (detect_block_task, finish_image_task, image_stats_task, label_pyramid_task,
                            paste_block_task, segment_block_task, segment_unit_task)
 from tasks.volumes import score_volumes_task
@@ -62,21 +64,35 @@ def _gather(futures: list, what: str, log: Any, *, names: list[str] | None = Non
     return results, failed
 
 
+class PassProgress:
+    """Progress of a pass over blocks that the run's unit count does not show (the detection pass of
+    an instance model's large images, before each block is pasted and counted): ``detect: 3/20 blocks``."""
+
+    def __init__(self, stage: str, *, total: int) -> None:
+        self.stage, self.total, self.done = stage, total, 0
+        report(stage, 0, total, "starting")
+
+    def advance(self, n: int = 1, *, images: int = 0) -> None:
+        self.done = min(self.total, self.done + n)
+        report(self.stage, self.done, self.total)
+
+
 def _watched(submit: Any, todo: list, watch: dict[str, Any], log: Any, what: str,
-             progress: UnitProgress | None = None) -> tuple[list, list[Failure]]:
+             progress: UnitProgress | PassProgress | None = None) -> tuple[list, list[Failure]]:
     """``submit`` every unit of ``todo`` (or ``(unit, sources)`` pair) with timeouts and retries
     (:func:`flows.watch.gather_watched`, settings ``watch``); progress in the log and in ``progress``."""
     def unit_of(item: Any) -> Any:
         return item[0] if isinstance(item, tuple) else item
 
     step, done, t0 = max(1, len(todo) // 20), [0, 0], time.perf_counter()
-    tiled: set[tuple[str, int]] = set()  # images of the blocks seen: a tiled image counts with its first block
+    # a tiled image counts once its last block of this pass is done
+    blocks = Counter((unit_of(i).group, unit_of(i).start) for i in todo if unit_of(i).window is not None)
+    seen: Counter[tuple[str, int]] = Counter()
 
     def images_of(record: Any) -> int:
         if isinstance(record, BlockRecord):
-            new = (record.group, record.index) not in tiled
-            tiled.add((record.group, record.index))
-            return int(new)
+            seen[(record.group, record.index)] += 1
+            return int(seen[(record.group, record.index)] == blocks[(record.group, record.index)])
         return (getattr(record, "n_images", 0) - getattr(record, "n_refused", 0)  # segmented: not those refused
                 - getattr(record, "n_superseded", 0))  # or replaced by newer versions
 
@@ -104,7 +120,7 @@ def _tiled_steps(ctx: RunContext, schedule: TiledSchedule, meta: ModelMeta, log:
     if meta.kind == "instance":
         detect = schedule.to_detect()
         found, failed = _watched(lambda u: detect_block_task.submit(ctx, u, stats=stats.get((u.group, u.start))),
-                                 detect, watch(), log, "blocks detected")
+                                 detect, watch(), log, "blocks detected", PassProgress("detect", total=len(detect)))
         if failed:
             return failed
         detections = {**done, **{r.marker: r for r in found}}

@@ -156,8 +156,22 @@ def test_instance_model_stitches_blocks(tmp_path: Path) -> None:
     spec = RunSpec(ingest=_ingest(tmp_path, data, "instance"),
                    segment=SegmentSpec(store=str(tmp_path / "store.zarr"), checkpoint=str(ckpt), out=out,
                                        tile_size=64, overlap=24, execution=EXECUTION))
-    summary = with_runner(run_flow, EXECUTION)(spec)
+    from tasks.progress import listen
+
+    events = []
+    with listen(events.append):
+        summary = with_runner(run_flow, EXECUTION)(spec)
     run = open_run(out)
+    # the detection pass shows its own progress; a large image counts as segmented with its last block
+    detect = [(e.done, e.total) for e in events if e.stage == "detect"]
+    from segcore.run.rundir import read_plan
+
+    plan = read_plan(out)
+    n_blocks = sum(len(plan.blocks_of(*image)) for image in plan.tiled_images)
+    assert detect[0] == (0, n_blocks) and detect[-1] == (n_blocks, n_blocks) and len(detect) == n_blocks + 1
+    segment = [e for e in events if e.stage == "segment"]
+    n_images = sum(g.count for g in open_store(str(tmp_path / "store.zarr")).groups)
+    assert segment[-1].done == segment[-1].total and segment[-1].message.startswith(f"{n_images} images, "), segment
     inst = run.instance_table().to_pandas()
     assert summary["instance"]["instances_predicted"] == len(inst)
     labels = run.instances("big")
