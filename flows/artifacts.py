@@ -79,7 +79,10 @@ class UnitProgress:
     def _message(self) -> str:
         if not self._advanced:  # the first report: no rate yet (units done by an earlier run are not timed)
             return f"{self.done} done by an earlier run" if self.done else "starting"
-        rate = self.images / max(time.perf_counter() - self._t0, 1e-9)
+        seconds = max(time.perf_counter() - self._t0, 1e-9)
+        rate = self.images / seconds
+        if 0 < rate < 0.1:  # large images: seconds an image reads better than 0.0 images/s
+            return f"{self.images} images, {seconds / self.images:.0f} s/image"
         return f"{self.images} images, {rate:.1f} images/s"
 
     def advance(self, n: int = 1, *, images: int = 0) -> None:

@@ -106,8 +106,24 @@ def _watched(submit: Any, todo: list, watch: dict[str, Any], log: Any, what: str
             log.info("segment: %d/%d %s, %d images, %.1f s", done[0], len(todo), what, done[1],
                      time.perf_counter() - t0)
 
-    return gather_watched(submit, todo, name=lambda i: unit_of(i).name, weight=lambda i: unit_of(i).n_images,
+    weights = unit_weights([unit_of(i) for i in todo])
+    return gather_watched(submit, todo, name=lambda i: unit_of(i).name, weight=lambda i: weights[unit_of(i).name],
                           on_result=advance, log=log, **watch)
+
+
+def unit_weights(units: list[Any]) -> dict[str, float]:
+    """What each unit weighs in its timeout, by name: its images; a block, its share of the largest
+    block of its group among ``units`` (at least 1/16), so that the timeouts learnt from the strips
+    at an image's edges do not cut whole blocks short."""
+    def area(u: Any) -> int:
+        return (u.window.y1 - u.window.y0) * (u.window.x1 - u.window.x0)
+
+    largest: dict[str, int] = {}
+    for u in units:
+        if u.window is not None:
+            largest[u.group] = max(largest.get(u.group, 0), area(u))
+    return {u.name: float(u.n_images) if u.window is None else max(area(u) / largest[u.group], 1 / 16)
+            for u in units}
 
 
 def _tiled_steps(ctx: RunContext, schedule: TiledSchedule, meta: ModelMeta, log: Any,

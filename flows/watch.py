@@ -45,7 +45,7 @@ class Failure:
 class _Step:
     item: Any
     name: str
-    weight: int
+    weight: float
     future: Any = None
     attempt: int = 1
     started: float | None = None
@@ -98,19 +98,19 @@ def _seconds(record: Any) -> float | None:
     return timing.total_s if timing is not None else getattr(record, "seconds", None)
 
 
-def _worked(record: Any, weight: int) -> int:
+def _worked(record: Any, weight: float) -> float:
     """Images a finished step fed to the model: its ``weight`` less the superseded versions its
     record says it left out (refused images are fed as zeros, so they count)."""
     return max(0, weight - getattr(record, "n_superseded", 0))
 
 
 def gather_watched(submit: Callable[[Any], Any], items: Sequence[Any], *, name: Callable[[Any], str],
-                   weight: Callable[[Any], int], timeouts: UnitTimeouts, retries: int, log: Any,
+                   weight: Callable[[Any], float], timeouts: UnitTimeouts, retries: int, log: Any,
                    on_result: Callable[[Any], None] | None = None) -> tuple[list[Any], list[Failure]]:
     """Submit ``submit(item)`` for every item; return the records of the steps that finished and the failures.
 
-    ``name(item)`` names a step in logs and failures; ``weight(item)`` is its images (blocks: 1), which
-    scales its timeout; ``on_result(record)`` is called as each step finishes (progress).
+    ``name(item)`` names a step in logs and failures; ``weight(item)`` is its images (blocks: their
+    share of a whole block, :func:`flows.pipeline.unit_weights`), which scales its timeout; ``on_result(record)`` is called as each step finishes (progress).
     """
     client = dask_client()
     active = [_Step(item=i, name=name(i), weight=weight(i), future=submit(i)) for i in items]

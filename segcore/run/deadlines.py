@@ -41,14 +41,15 @@ class UnitTimeouts:
         if not 0 < self.floor <= self.cap:
             raise ValueError(f"need 0 < floor <= cap seconds, got floor {self.floor} and cap {self.cap}")
 
-    def measured(self, *, seconds: float, images: int) -> None:
-        """Record a finished unit: its wall-clock ``seconds`` over ``images`` images (or blocks)."""
+    def measured(self, *, seconds: float, images: float) -> None:
+        """Record a finished unit: its wall-clock ``seconds`` over ``images`` images (or blocks, each its
+        share of a whole block)."""
         if images > 0 and seconds >= 0:
             self.per_image.append(seconds / images)
             self._median = None
 
-    def timeout(self, images: int) -> float:
-        """Seconds a unit of ``images`` images (or blocks) may run."""
+    def timeout(self, images: float) -> float:
+        """Seconds a unit of ``images`` images (or blocks) may run (at least one image's worth)."""
         if not self.per_image:
             return self.cap
         if self._median is None:  # asked about every step in flight at every look: computed once per change

@@ -163,6 +163,11 @@ def test_progress_messages_start_without_a_rate_and_tell_units_done_before():
             p.advance(images=0)  # a unit whose images were all refused
             p.advance(images=4)
 
+            slow = UnitProgress("slow", total=1)
+            slow._t0 -= 600  # one large image in 10 minutes: seconds an image, not 0.0 images/s
+            slow.advance(images=1)
+
     progress_flow()
     assert seen[0] == "1 done by an earlier run"
-    assert seen[1].startswith("0 images, ") and seen[2].startswith("4 images, ")
+    assert seen[1].startswith("0 images, ") and seen[2].startswith("4 images, ") and seen[2].endswith(" images/s")
+    assert seen[-1].startswith("1 images, ") and seen[-1].endswith(" s/image") and 599 <= int(seen[-1].split()[2]) <= 700

@@ -43,3 +43,18 @@ def test_failed_records_by_key_and_cleared(tmp_path) -> None:
     assert (found["unit-00003"]["reason"], found["unit-00003"]["attempts"]) == ("timed out after 5 s", 3)
     clear_failed(run_dir, ["unit-00003", "unit-00009"])
     assert failed_records(run_dir, "k1") == {} and list(failed_records(run_dir, "k2")) == ["unit-00004"]
+
+
+def test_a_block_weighs_its_share_of_a_whole_block_in_its_timeout():
+    from flows.pipeline import unit_weights
+    from segcore.run.plan import WorkUnit
+    from segcore.tiling import Window
+
+    units = [WorkUnit(0, "g000", 0, 8), WorkUnit(1, "g001", 0, 1, window=Window(0, 1024, 0, 1024)),
+             WorkUnit(2, "g001", 0, 1, window=Window(0, 1024, 1024, 1536)),  # a half block at the edge
+             WorkUnit(3, "g001", 0, 1, window=Window(1024, 1076, 1024, 1076))]  # a 52 x 52 corner
+    assert unit_weights(units) == {"unit-00000": 8.0, "unit-00001": 1.0, "unit-00002": 0.5, "unit-00003": 1 / 16}
+    timeouts = UnitTimeouts(floor=1, cap=1000)
+    for u, seconds in ((units[1], 40.0), (units[2], 20.0), (units[3], 2.0)):
+        timeouts.measured(seconds=seconds, images=unit_weights(units)[u.name])
+    assert timeouts.timeout(1.0) == 5 * 40.0  # the median of 40, 40 and 32 s a whole block
