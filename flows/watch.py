@@ -110,7 +110,8 @@ def gather_watched(submit: Callable[[Any], Any], items: Sequence[Any], *, name: 
     """Submit ``submit(item)`` for every item; return the records of the steps that finished and the failures.
 
     ``name(item)`` names a step in logs and failures; ``weight(item)`` is its images (blocks: their
-    share of a whole block, :func:`flows.pipeline.unit_weights`), which scales its timeout; ``on_result(record)`` is called as each step finishes (progress).
+    share of a whole block, :func:`flows.pipeline.unit_weights`), which scales its timeout;
+    ``on_result(record)`` is called as each step finishes (progress).
     """
     client = dask_client()
     active = [_Step(item=i, name=name(i), weight=weight(i), future=submit(i)) for i in items]
