@@ -223,7 +223,8 @@ def _segment_held(spec: SegmentSpec) -> dict[str, Any]:
     pyramids_failed = [] if failed else _pyramids(spec.out, written, log)
     volumes_failed, volumes = ([], []) if failed else _score_volumes(spec, plan, log)
     summary = summarise_run(spec, ctx, plan, meta, n_done=n_done, n_failed=len(failed), seconds=time.perf_counter() - t0,
-                            volume_slices={v.volume_id: v.slices for v in volumes})
+                            volume_slices={v.volume_id: v.slices for v in volumes},
+                            capped=sum(getattr(r, "n_capped", 0) for r in done_now.values()))
     if volumes_failed:
         summary["volumes_failed"] = [f"{f.name}: {f.reason}" for f in volumes_failed]
     if spec.lake:  # after the summary: a lake that cannot be written loses nothing else
@@ -278,9 +279,11 @@ def _pyramids(run_dir: str, changed: set[str], log: Any) -> list[Failure]:
 
 
 def summarise_run(spec: SegmentSpec, ctx: RunContext, plan: RunPlan, meta: ModelMeta, *, n_done: int, n_failed: int,
-                  seconds: float, volume_slices: dict[str, tuple[str, ...]] | None = None) -> dict[str, Any]:
+                  seconds: float, volume_slices: dict[str, tuple[str, ...]] | None = None, capped: int = 0
+                  ) -> dict[str, Any]:
     """Summarise the current versions of the run's images (and volumes: ``volume_slices`` gives each
-    volume's slices, a few of which the gallery of worst volumes shows); write and publish the summary."""
+    volume's slices, a few of which the gallery of worst volumes shows; ``capped``: images whose
+    detections reached the instance model's cap); write and publish the summary."""
     run = open_run(spec.out)
     manifest = read_manifest(spec.store)
     part_groups = plan.part_groups()
@@ -293,6 +296,7 @@ def summarise_run(spec: SegmentSpec, ctx: RunContext, plan: RunPlan, meta: Model
     if meta.kind == "instance":
         summary["instance"] = summarise_instances(current_rows(run.instance_metrics_table(), manifest, part_groups),
                                                   current_rows(run.instance_table(), manifest, part_groups))
+        summary["images_at_detection_cap"] = capped
     summary.update(run_id=ctx.run_id, model=meta.arch, checkpoint_sha256=ctx.checkpoint_sha256, units=len(plan.units),
                    units_skipped=n_done, units_failed=n_failed, seconds=round(seconds, 2),
                    outputs={"run directory": spec.out, "masks": f"{spec.out}/masks.zarr",

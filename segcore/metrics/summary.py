@@ -163,6 +163,13 @@ def render_markdown(summary: dict[str, Any], *, title: str = "segflow run") -> s
     lines = [f"# {title}", ""]
     if summary.get("run_id"):
         lines += [f"Run `{summary['run_id']}` · model `{summary.get('model', '?')}`", ""]
+    if summary.get("units_failed"):  # the figures below leave those units' images out
+        lines += [f"**{summary['units_failed']} of {summary.get('units', '?')} work unit(s) failed**: their images "
+                  "are neither segmented nor counted below; the reasons are in the run directory's `failed/`; run "
+                  "the same command again to redo only those.", ""]
+    if summary.get("images_at_detection_cap"):
+        lines += [f"**{summary['images_at_detection_cap']} image(s) reached the model's cap on detections**: objects "
+                  "beyond it are missing (raise the model's `box_detections_per_img`).", ""]
     lines += [
         f"- images in the store: {summary.get('images_ingested', '–')}",
         f"- images evaluated (with ground truth): {summary['images_evaluated']}",

@@ -140,7 +140,9 @@ class UnitRecord(Record):
     pass it finished with (see :mod:`segcore.run.memory`; None in older records); ``n_refused``: its
     images given a blank mask without a forward pass (refused at ingest or by the channel policy; 0
     in older records); ``n_superseded``: its image versions that newer content replaced before the
-    unit ran, given a blank mask and no rows without a forward pass (0 in older records)."""
+    unit ran, given a blank mask and no rows without a forward pass (0 in older records); ``n_capped``:
+    its images whose detections reached the instance model's cap, so that objects may be missing (0
+    in older records)."""
 
     kind: ClassVar[str] = "unit"
     unit: str
@@ -157,6 +159,7 @@ class UnitRecord(Record):
     batch_size: int | None = None
     n_refused: int = 0
     n_superseded: int = 0
+    n_capped: int = 0
 
     @property
     def marker(self) -> str:

@@ -13,6 +13,7 @@ A volumetric model segments a slab of a volume with the slices around it
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Collection, Sequence
 
@@ -35,6 +36,8 @@ from segcore.run.plan import WorkUnit
 from segcore.run.rundir import dice_dir, instances_path, label_array, mark_done, masks_path, read_plan, table_dir
 from segcore.run.tables import instance_metrics_table, instance_table, write_part
 from segcore.run.volume_model import group_stats, volume_slab_labels
+
+log = logging.getLogger(__name__)
 
 
 def unit_rows(store_path: str, group: str, start: int, stop: int, *, manifest: pa.Table | None = None
@@ -207,6 +210,12 @@ def segment_unit(ctx: RunContext, unit: WorkUnit) -> UnitRecord:
     if usable and truth is None:  # instance and volumetric models: counted over the whole unit
         counts = dict(zip(usable, count_against_gt(preds[usable], gt[usable], mask_kind=ctx.mask_kind, meta=meta)))
     t_pred = time.perf_counter()
+    cap = predictor.detections_cap if instance_preds is not None else None
+    capped = [rows[i]["image_id"] for i, p in enumerate(instance_preds or []) if cap and len(p.records) >= cap]
+    if capped:
+        log.warning("%s: %d image(s) reached the model's cap of %d detections (%s%s): objects beyond it are "
+                    "missing; raise the model's box_detections_per_img", unit.name, len(capped), cap,
+                    ", ".join(capped[:3]), ", ..." if len(capped) > 3 else "")
     if refused:
         _blank_refused(preds, instance_preds, refused)
     if len(keep) < len(all_rows):  # superseded versions: background masks, no rows
@@ -224,7 +233,7 @@ def segment_unit(ctx: RunContext, unit: WorkUnit) -> UnitRecord:
         unit=unit.name, group=unit.group, start=unit.start, stop=unit.stop, key=ctx.key, n_images=unit.n_images,
         n_evaluated=len(scored), n_errors=statuses.count("error") // max(1, meta.num_classes),
         dice_rows=table.num_rows, instances=n_instances, batch_size=batch,
-        n_refused=sum(r["status"] != "ok" for r in rows), n_superseded=len(all_rows) - len(keep),
+        n_refused=sum(r["status"] != "ok" for r in rows), n_superseded=len(all_rows) - len(keep), n_capped=len(capped),
         timing=Timing.since(t0, started, ctx.device, read_s=t_read - t0, predict_s=t_pred - t_read))
     mark_done(ctx.run_dir, record)
     return record

@@ -195,3 +195,11 @@ def test_instance_summary_takes_precision_and_recall_from_the_counts() -> None:
     assert (s["mean_precision"], s["mean_recall"]) == (pytest.approx(2 / 4), pytest.approx(2 / 4))
     assert (s["total_tp"], s["total_fp"], s["total_fn"]) == (2, 2, 3) and s["pooled_f1"] == pytest.approx(4 / 9)
     assert s["instances_predicted"] == 4
+
+
+def test_markdown_says_when_units_failed_or_images_reached_the_detection_cap() -> None:
+    s = summarise_dice(_dice())
+    assert "failed" not in render_markdown(s) and "cap" not in render_markdown(s)
+    md = render_markdown({**s, "units": 8, "units_failed": 8, "images_at_detection_cap": 2})
+    assert "**8 of 8 work unit(s) failed**: their images are neither segmented nor counted below" in md
+    assert "**2 image(s) reached the model's cap on detections**" in md

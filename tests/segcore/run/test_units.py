@@ -453,3 +453,23 @@ def test_versions_that_newer_content_replaced_get_no_forward_pass_no_rows_and_a_
     assert current_slots(two, segmented={"a", "b"}) == [0]
     # a newer version this run did not plan (an ingest while it runs): the older one is segmented still
     assert current_slots(two, segmented={"a"}) == [0, 1]
+
+
+def test_images_whose_detections_reach_the_models_cap_are_counted_and_told(small_store, tmp_path, caplog):
+    """torchvision keeps at most box_detections_per_img detections an image: an image that reaches the
+    cap may miss objects, which a run must not pass over in silence."""
+    kwargs = {"score_threshold": 0.0, "box_detections_per_img": 1}
+    meta = ModelMeta(arch="maskrcnn_r18", arch_kwargs=kwargs, class_names=("bg", "obj"), in_channels=1,
+                     normalisation=Normalisation(mode="range", scale=255.0))
+    torch.manual_seed(0)
+    ckpt = str(save_checkpoint(tmp_path / "capped.safetensors",
+                               create_model("maskrcnn_r18", in_channels=1, num_classes=2, **kwargs), meta))
+    ctx, plan, _, _ = start_run(small_store["store"], ckpt, str(tmp_path / "run"), batch_size=2, device="cpu",
+                                tile_size=0)
+    with caplog.at_level(logging.WARNING, logger="segcore"):
+        records = [segment_unit(ctx, u) for u in plan.units]
+    found = open_run(str(tmp_path / "run")).instance_table().column("image_id").to_pylist()
+    at_cap = len(set(found))  # a cap of 1: every image with a detection reached it
+    assert at_cap > 0 and sum(r.n_capped for r in records) == at_cap
+    told = [r.message for r in caplog.records if "reached the model's cap of 1 detections" in r.message]
+    assert len(told) == sum(r.n_capped > 0 for r in records) and "box_detections_per_img" in told[0]
