@@ -764,11 +764,21 @@ def _check_arch_options(model: str, arch: dict[str, Any]) -> None:
                              + ", ".join(ARCH_OPTIONS.values())))
 
 
+#: Options that name local files or folders (or URLs): made absolute for a cluster given by --dask-address.
+PATH_OPTIONS = ("images", "masks", "store", "checkpoint", "out", "lake", "init")
+
+
 def _spec(args: argparse.Namespace) -> Any:
     """The validated spec of the flow ``args.command`` starts (no Prefect needed): built before the
     cluster starts, so a bad option value is told in seconds."""
     from segcore.config import RunSpec
 
+    if getattr(args, "dask_address", None):  # the workers of a cluster elsewhere do not share this directory
+        from segcore import fsio
+
+        for name in PATH_OPTIONS:
+            if getattr(args, name, None):
+                setattr(args, name, fsio.absolute(getattr(args, name)))
     if args.command == "ingest":
         return _ingest_spec(args, args.store)
     if args.command == "segment":

@@ -384,3 +384,17 @@ def test_reports_from_a_task_on_a_dask_worker_process_reach_the_flows_listeners(
     assert got == [ProgressEvent("probe", i, 3, f"step {i}") for i in (1, 2, 3)]
     report("probe", 9, 9)  # after the flow: nothing relayed, nothing left listening
     assert len(got) == 3
+
+
+def test_relative_paths_are_made_absolute_for_a_cluster_elsewhere(tmp_path, monkeypatch):
+    """The workers of a cluster given by --dask-address run in directories of their own."""
+    from flows.cli import _spec, build_parser
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["segment", "--store", "rel.zarr", "--checkpoint", "m.safetensors", "--out", "runs/r1",
+            "--lake", "s3://bucket/lake"]
+    here = _spec(build_parser().parse_args(argv))
+    assert (here.store, here.checkpoint, here.out) == ("rel.zarr", "m.safetensors", "runs/r1")
+    there = _spec(build_parser().parse_args([*argv, "--dask-address", "tcp://127.0.0.1:9"]))
+    assert (there.store, there.checkpoint, there.out, there.lake) == (
+        str(tmp_path / "rel.zarr"), str(tmp_path / "m.safetensors"), str(tmp_path / "runs" / "r1"), "s3://bucket/lake")
