@@ -31,6 +31,7 @@ the staging directory at the end (:func:`segcore.collection.landing.remove_stagi
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -337,8 +338,8 @@ def unreadable_note(store: str, *, batch: int | None = None, show: int = 3) -> s
            if r["status"] == "error" and (batch is None or r["batch"] == batch)}
     if not bad:
         return None
-    named = "; ".join(f"{path.rsplit('/', 1)[-1]} ({' '.join(str(why).split())[:160]})"
-                      for path, why in list(bad.items())[:show])
+    named = "; ".join(f"{path.rsplit('/', 1)[-1]} ({textwrap.shorten(str(why), 240, placeholder=' ...')})"
+                      for path, why in list(bad.items())[:show])  # whole words: a reason is never cut mid-word
     return (f"{len(bad)} file(s) could not be read and are error rows of the manifest: {named}"
             + ("; ..." if len(bad) > show else ""))
 

@@ -8,6 +8,7 @@ seam record, computes the instance metrics when the whole image's labels fit in
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import pyarrow as pa
@@ -22,6 +23,8 @@ from segcore.run.plan import image_part
 from segcore.run.rundir import dice_dir, instances_path, label_array, mark_done, table_dir
 from segcore.run.tables import SEAM_SCHEMA, instance_metrics_table, instance_table, write_part
 from segcore.run.units import unit_rows
+
+log = logging.getLogger(__name__)
 
 #: Instance metrics of a tiled image are computed when its label image has at most this many pixels.
 MAX_METRIC_PIXELS = 1 << 26
@@ -75,6 +78,11 @@ def finish_image(ctx: RunContext, group: str, index: int, *, records: Sequence[B
                 "model": meta.arch, "checkpoint_sha256": ctx.checkpoint_sha256}
         write_part(pa.Table.from_pylist([seam], schema=SEAM_SCHEMA), table_dir(ctx.run_dir, "seams", ctx.run_id),
                    f"{part}.parquet")
+        if seam["cut_risk"] or seam["windows_at_cap"]:  # counted in the seam table; told here too
+            log.warning("%s: %d object(s) touch the edge of their detection window (they may be cut in two: raise "
+                        "--overlap above the largest object's size) and %d detection window(s) reached the "
+                        "model's cap on detections (raise its box_detections_per_img or lower --tile-size); "
+                        "see the seams table", row["image_id"], seam["cut_risk"], seam["windows_at_cap"])
         arr = label_array(instances_path(ctx.run_dir), group)
         scored = table.num_rows and table.column("status")[0].as_py() == "ok"
         if ctx.mask_kind == "instance" and scored and arr.shape[1] * arr.shape[2] <= MAX_METRIC_PIXELS:

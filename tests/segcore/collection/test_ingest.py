@@ -11,7 +11,7 @@ import pytest
 
 from segcore.collection.imageio import write_png
 from segcore.collection.ingest import IngestResult, probe_batches, start_ingest, unreadable_note
-from segcore.collection.store import read_manifest
+from segcore.collection.store import read_manifest, write_manifest
 from segcore.config import IngestSpec
 from tests.segcore.collection.serial import ingest_serially
 
@@ -113,3 +113,8 @@ def test_other_suffixes_and_constant_images_are_counted_and_problem_entries_are_
     assert note.startswith("1 file(s) could not be read and are error rows of the manifest: folder.png (") and \
         "a directory, not an image file" in note
     assert unreadable_note(store, batch=1) is None  # a later batch: none of its files
+    long = "it has 1 non-finite pixels (NaN 1, Inf 0) of 65,536; " + "replace them by the image's minimum " * 8
+    write_manifest(store, [dict(r, error=long) if r["status"] == "error" else r
+                           for r in read_manifest(store).to_pylist()])
+    reason = unreadable_note(store).split("folder.png (", 1)[1]
+    assert reason.endswith(" ...)") and len(reason) <= 242 and long.startswith(reason[:-5])  # whole words only
