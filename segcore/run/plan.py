@@ -194,7 +194,7 @@ def large_whole_groups(store: StoreInfo, tiling: Tiling | None) -> list[str]:
     """Of a run with ``tiling``, the groups of 2-D images larger than its model tile on a side and
     than one chunk of a default ingest (4.2 Mpx) that the store keeps whole (ingested with
     ``--tile-chunk 0``): tiling applies to tiled groups only, so these are segmented whole, one
-    image per forward pass, with the memory that takes. Named as ``'g000 (3 images of 3000 x 2500)'``."""
+    image per forward pass, with the memory that takes. Named as ``'g000 (3 image(s) of 3000 x 2500 px)'``."""
     from segcore.config import IngestSpec
 
     if tiling is None:
