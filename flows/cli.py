@@ -423,12 +423,13 @@ def info_text(info: dict[str, Any]) -> str:
 
     norm = describe(Normalisation.model_validate(info["normalisation"]))
     source = info["source"] or {}
+    sides = "D, H and W" if "z" in inp["axes"] else "H and W"
     lines = [("model", info["model"]), ("sha256", info["sha256"]), ("runtime", info["runtime"]),
              ("architecture", f"{info['arch']} {json.dumps(info['arch_kwargs'])}" if info["arch_kwargs"]
               else info["arch"]), ("kind", info["kind"]),
              ("input", f"axes {inp['axes']}, {inp['channels']} channel(s), {inp['dtype']}, "
-                       + (f"any {'D, H and W' if 'z' in inp['axes'] else 'H and W'} (the network pads itself)"
-                          if info["runtime"] == "torch" else f"H and W padded to multiples of {inp['multiple']}")),
+                       + (f"any {sides} (the network pads itself)" if info["runtime"] == "torch"
+                          else f"{sides} padded to multiples of {inp['multiple']}")),
              ("classes", f"{len(info['classes'])}: {', '.join(info['classes'])}"), ("normalisation", norm),
              ("source", f"{source.get('file')} ({source.get('format')}), sha256 {source.get('sha256')}" if source
               else "trained by segflow"),

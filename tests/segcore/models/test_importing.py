@@ -262,6 +262,12 @@ def test_model_info_of_a_volumetric_model_describes_volumes(tmp_path):
     assert info["output"].startswith("(N, 3, D, H, W) float logits for (N, 1, D, H, W) float32 inputs")
     assert "(D, H, W) uint8 class ids" in info["output"]
     assert "axes bczyx, 1 channel(s), float32, any D, H and W" in info_text(info)
+    from segcore.models.export import export_model
+
+    exported = export_model(path, to="onnx", out=tmp_path / "u3.segflow")  # padded on every spatial axis
+    assert exported.input_axes == "bczyx"
+    assert "axes bczyx, 1 channel(s), float32, D, H and W padded to multiples of 4" in info_text(
+        describe_model(tmp_path / "u3.segflow"))
 
 
 def test_a_traced_unet_that_needs_padded_sizes_is_told_at_import(tmp_path):
