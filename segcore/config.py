@@ -349,8 +349,13 @@ class TrainSpec(_Spec):
         return MODEL_KINDS[self.model]
 
 
+#: Defaults of a volumetric model (``unet3d``): a lighter UNet and small batches of 3-D patches.
+VOLUME_DEFAULTS: dict[str, Any] = {"arch_kwargs": {"base": 8, "depth": 3}, "batch_size": 2, "lr": 3e-3}
+
+
 def train_defaults(kind: str) -> dict[str, Any]:
-    """Defaults of TrainSpec options left as None, by model kind."""
+    """Defaults of TrainSpec options left as None, by model kind (a volumetric model's:
+    :data:`VOLUME_DEFAULTS`)."""
     if kind == "instance":
         return {"arch_kwargs": {"score_threshold": 0.7, "overlap_threshold": 0.5}, "batch_size": 4, "lr": 1e-3}
     return {"arch_kwargs": {"base": 16, "depth": 3}, "batch_size": 16, "lr": 3e-3}

@@ -122,13 +122,11 @@ def trained_defaults(arch: str) -> dict[str, Any]:
     """Builder options of segflow's own UNets as ``segflow train`` gives them (``unet``: base 16, depth
     3; ``unet3d``: base 8, depth 3), which an imported state dict of that architecture is built with
     unless ``arch_kwargs`` say otherwise; ``{}`` (the builder's defaults) for other architectures."""
-    if arch == "unet":
-        from segcore.config import train_defaults
+    from segcore.config import VOLUME_DEFAULTS, train_defaults
 
+    if arch == "unet":
         return dict(train_defaults("semantic")["arch_kwargs"])
     if arch == "unet3d":
-        from segcore.training.from_store import VOLUME_DEFAULTS
-
         return dict(VOLUME_DEFAULTS["arch_kwargs"])
     return {}
 

@@ -192,14 +192,15 @@ class RunPlan:
 
 def large_whole_groups(store: StoreInfo, tiling: Tiling | None) -> list[str]:
     """Of a run with ``tiling``, the groups of 2-D images larger than its model tile on a side and
-    than one chunk of a default ingest (4.2 Mpx) that the store keeps whole (ingested with
-    ``--tile-chunk 0``): tiling applies to tiled groups only, so these are segmented whole, one
-    image per forward pass, with the memory that takes. Named as ``'g000 (3 image(s) of 3000 x 2500 px)'``."""
+    than one chunk of the store's ingest (its ``chunk_pixels``, 4.2 Mpx by default) that the store
+    keeps whole (ingested with ``--tile-chunk 0``): tiling applies to tiled groups only, so these are
+    segmented whole, one image per forward pass, with the memory that takes. Named as
+    ``'g000 (3 image(s) of 3000 x 2500 px)'``."""
     from segcore.config import IngestSpec
 
     if tiling is None:
         return []
-    large = IngestSpec.model_fields["chunk_pixels"].default
+    large = store.spec.get("chunk_pixels") or IngestSpec.model_fields["chunk_pixels"].default
     return [f"{g.name} ({g.count} image(s) of {g.width} x {g.height} px)" for g in store.groups
             if not g.tile and g.volume is None and g.height * g.width > large and max(g.height, g.width) > tiling.tile]
 

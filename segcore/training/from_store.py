@@ -18,7 +18,7 @@ import numpy as np
 
 from segcore.collection.store import open_store, read_manifest, store_root
 from segcore.collection.versions import current_manifest
-from segcore.config import train_defaults
+from segcore.config import VOLUME_DEFAULTS, train_defaults
 from segcore.errors import ConfigError, StoreError
 from segcore.fsio import file_sha256, without_secrets
 from segcore.models import MODEL_KINDS, spatial_dims_of
@@ -189,8 +189,6 @@ def read_labelled(store_path: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return np.concatenate(images), np.concatenate(labels), ids
 
 
-#: Defaults of a volumetric model (``unet3d``): a lighter UNet and small batches of 3-D patches.
-VOLUME_DEFAULTS: dict[str, Any] = {"arch_kwargs": {"base": 8, "depth": 3}, "batch_size": 2, "lr": 3e-3}
 
 
 def labelled_volumes(store: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
