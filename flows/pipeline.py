@@ -31,6 +31,7 @@ from segcore.models.predict import check_device
 from segcore.models.record import model_sha256
 from segcore.run.blocks import saved_blocks
 from segcore.run.context import BlockRecord, RunContext
+from segcore.run.images import leave_out_image
 from segcore.run.plan import RunPlan, check_alignment, large_whole_groups
 from segcore.run.results import open_run
 from segcore.run.deadlines import UnitTimeouts
@@ -38,6 +39,7 @@ from segcore.run.rundir import (clear_failed, done_records, failed_records, mark
                                 unlist_pyramids, write_summary)
 from segcore.run.schedule import TiledSchedule
 from segcore.run.start import pending_work, start_run
+from segcore.run.units import superseded_tiled_images
 from segcore.run.volumes import (Volume, check_volume_pattern, clear_volume_table, find_volumes,
                                   read_volume_table)
 from tasks.lake import publish_lake_task
@@ -130,6 +132,14 @@ def _tiled_steps(ctx: RunContext, schedule: TiledSchedule, meta: ModelMeta, log:
                  progress: UnitProgress, watch: Callable[[], dict[str, Any]]) -> list[Failure]:
     """Submit the steps the schedule says remain for the tiled images; returns failures. ``watch()``
     gives the timeout and retry settings of one kind of step (each kind its own estimate)."""
+    left_out = schedule.to_leave_out()
+    for group, index in left_out:  # older versions of images the run segments anew: blank, no forward pass
+        blocks = schedule.plan.blocks_of(group, index)
+        leave_out_image(ctx, group, index, blocks=blocks, instance=meta.kind == "instance")
+        progress.advance(len(blocks))
+    if left_out:
+        log.info("segment: %d large image version(s) that newer content replaced left out (blank masks, no rows)",
+                 len(left_out))
     stats = {key: image_stats_task.submit(ctx.store, key[0], key[1], meta) for key in schedule.stats_needed()}
     stats = {key: f.result() for key, f in stats.items()}
     done = schedule.done
@@ -195,11 +205,12 @@ def _segment_held(spec: SegmentSpec) -> dict[str, Any]:
     todo = [u for u in plan.units if u.window is None and u.name not in done]
     schedule = TiledSchedule(plan, done, instance=meta.kind == "instance",
                              shapes={g.name: (g.height, g.width) for g in store.groups},
-                             saved=saved_blocks(spec.out) if meta.kind == "instance" and plan.tiled_images else None)
+                             saved=saved_blocks(spec.out) if meta.kind == "instance" and plan.tiled_images else None,
+                             left_out=superseded_tiled_images(read_manifest(spec.store), plan))
     log.info("segment: run %s, %d unit(s), %d already done, %d to do (%d images)%s", ctx.run_id, len(plan.units),
              n_done, len(plan.units) - n_done, sum(u.n_images for u in todo),
-             f"; {len(plan.tiled_images)} large image(s) in {len(schedule.units)} blocks, tiles "
-             f"{ctx.tiling.tile} px, overlap {ctx.tiling.overlap} px" if schedule.units else "")
+             f"; {len(plan.tiled_images)} large image(s) in {sum(u.window is not None for u in plan.units)} blocks, "
+             f"tiles {ctx.tiling.tile} px, overlap {ctx.tiling.overlap} px" if plan.tiled_images else "")
     progress = UnitProgress(ctx.run_id, total=len(plan.units), done=n_done)
     def watch() -> dict[str, Any]:  # one timeout estimate per kind of step: a block is not an image
         return {"timeouts": UnitTimeouts(floor=spec.unit_timeout_floor, cap=spec.unit_timeout_cap),
@@ -207,7 +218,7 @@ def _segment_held(spec: SegmentSpec) -> dict[str, Any]:
 
     earlier = failed_records(spec.out, ctx.key)
     failed = _watched(lambda u: segment_unit_task.submit(ctx, u), todo, watch(), log, "units", progress)[1]
-    if schedule.units:
+    if schedule.units or schedule.left_out:
         failed += _tiled_steps(ctx, schedule, meta, log, progress, watch)
     for f in failed:
         mark_failed(spec.out, key=ctx.key, unit=f.name, reason=f.reason, attempts=f.attempts)

@@ -231,7 +231,8 @@ class DetectRecord(Record):
 
 @dataclass(frozen=True)
 class ImageRecord(Record):
-    """A tiled image whose tables (Dice, instances, seams, metrics) are written (part ``part``)."""
+    """A tiled image whose tables (Dice, instances, seams, metrics) are written (part ``part``);
+    ``superseded``: a version that newer content replaced, left out without a forward pass or rows."""
 
     kind: ClassVar[str] = "image"
     part: str
@@ -242,6 +243,7 @@ class ImageRecord(Record):
     blocks: int
     dice_rows: int
     instances: int | None = None
+    superseded: bool = False
 
     @property
     def marker(self) -> str:

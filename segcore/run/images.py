@@ -3,12 +3,14 @@
 :func:`finish_image` sums the blocks' counts into the image's Dice rows (through the one
 evaluation policy, :func:`segcore.run.evaluate.dice_rows`), gathers the instance records and the
 seam record, computes the instance metrics when the whole image's labels fit in
-:data:`MAX_METRIC_PIXELS`, and writes the image's done-record last.
+:data:`MAX_METRIC_PIXELS`, and writes the image's done-record last. :func:`leave_out_image` stands
+in for both steps for an image version that newer content replaced: blank blocks, no tables.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Sequence
 
 import pyarrow as pa
@@ -17,10 +19,10 @@ from segcore.collection.store import store_root
 from segcore.metrics.instance import instance_scores
 from segcore.models.checkpoint import ModelMeta
 from segcore.run.blocks import load_block
-from segcore.run.context import BlockRecord, ImageRecord, RunContext
+from segcore.run.context import BlockRecord, ImageRecord, RunContext, Timing
 from segcore.run.evaluate import dice_rows, sum_counts
-from segcore.run.plan import image_part
-from segcore.run.rundir import dice_dir, instances_path, label_array, mark_done, table_dir
+from segcore.run.plan import WorkUnit, image_part
+from segcore.run.rundir import dice_dir, instances_path, label_array, mark_done, masks_path, table_dir
 from segcore.run.tables import SEAM_SCHEMA, instance_metrics_table, instance_table, write_part
 from segcore.run.units import unit_rows
 
@@ -92,5 +94,31 @@ def finish_image(ctx: RunContext, group: str, index: int, *, records: Sequence[B
                        table_dir(ctx.run_dir, "instance_metrics", ctx.run_id), f"{part}.parquet")
     record = ImageRecord(part=part, group=group, index=index, key=ctx.key, image_id=row["image_id"],
                          blocks=len(records), dice_rows=table.num_rows, instances=n_instances)
+    mark_done(ctx.run_dir, record)
+    return record
+
+
+def leave_out_image(ctx: RunContext, group: str, index: int, *, blocks: Sequence[WorkUnit], instance: bool
+                    ) -> ImageRecord:
+    """Finish a tiled image version that newer content replaced, whose newer version the run segments
+    too (:func:`segcore.run.units.superseded_tiled_images`), without a forward pass: each of its
+    ``blocks`` (all of them) gets a background chunk in ``masks.zarr`` (and, for
+    instance models, ``instances.zarr``) and a done-record without counts; the image gets no rows
+    and a done-record with ``superseded`` set, written last."""
+    t0, started = time.perf_counter(), time.time()
+    arrays = [label_array(masks_path(ctx.run_dir), group, mode="r+")]
+    if instance:
+        arrays.append(label_array(instances_path(ctx.run_dir), group, mode="r+"))
+    for u in blocks:
+        w = u.window
+        for arr in arrays:
+            arr[index, w.y0:w.y1, w.x0:w.x1] = 0
+        mark_done(ctx.run_dir, BlockRecord(unit=u.name, group=group, index=index, window=(w.y0, w.y1, w.x0, w.x1),
+                                           key=ctx.key, tiles=0, counts=None,
+                                           timing=Timing.since(t0, started, ctx.device)))
+    row = unit_rows(ctx.store, group, index, index + 1)[0]
+    record = ImageRecord(part=image_part(group, index), group=group, index=index, key=ctx.key,
+                         image_id=row["image_id"], blocks=len(blocks), dice_rows=0, instances=0 if instance else None,
+                         superseded=True)
     mark_done(ctx.run_dir, record)
     return record

@@ -62,12 +62,17 @@ class TiledSchedule:
         shapes: ``(height, width)`` of the images of each tiled group.
         saved: instance models: the units whose objects are saved in the run directory
             (:func:`segcore.run.blocks.saved_blocks`); None takes every detection record's as saved.
+        left_out: ``(group, index)`` of the tiled images that run no model
+            (:func:`segcore.run.units.superseded_tiled_images`).
     """
 
     def __init__(self, plan: RunPlan, done: Mapping[str, Record], *, instance: bool,
-                 shapes: Mapping[str, tuple[int, int]], saved: Collection[str] | None = None) -> None:
+                 shapes: Mapping[str, tuple[int, int]], saved: Collection[str] | None = None,
+                 left_out: Collection[tuple[str, int]] = ()) -> None:
         self.plan = plan
-        self.units = [u for u in plan.units if u.window is not None]
+        self.left_out = set(left_out)
+        #: The blocks that run the model (those of the images left out are not among them).
+        self.units = [u for u in plan.units if u.window is not None and (u.group, u.start) not in self.left_out]
         self.done = done
         self.instance = instance
         self.shapes = shapes
@@ -133,12 +138,20 @@ class TiledSchedule:
         firsts = self.first_ids(detections) if self.instance else {}
         jobs = []
         for group, index in self.plan.tiled_images:
+            if (group, index) in self.left_out:
+                continue
             if (group, index) not in rerun and f"image-{image_part(group, index)}" in self.done:
                 continue  # finished by an earlier run: not evaluated (nor published) twice
             mine = self.plan.blocks_of(group, index)
             jobs.append(ImageJob(group=group, index=index, records=tuple(records[u.name] for u in mine),
                                  blocks=tuple((u.name, firsts[u.name]) for u in mine) if firsts else ()))
         return jobs
+
+    def to_leave_out(self) -> list[tuple[str, int]]:
+        """The images left out that lack their image done-record (a block of one may have been
+        segmented before its newer version came: it is blanked again with the others)."""
+        return [(g, i) for g, i in self.plan.tiled_images
+                if (g, i) in self.left_out and f"image-{image_part(g, i)}" not in self.done]
 
 
 def pending_steps(plan: RunPlan, done: Mapping[str, Record]) -> int:

@@ -32,7 +32,7 @@ from segcore.models.stream import Labelled, stream_labels
 from segcore.run.context import Counts, RunContext, Timing, UnitRecord
 from segcore.run.evaluate import checked_gt, count_against_gt, counts_from_confusion, dice_rows, ground_truth_state
 from segcore.run.memory import with_backoff
-from segcore.run.plan import WorkUnit
+from segcore.run.plan import RunPlan, WorkUnit
 from segcore.run.rundir import dice_dir, instances_path, label_array, mark_done, masks_path, read_plan, table_dir
 from segcore.run.tables import instance_metrics_table, instance_table, write_part
 from segcore.run.volume_model import group_stats, volume_slab_labels
@@ -114,6 +114,19 @@ def planned_current_ids(manifest: pa.Table, groups: Collection[str]) -> set[str]
     (:mod:`segcore.run.results`) serves it."""
     current = current_manifest(manifest).select(["image_id", "group"]).to_pylist()
     return {r["image_id"] for r in current if r["group"] in groups}
+
+
+def superseded_tiled_images(manifest: pa.Table, plan: RunPlan) -> set[tuple[str, int]]:
+    """``(group, index)`` of the tiled images of ``plan`` (segmented block by block) that newer content
+    replaced and whose current version the plan segments too: left out like such versions in units
+    of whole images (:func:`current_slots`)."""
+    tiled = set(plan.tiled_images)
+    if not tiled:
+        return set()
+    old = manifest.filter(pc.is_valid(manifest.column("superseded_by"))).select(["image_id", "group", "index"])
+    segmented = planned_current_ids(manifest, plan.groups)
+    return {(r["group"], r["index"]) for r in old.to_pylist()
+            if (r["group"], r["index"]) in tiled and r["image_id"] in segmented}
 
 
 def _with_blanks(preds: np.ndarray, instance_preds: list[InstancePrediction] | None, keep: Sequence[int], n: int

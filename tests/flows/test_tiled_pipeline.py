@@ -224,3 +224,53 @@ def test_instance_model_stitches_blocks(tmp_path: Path) -> None:
     again = again[again.image_id == "big"].sort_values("instance_id")
     assert again.instance_id.tolist() == sorted(rows.instance_id) and again.area.tolist() == \
         rows.sort_values("instance_id").area.tolist()
+
+
+def test_an_older_version_of_a_large_image_runs_no_block_in_a_new_checkpoints_run(tmp_path: Path) -> None:
+    """A large image changed in place is segmented again; a retrained checkpoint's run directory then
+    segments the new version only: the old one's blocks run no model and it gets no rows."""
+    from segcore.run.context import BlockRecord, ImageRecord
+    from segcore.run.rundir import done_records, read_run_info
+    from segcore.collection.store import read_manifest
+
+    data = _collection(tmp_path, "semantic")
+    torch.manual_seed(0)
+    meta = ModelMeta(arch="unet", arch_kwargs={"base": 4, "depth": 2}, class_names=("background", "disc", "square"),
+                     in_channels=1, normalisation=Normalisation(mode="range", scale=255.0))
+    first = str(save_checkpoint(tmp_path / "a.safetensors", create_model("unet", in_channels=1, num_classes=3,
+                                                                         base=4, depth=2), meta))
+    ingest = _ingest(tmp_path, data, "semantic").model_copy(update={"incremental": True})
+    spec = RunSpec(ingest=ingest, segment=SegmentSpec(store=ingest.store, checkpoint=first, out=str(tmp_path / "run"),
+                                                      tile_size=64, overlap=16, execution=EXECUTION))
+    flow = with_runner(run_flow, EXECUTION)
+    flow(spec)
+    write_png(Path(data["images"]) / "big.png", 255 - data["big"])  # changed in place: a new version
+    changed = flow(spec)
+    assert changed["ingest"]["superseded"] == 1
+    versions = [r for r in read_manifest(ingest.store).to_pylist() if r["image_id"] == "big"]
+    old, new = sorted(versions, key=lambda r: r["batch"])
+    assert old["superseded_by"] == new["sha256"] and old["group"] != new["group"]
+    torch.manual_seed(1)
+    second = str(save_checkpoint(tmp_path / "b.safetensors", create_model("unet", in_channels=1, num_classes=3,
+                                                                          base=4, depth=2), meta))
+    again = flow(spec.model_copy(update={"segment": spec.segment.model_copy(update={"checkpoint": second})}))
+    assert again["run_dir"] != changed["run_dir"] and again["images_evaluated"] == 4
+    records = done_records(again["run_dir"], read_run_info(again["run_dir"])["key"])
+    images = {(r.group, r.index): r for r in records.values() if isinstance(r, ImageRecord)}
+    assert images[(old["group"], old["index"])].superseded and images[(old["group"], old["index"])].dice_rows == 0
+    assert not images[(new["group"], new["index"])].superseded
+    blocks = [r for r in records.values() if isinstance(r, BlockRecord)]
+    assert {r.tiles == 0 for r in blocks if r.group == old["group"]} == {True}  # no forward pass
+    assert all(r.tiles > 0 for r in blocks if r.group == new["group"])
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(Path(again["run_dir"], "dice")).to_pandas()
+    assert sorted(rows[rows.image_id == "big"].unit.unique()) == [f"{new['group']}-{new['index']:06d}"]
+    masks = zarr.open_group(str(Path(again["run_dir"], "masks.zarr")), mode="r")
+    assert not masks[f"{old['group']}/0"][old["index"]].any()
+    model, _ = load_checkpoint(second)
+    expected = TorchPredictor(model, meta).labels((255 - data["big"])[None, ..., None])[0]
+    assert (open_run(again["run_dir"]).mask("big") == expected).mean() > 0.99  # blended tiles, not one pass
+    # run again: nothing left to do, the old version included
+    assert with_runner(segment_flow, EXECUTION)(spec.segment.model_copy(
+        update={"checkpoint": second, "out": again["run_dir"]}))["units_skipped"] == len(records) - len(images)
