@@ -73,7 +73,7 @@ def _add_segment(p: argparse.ArgumentParser) -> None:
     g.add_argument("--blend", choices=["gaussian", "linear"], help="weights of overlapping tiles (default gaussian)")
     g.add_argument("--tta", action="store_true", default=None,
                    help="semantic models: average the logits over flips, for whole images and tiles alike (4x "
-                        "compute; volumetric models: the 8 flips of three axes, 8x)")
+                        "compute; volumetric models: the 8 flips of three axes, 8x, an axis of one voxel left out)")
     p.add_argument("--volume-pattern", metavar="REGEX",
                    help="also score 2-D images per volume: a regular expression on image ids whose first group (or "
                         "whole match) names the volume, e.g. '^(.+)_z\\d+$'; ingested volumes (NIfTI, TIFF z-stacks) "

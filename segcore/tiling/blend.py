@@ -64,7 +64,8 @@ def flip_tta(model: Callable[[torch.Tensor], torch.Tensor], *, axes: Sequence[in
 
     The input is ``(B, C, *spatial)``; ``axes`` count the spatial axes from 0 (for ``(B, C, D, H, W)``,
     ``(1, 2)`` is H and W), default all of them: every combination of them is flipped, so ``2**len(axes)``
-    forward passes (4 for an image: x, y, both; 8 for a volume).
+    forward passes (4 for an image: x, y, both; 8 for a volume). An axis of size 1 (a volume of one
+    slice) flips to itself and is left out: no forward pass repeats another.
     """
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +74,7 @@ def flip_tta(model: Callable[[torch.Tensor], torch.Tensor], *, axes: Sequence[in
         if any(a not in range(ndim) for a in spatial):
             raise ConfigError(f"flip axes {tuple(spatial)} must be spatial axes in [0, {ndim}) of a "
                               f"(B, C, ...) input of shape {tuple(x.shape)}")
-        dims = sorted({a - ndim for a in spatial}, reverse=True)  # -1 (the last axis) first
+        dims = sorted({a - ndim for a in spatial if x.shape[2 + a] > 1}, reverse=True)  # -1 (the last axis) first
         flips = [c for r in range(1, len(dims) + 1) for c in itertools.combinations(dims, r)]
         total = model(x).float()
         for d in flips:
