@@ -211,15 +211,25 @@ _SHAPING_NAMES = {"tta_whole_images": "--tta (whole images)", "compiled": "--com
                   "overlap": "--overlap", "blend": "--blend", "tta": "--tta (tiles)",
                   "precision": "precision (--precision; fp32 on the CPU)"}
 _ON_ONLY = ("tta_whole_images", "compiled")
+#: Parameters a run derives when their option is not given, and how.
+_DERIVED = {"tile_size": " (not given: the model's default)", "overlap": " (not given: derived from the tile size)"}
 
 
-def _shaping_differences(recorded: dict[str, Any], asked: dict[str, Any]) -> list[str]:
+def _shaping_differences(recorded: dict[str, Any], asked: dict[str, Any], spec: dict[str, Any] | None = None
+                         ) -> list[str]:
+    """Each output-shaping parameter in which ``asked`` differs from ``recorded``, named by its option;
+    a tile size or overlap that the options of ``spec`` (the run asked now) left to segflow to derive
+    says so, since that option was not given."""
     def value(d: dict[str, Any], k: str) -> Any:
         if k in _ON_ONLY or d.get(k) is None:  # None: no tiling, so no tile size, overlap, blend or tile TTA
             return "on" if d.get(k) else "off"
         return repr(d.get(k))
 
-    return [f"{_SHAPING_NAMES.get(k, k)}: {value(recorded, k)} in the run directory, {value(asked, k)} now"
+    def name(k: str) -> str:
+        derived = spec is not None and k in _DERIVED and spec.get(k) is None and asked.get(k) is not None
+        return f"{_SHAPING_NAMES.get(k, k)}{_DERIVED[k] if derived else ''}"
+
+    return [f"{name(k)}: {value(recorded, k)} in the run directory, {value(asked, k)} now"
             for k in sorted(set(recorded) | set(asked)) if recorded.get(k) != asked.get(k)]
 
 
@@ -254,7 +264,7 @@ def _reopen(run_dir: str, info: dict[str, Any], *, store_abs: str, store_id: str
     if "shaping" not in info:  # format 1: compared by the spec fields it recorded (segcore.run.legacy)
         differ = setting_differences(info, spec)
     else:
-        differ = _shaping_differences(info["shaping"], shaping)
+        differ = _shaping_differences(info["shaping"], shaping, spec)
     if differ:
         raise StoreError(
             f"{run_dir!r} holds run {info.get('run_id')} made with other settings ({'; '.join(differ)}); its "

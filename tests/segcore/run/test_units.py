@@ -159,6 +159,8 @@ def test_another_output_shaping_setting_into_the_same_run_directory_is_refused(s
                "tiling off": "--tile-size: 512 in the run directory, off now",
                "compile": "--compile: off in the run directory, on now"}[name]  # named by the options that set them
     assert changed in str(err.value) and "new --out" in str(err.value), str(err.value)
+    if name == "tile_size":  # the overlap follows the tile when not given: said so, not named as if asked
+        assert "--overlap (not given: derived from the tile size): 128 in the run directory, 64 now" in str(err.value)
     assert {p.name: p.read_bytes() for p in (tmp_path / "r" / "units").iterdir()} == before  # nothing touched
     assert start_run(small_store["store"], small_store["ckpt"], run_dir, **base)[0] == ctx  # same: resumes
 
