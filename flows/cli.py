@@ -242,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Prefect.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="run directory of 'segflow segment' or 'segflow run'")
     p.add_argument("--format", dest="fmt", choices=["nifti"], default="nifti", help="output format (default nifti)")
-    p.add_argument("--out", help="output folder (default RUN_DIR/export/nifti)")
+    p.add_argument("--out", help="output folder (default RUN_DIR/export/nifti, whose files a new export replaces)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files that exist in --out (never a file the store was ingested from)")
     p.add_argument("--volume-pattern", metavar="REGEX",
                    help="group the run's 2-D images into volumes by this regular expression on image ids (first "
                         "group or whole match names the volume; slices in natural order of their ids); default: "
@@ -553,7 +555,8 @@ def _export(args: argparse.Namespace) -> int:
     try:
         if args.out:
             _check_output(args.out, "export folder", "--out")
-        written = export_volumes(args.run_dir, fmt=args.fmt, out=args.out, volume_pattern=args.volume_pattern)
+        written = export_volumes(args.run_dir, fmt=args.fmt, out=args.out, volume_pattern=args.volume_pattern,
+                                 overwrite=args.overwrite)
     except (SegflowError, OSError) as exc:
         print(f"segflow: error: {console.one_line(exc)}", file=sys.stderr)
         return 2

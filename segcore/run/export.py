@@ -12,6 +12,9 @@ in its unit (micrometres stay micrometres; nanometres are written as micrometres
 centimetres as millimetres, the units NIfTI has; a stack without one is written without a unit,
 which viewers read as millimetres).
 
+Files already in ``--out`` are replaced only with ``overwrite`` (those of the default folder, the
+run's own exports, always), and a file the store was ingested from never.
+
 Volumes a run put together from 2-D images (``--volume-pattern``; the pattern the run was made
 with, or another one given) are exported too: their slices in the run's order, spacing 1 and no
 unit. A volume whose slices do not stack (different shapes) is skipped with a warning.
@@ -38,7 +41,7 @@ from segcore.collection.versions import current_manifest
 from segcore.errors import ConfigError, NotFound
 from segcore.run.results import RunReader
 from segcore.run.rundir import read_plan
-from segcore.run.volumes import Volume, check_volume_pattern, find_volumes
+from segcore.run.volumes import Volume, check_volume_pattern, find_volumes, unreadable_slices
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +94,35 @@ def _header_and_affine(nib: Any, row: dict[str, Any], volume: Volume, dtype: np.
     return None, np.diag([sy, sx, sz, 1.0]), "spacing", unit
 
 
+def _check_targets(run: RunReader, paths: list[Path], *, replace: bool) -> None:
+    """Refuse, before anything is written, files to write that are files the run's store was ingested
+    from (an image or a mask: ``--out`` pointed at the masks' folder), and, unless ``replace``,
+    files that exist."""
+    ingested = {os.path.realpath(p): what for r in run.manifest.to_pylist()
+                for what, p in (("image", r["source_path"]), ("mask", r.get("mask_path"))) if p and "://" not in p}
+    for path in paths:
+        what = ingested.get(os.path.realpath(path))
+        if what:
+            raise ConfigError(f"{path} is an ingested {what} file of the run's store: exporting would replace it; "
+                              "give another --out")
+    existing = [p for p in paths if p.exists()]
+    if existing and not replace:
+        names = ", ".join(p.name for p in existing[:3]) + (", ..." if len(existing) > 3 else "")
+        raise ConfigError(f"{len(existing)} of the {len(paths)} file(s) to export exist in {existing[0].parent} "
+                          f"({names}); pass --overwrite to replace them, or give another --out")
+
+
 def export_nifti(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
-                 volume_pattern: str | None = None) -> list[ExportedVolume]:
+                 volume_pattern: str | None = None, overwrite: bool = False) -> list[ExportedVolume]:
     """Write one NIfTI label volume per volume of the run at ``run_dir`` into ``out`` (default
     ``RUN_DIR/export/nifti``, local paths only): its ingested volumes, and the 2-D images grouped by
     ``volume_pattern`` (default: the ``--volume-pattern`` the run was made with). Returns what was
-    written. Raises :class:`NotFound` when the run has no volume."""
+    written. A volume whose file could not be read at ingest is skipped with a warning.
+
+    Raises :class:`NotFound` when the run has no volume, and :class:`ConfigError`, before writing
+    anything, when a file to write is one the store was ingested from, or exists in an ``out``
+    other than the default folder and ``overwrite`` is not set (the default folder's files are
+    the run's own exports: replaced)."""
     nib = require_nibabel("exporting NIfTI")
     run = RunReader(run_dir)
     planned = set(read_plan(run.path).groups)
@@ -114,11 +140,17 @@ def export_nifti(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | 
                        + (f", or 2-D images grouped by --volume-pattern {pattern!r}" if pattern else
                           "; 2-D slices are grouped into volumes by --volume-pattern") + "); there is nothing to "
                        "export as NIfTI")
-    target = Path(out) if out is not None else Path(fsio.join(os.fspath(run_dir), "export", "nifti"))
+    own = Path(fsio.join(os.fspath(run_dir), "export", "nifti"))
+    target = Path(out) if out is not None else own
+    _check_targets(run, [target / f"{v.volume_id}.nii.gz" for v in volumes], replace=overwrite or target == own)
     names = run.info["model"].get("class_names") or []
     dtype = np.dtype(np.uint8 if len(names) <= 256 else np.uint16)
     written = []
     for volume in volumes:
+        unread = unreadable_slices(run, volume)
+        if unread:
+            log.warning("%s: not exported, %s", volume.volume_id, unread)
+            continue
         try:
             labels = run.masks_of(volume.slices).astype(dtype, copy=False)  # (k, i, j)
         except ValueError as exc:  # 2-D images of different shapes
@@ -142,11 +174,11 @@ def export_nifti(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | 
 
 
 def export_volumes(run_dir: str | os.PathLike[str], *, fmt: str, out: str | os.PathLike[str] | None = None,
-                   volume_pattern: str | None = None) -> list[ExportedVolume]:
+                   volume_pattern: str | None = None, overwrite: bool = False) -> list[ExportedVolume]:
     """Export the run's volumes in format ``fmt`` (one of :data:`EXPORT_FORMATS`)."""
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; formats: {', '.join(EXPORT_FORMATS)}")
-    return export_nifti(run_dir, out, volume_pattern=volume_pattern)
+    return export_nifti(run_dir, out, volume_pattern=volume_pattern, overwrite=overwrite)
 
 
 __all__ = ["EXPORT_FORMATS", "ExportedVolume", "export_nifti", "export_volumes", "nifti_units"]

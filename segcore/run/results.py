@@ -75,14 +75,28 @@ class RunReader:
         except KeyError:
             raise NotFound(f"image id {image_id!r} is not in run {self.run_id}") from None
 
+    def record(self, image_id: str) -> dict[str, Any]:
+        """The manifest row of the version of ``image_id`` this run has (``status``, ``error``,
+        ``source_path``, ...)."""
+        return dict(self._slot(image_id)[2])
+
+    def _segmented(self, image_id: str) -> tuple[str, int]:
+        """Where the predicted mask of ``image_id`` lies; :class:`NotFound` for an image whose file
+        could not be read at ingest (its slot holds no prediction, only background)."""
+        g, i, row = self._slot(image_id)
+        if row["status"] != "ok":
+            raise NotFound(f"image {image_id!r} was not segmented: its file could not be read at ingest "
+                           f"({row.get('error') or 'no reason recorded'})")
+        return g, i
+
     def image(self, image_id: str) -> np.ndarray:
         """``(H, W, C)`` raw image as ingested."""
         g, i, _ = self._slot(image_id)
         return self._images[f"images/{g}"][i]
 
     def mask(self, image_id: str) -> np.ndarray:
-        """``(H, W)`` predicted class labels."""
-        g, i, _ = self._slot(image_id)
+        """``(H, W)`` predicted class labels (:class:`NotFound` for an image that could not be read)."""
+        g, i = self._segmented(image_id)
         return self._label_array(masks_path(self.path), g)[i]
 
     def ground_truth(self, image_id: str) -> np.ndarray | None:
@@ -94,7 +108,10 @@ class RunReader:
 
     def masks_of(self, image_ids: Sequence[str]) -> np.ndarray:
         """``(N, H, W)`` predicted class labels of ``image_ids`` (of one shape), in that order; the
-        consecutive slots of one group (a volume's slices) are read as one slab."""
+        consecutive slots of one group (a volume's slices) are read as one slab. :class:`NotFound`
+        when one of them could not be read at ingest."""
+        for image_id in image_ids:
+            self._segmented(image_id)
         return self._stacked(image_ids, lambda g: self._label_array(masks_path(self.path), g))
 
     def ground_truths_of(self, image_ids: Sequence[str]) -> np.ndarray | None:
@@ -122,7 +139,7 @@ class RunReader:
 
     def instances(self, image_id: str) -> np.ndarray:
         """``(H, W)`` uint32 predicted instance ids (instance models only)."""
-        g, i, _ = self._slot(image_id)
+        g, i = self._segmented(image_id)
         if not fsio.exists(fsio.join(instances_path(self.path), "zarr.json")):
             raise NotFound(f"run {self.run_id} was made by a semantic model and has no instance labels")
         return self._label_array(instances_path(self.path), g)[i]

@@ -109,6 +109,16 @@ def check_volume_pattern(rows: Iterable[dict[str, Any]], pattern: str | None) ->
                           "names the volume)")
 
 
+def unreadable_slices(run: RunReader, volume: Volume) -> str | None:
+    """Why ``volume`` has no prediction (slices whose file could not be read at ingest), or None."""
+    bad = [r for r in map(run.record, volume.slices) if r["status"] != "ok"]
+    if not bad:
+        return None
+    what = "its file" if volume.slices and run.record(volume.slices[0]).get("volume_id") else \
+        f"{len(bad)} of its {len(volume.slices)} slice(s)"
+    return f"{what} could not be read at ingest ({bad[0].get('error') or 'no reason recorded'}); not segmented"
+
+
 def stack_volume(run: RunReader, volume: Volume) -> tuple[np.ndarray, np.ndarray | None]:
     """``(D, H, W)`` predicted classes and ground truth (None when a slice has none) of ``volume``."""
     return run.masks_of(volume.slices), run.ground_truths_of(volume.slices)
@@ -121,12 +131,20 @@ def volume_rows(run: RunReader, volume: Volume) -> list[dict[str, Any]]:
     base = {"volume_id": volume.volume_id, "slices": len(volume.slices), "spacing_z": volume.spacing[0],
             "spacing_y": volume.spacing[1], "spacing_x": volume.spacing[2], "spacing_unit": volume.unit or None,
             "model": model.get("arch"), "checkpoint_sha256": run.info["checkpoint_sha256"]}
+    unread = unreadable_slices(run, volume)
+    if unread:
+        return [dict(base, status="error", error=unread)]
     try:
         pred, gt = stack_volume(run, volume)
     except ValueError as exc:  # slices of different shapes
         return [dict(base, status="error", error=f"its slices do not stack into a volume: {exc}")]
     if gt is None:
-        return [dict(base, status="error", error="not every slice has usable ground truth; nothing to score")]
+        why = {r.get("mask_error") for r in map(run.record, volume.slices) if r["mask_status"] != "ok"} - {None}
+        return [dict(base, status="error", error="not every slice has usable ground truth"
+                     + (f" ({'; '.join(sorted(why))})" if why else "") + "; nothing to score")]
+    if names and int(gt.max()) >= len(names):  # as the slices' rows: never a class the model lacks
+        return [dict(base, status="error", error=f"its ground truth holds label {int(gt.max())} but the model has "
+                     f"{len(names)} classes (labels 0-{len(names) - 1}); nothing to score")]
     num_classes = max(len(names), int(pred.max()) + 1, int(gt.max()) + 1)
     m = volume_metrics(pred, gt, num_classes=num_classes, spacing=volume.spacing)
     return [dict(base, class_id=int(c), class_name=names[c] if c < len(names) else f"class_{c}", tp=int(m["tp"][c]),

@@ -119,6 +119,58 @@ def test_real_ct_volume_ingest_train_segment_score_and_export(tmp_path, capsys):
     run = open_run(str(run_dir))
     masks = np.stack([run.mask(f"ct/z{k:04d}") for k in range(16)])
     np.testing.assert_array_equal(np.asarray(exported.dataobj), np.moveaxis(masks, 0, -1))
+    # files in --out are replaced only with --overwrite; an ingested file (--out at the masks) never
+    before = (tmp_path / "masks" / "ct.nii.gz").read_bytes()
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "nifti")]) == 2
+    assert "1 of the 1 file(s) to export exist" in capsys.readouterr().err
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "nifti"), "--overwrite"]) == 0
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "masks"), "--overwrite"]) == 2
+    assert "is an ingested mask file of the run's store" in capsys.readouterr().err
+    assert (tmp_path / "masks" / "ct.nii.gz").read_bytes() == before
+    assert main(["export", str(run_dir)]) == 0 and main(["export", str(run_dir)]) == 0  # its own folder: replaced
+
+
+def test_an_unreadable_volume_and_one_with_labels_the_model_lacks_are_error_rows_not_scores(tmp_path, caplog):
+    """A volume whose file could not be read has no prediction: no volume score, no export, no mask from
+    the reader. One whose ground truth holds a label the model lacks is an error row, as its slices'
+    rows are, not a score over made-up classes."""
+    import gzip
+    import logging
+
+    from segcore.errors import NotFound
+    from segcore.run.export import export_nifti
+
+    rng = np.random.default_rng(4)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for name in ("good", "lab5", "trunc"):
+        vol = rng.integers(0, 255, (24, 20, 4)).astype(np.int16)
+        labels = (vol > 128).astype(np.uint8) * (5 if name == "lab5" else 1)
+        nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "images" / f"{name}.nii.gz"))
+        nib.save(nib.Nifti1Image(labels, np.eye(4)), str(tmp_path / "masks" / f"{name}.nii.gz"))
+    whole = gzip.decompress((tmp_path / "images" / "trunc.nii.gz").read_bytes())  # header kept, voxels cut
+    (tmp_path / "images" / "trunc.nii.gz").write_bytes(gzip.compress(whole[:len(whole) // 2]))
+    store, run_dir = str(tmp_path / "s.zarr"), str(tmp_path / "run")
+    assert main(["ingest", "--images", str(tmp_path / "images"), "--masks", str(tmp_path / "masks"),
+                 "--store", store]) == 0
+    torch.manual_seed(0)
+    meta = ModelMeta(arch="unet", arch_kwargs={"base": 4, "depth": 2}, class_names=("bg", "a", "b"), in_channels=1,
+                     normalisation=Normalisation(mode="range", scale=255.0))
+    ckpt = str(save_checkpoint(tmp_path / "m.safetensors", create_model("unet", in_channels=1, num_classes=3, base=4,
+                                                                        depth=2), meta))
+    with_runner(segment_flow, ONE_WORKER)(SegmentSpec(store=store, checkpoint=ckpt, out=run_dir, execution=ONE_WORKER))
+    rows = {r["volume_id"]: r for r in read_volume_table(run_dir).to_pylist()}
+    assert rows["good"]["status"] == "ok"
+    assert rows["lab5"]["status"] == "error" and "holds label 5 but the model has 3 classes" in rows["lab5"]["error"]
+    assert rows["trunc"]["status"] == "error" and "could not be read at ingest" in rows["trunc"]["error"]
+    assert {r["class_name"] for r in read_volume_table(run_dir).to_pylist()} <= {"bg", "a", "b", None}
+    run = open_run(run_dir)
+    with pytest.raises(NotFound, match="was not segmented: its file could not be read"):
+        run.mask("trunc/z0000")
+    with caplog.at_level(logging.WARNING, logger="segcore"):
+        written = export_nifti(run_dir, tmp_path / "out")
+    assert sorted(w.volume_id for w in written) == ["good", "lab5"] and not (tmp_path / "out" / "trunc.nii.gz").exists()
+    assert any(r.message.startswith("trunc: not exported, its file could not be read") for r in caplog.records)
 
 
 def test_volumes_mixed_with_images_slabs_errors_and_reuse(tmp_path):
