@@ -57,25 +57,43 @@ def build_smp_unet(*, in_channels: int = 3, num_classes: int = 2, encoder_name: 
                  decoder_attention_type=decoder_attention_type, **extra)
 
 
+def _monai_shape(name: str, *, spatial_dims: int, out_channels: int | None, num_classes: int) -> None:
+    """Refuse the MONAI arguments segflow sets itself when they say otherwise: ``spatial_dims`` (these
+    networks are registered for 2-D images) and ``out_channels`` (the class count, from the class names)."""
+    if spatial_dims != 2:
+        raise ValueError(f"{name} is registered for 2-D images (spatial_dims 2), not spatial_dims {spatial_dims}: a "
+                         "3-D MONAI network cannot be imported")
+    if out_channels is not None and out_channels != num_classes:
+        raise ValueError(f"out_channels {out_channels} but {num_classes} class names were given: give {out_channels} "
+                         "names to --class-names")
+
+
 def build_monai_unet(*, in_channels: int = 1, num_classes: int = 2, channels: Sequence[int] = (16, 32, 64, 128, 256),
                      strides: Sequence[int] = (2, 2, 2, 2), num_res_units: int = 0, norm: str = "INSTANCE",
-                     dropout: float = 0.0) -> nn.Module:
-    """MONAI's ``UNet`` (2-D; MONAI's defaults); inputs padded to the product of ``strides``."""
+                     dropout: float = 0.0, spatial_dims: int = 2, out_channels: int | None = None,
+                     **options: Any) -> nn.Module:
+    """MONAI's ``UNet`` (2-D; MONAI's defaults); inputs padded to the product of ``strides``. MONAI's
+    other arguments (``kernel_size``, ``up_kernel_size``, ``act``, ``bias``, ``adn_ordering``) pass
+    through; ``spatial_dims`` and ``out_channels`` may be given as MONAI takes them, and must agree."""
     from monai.networks.nets import UNet
 
+    _monai_shape("monai:UNet", spatial_dims=spatial_dims, out_channels=out_channels, num_classes=num_classes)
     multiple = math.prod(int(s) for s in strides)  # instance norms need 2 x 2 pixels at the bottleneck
     return _make(UNet, multiple, minimum=2 * multiple, spatial_dims=2, in_channels=in_channels,
                  out_channels=num_classes, channels=tuple(channels), strides=tuple(strides),
-                 num_res_units=num_res_units, norm=norm, dropout=dropout)
+                 num_res_units=num_res_units, norm=norm, dropout=dropout, **options)
 
 
 def build_monai_basic_unet(*, in_channels: int = 1, num_classes: int = 2,
-                           features: Sequence[int] = (32, 32, 64, 128, 256, 32)) -> nn.Module:
-    """MONAI's ``BasicUNet`` (2-D, four poolings); inputs padded to 16."""
+                           features: Sequence[int] = (32, 32, 64, 128, 256, 32), spatial_dims: int = 2,
+                           out_channels: int | None = None, **options: Any) -> nn.Module:
+    """MONAI's ``BasicUNet`` (2-D, four poolings); inputs padded to 16. Its other arguments (``act``,
+    ``norm``, ``bias``, ``dropout``, ``upsample``) pass through."""
     from monai.networks.nets import BasicUNet
 
+    _monai_shape("monai:BasicUNet", spatial_dims=spatial_dims, out_channels=out_channels, num_classes=num_classes)
     return _make(BasicUNet, 16, minimum=32, spatial_dims=2, in_channels=in_channels, out_channels=num_classes,
-                 features=tuple(features))
+                 features=tuple(features), **options)
 
 
 def build_monai_segresnet(*, in_channels: int = 1, num_classes: int = 2, init_filters: int = 8,

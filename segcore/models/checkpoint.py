@@ -225,7 +225,8 @@ def build_model(meta: ModelMeta) -> nn.Module:
         model = create_model(meta.arch, **kwargs)
         dims = spatial_dims_of(meta.arch)
     except (ConfigError, ValueError) as exc:
-        raise CheckpointError(f"cannot build architecture {meta.arch!r} from checkpoint metadata: {exc}") from exc
+        raise CheckpointError(f"cannot build architecture {meta.arch!r} with arch_kwargs {meta.arch_kwargs}: "
+                              f"{exc}") from exc
     if dims != meta.spatial_dims:
         raise CheckpointError(f"checkpoint metadata is inconsistent: architecture {meta.arch!r} takes {dims}-D inputs "
                               f"(input_axes {INPUT_AXES[dims]!r}) but the record says input_axes {meta.input_axes!r}")

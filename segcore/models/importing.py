@@ -158,7 +158,10 @@ def import_model(source: str | os.PathLike[str], *, out: str | os.PathLike[str],
     provenance = {"imported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if fmt in ("state_dict", "safetensors"):
         if arch is None or arch not in MODELS:
-            raise ConfigError(f"a state dict needs --arch, one of: {', '.join(sorted(MODELS))}")
+            close = [m for m in MODELS if arch is not None and m.lower() == arch.lower()]
+            raise ConfigError((f"unknown --arch {arch!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                               if arch is not None else "a state dict needs --arch")
+                              + f"; one of: {', '.join(sorted(MODELS))}")
         if kind is not None and kind != MODEL_KINDS[arch]:
             raise ConfigError(f"architecture {arch!r} is a {MODEL_KINDS[arch]} model, not {kind}")
         if names is None:
@@ -171,7 +174,7 @@ def import_model(source: str | os.PathLike[str], *, out: str | os.PathLike[str],
         options = [{**trained_defaults(arch), **(arch_kwargs or {})}]
         if trained_defaults(arch) and not arch_kwargs:  # else the builder's own defaults, as before
             options.append(builder_defaults(arch))
-        raw, tried = read_state_dict(source), []
+        raw, tried, hint = read_state_dict(source), [], None
         for kwargs in options:
             meta = ModelMeta(arch=arch, arch_kwargs=kwargs, class_names=names, in_channels=int(channels),
                              normalisation=norm, provenance=provenance, source=src,
@@ -185,11 +188,12 @@ def import_model(source: str | os.PathLike[str], *, out: str | os.PathLike[str],
                 model.load_state_dict(state, strict=True)
             except RuntimeError as exc:
                 tried.append(f"with {({**builder_defaults(arch), **kwargs})}: {weights_mismatch(model, state, exc)}")
+                hint = hint or size_hint(model, state, classes=len(names), channels=int(channels))
                 continue
             save_checkpoint(out, model, meta)
             return meta
         raise CheckpointError(f"the weights in {str(source)!r} do not fit {arch!r} " + "; nor ".join(tried)
-                              + "; other options go in --arch-kwargs")
+                              + (f"; {hint}" if hint else "; other options go in --arch-kwargs"))
     if kind not in (None, "semantic"):
         raise ConfigError(f"{fmt} models are imported as semantic models; import an instance model's state dict "
                           "with --arch (e.g. torchvision:maskrcnn_resnet50_fpn)")
@@ -207,6 +211,39 @@ def import_model(source: str | os.PathLike[str], *, out: str | os.PathLike[str],
         raise CheckpointError(f"the model gives {k} class scores per pixel but {len(names)} class names were given")
     save_model_record(out, meta=meta, model_path=source)
     return meta
+
+
+def size_hint(model: torch.nn.Module, state: dict[str, torch.Tensor], *, classes: int, channels: int) -> str | None:
+    """What to change when the file's tensors differ from ``model``'s in the class count or the input
+    channels only (every tensor of another shape differs in one axis, where the model has
+    ``classes`` or ``channels``; None when the two counts are equal: which one is meant is not
+    known), or in the number of spatial axes of their convolutions (a 3-D model's weights); else None."""
+    own, got = model.state_dict(), {"classes": set(), "channels": set()}
+    deeper = [k for k, t in state.items() if k in own and t.dim() == own[k].dim() + 1 and own[k].dim() >= 3]
+    if deeper and all(state[k].dim() == own[k].dim() for k in state if k in own and k not in deeper):
+        return (f"the file's convolutions have one spatial axis more than the model's ({deeper[0]} "
+                f"{tuple(state[deeper[0]].shape)} in the file, {tuple(own[deeper[0]].shape)} in the model): its model "
+                "is volumetric (3-D), this architecture takes 2-D images")
+    if classes == channels:
+        return None
+    for k, t in state.items():
+        if k not in own or tuple(own[k].shape) == tuple(t.shape):
+            continue
+        diff = [(a, b) for a, b in zip(own[k].shape, t.shape) if a != b]
+        if own[k].dim() != t.dim() or len(diff) != 1 or diff[0][0] not in (classes, channels):
+            return None
+        got["classes" if diff[0][0] == classes else "channels"].add(int(diff[0][1]))
+    if len(got["classes"]) > 1 or len(got["channels"]) > 1 or not (got["classes"] or got["channels"]):
+        return None
+    hints = []
+    if got["channels"]:
+        n = next(iter(got["channels"]))
+        hints.append(f"the file's model takes {n} input channel(s), not {channels}: give --in-channels {n}")
+    if got["classes"]:
+        k = next(iter(got["classes"]))
+        hints.append(f"the file's model gives {k} class scores per pixel but {classes} class names were given: give "
+                     f"{k} names to --class-names")
+    return "; ".join(hints)
 
 
 def _check_normalisation(meta: ModelMeta) -> None:

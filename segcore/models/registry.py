@@ -134,6 +134,10 @@ def load_entry_points(entry_points: Iterable[metadata.EntryPoint] | None = None)
     return added
 
 
+#: Exceptions a builder raises for arguments it refuses: reported as :class:`ConfigError` naming the model.
+BUILDER_ERRORS = (TypeError, ValueError, KeyError, IndexError, AttributeError, AssertionError, NotImplementedError)
+
+
 def create_model(arch: str, **kwargs: Any) -> nn.Module:
     """Build the registered architecture ``arch`` with keyword arguments ``kwargs``."""
     try:
@@ -142,8 +146,9 @@ def create_model(arch: str, **kwargs: Any) -> nn.Module:
         raise ConfigError(f"unknown model {arch!r}; valid names: {', '.join(sorted(MODELS))}") from None
     try:
         return builder(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"bad arguments for model {arch!r}: {exc}") from exc
+    except BUILDER_ERRORS as exc:  # what builders raise for arguments they refuse (smp: KeyError, asserts)
+        why = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        raise ConfigError(f"bad arguments for model {arch!r}: {why or type(exc).__name__}") from exc
 
 
 __all__ = ["ENTRY_POINT_GROUP", "KINDS", "LazyBuilder", "MODELS", "MODEL_KINDS", "SPATIAL_DIMS", "create_model",

@@ -73,6 +73,49 @@ def test_weights_that_do_not_fit_are_refused(tmp_path):
     assert meta.source["format"] == "state_dict" and meta.runtime == "torch" and meta.in_channels == 1
 
 
+def test_a_wrong_class_count_channel_count_or_dimensionality_names_the_option_that_fixes_it(tmp_path):
+    from segcore.models import create_model
+
+    torch.save(create_model("unet", in_channels=1, num_classes=3, base=4, depth=2).state_dict(), tmp_path / "u.pth")
+    kwargs = {"base": 4, "depth": 2}
+    with pytest.raises(CheckpointError, match="gives 3 class scores per pixel but 2 class names were given: give 3 "
+                                              "names to --class-names$"):
+        import_model(tmp_path / "u.pth", out=tmp_path / "m.safetensors", arch="unet", class_names="bg,fg",
+                     arch_kwargs=kwargs)
+    with pytest.raises(CheckpointError, match="takes 1 input channel\(s\), not 2: give --in-channels 1$"):
+        import_model(tmp_path / "u.pth", out=tmp_path / "m.safetensors", arch="unet", class_names="bg,a,b",
+                     arch_kwargs=kwargs, in_channels=2)
+    torch.save(create_model("unet3d", in_channels=1, num_classes=3, base=4, depth=2).state_dict(), tmp_path / "v.pth")
+    with pytest.raises(CheckpointError, match="its model is volumetric \(3-D\), this architecture takes 2-D images"):
+        import_model(tmp_path / "v.pth", out=tmp_path / "m.safetensors", arch="unet", class_names="bg,a,b",
+                     arch_kwargs=kwargs)
+    with pytest.raises(ConfigError, match="unknown --arch 'UNET' \(did you mean 'unet'\?\)"):
+        import_model(tmp_path / "u.pth", out=tmp_path / "m.safetensors", arch="UNET", class_names="bg,a,b")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_builders_refusing_arguments_in_their_own_way_are_one_line_errors():
+    from segcore.models import create_model
+
+    pytest.importorskip("segmentation_models_pytorch")
+    with pytest.raises(ConfigError, match="bad arguments for model 'smp:Unet': Wrong encoder name `resnet999`"):
+        create_model("smp:Unet", encoder_name="resnet999")
+
+
+def test_monai_networks_take_monais_own_arguments_and_refuse_a_third_dimension():
+    from segcore.models import create_model
+
+    pytest.importorskip("monai")
+    small = {"channels": [4, 8, 16], "strides": [2, 2]}
+    a = create_model("monai:UNet", in_channels=1, num_classes=3, **small)
+    b = create_model("monai:UNet", in_channels=1, num_classes=3, spatial_dims=2, out_channels=3, kernel_size=5, **small)
+    assert [tuple(t.shape) for t in a.state_dict().values()] != [tuple(t.shape) for t in b.state_dict().values()]
+    with pytest.raises(ConfigError, match="registered for 2-D images \(spatial_dims 2\), not spatial_dims 3"):
+        create_model("monai:UNet", num_classes=3, spatial_dims=3, **small)
+    with pytest.raises(ConfigError, match="out_channels 4 but 3 class names were given"):
+        create_model("monai:BasicUNet", num_classes=3, out_channels=4)
+
+
 def test_state_dicts_of_segflows_own_unets_import_with_the_options_segflow_train_gives_them(tmp_path):
     from segcore.config import train_defaults
     from segcore.models import create_model
