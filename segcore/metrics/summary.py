@@ -66,8 +66,11 @@ def summarise_dice(dice: pa.Table, *, manifest: pa.Table | None = None, worst: i
     if manifest is not None:
         m = manifest.to_pylist()
         summary["images_ingested"] = sum(1 for r in m if r["status"] == "ok")
-        summary["unreadable_files"] = [{"source_path": r["source_path"], "error": r["error"]}
-                                       for r in m if r["status"] != "ok"]
+        unreadable: dict[str, dict[str, Any]] = {}  # by file: a volume's slices share theirs
+        for r in m:
+            if r["status"] != "ok":
+                unreadable.setdefault(r["source_path"], {"source_path": r["source_path"], "error": r["error"]})
+        summary["unreadable_files"] = list(unreadable.values())
         summary["masks_missing"] = sum(1 for r in m if r["status"] == "ok" and r["mask_status"] == "missing")
         summary["masks_unusable"] = sum(1 for r in m if r["mask_status"] == "error")
     return summary
@@ -216,6 +219,8 @@ def render_markdown(summary: dict[str, Any], *, title: str = "segflow run") -> s
     bad = summary.get("unreadable_files", [])
     if bad:
         lines += ["", "Unreadable files:", ""] + [f"- `{b['source_path']}`: {b['error']}" for b in bad[:20]]
+        if len(bad) > 20:
+            lines.append(f"- ... and {len(bad) - 20} more (the manifest's rows with status `error`)")
     if summary.get("outputs"):
         lines += ["", "Outputs:", ""] + [f"- {k}: `{v}`" for k, v in summary["outputs"].items()]
     return "\n".join(lines) + "\n"

@@ -111,6 +111,17 @@ def test_manifest_counts() -> None:
     assert s["unreadable_files"] == [{"source_path": "/data/broken.png", "error": "ImageReadError: cannot decode"}]
     assert s["masks_missing"] == 1
     assert s["masks_unusable"] == 1
+    # a volume's file that could not be read is one unreadable file, however many slices it has
+    rows = _manifest().to_pylist()
+    slices = [dict(rows[-1], image_id=f"ct/z{k:04d}", source_path="/data/ct.nii.gz", error="truncated")
+              for k in range(30)]
+    others = [dict(rows[-1], image_id=f"b{k}", source_path=f"/data/b{k}.png") for k in range(21)]
+    many = summarise_dice(_dice(), manifest=pa.Table.from_pylist(rows + slices + others, schema=MANIFEST_SCHEMA))
+    assert [u["source_path"] for u in many["unreadable_files"]][:2] == ["/data/broken.png", "/data/ct.nii.gz"]
+    assert len(many["unreadable_files"]) == 23
+    text = render_markdown(many)
+    assert "unreadable files: 23;" in text and text.count("`/data/ct.nii.gz`") == 1
+    assert "- ... and 3 more (the manifest's rows with status `error`)" in text
 
 
 def test_empty_table(tmp_path: Path) -> None:
