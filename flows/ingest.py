@@ -19,7 +19,7 @@ from prefect.futures import as_completed
 
 from segcore.collection.ingest import (IngestPlan, IngestResult, IngestStart, chunk_label, finish_ingest, open_append,
                                        plan_append, plan_creation, probe_batches, probe_staging, resume_plan,
-                                       start_ingest, unreadable_note)
+                                       start_ingest, unreadable_note, unusable_masks_note)
 from segcore.collection.landing import remove_staging
 from segcore.config import IngestSpec
 from segcore.lease import Lease, store_lease
@@ -94,4 +94,7 @@ def _ingest(spec: IngestSpec) -> IngestResult:
     log.info("ingest: %s", result.note)
     if result.errors:
         log.warning("ingest: %s", unreadable_note(spec.store, batch=result.batch))
+    masks = unusable_masks_note(spec.store, batch=result.batch) if spec.masks else None
+    if masks:
+        log.warning("ingest: %s", masks)
     return result

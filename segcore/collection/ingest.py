@@ -336,12 +336,27 @@ def unreadable_note(store: str, *, batch: int | None = None, show: int = 3) -> s
     rows = read_manifest(store).select(["source_path", "status", "error", "batch"]).to_pylist()
     bad = {r["source_path"]: r["error"] for r in rows
            if r["status"] == "error" and (batch is None or r["batch"] == batch)}
+    return _files_note(bad, "file(s) could not be read and are error rows of the manifest", show=show)
+
+
+def unusable_masks_note(store: str, *, batch: int | None = None, show: int = 3) -> str | None:
+    """``"1 mask(s) could not be used: their images have no ground truth: m.nii.gz (why)"`` for the
+    readable images of ``store``'s manifest (of ``batch`` only, when given) whose mask was found but
+    refused (``mask_status`` ``error``: another shape, unreadable, not integer labels; a volume's mask
+    once), or None when there are none."""
+    rows = read_manifest(store).select(["mask_path", "status", "mask_status", "mask_error", "batch"]).to_pylist()
+    bad = {r["mask_path"]: r["mask_error"] for r in rows
+           if r["status"] == "ok" and r["mask_status"] == "error" and (batch is None or r["batch"] == batch)}
+    return _files_note(bad, "mask(s) could not be used, so their images have no ground truth", show=show)
+
+
+def _files_note(bad: dict[str, Any], what: str, *, show: int) -> str | None:
+    """``"N <what>: name (why); ..."`` of ``bad`` (path -> reason), or None when empty."""
     if not bad:
         return None
-    named = "; ".join(f"{path.rsplit('/', 1)[-1]} ({textwrap.shorten(str(why), 240, placeholder=' ...')})"
+    named = "; ".join(f"{str(path).rsplit('/', 1)[-1]} ({textwrap.shorten(str(why), 240, placeholder=' ...')})"
                       for path, why in list(bad.items())[:show])  # whole words: a reason is never cut mid-word
-    return (f"{len(bad)} file(s) could not be read and are error rows of the manifest: {named}"
-            + ("; ..." if len(bad) > show else ""))
+    return f"{len(bad)} {what}: {named}" + ("; ..." if len(bad) > show else "")
 
 
 def finish_ingest(spec: IngestSpec, plan: IngestPlan, written: Sequence[Row], *, seconds: float) -> IngestResult:

@@ -194,6 +194,11 @@ def test_volumes_mixed_with_images_slabs_errors_and_reuse(tmp_path):
     assert rows["flat"]["volume_id"] is None and rows["flat"]["group"] == "g000"
     assert all(rows[f"short/z{k:04d}"]["mask_status"] == "error" for k in range(5))
     assert "differs from volume shape" in rows["short/z0000"]["mask_error"]
+    from segcore.collection.ingest import unusable_masks_note
+
+    note = unusable_masks_note(store)  # what the ingest warns: the volume's mask once, with its reason
+    assert note.startswith("1 mask(s) could not be used, so their images have no ground truth: short.nii.gz (")
+    assert "differs from volume shape" in note
     stack = [rows[f"stack.ome/z{k:04d}"] for k in range(10)]
     assert [r["index"] for r in stack] == list(range(10)) and len({r["group"] for r in stack}) == 1
     root = zarr.open_group(store, mode="r")
