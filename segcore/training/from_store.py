@@ -156,11 +156,16 @@ def labelled_slots(store_path: str) -> tuple[dict[str, list[int]], list[str]]:
     if not info.has_gt:
         raise StoreError(f"store {store_path!r} has no ground truth; ingest it with --masks to train on it")
     order = {g.name: k for k, g in enumerate(info.groups)}
-    rows = sorted((r for r in current_manifest(read_manifest(store_path)).to_pylist()
-                   if r["status"] == "ok" and r["mask_status"] == "ok"),
+    current = current_manifest(read_manifest(store_path)).to_pylist()
+    rows = sorted((r for r in current if r["status"] == "ok" and r["mask_status"] == "ok"),
                   key=lambda r: (order[r["group"]], r["index"]))
     if not rows:
         raise StoreError(f"store {store_path!r} has no readable image with usable ground truth to train on")
+    refused = [r for r in current if r["status"] == "ok" and r["mask_status"] == "error"]
+    if refused:
+        log.warning("%d image(s) left out of training, their mask could not be used: %s", len(refused),
+                    "; ".join(f"{r['image_id']} ({r['mask_error']})" for r in refused[:3])
+                    + ("; ..." if len(refused) > 3 else ""))
     by_group: dict[str, list[int]] = {}
     for r in rows:
         by_group.setdefault(r["group"], []).append(r["index"])
@@ -204,6 +209,12 @@ def labelled_volumes(store: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
         by_volume.setdefault(r["volume_id"], []).append(r)
     usable = {v: sorted(rs, key=lambda r: r["slice"]) for v, rs in sorted(by_volume.items())
               if all(r["mask_status"] == "ok" for r in rs) and len(rs) == rs[0]["depth"]}
+    refused = {v: next(r["mask_error"] for r in rs if r["mask_status"] == "error")
+               for v, rs in sorted(by_volume.items()) if any(r["mask_status"] == "error" for r in rs)}
+    if refused:
+        log.warning("%d volume(s) left out of training, their mask could not be used: %s", len(refused),
+                    "; ".join(f"{v} ({why})" for v, why in list(refused.items())[:3]) + ("; ..." if len(refused) > 3
+                                                                                         else ""))
     if not usable:
         raise StoreError(f"store {store!r} holds no volume with ground truth on every slice; a volumetric model "
                          "trains on volumes (NIfTI, TIFF z-stacks, Zarr, DICOM) ingested with their masks")

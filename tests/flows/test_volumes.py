@@ -173,7 +173,7 @@ def test_an_unreadable_volume_and_one_with_labels_the_model_lacks_are_error_rows
     assert any(r.message.startswith("trunc: not exported, its file could not be read") for r in caplog.records)
 
 
-def test_volumes_mixed_with_images_slabs_errors_and_reuse(tmp_path):
+def test_volumes_mixed_with_images_slabs_errors_and_reuse(tmp_path, caplog):
     rng = np.random.default_rng(0)
     images, masks = tmp_path / "images", tmp_path / "masks"
     images.mkdir()
@@ -199,6 +199,11 @@ def test_volumes_mixed_with_images_slabs_errors_and_reuse(tmp_path):
     note = unusable_masks_note(store)  # what the ingest warns: the volume's mask once, with its reason
     assert note.startswith("1 mask(s) could not be used, so their images have no ground truth: short.nii.gz (")
     assert "differs from volume shape" in note
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="segcore"):  # training leaves it out, and says so
+        assert labelled_volumes(store)[2] == ["stack.ome"]
+    assert "1 volume(s) left out of training, their mask could not be used: short (StoreError: mask shape" in caplog.text
     stack = [rows[f"stack.ome/z{k:04d}"] for k in range(10)]
     assert [r["index"] for r in stack] == list(range(10)) and len({r["group"] for r in stack}) == 1
     root = zarr.open_group(store, mode="r")

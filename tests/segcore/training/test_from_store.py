@@ -87,7 +87,8 @@ def test_trains_the_stores_images_and_writes_a_described_checkpoint(semantic_sto
     assert all(torch.equal(t, expected[k]) for k, t in model.state_dict().items())
 
 
-def test_images_of_one_shape_in_several_groups_train_together_and_several_shapes_are_named(tmp_path, capsys):
+def test_images_of_one_shape_in_several_groups_train_together_and_several_shapes_are_named(tmp_path, capsys,
+                                                                                          caplog):
     """An incremental store appends a group per batch (and every volume is a group): its images of one
     shape train together, in group order; images of two shapes are refused with their counts."""
     from segcore.collection.imageio import write_png
@@ -118,9 +119,17 @@ def test_images_of_one_shape_in_several_groups_train_together_and_several_shapes
     assert main(["train", "--store", store, "--out", str(tmp_path / "no.safetensors")]) == 2  # before any cluster
     err = capsys.readouterr().err
     assert err.startswith("segflow: error: training needs images of one shape") and err.count("\n") == 1, err
-    write_manifest(store, [r for r in written if r["image_id"] != "c0"])
-    images, labels, ids = read_labelled(store)
+    # c0's mask refused at ingest: c0 is left out (so one shape remains), and the log says why
+    write_manifest(store, [dict(r, mask_status="error", mask_error="StoreError: mask shape 20x20 differs")
+                           if r["image_id"] == "c0" else r for r in written])
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="segcore"):
+        images, labels, ids = read_labelled(store)
     assert ids == ["a0", "a1", "b0"] and images.shape == (3, 16, 16, 1) and labels.shape == (3, 16, 16)
+    assert ("1 image(s) left out of training, their mask could not be used: c0 (StoreError: mask shape 20x20 "
+            "differs)") in caplog.text
+    write_manifest(store, [r for r in written if r["image_id"] != "c0"])
     from segcore.collection.imageio import read_image
 
     for i, name in enumerate(ids):
