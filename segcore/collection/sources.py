@@ -148,10 +148,35 @@ def _check_mask(path: str, info: Any) -> None:
         if (minfo.depth, minfo.height, minfo.width) != (info.depth, info.height, info.width):
             raise StoreError(f"mask shape {minfo.depth}x{minfo.height}x{minfo.width} differs from volume shape "
                              f"{info.depth}x{info.height}x{info.width}")
+        _check_orientation(info.affine, minfo.affine)
         return
     minfo = probe_image(path)
     if (minfo.height, minfo.width) != (info.height, info.width):
         raise StoreError(f"mask shape {minfo.height}x{minfo.width} differs from image shape {info.height}x{info.width}")
+
+
+def _check_orientation(image: Any, mask: Any) -> None:
+    """Raise StoreError when a mask volume's affine orders or flips its voxel axes otherwise than its
+    image's (a mask saved by a viewer in another orientation: of the same shape, it would be scored
+    voxel by voxel against the wrong anatomy). A mask without an affine, or with the identity (one
+    written without orientation), is taken on the image's grid, as are affines that differ in
+    spacing or origin only."""
+    if image is None or mask is None:
+        return
+    import numpy as np
+
+    a, b = np.asarray(image, dtype=np.float64), np.asarray(mask, dtype=np.float64)
+    if np.allclose(b, np.eye(4)):
+        return
+    try:
+        from nibabel.orientations import aff2axcodes, io_orientation
+    except ImportError:  # affines come from NIfTI and DICOM files, read with nibabel
+        return
+    if not np.array_equal(io_orientation(a), io_orientation(b)):
+        raise StoreError(f"the mask's voxel axes are oriented {''.join(aff2axcodes(b))}, the volume's "
+                         f"{''.join(aff2axcodes(a))} (their affines): voxel by voxel it would not overlay the image. "
+                         "Reorient or resample the mask onto the image's voxel grid (save it with the image's "
+                         "affine) and ingest again")
 
 
 def slice_rows(row: dict[str, Any], volume: VolumeInfo) -> list[dict[str, Any]]:

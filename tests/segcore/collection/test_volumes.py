@@ -190,3 +190,27 @@ def test_zarr_directories_are_listed_hashed_and_stamped_as_one_source(tmp_path):
     assert before == file_sha256(tmp_path / "a.zarr")
     arr[2] = 7  # one chunk rewritten in place
     assert file_sha256(tmp_path / "a.zarr") != before and signature(tmp_path / "a.zarr") != stamp
+
+
+def test_a_mask_volume_on_another_voxel_grid_is_refused_and_identity_or_shifted_affines_are_kept(tmp_path):
+    """A viewer may save a label volume in another orientation (same shape, axes flipped or swapped,
+    overlaying the image in world space): scored voxel by voxel it would miss everything. It is an
+    unusable mask; a mask written without orientation (identity affine) or with another origin is not."""
+    from segcore.collection.sources import pair_sources, probe_sources
+
+    affine = np.array([[-0.8, 0, 0, 120.0], [0, 0.8, 0, -99.0], [0, 0, 2.5, -310.0], [0, 0, 0, 1]])
+    data = np.random.default_rng(0).integers(0, 100, (12, 10, 4)).astype(np.int16)
+    labels = (data > 50).astype(np.uint8)
+    flipped = affine @ np.array([[-1, 0, 0, 11], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])  # i reversed
+    masks = {"flip": (labels[::-1], flipped), "plain": (labels, np.eye(4)),
+             "shifted": (labels, affine + np.array([[0, 0, 0, 0.5]] * 3 + [[0, 0, 0, 0]]))}
+    (tmp_path / "img").mkdir()
+    (tmp_path / "gt").mkdir()
+    for name, (lab, aff) in masks.items():
+        nib.save(nib.Nifti1Image(data, affine), str(tmp_path / "img" / f"{name}.nii.gz"))
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(lab), aff), str(tmp_path / "gt" / f"{name}.nii.gz"))
+    rows = probe_sources(pair_sources(str(tmp_path / "img"), str(tmp_path / "gt")))
+    status = {r["volume_id"]: (r["mask_status"], r["mask_error"]) for r in rows}
+    assert status["plain"] == ("ok", None) and status["shifted"] == ("ok", None)
+    assert status["flip"][0] == "error" and "oriented RAS, the volume's LAS" in status["flip"][1]
+    assert "Reorient or resample the mask onto the image's voxel grid" in status["flip"][1]
