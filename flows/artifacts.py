@@ -204,8 +204,10 @@ def publish_training_artifacts(result: Mapping[str, Any], *, run_name: str) -> N
         lines.append(unvalidated[0].upper() + unvalidated[1:] + ".")
     elif result.get("best_epoch"):
         lines.append(f"Best epoch: **{result['best_epoch']}** of {len(history)}.")
+    absent = set((result.get("best_val") or {}).get("val_absent") or ())
     for name, dice in ((result.get("best_val") or {}).get("val_dice") or {}).items():
-        lines.append(f"- validation Dice {name}: {dice:.4f}")
+        lines.append(f"- validation Dice {name}: {dice:.4f}"
+                     + (" (absent from the validation images: not in the mean)" if name in absent else ""))
     if result.get("normalisation"):
         lines += ["", f"Normalisation: {result['normalisation']}"]
     refit = result.get("refit")

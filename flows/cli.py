@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=int, help="UNet: training patch side (default 256; smaller images whole); "
                                                  "unet3d: the side of its cubic 3-D patches (default 32x64x64)")
     p.add_argument("--schedule", choices=["poly", "cosine", "onecycle"],
-                   help="UNet learning-rate schedule (default poly after a 5%% warm-up)")
+                   help="learning-rate schedule (UNet default: poly after a 5%% warm-up; Mask R-CNN: onecycle)")
     p.add_argument("--epoch-patches", type=int, metavar="N", dest="min_epoch_patches",
                    help="UNet: patches drawn per epoch at least (default 256, so that a small collection still "
                         "gets 16 optimiser steps per epoch; an epoch draws one patch per training image when they "
@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "included) for the best epoch's number of epochs and keep that model; the validation "
                         "figures stay those of the split run (about twice the training time); not with "
                         "--val-fraction 0")
-    p.add_argument("--device", help="UNet training device: auto (default: CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--device", help="training device: auto (default: CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
                    help="autocast dtype when training on CUDA (default bf16; fp16 adds a gradient scaler)")
     p.add_argument("--time-budget", type=float, help="stop after the epoch that passes this many seconds")
@@ -490,14 +490,21 @@ def train_summary(result: dict[str, Any]) -> str:
     if course.get("n_val"):
         lines.append(f"validation: {course['n_val']} of {course['n_val'] + course.get('n_train', 0)} {unit_of(result)} "
                      f"held out" + (f" ({course['val_split']} split)" if course.get("val_split") else ""))
-    per_class = (result.get("best_val") or {}).get("val_dice")
+    best_val = result.get("best_val") or {}
+    per_class, absent = best_val.get("val_dice"), set(best_val.get("val_absent") or ())
+    largest = result.get("largest_region") or {}
+    ruled = bool(largest.get("kept") and largest.get("val_dice_with"))
+    if ruled:  # the figures of the model the checkpoint holds
+        per_class = largest["val_dice_with"]
+        lines[1] += f"; {largest['val_dice_mean_fg_with']:.4f} with the largest-region rule the checkpoint keeps"
     if per_class:
-        lines.append("validation Dice per class: " + ", ".join(f"{k} {v:.4f}" for k, v in per_class.items()))
+        lines.append("validation Dice per class" + (" (with that rule)" if ruled else "") + ": "
+                     + ", ".join(f"{k} {v:.4f}" + (" (absent from the validation images: not in the mean)"
+                                                   if k in absent else "") for k, v in per_class.items()))
     choice = result.get("normalisation_choice") or {}
     if result.get("normalisation"):
         why = f" [auto: {choice['reason']}]" if choice.get("asked") == "auto" else ""
         lines.append(f"normalisation: {result['normalisation']}{why}")
-    largest = result.get("largest_region") or {}
     if "val_dice_mean_fg_with" in largest:
         with_, without = largest["val_dice_mean_fg_with"], largest["val_dice_mean_fg_without"]
         digits = 4 if f"{with_:.4f}" != f"{without:.4f}" else 6  # a difference the rounding would hide
@@ -593,19 +600,27 @@ def _error_line(exc: BaseException) -> str:
     return console.one_line(exc, options=_options_by_field(build_parser()))
 
 
+#: What Ctrl-C leaves, by command (a training run keeps no epoch: it starts again).
+_INTERRUPTED = {None: "segflow: interrupted; what finished is kept: run the same command again to resume",
+                "train": "segflow: training interrupted; no checkpoint was written (an existing --out is unchanged); "
+                         "the same command trains again from the start"}
+#: The command this process runs (for :func:`_exit_on_interrupt`).
+_command: str | None = None
+
+
 def _exit_on_interrupt(signum: int, frame: Any) -> None:
     """Ctrl-C during a command: say so in one line, end this command's processes (the temporary
     Prefect server, the local cluster's workers) and exit with status 130 at once.
 
     Nothing is lost: every finished unit, chunk and table part is already on disk whole (runs and
-    ingests survive a killed process bit for bit), and the same command resumes. Letting the
+    ingests survive a killed process bit for bit), and the same command resumes; training writes its
+    checkpoint at the end only, so an interrupted one leaves none (and an existing one unchanged). Letting the
     interrupt unwind instead waits on Prefect's and Dask's shutdown, which can take minutes while the
     workers finish their tasks and log records are retried against a server already gone.
     """
     if sys.stderr.isatty():
         sys.stderr.write("\x1b[?25h\n")  # the progress bars hide the cursor
-    print("segflow: interrupted; what finished is kept: run the same command again to resume", file=sys.stderr,
-          flush=True)
+    print(_INTERRUPTED.get(_command, _INTERRUPTED[None]), file=sys.stderr, flush=True)
     sys.stdout.flush()
     _end_child_processes()
     os._exit(130)
@@ -649,6 +664,8 @@ def _main(argv: Sequence[str] | None) -> int:
     console.setup_logging(quiet=quiet)  # before Prefect and distributed are imported
     from segcore.errors import SegflowError
 
+    global _command
+    _command = args.command
     interrupt = signal.getsignal(signal.SIGINT)
     # a server stops on Ctrl-C as Prefect stops it; handlers are set in the main thread only
     if args.command != "serve" and threading.current_thread() is threading.main_thread():
@@ -793,7 +810,7 @@ def _spec(args: argparse.Namespace) -> Any:
     if args.command == "train":
         from segcore.config import TrainSpec
 
-        names = tuple(n.strip() for n in args.class_names.split(",")) if args.class_names else None
+        names = tuple(n.strip() for n in args.class_names.split(",")) if args.class_names is not None else None
         arch = _given(base=args.base, depth=args.depth, score_threshold=args.score_threshold,
                       overlap_threshold=args.overlap_threshold) or None
         _check_arch_options(args.model, arch or {})

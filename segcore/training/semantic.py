@@ -47,7 +47,8 @@ from segcore.training.inputs import as_nhwc, check_semantic_inputs, seeded_split
 from segcore.training.loop import FitResult, Validation, fit, seeded_torch
 from segcore.training.recipe import PatchSampler, SplitKind, augment, split_indices
 from segcore.training.settings import AUGMENTATIONS, Recipe
-from segcore.training.validation import decide_largest_region, no_validation, pooled_dice, refit_on_all
+from segcore.training.validation import (classes_present, decide_largest_region, foreground_mean, no_validation,
+                                        pooled_dice, refit_on_all)
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +264,18 @@ def fit_semantic_arrays(
     x_train = normalise_batch(images[train_idx], normalisation)
     y_train = torch.from_numpy(masks[train_idx].astype(np.int64))
     x_val, y_val = images[val_idx], masks[val_idx]
+    present = classes_present(y_val, num_classes)  # the mean leaves out classes absent from the validation images
+    absent = [name for name, here in zip(class_names[1:], present[1:]) if not here]
+    if n_val and absent:
+        log.warning("class(es) %s have no pixel in the %d validation image(s): left out of the validation mean "
+                    "(their Dice says nothing of the model)", ", ".join(absent), n_val)
+    unseen = [name for name, here in zip(class_names[1:], classes_present(masks[train_idx], num_classes)[1:])
+              if not here]
+    if unseen:
+        log.warning("%d of the %d foreground class(es) have no pixel in the training images (%s): the model cannot "
+                    "learn them; labels such as 0/255 masks make a class of every value up to the largest (give "
+                    "masks of labels 0..K, or --class-names)", len(unseen), num_classes - 1,
+                    ", ".join(unseen[:5]) + (", ..." if len(unseen) > 5 else ""))
     meta = ModelMeta(arch=arch, arch_kwargs=arch_kwargs, class_names=class_names, in_channels=in_channels,
                      normalisation=normalisation, input_axes=INPUT_AXES[dims])
     def batches_of(draw: BatchDraw, n_images: int) -> tuple[int, Callable[[], Iterator[Any]]]:
@@ -292,8 +305,9 @@ def fit_semantic_arrays(
         pred = predictor.labels(x_val, batch_size=max(batch_size, 32) if dims == 2 else 1)
         per_class = pooled_dice(pred, y_val, num_classes)
         scores = {"val_dice": {name: float(d) for name, d in zip(class_names, per_class)},
-                  "val_dice_mean_fg": float(per_class[1:].mean())}
-        summary = ", ".join(f"{name} {d:.3f}" for name, d in zip(class_names[1:], per_class[1:]))
+                  "val_dice_mean_fg": foreground_mean(per_class, present)}
+        summary = ", ".join(f"{name} {d:.3f}" + ("" if here else " (absent)")
+                            for name, d, here in zip(class_names[1:], per_class[1:], present[1:]))
         return Validation(fields=scores, score=scores["val_dice_mean_fg"], details=scores,
                           summary=f"val mean foreground Dice {scores['val_dice_mean_fg']:.4f} ({summary})")
 
@@ -347,6 +361,7 @@ def fit_semantic_arrays(
         "best_epoch": result.best_epoch if n_val else None,
         "val_dice": result.best.details.get("val_dice"),
         "val_dice_mean_fg": result.best.details.get("val_dice_mean_fg"),
+        "val_absent": absent if n_val else None,  # classes without a pixel in the validation images: not in the mean
         "largest_region": largest,
         **({} if refit is None else {"refit": refit}),
         "seconds": round(time.perf_counter() - t0, 3),

@@ -37,6 +37,20 @@ def pooled_dice(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.nda
     return dice_from_counts(tp, fp, fn)[0]
 
 
+def foreground_mean(per_class: np.ndarray, present: np.ndarray) -> float:
+    """Mean Dice of the foreground classes that ``present`` (``(num_classes,)`` bool: the class has a
+    pixel in the validation ground truth) marks: a class absent there scores 1.0 or 0.0 by the rule
+    for empty classes, whatever the model learnt, and would decide the best epoch by predicting
+    nothing of it. With no foreground class present, of every foreground class."""
+    fg = np.asarray(present[1:], dtype=bool)
+    return float((per_class[1:][fg] if fg.any() else per_class[1:]).mean())
+
+
+def classes_present(truth: np.ndarray, num_classes: int) -> np.ndarray:
+    """``(num_classes,)`` bool: which classes have a pixel in the label array ``truth``."""
+    return np.bincount(np.asarray(truth).ravel().astype(np.int64), minlength=num_classes)[:num_classes] > 0
+
+
 def decide_largest_region(model: nn.Module, meta: ModelMeta, choice: str, without: float | None, *,
                           x_val: np.ndarray, y_val: np.ndarray, device: torch.device, batch_size: int, dims: int
                           ) -> tuple[ModelMeta, dict[str, Any]]:
@@ -66,7 +80,7 @@ def decide_largest_region(model: nn.Module, meta: ModelMeta, choice: str, withou
     pred = TorchPredictor(model, ruled, device=str(device), precision="fp32").labels(x_val,
                                                                                      batch_size=max(batch_size, 32))
     per_class = pooled_dice(pred, y_val, meta.num_classes)
-    with_rule = float(per_class[1:].mean())
+    with_rule = foreground_mean(per_class, classes_present(y_val, meta.num_classes))
     kept = choice == "on" or with_rule > without
     log.info("largest foreground region of each image: validation mean foreground Dice %.4f with it, %.4f "
              "without; %s", with_rule, without, "kept" if kept else "not kept")

@@ -191,3 +191,24 @@ def test_the_summary_shows_enough_digits_to_tell_a_near_tie_and_counts_one_image
     text = train_summary(result)
     assert "kept (validation mean foreground Dice 0.911630 with it, 0.911610 without; --largest-region auto)" in text
     assert "trained on the one image;" in text
+
+
+def test_the_summary_marks_classes_absent_from_validation_and_gives_the_checkpoints_own_figures() -> None:
+    from flows.cli import train_summary
+
+    result = {"checkpoint": "m.safetensors", "sha256": "ab", "kind": "semantic", "model": "unet",
+              "best_val_score": 0.80, "best_epoch": 3, "history": [{}] * 4,
+              "course": {"epochs": 4, "epochs_run": 4, "n_train": 10, "n_val": 2, "val_split": "tail"},
+              "best_val": {"val_dice": {"background": 0.97, "liver": 0.80, "tumour": 1.0}, "val_absent": ["tumour"]},
+              "largest_region": {"choice": "auto", "kept": True, "val_dice_mean_fg_with": 0.83,
+                                 "val_dice_mean_fg_without": 0.80,
+                                 "val_dice_with": {"background": 0.98, "liver": 0.83, "tumour": 1.0}}}
+    lines = train_summary(result).splitlines()
+    assert lines[1] == ("best validation mean foreground Dice: 0.8000 (epoch 3 of 4); 0.8300 with the largest-region "
+                        "rule the checkpoint keeps")
+    assert ("validation Dice per class (with that rule): background 0.9800, liver 0.8300, tumour 1.0000 (absent "
+            "from the validation images: not in the mean)") in lines
+    result["largest_region"]["kept"] = False
+    text = train_summary(result)
+    assert "validation Dice per class: background 0.9700, liver 0.8000, tumour 1.0000 (absent" in text
+    assert "with the largest-region rule" not in text.splitlines()[1]

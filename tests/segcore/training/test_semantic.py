@@ -173,7 +173,7 @@ def test_loss_is_low_for_confident_correct_logits_and_high_otherwise():
         ({"val_fraction": -0.1}, r"val_fraction must lie in \[0, 1\): .* 0 for none"),
         ({"val_fraction": 1.0}, r"val_fraction must lie in \[0, 1\): .* 0 for none"),
         ({"val_fraction": float("nan")}, r"val_fraction must lie in \[0, 1\)"),
-        ({"n": 1}, r"at least 2 images, or set val_fraction 0 \(--val-fraction 0\)"),
+        ({"n": 1}, r"at least 2 images, or a validation fraction of 0 \(--val-fraction 0\)"),
         ({"n": 0, "val_fraction": 0.0}, "no images to train on"),
         ({"val_fraction": 0.0, "recipe": "refit"}, r"refit \(--refit\) .* val_fraction 0 \(--val-fraction 0\)"),
         ({"epochs": 0}, "epochs"),
@@ -344,3 +344,24 @@ def test_val_fraction_0_trains_on_one_image_and_ignores_the_split_kind(tiny_data
     assert meta.output.largest_region and p["largest_region"]["kept"] and "val_dice_mean_fg_with" not in \
         p["largest_region"]
     assert len(history) == 1 and np.isfinite(history[0]["loss"])
+
+
+def test_a_class_absent_from_the_validation_images_is_left_out_of_the_mean_and_one_never_seen_is_warned(
+        tiny_data, caplog):
+    import logging
+
+    from segcore.training.settings import Recipe
+
+    images, masks = tiny_data
+    masks = masks.copy()
+    masks[-1][masks[-1] == 2] = 1  # the tail split holds out the last image: no class 2 there
+    names = (*CLASS_NAMES, "never")  # a fourth class with no pixel anywhere
+    with caplog.at_level(logging.WARNING, logger="segcore"):
+        _, meta, history = _train(images, masks, class_names=names, epochs=1, val_split="tail",
+                                  recipe=Recipe(min_epoch_patches=0, largest_region="off"))
+    p = meta.provenance
+    assert p["val_absent"] == [CLASS_NAMES[2], "never"]
+    assert p["val_dice_mean_fg"] == pytest.approx(p["val_dice"][CLASS_NAMES[1]])  # the one class present
+    assert history[0]["val_dice_mean_fg"] == p["val_dice_mean_fg"]
+    assert f"class(es) {CLASS_NAMES[2]}, never have no pixel in the 1 validation image(s)" in caplog.text
+    assert "1 of the 3 foreground class(es) have no pixel in the training images (never)" in caplog.text
