@@ -66,8 +66,8 @@ def parse_normalisation(choice: str) -> Normalisation | Literal["auto"]:
             lo, hi = (float(v) for v in arg.split(","))
         except ValueError:
             lo = hi = None
-        if lo is None or not lo < hi:
-            raise ConfigError(f"window {arg!r} is neither LO,HI with LO < HI (e.g. window:-200,300) nor a preset "
+        if lo is None or not lo < hi or not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ConfigError(f"window {arg!r} is neither LO,HI with finite LO < HI (e.g. window:-200,300) nor a preset "
                               f"({', '.join(WINDOW_PRESETS)})")
         return Normalisation(mode="window", window=(lo, hi))
     raise ConfigError(f"unknown normalisation {choice!r}; choose one of {', '.join(CHOICES)}, window:LO,HI or "

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from segcore.errors import ConfigError
+from segcore.errors import ConfigError, ModelError
 from segcore.training.recipe import lr_factor
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,11 @@ def fit(
             scheduler.step()
             for name, value in loss_parts.items():
                 parts.setdefault(name, []).append(float(value.detach()))
+            if not all(np.isfinite(values[-1]) for values in parts.values()):
+                raise ModelError(
+                    f"training diverged in epoch {epoch}: the loss is {sum(v[-1] for v in parts.values())}, so the "
+                    f"weights are lost; nothing is saved. Lower the learning rate (--lr, {lr:g} now) or check "
+                    "that the normalisation gives finite values")
         model.eval()
         validation = validate(model)
         now = time.perf_counter()

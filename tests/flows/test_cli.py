@@ -275,7 +275,7 @@ def test_one_line_joins_validation_errors_and_flattens_messages() -> None:
     with pytest.raises(Exception) as info:  # a choice or a record: only the choice's own error, by its option
         TrainSpec(store="s", out="o.safetensors", normalisation="window:abdomn")
     assert one_line(info.value, options={"normalisation": "--normalisation"}) == (
-        "--normalisation: window 'abdomn' is neither LO,HI with LO < HI (e.g. window:-200,300) nor a preset "
+        "--normalisation: window 'abdomn' is neither LO,HI with finite LO < HI (e.g. window:-200,300) nor a preset "
         "(abdomen, liver, lung, bone, brain)")
     with pytest.raises(Exception) as info:
         TrainSpec(store="s", out="o.safetensors", val_fraction=1.5, execution={"n_workers": 0})

@@ -98,7 +98,7 @@ def test_unfitted_schemes_refuse_to_normalise() -> None:
         normalise_batch(_nhwc([[1.0]]), Normalisation(mode="ct"))
 
 
-@pytest.mark.parametrize("text", ["window:300,-100", "window:nope", "minmax"])
+@pytest.mark.parametrize("text", ["window:300,-100", "window:nope", "minmax", "window:-inf,inf", "window:0,inf"])
 def test_bad_choices_name_the_valid_ones(text: str) -> None:
     with pytest.raises(ConfigError, match="window"):
         parse_normalisation(text)

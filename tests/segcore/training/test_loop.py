@@ -135,3 +135,31 @@ def test_seeded_torch_is_reproducible_and_restores_the_callers_state():
         b = torch.rand(4)
     assert torch.equal(a, b)
     assert torch.equal(torch.rand(2), expected)
+
+
+def test_a_loss_that_becomes_nan_or_infinite_stops_training_with_an_error_naming_the_learning_rate():
+    from segcore.errors import ModelError
+
+    for bad in (float("nan"), float("inf")):
+        model = Scalar()
+
+        def batches():
+            yield torch.tensor(1.0)
+            yield torch.tensor(bad)
+
+        with pytest.raises(ModelError, match=r"training diverged in epoch 1: the loss is (nan|inf).*--lr, 0.1 now"):
+            fit(model, epochs=3, steps_per_epoch=2, batches=batches, loss=lambda m, t: {"fit": (m.w - t) ** 2},
+                validate=lambda m: Validation(fields={}, score=None, summary="-"), lr=0.1)
+
+
+def test_the_validation_mean_leaves_out_classes_absent_from_the_validation_images():
+    import numpy as np
+
+    from segcore.training.validation import classes_present, foreground_mean
+
+    truth = np.array([[[0, 1], [1, 0]]])  # class 2 has no pixel: its Dice (1.0 or 0.0) says nothing
+    present = classes_present(truth, 3)
+    assert present.tolist() == [True, True, False]
+    assert foreground_mean(np.array([0.9, 0.6, 1.0]), present) == pytest.approx(0.6)
+    assert foreground_mean(np.array([0.9, 0.6, 0.0]), present) == pytest.approx(0.6)
+    assert foreground_mean(np.array([1.0, 1.0, 0.0]), classes_present(np.zeros((1, 2, 2)), 3)) == 0.5  # none: all
