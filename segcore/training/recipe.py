@@ -58,8 +58,9 @@ def split_indices(ids: Sequence[str], *, n_val: int, rng: np.random.Generator, h
 
     ``random``: ``n_val`` images drawn by ``rng``. ``tail``: the last ``n_val`` ids in natural
     order (a contiguous hold-out of consecutive slices). ``group``: whole groups
-    (:func:`groups_of`), drawn by ``rng`` until at least ``n_val`` images are held out; at least
-    one group stays for training.
+    (:func:`groups_of`), drawn by ``rng`` until at least ``n_val`` images are held out, passing
+    over a group that would take the count further from ``n_val`` than it is (else one large group
+    could hold out nearly everything); at least one group is held out and one stays for training.
     """
     n = len(ids)
     if not 0 < n_val < n:
@@ -89,13 +90,22 @@ def split_indices(ids: Sequence[str], *, n_val: int, rng: np.random.Generator, h
         raise ConfigError(f"group pattern {group_pattern!r} puts all {n} images in one group ({names[0]!r}); "
                           "a group split needs two or more groups: use --val-split tail for one volume, or "
                           "--val-fraction 0 to train on all of it without validation")
+    size = {g: groups.count(g) for g in names}
     held: set[str] = set()
     count = 0
     for g in (names[i] for i in rng.permutation(len(names))):
         if count >= n_val or len(held) == len(names) - 1:
             break
-        held.add(g)
-        count += groups.count(g)
+        if abs(count + size[g] - n_val) < abs(count - n_val):  # a group that would overshoot more is passed over
+            held.add(g)
+            count += size[g]
+    if not held:  # every group is larger than twice the target: the smallest one
+        smallest = min(names, key=lambda g: (size[g], natural_key(g)))
+        held, count = {smallest}, size[smallest]
+    if count > 2 * n_val:
+        log.warning("group split: %d of %d images held out, more than twice the %d the validation fraction asks: "
+                    "the smallest group has %d; more, smaller groups (--group-pattern) split closer to it",
+                    count, n, n_val, min(size.values()))
     val = np.array([i for i, g in enumerate(groups) if g in held], dtype=np.int64)
     train = np.array([i for i, g in enumerate(groups) if g not in held], dtype=np.int64)
     return train, val

@@ -3,6 +3,8 @@ foreground oversampling, augmentation and the learning-rate schedule, on hand-co
 
 from __future__ import annotations
 
+import logging
+
 import math
 
 import numpy as np
@@ -31,6 +33,22 @@ def test_a_group_never_straddles_the_split(groups, n_val_share, seed) -> None:
     assert sorted(np.concatenate([train, val]).tolist()) == list(range(len(ids)))
     assert len(train) and len(val)
     assert not {groups[i] for i in train} & {groups[i] for i in val}
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_large_group_is_not_held_out_when_smaller_ones_come_closer_to_the_fraction(seed, caplog) -> None:
+    """Cases of 100, 20 and 20 slices at 15 % (21 images): one 20-slice case, never the 100-slice one."""
+    ids = [f"case{c}_z{k:03d}" for c, depth in ((1, 100), (2, 20), (3, 20)) for k in range(depth)]
+    train, val = split_indices(ids, n_val=21, rng=np.random.default_rng(seed), how="group",
+                               group_pattern=r"^(case\d)_")
+    assert len(val) == 20 and len(train) == 120
+    two = ["big_z%02d" % k for k in range(10)] + ["a_z00", "b_z00"]  # a 10-slice group and two of one
+    train, val = split_indices(two, n_val=2, rng=np.random.default_rng(seed), how="group", group_pattern=r"^(\w+)_z")
+    assert len(val) == 2
+    with caplog.at_level(logging.WARNING):  # only large groups: the smallest, and a warning of the share
+        train, val = split_indices(ids, n_val=5, rng=np.random.default_rng(seed), how="group",
+                                   group_pattern=r"^(case\d)_")
+    assert len(val) == 20 and "20 of 140 images held out, more than twice the 5" in caplog.text
 
 
 def test_a_group_pattern_that_matches_no_id_is_refused_and_a_partial_one_warned(caplog) -> None:
