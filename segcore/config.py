@@ -249,7 +249,8 @@ class TrainSpec(_Spec):
     epochs: int = Field(50, gt=0, description="Passes over the training split (UNet: each as many patches as training "
                                               "images, and at least min_epoch_patches).")
     batch_size: int | None = Field(None, gt=0, description="Default 16 (UNet) or 4 (instance models).")
-    lr: float | None = Field(None, gt=0, description="Peak learning rate (AdamW, one-cycle schedule).")
+    lr: float | None = Field(None, gt=0, allow_inf_nan=False,
+                             description="Peak learning rate (AdamW, under the schedule).")
     val_fraction: ValFraction = Field(
         0.15, description="Fraction of the labelled images (volumes for unet3d) held out for validation each epoch; "
                           "0: no validation: train on every one and keep the last epoch (one image or volume is "
@@ -275,7 +276,8 @@ class TrainSpec(_Spec):
                                                            "are taken whole); unet3d: the side of its cubic 3-D "
                                                            "patches (default 32x64x64).")
     schedule: Literal["onecycle", "poly", "cosine"] | None = Field(
-        None, description="UNet learning-rate schedule (default poly with a 5 % linear warm-up).")
+        None, description="Learning-rate schedule (UNet default: poly with a 5 % linear warm-up; Mask R-CNN: "
+                          "onecycle).")
     min_epoch_patches: int | None = Field(
         None, ge=0, description="UNet: patches drawn per epoch at least (default 256: a small collection still gets "
                                 "16 optimiser steps per epoch); an epoch draws one per training image when they "
@@ -291,7 +293,7 @@ class TrainSpec(_Spec):
                            "normalisation and largest-region decision stay those of the split run; training "
                            "takes about twice as long). Needs val_fraction above 0.")
     device: DeviceChoice = Field(
-        "auto", description="UNet training device: auto (CUDA when present), cpu, cuda or cuda:N.")
+        "auto", description="Training device: auto (CUDA when present), cpu, cuda or cuda:N.")
     precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Autocast dtype on CUDA (CPU runs fp32).")
     init: str | None = Field(
         None, description="Model record to fine-tune (a segflow checkpoint or an imported torch model): its "
@@ -312,8 +314,8 @@ class TrainSpec(_Spec):
         if self.crop_size is not None and self.kind != "instance":
             raise ValueError("crop_size applies to instance models only")
         if self.init is not None and self.arch_kwargs:
-            raise ValueError("with init, the architecture options are the parent model's; leave out arch_kwargs "
-                             "(--base, --depth)")
+            raise ValueError("with init, the architecture and its options (--base, --depth) are the parent "
+                             "model's; leave them out")
         if self.val_split == "group" and not self.group_pattern:
             raise ValueError("val_split 'group' needs a group_pattern (a regular expression on the image ids)")
         if self.group_pattern:
@@ -337,6 +339,23 @@ class TrainSpec(_Spec):
         if self.largest_region == "on" and spatial_dims_of(self.model) == 3:
             raise ValueError("largest_region 'on' applies to 2-D models only; a volumetric model keeps every "
                              "foreground region")
+        if self.kind == "instance" and self.patch_size is not None:
+            raise ValueError("patch_size applies to semantic models (unet, unet3d) only; the Mask R-CNN trainer "
+                             "takes crop_size (--crop-size) for its random crops")
+        if self.patch_size is not None and self.model in ("unet", "unet3d") and self.init is None:
+            defaults = VOLUME_DEFAULTS if self.model == "unet3d" else train_defaults("semantic")
+            depth = int({**defaults["arch_kwargs"], **(self.arch_kwargs or {})}.get("depth", 3))
+            if self.patch_size < 2 ** (depth + 1):
+                raise ValueError(f"patch_size {self.patch_size} is too small for a UNet of depth {depth}: it halves "
+                                 f"the patch {depth} times and needs at least 2 x 2 at the bottom, so at least "
+                                 f"{2 ** (depth + 1)}")
+        if self.class_names is not None:  # per-class figures are keyed by name: each must be one class's own
+            empty = [i for i, n in enumerate(self.class_names) if not n.strip()]
+            repeated = sorted({n for n in self.class_names if n.strip() and self.class_names.count(n) > 1})
+            if empty or repeated or len(self.class_names) < 2:
+                raise ValueError("class_names must be two or more distinct, non-empty names, background first; got "
+                                 f"{list(self.class_names)}"
+                                 + (f" (repeated: {', '.join(repeated)})" if repeated else ""))
         from segcore.training.inputs import check_refit
 
         check_refit(self.refit, self.val_fraction)  # a ConfigError is a ValueError

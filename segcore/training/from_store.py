@@ -299,7 +299,7 @@ def train_from_store(
         refit: semantic models: after training with the validation split, train again on every image
             for the best epoch's number of epochs and save that model (``Recipe.refit``); refused
             with ``val_fraction`` 0 (:func:`~segcore.training.inputs.check_refit`).
-        device, precision: semantic models: a resolved device (cpu, cuda, cuda:N) and CUDA autocast dtype.
+        device, precision: a resolved device (cpu, cuda, cuda:N) and CUDA autocast dtype.
         overwrite: replace a file already at ``out``; without it that is refused before any training
             (:func:`~segcore.models.checkpoint.check_checkpoint_path`).
 
@@ -344,7 +344,9 @@ def train_from_store(
             raise ConfigError(f"{model} learns from instance labels; ingest {store} with --mask-kind instance")
         names = tuple(class_names or ("background", "object"))
         net, meta, history = train_instance(images, labels.astype(np.int64), arch=model, class_names=names,
-                                            crop_size=crop_size, **common)
+                                            crop_size=crop_size, device=device, schedule=schedule or "onecycle",
+                                            precision=precision if str(device).startswith("cuda") else "fp32",
+                                            **common)
         best = (meta.provenance.get("val_scores") or {}).get("f1")
     else:
         if mask_kind == "instance":

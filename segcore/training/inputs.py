@@ -105,11 +105,14 @@ def check_semantic_inputs(
     if n < 1:
         raise ConfigError(f"no {noun}s to train on; give at least one {noun} with its mask")
     if n_train < 1:  # with n = 1: validation holds out at least one, whatever the fraction above 0
+        if n == 1:
+            raise ConfigError(
+                f"1 {noun} leaves none for training after a validation split of {val_fraction}: any fraction above "
+                f"0 holds out at least one {noun}, so give at least 2 {noun}s, or a validation fraction of 0 "
+                f"(--val-fraction 0) to train on it without validation and keep the last epoch")
         raise ConfigError(
-            f"{n} {noun}(s) leave none for training after a validation split of {val_fraction}: any fraction above "
-            f"0 holds out at least one {noun}, so give at least 2 {noun}s, or set val_fraction 0 (--val-fraction 0) "
-            f"to train on every {noun} without validation and keep the last epoch"
-        )
+            f"a validation fraction of {val_fraction} holds out all {n} {noun}s, leaving none for training: give "
+            f"a smaller one (--val-fraction, e.g. 0.15), or 0 to train on every {noun} without validation")
     return n_train, n_val
 
 

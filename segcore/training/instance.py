@@ -33,7 +33,7 @@ import logging
 import math
 import time
 from types import MappingProxyType
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -195,6 +195,9 @@ def train_instance(
     progress: Callable[[dict], None] | None = None,
     time_budget_s: float | None = None,
     init: nn.Module | None = None,
+    device: str = "cpu",
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32",
+    schedule: Literal["onecycle", "poly", "cosine"] = "onecycle",
 ) -> tuple[nn.Module, ModelMeta, list[dict]]:
     """Train a Mask R-CNN instance segmenter; returns ``(model, meta, history)``.
 
@@ -225,6 +228,10 @@ def train_instance(
         time_budget_s: stop after the epoch during which this many seconds have passed.
         init: a model of ``arch`` to start from (fine-tuning; trained in place), built with
             ``arch_kwargs``, the images' channels and ``len(class_names)`` classes; ``None``: random.
+        device: where to train (``cpu``, ``cuda``, ``cuda:N``; resolved, not ``auto``); the returned
+            model is on the CPU.
+        precision: autocast dtype on CUDA (fp16 adds a gradient scaler); the CPU runs fp32.
+        schedule: the learning-rate schedule (:func:`segcore.training.recipe.lr_factor`).
 
     Returns:
         The model in eval mode with the weights of the best epoch (highest validation F1, ties to
@@ -263,8 +270,9 @@ def train_instance(
         for start in range(0, perm.size, batch_size):
             chosen = perm[start:start + batch_size].tolist()
             views = [augment_instance_sample(x_train[i], y_train[i], rng, crop_size=crop_size) for i in chosen]
-            yield (torch.stack([v[0] for v in views]),
-                   [targets_from_instance_labels(v[1], classes_train[i]) for v, i in zip(views, chosen)])
+            targets = [targets_from_instance_labels(v[1], classes_train[i]) for v, i in zip(views, chosen)]
+            yield (torch.stack([v[0] for v in views]).to(device, non_blocking=True),
+                   [{k: t.to(device, non_blocking=True) for k, t in target.items()} for target in targets])
 
     def loss(model: nn.Module, batch: tuple[torch.Tensor, list[dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
         return model(*batch)
@@ -283,9 +291,12 @@ def train_instance(
                  else create_model(arch, in_channels=in_channels, num_classes=len(class_names), **arch_kwargs))
         sampling = _set_training_sampling(model, proposals_per_image=proposals_per_image,
                                           rois_per_image=rois_per_image)
+        model = model.to(device)
         result = fit(model, epochs=epochs, steps_per_epoch=math.ceil(samples.size / batch_size), batches=batches,
                      loss=loss, validate=validate, lr=lr, fused=True, grad_clip_norm=GRAD_CLIP_NORM,
-                     record_loss_parts=True, time_budget_s=time_budget_s, progress=progress, started=t0)
+                     record_loss_parts=True, time_budget_s=time_budget_s, progress=progress, started=t0,
+                     schedule=schedule, device=device, precision=precision)
+    model = model.cpu()
 
     provenance = {
         "trainer": "segcore.training.instance.train_instance",
@@ -296,7 +307,9 @@ def train_instance(
         "seed": int(seed),
         "batch_size": int(batch_size),
         "lr": float(lr),
-        "optimiser": "AdamW(weight_decay=1e-4), one-cycle",
+        "optimiser": f"AdamW(weight_decay=1e-4), {schedule}",
+        "device": str(device),
+        "precision": precision if str(device).startswith("cuda") else "fp32",
         "grad_clip_norm": GRAD_CLIP_NORM,
         "loss": "Mask R-CNN (classifier + box + mask + objectness + rpn box)",
         "augmentation": "flip, rot90" + (f", random {crop_size} px crops" if crop_size else ""),

@@ -76,3 +76,22 @@ def test_train_spec_refuses_options_the_model_does_not_take() -> None:
     spec = TrainSpec(store="s.zarr", out="m.safetensors", model="maskrcnn_r18", val_fraction=0,
                      arch_kwargs={"score_threshold": 0.5, "proposals_per_img": 2000})
     assert spec.val_fraction == 0
+
+
+def test_train_spec_refuses_patches_too_small_repeated_class_names_and_an_infinite_learning_rate() -> None:
+    with pytest.raises(ValidationError, match="patch_size 3 is too small for a UNet of depth 3: .* at least 16"):
+        TrainSpec(store="s.zarr", out="m.safetensors", model="unet3d", patch_size=3)
+    with pytest.raises(ValidationError, match="patch_size 4 is too small for a UNet of depth 2: .* at least 8"):
+        TrainSpec(store="s.zarr", out="m.safetensors", arch_kwargs={"depth": 2}, patch_size=4)
+    assert TrainSpec(store="s.zarr", out="m.safetensors", arch_kwargs={"depth": 2}, patch_size=8).patch_size == 8
+    with pytest.raises(ValidationError, match="patch_size applies to semantic models .* crop_size"):
+        TrainSpec(store="s.zarr", out="m.safetensors", model="maskrcnn_r18", patch_size=64)
+    assert TrainSpec(store="s.zarr", out="m.safetensors", model="maskrcnn_r18", schedule="cosine",
+                     device="cuda").schedule == "cosine"  # the Mask R-CNN trainer takes both
+    for names, said in ((("background", "liver", "liver"), r"\(repeated: liver\)"), (("",), r"got \[''\]"),
+                        (("bg", " "), r"got \['bg', ' '\]")):
+        with pytest.raises(ValidationError, match=f"class_names must be two or more distinct, non-empty.*{said}"):
+            TrainSpec(store="s.zarr", out="m.safetensors", class_names=names)
+    for lr in (float("inf"), float("nan")):
+        with pytest.raises(ValidationError, match="lr"):
+            TrainSpec(store="s.zarr", out="m.safetensors", lr=lr)

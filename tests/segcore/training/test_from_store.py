@@ -296,8 +296,8 @@ def test_unet3d_trains_on_the_one_volume_of_a_store_without_validation(tmp_path)
     out = tmp_path / "u3.safetensors"
     common = dict(model="unet3d", class_names=VOLUME_CLASS_NAMES, arch_kwargs={"base": 4, "depth": 2}, epochs=2,
                   batch_size=2, patch_size=8)
-    with pytest.raises(ConfigError, match=r"1 volume\(s\) leave none for training .* \(--val-fraction 0\) to train "
-                                          r"on every volume"):
+    with pytest.raises(ConfigError, match=r"1 volume leaves none for training .* \(--val-fraction 0\) to train "
+                                          r"on it without validation"):
         _train(store, out, val_fraction=0.15, **common)
     assert not out.exists()
     result = _train(store, out, val_fraction=0.0, **common)

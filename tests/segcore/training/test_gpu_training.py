@@ -1,4 +1,4 @@
-"""CUDA path of UNet training (bf16 autocast, pinned batches). Marked `gpu`: deselected by default and
+"""CUDA path of UNet and Mask R-CNN training (bf16 autocast, pinned batches). Marked `gpu`: deselected by default and
 skipped where torch sees no CUDA device. Run with `pytest -m gpu` on a GPU machine."""
 
 from __future__ import annotations
@@ -36,3 +36,19 @@ def test_seeded_cuda_training_reaches_the_cpu_validation_dice(precision):
     assert all(np.isfinite(r["loss"]) for r in history)
     assert cpu.provenance["val_dice_mean_fg"] > 0.5
     assert abs(gpu.provenance["val_dice_mean_fg"] - cpu.provenance["val_dice_mean_fg"]) < 0.1
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mask_rcnn_trains_on_cuda_and_comes_back_on_the_cpu(precision):
+    from segcore.synthetic import INSTANCE_CLASS_NAMES, make_instance_sample
+    from segcore.training.instance import train_instance
+
+    rng = np.random.default_rng(0)
+    pairs = [make_instance_sample(rng, size=64) for _ in range(6)]
+    images, labels = np.stack([p[0] for p in pairs])[..., None], np.stack([p[1] for p in pairs])
+    model, meta, history = train_instance(
+        images, labels, class_names=INSTANCE_CLASS_NAMES, arch_kwargs={"box_detections_per_img": 5},
+        normalisation=Normalisation(mode="range", scale=255.0), epochs=2, batch_size=2, val_fraction=0.34, seed=0,
+        device="cuda:0", precision=precision, schedule="cosine")
+    assert (meta.provenance["device"], meta.provenance["precision"]) == ("cuda:0", precision)
+    assert next(model.parameters()).device.type == "cpu" and all(np.isfinite(r["loss"]) for r in history)

@@ -205,6 +205,7 @@ def test_history_record_progress_and_meta(tiny_run):
     assert (p["proposals_per_image"], p["rois_per_image"]) == (32, 8)
     assert p["val_scores"]["f1"] == record["val_f1"]
     assert p["torch_threads"] == 1 and p["seconds"] > 0
+    assert (p["device"], p["precision"], p["optimiser"]) == ("cpu", "fp32", "AdamW(weight_decay=1e-4), onecycle")
 
 
 def test_returned_model_reproduces_its_validation_scores_after_a_checkpoint_round_trip(tiny_data, tiny_run, tmp_path):

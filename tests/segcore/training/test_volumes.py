@@ -140,8 +140,8 @@ def test_one_volume_is_refused_with_advice_that_helps() -> None:
     from segcore.training.inputs import check_semantic_inputs
 
     volume, labels = np.zeros((1, 4, 8, 8, 1), np.float32), np.zeros((1, 4, 8, 8), np.int64)
-    with pytest.raises(ConfigError, match=r"1 volume\(s\) leave none for training .* give at least 2 volumes, or "
-                                          r"set val_fraction 0 \(--val-fraction 0\) to train on every volume "
+    with pytest.raises(ConfigError, match=r"1 volume leaves none for training .* give at least 2 volumes, or "
+                                          r"a validation fraction of 0 \(--val-fraction 0\) to train on it "
                                           r"without validation"):
         check_semantic_inputs(volume, labels, class_names=("background", "a"), arch_kwargs={}, epochs=1, batch_size=1,
                               lr=1e-3, val_fraction=0.01, time_budget_s=None, noun="volume")
