@@ -726,9 +726,10 @@ def _run(args: argparse.Namespace) -> str:
 
 def _check_inputs(args: argparse.Namespace, spec: Any) -> None:
     """Tell a missing image or mask directory (``ingest``, ``run``) or store (``segment``, ``train``),
-    a training ``--out`` that cannot be a checkpoint file, or a store without images of one shape
-    to train an image model on, before the cluster starts, with the message the flow would give
-    after it."""
+    a training ``--out`` that cannot be a checkpoint file, a training ``--device`` this machine
+    lacks, a store without images of one shape to train an image model on, and a validation split
+    its images cannot make (too high a fraction, a group pattern that groups nothing or everything),
+    before the cluster starts, with the message the flow would give after it."""
     if args.command in ("ingest", "run"):
         from segcore.collection.sources import check_sources
 
@@ -747,8 +748,19 @@ def _check_inputs(args: argparse.Namespace, spec: Any) -> None:
             from segcore.training.from_store import labelled_slots
 
             check_checkpoint_path(spec.out, overwrite=spec.overwrite)
+            if args.device and not args.dask_address:  # local workers: this machine's GPUs
+                from segcore.models.predict import check_device
+
+                check_device(args.device)
             if spatial_dims_of(spec.model) == 2:  # images of one shape with ground truth (the manifest only)
-                labelled_slots(spec.store)
+                ids = labelled_slots(spec.store)[1]
+                if spec.kind == "semantic":  # the split the trainer will make, from the ids alone
+                    from segcore.training.inputs import split_counts
+                    from segcore.training.recipe import check_group_pattern
+
+                    split_counts(len(ids), spec.val_fraction)
+                    if spec.group_pattern and spec.val_fraction > 0:
+                        check_group_pattern(ids, spec.group_pattern)
 
 
 def _check_output(location: str, what: str, option: str) -> None:

@@ -100,6 +100,12 @@ def check_semantic_inputs(
     if time_budget_s is not None and not time_budget_s > 0:
         raise ConfigError(f"time_budget_s must be > 0 seconds or None (no limit), got {time_budget_s!r}")
     check_refit(refit, val_fraction)
+    return split_counts(n, val_fraction, noun=noun)
+
+
+def split_counts(n: int, val_fraction: float, *, noun: str = "image") -> tuple[int, int]:
+    """``(n_train, n_val)`` of ``n`` images (or volumes: ``noun``) under ``val_fraction``; raises
+    :class:`ConfigError` when none would be left for training."""
     n_val = max(1, int(round(n * val_fraction))) if val_fraction > 0 else 0
     n_train = n - n_val
     if n < 1:
@@ -116,4 +122,5 @@ def check_semantic_inputs(
     return n_train, n_val
 
 
-__all__ = ["RESERVED_ARCH_KEYS", "as_ndhwc", "as_nhwc", "check_refit", "check_semantic_inputs", "seeded_split"]
+__all__ = ["RESERVED_ARCH_KEYS", "as_ndhwc", "as_nhwc", "check_refit", "check_semantic_inputs", "seeded_split",
+           "split_counts"]

@@ -52,6 +52,27 @@ def groups_of(ids: Sequence[str], pattern: str) -> list[str]:
     return [group_of(rx, image_id) or image_id for image_id in ids]
 
 
+def check_group_pattern(ids: Sequence[str], group_pattern: str | None) -> list[str]:
+    """Raise :class:`ConfigError` when ``group_pattern`` cannot split ``ids`` by group (none given, it
+    matches no id, or it puts every image in one group); returns the ids it does not match (each a
+    group of its own)."""
+    n = len(ids)
+    if not group_pattern:
+        raise ConfigError("a group split needs a group pattern (--group-pattern REGEX on the image ids)")
+    rx = compile_pattern(group_pattern)
+    unmatched = [image_id for image_id in ids if group_of(rx, image_id) is None]
+    if len(unmatched) == n:
+        raise ConfigError(f"group pattern {group_pattern!r} matches none of the {n} image ids (e.g. {ids[0]!r}), so "
+                          "every image would be a group of its own: a split of neighbouring slices that leaks; fix "
+                          "the pattern (it is searched in the image id, its first capture group names the group)")
+    names = set(groups_of(ids, group_pattern))
+    if len(names) < 2:
+        raise ConfigError(f"group pattern {group_pattern!r} puts all {n} images in one group ({next(iter(names))!r}); "
+                          "a group split needs two or more groups: use --val-split tail for one volume, or "
+                          "--val-fraction 0 to train on all of it without validation")
+    return unmatched
+
+
 def split_indices(ids: Sequence[str], *, n_val: int, rng: np.random.Generator, how: SplitKind,
                   group_pattern: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(train_idx, val_idx)``, sorted int64 indices into ``ids``.
@@ -73,23 +94,12 @@ def split_indices(ids: Sequence[str], *, n_val: int, rng: np.random.Generator, h
         return np.sort(order[:-n_val]), np.sort(order[-n_val:])
     if how != "group":
         raise ConfigError(f"unknown validation split {how!r}; choose random, tail or group")
-    if not group_pattern:
-        raise ConfigError("a group split needs a group pattern (--group-pattern REGEX on the image ids)")
-    rx = compile_pattern(group_pattern)
-    unmatched = [image_id for image_id in ids if group_of(rx, image_id) is None]
-    if len(unmatched) == n:
-        raise ConfigError(f"group pattern {group_pattern!r} matches none of the {n} image ids (e.g. {ids[0]!r}), so "
-                          "every image would be a group of its own: a split of neighbouring slices that leaks; fix "
-                          "the pattern (it is searched in the image id, its first capture group names the group)")
+    unmatched = check_group_pattern(ids, group_pattern)
     if unmatched:
         log.warning("group pattern %r matches %d of %d image ids; each of the other %d (e.g. %r) is a group of its "
                     "own", group_pattern, n - len(unmatched), n, len(unmatched), unmatched[0])
     groups = groups_of(ids, group_pattern)
     names = sorted(set(groups), key=natural_key)
-    if len(names) < 2:
-        raise ConfigError(f"group pattern {group_pattern!r} puts all {n} images in one group ({names[0]!r}); "
-                          "a group split needs two or more groups: use --val-split tail for one volume, or "
-                          "--val-fraction 0 to train on all of it without validation")
     size = {g: groups.count(g) for g in names}
     held: set[str] = set()
     count = 0

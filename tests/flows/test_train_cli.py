@@ -212,3 +212,20 @@ def test_the_summary_marks_classes_absent_from_validation_and_gives_the_checkpoi
     text = train_summary(result)
     assert "validation Dice per class: background 0.9700, liver 0.8000, tumour 1.0000 (absent" in text
     assert "with the largest-region rule" not in text.splitlines()[1]
+
+
+def test_a_split_the_store_cannot_make_is_refused_before_the_cluster_starts(stores, capsys, monkeypatch) -> None:
+    from flows import execution
+
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("the cluster was started")
+
+    monkeypatch.setattr(execution, "started_cluster", no_cluster)
+    out = str(Path(stores["root"]) / "never.safetensors")
+    for extra, said in ((["--val-fraction", "0.99"], "a validation fraction of 0.99 holds out all 6 images"),
+                        (["--group-pattern", "^nothing(\\d)"], "matches none of the 6 image ids"),
+                        (["--group-pattern", "^(img)"], "puts all 6 images in one group")):
+        assert main(["train", "--store", stores["sem"], "--out", out, *extra]) == 2
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1, err
+    assert not Path(out).exists()
