@@ -87,7 +87,12 @@ def load_init(path: str | os.PathLike[str], *, arch: str, in_channels: int, clas
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             replace_head(model, arch=arch, num_classes=len(names))
-        log.info("fine-tuning %s: classes %s replace %s (new head)", path, names, meta.class_names)
+        if len(names) == len(meta.class_names):  # perhaps a rename: the trained head is not kept, so say so
+            log.warning("fine-tuning %s: class names %s differ from the parent's %s, so its class head is replaced "
+                        "by a new one and what it learnt is not kept; give the parent's names (or leave "
+                        "--class-names out) to keep it", path, ", ".join(names), ", ".join(meta.class_names))
+        else:
+            log.info("fine-tuning %s: classes %s replace %s (new head)", path, names, meta.class_names)
     provenance = {"path": os.fspath(path), "sha256": model_sha256(path), "arch": meta.arch,
                   "class_names": list(meta.class_names), "head_replaced": replaced}
     return InitModel(model=model.train(), parent=meta, provenance=provenance)
