@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -156,7 +157,9 @@ def training_curve_png(history: Sequence[Mapping[str, Any]], *, width_px: int = 
         right.set_ylabel("validation Dice")
         handles += right.get_legend_handles_labels()[0]
     ax.legend(handles=handles, loc="center right", fontsize="small")
-    fig.tight_layout()
+    with warnings.catch_warnings():  # a legend of many classes may not fit: the plot is drawn as it is
+        warnings.filterwarnings("ignore", message="Tight layout not applied")
+        fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
