@@ -132,6 +132,12 @@ def _resolve_normalisation(norm: Normalisation | str, store: str, images: np.nda
     asked = norm if isinstance(norm, str) else norm.mode
     parsed = parse_normalisation(norm) if isinstance(norm, str) else norm
     if parsed != "auto":
+        if parsed.mode == "range" and parsed.scale == 255.0:  # meant for 8-bit images: say when these are not
+            fp = read_fingerprint(store) or of_images(images)
+            if fp.get("negative") or float(fp["max"]) > 255.0:
+                picked = choose_normalisation(fp)[0]
+                log.warning("normalisation range divides by 255, for 8-bit images; these hold %g..%g (%s): "
+                            "auto would pick %s", float(fp["min"]), float(fp["max"]), fp["dtype"], picked.mode)
         return parsed, {"asked": asked, "chose": parsed.mode, "reason": "given"}
     fp = read_fingerprint(store)
     source = "store fingerprint"

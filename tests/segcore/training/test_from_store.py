@@ -308,3 +308,24 @@ def test_unet3d_trains_on_the_one_volume_of_a_store_without_validation(tmp_path)
     assert p["patch_size"] == [8, 8, 8] and len(result.history) == 2 and result.best_val_score is None
     assert no_validation_note(dataclasses.asdict(result)).startswith(
         "no validation (val fraction 0): trained on the one volume; the checkpoint holds the last epoch's weights")
+
+
+def test_range_asked_for_images_that_are_not_8_bit_is_warned(tmp_path, caplog):
+    import logging
+
+    import zarr
+
+    from segcore.training.from_store import _resolve_normalisation
+
+    store = str(tmp_path / "s.zarr")
+    zarr.open_group(store, mode="w")  # a store without a fingerprint: the images are looked at
+    hu = np.array([[[[-1000.0], [40.0]], [[300.0], [1200.0]]]], dtype=np.float32)
+    with caplog.at_level(logging.WARNING, logger="segcore"):
+        norm, choice = _resolve_normalisation("range", store, hu)
+    assert norm.mode == "range" and choice["reason"] == "given"
+    assert "normalisation range divides by 255, for 8-bit images; these hold -1000..1200 (float32): auto would " \
+           "pick ct" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="segcore"):
+        _resolve_normalisation("range", store, np.full((1, 2, 2, 1), 200, np.uint8))
+    assert "divides by 255" not in caplog.text
