@@ -193,7 +193,9 @@ def check_package(path: str | os.PathLike[str], *, run_model_test: bool = True) 
         raise PackageCheckFailed(f"bioimageio.spec rejects {os.fspath(path)!r}:\n{summary.format()}")
     result = {"format": str(summary.status)}
     if run_model_test:
-        tested = zoo_core().test_model(Path(path))
+        with warnings.catch_warnings():  # torch's notice that TorchScript is deprecated: not the user's to act on
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.* is deprecated", category=FutureWarning)
+            tested = zoo_core().test_model(Path(path))
         if tested.status != "passed":
             raise PackageCheckFailed(f"bioimageio.core's model test fails on {os.fspath(path)!r}:\n{tested.format()}")
         result["model_test"] = str(tested.status)
