@@ -317,6 +317,7 @@ def train_instance(
         "crops_per_image": per_image if crop_size else None,
         **sampling,
         "val_fraction": float(val_fraction),
+        "val_split": "random" if n_val else None,
         "n_train": int(n_train),
         "n_val": int(n_val),
         "best_epoch": result.best_epoch,
