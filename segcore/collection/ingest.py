@@ -340,10 +340,9 @@ def unreadable_note(store: str, *, batch: int | None = None, show: int = 3) -> s
 
 
 def unusable_masks_note(store: str, *, batch: int | None = None, show: int = 3) -> str | None:
-    """``"1 mask(s) could not be used: their images have no ground truth: m.nii.gz (why)"`` for the
-    readable images of ``store``'s manifest (of ``batch`` only, when given) whose mask was found but
-    refused (``mask_status`` ``error``: another shape, unreadable, not integer labels; a volume's mask
-    once), or None when there are none."""
+    """``"1 mask(s) could not be used, ...: m.nii.gz (why)"`` for the readable images of ``store``'s
+    manifest (of ``batch`` only, when given) whose mask was found but refused (``mask_status``
+    ``error``: another shape, unreadable, not labels; a volume's mask once), or None when none."""
     rows = read_manifest(store).select(["mask_path", "status", "mask_status", "mask_error", "batch"]).to_pylist()
     bad = {r["mask_path"]: r["mask_error"] for r in rows
            if r["status"] == "ok" and r["mask_status"] == "error" and (batch is None or r["batch"] == batch)}

@@ -217,9 +217,8 @@ _DERIVED = {"tile_size": " (not given: the model's default)", "overlap": " (not 
 
 def _shaping_differences(recorded: dict[str, Any], asked: dict[str, Any], spec: dict[str, Any] | None = None
                          ) -> list[str]:
-    """Each output-shaping parameter in which ``asked`` differs from ``recorded``, named by its option;
-    a tile size or overlap that the options of ``spec`` (the run asked now) left to segflow to derive
-    says so, since that option was not given."""
+    """Each output-shaping parameter in which ``asked`` differs from ``recorded``, named by its option
+    (a tile size or overlap the options of ``spec``, the run asked now, left to derive: said so)."""
     def value(d: dict[str, Any], k: str) -> Any:
         if k in _ON_ONLY or d.get(k) is None:  # None: no tiling, so no tile size, overlap, blend or tile TTA
             return "on" if d.get(k) else "off"
